@@ -1,0 +1,11 @@
+"""fusedvq: the masked, normalized feature-reconstruction loss of VQ-VAE-guided training, fused.
+
+    loss = fusedvq.masked_mse(features [B, D], reconstruction [B, K], feature_mask [D], mean, std)
+"""
+
+from .functional import masked_mse
+from .module import MaskedMSELoss
+
+__version__ = "0.1.0"
+
+__all__ = ["masked_mse", "MaskedMSELoss", "__version__"]

@@ -1,0 +1,242 @@
+"""Arguments → canonical form, with errors that name the numbers. Shared by functional.py and module.py.
+
+Canonical form: features x [B, D] and target r [B, K] of one floating dtype on one device; a ColumnMap
+(index [K] int64 in [0, D) and its inverse); shift = μ [K] and scale = 1/σ [K] in the compute dtype, or
+None for norm="none". Checks of shapes, dtypes and devices cost nothing; checks of values (index range,
+mask count, σ > 0) need the values on the host, so they run once per MaskedMSELoss and once per
+masked_mse call in eager mode (skipped while torch.compile traces, where they would break the graph).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from .columns import ColumnMap, build_column_map
+from .contract import BACKENDS, NORM_STATS, NORMS, REDUCTIONS, REFERENCE_DTYPES, STATS_SPACES, TRITON_DTYPES
+
+
+def option_code(name: str, value: str, choices: tuple[str, ...]) -> int:
+    if value not in choices:
+        raise ValueError(f"unknown {name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+    return choices.index(value)
+
+
+def reduction_code(reduction: str) -> int:
+    return option_code("reduction", reduction, REDUCTIONS)
+
+
+def norm_code(norm: str) -> int:
+    return option_code("norm", norm, NORMS)
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_pair(features: torch.Tensor, target: torch.Tensor) -> None:
+    """Types, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K]."""
+    for name, t in (("features", features), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, columns], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}")
+    if features.dtype != target.dtype:
+        raise TypeError(
+            f"features and target must share one dtype, got features {features.dtype} and target {target.dtype}"
+        )
+    if features.device != target.device:
+        raise ValueError(f"features are on {features.device} but target is on {target.device}: put both on one device")
+    if target.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"features have {features.shape[0]} rows but target has {target.shape[0]}: the batch sizes must match"
+        )
+    if features.shape[0] == 0:
+        raise ValueError("the batch is empty (0 rows): the loss of no rows is undefined")
+
+
+def check_widths(features: torch.Tensor, target: torch.Tensor, columns: ColumnMap, selector: str) -> None:
+    """x has the D columns the map was built for and r has its K kept columns (the 171/187 mismatch)."""
+    D, K = columns.num_features, columns.num_kept
+    if features.shape[1] != D:
+        raise ValueError(
+            f"features have {features.shape[1]} columns but the {selector} was built for {D} feature columns "
+            f"(it keeps {K} of {D})"
+        )
+    if target.shape[1] != K:
+        raise ValueError(
+            f"target has {target.shape[1]} columns but the {selector} keeps {K} of the {D} feature columns "
+            f"— pass the decoder's {K}-column reconstruction"
+        )
+
+
+def _as_tensor(value, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError(f"{name} requires grad, but fusedvq treats it as a constant: pass {name}.detach()")
+        return value.to(device=device, dtype=dtype) if dtype is not None else value.to(device)
+    try:
+        return torch.as_tensor(value, dtype=dtype, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a tensor, array or sequence of numbers: {err}") from None
+
+
+def canonical_index(index, num_features: int, device: torch.device, num_kept: Optional[int] = None,
+                    check_values: bool = True) -> tuple[torch.Tensor, str]:
+    """(index [K] int64 on `device`, "mask" or "index") from a bool mask [D] or integer indices [K].
+
+    num_kept (the target's width), when given, sizes the gather of a bool mask statically, so no
+    data-dependent shape appears while torch.compile traces.
+    """
+    index = _as_tensor(index, "index", device)
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
+    if index.dtype == torch.bool:
+        if index.shape[0] != num_features:
+            raise ValueError(
+                f"feature_mask has {index.shape[0]} entries but features have {num_features} columns: "
+                f"the mask needs one entry per feature column"
+            )
+        if check_values and not _is_tracing():
+            kept = int(index.sum())
+            if kept == 0:
+                raise ValueError(f"feature_mask keeps none of the {num_features} feature columns")
+            if num_kept is not None and kept != num_kept:
+                raise ValueError(
+                    f"target has {num_kept} columns but the mask keeps {kept} of the {num_features} feature "
+                    f"columns — pass the decoder's {kept}-column reconstruction"
+                )
+            return index.nonzero().squeeze(1), "mask"
+        if num_kept is None:
+            return index.nonzero().squeeze(1), "mask"
+        return torch.nonzero_static(index, size=num_kept, fill_value=-1).squeeze(1), "mask"
+    if index.is_floating_point() or index.is_complex():
+        raise TypeError(f"index must be a bool mask or integer column indices, got {index.dtype}")
+    index = index.long()
+    if index.shape[0] == 0:
+        raise ValueError("index is empty: it must name at least one feature column")
+    if check_values and not _is_tracing():
+        bad = (index < 0) | (index >= num_features)
+        if bool(bad.any()):
+            first = int(index[bad][0])
+            raise ValueError(
+                f"index holds {first}, outside the {num_features} feature columns: values must be in "
+                f"[0, {num_features - 1}] ({int(bad.sum())} of {index.shape[0]} are out of range)"
+            )
+    return index, "index"
+
+
+def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_space: Optional[str],
+                    dtype: torch.dtype, device: torch.device, check_values: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift = μ [K], scale = 1/σ [K]) in `dtype`, from μ, σ of length D (raw) or K (masked)."""
+    if mean is None or std is None:
+        missing = " and ".join(n for n, v in (("mean", mean), ("std", std)) if v is None)
+        raise ValueError(f'norm="stats" needs mean and std; {missing} not given (or use norm="batch" / "none")')
+    if stats_space is not None:
+        option_code("stats_space", stats_space, STATS_SPACES)
+    K, D = index.shape[0], num_features
+    out = []
+    for name, value in (("mean", mean), ("std", std)):
+        t = _as_tensor(value, name, device)
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
+        n = t.shape[0]
+        space = stats_space
+        if space is None:
+            if D == K and n == D:
+                raise ValueError(
+                    f"{name} has {n} entries and D == K == {n}, so it could be per feature column or per kept "
+                    f"column: pass stats_space='raw' (length D, indexed by the mask) or 'masked' (length K)"
+                )
+            space = "raw" if n == D else "masked" if n == K else None
+        expected = D if space == "raw" else K
+        if space is None or n != expected:
+            raise ValueError(
+                f"{name} has {n} entries but must have one per feature column (D = {D}) or one per kept column "
+                f"(K = {K})" + (f"; stats_space={stats_space!r} expects {expected}" if stats_space else "")
+            )
+        t = t.to(torch.float64)
+        out.append(t.index_select(0, index) if space == "raw" else t)
+    mu, sigma = out
+    if check_values and not _is_tracing():
+        bad_sigma = ~(torch.isfinite(sigma) & (sigma > 0))
+        bad_mu = ~torch.isfinite(mu)
+        flags = torch.stack([bad_sigma.any(), bad_mu.any()]).tolist()  # one host sync
+        if flags[0]:
+            k = int(bad_sigma.nonzero()[0])
+            raise ValueError(
+                f"std must be finite and > 0 in every kept column; kept column {k} (feature column "
+                f"{int(index[k])}) has std {float(sigma[k])} ({int(bad_sigma.sum())} of {K} bad)"
+            )
+        if flags[1]:
+            k = int(bad_mu.nonzero()[0])
+            raise ValueError(
+                f"mean must be finite in every kept column; kept column {k} (feature column {int(index[k])}) "
+                f"has mean {float(mu[k])}"
+            )
+    return mu.to(dtype), sigma.reciprocal().to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton_for(backend: str, features: torch.Tensor) -> bool:
+    """Resolve backend ("auto", "triton", "reference") for these features; errors say why Triton can't run."""
+    option_code("backend", backend, BACKENDS)
+    if backend == "reference":
+        if features.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"features dtype {features.dtype} is not supported")
+        return False
+    if backend == "auto":
+        return features.is_cuda and features.dtype in TRITON_DTYPES and triton_importable()
+    if features.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f'backend="triton" supports float32, float16 and bfloat16, got {features.dtype} '
+            f'(use backend="reference" for float64)'
+        )
+    if not triton_importable():
+        raise RuntimeError('backend="triton" needs triton, which is not installed: pip install "fusedvq[triton]"')
+    if not features.is_cuda and not triton_interpreting():
+        raise RuntimeError(
+            f'backend="triton" needs CUDA tensors (features are on {features.device}); to run the kernels on '
+            f"the CPU, set TRITON_INTERPRET=1 before triton is imported"
+        )
+    return True
+
+
+def prepare(index, mean, std, num_features: int, num_kept: Optional[int], norm: int, stats_space: Optional[str],
+            dtype: torch.dtype, device: torch.device):
+    """(ColumnMap, selector, shift, scale) for the given arguments; shift/scale are None unless norm="stats"."""
+    idx, selector = canonical_index(index, num_features, device, num_kept)
+    columns = build_column_map(idx, num_features)
+    if norm == NORM_STATS:
+        shift, scale = canonical_stats(mean, std, idx, num_features, stats_space, dtype, device)
+        return columns, selector, shift, scale
+    for name, value in (("mean", mean), ("std", std)):
+        if value is not None:
+            raise ValueError(f"{name} was given but norm={NORMS[norm]!r} does not use it")
+    return columns, selector, None, None
+
+
+__all__ = [
+    "ColumnMap", "check_pair", "check_widths", "canonical_index", "canonical_stats", "norm_code", "reduction_code",
+    "use_triton_for", "prepare", "triton_importable", "triton_interpreting",
+]

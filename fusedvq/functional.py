@@ -1,0 +1,64 @@
+"""masked_mse(): the functional form of the loss."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .canonical import check_pair, check_widths, norm_code, prepare, reduction_code, use_triton_for
+from .contract import NORM_BATCH, compute_dtype
+from .op import masked_mse_op
+
+
+def masked_mse(
+    features: torch.Tensor,
+    target: torch.Tensor,
+    index,
+    mean=None,
+    std=None,
+    *,
+    norm: str = "stats",
+    eps: float = 1e-8,
+    nan_to_num: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+    stats_space: Optional[str] = None,
+) -> torch.Tensor:
+    """Squared error between normalized kept feature columns and a reconstruction of them.
+
+    Args:
+        features: x [B, D], float32 / float16 / bfloat16 (float64 on the reference backend), any strides.
+        target: r [B, K] (the decoder's reconstruction of the K kept columns), same dtype and device.
+        index: a bool mask [D] (True = kept) or integer column indices [K] (duplicates allowed; their
+            gradients accumulate). Moved to the features' device if it lives elsewhere.
+        mean, std: μ, σ per feature column (length D, "raw") or per kept column (length K, "masked"),
+            used by norm="stats". When D == K the length cannot tell: pass stats_space.
+        norm: "stats" — z = (x[:, index] − μ)/σ; "none" — z = x[:, index]; "batch" — batch statistics.
+        eps: batch-statistics columns with σ < eps use σ = 1 (norm="batch").
+        nan_to_num: NaN and ±Inf in features become 0 before normalization, with zero gradient there.
+        reduction: "mean" (Σ/(B·K)), "sum", or "none" ([B, K]).
+        backend: "auto" (Triton for CUDA tensors when triton imports, else reference), "triton",
+            "reference".
+        stats_space: "raw" or "masked", to say which space mean/std are in (required only when D == K).
+
+    Returns:
+        The loss in the features' dtype (accumulated in float32, or float64 for float64 inputs): a scalar,
+        or [B, K] for reduction="none". Gradients flow to features and target.
+
+    Every call validates its arguments, values included (index range, mask count, σ > 0), which costs one
+    host synchronization on CUDA; MaskedMSELoss validates once at construction instead. While
+    torch.compile traces, value checks are skipped (the kernels still never read out of bounds).
+    """
+    check_pair(features, target)
+    reduction_id = reduction_code(reduction)
+    norm_id = norm_code(norm)
+    use_triton = use_triton_for(backend, features)
+    if norm_id == NORM_BATCH:
+        raise NotImplementedError('norm="batch" (batch statistics) is not implemented yet; use "stats" or "none"')
+    columns, selector, shift, scale = prepare(
+        index, mean, std, features.shape[1], target.shape[1], norm_id, stats_space,
+        compute_dtype(features.dtype), features.device,
+    )  # fmt: skip
+    check_widths(features, target, columns, selector)
+    return masked_mse_op(features, target, columns, shift, scale, nan_to_num, reduction_id, use_triton)

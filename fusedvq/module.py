@@ -1,0 +1,104 @@
+"""MaskedMSELoss: the loss as an nn.Module, validated once, with no host synchronization per call."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .canonical import check_pair, check_widths, norm_code, prepare, reduction_code, use_triton_for
+from .columns import ColumnMap
+from .contract import NORM_BATCH, REDUCTIONS, compute_dtype
+from .op import masked_mse_op
+
+
+class MaskedMSELoss(nn.Module):
+    """masked_mse with the index and statistics prepared once and held as buffers (they move with .to()).
+
+    Args:
+        index: bool mask [D] or integer column indices [K] (then pass num_features=D).
+        mean, std: μ, σ of length D or K (see masked_mse); required for norm="stats".
+        num_features: D; needed with integer indices, checked against the mask's length otherwise.
+        norm, eps, nan_to_num, reduction, backend, stats_space: as in masked_mse.
+
+    Everything that needs values (index range, mask count, σ finite and > 0, lengths) is checked here,
+    once; forward() checks only shapes, dtypes and devices, so it never synchronizes with the GPU and can
+    be compiled with torch.compile(fullgraph=True) or captured in a CUDA graph. Statistics are held in
+    float32 (the compute dtype of every Triton path).
+    """
+
+    def __init__(
+        self,
+        index,
+        mean=None,
+        std=None,
+        *,
+        num_features: Optional[int] = None,
+        norm: str = "stats",
+        eps: float = 1e-8,
+        nan_to_num: bool = False,
+        reduction: str = "mean",
+        backend: str = "auto",
+        stats_space: Optional[str] = None,
+    ):
+        super().__init__()
+        self.reduction_id = reduction_code(reduction)
+        self.norm_id = norm_code(norm)
+        use_triton_for(backend, torch.empty(0))  # validates the name; the device decides per call
+        if self.norm_id == NORM_BATCH:
+            raise NotImplementedError('norm="batch" (batch statistics) is not implemented yet; use "stats" or "none"')
+        index_t = index if isinstance(index, torch.Tensor) else torch.as_tensor(index)
+        if index_t.dtype == torch.bool:
+            if num_features is not None and num_features != index_t.shape[0]:
+                raise ValueError(
+                    f"feature_mask has {index_t.shape[0]} entries but num_features={num_features}: "
+                    f"the mask needs one entry per feature column"
+                )
+            num_features = index_t.shape[0]
+        elif num_features is None:
+            raise ValueError("integer indices need num_features=D (the features' width) to be validated")
+        device = index_t.device
+        columns, self.selector, shift, scale = prepare(
+            index_t, mean, std, num_features, None, self.norm_id, stats_space, torch.float32, device
+        )
+        self.register_buffer("index", columns.index, persistent=False)
+        self.register_buffer("inv_ptr", columns.inv_ptr, persistent=False)
+        self.register_buffer("inv_k", columns.inv_k, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.norm, self.eps, self.nan_to_num = norm, eps, nan_to_num
+        self.reduction, self.backend = reduction, backend
+
+    @property
+    def num_features(self) -> int:
+        return self.inv_ptr.shape[0] - 1
+
+    @property
+    def num_kept(self) -> int:
+        return self.index.shape[0]
+
+    def columns(self) -> ColumnMap:
+        return ColumnMap(self.index, self.inv_ptr, self.inv_k)
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_pair(features, target)
+        columns = self.columns()
+        check_widths(features, target, columns, self.selector)
+        if columns.index.device != features.device:
+            raise ValueError(
+                f"features are on {features.device} but the loss's buffers are on {columns.index.device}: "
+                f"call .to({str(features.device)!r}) on the loss module"
+            )
+        shift, scale = self.shift, self.scale
+        cdt = compute_dtype(features.dtype)
+        if shift is not None and shift.dtype != cdt:  # e.g. after module.half(), or float64 features
+            shift, scale = shift.to(cdt), scale.to(cdt)
+        use_triton = use_triton_for(self.backend, features)
+        return masked_mse_op(features, target, columns, shift, scale, self.nan_to_num, self.reduction_id, use_triton)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kept={self.num_kept} of {self.num_features} feature columns, norm={self.norm!r}, "
+            f"nan_to_num={self.nan_to_num}, reduction={REDUCTIONS[self.reduction_id]!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,139 @@
+"""torch.library registration of the fused loss: one forward op, one backward op, autograd between them.
+
+    fusedvq::masked_mse_forward(x, target, index, inv_ptr, inv_k, shift?, scale?, nan_to_num, reduction,
+                                use_triton) -> (loss, diff, finite)
+    fusedvq::masked_mse_backward(grad, x, target, index, inv_ptr, inv_k, shift?, scale?, diff, finite,
+                                 nan_to_num, reduction, use_triton) -> (grad_x, grad_target)
+
+use_triton=True runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); they
+recompute z in the backward, so diff and finite come back empty and nothing but the inputs is saved.
+use_triton=False runs reference.py, which saves diff [B, K] (and the finite mask with nan_to_num) to
+avoid a second gather. Both ops are opaque to torch.compile (fake implementations give the shapes) and
+contain no host synchronization, so a compiled or CUDA-graph-captured training step runs them as is.
+Arguments are validated by the callers (functional.py, module.py) before they reach these ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .columns import ColumnMap
+from .contract import REDUCTION_NONE, compute_dtype
+
+
+def _kernels():
+    from . import kernels  # imports triton: only on the Triton path
+
+    return kernels
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _loss_shape(x: Tensor, index: Tensor, reduction: int) -> tuple[int, ...]:
+    return (x.shape[0], index.shape[0]) if reduction == REDUCTION_NONE else ()
+
+
+@torch.library.custom_op("fusedvq::masked_mse_forward", mutates_args=())
+def masked_mse_forward(
+    x: Tensor,
+    target: Tensor,
+    index: Tensor,
+    inv_ptr: Tensor,
+    inv_k: Tensor,
+    shift: Optional[Tensor],
+    scale: Optional[Tensor],
+    nan_to_num: bool,
+    reduction: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # inv_ptr / inv_k (the ColumnMap's inverse) are not read here: they are inputs so autograd saves
+    # them for the backward op, which writes grad_x as a gather through them.
+    if use_triton:
+        loss = _kernels().masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+        return loss, _empty(x), _empty(x)
+    loss, diff, finite = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+    return loss, diff, finite if finite is not None else _empty(x).bool()
+
+
+@masked_mse_forward.register_fake
+def _(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton):
+    loss = x.new_empty(_loss_shape(x, index, reduction))
+    if use_triton:
+        return loss, _empty(x), _empty(x)
+    diff = x.new_empty((x.shape[0], index.shape[0]), dtype=compute_dtype(x.dtype))
+    finite = diff.new_empty(diff.shape if nan_to_num else (0,), dtype=torch.bool)
+    return loss, diff, finite
+
+
+@torch.library.custom_op("fusedvq::masked_mse_backward", mutates_args=())
+def masked_mse_backward(
+    grad: Tensor,
+    x: Tensor,
+    target: Tensor,
+    index: Tensor,
+    inv_ptr: Tensor,
+    inv_k: Tensor,
+    shift: Optional[Tensor],
+    scale: Optional[Tensor],
+    diff: Tensor,
+    finite: Tensor,
+    nan_to_num: bool,
+    reduction: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor]:
+    if use_triton:
+        return _kernels().masked_mse_backward(
+            grad, x, target, inv_ptr, inv_k, shift, scale, nan_to_num, reduction
+        )
+    return reference.masked_mse_backward(
+        grad, diff, finite if nan_to_num else None, index, scale, x.shape[1], reduction, x.dtype, target.dtype
+    )
+
+
+@masked_mse_backward.register_fake
+def _(grad, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite, nan_to_num, reduction, use_triton):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        target, memory_format=torch.contiguous_format
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton = inputs
+    _, diff, finite = output
+    ctx.save_for_backward(x, target, index, inv_ptr, inv_k, shift, scale, diff, finite)
+    ctx.options = (nan_to_num, reduction, use_triton)
+
+
+def _backward(ctx, grad_loss, _grad_diff, _grad_finite):
+    x, target, index, inv_ptr, inv_k, shift, scale, diff, finite = ctx.saved_tensors
+    nan_to_num, reduction, use_triton = ctx.options
+    grad_x, grad_target = masked_mse_backward(
+        grad_loss, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite, nan_to_num, reduction, use_triton
+    )
+    return grad_x, grad_target, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fusedvq::masked_mse_forward", _backward, setup_context=_setup_context)
+
+
+def masked_mse_op(
+    x: Tensor,  # [B, D]
+    target: Tensor,  # [B, K]
+    columns: ColumnMap,
+    shift: Optional[Tensor],  # [K] compute dtype, or None
+    scale: Optional[Tensor],  # [K] compute dtype, or None
+    nan_to_num: bool,
+    reduction: int,
+    use_triton: bool,
+) -> Tensor:
+    """The loss through the registered op (autograd attached); arguments already canonical and valid."""
+    loss, _, _ = masked_mse_forward(
+        x, target, columns.index, columns.inv_ptr, columns.inv_k, shift, scale, nan_to_num, reduction, use_triton
+    )
+    return loss
