@@ -9,7 +9,7 @@ masked_mse call in eager mode (skipped while torch.compile traces, where they wo
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from typing import Optional
 
@@ -185,13 +185,12 @@ def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_spa
     return mu.to(dtype), sigma.reciprocal().to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, without importing triton (slow, and not wanted on CPU-only installs).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:

@@ -35,6 +35,10 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _empty_mask(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.bool)
+
+
 def _loss_shape(x: Tensor, index: Tensor, reduction: int) -> tuple[int, ...]:
     return (x.shape[0], index.shape[0]) if reduction == REDUCTION_NONE else ()
 
@@ -56,16 +60,16 @@ def masked_mse_forward(
     # them for the backward op, which writes grad_x as a gather through them.
     if use_triton:
         loss = _kernels().masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
-        return loss, _empty(x), _empty(x)
+        return loss, _empty(x), _empty_mask(x)
     loss, diff, finite = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
-    return loss, diff, finite if finite is not None else _empty(x).bool()
+    return loss, diff, finite if finite is not None else _empty_mask(x)
 
 
 @masked_mse_forward.register_fake
 def _(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton):
     loss = x.new_empty(_loss_shape(x, index, reduction))
     if use_triton:
-        return loss, _empty(x), _empty(x)
+        return loss, _empty(x), _empty_mask(x)
     diff = x.new_empty((x.shape[0], index.shape[0]), dtype=compute_dtype(x.dtype))
     finite = diff.new_empty(diff.shape if nan_to_num else (0,), dtype=torch.bool)
     return loss, diff, finite

@@ -1,0 +1,63 @@
+"""Backend/device parameters and the one parity check every parity test calls."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fusedvq
+from oracle import TOLERANCE, oracle, rel_err
+
+interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not interpreting, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+# (backend, device): the reference everywhere, the Triton kernels on CUDA and, through the interpreter, on CPU.
+BACKENDS = [
+    pytest.param(("reference", "cpu"), id="reference-cpu"),
+    pytest.param(("triton", "cpu"), id="triton-interpreter", marks=needs_interpreter),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param(("reference", "cuda"), id="reference-cuda", marks=pytest.mark.gpu),
+]
+
+
+def check_parity(backend, device, x, r, columns, mean_raw, std_raw, *, stats="raw", nan_to_num=False,
+                 reduction="mean", norm="stats", dtype=None, call=None):
+    """Run fusedvq on (x, r) and compare loss, grad_x and grad_r with the float64 oracle.
+
+    x, r are given on the CPU in their final dtype and layout; stats="masked" passes μ, σ gathered to K.
+    """
+    dtype = dtype or x.dtype
+    x = x.to(device).requires_grad_()
+    r = r.to(device).requires_grad_()
+    grad_shape = (x.shape[0], r.shape[1]) if reduction == "none" else ()
+    grad_out = (torch.rand(grad_shape, dtype=torch.float64) + 0.5) * 1.7  # ≠ 1
+    if norm == "stats":
+        if stats == "masked":
+            idx = columns.nonzero().squeeze(1) if columns.dtype == torch.bool else columns
+            mean, std = mean_raw[idx], std_raw[idx]
+        else:
+            mean, std = mean_raw, std_raw
+    else:
+        mean = std = None
+    kwargs = dict(norm=norm, nan_to_num=nan_to_num, reduction=reduction, backend=backend)
+    if norm == "stats" and x.shape[1] == r.shape[1]:
+        kwargs["stats_space"] = stats  # D == K: the length cannot tell raw from masked
+    if call is None:
+        loss = fusedvq.masked_mse(x, r, columns, mean, std, **kwargs)
+    else:
+        loss = call(x, r, columns, mean, std, **kwargs)
+    loss.backward(grad_out.to(loss.dtype).to(device))
+    ref_loss, ref_gx, ref_gr = oracle(
+        x, r, columns, mean_raw if norm == "stats" else None, std_raw if norm == "stats" else None, grad_out,
+        nan_to_num=nan_to_num, reduction=reduction,
+    )
+    tol = TOLERANCE[dtype]
+    assert loss.dtype == x.dtype and loss.shape == ref_loss.shape
+    assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+    assert r.grad.dtype == r.dtype and r.grad.shape == r.shape
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all() and torch.isfinite(r.grad).all()
+    errs = {"loss": rel_err(loss, ref_loss), "grad_x": rel_err(x.grad, ref_gx), "grad_r": rel_err(r.grad, ref_gr)}
+    assert all(e <= tol for e in errs.values()), f"relative errors {errs} exceed {tol} for {dtype}"
+    return loss, x.grad, r.grad

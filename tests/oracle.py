@@ -1,0 +1,71 @@
+"""The independent oracle: the float64 composition of plain torch ops (the straightforward fix), its
+autograd gradients, and the helpers tests share (random inputs, relative-norm error, tolerances)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# ‖got − ref‖ / ‖ref‖ allowed per input dtype.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    return (got - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def oracle(
+    x: torch.Tensor,  # [B, D] any dtype: used as float64
+    r: torch.Tensor,  # [B, K]
+    columns: torch.Tensor,  # bool mask [D] or int index [K]
+    mean_raw: Optional[torch.Tensor],  # [D] (None for norm="none")
+    std_raw: Optional[torch.Tensor],  # [D]
+    grad_out: torch.Tensor,  # [] or [B, K]
+    *,
+    nan_to_num: bool = False,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_x, grad_r) in float64: normalize all D columns, select, F.mse_loss, autograd."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    r64 = r.detach().double().cpu().requires_grad_()
+    xt = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
+    z = xt if mean_raw is None else (xt - mean_raw.double().cpu()) / std_raw.double().cpu()
+    loss = F.mse_loss(z[:, columns.cpu()], r64, reduction=reduction)
+    loss.backward(grad_out.double().cpu())
+    return loss.detach(), x64.grad, r64.grad
+
+
+def random_case(B: int, D: int, K: int, *, duplicates: bool = False, mask: bool = True,
+                generator: Optional[torch.Generator] = None):
+    """(columns, mean_raw [D], std_raw [D]): a bool mask keeping K of D, or an index [K] (maybe repeating)."""
+    g = generator
+    if mask:
+        columns = torch.zeros(D, dtype=torch.bool)
+        columns[torch.randperm(D, generator=g)[:K]] = True
+    elif duplicates:
+        columns = torch.randint(0, D, (K,), generator=g)
+        if K > 1:
+            columns[-1] = columns[0]  # at least one repeat
+    else:
+        columns = torch.randperm(D, generator=g)[:K]
+    mean = torch.randn(D, generator=g) * 3
+    std = torch.rand(D, generator=g) * 2 + 0.25
+    return columns, mean, std
+
+
+def strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values in another layout: "contiguous", "slice" (a view into a wider tensor) or
+    "transposed" (column-major storage)."""
+    if how == "contiguous":
+        return t.contiguous()
+    if how == "slice":
+        wide = torch.randn(t.shape[0], t.shape[1] + 7, dtype=t.dtype, device=t.device)
+        wide[:, 3 : 3 + t.shape[1]] = t
+        return wide[:, 3 : 3 + t.shape[1]]
+    if how == "transposed":
+        return t.t().contiguous().t()
+    raise ValueError(how)

@@ -1,0 +1,84 @@
+"""MaskedMSELoss: the same numbers as masked_mse, buffers that move, determinism."""
+
+import pytest
+import torch
+
+import fusedvq
+from helpers import BACKENDS, check_parity
+from oracle import random_case
+
+
+def _module_call(x, r, columns, mean, std, **kwargs):
+    num_features = None if columns.dtype == torch.bool else x.shape[1]
+    loss = fusedvq.MaskedMSELoss(columns, mean, std, num_features=num_features, **kwargs).to(x.device)
+    return loss(x, r)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("stats", ["raw", "masked"])
+def test_module_parity(backend_device, reduction, stats):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(11)
+    columns, mean, std = random_case(129, 187, 171, mask=False, duplicates=True, generator=g)
+    x, r = torch.randn(129, 187, generator=g), torch.randn(129, 171, generator=g)
+    check_parity(backend, device, x, r, columns, mean, std, stats=stats, reduction=reduction, call=_module_call)
+
+
+def test_module_buffers_and_repr():
+    mask = torch.zeros(187, dtype=torch.bool)
+    mask[:171] = True
+    loss = fusedvq.MaskedMSELoss(mask, torch.zeros(187), torch.full((187,), 2.0))
+    assert loss.num_features == 187 and loss.num_kept == 171
+    assert torch.equal(loss.index, torch.arange(171))
+    assert torch.allclose(loss.scale, torch.full((171,), 0.5))
+    names = {n for n, _ in loss.named_buffers()}
+    assert {"index", "inv_ptr", "inv_k", "shift", "scale"} <= names
+    assert loss.state_dict() == {}  # rebuilt from the VQ-VAE's files, not saved with the model
+    assert "kept=171 of 187" in repr(loss)
+    moved = loss.to("meta")
+    assert moved.index.device.type == "meta" and moved.scale.device.type == "meta"
+
+
+def test_module_half_keeps_float32_math():
+    g = torch.Generator().manual_seed(1)
+    columns, mean, std = random_case(16, 20, 10, generator=g)
+    x, r = torch.randn(16, 20, generator=g), torch.randn(16, 10, generator=g)
+    loss = fusedvq.MaskedMSELoss(columns, mean, std)
+    want = loss(x, r)
+    got = loss.half()(x, r)  # buffers became float16; the call casts them back to the compute dtype
+    assert abs(got.item() - want.item()) <= 1e-3 * abs(want.item())
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_bitwise_deterministic(backend_device):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(2)
+    columns, mean, std = random_case(1000, 187, 171, mask=False, duplicates=True, generator=g)
+    x = torch.randn(1000, 187, generator=g).to(device)
+    r = torch.randn(1000, 171, generator=g).to(device)
+    loss_fn = fusedvq.MaskedMSELoss(columns, mean, std, num_features=187, backend=backend).to(device)
+    results = []
+    for _ in range(3):
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        loss = loss_fn(xi, ri)
+        loss.backward(torch.tensor(0.7, device=device))
+        results.append((loss.detach(), xi.grad, ri.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_inputs_are_not_modified(backend_device):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(3)
+    columns, mean, std = random_case(40, 187, 171, generator=g)
+    x = torch.randn(40, 187, generator=g).to(device)
+    x[0, 0] = float("nan")
+    r = torch.randn(40, 171, generator=g).to(device)
+    x0, r0 = x.clone(), r.clone()
+    xi, ri = x.requires_grad_(), r.requires_grad_()
+    fusedvq.masked_mse(xi, ri, columns, mean, std, nan_to_num=True, backend=backend).backward()
+    assert torch.allclose(x.detach(), x0, equal_nan=True, rtol=0, atol=0)  # NaN-aware exact equality
+    assert torch.equal(r.detach(), r0)

@@ -1,0 +1,99 @@
+"""The registered op: gradcheck, opcheck, torch.compile(fullgraph=True) training steps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedvq
+from fusedvq.columns import build_column_map
+from helpers import interpreting
+from oracle import random_case, rel_err
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("nan_to_num", [False, True])
+def test_gradcheck_reference_float64(reduction, nan_to_num):
+    g = torch.Generator().manual_seed(0)
+    columns, mean, std = random_case(5, 9, 6, mask=False, duplicates=True, generator=g)
+    x = torch.randn(5, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def f(x, r):
+        return fusedvq.masked_mse(x, r, columns, mean, std, reduction=reduction, nan_to_num=nan_to_num,
+                                  backend="reference")
+
+    assert torch.autograd.gradcheck(f, (x, r))
+
+
+def _op_args(use_triton, reduction, nan_to_num, norm="stats"):
+    g = torch.Generator().manual_seed(1)
+    columns, mean, std = random_case(7, 12, 9, mask=False, duplicates=True, generator=g)
+    cmap = build_column_map(columns, 12)
+    x = torch.randn(7, 12, generator=g, requires_grad=True)
+    r = torch.randn(7, 9, generator=g, requires_grad=True)
+    shift = mean[columns] if norm == "stats" else None
+    scale = std[columns].reciprocal() if norm == "stats" else None
+    return (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, nan_to_num, reduction, use_triton)
+
+
+USE_TRITON = [False, pytest.param(True, marks=pytest.mark.skipif(not interpreting, reason="interpreter"))]
+
+
+@pytest.mark.parametrize("use_triton", USE_TRITON)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("nan_to_num", [False, True])
+def test_opcheck(use_triton, reduction, nan_to_num):
+    args = _op_args(use_triton, reduction, nan_to_num)
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
+
+
+@pytest.mark.parametrize("use_triton", USE_TRITON)
+def test_opcheck_norm_none_and_backward_op(use_triton):
+    args = _op_args(use_triton, 1, False, norm="none")
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
+    x, r, index, inv_ptr, inv_k, shift, scale, n2n, red, ut = _op_args(use_triton, 1, True)
+    _, diff, finite = torch.ops.fusedvq.masked_mse_forward(x, r, index, inv_ptr, inv_k, shift, scale, n2n, red, ut)
+    bwd_args = (torch.tensor(1.3), x.detach(), r.detach(), index, inv_ptr, inv_k, shift, scale, diff.detach(),
+                finite.detach(), n2n, red, ut)
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_backward.default, bwd_args)
+
+
+def _train_step_setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask, mean, std = random_case(64, 187, 171, generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 187))
+    inp = torch.randn(64, 32, generator=g)
+    recon = torch.randn(64, 171, generator=g)
+    return model, inp, recon, mask, mean, std
+
+
+@pytest.mark.parametrize("form", ["module", "functional"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not interpreting, reason="interpreter"))])
+def test_compile_fullgraph_training_step(form, backend):
+    torch._dynamo.reset()
+    model, inp, recon, mask, mean, std = _train_step_setup()
+    loss_mod = fusedvq.MaskedMSELoss(mask, mean, std, backend=backend)
+
+    def step(inp, recon):  # forward graph compiled whole; AOTAutograd compiles its backward graph
+        feats = model(inp)
+        if form == "module":
+            return loss_mod(feats, recon)
+        return fusedvq.masked_mse(feats, recon, mask, mean, std, backend=backend)
+
+    def oracle_step(inp, recon):
+        feats = model(inp)
+        return F.mse_loss(((feats - mean) / std)[:, mask], recon)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    for trial in range(2):  # second call reuses the compiled graph
+        model.zero_grad()
+        loss = compiled(inp, recon + trial)
+        loss.backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ref = oracle_step(inp, recon + trial)
+        ref.backward()
+        want = [p.grad for p in model.parameters()]
+        assert rel_err(loss, ref) <= 1e-5
+        assert all(rel_err(a, b) <= 1e-4 for a, b in zip(got, want))

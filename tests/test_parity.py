@@ -1,0 +1,96 @@
+"""Values and both gradients against the float64 composition of plain torch ops, on every backend."""
+
+import pytest
+import torch
+
+from helpers import BACKENDS, check_parity, interpreting
+from oracle import random_case, strided
+
+SHAPES = [(187, 171), (270, 143), (8, 8), (1024, 1000)]
+BATCHES = [1, 3, 4, 257, 4099]
+
+
+def _inputs(B, D, K, dtype=torch.float32, seed=0, **case):
+    g = torch.Generator().manual_seed(seed)
+    columns, mean, std = random_case(B, D, K, generator=g, **case)
+    x = (torch.randn(B, D, generator=g) * std + mean).to(dtype)
+    r = torch.randn(B, K, generator=g).to(dtype)
+    return x, r, columns, mean, std
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("D,K", SHAPES)
+@pytest.mark.parametrize("B", BATCHES)
+def test_shapes(backend_device, B, D, K):
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu" and B * max(D, K) > 600_000:
+        pytest.skip("the interpreter runs the largest case in test_interpreter_large")
+    x, r, columns, mean, std = _inputs(B, D, K, seed=B + D)
+    check_parity(backend, device, x, r, columns, mean, std, stats="raw" if D != K else "masked")
+
+
+@pytest.mark.skipif(not interpreting, reason="interpreter only")
+def test_interpreter_large():
+    x, r, columns, mean, std = _inputs(4099, 1024, 1000, seed=7)
+    check_parity("triton", "cpu", x, r, columns, mean, std)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("selector", ["mask", "index", "duplicates"])
+@pytest.mark.parametrize("stats", ["raw", "masked"])
+def test_options(backend_device, reduction, selector, stats):
+    backend, device = backend_device
+    case = {"mask": dict(mask=True), "index": dict(mask=False), "duplicates": dict(mask=False, duplicates=True)}
+    x, r, columns, mean, std = _inputs(257, 187, 171, seed=3, **case[selector])
+    check_parity(backend, device, x, r, columns, mean, std, stats=stats, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_norm_none(backend_device, reduction):
+    backend, device = backend_device
+    x, r, columns, mean, std = _inputs(33, 270, 143, seed=4, mask=False, duplicates=True)
+    check_parity(backend, device, x, r, columns, mean, std, norm="none", reduction=reduction)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("x_layout", ["slice", "transposed"])
+@pytest.mark.parametrize("r_layout", ["transposed", "slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strides(backend_device, x_layout, r_layout, dtype):
+    backend, device = backend_device
+    x, r, columns, mean, std = _inputs(65, 187, 171, dtype, seed=5)
+    x, r = strided(x, x_layout), strided(r, r_layout)
+    assert not x.is_contiguous() and not r.is_contiguous()
+    check_parity(backend, device, x, r, columns, mean, std)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dtypes(backend_device, dtype, reduction):
+    backend, device = backend_device
+    x, r, columns, mean, std = _inputs(300, 187, 171, dtype, seed=6)
+    check_parity(backend, device, x, r, columns, mean, std, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nan_to_num(backend_device, reduction):
+    backend, device = backend_device
+    x, r, columns, mean, std = _inputs(50, 187, 171, seed=8, mask=False, duplicates=True)
+    kept = columns.tolist()
+    x[0, kept[0]] = float("nan")
+    x[1, kept[1]] = float("inf")
+    x[2, kept[2]] = float("-inf")
+    x[3, :] = float("nan")  # a whole row, kept and dropped columns alike
+    _, grad_x, _ = check_parity(backend, device, x, r, columns, mean, std, nan_to_num=True, reduction=reduction)
+    bad = ~torch.isfinite(x)
+    assert (grad_x.cpu()[bad] == 0).all()
+
+
+def test_reference_float64_and_dropped_columns_get_zero_gradient():
+    x, r, columns, mean, std = _inputs(20, 187, 171, torch.float64, seed=9)
+    _, grad_x, _ = check_parity("reference", "cpu", x, r, columns, mean, std)
+    assert (grad_x[:, ~columns] == 0).all()
