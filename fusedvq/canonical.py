@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .columns import ColumnMap, build_column_map
-from .contract import BACKENDS, NORM_STATS, NORMS, REDUCTIONS, REFERENCE_DTYPES, STATS_SPACES, TRITON_DTYPES
+from .contract import BACKENDS, NORM_BATCH, NORM_STATS, NORMS, REDUCTIONS, REFERENCE_DTYPES, STATS_SPACES, TRITON_DTYPES
 
 
 def option_code(name: str, value: str, choices: tuple[str, ...]) -> int:
@@ -37,8 +37,9 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_pair(features: torch.Tensor, target: torch.Tensor) -> None:
-    """Types, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K]."""
+def check_pair(features: torch.Tensor, target: torch.Tensor, allow_empty: bool = False) -> None:
+    """Types, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (B = 0 only if allowed:
+    a rank without rows still takes part in cross-rank statistics)."""
     for name, t in (("features", features), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -56,8 +57,26 @@ def check_pair(features: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(
             f"features have {features.shape[0]} rows but target has {target.shape[0]}: the batch sizes must match"
         )
-    if features.shape[0] == 0:
+    if features.shape[0] == 0 and not allow_empty:
         raise ValueError("the batch is empty (0 rows): the loss of no rows is undefined")
+
+
+def batch_stats_group(norm: int, sync_stats: bool, process_group, batch_size: int) -> str:
+    """The op's group key for norm="batch": "" (this batch's statistics) or a process-group key."""
+    if norm != NORM_BATCH:
+        if sync_stats or process_group is not None:
+            raise ValueError(f'sync_stats / process_group apply to norm="batch" only, not norm={NORMS[norm]!r}')
+        return ""
+    if sync_stats or process_group is not None:
+        from .distributed import group_key
+
+        return group_key(process_group)
+    if batch_size < 2:
+        raise ValueError(
+            f'norm="batch" needs at least 2 rows for the unbiased std, got a batch of {batch_size}: use frozen '
+            f'statistics (norm="stats"), a larger batch, or sync_stats=True to pool rows across ranks'
+        )
+    return ""
 
 
 def check_widths(features: torch.Tensor, target: torch.Tensor, columns: ColumnMap, selector: str) -> None:
@@ -236,6 +255,6 @@ def prepare(index, mean, std, num_features: int, num_kept: Optional[int], norm: 
 
 
 __all__ = [
-    "ColumnMap", "check_pair", "check_widths", "canonical_index", "canonical_stats", "norm_code", "reduction_code",
+    "ColumnMap", "batch_stats_group", "check_pair", "check_widths", "canonical_index", "canonical_stats", "norm_code", "reduction_code",
     "use_triton_for", "prepare", "triton_importable", "triton_interpreting",
 ]

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from .canonical import check_pair, check_widths, norm_code, prepare, reduction_code, use_triton_for
+from .canonical import batch_stats_group, check_pair, check_widths, norm_code, prepare, reduction_code, use_triton_for
 from .contract import NORM_BATCH, compute_dtype
-from .op import masked_mse_op
+from .op import batch_mse_op, masked_mse_op
 
 
 def masked_mse(
@@ -24,6 +24,8 @@ def masked_mse(
     reduction: str = "mean",
     backend: str = "auto",
     stats_space: Optional[str] = None,
+    sync_stats: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     """Squared error between normalized kept feature columns and a reconstruction of them.
 
@@ -34,13 +36,18 @@ def masked_mse(
             gradients accumulate). Moved to the features' device if it lives elsewhere.
         mean, std: μ, σ per feature column (length D, "raw") or per kept column (length K, "masked"),
             used by norm="stats". When D == K the length cannot tell: pass stats_space.
-        norm: "stats" — z = (x[:, index] − μ)/σ; "none" — z = x[:, index]; "batch" — batch statistics.
-        eps: batch-statistics columns with σ < eps use σ = 1 (norm="batch").
+        norm: "stats" — z = (x[:, index] − μ)/σ; "none" — z = x[:, index]; "batch" — μ, σ are the
+            column mean and unbiased std (correction 1) of the batch's kept columns, gradients flow
+            through them, and z passes through nan_to_num. Needs B >= 2 (or sync_stats).
+        eps: batch-statistics columns with σ < eps use σ = 1, with no gradient through σ (norm="batch").
         nan_to_num: NaN and ±Inf in features become 0 before normalization, with zero gradient there.
         reduction: "mean" (Σ/(B·K)), "sum", or "none" ([B, K]).
         backend: "auto" (Triton for CUDA tensors when triton imports, else reference), "triton",
             "reference".
         stats_space: "raw" or "masked", to say which space mean/std are in (required only when D == K).
+        sync_stats: norm="batch" statistics over the rows of all ranks of the default process group
+            (SyncBatchNorm's semantics; a rank may have 0 rows, then its loss is 0).
+        process_group: like sync_stats, over this torch.distributed process group.
 
     Returns:
         The loss in the features' dtype (accumulated in float32, or float64 for float64 inputs): a scalar,
@@ -50,15 +57,16 @@ def masked_mse(
     host synchronization on CUDA; MaskedMSELoss validates once at construction instead. While
     torch.compile traces, value checks are skipped (the kernels still never read out of bounds).
     """
-    check_pair(features, target)
     reduction_id = reduction_code(reduction)
     norm_id = norm_code(norm)
+    check_pair(features, target, allow_empty=norm_id == NORM_BATCH and (sync_stats or process_group is not None))
     use_triton = use_triton_for(backend, features)
-    if norm_id == NORM_BATCH:
-        raise NotImplementedError('norm="batch" (batch statistics) is not implemented yet; use "stats" or "none"')
+    group = batch_stats_group(norm_id, sync_stats, process_group, features.shape[0])
     columns, selector, shift, scale = prepare(
         index, mean, std, features.shape[1], target.shape[1], norm_id, stats_space,
         compute_dtype(features.dtype), features.device,
     )  # fmt: skip
     check_widths(features, target, columns, selector)
+    if norm_id == NORM_BATCH:
+        return batch_mse_op(features, target, columns, eps, nan_to_num, reduction_id, use_triton, group)
     return masked_mse_op(features, target, columns, shift, scale, nan_to_num, reduction_id, use_triton)

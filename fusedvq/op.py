@@ -141,3 +141,120 @@ def masked_mse_op(
         x, target, columns.index, columns.inv_ptr, columns.inv_k, shift, scale, nan_to_num, reduction, use_triton
     )
     return loss
+
+
+# ------------------------------------------------------------------------------------ norm="batch"
+#
+#   fusedvq::batch_mse_forward(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton,
+#                              group) -> (loss, stats [4, K], colsums [2, K])
+#   fusedvq::batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
+#                               reduction, use_triton, group) -> (grad_x, grad_target)
+# group: "" for this batch's own statistics, else a key from distributed.group_key (all ranks' rows).
+
+
+def _merge_fn(group: str, eps: float):
+    if not group:
+        return None
+    from . import distributed
+
+    return distributed.merged_stats_fn(group, eps)
+
+
+def _sum_fn(group: str):
+    if not group:
+        return None
+    from . import distributed
+
+    return distributed.sum_over_ranks_fn(group)
+
+
+@torch.library.custom_op("fusedvq::batch_mse_forward", mutates_args=())
+def batch_mse_forward(
+    x: Tensor,
+    target: Tensor,
+    index: Tensor,
+    inv_ptr: Tensor,
+    inv_k: Tensor,
+    eps: float,
+    nan_to_num: bool,
+    reduction: int,
+    use_triton: bool,
+    group: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    merge = _merge_fn(group, eps)
+    if use_triton:
+        return _kernels().batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge)
+    return reference.batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge)
+
+
+@batch_mse_forward.register_fake
+def _(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, group):
+    K = index.shape[0]
+    cdt = torch.float32 if use_triton else compute_dtype(x.dtype)
+    return x.new_empty(_loss_shape(x, index, reduction)), x.new_empty((4, K), dtype=cdt), x.new_empty((2, K), dtype=cdt)
+
+
+@torch.library.custom_op("fusedvq::batch_mse_backward", mutates_args=())
+def batch_mse_backward(
+    grad: Tensor,
+    x: Tensor,
+    target: Tensor,
+    index: Tensor,
+    inv_ptr: Tensor,
+    inv_k: Tensor,
+    stats: Tensor,
+    colsums: Tensor,
+    nan_to_num: bool,
+    reduction: int,
+    use_triton: bool,
+    group: str,
+) -> tuple[Tensor, Tensor]:
+    total = _sum_fn(group)
+    if use_triton:
+        return _kernels().batch_mse_backward(
+            grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction, total
+        )
+    return reference.batch_mse_backward(grad, x, target, index, stats, colsums, nan_to_num, reduction, total)
+
+
+@batch_mse_backward.register_fake
+def _(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction, use_triton, group):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        target, memory_format=torch.contiguous_format
+    )
+
+
+def _batch_setup_context(ctx, inputs, output):
+    x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, group = inputs
+    _, stats, colsums = output
+    ctx.save_for_backward(x, target, index, inv_ptr, inv_k, stats, colsums)
+    ctx.options = (nan_to_num, reduction, use_triton, group)
+
+
+def _batch_backward(ctx, grad_loss, _grad_stats, _grad_colsums):
+    x, target, index, inv_ptr, inv_k, stats, colsums = ctx.saved_tensors
+    nan_to_num, reduction, use_triton, group = ctx.options
+    grad_x, grad_target = batch_mse_backward(
+        grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction, use_triton, group
+    )
+    return grad_x, grad_target, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fusedvq::batch_mse_forward", _batch_backward, setup_context=_batch_setup_context)
+
+
+def batch_mse_op(
+    x: Tensor,  # [B, D]
+    target: Tensor,  # [B, K]
+    columns: ColumnMap,
+    eps: float,
+    nan_to_num: bool,
+    reduction: int,
+    use_triton: bool,
+    group: str = "",
+) -> Tensor:
+    """The batch-statistics loss through the registered op; arguments already canonical and valid."""
+    loss, _, _ = batch_mse_forward(
+        x, target, columns.index, columns.inv_ptr, columns.inv_k, eps, nan_to_num, reduction, use_triton, group
+    )
+    return loss

@@ -32,10 +32,12 @@ def _masked_mse_fwd_kernel(
     x_ptr,  # [B, D] features, any strides, fp32/fp16/bf16
     r_ptr,  # [B, K] target, any strides, dtype of x
     idx_ptr,  # [K] int64: feature column read by kept column k
-    shift_ptr,  # [K] fp32: μ (read only when NORM == 1)
-    scale_ptr,  # [K] fp32: 1/σ (read only when NORM == 1)
+    shift_ptr,  # [K] fp32: μ (NORM >= 1)
+    scale_ptr,  # [K] fp32: 1/σ (NORM >= 1)
     out_ptr,  # REDUCTION 0: [B, K] contiguous; else []: dtype of x
     partial_ptr,  # [num_programs] fp32 workspace (mean/sum)
+    colsum_partial_ptr,  # [num_programs, 2, K] fp32 workspace (COLSUMS)
+    colsum_ptr,  # [2, K] fp32 out: (Σ_b diff·m, Σ_b diff·m·z), m = finite-z mask (COLSUMS)
     counter_ptr,  # [1] int32 ticket counter, 0 before and after every launch (mean/sum)
     B,
     K,
@@ -45,44 +47,61 @@ def _masked_mse_fwd_kernel(
     stride_rb,
     stride_rk,
     out_scale,  # 1/(B·K) for mean, 1 for sum
-    NORM: tl.constexpr,  # 0 none, 1 stats
+    NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch (stats from the batch; z passes through nan_to_num)
     NAN_TO_NUM: tl.constexpr,  # 0/1
     REDUCTION: tl.constexpr,  # 0 none, 1 mean, 2 sum
+    COLSUMS: tl.constexpr,  # 0/1: also the column sums the batch-norm backward needs (NORM 2, mean/sum)
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,  # chunk of partials the last program adds at a time
 ):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B] int64
-    row_ok = rows < B
+    num_programs = tl.num_programs(0)
+    row_blocks = tl.cdiv(B, BLOCK_B)
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] kept-column ids
         col_ok = cols < K
         d = tl.load(idx_ptr + cols, mask=col_ok, other=0)  # [BLOCK_K] feature columns
         col_ok = col_ok & (d >= 0) & (d < D)  # validated before launch; never read out of bounds
-        ok = row_ok[:, None] & col_ok[None, :]
-        xv = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=ok, other=0.0)
-        xv = xv.to(tl.float32)
-        if NAN_TO_NUM:
-            xv = tl.where(tl.abs(xv) <= _FLT_MAX, xv, 0.0)
-        if NORM == 1:
+        if NORM >= 1:
             mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
             inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
-            xv = (xv - mu[None, :]) * inv_sigma[None, :]
-        rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rk, mask=ok, other=0.0)
-        diff = xv - rv.to(tl.float32)
-        err = tl.where(ok, diff * diff, 0.0)
-        if REDUCTION == 0:
-            out_offs = rows[:, None] * K + cols[None, :]
-            tl.store(out_ptr + out_offs, err.to(out_ptr.dtype.element_ty), mask=ok)
-        else:
-            acc += err
+        if COLSUMS:
+            sum_m = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            sum_mz = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        # Persistent: this program owns row blocks pid, pid + P, ... (a fixed order: deterministic sums).
+        for rb in range(pid, row_blocks, num_programs):
+            rows = tl.arange(0, BLOCK_B).to(tl.int64) + rb * BLOCK_B  # [BLOCK_B] int64 (rb·BLOCK_B < B + BLOCK_B fits int32)
+            ok = (rows < B)[:, None] & col_ok[None, :]
+            xv = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=ok, other=0.0)
+            z = xv.to(tl.float32)
+            if NAN_TO_NUM:
+                z = tl.where(tl.abs(z) <= _FLT_MAX, z, 0.0)
+            if NORM >= 1:
+                z = (z - mu[None, :]) * inv_sigma[None, :]
+            if NORM == 2:
+                z_ok = tl.abs(z) <= _FLT_MAX
+                z = tl.where(z_ok, z, 0.0)
+            rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rk, mask=ok, other=0.0)
+            diff = tl.where(ok, z - rv.to(tl.float32), 0.0)
+            if REDUCTION == 0:
+                out_offs = rows[:, None] * K + cols[None, :]
+                tl.store(out_ptr + out_offs, (diff * diff).to(out_ptr.dtype.element_ty), mask=ok)
+            else:
+                acc += diff * diff
+            if COLSUMS:
+                m = tl.where(z_ok, diff, 0.0)
+                sum_m += m
+                sum_mz += m * z
+        if COLSUMS:
+            base = colsum_partial_ptr + pid.to(tl.int64) * 2 * K + cols
+            tl.store(base, tl.sum(sum_m, axis=0), mask=col_ok)
+            tl.store(base + K, tl.sum(sum_mz, axis=0), mask=col_ok)
     if REDUCTION != 0:
         tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
-        # Every thread's store is issued before the ticket; acq_rel publishes it to the last program.
+        # Every thread's stores are issued before the ticket; acq_rel publishes them to the last program.
         tl.debug_barrier()
-        num_programs = tl.num_programs(0)
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
         if ticket == num_programs - 1:
             total = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -92,6 +111,18 @@ def _masked_mse_fwd_kernel(
                 total += tl.load(partial_ptr + p, mask=p < num_programs, other=0.0, cache_modifier=".cg")
             loss = tl.sum(total, axis=0) * out_scale
             tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
+            if COLSUMS:
+                for k0 in range(0, K, BLOCK_K):
+                    cols = k0 + tl.arange(0, BLOCK_K)
+                    col_ok = cols < K
+                    t_m = tl.zeros([BLOCK_K], dtype=tl.float32)
+                    t_mz = tl.zeros([BLOCK_K], dtype=tl.float32)
+                    for p in range(0, num_programs):  # program order: deterministic
+                        base = colsum_partial_ptr + p * 2 * K + cols
+                        t_m += tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
+                        t_mz += tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
+                    tl.store(colsum_ptr + cols, t_m, mask=col_ok)
+                    tl.store(colsum_ptr + K + cols, t_mz, mask=col_ok)
             tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
 
 
@@ -102,8 +133,11 @@ def _masked_mse_bwd_kernel(
     r_ptr,  # [B, K] target, any strides
     inv_ptr_ptr,  # [D+1] int32 CSR pointers: kept columns reading column d are inv_k[inv_ptr[d]:inv_ptr[d+1]]
     inv_k_ptr,  # [K] int32
-    shift_ptr,  # [K] fp32 μ (NORM == 1)
-    scale_ptr,  # [K] fp32 1/σ (NORM == 1)
+    shift_ptr,  # [K] fp32: μ (NORM >= 1)
+    scale_ptr,  # [K] fp32: 1/σ, or 1/σ' (NORM >= 1)
+    w_ptr,  # [K] fp32: 1/(N − 1), or 0 where σ' = 1 (NORM 2; reference.py states the batch math)
+    inv_n_ptr,  # [K] fp32: 1/N (NORM 2)
+    sums_ptr,  # NORM 2: [2, K] fp32 column sums: (A1, A2) of the forward, or (S1, S2) when SUMS_FINAL
     grad_x_ptr,  # [B, D] contiguous, dtype of x: written everywhere, zeros included
     grad_r_ptr,  # [B, K] contiguous, dtype of r
     B,
@@ -116,9 +150,10 @@ def _masked_mse_bwd_kernel(
     stride_gb,
     stride_gk,
     grad_scale,  # 2/(B·K) for mean, 2 otherwise: ∂e/∂z = 2·diff folded in
-    NORM: tl.constexpr,
+    NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch
     NAN_TO_NUM: tl.constexpr,
     REDUCTION: tl.constexpr,
+    SUMS_FINAL: tl.constexpr,  # NORM 2: sums are S1, S2 already (else A1, A2, scaled here by g)
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -146,19 +181,36 @@ def _masked_mse_bwd_kernel(
         ok = row_ok[:, None] & has[None, :]
         rv = tl.load(r_ptr + rows[:, None] * stride_rb + k[None, :] * stride_rk, mask=ok, other=0.0)
         z = xv
-        if NORM == 1:
+        if NORM >= 1:
             mu = tl.load(shift_ptr + k, mask=has, other=0.0)
             inv_sigma = tl.load(scale_ptr + k, mask=has, other=1.0)
             z = (xv - mu[None, :]) * inv_sigma[None, :]
+        if NORM == 2:
+            z_ok = tl.abs(z) <= _FLT_MAX
+            z = tl.where(z_ok, z, 0.0)
         if REDUCTION == 0:
             gk = tl.load(grad_ptr + rows[:, None] * stride_gb + k[None, :] * stride_gk, mask=ok, other=0.0)
-            dz = (z - rv.to(tl.float32)) * (gk.to(tl.float32) * grad_scale)
+            gk = gk.to(tl.float32) * grad_scale
         else:
-            dz = (z - rv.to(tl.float32)) * g
-        tl.store(grad_r_ptr + rows[:, None] * K + k[None, :], (-dz).to(grad_r_ptr.dtype.element_ty), mask=ok)
-        if NORM == 1:
-            dz = dz * inv_sigma[None, :]
-        acc += tl.where(ok, dz, 0.0)
+            gk = g
+        diff = z - rv.to(tl.float32)
+        tl.store(grad_r_ptr + rows[:, None] * K + k[None, :], (-diff * gk).to(grad_r_ptr.dtype.element_ty), mask=ok)
+        if NORM == 0:
+            dx = diff * gk
+        elif NORM == 1:
+            dx = diff * gk * inv_sigma[None, :]
+        else:
+            # Batch norm's backward: (1/σ')·(dz − S1/N − z·S2·w), with S1 = Σ dz, S2 = Σ dz·z over the batch.
+            dz = tl.where(z_ok, diff * gk, 0.0)
+            w = tl.load(w_ptr + k, mask=has, other=0.0)
+            inv_n = tl.load(inv_n_ptr + k, mask=has, other=0.0)
+            s1 = tl.load(sums_ptr + k, mask=has, other=0.0)
+            s2 = tl.load(sums_ptr + K + k, mask=has, other=0.0)
+            if not SUMS_FINAL:
+                s1 = s1 * g
+                s2 = s2 * g
+            dx = (dz - (s1 * inv_n)[None, :] - z * (s2 * w)[None, :]) * inv_sigma[None, :]
+        acc += tl.where(ok, dx, 0.0)
     if NAN_TO_NUM:
         acc = tl.where(finite, acc, 0.0)
     out_ok = row_ok[:, None] & d_ok[None, :]
@@ -167,7 +219,7 @@ def _masked_mse_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-_TILE_ELEMENTS = 2048  # elements per program tile: 16 a thread at 4 warps, no spills (tests/aot_check.py)
+_TILE_ELEMENTS = 2048  # elements per program tile (8 a thread at 8 warps)
 _MAX_BLOCK_COLS = 256
 _BLOCK_P = 1024
 _counters: dict[tuple, torch.Tensor] = {}
@@ -198,27 +250,44 @@ def block_sizes(rows: int, cols: int) -> tuple[int, int]:
     return block_rows, block_cols
 
 
-def _stats_args(shift, scale, like):
-    if shift is None:
-        return like, like, 0  # never read: NORM == 0
-    return shift, scale, 1
+def num_warps_for(block_rows: int, block_cols: int) -> int:
+    """One warp per 128 tile elements, 1 to 8: 4 to 8 elements a thread (no spills at sm_80/sm_90, see
+    tests/aot_check.py), and no idle threads on the tiny tiles of small shapes."""
+    return max(1, min(8, block_rows * block_cols // 128))
 
 
-def masked_mse_forward(
-    x: torch.Tensor,  # [B, D]
+def max_programs(t: torch.Tensor) -> int:
+    """Programs of a persistent grid: 4 per SM on CUDA (enough to hide latency, few partials to merge)."""
+    if not t.is_cuda:
+        return 8  # the interpreter runs programs one after another: fewer is faster
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    count = _sm_counts.get(index)
+    if count is None:
+        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * count
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def launch_forward(
+    x: torch.Tensor,  # [B, D], B >= 1
     target: torch.Tensor,  # [B, K]
     index: torch.Tensor,  # [K] int64, values in [0, D)
-    shift,  # [K] fp32 or None
-    scale,  # [K] fp32 or None
+    shift,  # [K] fp32 μ, or None (norm "none")
+    scale,  # [K] fp32 1/σ, or None
+    norm: int,  # 0 none, 1 stats, 2 batch
     nan_to_num: bool,
     reduction: int,  # 0 none, 1 mean, 2 sum
-) -> torch.Tensor:
-    """The loss ([] or [B, K] in x.dtype); inputs are validated by the caller."""
+    colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
+):
+    """(loss [] or [B, K] in x.dtype, colsums [2, K] fp32 or None); inputs validated by the caller."""
     B, D = x.shape
     K = index.shape[0]
     block_b, block_k = block_sizes(B, K)
-    grid = (triton.cdiv(B, block_b),)
-    shift, scale, norm = _stats_args(shift, scale, x)
+    grid = (min(triton.cdiv(B, block_b), max_programs(x)),)
+    if shift is None:
+        shift = scale = x  # never read: NORM == 0
     with _device_guard(x):
         if reduction == 0:
             out = torch.empty((B, K), dtype=x.dtype, device=x.device)
@@ -227,44 +296,64 @@ def masked_mse_forward(
             out = torch.empty((), dtype=x.dtype, device=x.device)
             partial = torch.empty(grid[0], dtype=torch.float32, device=x.device)
             counter = _ticket_counter(x)
+        if colsums:
+            sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
+            sums_partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
+        else:
+            sums = sums_partial = partial  # unused
         _masked_mse_fwd_kernel[grid](
-            x, target, index, shift, scale, out, partial, counter,
+            x, target, index, shift, scale, out, partial, sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1),
             1.0 / (B * K) if reduction == 1 else 1.0,
-            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction,
-            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=_BLOCK_P,
+            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, COLSUMS=int(colsums),
+            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=_BLOCK_P, num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
-    return out
+    return out, (sums if colsums else None)
 
 
-def masked_mse_backward(
+def launch_backward(
     grad_loss: torch.Tensor,  # [] or [B, K]
-    x: torch.Tensor,  # [B, D]
+    x: torch.Tensor,  # [B, D], B >= 1
     target: torch.Tensor,  # [B, K]
     inv_ptr: torch.Tensor,  # [D+1] int32
     inv_k: torch.Tensor,  # [K] int32
-    shift,
-    scale,
+    stats,  # tuple of [K] fp32 views: () none, (μ, 1/σ) stats, (μ, 1/σ', w, 1/N) batch
     nan_to_num: bool,
     reduction: int,
+    sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
+    sums_final: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype), both freshly allocated."""
     B, D = x.shape
     K = inv_k.shape[0]
     block_b, block_d = block_sizes(B, D)
     grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d))
-    shift, scale, norm = _stats_args(shift, scale, x)
+    norm = {0: 0, 2: 1, 4: 2}[len(stats)]
+    shift, scale, w, inv_n = (tuple(stats) + (x,) * 4)[:4]  # unused slots: any pointer, never read
+    sums = x if sums is None else sums
     g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == 0 else (0, 0)
     with _device_guard(x):
         grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device)
         grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
         _masked_mse_bwd_kernel[grid](
-            grad_loss, x, target, inv_ptr, inv_k, shift, scale, grad_x, grad_target,
+            grad_loss, x, target, inv_ptr, inv_k, shift, scale, w, inv_n, sums, grad_x, grad_target,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), *g_strides,
             2.0 / (B * K) if reduction == 1 else 2.0,
-            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction,
-            BLOCK_B=block_b, BLOCK_D=block_d,
+            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, SUMS_FINAL=int(sums_final),
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b, block_d),
         )  # fmt: skip
     return grad_x, grad_target
+
+
+def masked_mse_forward(x, target, index, shift, scale, nan_to_num: bool, reduction: int) -> torch.Tensor:
+    """norm "none" (shift = scale = None) or "stats": the loss ([] or [B, K] in x.dtype)."""
+    loss, _ = launch_forward(x, target, index, shift, scale, 0 if shift is None else 1, nan_to_num, reduction)
+    return loss
+
+
+def masked_mse_backward(grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_to_num: bool, reduction: int):
+    """norm "none" / "stats": (grad_x [B, D], grad_target [B, K])."""
+    stats = () if shift is None else (shift, scale)
+    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, stats, nan_to_num, reduction)

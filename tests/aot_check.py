@@ -7,8 +7,10 @@ line per compile with the registers and spill bytes, or the error. tests/test_ao
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,63 +21,73 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
+from fusedvq.kernels import batch_stats as bs
 from fusedvq.kernels import masked_mse as mm
 
 ARCHS = (80, 90)
 FLOAT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
-def _pointer_sig(names, dtype_ptr):
-    return {n: dtype_ptr for n in names}
-
-
 SHAPES = [(4, 187, 171), (65536, 187, 171), (4099, 1024, 1000), (3, 8, 8)]  # (B, D, K)
+I64, I32, F32 = "i64", "i32", "fp32"
 
 
 def flag_grid():
     """(dtype, NORM, NAN_TO_NUM, REDUCTION, shapes): every flag combination in fp32 at the motivating shape,
     and every dtype at every block configuration with all features on (the most registers)."""
-    for norm, n2n, red in itertools.product((0, 1), (0, 1), (0, 1, 2)):
-        yield "*fp32", norm, n2n, red, SHAPES[1:2]
+    yield "*fp32", 1, 0, 1, SHAPES[1:2]
+    for norm, red in itertools.product((0, 1, 2), (0, 1, 2)):
+        yield "*fp32", norm, 1, red, SHAPES[1:2]
     for dtype in FLOAT_TYPES.values():
-        yield dtype, 1, 1, 0, SHAPES
-        yield dtype, 1, 1, 1, SHAPES
+        for norm, red in ((1, 0), (1, 1), (2, 0), (2, 1)):
+            yield dtype, norm, 1, red, SHAPES
 
 
-def masked_mse_specs():
+def _blocks(shapes, pick):
+    return sorted({mm.block_sizes(B, pick(D, K)) for B, D, K in shapes})
+
+
+def kernel_specs():
     """(name, fn, signature, constexprs) for the configurations the launchers produce."""
     for dtype, norm, n2n, red, shapes in flag_grid():
-        blocks = {mm.block_sizes(B, K) for B, _, K in shapes}
-        for block_b, block_k in sorted(blocks):
+        for block_b, block_k in _blocks(shapes, lambda D, K: K):
             sig = {
                 "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
-                "out_ptr": dtype, "partial_ptr": "*fp32", "counter_ptr": "*i32",
-                "B": "i32", "K": "i32", "D": "i32",
-                "stride_xb": "i64", "stride_xd": "i64", "stride_rb": "i64", "stride_rk": "i64", "out_scale": "fp32",
+                "out_ptr": dtype, "partial_ptr": "*fp32", "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
+                "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
+                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "out_scale": F32,
             }
-            consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, BLOCK_B=block_b, BLOCK_K=block_k,
-                          BLOCK_P=mm._BLOCK_P)
+            consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, COLSUMS=int(norm == 2 and red != 0),
+                          BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=mm._BLOCK_P)
             yield "fwd", mm._masked_mse_fwd_kernel, sig, consts
-        blocks = {mm.block_sizes(B, D) for B, D, _ in shapes}
-        for block_b, block_d in sorted(blocks):
+        for block_b, block_d in _blocks(shapes, lambda D, K: D):
             sig = {
                 "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "inv_ptr_ptr": "*i32", "inv_k_ptr": "*i32",
-                "shift_ptr": "*fp32", "scale_ptr": "*fp32", "grad_x_ptr": dtype, "grad_r_ptr": dtype,
-                "B": "i32", "K": "i32", "D": "i32",
-                "stride_xb": "i64", "stride_xd": "i64", "stride_rb": "i64", "stride_rk": "i64",
-                "stride_gb": "i64", "stride_gk": "i64", "grad_scale": "fp32",
+                "shift_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "inv_n_ptr": "*fp32",
+                "sums_ptr": "*fp32", "grad_x_ptr": dtype, "grad_r_ptr": dtype, "B": I32, "K": I32, "D": I32,
+                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64,
+                "stride_gb": I64, "stride_gk": I64, "grad_scale": F32,
             }
-            consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, BLOCK_B=block_b, BLOCK_D=block_d)
-            yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
-
-
-def all_specs():
-    yield from masked_mse_specs()
-    try:
-        from fusedvq.kernels import batch_stats
-    except ImportError:
-        return
-    yield from batch_stats.aot_specs()
+            # Batch norm with reduction "none" always gets final sums (S1, S2) from _dz_sums_kernel.
+            for sums_final in ((1,) if red == 0 else (0, 1)) if norm == 2 else (0,):
+                consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, SUMS_FINAL=sums_final,
+                              BLOCK_B=block_b, BLOCK_D=block_d)
+                yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
+        if norm != 2:
+            continue
+        for block_b, block_k in _blocks(shapes, lambda D, K: K):
+            blocks = dict(BLOCK_B=block_b, BLOCK_K=block_k)
+            for finalize in (0, 1):
+                sig = {"x_ptr": dtype, "idx_ptr": "*i64", "partial_ptr": "*fp32", "count_ptr": "*fp32",
+                       "stats_ptr": "*fp32", "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
+                       "stride_xb": I64, "stride_xd": I64, "eps": F32}
+                yield "moments", bs._column_moments_kernel, sig, dict(NAN_TO_NUM=n2n, FINALIZE=finalize, **blocks)
+            if red == 0:
+                sig = {"grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32",
+                       "scale_ptr": "*fp32", "partial_ptr": "*fp32", "sums_ptr": "*fp32", "counter_ptr": "*i32",
+                       "B": I32, "K": I32, "D": I32, "stride_gb": I64, "stride_gk": I64, "stride_xb": I64,
+                       "stride_xd": I64, "stride_rb": I64, "stride_rk": I64}
+                yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, **blocks)
 
 
 def compile_one(fn, signature, constexprs, arch):
@@ -84,29 +96,39 @@ def compile_one(fn, signature, constexprs, arch):
         signature[name] = "constexpr"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32)
-    compiled = triton.compile(src, target=target, options={"num_warps": 4, "enable_fp_fusion": True})
-    ptx = compiled.asm["ptx"]
+    warps = mm.num_warps_for(constexprs["BLOCK_B"], constexprs.get("BLOCK_K", constexprs.get("BLOCK_D")))
+    compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
+        f.write(compiled.asm["ptx"])
         f.flush()
         out = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", f.name, "-o", "/dev/null"],
+            # The flags Triton's own cubin step passes (it discards the -v report we want).
+            [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+             f"--gpu-name={sm_arch_from_capability(arch)}", f.name, "-o", "/dev/null"],
             capture_output=True, text=True, check=True,
         )
     log = out.stderr + out.stdout
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     regs = max((int(n) for n in re.findall(r"Used (\d+) registers", log)), default=-1)
-    return regs, spills
+    return regs, spills, warps
+
+
+def _compile_record(job):
+    spec_index, arch = job
+    name, fn, sig, consts = list(kernel_specs())[spec_index]
+    record = {"kernel": name, "arch": arch, "dtype": next(iter(sig.values())), **consts}
+    try:
+        record["registers"], record["spill_bytes"], record["num_warps"] = compile_one(fn, sig, consts, arch)
+    except Exception as err:  # reported, and failed by the test
+        record["error"] = f"{type(err).__name__}: {err}"[:2000]
+    return record
 
 
 def main() -> int:
-    for (name, fn, sig, consts), arch in itertools.product(list(all_specs()), ARCHS):
-        record = {"kernel": name, "arch": arch, "dtype": next(iter(sig.values())), **consts}
-        try:
-            record["registers"], record["spill_bytes"] = compile_one(fn, sig, consts, arch)
-        except Exception as err:  # reported, and failed by the test
-            record["error"] = f"{type(err).__name__}: {err}"[:2000]
-        print(json.dumps(record), flush=True)
+    jobs = list(itertools.product(range(len(list(kernel_specs()))), ARCHS))
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for record in pool.map(_compile_record, jobs, chunksize=4):
+            print(json.dumps(record), flush=True)
     return 0
 
 

@@ -69,3 +69,30 @@ def strided(t: torch.Tensor, how: str) -> torch.Tensor:
     if how == "transposed":
         return t.t().contiguous().t()
     raise ValueError(how)
+
+
+def batch_oracle(
+    x: torch.Tensor,  # [B, D]
+    r: torch.Tensor,  # [B, K]
+    columns: torch.Tensor,  # bool mask [D] or int index [K]
+    grad_out: torch.Tensor,  # [] or [B, K]
+    *,
+    eps: float = 1e-8,
+    nan_to_num: bool = False,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_x, grad_r) in float64 of the batch-statistics composition, autograd through μ and σ:
+    nan_to_num → column mean and unbiased std → std < eps → 1 → (x − mean)/std → nan_to_num → keep the
+    masked columns → F.mse_loss. The std is taken as sqrt(where(flat, 1, var)) so that a constant column
+    has the finite gradient the composition means (plain sqrt at 0 back-propagates 0·inf = NaN)."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    r64 = r.detach().double().cpu().requires_grad_()
+    xt = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
+    mean = xt.mean(0)
+    var = (xt - mean).square().sum(0) / (xt.shape[0] - 1)
+    flat = (var.detach().sqrt() < eps)
+    std = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
+    z = torch.nan_to_num((xt - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
+    loss = F.mse_loss(z[:, columns.cpu()], r64, reduction=reduction)
+    loss.backward(grad_out.double().cpu())
+    return loss.detach(), x64.grad, r64.grad

@@ -169,12 +169,6 @@ def test_unknown_options(option, value):
         fusedvq.masked_mse(x, r, mask, mean, std, **{option: value})
 
 
-def test_norm_batch_is_reserved():
-    x, r, mask, _, _ = _case()
-    with pytest.raises(NotImplementedError, match="batch"):
-        fusedvq.masked_mse(x, r, mask, norm="batch")
-
-
 def test_triton_backend_on_cpu_without_interpreter_in_subprocess():
     import subprocess
     import sys

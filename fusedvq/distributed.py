@@ -1,0 +1,70 @@
+"""Cross-rank batch statistics for norm="batch" (sync_stats=True), as SyncBatchNorm does them.
+
+Forward: each rank's (count, mean [K], M2 [K]) are all-gathered and merged with Chan's formula in rank
+order (the same numbers on every rank). Backward: the per-column gradient sums S [2, K] are all-reduced.
+Ranks with unequal batch sizes, or none at all, take part in every collective, so nobody waits forever.
+The registered ops receive a process group as a string key (op schemas cannot carry a ProcessGroup).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .reference import finalize_batch_stats
+
+_groups: dict[str, object] = {}
+WORLD = "world"
+
+
+def group_key(process_group=None) -> str:
+    """The key naming process_group (None: the default group) in the op's schema; checks it can be used."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "sync_stats=True needs an initialized torch.distributed process group: call "
+            "torch.distributed.init_process_group(...) first (or pass sync_stats=False)"
+        )
+    if process_group is None:
+        return WORLD
+    key = f"group-{id(process_group)}"
+    _groups[key] = process_group
+    return key
+
+
+def _group(key: str):
+    return None if key == WORLD else _groups[key]
+
+
+def merge_two(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's merge of two (count, mean, M2) summaries; counts are 0-d tensors, either may be 0."""
+    n = n_a + n_b
+    frac = torch.where(n > 0, n_b / n.clamp_min(1), torch.zeros_like(n))
+    delta = mean_b - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_b + delta.square() * (n_a * frac)
+
+
+def merged_stats_fn(key: str, eps: float):
+    """(count, mean [K], M2 [K]) of this rank -> stats [4, K] over all ranks (see reference.py)."""
+
+    def merge_and_finalize(count: int, mean: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+        K = mean.shape[0]
+        payload = torch.cat([mean.new_full((1,), float(count)), mean, m2])  # [1 + 2K]
+        gathered = [torch.empty_like(payload) for _ in range(dist.get_world_size(_group(key)))]
+        dist.all_gather(gathered, payload, group=_group(key))
+        n, mu, m2_all = payload.new_zeros(()), torch.zeros_like(mean), torch.zeros_like(m2)
+        for part in gathered:  # rank order: every rank merges identically
+            n, mu, m2_all = merge_two(n, mu, m2_all, part[0], part[1 : 1 + K], part[1 + K :])
+        return finalize_batch_stats(n, mu, m2_all, eps)
+
+    return merge_and_finalize
+
+
+def sum_over_ranks_fn(key: str):
+    """[2, K] gradient sums of this rank -> their sum over all ranks (a new tensor)."""
+
+    def sum_over_ranks(sums: torch.Tensor) -> torch.Tensor:
+        total = sums.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=_group(key))
+        return total
+
+    return sum_over_ranks

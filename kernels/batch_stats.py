@@ -1,0 +1,271 @@
+"""norm="batch": column statistics of the kept columns, and the launch plan around masked_mse's kernels.
+
+The math is stated in reference.py (section norm="batch"). Launches, for any B:
+    forward   1. _column_moments_kernel: per-program Chan-merged (mean, M2) of each kept column; the last
+                 program merges them in program order and writes stats [4, K] = (μ, 1/σ', w, 1/N)
+                 (or, with cross-rank sync, the local (mean, M2) for the caller to merge across ranks)
+              2. masked_mse's forward kernel with NORM=2: z, the loss and the column sums A [2, K]
+    backward  mean/sum: masked_mse's backward kernel alone (S = g·A)
+              none:     _dz_sums_kernel (S1 = Σ dz, S2 = Σ dz·z), then the backward kernel
+Statistics are numerically stable: each tile's mean and M2 come from two passes over registers, and
+tiles and programs merge with Chan's formula — never Σx² − (Σx)²/n.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .masked_mse import (
+    _FLT_MAX,
+    _device_guard,
+    _ticket_counter,
+    block_sizes,
+    launch_backward,
+    launch_forward,
+    max_programs,
+    num_warps_for,
+)
+
+
+@triton.jit
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries; n_a is a scalar, n_b a scalar."""
+    n = n_a + n_b
+    frac = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac
+    m2 = m2_a + m2_b + delta * delta * (n_a * frac)
+    return n, mean, m2
+
+
+@triton.jit
+def _column_moments_kernel(
+    x_ptr,  # [B, D] features, any strides
+    idx_ptr,  # [K] int64 kept columns
+    partial_ptr,  # [num_programs, 2, K] fp32 workspace: each program's (mean, M2)
+    count_ptr,  # [num_programs] fp32 workspace: each program's row count
+    stats_ptr,  # FINALIZE: [4, K] fp32 (μ, 1/σ', w, 1/N); else [2, K] fp32 (mean, M2) of this batch
+    counter_ptr,  # [1] int32 ticket counter, zero between launches
+    B,
+    K,
+    D,
+    stride_xb,
+    stride_xd,
+    eps,
+    NAN_TO_NUM: tl.constexpr,
+    FINALIZE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    row_blocks = tl.cdiv(B, BLOCK_B)
+    n = 0.0
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        d = tl.load(idx_ptr + cols, mask=col_ok, other=0)
+        col_ok = col_ok & (d >= 0) & (d < D)
+        n = 0.0
+        mean = tl.zeros([BLOCK_K], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for rb in range(pid, row_blocks, num_programs):
+            rows = tl.arange(0, BLOCK_B).to(tl.int64) + rb * BLOCK_B
+            row_ok = rows < B
+            ok = row_ok[:, None] & col_ok[None, :]
+            xv = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=ok, other=0.0)
+            xv = xv.to(tl.float32)
+            if NAN_TO_NUM:
+                xv = tl.where(tl.abs(xv) <= _FLT_MAX, xv, 0.0)
+            n_tile = tl.sum(row_ok.to(tl.float32), axis=0)
+            tile_mean = tl.sum(xv, axis=0) / n_tile
+            dev = tl.where(ok, xv - tile_mean[None, :], 0.0)
+            n, mean, m2 = _chan_merge(n, mean, m2, n_tile, tile_mean, tl.sum(dev * dev, axis=0))
+        base = partial_ptr + pid.to(tl.int64) * 2 * K + cols
+        tl.store(base, mean, mask=col_ok)
+        tl.store(base + K, m2, mask=col_ok)
+    tl.store(count_ptr + pid, n)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == num_programs - 1:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            n = 0.0
+            mean = tl.zeros([BLOCK_K], dtype=tl.float32)
+            m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for p in range(0, num_programs):  # program order: deterministic
+                base = partial_ptr + p * 2 * K + cols
+                n_p = tl.load(count_ptr + p, cache_modifier=".cg")
+                mean_p = tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
+                m2_p = tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
+                n, mean, m2 = _chan_merge(n, mean, m2, n_p, mean_p, m2_p)
+            tl.store(stats_ptr + cols, mean, mask=col_ok)
+            if FINALIZE:  # reference.finalize_batch_stats, per column
+                n_k = tl.zeros([BLOCK_K], dtype=tl.float32) + n
+                sigma = tl.sqrt(m2 / tl.maximum(n_k - 1.0, 1.0))
+                flat = (sigma < eps) | (n_k < 2.0)
+                rstd = tl.where(flat, 1.0, 1.0 / sigma)
+                w = tl.where(flat, 0.0, 1.0 / tl.maximum(n_k - 1.0, 1.0))
+                tl.store(stats_ptr + K + cols, rstd, mask=col_ok)
+                tl.store(stats_ptr + 2 * K + cols, w, mask=col_ok)
+                tl.store(stats_ptr + 3 * K + cols, 1.0 / tl.maximum(n_k, 1.0), mask=col_ok)
+            else:
+                tl.store(stats_ptr + K + cols, m2, mask=col_ok)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
+def _dz_sums_kernel(
+    grad_ptr,  # [B, K] ∂L/∂loss (reduction "none"), any strides
+    x_ptr,  # [B, D] features, any strides
+    r_ptr,  # [B, K] target, any strides
+    idx_ptr,  # [K] int64
+    shift_ptr,  # [K] fp32 μ
+    scale_ptr,  # [K] fp32 1/σ'
+    partial_ptr,  # [num_programs, 2, K] fp32 workspace
+    sums_ptr,  # [2, K] fp32 out: S1 = Σ_b dz, S2 = Σ_b dz·z with dz = 2·g·diff·m
+    counter_ptr,  # [1] int32 ticket counter
+    B,
+    K,
+    D,
+    stride_gb,
+    stride_gk,
+    stride_xb,
+    stride_xd,
+    stride_rb,
+    stride_rk,
+    NAN_TO_NUM: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    row_blocks = tl.cdiv(B, BLOCK_B)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        d = tl.load(idx_ptr + cols, mask=col_ok, other=0)
+        col_ok = col_ok & (d >= 0) & (d < D)
+        mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+        inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
+        s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        for rb in range(pid, row_blocks, num_programs):
+            rows = tl.arange(0, BLOCK_B).to(tl.int64) + rb * BLOCK_B
+            ok = (rows < B)[:, None] & col_ok[None, :]
+            xv = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=ok, other=0.0)
+            z = xv.to(tl.float32)
+            if NAN_TO_NUM:
+                z = tl.where(tl.abs(z) <= _FLT_MAX, z, 0.0)
+            z = (z - mu[None, :]) * inv_sigma[None, :]
+            z_ok = tl.abs(z) <= _FLT_MAX
+            z = tl.where(z_ok, z, 0.0)
+            rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rk, mask=ok, other=0.0)
+            gv = tl.load(grad_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gk, mask=ok, other=0.0)
+            dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
+            s1 += dz
+            s2 += dz * z
+        base = partial_ptr + pid.to(tl.int64) * 2 * K + cols
+        tl.store(base, tl.sum(s1, axis=0), mask=col_ok)
+        tl.store(base + K, tl.sum(s2, axis=0), mask=col_ok)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == num_programs - 1:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            t1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+            t2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for p in range(0, num_programs):
+                base = partial_ptr + p * 2 * K + cols
+                t1 += tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
+                t2 += tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
+            tl.store(sums_ptr + cols, t1, mask=col_ok)
+            tl.store(sums_ptr + K + cols, t2, mask=col_ok)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+
+def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool, finalize: bool):
+    """FINALIZE: stats [4, K] fp32 (μ, 1/σ', w, 1/N); else [2, K] fp32 (mean, M2) of these B rows."""
+    B, D = x.shape
+    K = index.shape[0]
+    rows = torch.empty((4 if finalize else 2, K), dtype=torch.float32, device=x.device)
+    if B == 0:  # a rank without rows: nothing to launch
+        return rows.zero_()
+    block_b, block_k = block_sizes(B, K)
+    grid = (min(triton.cdiv(B, block_b), max_programs(x)),)
+    with _device_guard(x):
+        partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
+        counts = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+        _column_moments_kernel[grid](
+            x, index, partial, counts, rows, _ticket_counter(x),
+            B, K, D, x.stride(0), x.stride(1), eps,
+            NAN_TO_NUM=int(nan_to_num), FINALIZE=int(finalize), BLOCK_B=block_b, BLOCK_K=block_k,
+            num_warps=num_warps_for(block_b, block_k),
+        )  # fmt: skip
+    return rows
+
+
+def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction: int, merge_and_finalize=None):
+    """(loss, stats [4, K] fp32, colsums [2, K] fp32). merge_and_finalize(count, mean, M2) -> stats [4, K]
+    turns this batch's moments into statistics over all ranks; None: this batch's own."""
+    B, K = x.shape[0], index.shape[0]
+    if merge_and_finalize is None:
+        stats = column_moments(x, index, eps, nan_to_num, finalize=True)
+    else:
+        mean, m2 = column_moments(x, index, eps, nan_to_num, finalize=False)
+        stats = merge_and_finalize(B, mean, m2)
+    if B == 0:
+        shape = (0, K) if reduction == 0 else ()
+        return x.new_zeros(shape), stats, stats.new_zeros((2, K))
+    loss, colsums = launch_forward(
+        x, target, index, stats[0], stats[1], 2, nan_to_num, reduction, colsums=reduction != 0
+    )
+    if colsums is None:
+        colsums = stats.new_zeros((2, K))  # reduction "none": unused, the backward sums with g itself
+    return loss, stats, colsums
+
+
+def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tensor:
+    """(S1, S2) [2, K] fp32 of reduction "none": Σ_b dz and Σ_b dz·z over these B rows."""
+    B, D = x.shape
+    K = index.shape[0]
+    sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
+    if B == 0:
+        return sums.zero_()
+    block_b, block_k = block_sizes(B, K)
+    grid = (min(triton.cdiv(B, block_b), max_programs(x)),)
+    with _device_guard(x):
+        partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
+        _dz_sums_kernel[grid](
+            grad_loss, x, target, index, stats[0], stats[1], partial, sums, _ticket_counter(x),
+            B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
+            target.stride(0), target.stride(1),
+            NAN_TO_NUM=int(nan_to_num), BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps_for(block_b, block_k),
+        )  # fmt: skip
+    return sums
+
+
+def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num: bool,
+                       reduction: int, sum_over_ranks=None):
+    """(grad_x [B, D], grad_target [B, K]); sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
+    B, K = x.shape[0], index.shape[0]
+    sums, sums_final = colsums, False
+    if reduction == 0:
+        sums, sums_final = dz_sums(grad_loss, x, target, index, stats, nan_to_num), True
+    elif sum_over_ranks is not None:
+        scale = 2.0 / max(B * K, 1) if reduction == 1 else 2.0
+        sums, sums_final = colsums * (grad_loss.float() * scale), True
+    if sum_over_ranks is not None:
+        sums = sum_over_ranks(sums)
+    if B == 0:
+        return x.new_zeros(x.shape), target.new_zeros(target.shape)
+    return launch_backward(
+        grad_loss, x, target, inv_ptr, inv_k, tuple(stats), nan_to_num, reduction, sums, sums_final
+    )

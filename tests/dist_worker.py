@@ -1,0 +1,52 @@
+"""One rank of the 2-process gloo test (tests/test_distributed.py): DDP on a tiny model whose features go
+through masked_mse(norm="batch", sync_stats=True) with this rank's shard of a shared batch."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import fusedvq
+
+D, K, IN = 23, 17, 6
+
+
+def problem(total_rows: int, seed: int = 0):
+    """The model's initial weights, inputs [N, IN], reconstruction [N, K], index [K] (shared by all ranks)."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Linear(IN, D)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(D, IN, generator=g))
+        model.bias.copy_(torch.randn(D, generator=g) * 5)
+    inputs = torch.randn(total_rows, IN, generator=g)
+    recon = torch.randn(total_rows, K, generator=g)
+    index = torch.randint(0, D, (K,), generator=g)
+    index[1] = index[0]  # a duplicate
+    return model, inputs, recon, index
+
+
+def main(rank: int, world: int, init_file: str, out_file: str, shards: str, backend: str, reduction: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    sizes = [int(s) for s in shards.split(",")]
+    model, inputs, recon, index = problem(sum(sizes))
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    ddp = DistributedDataParallel(model)
+    loss = fusedvq.masked_mse(ddp(inputs[rows]), recon[rows], index, norm="batch", sync_stats=True,
+                              reduction=reduction, backend=backend)
+    loss = loss if reduction != "none" else loss.sum()
+    loss.backward()
+    if rank == 0:
+        torch.save({"weight": model.weight.grad, "bias": model.bias.grad}, out_file)
+    torch.save({"loss": loss.detach()}, f"{out_file}.loss{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])

@@ -1,0 +1,74 @@
+"""Cross-rank statistics over 2 gloo processes (files for rendezvous: no network), uneven shards included:
+after DDP's averaging, the parameter gradients equal a single process's that computes the statistics over
+all rows and averages the per-rank losses."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dist_worker
+from helpers import interpreting
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def single_process_grads(sizes, reduction):
+    """float64 autograd: μ, σ over all rows, each rank's loss on its rows, their average."""
+    model, inputs, recon, index = dist_worker.problem(sum(sizes))
+    model = model.double()
+    feats = model(inputs.double())
+    mean = feats.mean(0)
+    std = ((feats - mean).square().sum(0) / (feats.shape[0] - 1)).sqrt()
+    z = ((feats - mean) / std)[:, index]
+    losses, start = [], 0
+    for n in sizes:
+        part = F.mse_loss(z[start:start + n], recon[start:start + n].double(), reduction=reduction)
+        losses.append(part.sum() if reduction == "none" else (part if n else z.new_zeros(())))
+        start += n
+    total = sum(losses) / len(sizes)
+    total.backward()
+    return {"weight": model.weight.grad, "bias": model.bias.grad}, losses
+
+
+def run_ranks(tmp_path, sizes, backend, reduction):
+    init_file, out_file = tmp_path / "rendezvous", tmp_path / "grads.pt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    shards = ",".join(map(str, sizes))
+    procs = [subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), str(rank), str(len(sizes)),
+                               str(init_file), str(out_file), shards, backend, reduction],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(len(sizes))]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=180)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    losses = [torch.load(f"{out_file}.loss{rank}")["loss"] for rank in range(len(sizes))]
+    return torch.load(out_file), losses
+
+
+BACKENDS = ["reference"] + (["triton"] if interpreting else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes,reduction", [((7, 4), "mean"), ((6, 0), "mean"), ((3, 9), "none")])
+def test_two_ranks_match_single_process(tmp_path, backend, sizes, reduction):
+    got, losses = run_ranks(tmp_path, sizes, backend, reduction)
+    want, want_losses = single_process_grads(sizes, reduction)
+    # One norm over all parameters: the bias gradient alone is ~0 (batch statistics remove any shift).
+    got_all = torch.cat([got[n].double().flatten() for n in ("weight", "bias")])
+    want_all = torch.cat([want[n].flatten() for n in ("weight", "bias")])
+    err = (got_all - want_all).norm() / want_all.norm()
+    assert err <= 1e-5, f"relative error {err:.2e}"
+    for loss, want_loss in zip(losses, want_losses):
+        assert torch.isfinite(loss) and abs(loss.item() - want_loss.item()) <= 1e-5 * max(1.0, abs(want_loss.item()))
