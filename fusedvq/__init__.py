@@ -3,9 +3,21 @@
     loss = fusedvq.masked_mse(features [B, D], reconstruction [B, K], feature_mask [D], mean, std)
 """
 
+from .checkpoint import CheckpointError, FeatureSpec, UnsafeLoadWarning, diagnose, load_feature_spec
 from .functional import masked_mse
 from .module import MaskedMSELoss
+from .recon import VQReconLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["masked_mse", "MaskedMSELoss", "__version__"]
+__all__ = [
+    "masked_mse",
+    "MaskedMSELoss",
+    "VQReconLoss",
+    "load_feature_spec",
+    "FeatureSpec",
+    "diagnose",
+    "CheckpointError",
+    "UnsafeLoadWarning",
+    "__version__",
+]

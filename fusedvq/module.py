@@ -7,10 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .canonical import check_pair, check_widths, norm_code, prepare, reduction_code, use_triton_for
+from .canonical import batch_stats_group, check_pair, check_widths, norm_code, prepare, reduction_code, use_triton_for
 from .columns import ColumnMap
 from .contract import NORM_BATCH, REDUCTIONS, compute_dtype
-from .op import masked_mse_op
+from .op import batch_mse_op, masked_mse_op
 
 
 class MaskedMSELoss(nn.Module):
@@ -20,7 +20,8 @@ class MaskedMSELoss(nn.Module):
         index: bool mask [D] or integer column indices [K] (then pass num_features=D).
         mean, std: μ, σ of length D or K (see masked_mse); required for norm="stats".
         num_features: D; needed with integer indices, checked against the mask's length otherwise.
-        norm, eps, nan_to_num, reduction, backend, stats_space: as in masked_mse.
+        norm, eps, nan_to_num, reduction, backend, stats_space, sync_stats, process_group: as in
+            masked_mse (norm="batch" takes no mean/std; sync_stats pools its statistics across ranks).
 
     Everything that needs values (index range, mask count, σ finite and > 0, lengths) is checked here,
     once; forward() checks only shapes, dtypes and devices, so it never synchronizes with the GPU and can
@@ -41,13 +42,15 @@ class MaskedMSELoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         stats_space: Optional[str] = None,
+        sync_stats: bool = False,
+        process_group=None,
     ):
         super().__init__()
         self.reduction_id = reduction_code(reduction)
         self.norm_id = norm_code(norm)
         use_triton_for(backend, torch.empty(0))  # validates the name; the device decides per call
-        if self.norm_id == NORM_BATCH:
-            raise NotImplementedError('norm="batch" (batch statistics) is not implemented yet; use "stats" or "none"')
+        if self.norm_id != NORM_BATCH and (sync_stats or process_group is not None):
+            raise ValueError(f'sync_stats / process_group apply to norm="batch" only, not norm={norm!r}')
         index_t = index if isinstance(index, torch.Tensor) else torch.as_tensor(index)
         if index_t.dtype == torch.bool:
             if num_features is not None and num_features != index_t.shape[0]:
@@ -69,6 +72,26 @@ class MaskedMSELoss(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self.norm, self.eps, self.nan_to_num = norm, eps, nan_to_num
         self.reduction, self.backend = reduction, backend
+        self.sync_stats, self.process_group = sync_stats, process_group
+
+    @classmethod
+    def from_checkpoint(cls, path, **options) -> "MaskedMSELoss":
+        """The loss a VQ-VAE checkpoint (file or folder) describes: its mask, and its statistics for
+        norm="stats"; see fusedvq.load_feature_spec. Options as in the constructor, plus stats=/trust=."""
+        from .checkpoint import loss_from_checkpoint  # lazy: checkpoint.py imports this module
+
+        return loss_from_checkpoint(path, loss_class=cls, **options)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the statistics; .half() / .to(dtype) on an enclosing model must not round μ and
+        # 1/σ to 16 bits (the loss would be wrong for every input dtype), so they keep float32.
+        kept = {name: getattr(self, name) for name in ("shift", "scale") if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
 
     @property
     def num_features(self) -> int:
@@ -82,7 +105,8 @@ class MaskedMSELoss(nn.Module):
         return ColumnMap(self.index, self.inv_ptr, self.inv_k)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        check_pair(features, target)
+        synced = self.sync_stats or self.process_group is not None
+        check_pair(features, target, allow_empty=synced)
         columns = self.columns()
         check_widths(features, target, columns, self.selector)
         if columns.index.device != features.device:
@@ -90,15 +114,20 @@ class MaskedMSELoss(nn.Module):
                 f"features are on {features.device} but the loss's buffers are on {columns.index.device}: "
                 f"call .to({str(features.device)!r}) on the loss module"
             )
+        use_triton = use_triton_for(self.backend, features)
+        if self.norm_id == NORM_BATCH:
+            group = batch_stats_group(self.norm_id, self.sync_stats, self.process_group, features.shape[0])
+            return batch_mse_op(features, target, columns, self.eps, self.nan_to_num, self.reduction_id, use_triton,
+                                group)
         shift, scale = self.shift, self.scale
         cdt = compute_dtype(features.dtype)
-        if shift is not None and shift.dtype != cdt:  # e.g. after module.half(), or float64 features
+        if shift is not None and shift.dtype != cdt:  # float64 features: float32 statistics, widened
             shift, scale = shift.to(cdt), scale.to(cdt)
-        use_triton = use_triton_for(self.backend, features)
         return masked_mse_op(features, target, columns, shift, scale, self.nan_to_num, self.reduction_id, use_triton)
 
     def extra_repr(self) -> str:
+        synced = ", sync_stats=True" if self.sync_stats or self.process_group is not None else ""
         return (
-            f"kept={self.num_kept} of {self.num_features} feature columns, norm={self.norm!r}, "
+            f"kept={self.num_kept} of {self.num_features} feature columns, norm={self.norm!r}{synced}, "
             f"nan_to_num={self.nan_to_num}, reduction={REDUCTIONS[self.reduction_id]!r}, backend={self.backend!r}"
         )

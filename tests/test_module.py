@@ -40,14 +40,18 @@ def test_module_buffers_and_repr():
     assert moved.index.device.type == "meta" and moved.scale.device.type == "meta"
 
 
-def test_module_half_keeps_float32_math():
-    g = torch.Generator().manual_seed(1)
-    columns, mean, std = random_case(16, 20, 10, generator=g)
-    x, r = torch.randn(16, 20, generator=g), torch.randn(16, 10, generator=g)
-    loss = fusedvq.MaskedMSELoss(columns, mean, std)
+def test_module_half_keeps_float32_statistics():
+    # μ = 1234.567 with σ = 0.1 does not survive float16: .half() on an enclosing model must not round it.
+    mean, std = torch.full((20,), 1234.567), torch.full((20,), 0.1)
+    mask = torch.ones(20, dtype=torch.bool)
+    x = mean.expand(16, 20) + 0.1 * torch.randn(16, 20)
+    r = torch.randn(16, 20)
+    loss = fusedvq.MaskedMSELoss(mask, mean, std, stats_space="raw")
     want = loss(x, r)
-    got = loss.half()(x, r)  # buffers became float16; the call casts them back to the compute dtype
-    assert abs(got.item() - want.item()) <= 1e-3 * abs(want.item())
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), loss).half()
+    assert loss.shift.dtype == torch.float32 and loss.scale.dtype == torch.float32
+    assert model[0].weight.dtype == torch.float16
+    assert torch.equal(loss(x, r), want)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

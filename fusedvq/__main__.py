@@ -1,0 +1,8 @@
+"""`python -m fusedvq …`: the same command line as `fusedvq …`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

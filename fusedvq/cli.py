@@ -1,0 +1,171 @@
+"""The `fusedvq` command: check a VQ-VAE checkpoint, run the demo, benchmark.
+
+    fusedvq check PATH [--features D] [--stats NPZ|checkpoint] [--norm stats|batch|none] [--trust]
+    fusedvq demo [--steps N] [--batch-size B] [--device DEV] [--checkpoint PATH]
+    fusedvq bench ...
+
+Exit codes: 0 fine, 1 the checkpoint does not fit (or cannot be read), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional, TextIO
+
+from . import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusedvq",
+        description="The masked, normalized feature-reconstruction loss of VQ-VAE-guided training, fused.",
+        epilog="Run `fusedvq demo` to see it train; `fusedvq check PATH --features D` before you swap it in.",
+    )
+    parser.add_argument("--version", action="version", version=f"fusedvq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = sub.add_parser(
+        "check", help="say what a VQ-VAE checkpoint declares and what does not fit",
+        description="Print what a VQ-VAE checkpoint declares (feature width, kept columns, decoder input_dim, "
+                    "categories, normalization) and one sentence per problem; exit 1 when anything does not fit.",
+    )  # fmt: skip
+    check.add_argument("path", metavar="PATH", help="the checkpoint (.pt) or the folder holding it")
+    check.add_argument("--features", type=int, metavar="D", help="the width of your feature extractor's output")
+    check.add_argument("--stats", metavar="NPZ",
+                       help="statistics to use: an .npz path, or 'checkpoint' for the file's own only "
+                            "(default: the file's own, else normalization_stats.npz beside it)")
+    check.add_argument("--norm", choices=("stats", "batch", "none"), default="stats",
+                       help="the loss's normalization; only 'stats' (the default) needs group_indices and statistics")
+    check.add_argument("--trust", action="store_true",
+                       help="allow pickled Python objects in the file (can run code stored in it)")
+
+    from . import demo
+
+    demo_parser = sub.add_parser("demo", help="train a small VQ-VAE-guided model with the fused loss (the main job)",
+                                 description=demo.__doc__.splitlines()[0])
+    demo.add_arguments(demo_parser)
+
+    # The benchmark module is imported only when `bench` runs: its options are parsed there.
+    sub.add_parser("bench", help="benchmark the loss (fused, reference, eager, compiled)", add_help=False,
+                   prefix_chars="\0").add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "check":
+        return check(args.path, features=args.features, stats=args.stats, trust=args.trust, norm=args.norm)
+    if args.command == "demo":
+        from . import demo
+
+        with _warnings_to(sys.stderr):
+            return demo.run(args)
+    return _bench(args.rest)
+
+
+def _bench(rest: list[str]) -> int:
+    try:
+        from . import benchmark
+    except ImportError as err:
+        print(f"error: fusedvq bench is not available in this installation ({err})", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="fusedvq bench", description="Benchmark the fused loss.")
+    benchmark.add_arguments(parser)
+    return benchmark.run(parser.parse_args(rest))
+
+
+class _warnings_to:
+    """Show warnings (e.g. trust=True's) as one plain line each, without file and line numbers."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.saved = stream, None
+
+    def __enter__(self):
+        self.saved = warnings.showwarning
+        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=self.stream)
+        return self
+
+    def __exit__(self, *exc):
+        warnings.showwarning = self.saved
+        return False
+
+
+def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = None, trust: bool = False,
+          norm: str = "stats", out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """Print what the checkpoint declares (to out) and one sentence per problem (to err); 0 when it fits."""
+    from .checkpoint import declare, find_problems
+
+    out, err = out or sys.stdout, err or sys.stderr
+
+    def say(line: str = "") -> None:
+        print(line, file=out)
+
+    if features is not None and features <= 0:
+        print(f"error: --features must be a positive width, got {features}", file=err)
+        return 2
+    try:
+        with _warnings_to(err):
+            decl = declare(path, trust=trust, stats=stats, need_stats=norm == "stats")
+        problems = find_problems(decl, features, need_stats=norm == "stats")
+    except Exception as exc:  # a last guard: a bad file must never end in a traceback
+        decl, problems = None, [f"{path} could not be checked ({type(exc).__name__}: {exc})"]
+
+    if decl is not None:
+        _describe(decl, features, norm, say)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=err)
+        noun = "problem" if len(problems) == 1 else "problems"
+        target = f" a {features}-column extractor" if features else ""
+        print(f"{len(problems)} {noun}: the checkpoint does not fit{target}", file=err)
+        return 1
+    kept = decl.num_kept
+    fit = f"a {features}-column extractor" if features else f"a {decl.feature_mask.shape[0]}-column extractor"
+    say(f"ok: consistent; {fit} fits ({kept} kept columns, decoder input_dim {decl.input_dim})")
+    if features is None:
+        say("  (pass --features D to check the width of your extractor's output too)")
+    return 0
+
+
+def _describe(decl, features: Optional[int], norm: str, say) -> None:
+    """The declared facts, one per line; unknown pieces say so."""
+    say(f"checkpoint      {decl.path}")
+    mask = decl.feature_mask
+    if mask is not None:
+        kept = int(mask.sum())
+        say(f"feature_mask    {mask.shape[0]} original feature columns, {kept} kept ({mask.shape[0] - kept} dropped)")
+    else:
+        say("feature_mask    (missing or unreadable)")
+    say(f"decoder         input_dim {decl.input_dim if decl.input_dim is not None else 'unknown'}")
+    if decl.categories is not None:
+        total = sum(idx.size for idx in decl.categories.values())
+        say(f"categories      {len(decl.categories)}, listing {total} kept columns")
+        width = max((len(name) for name in decl.categories), default=0)
+        for name, idx in decl.categories.items():
+            say(f"  {name:<{width}}  {idx.size:4d} columns")
+    else:
+        say("categories      (none declared)")
+    if decl.stats is not None:
+        pair = {"standard": "mean/std", "mad": "median/mad"}.get(decl.method or "", "statistics")
+        scope = "over all columns" if "" in decl.stats else "per category"
+        say(f"normalization   {decl.method or 'unknown method'} ({pair}) {scope}, from {decl.stats_source}")
+        if decl.other_stats is not None:
+            say(f"                (also in {decl.other_source}; compared)")
+    elif norm != "stats":
+        say(f"normalization   not read (--norm {norm} needs no statistics)")
+    else:
+        say("normalization   (no statistics found)")
+    if decl.feature_names is not None:
+        say(f"feature_names   {len(decl.feature_names)}")
+    say(f"extractor       {features} columns (--features)" if features is not None
+        else "extractor       width not given (--features D)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""VQReconLoss: the drop-in reconstruction loss of a VQ-VAE-guided training loop.
+
+    before:  z = (features - mean) / std            # [B, D]   normalize everything
+             loss = F.mse_loss(recon, z[:, mask])   # [B, K]   then keep the decoder's columns
+    after:   recon_loss = VQReconLoss.from_checkpoint("vqvae/best_model.pt")   # once
+             loss = recon_loss(features, recon)     # features [B, D], recon [B, K]
+
+It is MaskedMSELoss with the VQ-VAE's vocabulary: it is built from a checkpoint (mask, per-category
+statistics placed through group_indices) or from an explicit mask and statistics, names the tensors
+features / recon in its errors, and keeps the checkpoint's categories and FeatureSpec.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .module import MaskedMSELoss
+
+
+class VQReconLoss(nn.Module):
+    """Reconstruction loss between extracted features [B, D] and the decoder's reconstruction [B, K].
+
+    loss = mean over (b, k) of (z[b, k] − recon[b, k])², z = the normalized kept columns of features:
+        norm="stats": z = (features[:, mask] − μ) / σ with the VQ-VAE's statistics (mean/std or median/mad)
+        norm="batch": μ, σ = column mean and std of the batch itself (no statistics needed; see MaskedMSELoss)
+        norm="none":  z = features[:, mask] (features already normalized)
+
+    Args:
+        feature_mask: bool [D] (True = a column the decoder reconstructs) or kept-column indices [K]
+            (then pass num_features=D).
+        mean, std: μ, σ per feature column (length D) or per kept column (length K); norm="stats" only.
+        categories: optional {name: kept-column indices} (the checkpoint's group_indices), kept for
+            reference (e.g. to log the error per category from a reduction="none" loss).
+        norm, reduction, nan_to_num, backend, eps, stats_space, num_features: as in MaskedMSELoss.
+        sync_stats, process_group: norm="batch" only, as in MaskedMSELoss (statistics over all ranks).
+
+    Gradients flow to features (zero in the dropped columns) and to recon. Buffers move with .to().
+    """
+
+    def __init__(
+        self,
+        feature_mask,
+        mean=None,
+        std=None,
+        *,
+        categories: Optional[Mapping[str, Sequence[int]]] = None,
+        norm: str = "stats",
+        reduction: str = "mean",
+        nan_to_num: bool = False,
+        backend: str = "auto",
+        eps: float = 1e-8,
+        stats_space: Optional[str] = None,
+        num_features: Optional[int] = None,
+        sync_stats: bool = False,
+        process_group=None,
+    ):
+        super().__init__()
+        # norm="batch" only: pool the batch statistics across ranks (passed on only when asked for).
+        batch_options = {"sync_stats": sync_stats} if sync_stats else {}
+        if process_group is not None:
+            batch_options["process_group"] = process_group
+        self.loss = MaskedMSELoss(
+            feature_mask, mean, std, num_features=num_features, norm=norm, eps=eps, nan_to_num=nan_to_num,
+            reduction=reduction, backend=backend, stats_space=stats_space, **batch_options,
+        )  # fmt: skip
+        self.norm = norm
+        self.categories = {str(k): tuple(int(i) for i in v) for k, v in (categories or {}).items()}
+        for name, idx in self.categories.items():
+            bad = [i for i in idx if not 0 <= i < self.num_kept]
+            if bad:
+                raise ValueError(
+                    f"category {name!r} has kept-column index {bad[0]}, outside the {self.num_kept} kept columns"
+                )
+        self.spec = None  # the FeatureSpec when built from a checkpoint
+
+    @classmethod
+    def from_checkpoint(cls, path, *, norm: str = "stats", num_features: Optional[int] = None, trust: bool = False,
+                        stats=None, **options) -> "VQReconLoss":
+        """The loss a VQ-VAE checkpoint (file or folder) declares.
+
+        num_features: the extractor's width D, checked against the checkpoint's mask (a mismatch raises
+        with the numbers, as `fusedvq check PATH --features D` reports it). stats: None (the checkpoint's
+        own, else normalization_stats.npz beside it), "checkpoint", or an .npz path. trust=True allows
+        pickled objects in the file (it can run code; warns). options: reduction, nan_to_num, backend, eps,
+        and for norm="batch" sync_stats, process_group. norm="none" / "batch" read no statistics.
+        """
+        from .checkpoint import load_feature_spec
+
+        spec = load_feature_spec(path, num_features=num_features, trust=trust, stats=stats,
+                                 require_stats=norm == "stats")
+        if norm == "stats":
+            options.update(mean=spec.mean, std=spec.std, stats_space="masked")
+        loss = cls(spec.feature_mask, categories=spec.categories, norm=norm, **options)
+        loss.spec = spec
+        return loss
+
+    @property
+    def num_features(self) -> int:
+        """D, the extractor's width."""
+        return self.loss.num_features
+
+    @property
+    def num_kept(self) -> int:
+        """K, the decoder's width."""
+        return self.loss.num_kept
+
+    def _check_widths(self, features: torch.Tensor, recon: torch.Tensor) -> None:
+        # Shape-only checks (no host sync), worded for this use; MaskedMSELoss checks the rest.
+        D, K = self.num_features, self.num_kept
+        if isinstance(features, torch.Tensor) and features.dim() == 2 and features.shape[1] != D:
+            raise ValueError(
+                f"features have {features.shape[1]} columns but the VQ-VAE's feature_mask covers {D} "
+                f"(keeping {K}): the extractor and the checkpoint disagree about the feature width"
+            )
+        if isinstance(recon, torch.Tensor) and recon.dim() == 2 and recon.shape[1] != K:
+            raise ValueError(
+                f"recon has {recon.shape[1]} columns but the VQ-VAE's decoder reconstructs the {K} kept "
+                f"columns of {D}: pass the decoder's output"
+            )
+
+    def forward(self, features: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """features [B, D], recon [B, K] → the loss (scalar, or [B, K] with reduction="none")."""
+        self._check_widths(features, recon)
+        return self.loss(features, recon)
+
+    def extra_repr(self) -> str:
+        cats = f", {len(self.categories)} categories" if self.categories else ""
+        return f"features {self.num_features} → recon {self.num_kept}{cats}"
+

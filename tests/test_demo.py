@@ -1,0 +1,93 @@
+"""`fusedvq demo`: a short run trains (the loss falls), reports timings, and is deterministic."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_factory import make_parts, write_checkpoint
+
+from fusedvq.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_demo(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["demo", "--no-progress", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def loss_table(out: str) -> list[tuple[int, float]]:
+    return [(int(m[1]), float(m[2])) for m in re.finditer(r"^\s+(\d+)\s+([0-9.e+-]+)$", out, re.M)]
+
+
+def test_short_run_trains_and_reports(capsys):
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    code, out, _ = run_demo(capsys, "--steps", 60, "--batch-size", 64)
+    assert code == 0
+    assert "features    187 columns" in out and "keeps 171 of 187, decoder input_dim 171" in out
+    assert "device      cpu, backend reference" in out
+    table = loss_table(out)
+    assert table[0][0] == 1 and table[-1][0] == 60
+    assert table[-1][1] < 0.5 * table[0][1], out  # the loss falls
+    assert re.search(r"time: [0-9.]+ s in all, [0-9.]+ ms/step", out)
+    rel = float(re.search(r"relative difference ([0-9.e+-]+)", out)[1])
+    assert rel < 1e-5
+    assert "loss alone (forward + backward" in out
+    assert torch.get_num_threads() == threads  # the demo restores the thread setting
+    assert torch.equal(torch.random.get_rng_state(), rng)  # and the caller's random state
+
+
+def test_deterministic(capsys):
+    _, first, _ = run_demo(capsys, "--steps", 12, "--batch-size", 32)
+    _, second, _ = run_demo(capsys, "--steps", 12, "--batch-size", 32)
+    assert loss_table(first) == loss_table(second)
+
+
+def test_with_a_checkpoint(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "ck", make_parts(D=270, K=143, method="mad", seed=3), stats_in_file=False,
+                            stats_beside=True)
+    code, out, _ = run_demo(capsys, "--steps", 20, "--batch-size", 32, "--checkpoint", tmp_path / "ck")
+    assert code == 0
+    assert str(path) in out and "keeps 143 of 270" in out and "mad statistics" in out
+
+
+def test_saved_default_checkpoint_passes_check(tmp_path, capsys):
+    assert run_demo(capsys, "--steps", 2, "--save-checkpoint", tmp_path)[0] == 0
+    assert main(["check", str(tmp_path), "--features", "187"]) == 0
+    assert "ok: consistent" in capsys.readouterr().out
+
+
+def test_errors(tmp_path, capsys):
+    bad = write_checkpoint(tmp_path, make_parts(seed=4), edit=lambda c: c["model_config"].update(input_dim=170))
+    code, out, _ = run_demo(capsys, "--checkpoint", bad, "--steps", 2)
+    assert code == 1 and "input_dim is 170" in out
+    assert run_demo(capsys, "--steps", 0)[0] == 2
+    assert run_demo(capsys, "--device", "nonsense")[0] == 2
+    if not torch.cuda.is_available():
+        code, out, _ = run_demo(capsys, "--device", "cuda")
+        assert code == 2 and "CUDA is not available" in out
+
+
+@pytest.mark.slow
+def test_python_m_fusedvq_demo():
+    """The real entry point with its progress bar; the default demo's budget is 60 s on two cores."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fusedvq", "demo", "--steps", "40", "--batch-size", "64"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "training" in proc.stderr and "40/40" in proc.stderr  # tqdm's bar
+    assert "ms/step" in proc.stdout and "Traceback" not in proc.stderr
+    assert elapsed < 60
+
+    proc = subprocess.run([sys.executable, "-m", "fusedvq"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "usage: fusedvq" in proc.stdout
