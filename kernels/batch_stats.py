@@ -20,6 +20,9 @@ import triton.language as tl
 from .masked_mse import (
     _FLT_MAX,
     _device_guard,
+    _kept_columns,
+    _store_partial_pair,
+    _sum_partial_pairs,
     _ticket_counter,
     block_sizes,
     launch_backward,
@@ -64,10 +67,7 @@ def _column_moments_kernel(
     row_blocks = tl.cdiv(B, BLOCK_B)
     n = 0.0
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        d = tl.load(idx_ptr + cols, mask=col_ok, other=0)
-        col_ok = col_ok & (d >= 0) & (d < D)
+        cols, d, col_ok = _kept_columns(idx_ptr, k0, K, D, BLOCK_K)
         n = 0.0
         mean = tl.zeros([BLOCK_K], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -145,10 +145,7 @@ def _dz_sums_kernel(
     num_programs = tl.num_programs(0)
     row_blocks = tl.cdiv(B, BLOCK_B)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        d = tl.load(idx_ptr + cols, mask=col_ok, other=0)
-        col_ok = col_ok & (d >= 0) & (d < D)
+        cols, d, col_ok = _kept_columns(idx_ptr, k0, K, D, BLOCK_K)
         mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
         inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
         s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -168,23 +165,11 @@ def _dz_sums_kernel(
             dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
             s1 += dz
             s2 += dz * z
-        base = partial_ptr + pid.to(tl.int64) * 2 * K + cols
-        tl.store(base, tl.sum(s1, axis=0), mask=col_ok)
-        tl.store(base + K, tl.sum(s2, axis=0), mask=col_ok)
+        _store_partial_pair(partial_ptr, pid, cols, col_ok, K, s1, s2)
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == num_programs - 1:
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            t1 = tl.zeros([BLOCK_K], dtype=tl.float32)
-            t2 = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for p in range(0, num_programs):
-                base = partial_ptr + p * 2 * K + cols
-                t1 += tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
-                t2 += tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
-            tl.store(sums_ptr + cols, t1, mask=col_ok)
-            tl.store(sums_ptr + K + cols, t2, mask=col_ok)
+        _sum_partial_pairs(partial_ptr, sums_ptr, num_programs, K, BLOCK_K)
         tl.atomic_xchg(counter_ptr, 0)
 
 

@@ -28,6 +28,41 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |v| <= FLT_MAX  ⇔  v is fini
 
 
 @triton.jit
+def _kept_columns(idx_ptr, k0, K, D, BLOCK_K: tl.constexpr):
+    """Kept columns k0 .. k0 + BLOCK_K: (ids [BLOCK_K], their feature columns d, in-range mask)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    d = tl.load(idx_ptr + cols, mask=col_ok, other=0)
+    col_ok = col_ok & (d >= 0) & (d < D)  # validated before launch; never read out of bounds
+    return cols, d, col_ok
+
+
+@triton.jit
+def _store_partial_pair(partial_ptr, pid, cols, col_ok, K, a, b):
+    """Program pid's column sums a, b [BLOCK_B, BLOCK_K] → partial[pid, 0 | 1, cols] ([P, 2, K] fp32)."""
+    base = partial_ptr + pid.to(tl.int64) * 2 * K + cols
+    tl.store(base, tl.sum(a, axis=0), mask=col_ok)
+    tl.store(base + K, tl.sum(b, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _sum_partial_pairs(partial_ptr, out_ptr, num_programs, K, BLOCK_K: tl.constexpr):
+    """out [2, K] = Σ_p partial[p] in program order (deterministic); run by the last program only."""
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        t0 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        t1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for p in range(0, num_programs):
+            base = partial_ptr + p * 2 * K + cols
+            # .cg: read through L2, where the other programs' partials are visible.
+            t0 += tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
+            t1 += tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + cols, t0, mask=col_ok)
+        tl.store(out_ptr + K + cols, t1, mask=col_ok)
+
+
+@triton.jit
 def _masked_mse_fwd_kernel(
     x_ptr,  # [B, D] features, any strides, fp32/fp16/bf16
     r_ptr,  # [B, K] target, any strides, dtype of x
@@ -60,10 +95,7 @@ def _masked_mse_fwd_kernel(
     row_blocks = tl.cdiv(B, BLOCK_B)
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] kept-column ids
-        col_ok = cols < K
-        d = tl.load(idx_ptr + cols, mask=col_ok, other=0)  # [BLOCK_K] feature columns
-        col_ok = col_ok & (d >= 0) & (d < D)  # validated before launch; never read out of bounds
+        cols, d, col_ok = _kept_columns(idx_ptr, k0, K, D, BLOCK_K)  # [BLOCK_K] each
         if NORM >= 1:
             mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
             inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
@@ -95,9 +127,7 @@ def _masked_mse_fwd_kernel(
                 sum_m += m
                 sum_mz += m * z
         if COLSUMS:
-            base = colsum_partial_ptr + pid.to(tl.int64) * 2 * K + cols
-            tl.store(base, tl.sum(sum_m, axis=0), mask=col_ok)
-            tl.store(base + K, tl.sum(sum_mz, axis=0), mask=col_ok)
+            _store_partial_pair(colsum_partial_ptr, pid, cols, col_ok, K, sum_m, sum_mz)
     if REDUCTION != 0:
         tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
         # Every thread's stores are issued before the ticket; acq_rel publishes them to the last program.
@@ -112,17 +142,7 @@ def _masked_mse_fwd_kernel(
             loss = tl.sum(total, axis=0) * out_scale
             tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
             if COLSUMS:
-                for k0 in range(0, K, BLOCK_K):
-                    cols = k0 + tl.arange(0, BLOCK_K)
-                    col_ok = cols < K
-                    t_m = tl.zeros([BLOCK_K], dtype=tl.float32)
-                    t_mz = tl.zeros([BLOCK_K], dtype=tl.float32)
-                    for p in range(0, num_programs):  # program order: deterministic
-                        base = colsum_partial_ptr + p * 2 * K + cols
-                        t_m += tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
-                        t_mz += tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
-                    tl.store(colsum_ptr + cols, t_m, mask=col_ok)
-                    tl.store(colsum_ptr + K + cols, t_mz, mask=col_ok)
+                _sum_partial_pairs(colsum_partial_ptr, colsum_ptr, num_programs, K, BLOCK_K)
             tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
 
 
