@@ -7,9 +7,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .canonical import batch_stats_group, check_pair, check_widths, norm_code, prepare, reduction_code, use_triton_for
+from .canonical import (
+    batch_stats_group,
+    check_pair,
+    check_widths,
+    norm_code,
+    option_code,
+    prepare,
+    reduction_code,
+    use_triton_for,
+)
 from .columns import ColumnMap
-from .contract import NORM_BATCH, REDUCTIONS, compute_dtype
+from .contract import BACKENDS, NORM_BATCH, REDUCTIONS, compute_dtype
 from .op import batch_mse_op, masked_mse_op
 
 
@@ -48,7 +57,7 @@ class MaskedMSELoss(nn.Module):
         super().__init__()
         self.reduction_id = reduction_code(reduction)
         self.norm_id = norm_code(norm)
-        use_triton_for(backend, torch.empty(0))  # validates the name; the device decides per call
+        option_code("backend", backend, BACKENDS)  # the features' device decides per call what runs
         if self.norm_id != NORM_BATCH and (sync_stats or process_group is not None):
             raise ValueError(f'sync_stats / process_group apply to norm="batch" only, not norm={norm!r}')
         index_t = index if isinstance(index, torch.Tensor) else torch.as_tensor(index)

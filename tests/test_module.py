@@ -86,3 +86,12 @@ def test_inputs_are_not_modified(backend_device):
     fusedvq.masked_mse(xi, ri, columns, mean, std, nan_to_num=True, backend=backend).backward()
     assert torch.allclose(x.detach(), x0, equal_nan=True, rtol=0, atol=0)  # NaN-aware exact equality
     assert torch.equal(r.detach(), r0)
+
+
+def test_backend_triton_is_resolved_per_call_not_at_construction():
+    # Built on the CPU for use on CUDA: the constructor must not judge the backend by a CPU tensor.
+    mask = torch.ones(6, dtype=torch.bool)
+    loss = fusedvq.MaskedMSELoss(mask, torch.zeros(6), torch.ones(6), stats_space="raw", backend="triton")
+    assert loss.backend == "triton"
+    with pytest.raises(ValueError, match="unknown backend='cuda'"):
+        fusedvq.MaskedMSELoss(mask, torch.zeros(6), torch.ones(6), stats_space="raw", backend="cuda")
