@@ -10,6 +10,7 @@ recompute z in the backward, so diff and finite come back empty and nothing but 
 use_triton=False runs reference.py, which saves diff [B, K] (and the finite mask with nan_to_num) to
 avoid a second gather. Both ops are opaque to torch.compile (fake implementations give the shapes) and
 contain no host synchronization, so a compiled or CUDA-graph-captured training step runs them as is.
+In eager mode the reference path skips them (masked_mse_op): their dispatch costs more than a small loss.
 Arguments are validated by the callers (functional.py, module.py) before they reach these ops.
 """
 
@@ -126,6 +127,34 @@ def _backward(ctx, grad_loss, _grad_diff, _grad_finite):
 torch.library.register_autograd("fusedvq::masked_mse_forward", _backward, setup_context=_setup_context)
 
 
+class _EagerReference(torch.autograd.Function):
+    """The reference path in eager mode, without the registered ops, whose dispatch costs more than the
+    whole loss at small B. The forward's diff is kept on ctx, not saved, so that the backward may write
+    grad_target over it; a second backward through the graph (retain_graph=True) computes it again."""
+
+    @staticmethod
+    def forward(ctx, x, target, index, shift, scale, nan_to_num, reduction):
+        loss, diff, finite = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+        ctx.save_for_backward(x, target, index, shift, scale)
+        ctx.options = (nan_to_num, reduction)
+        ctx.diff = (diff, finite)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        x, target, index, shift, scale = ctx.saved_tensors
+        nan_to_num, reduction = ctx.options
+        kept, ctx.diff = ctx.diff, None
+        if kept is None:  # spent by an earlier backward
+            _, *kept = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+        grad_x, grad_target = reference.masked_mse_backward_in_place(
+            grad_loss, *kept, index, scale, x.shape[1], reduction, x.dtype, target.dtype,
+            needs=(ctx.needs_input_grad[0], ctx.needs_input_grad[1]),
+        )
+        return grad_x, grad_target, None, None, None, None, None
+
+
 def masked_mse_op(
     x: Tensor,  # [B, D]
     target: Tensor,  # [B, K]
@@ -136,7 +165,14 @@ def masked_mse_op(
     reduction: int,
     use_triton: bool,
 ) -> Tensor:
-    """The loss through the registered op (autograd attached); arguments already canonical and valid."""
+    """The loss with autograd attached; arguments already canonical and valid. Traced (torch.compile,
+    torch.export) it is the registered op; eager, the reference path calls reference.py directly: as a
+    composition of torch ops for small batches (autograd's C++ backward has the least per-op overhead),
+    else through _EagerReference."""
+    if not use_triton and not torch.compiler.is_compiling():
+        if reference.composed_is_faster(x, columns.num_kept):
+            return reference.masked_mse_composed(x, target, columns.index, shift, scale, nan_to_num, reduction)
+        return _EagerReference.apply(x, target, columns.index, shift, scale, nan_to_num, reduction)
     loss, _, _ = masked_mse_forward(
         x, target, columns.index, columns.inv_ptr, columns.inv_k, shift, scale, nan_to_num, reduction, use_triton
     )

@@ -10,7 +10,8 @@
 
 Gradients are analytic (a hand-written backward), so training on the CPU never materializes the [B, D]
 normalized features that autograd through the plain composition would. Everything is computed in float32
-(float64 for float64 inputs) and cast once to the input dtype.
+(float64 for float64 inputs) and cast once to the input dtype. masked_mse_composed states the same loss as
+differentiable ops on the K kept columns only; eager calls on small batches use it (op.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,56 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from .contract import REDUCTION_MEAN, REDUCTION_NONE, compute_dtype
+from .contract import REDUCTION_MEAN, REDUCTION_NONE, REDUCTIONS, compute_dtype
+
+
+# How the CPU runs it. On the CPU a large batch costs memory traffic, and above all first touches: a fresh
+# buffer of the batch's size is page-faulted in on its first write, one fault per 4 KiB page, which costs
+# several times the arithmetic of this loss. So rows go in blocks of about _BLOCK_ELEMENTS elements, each
+# block's gather and normalization run in scratch buffers small enough for the allocator to hand back
+# warm, and a step first-touches two batch-sized buffers only: diff [B, K], written by the forward (the
+# eager backward then writes grad_target over it, see masked_mse_backward_in_place) and grad_x [B, D].
+# Blocks are few (6 at B = 65536, K = 171) because each op on a block is a parallel region that waits for
+# its slowest thread, which a busy machine makes slow. Off the CPU the whole batch is one block.
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def _block_rows(t: torch.Tensor, cols: int) -> int:
+    """Rows per block of a pass over t's rows that touches `cols` values per row."""
+    if t.device.type != "cpu":
+        return max(t.shape[0], 1)
+    return max(1, _BLOCK_ELEMENTS // max(cols, 1))
+
+
+def _diff_rows(
+    out: torch.Tensor,  # [n, K] compute dtype: receives diff = z − r
+    x: torch.Tensor,  # [n, D]
+    target: torch.Tensor,  # [n, K]
+    index: torch.Tensor,
+    bias: Optional[torch.Tensor],  # [K] −shift·scale, or None
+    scale: Optional[torch.Tensor],
+    finite: Optional[torch.Tensor],  # [n, K] bool: receives isfinite(x[:, index]) (nan_to_num), or None
+    scratch: Optional[torch.Tensor] = None,  # [n, K] compute dtype for z, when out is fresh memory
+) -> torch.Tensor:
+    # z is built in scratch (warm) when out is fresh: the gather runs on one thread, and the first touch of
+    # fresh pages costs half as much from the two threads of the final subtraction.
+    z = out if scratch is None else scratch
+    if z.dtype == x.dtype:
+        torch.index_select(x, 1, index, out=z)
+    else:
+        z.copy_(x.index_select(1, index))  # widened to the compute dtype once
+    if finite is not None:
+        finite.copy_(torch.isfinite(z))
+        z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if scale is not None:
+        torch.addcmul(bias, z, scale, out=z)  # (x − μ)/σ as one fused multiply-add: x·(1/σ) + (−μ/σ)
+    return torch.sub(z, target, out=out)
+
+
+def _bias(shift: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if scale is None else -shift * scale
 
 
 def masked_mse_forward(
@@ -32,31 +81,47 @@ def masked_mse_forward(
     reduction: int,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (loss, diff [B, K] in compute dtype, finite [B, K] bool or None), the last two for backward."""
-    cdt = compute_dtype(x.dtype)
-    # index_select makes a fresh contiguous [B, K] buffer that every step below updates in place.
-    diff = x.index_select(1, index)
-    if diff.dtype != cdt:
-        diff = diff.to(cdt)
-    finite = None
-    if nan_to_num:
-        finite = torch.isfinite(diff)
-        diff.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    if scale is not None:
-        # (x − μ)/σ as one fused multiply-add: x·(1/σ) + (−μ/σ).
-        torch.addcmul(-shift * scale, diff, scale, out=diff)
-    diff.sub_(target)
-    return _reduce_squares(diff, reduction).to(x.dtype), diff, finite
+    B, K = x.shape[0], index.shape[0]
+    diff = torch.empty((B, K), dtype=compute_dtype(x.dtype), device=x.device)
+    finite = torch.empty((B, K), dtype=torch.bool, device=x.device) if nan_to_num else None
+    step, bias = _block_rows(x, K), _bias(shift, scale)
+    scratch = torch.empty((min(step, B), K), dtype=diff.dtype, device=x.device)
+    parts = []
+    for start in range(0, B, step):
+        rows = slice(start, start + step)
+        block = _diff_rows(diff[rows], x[rows], target[rows], index, bias, scale,
+                           None if finite is None else finite[rows], scratch[: min(step, B - start)])
+        if reduction != REDUCTION_NONE:
+            parts += _dots(block)  # while the block is in cache
+    loss = diff.square() if reduction == REDUCTION_NONE else _total(parts, B * K, reduction, x)
+    return loss.to(x.dtype), diff, finite
+
+
+# A single fp32 dot keeps one running sum per SIMD lane: over B·K = 11M terms it drifts by ~1e-4 relative,
+# over 2M by ~1e-5. Dots of 512K terms, their results added in a tree, stay near 1e-6, and are few (each
+# is a parallel region, see above).
+_DOT_ELEMENTS = 1 << 19
+
+
+def _dots(block: torch.Tensor) -> list[torch.Tensor]:
+    """Σ block² as partial sums, one dot product per _DOT_ELEMENTS elements."""
+    flat = block.reshape(-1)
+    return [torch.dot(chunk, chunk) for chunk in flat.split(_DOT_ELEMENTS)]
+
+
+def _total(parts: list[torch.Tensor], numel: int, reduction: int, like: torch.Tensor) -> torch.Tensor:
+    if not parts:  # no rows
+        parts = [like.new_zeros((), dtype=compute_dtype(like.dtype))]
+    total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    return total / numel if reduction == REDUCTION_MEAN else total
 
 
 def _reduce_squares(diff: torch.Tensor, reduction: int) -> torch.Tensor:
     if reduction == REDUCTION_NONE:
         return diff.square()
-    # Row dot products (K terms each) then a pairwise sum over rows: one pass, and accurate in float32
-    # where a single dot over B·K terms drifts by ~1e-5 relative at B·K ~ 4M.
-    total = torch.linalg.vecdot(diff, diff).sum()
-    if reduction == REDUCTION_MEAN:
-        total = total / diff.numel()
-    return total
+    step = _block_rows(diff, diff.shape[1])
+    parts = [p for start in range(0, diff.shape[0], step) for p in _dots(diff[start : start + step])]
+    return _total(parts, diff.numel(), reduction, diff)
 
 
 def masked_mse_backward(
@@ -71,23 +136,87 @@ def masked_mse_backward(
     target_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (grad_x [B, D] in x_dtype, grad_target [B, K] in target_dtype)."""
-    cdt = diff.dtype
-    g = grad_loss.to(cdt)
-    if reduction == REDUCTION_MEAN:
-        g = g * (2.0 / diff.numel())
-    else:
-        g = g * 2.0
-    # dz = ∂loss/∂z = 2·g·diff, [B, K]; grad_target = −dz.
-    if reduction == REDUCTION_NONE:
-        dz = g.mul_(diff)
-        grad_target = torch.neg(dz).to(target_dtype)
-        grad_xk = dz.mul_(scale) if scale is not None else dz
-    else:
-        grad_target = torch.mul(diff, -g).to(target_dtype)
-        grad_xk = diff * (g * scale if scale is not None else g)
-    if finite is not None:
-        grad_xk.mul_(finite)
-    return scatter_columns(grad_xk, index, num_features, x_dtype), grad_target
+    blocks = _saved_blocks(diff, finite)
+    return _gradients(grad_loss, blocks, diff.shape, index, scale, num_features, reduction, x_dtype, target_dtype)
+
+
+def masked_mse_backward_in_place(
+    grad_loss: torch.Tensor,  # [] or [B, K] (reduction="none")
+    diff: torch.Tensor,  # [B, K] compute dtype, from the forward: overwritten
+    finite: Optional[torch.Tensor],  # [B, K] bool or None
+    index: torch.Tensor,  # [K] int64
+    scale: Optional[torch.Tensor],  # [K] or None
+    num_features: int,
+    reduction: int,
+    x_dtype: torch.dtype,
+    target_dtype: torch.dtype,
+    needs: tuple[bool, bool] = (True, True),  # (grad_x, grad_target) wanted; the other comes back None
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """masked_mse_backward for a caller that owns diff and needs it no more: grad_target is written over
+    diff (when it has diff's dtype), so the backward first-touches one fresh buffer (grad_x), not two."""
+    reuse = diff if needs[1] and target_dtype == diff.dtype else None
+    blocks = _saved_blocks(diff, finite)
+    return _gradients(grad_loss, blocks, diff.shape, index, scale, num_features, reduction, x_dtype, target_dtype,
+                      needs, reuse)
+
+
+def _saved_blocks(diff, finite):
+    """(rows, diff block, finite block or None), block by block."""
+    step = _block_rows(diff, diff.shape[1])
+    for start in range(0, diff.shape[0], step):
+        rows = slice(start, start + step)
+        yield rows, diff[rows], None if finite is None else finite[rows]
+
+
+def _gradients(grad_loss, blocks, shape, index, scale, num_features, reduction, x_dtype, target_dtype,
+               needs=(True, True), grad_target=None):
+    """(grad_x, grad_target) from blocks of (rows, diff, finite): dz = ∂loss/∂z = 2·g·diff, grad_target = −dz,
+    grad_x = dz·scale scattered to the kept columns (0 where x was non-finite). grad_target, when given, is
+    the buffer to write it into (diff itself: each block is read before it is overwritten)."""
+    B, K = shape
+    cdt = compute_dtype(x_dtype)
+    device = grad_loss.device
+    grad_x = torch.empty((B, num_features), dtype=x_dtype, device=device) if needs[0] else None
+    if grad_target is None and needs[1]:
+        grad_target = torch.empty((B, K), dtype=target_dtype, device=device)
+    if reduction != REDUCTION_NONE:
+        g = grad_loss.to(cdt) * (2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0)
+        neg_g = -g
+        g_scale = g * scale if scale is not None else g
+    dz_buf = scatter_buf = None
+    for rows, diff, finite in blocks:
+        if dz_buf is None:  # the first block is the largest
+            dz_buf = torch.empty_like(diff)
+        dz = dz_buf[: diff.shape[0]]
+        if reduction == REDUCTION_NONE:
+            torch.mul(grad_loss[rows], diff, out=dz).mul_(2.0)
+            if grad_target is not None:
+                torch.mul(dz, -1.0, out=grad_target[rows])
+            if scale is not None:
+                dz.mul_(scale)
+        else:
+            torch.mul(diff, g_scale, out=dz)
+            if grad_target is not None:
+                torch.mul(diff, neg_g, out=grad_target[rows])
+        if grad_x is not None:
+            if finite is not None:
+                dz.mul_(finite)
+            scatter_buf = _scatter_rows(grad_x[rows], dz, index, scatter_buf)
+    return grad_x, grad_target
+
+
+def _scatter_rows(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor, buf: Optional[torch.Tensor]):
+    """out [n, D] ← src [n, K] added into the columns index names, zeros elsewhere. Accumulates in src's
+    dtype: through buf (made here when None) when out's dtype is narrower. Returns buf for the next block."""
+    if out.dtype == src.dtype:
+        out.zero_().index_add_(1, index, src)
+        return buf
+    if buf is None:
+        buf = src.new_empty(out.shape)
+    acc = buf[: out.shape[0]]
+    acc.zero_().index_add_(1, index, src)
+    out.copy_(acc)
+    return buf
 
 
 def scatter_columns(
@@ -97,9 +226,48 @@ def scatter_columns(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """grad_x [B, D] with grad_x[:, d] = Σ_{k : index[k] = d} grad_xk[:, k]; zero in the dropped columns."""
-    grad_x = grad_xk.new_zeros(grad_xk.shape[0], num_features)
-    grad_x.index_add_(1, index, grad_xk)
-    return grad_x.to(dtype)
+    grad_x = torch.empty((grad_xk.shape[0], num_features), dtype=dtype, device=grad_xk.device)
+    step = _block_rows(grad_x, num_features)
+    buf = None
+    for start in range(0, grad_x.shape[0], step):
+        rows = slice(start, start + step)
+        buf = _scatter_rows(grad_x[rows], grad_xk[rows], index, buf)
+    return grad_x
+
+
+# Up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++ backward win; above it
+# its batch-sized temporaries cost more (fresh memory, passes that miss the cache) than the blocked path.
+# Measured, forward+backward at K = 171: composed ahead at B = 1024, even at 2048, blocked ahead above.
+_COMPOSED_MAX_ELEMENTS = 1 << 18
+
+
+def composed_is_faster(x: torch.Tensor, num_kept: int) -> bool:
+    """Whether masked_mse_composed beats the blocked path (masked_mse_forward, masked_mse_backward_in_place)
+    for x [B, D]."""
+    return x.device.type != "cpu" or x.shape[0] * num_kept <= _COMPOSED_MAX_ELEMENTS
+
+
+def masked_mse_composed(
+    x: torch.Tensor,  # [B, D]
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K] int64
+    shift: Optional[torch.Tensor],  # [K] compute dtype, or None
+    scale: Optional[torch.Tensor],  # [K] compute dtype, or None
+    nan_to_num: bool,
+    reduction: int,
+) -> torch.Tensor:
+    """The same loss as differentiable torch ops on the K kept columns, gradients by autograd: for small
+    batches, where per-op overhead is much of the cost (autograd's C++ backward has less of it than a
+    Python one) and every buffer is small enough to come back warm. Widening x before the gather makes
+    duplicate columns' gradients add in the compute dtype."""
+    cdt = compute_dtype(x.dtype)
+    narrow = x.dtype != cdt  # (the no-op casts are skipped: at B = 4 each call costs a measurable share)
+    xk = (x.to(cdt) if narrow else x).index_select(1, index)
+    if nan_to_num:
+        xk = torch.nan_to_num(xk, nan=0.0, posinf=0.0, neginf=0.0)  # its gradient is 0 where x was not finite
+    z = (xk - shift) * scale if scale is not None else xk
+    loss = F.mse_loss(z, target.to(cdt) if narrow else target, reduction=REDUCTIONS[reduction])
+    return loss.to(x.dtype) if narrow else loss
 
 
 # ------------------------------------------------------------------------------------ norm="batch"
