@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU check, end to end, for a CUDA machine without network access (torch, triton, pytest,
+# pytest-benchmark, hypothesis and matplotlib installed there):
+#
+#     bash bench/gpu_check.sh                    # writes bench/out/
+#     OUT=some/folder bash bench/gpu_check.sh
+#
+# Prints the GPU and the versions, measures the copy bandwidth, runs the gpu-marked tests (a failure is
+# recorded, not fatal), runs the benchmark matrix, and writes under $OUT (relative to the repository root)
+# env.txt, gpu_tests.txt, bench.json, bench.md, bench.png and report.md, the one to read (bench_log.txt
+# too if the benchmark failed); bench/results/README.md says how to commit a run. Ends with a short
+# table. At most 8 minutes on an H100: the tests are cut at 3.5 minutes; the benchmark starts no new case
+# after 2.5 (the cases the targets read come first) and is cut at 4.
+#
+# DRY_RUN=1 walks the same steps on the CPU at tiny sizes and installs nothing: a check of the script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+DRY_RUN=${DRY_RUN:-0}
+mkdir -p "$OUT"
+started=$(date +%s)
+
+if [ "$DRY_RUN" = 1 ]; then
+  device=cpu
+  bench_args=(--sizes 4,64 --seconds-per-case 0.05)
+  test_seconds=120
+else
+  device=cuda
+  bench_args=(--seconds-per-case 0.5 --max-seconds 150)
+  test_seconds=210
+fi
+
+echo "== GPU and versions"
+nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
+"$PYTHON" - <<'EOF' | tee "$OUT/env.txt"
+import datetime, platform, subprocess, torch
+try:
+    import triton
+    triton_version = triton.__version__
+except Exception as err:  # reported, not fatal: the reference path still runs
+    triton_version = f"not importable ({err})"
+try:
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True, check=True).stdout.split()[0]
+except Exception:
+    driver = "–"
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+print(f"- device: {gpu}")
+print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+print(f"- python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton_version}, driver {driver}")
+EOF
+
+if [ "$DRY_RUN" != 1 ]; then
+  echo "== install"
+  "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e .
+fi
+
+echo "== copy bandwidth"
+"$PYTHON" - "$device" <<'EOF' | tee -a "$OUT/env.txt"
+import sys
+from fusedvq.benchmark import copy_bandwidth
+device = sys.argv[1]
+rate = copy_bandwidth(device, nbytes=1 << 30 if device == "cuda" else 1 << 26)
+print(f"- copy bandwidth ({device}, bytes read + written): {rate / 1e9:.0f} GB/s")
+EOF
+
+echo "== gpu-marked tests"
+set +e
+timeout "$test_seconds" "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
+test_status=${PIPESTATUS[0]}
+set -e
+case "$test_status" in
+  0) tests_line="passed" ;;
+  5) tests_line="none collected" ;;
+  124) tests_line="cut at ${test_seconds} s (exit 124)" ;;
+  *) tests_line="FAILED (exit $test_status)" ;;
+esac
+tests_line="$tests_line: $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/gpu_tests.txt" | tail -n 1 || true)"
+
+echo "== benchmark"
+set +e
+timeout 240 "$PYTHON" -m fusedvq.benchmark --device "$device" --out "$OUT" --no-progress "${bench_args[@]}" \
+  >"$OUT/bench_log.txt" 2>&1
+bench_status=$?
+set -e
+tail -n 2 "$OUT/bench_log.txt"
+if [ "$bench_status" = 0 ]; then rm -f "$OUT/bench_log.txt"; fi  # bench.md holds the same table
+
+{
+  echo "# GPU check"
+  echo
+  cat "$OUT/env.txt"
+  echo "- gpu-marked tests: $tests_line (full log: gpu_tests.txt)"
+  echo "- benchmark exit status: $bench_status; whole check: $(( $(date +%s) - started )) s"
+  echo
+  if [ -f "$OUT/bench.md" ]; then sed 's/^#/##/' "$OUT/bench.md"; else echo "(no benchmark report: bench_log.txt)"; fi
+} >"$OUT/report.md"
+
+echo
+echo "== summary ($OUT/report.md)"
+grep -E '^- (device|gpu-marked|copy)' "$OUT/report.md" || true
+if [ -f "$OUT/bench.md" ]; then
+  awk '/^## /{p = ($0 ~ /^## norm=stats, float32, forward\+backward/)} p' "$OUT/bench.md"
+  sed -n '/^## Targets/,$p' "$OUT/bench.md"
+fi

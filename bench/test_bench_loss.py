@@ -1,0 +1,56 @@
+"""One step of the loss (forward, or forward+backward) per provider and case, under pytest-benchmark.
+
+By default a few small cases, so that in CI these are quick tests (a few rounds each); FUSEDVQ_BENCH=full
+runs the whole matrix of fusedvq.benchmark, on CUDA when there is one. The providers, inputs, steps and
+byte counts are fusedvq.benchmark's; this file only times them (`fusedvq bench` times the same providers
+side by side and writes the reports). A step synchronizes the device before it returns, so the wall time
+pytest-benchmark reads is the step's.
+"""
+
+import os
+
+import pytest
+
+from fusedvq import benchmark as fb
+
+FULL = os.environ.get("FUSEDVQ_BENCH") == "full"
+ROUNDS = 20 if FULL else 3
+
+if FULL:
+    CASES = fb.matrix(fb.SIZES, fb.DTYPES, fb.NORMS, fb.MODES)
+else:
+    CASES = fb.matrix((4, 1024), ("float32",), ("stats",), fb.MODES) + [fb.Case(64, "float32", "batch",
+                                                                                 "forward+backward")]
+
+
+def case_id(case) -> str:
+    return f"B{case.B}-{case.dtype}-{case.norm}-{case.mode.replace('+', '_')}"
+
+
+@pytest.mark.parametrize("provider", fb.PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_loss_step(benchmark, device, copy_rate, provider, case):
+    try:
+        loss_fn = fb.make_loss(provider, case, device)
+    except fb.Unavailable as err:
+        pytest.skip(str(err))
+    inputs = fb.make_inputs(case, device)
+    step = fb.make_step(loss_fn, inputs, case.mode)
+
+    def synchronized_step():
+        step()
+        fb.synchronize(device)
+
+    synchronized_step()  # compilation and first touches stay out of the rounds
+    benchmark.group = case_id(case)
+    benchmark.extra_info.update(device=device, bytes=fb.bytes_moved(case))
+    if provider != "compiled":  # (saved-tensor hooks would be traced into the compiled function)
+        benchmark.extra_info["saved_bytes"] = fb.saved_bytes(loss_fn, inputs)
+    if device == "cuda":
+        benchmark.extra_info["peak_bytes"] = fb.peak_bytes(step, device)
+    benchmark.pedantic(synchronized_step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["GB/s"] = fb.bytes_moved(case) / median / 1e9
+        if copy_rate:
+            benchmark.extra_info["copy_fraction"] = fb.bytes_moved(case) / median / copy_rate

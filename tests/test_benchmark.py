@@ -1,0 +1,144 @@
+"""fusedvq.benchmark: the byte model, the target verdicts, and a run on tiny sizes whose reports (JSON,
+Markdown, PNG) must exist and be well-formed — through `fusedvq bench` as users call it."""
+
+import argparse
+import json
+import struct
+
+import pytest
+import torch
+
+from fusedvq import benchmark as fb
+from fusedvq import cli
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    fb.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_bytes_moved_counts_each_pass():
+    for dtype, e in (("float32", 4), ("bfloat16", 2)):
+        B, D, K = 3, 11, 7
+        fwd = fb.bytes_moved(fb.Case(B, dtype, "stats", "forward", D, K))
+        both = fb.bytes_moved(fb.Case(B, dtype, "stats", "forward+backward", D, K))
+        batch = fb.bytes_moved(fb.Case(B, dtype, "batch", "forward", D, K))
+        assert fwd == (B * K + B * K) * e + e  # x's kept columns, r, the scalar loss
+        assert both - fwd == (B * K + B * K + B * D + B * K) * e  # x, r again; grad_x; grad_r
+        assert batch - fwd == B * K * e  # the statistics pass reads x's kept columns once more
+
+
+def test_matrix_puts_target_cases_first():
+    cases = fb.matrix((4, 64), fb.DTYPES, fb.NORMS, fb.MODES)
+    assert len(cases) == 2 * len(fb.DTYPES) * len(fb.NORMS) * len(fb.MODES)
+    head = cases[:2]
+    assert all((c.norm, c.dtype, c.mode) == ("stats", "float32", "forward+backward") for c in head)
+
+
+def _row(provider, B, ms, **kw):
+    return fb.Row(provider, B, fb.D, fb.K, "float32", "stats", "forward+backward", "ok", ms=ms, **kw)
+
+
+def test_verdicts_pass_and_miss():
+    rows = [_row("reference", 65536, 10.0), _row("eager", 65536, 35.0), _row("compiled", 65536, 15.0),
+            _row("reference", 4, 0.1), _row("eager", 4, 0.1)]
+    by_target = {(v["B"], v["baseline"]): v for v in fb.verdicts(rows, "cpu")}
+    assert by_target[(65536, "eager")]["verdict"] == "pass"
+    assert by_target[(65536, "eager")]["measured"] == pytest.approx(3.5)
+    compiled = by_target[(65536, "compiled")]
+    assert compiled["measured"] == pytest.approx(1.5) and compiled["verdict"] == "miss by 25%"
+    assert by_target[(4, "eager")]["verdict"].startswith("miss") and by_target[(4, "eager")]["why"]
+    gpu = fb.verdicts(rows + [_row("fused", 65536, 1.0, copy_fraction=0.9)], "cuda")
+    assert {v["verdict"] for v in gpu if v["baseline"] == "copy"} == {"pass"}
+    assert {v["verdict"] for v in gpu if v["B"] == 4} == {"not measured"}
+    slow = fb.verdicts(rows + [_row("fused", 65536, 20.0, copy_fraction=0.3)], "cuda")
+    missed = [v for v in slow if v["verdict"].startswith("miss")]
+    assert missed and all("30% of the copy rate" in v["why"] and "overhead" in v["why"] for v in missed)
+
+
+def test_eager_provider_is_the_straightforward_fix():
+    case = fb.Case(5, "float32", "stats", "forward")
+    inputs = fb.make_inputs(case, "cpu")
+    mask, mean, std = fb.make_statistics("cpu")
+    want = ((inputs.x.double() - mean.double()) / std.double())[:, mask].sub(inputs.r.double()).square().mean()
+    for provider in ("eager", "reference"):
+        got = fb.make_loss(provider, case, "cpu")(inputs.x, inputs.r)
+        assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    with pytest.raises(fb.Unavailable, match="CUDA"):
+        fb.make_loss("fused", case, "cpu")
+
+
+class _KeepsOnContext(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r):
+        ctx.kept = (x * 2, None)  # held for the backward without save_for_backward
+        return x.sum() + r.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.kept[0] * grad / 2, None
+
+
+def test_saved_bytes_counts_what_the_graph_keeps():
+    case = fb.Case(64, "float32", "stats", "forward+backward")
+    inputs = fb.make_inputs(case, "cpu")
+    eager = fb.saved_bytes(fb.make_loss("eager", case, "cpu"), inputs)
+    assert eager >= case.B * case.K * 4  # the normalized, gathered features
+    assert fb.saved_bytes(lambda x, r: (x * 2).sum() + r.sum(), inputs) == 0  # x is an input: not counted
+    assert fb.saved_bytes(_KeepsOnContext.apply, inputs) == case.B * case.D * 4
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_bench_command_writes_three_reports(tmp_path, capsys):
+    out = tmp_path / "reports"
+    code = cli.main(["bench", "--device", "cpu", "--quick", "--sizes", "4,8", "--norms", "stats,batch",
+                     "--providers", "fused,reference,eager", "--seconds-per-case", "0.02", "--no-progress",
+                     "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "bench.json").read_text())
+    meta, rows = report["meta"], report["rows"]
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and "--quick" in meta["command"]
+    assert meta["copy_bandwidth_gbps"] > 0
+    assert len(rows) == 2 * 2 * len(fb.MODES) * 3  # sizes × norms × modes × providers
+    for row in rows:
+        if row["provider"] == "fused":
+            assert row["status"].startswith("unavailable")
+        elif row["status"] == "ok":
+            assert row["ms"] > 0 and row["gbps"] > 0 and row["rounds"] >= 5
+            assert row["bytes"] == fb.bytes_moved(fb.Case(row["B"], row["dtype"], row["norm"], row["mode"]))
+    ok = {(r["provider"], r["norm"]) for r in rows if r["status"] == "ok"}
+    assert {("reference", "stats"), ("eager", "stats"), ("eager", "batch")} <= ok
+    md = (out / "bench.md").read_text()
+    assert md == printed.split("\nwrote ")[0]
+    assert "## norm=stats, float32, forward+backward" in md and "| B | fused | reference | eager |" in md
+    assert "## Targets" in md and "reference ≥ 2× eager at B = 4" in md
+    width, height = _png_size(out / "bench.png")
+    assert width > 300 and height > 200
+
+
+def test_results_section_names_device_and_command(tmp_path):
+    case_rows = [_row("reference", 4, 0.2, gbps=1.0), _row("eager", 4, 0.3)]
+    report = {"meta": fb.environment("cpu", 1e10, "fusedvq bench --device cpu --quick --out x"),
+              "rows": [vars(r) for r in case_rows], "targets": fb.verdicts(case_rows, "cpu")}
+    section = fb.results_section([report], ["bench/results/cpu"])
+    assert section.startswith("## Results")
+    assert report["meta"]["device_name"] in section and "`fusedvq bench --device cpu --quick --out x`" in section
+    assert "#### norm=stats, float32, forward+backward" in section and "#### Targets" in section
+    assert "](bench/results/cpu/bench.png)" in section and "(bench/results/cpu/bench.md)" in section
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(report))
+    assert fb.run(_args("--results-section", str(path))) == 0
+
+
+def test_cuda_requested_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert fb.run(_args("--device", "cuda")) == 2
+    assert "no CUDA device" in capsys.readouterr().err
