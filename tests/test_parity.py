@@ -94,3 +94,19 @@ def test_reference_float64_and_dropped_columns_get_zero_gradient():
     x, r, columns, mean, std = _inputs(20, 187, 171, torch.float64, seed=9)
     _, grad_x, _ = check_parity("reference", "cpu", x, r, columns, mean, std)
     assert (grad_x[:, ~columns] == 0).all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("B", [4, 70000])
+def test_large_offset_stats_keep_float32_accuracy(backend_device, B):
+    # Features near 1000 with σ = 0.3: (x − μ)·(1/σ) is exact-ish in float32, x·(1/σ) − μ/σ cancels ~1e-4.
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu" and B > 4:
+        pytest.skip("the interpreter takes the small case")
+    g = torch.Generator().manual_seed(12)
+    columns, _, _ = random_case(B, 187, 171, generator=g)
+    mean = 1000.0 + torch.randn(187, generator=g)
+    std = torch.full((187,), 0.3)
+    x = mean + 0.3 * torch.randn(B, 187, generator=g)
+    r = torch.randn(B, 171, generator=g)
+    check_parity(backend, device, x, r, columns, mean, std)
