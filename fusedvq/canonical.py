@@ -133,10 +133,13 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
             return index.nonzero().squeeze(1), "mask"
         if num_kept is None:
             return index.nonzero().squeeze(1), "mask"
+        # Traced: the gather is sized by the target's width; a mask keeping another count fails on the
+        # device (no host sync, nothing for the graph to break on) instead of padding with column -1.
+        torch._assert_async(index.sum() == num_kept, "the mask keeps a different number of columns than target has")
         return torch.nonzero_static(index, size=num_kept, fill_value=-1).squeeze(1), "mask"
     if index.is_floating_point() or index.is_complex():
         raise TypeError(f"index must be a bool mask or integer column indices, got {index.dtype}")
-    index = index.long()
+    index = index.long().contiguous()  # the kernels read index[k] at offset k
     if index.shape[0] == 0:
         raise ValueError("index is empty: it must name at least one feature column")
     if check_values and not _is_tracing():

@@ -160,8 +160,8 @@ def _dz_sums_kernel(
             z = (z - mu[None, :]) * inv_sigma[None, :]
             z_ok = tl.abs(z) <= _FLT_MAX
             z = tl.where(z_ok, z, 0.0)
-            rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rk, mask=ok, other=0.0)
-            gv = tl.load(grad_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gk, mask=ok, other=0.0)
+            rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
+            gv = tl.load(grad_ptr + rows[:, None] * stride_gb + cols.to(tl.int64)[None, :] * stride_gk, mask=ok, other=0.0)
             dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
             s1 += dz
             s2 += dz * z

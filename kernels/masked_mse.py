@@ -115,7 +115,7 @@ def _masked_mse_fwd_kernel(
             if NORM == 2:
                 z_ok = tl.abs(z) <= _FLT_MAX
                 z = tl.where(z_ok, z, 0.0)
-            rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rk, mask=ok, other=0.0)
+            rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
             diff = tl.where(ok, z - rv.to(tl.float32), 0.0)
             if REDUCTION == 0:
                 out_offs = rows[:, None] * K + cols[None, :]
@@ -183,11 +183,14 @@ def _masked_mse_bwd_kernel(
     row_ok = rows < B
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D] feature columns
     d_ok = dcols < D
-    start = tl.load(inv_ptr_ptr + dcols, mask=d_ok, other=0)
-    count = tl.load(inv_ptr_ptr + dcols + 1, mask=d_ok, other=0) - start  # kept columns reading d
+    # Built by build_column_map, so 0 <= start <= start + count <= K; clamped anyway, so that a corrupted map
+    # (e.g. uninitialized buffers after module.to_empty) cannot make the kernel read outside inv_k.
+    start = tl.minimum(tl.maximum(tl.load(inv_ptr_ptr + dcols, mask=d_ok, other=0), 0), K)
+    stop = tl.minimum(tl.maximum(tl.load(inv_ptr_ptr + dcols + 1, mask=d_ok, other=0), start), K)
+    count = stop - start  # kept columns reading d
     # x is read only where some kept column reads it.
     x_ok = row_ok[:, None] & (count > 0)[None, :]
-    xv = tl.load(x_ptr + rows[:, None] * stride_xb + dcols[None, :] * stride_xd, mask=x_ok, other=0.0)
+    xv = tl.load(x_ptr + rows[:, None] * stride_xb + dcols.to(tl.int64)[None, :] * stride_xd, mask=x_ok, other=0.0)
     xv = xv.to(tl.float32)
     if NAN_TO_NUM:
         finite = tl.abs(xv) <= _FLT_MAX
@@ -198,6 +201,7 @@ def _masked_mse_bwd_kernel(
     for j in range(0, tl.max(count, axis=0)):  # 1 pass without duplicates
         has = j < count
         k = tl.load(inv_k_ptr + start + j, mask=has, other=0).to(tl.int64)  # [BLOCK_D]
+        has = has & (k >= 0) & (k < K)
         ok = row_ok[:, None] & has[None, :]
         rv = tl.load(r_ptr + rows[:, None] * stride_rb + k[None, :] * stride_rk, mask=ok, other=0.0)
         z = xv

@@ -95,3 +95,12 @@ def test_backend_triton_is_resolved_per_call_not_at_construction():
     assert loss.backend == "triton"
     with pytest.raises(ValueError, match="unknown backend='cuda'"):
         fusedvq.MaskedMSELoss(mask, torch.zeros(6), torch.ones(6), stats_space="raw", backend="cuda")
+
+
+def test_buffers_are_read_per_call_so_functional_call_can_swap_them():
+    g = torch.Generator().manual_seed(4)
+    mask = torch.ones(6, dtype=torch.bool)
+    loss = fusedvq.MaskedMSELoss(mask, torch.zeros(6), torch.ones(6), stats_space="raw")
+    x, r = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    doubled = torch.func.functional_call(loss, {"scale": torch.full((6,), 2.0)}, (x, r))
+    assert torch.allclose(doubled, torch.nn.functional.mse_loss(2 * x, r))

@@ -97,3 +97,17 @@ def test_compile_fullgraph_training_step(form, backend):
         want = [p.grad for p in model.parameters()]
         assert rel_err(loss, ref) <= 1e-5
         assert all(rel_err(a, b) <= 1e-4 for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not interpreting, reason="interpreter"))])
+def test_compiled_mask_target_mismatch_fails_instead_of_padding(backend):
+    # Traced, value checks cannot stop the graph on the host; a device-side assertion must still refuse a
+    # mask that keeps 4 columns against a 6-column target (never a silently padded loss).
+    torch._dynamo.reset()
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[:4] = True
+    x, r = torch.randn(5, 10), torch.randn(5, 6)
+    f = torch.compile(lambda x, r: fusedvq.masked_mse(x, r, mask, norm="none", backend=backend), fullgraph=True)
+    with pytest.raises(RuntimeError, match="mask keeps a different number of columns"):
+        f(x, r)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import fusedvq
 from helpers import BACKENDS, check_parity, interpreting
-from oracle import random_case, strided
+from oracle import batch_oracle, random_case, rel_err, strided
 
 SHAPES = [(187, 171), (270, 143), (8, 8), (1024, 1000)]
 BATCHES = [1, 3, 4, 257, 4099]
@@ -110,3 +111,28 @@ def test_large_offset_stats_keep_float32_accuracy(backend_device, B):
     x = mean + 0.3 * torch.randn(B, 187, generator=g)
     r = torch.randn(B, 171, generator=g)
     check_parity(backend, device, x, r, columns, mean, std)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_non_contiguous_integer_index(backend_device, layout, norm):
+    # The kernels read index[k] at offset k: a strided view or an expanded index must still mean its values.
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(13)
+    if layout == "strided":
+        values = torch.randperm(187, generator=g)[:171]
+        columns = torch.stack([values, torch.randint(0, 10**6, (171,), generator=g)], 1)[:, 0]
+    else:
+        columns = torch.tensor([3]).expand(50)  # one column, fifty times
+    assert not columns.is_contiguous()
+    K = columns.shape[0]
+    mean, std = torch.randn(187, generator=g), torch.rand(187, generator=g) + 0.5
+    x, r = torch.randn(40, 187, generator=g), torch.randn(40, K, generator=g)
+    if norm == "stats":
+        check_parity(backend, device, x, r, columns, mean, std)
+    else:
+        xd, rd = x.to(device).requires_grad_(), r.to(device).requires_grad_()
+        fusedvq.masked_mse(xd, rd, columns, norm="batch", backend=backend).backward(torch.tensor(1.5, device=device))
+        want = batch_oracle(x, r, columns, torch.tensor(1.5))
+        assert rel_err(xd.grad, want[1]) <= 1e-5 and rel_err(rd.grad, want[2]) <= 1e-5
