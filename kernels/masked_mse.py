@@ -257,8 +257,12 @@ def _ticket_counter(t: torch.Tensor) -> torch.Tensor:
     """The int32 counter of the last-program reduction, one per (device, stream), zero between launches.
 
     Kept rather than allocated per call so a launch needs no memset launch; per stream so concurrent
-    launches on two streams never share one.
+    launches on two streams never share one. While a CUDA graph is being captured, each launch gets its own
+    counter, zeroed by a memset captured into the graph: graphs replayed concurrently then share nothing,
+    and no cached tensor lives in (or is recycled from) a graph's private memory pool.
     """
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=t.device)
     stream = torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
     key = (t.device, stream)
     counter = _counters.get(key)
