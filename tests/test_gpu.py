@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedvq
-from oracle import oracle, random_case, rel_err
+from oracle import batch_oracle, oracle, random_case, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -18,10 +18,12 @@ def _setup(B=512, D=187, K=171, device="cuda", seed=0, **case):
     return x, r, columns, mean, std
 
 
+@pytest.mark.parametrize("norm", ["stats", "batch"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cuda_graph_capture_and_replay_forward_backward(reduction):
+def test_cuda_graph_capture_and_replay_forward_backward(reduction, norm):
     x, r, columns, mean, std = _setup(mask=False, duplicates=True)
-    loss_fn = fusedvq.MaskedMSELoss(columns, mean, std, num_features=187, reduction=reduction).cuda()
+    stats = (mean, std) if norm == "stats" else ()
+    loss_fn = fusedvq.MaskedMSELoss(columns, *stats, num_features=187, norm=norm, reduction=reduction).cuda()
     x_static = x.clone().requires_grad_()
     r_static = r.clone().requires_grad_()
     g_shape = (512, 171) if reduction == "none" else ()
@@ -47,7 +49,10 @@ def test_cuda_graph_capture_and_replay_forward_backward(reduction):
             r_static.copy_(new_r)
         graph.replay()
         torch.cuda.synchronize()
-        want, want_gx, want_gr = oracle(new_x, new_r, columns, mean, std, grad_static.cpu(), reduction=reduction)
+        if norm == "stats":
+            want, want_gx, want_gr = oracle(new_x, new_r, columns, mean, std, grad_static.cpu(), reduction=reduction)
+        else:
+            want, want_gx, want_gr = batch_oracle(new_x, new_r, columns, grad_static.cpu(), reduction=reduction)
         assert rel_err(loss_static, want) <= 1e-5
         assert rel_err(x_static.grad, want_gx) <= 1e-5
         assert rel_err(r_static.grad, want_gr) <= 1e-5
@@ -78,13 +83,17 @@ def test_compile_fullgraph_cuda():
     assert rel_err(loss, ref) <= 1e-5 and rel_err(got, model.weight.grad) <= 1e-4
 
 
-def test_no_host_sync_in_module_forward_backward():
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_host_sync_in_module_forward_backward(norm, reduction):
     x, r, mask, mean, std = _setup()
-    loss_fn = fusedvq.MaskedMSELoss(mask, mean, std).cuda()
+    stats = (mean, std) if norm == "stats" else ()
+    loss_fn = fusedvq.MaskedMSELoss(mask, *stats, norm=norm, reduction=reduction).cuda()
     x.requires_grad_()
-    loss_fn(x, r).backward()  # warm-up (compiles the kernels)
+    grad = torch.ones((512, 171) if reduction == "none" else (), device="cuda")
+    loss_fn(x, r).backward(grad)  # warm-up (compiles the kernels)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss_fn(x, r).backward()
+        loss_fn(x, r).backward(grad)
     finally:
         torch.cuda.set_sync_debug_mode("default")
