@@ -22,6 +22,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -241,6 +242,8 @@ def _train(args, world: World, recon_loss, device: torch.device, source: str, sa
     say(f"  VQ-VAE      feature_mask keeps {K} of {D}, decoder input_dim {K}, "
         f"{len(recon_loss.categories)} categories, per-category {recon_loss.spec.method} statistics")
     say(f"  device      {device}, backend {backend}")
+    for line in _crash_lines(recon_loss, device):
+        say(line)
     say(f"  training    {args.steps} steps, batch {args.batch_size}, Adam lr {args.lr:g}")
 
     data_gen = torch.Generator(device=device).manual_seed(SEED + 1)
@@ -285,6 +288,25 @@ def _train(args, world: World, recon_loss, device: torch.device, source: str, sa
     say(_parity_line(recon_loss, features.detach(), recon, world))
     say(_timing_line(recon_loss, features.detach(), recon, world, device))
     return 0
+
+
+def _crash_lines(recon_loss, device: torch.device) -> list[str]:
+    """What the naive loss does with these widths, and what fusedvq says when the pieces do not fit."""
+    D, K = recon_loss.num_features, recon_loss.num_kept
+    features, recon = torch.randn(4, D, device=device), torch.randn(4, K, device=device)
+    lines = []
+    try:
+        with warnings.catch_warnings():  # its broadcasting warning is beside the point: it is about to fail
+            warnings.simplefilter("ignore")
+            F.mse_loss(recon, features)  # the naive loss: reconstruction [B, K] against all D feature columns
+        lines.append("  naive loss  F.mse_loss(recon, normalize(features)) ran: D == K here")
+    except RuntimeError as err:
+        lines.append(f"  naive loss  F.mse_loss(recon, normalize(features)) -> RuntimeError: {str(err).splitlines()[0]}")
+    try:
+        recon_loss(features, features)
+    except ValueError as err:
+        lines.append(f"  fusedvq     given the {D}-column features as target -> ValueError: {err}")
+    return lines
 
 
 def _parity_line(recon_loss, features: torch.Tensor, recon: torch.Tensor, world: World) -> str:

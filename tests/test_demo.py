@@ -91,3 +91,10 @@ def test_python_m_fusedvq_demo():
 
     proc = subprocess.run([sys.executable, "-m", "fusedvq"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "usage: fusedvq" in proc.stdout
+
+
+def test_demo_shows_the_crash_it_prevents(capsys):
+    assert main(["demo", "--steps", "3", "--batch-size", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "The size of tensor a (171) must match the size of tensor b (187)" in out
+    assert "ValueError: recon has 187 columns" in out and "171 kept columns of 187" in out
