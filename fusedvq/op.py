@@ -152,9 +152,9 @@ class _EagerReference(torch.autograd.Function):
         kept, ctx.diff = ctx.diff, None
         if kept is None:  # spent by an earlier backward
             _, *kept = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
-        grad_x, grad_target = reference.masked_mse_backward_in_place(
+        grad_x, grad_target = reference.masked_mse_backward(
             grad_loss, *kept, index, scale, x.shape[1], reduction, x.dtype, target.dtype,
-            needs=(ctx.needs_input_grad[0], ctx.needs_input_grad[1]),
+            needs=(ctx.needs_input_grad[0], ctx.needs_input_grad[1]), overwrite_diff=True,
         )
         return grad_x, grad_target, None, None, None, None, None
 

@@ -29,7 +29,7 @@ from .contract import REDUCTION_MEAN, REDUCTION_NONE, REDUCTIONS, compute_dtype
 # several times the arithmetic of this loss. So rows go in blocks of about _BLOCK_ELEMENTS elements, each
 # block's gather and normalization run in scratch buffers small enough for the allocator to hand back
 # warm, and a step first-touches two batch-sized buffers only: diff [B, K], written by the forward (the
-# eager backward then writes grad_target over it, see masked_mse_backward_in_place) and grad_x [B, D].
+# eager backward then writes grad_target over it, see masked_mse_backward's overwrite_diff) and grad_x [B, D].
 # Blocks are few (6 at B = 65536, K = 171) because each op on a block is a parallel region that waits for
 # its slowest thread, which a busy machine makes slow. Off the CPU the whole batch is one block.
 _BLOCK_ELEMENTS = 1 << 21
@@ -123,23 +123,7 @@ def _reduce_squares(diff: torch.Tensor, reduction: int) -> torch.Tensor:
 
 def masked_mse_backward(
     grad_loss: torch.Tensor,  # [] or [B, K] (reduction="none")
-    diff: torch.Tensor,  # [B, K] compute dtype, from the forward
-    finite: Optional[torch.Tensor],  # [B, K] bool or None
-    index: torch.Tensor,  # [K] int64
-    scale: Optional[torch.Tensor],  # [K] or None
-    num_features: int,
-    reduction: int,
-    x_dtype: torch.dtype,
-    target_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (grad_x [B, D] in x_dtype, grad_target [B, K] in target_dtype)."""
-    blocks = _saved_blocks(diff, finite)
-    return _gradients(grad_loss, blocks, diff.shape, index, scale, num_features, reduction, x_dtype, target_dtype)
-
-
-def masked_mse_backward_in_place(
-    grad_loss: torch.Tensor,  # [] or [B, K] (reduction="none")
-    diff: torch.Tensor,  # [B, K] compute dtype, from the forward: overwritten
+    diff: torch.Tensor,  # [B, K] compute dtype, from the forward (overwritten when overwrite_diff)
     finite: Optional[torch.Tensor],  # [B, K] bool or None
     index: torch.Tensor,  # [K] int64
     scale: Optional[torch.Tensor],  # [K] or None
@@ -148,10 +132,12 @@ def masked_mse_backward_in_place(
     x_dtype: torch.dtype,
     target_dtype: torch.dtype,
     needs: tuple[bool, bool] = (True, True),  # (grad_x, grad_target) wanted; the other comes back None
+    overwrite_diff: bool = False,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """masked_mse_backward for a caller that owns diff and needs it no more: grad_target is written over
-    diff (when it has diff's dtype), so the backward first-touches one fresh buffer (grad_x), not two."""
-    reuse = diff if needs[1] and target_dtype == diff.dtype else None
+    """(grad_x [B, D] in x_dtype, grad_target [B, K] in target_dtype). With overwrite_diff, for a caller that
+    owns diff and needs it no more, grad_target is written over diff (when it has diff's dtype), so the
+    backward first-touches one fresh buffer (grad_x), not two."""
+    reuse = diff if overwrite_diff and needs[1] and target_dtype == diff.dtype else None
     blocks = _saved_blocks(diff, finite)
     return _gradients(grad_loss, blocks, diff.shape, index, scale, num_features, reduction, x_dtype, target_dtype,
                       needs, reuse)
@@ -239,7 +225,7 @@ _COMPOSED_MAX_ELEMENTS = 1 << 18
 
 
 def composed_is_faster(x: torch.Tensor, num_kept: int) -> bool:
-    """Whether masked_mse_composed beats the blocked path (masked_mse_forward, masked_mse_backward_in_place)
+    """Whether masked_mse_composed beats the blocked path (masked_mse_forward, masked_mse_backward)
     for x [B, D]."""
     return x.device.type != "cpu" or x.shape[0] * num_kept <= _COMPOSED_MAX_ELEMENTS
 
