@@ -321,8 +321,11 @@ def batch_mse_forward(
         stats = finalize_batch_stats(xk.shape[0], mean, m2, eps)
     z, z_ok = _normalized(xk, stats)
     diff = z.sub(target)
-    masked = diff * z_ok
-    colsums = torch.stack([masked.sum(0), (masked * z).sum(0)])
+    if reduction == REDUCTION_NONE:  # the backward sums with g[b, k] itself: no column sums ([0, K])
+        colsums = diff.new_empty((0, diff.shape[1]))
+    else:
+        masked = diff * z_ok
+        colsums = torch.stack([masked.sum(0), (masked * z).sum(0)])
     if diff.shape[0] == 0:  # a rank with no rows contributes nothing (and no NaN)
         loss = diff.new_zeros(diff.shape if reduction == REDUCTION_NONE else ())
         return loss.to(x.dtype), stats, colsums
@@ -335,7 +338,7 @@ def batch_mse_backward(
     target: torch.Tensor,  # [B, K]
     index: torch.Tensor,  # [K]
     stats: torch.Tensor,  # [4, K] from the forward
-    colsums: torch.Tensor,  # [2, K] from the forward
+    colsums: torch.Tensor,  # [2, K] from the forward ([0, K] for reduction "none")
     nan_to_num: bool,
     reduction: int,
     sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only

@@ -198,7 +198,8 @@ def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num:
 
 
 def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction: int, merge_and_finalize=None):
-    """(loss, stats [4, K] fp32, colsums [2, K] fp32). merge_and_finalize(count, mean, M2) -> stats [4, K]
+    """(loss, stats [4, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
+    with g itself: no launch to fill them). merge_and_finalize(count, mean, M2) -> stats [4, K]
     turns this batch's moments into statistics over all ranks; None: this batch's own."""
     B, K = x.shape[0], index.shape[0]
     if merge_and_finalize is None:
@@ -208,13 +209,11 @@ def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction:
         stats = merge_and_finalize(B, mean, m2)
     if B == 0:
         shape = (0, K) if reduction == 0 else ()
-        return x.new_zeros(shape), stats, stats.new_zeros((2, K))
+        return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
     loss, colsums = launch_forward(
         x, target, index, stats[0], stats[1], 2, nan_to_num, reduction, colsums=reduction != 0
     )
-    if colsums is None:
-        colsums = stats.new_zeros((2, K))  # reduction "none": unused, the backward sums with g itself
-    return loss, stats, colsums
+    return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
 
 
 def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tensor:
