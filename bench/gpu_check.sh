@@ -7,10 +7,16 @@
 #
 # Prints the GPU and the versions, measures the copy bandwidth, runs the gpu-marked tests (a failure is
 # recorded, not fatal), runs the benchmark matrix, and writes under $OUT (relative to the repository root)
-# env.txt, gpu_tests.txt, bench.json, bench.md, bench.png and report.md, the one to read (bench_log.txt
-# too if the benchmark failed); bench/results/README.md says how to commit a run. Ends with a short
-# table. At most 8 minutes on an H100: the tests are cut at 3.5 minutes; the benchmark starts no new case
-# after 2.5 (the cases the targets read come first) and is cut at 4.
+# env.txt, gpu_tests.txt, bench.json, bench.md, bench.png, profile.txt (where a step's time goes:
+# bench/profile_step.py) and report.md, the one to read (bench_log.txt too if the benchmark failed);
+# bench/results/README.md says how to commit a run. Ends with a short table.
+#
+# At most 8 minutes on an H100 with the default budgets, which the environment can shorten:
+#   TEST_SECONDS   the gpu-marked tests are cut after this long (default 180; run 4 at a time when
+#                  pytest-xdist is installed);
+#   BENCH_SECONDS  the benchmark starts no new case after this long (default 150; the cases the targets
+#                  read come first) and is cut 90 s later;
+#   the profile is cut at 75 s.
 #
 # DRY_RUN=1 walks the same steps on the CPU at tiny sizes and installs nothing: a check of the script.
 set -euo pipefail
@@ -23,13 +29,19 @@ started=$(date +%s)
 
 if [ "$DRY_RUN" = 1 ]; then
   device=cpu
-  bench_args=(--sizes 4,64 --seconds-per-case 0.05)
-  test_seconds=120
+  bench_seconds=${BENCH_SECONDS:-60}
+  bench_args=(--sizes 4,64 --seconds-per-case 0.05 --max-seconds "$bench_seconds")
+  profile_args=(--sizes 4,64)
+  test_seconds=${TEST_SECONDS:-120}
 else
   device=cuda
-  bench_args=(--seconds-per-case 0.5 --max-seconds 150)
-  test_seconds=210
+  bench_seconds=${BENCH_SECONDS:-150}
+  bench_args=(--seconds-per-case 0.5 --max-seconds "$bench_seconds")
+  profile_args=()
+  test_seconds=${TEST_SECONDS:-180}
 fi
+parallel=()
+if "$PYTHON" -c "import xdist" 2>/dev/null && [ "$DRY_RUN" != 1 ]; then parallel=(-n 4); fi
 
 echo "== GPU and versions"
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
@@ -68,7 +80,8 @@ EOF
 
 echo "== gpu-marked tests"
 set +e
-timeout "$test_seconds" "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
+timeout "$test_seconds" "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider "${parallel[@]}" 2>&1 \
+  | tee "$OUT/gpu_tests.txt"
 test_status=${PIPESTATUS[0]}
 set -e
 case "$test_status" in
@@ -81,19 +94,27 @@ tests_line="$tests_line: $(grep -E '(passed|failed|error|skipped|deselected)' "$
 
 echo "== benchmark"
 set +e
-timeout 240 "$PYTHON" -m fusedvq.benchmark --device "$device" --out "$OUT" --no-progress "${bench_args[@]}" \
+timeout $(( bench_seconds + 90 )) "$PYTHON" -m fusedvq.benchmark --device "$device" --out "$OUT" --no-progress "${bench_args[@]}" \
   >"$OUT/bench_log.txt" 2>&1
 bench_status=$?
 set -e
 tail -n 2 "$OUT/bench_log.txt"
 if [ "$bench_status" = 0 ]; then rm -f "$OUT/bench_log.txt"; fi  # bench.md holds the same table
 
+echo "== profile"
+set +e
+timeout 75 "$PYTHON" bench/profile_step.py --device "$device" "${profile_args[@]}" >"$OUT/profile.txt" 2>&1
+profile_status=$?
+set -e
+sed -n '/^## Summary/,$p' "$OUT/profile.txt"
+
 {
   echo "# GPU check"
   echo
   cat "$OUT/env.txt"
   echo "- gpu-marked tests: $tests_line (full log: gpu_tests.txt)"
-  echo "- benchmark exit status: $bench_status; whole check: $(( $(date +%s) - started )) s"
+  echo "- benchmark exit status: $bench_status; profile exit status: $profile_status (profile.txt); whole check:" \
+    "$(( $(date +%s) - started )) s"
   echo
   if [ -f "$OUT/bench.md" ]; then sed 's/^#/##/' "$OUT/bench.md"; else echo "(no benchmark report: bench_log.txt)"; fi
 } >"$OUT/report.md"

@@ -314,10 +314,13 @@ def run_case(case: Case, providers: tuple[str, ...], device: str, budget_s: floa
         except Exception as err:  # a provider that cannot even be built must not sink the matrix
             row.status = _error(err)
     inputs = make_inputs(case, device) if losses else None
+    expected = _eager_value(case, inputs, device) if losses else None
     for provider, loss_fn in losses.items():
         try:
             steps[provider] = make_step(loss_fn, inputs, case.mode)
             steps[provider]()  # compiles, and surfaces errors before the timing starts
+            if provider in ("fused", "reference"):  # a fast wrong answer is no result: check it first
+                _check_value(loss_fn(inputs.x, inputs.r), expected, case)
             if provider != "compiled":  # hooks would be traced into (and recompile) the compiled function
                 rows[provider].saved_bytes = saved_bytes(loss_fn, inputs)
             rows[provider].peak_bytes = peak_bytes(steps[provider], device)
@@ -331,6 +334,22 @@ def run_case(case: Case, providers: tuple[str, ...], device: str, budget_s: floa
         if copy_rate:
             row.copy_fraction = row.gbps * 1e9 / copy_rate
     return list(rows.values())
+
+
+def _eager_value(case: Case, inputs: Inputs, device: str) -> float:
+    """The loss of this case by the eager composition in float64: what every provider must return."""
+    x, r = inputs.x.detach().double(), inputs.r.detach().double()
+    with torch.no_grad():
+        return float(eager_loss(inputs.mask, inputs.mean.double(), inputs.std.double(), case.norm)(x, r))
+
+
+def _check_value(loss: torch.Tensor, expected: float, case: Case) -> None:
+    """Raise if a provider's loss is off the float64 value by more than its dtype's rounding allows."""
+    tolerance = 1e-4 if case.dtype == "float32" else 2e-2
+    got = float(loss.detach().double())
+    if not abs(got - expected) <= tolerance * abs(expected):
+        raise ValueError(f"loss {got:.6g} differs from the float64 value {expected:.6g} by more than "
+                         f"{tolerance:g} relative")
 
 
 def _error(err: Exception) -> str:

@@ -142,3 +142,17 @@ def test_cuda_requested_without_cuda(capsys):
         pytest.skip("this machine has CUDA")
     assert fb.run(_args("--device", "cuda")) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_wrong_answer_is_reported_not_timed(monkeypatch):
+    case = fb.Case(16, "float32", "stats", "forward+backward")
+    build = fb.make_loss
+
+    def off_by_a_little(provider, case, device):
+        loss_fn = build(provider, case, device)
+        return (lambda x, r: loss_fn(x, r) * 1.001) if provider == "reference" else loss_fn
+
+    monkeypatch.setattr(fb, "make_loss", off_by_a_little)
+    rows = {row.provider: row for row in fb.run_case(case, ("reference", "eager"), "cpu", 0.01, None)}
+    assert rows["reference"].status.startswith("error: ValueError: loss") and rows["reference"].ms is None
+    assert rows["eager"].status == "ok" and rows["eager"].ms > 0
