@@ -26,10 +26,17 @@ from .columns import ColumnMap
 from .contract import REDUCTION_NONE, compute_dtype
 
 
-def _kernels():
-    from . import kernels  # imports triton: only on the Triton path
+_kernels_module = None
 
-    return kernels
+
+def _kernels():
+    """fusedvq.kernels, imported on first use (it imports triton: only the Triton path needs it)."""
+    global _kernels_module
+    if _kernels_module is None:
+        from . import kernels
+
+        _kernels_module = kernels
+    return _kernels_module
 
 
 def _empty(like: Tensor) -> Tensor:

@@ -188,16 +188,26 @@ def _gradients(grad_loss, blocks, shape, index, scale, num_features, reduction, 
     return grad_x, grad_target
 
 
+def _add_columns(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """out[:, index[k]] += src[:, k] for every k, duplicates adding up, in the same order on every run: on
+    CUDA index_add_ adds duplicates with atomics in no fixed order, while index_put_ with accumulate sorts
+    the indices first (it is also what the gradient of x[:, index] runs)."""
+    if out.is_cuda:
+        torch.ops.aten.index_put_(out, [None, index], src, True)
+    else:
+        out.index_add_(1, index, src)
+
+
 def _scatter_rows(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor, buf: Optional[torch.Tensor]):
     """out [n, D] ← src [n, K] added into the columns index names, zeros elsewhere. Accumulates in src's
     dtype: through buf (made here when None) when out's dtype is narrower. Returns buf for the next block."""
     if out.dtype == src.dtype:
-        out.zero_().index_add_(1, index, src)
+        _add_columns(out.zero_(), index, src)
         return buf
     if buf is None:
         buf = src.new_empty(out.shape)
     acc = buf[: out.shape[0]]
-    acc.zero_().index_add_(1, index, src)
+    _add_columns(acc.zero_(), index, src)
     out.copy_(acc)
     return buf
 
@@ -245,7 +255,9 @@ def masked_mse_composed(
     duplicate columns' gradients add in the compute dtype."""
     cdt = compute_dtype(x.dtype)
     narrow = x.dtype != cdt  # (the no-op casts are skipped: at B = 4 each call costs a measurable share)
-    xk = (x.to(cdt) if narrow else x).index_select(1, index)
+    wide = x.to(cdt) if narrow else x
+    # On CUDA, x[:, index]: its gradient adds duplicate columns in a fixed order (see _add_columns).
+    xk = wide[:, index] if x.is_cuda else wide.index_select(1, index)
     if nan_to_num:
         xk = torch.nan_to_num(xk, nan=0.0, posinf=0.0, neginf=0.0)  # its gradient is 0 where x was not finite
     z = (xk - shift) * scale if scale is not None else xk

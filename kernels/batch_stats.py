@@ -17,18 +17,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import KernelLauncher, cdiv, device_guard
 from .masked_mse import (
+    TUNING,
     _FLT_MAX,
-    _device_guard,
     _kept_columns,
     _store_partial_pair,
     _sum_partial_pairs,
-    _ticket_counter,
     block_sizes,
     launch_backward,
     launch_forward,
     max_programs,
     num_warps_for,
+    scratch,
 )
 
 
@@ -175,6 +176,9 @@ def _dz_sums_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 
+_MOMENTS = KernelLauncher(_column_moments_kernel)
+_DZ_SUMS = KernelLauncher(_dz_sums_kernel)
+
 
 def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool, finalize: bool):
     """FINALIZE: stats [4, K] fp32 (μ, 1/σ', w, 1/N); else [2, K] fp32 (mean, M2) of these B rows."""
@@ -183,13 +187,13 @@ def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num:
     rows = torch.empty((4 if finalize else 2, K), dtype=torch.float32, device=x.device)
     if B == 0:  # a rank without rows: nothing to launch
         return rows.zero_()
-    block_b, block_k = block_sizes(B, K)
-    grid = (min(triton.cdiv(B, block_b), max_programs(x)),)
-    with _device_guard(x):
+    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
+    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    with device_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         counts = torch.empty(grid[0], dtype=torch.float32, device=x.device)
-        _column_moments_kernel[grid](
-            x, index, partial, counts, rows, _ticket_counter(x),
+        _MOMENTS[grid](
+            x, index, partial, counts, rows, scratch(x, grid[0])[0],
             B, K, D, x.stride(0), x.stride(1), eps,
             NAN_TO_NUM=int(nan_to_num), FINALIZE=int(finalize), BLOCK_B=block_b, BLOCK_K=block_k,
             num_warps=num_warps_for(block_b, block_k),
@@ -223,12 +227,12 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tenso
     sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
     if B == 0:
         return sums.zero_()
-    block_b, block_k = block_sizes(B, K)
-    grid = (min(triton.cdiv(B, block_b), max_programs(x)),)
-    with _device_guard(x):
+    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
+    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    with device_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
-        _dz_sums_kernel[grid](
-            grad_loss, x, target, index, stats[0], stats[1], partial, sums, _ticket_counter(x),
+        _DZ_SUMS[grid](
+            grad_loss, x, target, index, stats[0], stats[1], partial, sums, scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
             target.stride(0), target.stride(1),
             NAN_TO_NUM=int(nan_to_num), BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps_for(block_b, block_k),

@@ -18,11 +18,13 @@ Both accumulate in fp32 and cast once on store; strides are arguments; row offse
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import KernelLauncher, cdiv, current_stream_handle, device_guard, next_power_of_2
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |v| <= FLT_MAX  ⇔  v is finite (false for NaN and ±Inf)
 
@@ -243,56 +245,68 @@ def _masked_mse_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-_TILE_ELEMENTS = 2048  # elements per program tile (8 a thread at 8 warps)
+@dataclass
+class Tuning:
+    """Launch shapes of every kernel; bench/tune_kernels.py times the alternatives on a GPU."""
+
+    walk_tile: int = 2048  # elements of a program's tile in the walks over the K kept columns (forward, moments)
+    backward_tile: int = 2048  # elements of a backward program's tile ([rows, D columns])
+    elements_per_warp: int = 128  # a warp per 128 tile elements (4 a thread), up to max_warps
+    max_warps: int = 8
+    programs_per_sm: int = 4  # persistent grid of the walks: enough to hide latency, few partials to merge
+
+
+TUNING = Tuning()
 _MAX_BLOCK_COLS = 256
 _BLOCK_P = 1024
-_counters: dict[tuple, torch.Tensor] = {}
+_scratch_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def scratch(t: torch.Tensor, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counter [1] int32, partials [≥ programs] fp32) of a last-program reduction on t's device.
 
-
-def _ticket_counter(t: torch.Tensor) -> torch.Tensor:
-    """The int32 counter of the last-program reduction, one per (device, stream), zero between launches.
-
-    Kept rather than allocated per call so a launch needs no memset launch; per stream so concurrent
+    The counter is zero between launches (the last program resets it). Both are kept rather than
+    allocated per call — a launch needs no memset and no allocation — one pair per (device, stream), so
     launches on two streams never share one. While a CUDA graph is being captured, each launch gets its own
-    counter, zeroed by a memset captured into the graph: graphs replayed concurrently then share nothing,
-    and no cached tensor lives in (or is recycled from) a graph's private memory pool.
+    pair, the counter zeroed by a memset captured into the graph: graphs replayed concurrently then share
+    nothing, and no cached tensor lives in (or is recycled from) a graph's private memory pool.
     """
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(1, dtype=torch.int32, device=t.device)
-    stream = torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-    key = (t.device, stream)
-    counter = _counters.get(key)
-    if counter is None:
-        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=t.device)
-    return counter
+        return _new_scratch(t, programs)
+    key = (t.device, current_stream_handle(t.device.index) if t.is_cuda else 0)
+    pair = _scratch_cache.get(key)
+    if pair is None or pair[1].shape[0] < programs:
+        pair = _scratch_cache[key] = _new_scratch(t, max(programs, max_programs(t)))
+    return pair
 
 
-def block_sizes(rows: int, cols: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) for a [rows, cols] walk: cols up to 256 wide, ~2048 elements a tile."""
-    block_cols = min(triton.next_power_of_2(cols), _MAX_BLOCK_COLS)
-    block_rows = max(1, min(_TILE_ELEMENTS // block_cols, triton.next_power_of_2(rows)))
+def _new_scratch(t: torch.Tensor, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(1, dtype=torch.int32, device=t.device),
+            torch.empty(programs, dtype=torch.float32, device=t.device))
+
+
+def block_sizes(rows: int, cols: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) for a [rows, cols] walk: cols up to 256 wide, about `tile` elements a tile."""
+    block_cols = min(next_power_of_2(cols), _MAX_BLOCK_COLS)
+    block_rows = max(1, min(tile // block_cols, next_power_of_2(rows)))
     return block_rows, block_cols
 
 
 def num_warps_for(block_rows: int, block_cols: int) -> int:
-    """One warp per 128 tile elements, 1 to 8: 4 to 8 elements a thread (no spills at sm_80/sm_90, see
-    tests/aot_check.py), and no idle threads on the tiny tiles of small shapes."""
-    return max(1, min(8, block_rows * block_cols // 128))
+    """A warp per TUNING.elements_per_warp tile elements, 1 to TUNING.max_warps: no idle threads on the tiny
+    tiles of small shapes, and no register spills at sm_80/sm_90 (tests/aot_check.py)."""
+    return max(1, min(TUNING.max_warps, block_rows * block_cols // TUNING.elements_per_warp))
 
 
 def max_programs(t: torch.Tensor) -> int:
-    """Programs of a persistent grid: 4 per SM on CUDA (enough to hide latency, few partials to merge)."""
+    """Programs of a persistent grid: TUNING.programs_per_sm per SM on CUDA."""
     if not t.is_cuda:
         return 8  # the interpreter runs programs one after another: fewer is faster
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     count = _sm_counts.get(index)
     if count is None:
         count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * count
+    return TUNING.programs_per_sm * count
 
 
 _sm_counts: dict[int, int] = {}
@@ -312,24 +326,23 @@ def launch_forward(
     """(loss [] or [B, K] in x.dtype, colsums [2, K] fp32 or None); inputs validated by the caller."""
     B, D = x.shape
     K = index.shape[0]
-    block_b, block_k = block_sizes(B, K)
-    grid = (min(triton.cdiv(B, block_b), max_programs(x)),)
+    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
+    grid = (min(cdiv(B, block_b), max_programs(x)),)
     if shift is None:
         shift = scale = x  # never read: NORM == 0
-    with _device_guard(x):
+    with device_guard(x):
         if reduction == 0:
             out = torch.empty((B, K), dtype=x.dtype, device=x.device)
             partial = counter = out  # unused
         else:
             out = torch.empty((), dtype=x.dtype, device=x.device)
-            partial = torch.empty(grid[0], dtype=torch.float32, device=x.device)
-            counter = _ticket_counter(x)
+            counter, partial = scratch(x, grid[0])
         if colsums:
             sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
             sums_partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         else:
             sums = sums_partial = partial  # unused
-        _masked_mse_fwd_kernel[grid](
+        _FWD[grid](
             x, target, index, shift, scale, out, partial, sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1),
@@ -355,16 +368,16 @@ def launch_backward(
     """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype), both freshly allocated."""
     B, D = x.shape
     K = inv_k.shape[0]
-    block_b, block_d = block_sizes(B, D)
-    grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d))
+    block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
+    grid = (cdiv(B, block_b), cdiv(D, block_d))
     norm = {0: 0, 2: 1, 4: 2}[len(stats)]
     shift, scale, w, inv_n = (tuple(stats) + (x,) * 4)[:4]  # unused slots: any pointer, never read
     sums = x if sums is None else sums
     g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == 0 else (0, 0)
-    with _device_guard(x):
+    with device_guard(x):
         grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device)
         grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
-        _masked_mse_bwd_kernel[grid](
+        _BWD[grid](
             grad_loss, x, target, inv_ptr, inv_k, shift, scale, w, inv_n, sums, grad_x, grad_target,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), *g_strides,
@@ -373,6 +386,10 @@ def launch_backward(
             BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b, block_d),
         )  # fmt: skip
     return grad_x, grad_target
+
+
+_FWD = KernelLauncher(_masked_mse_fwd_kernel)
+_BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 
 def masked_mse_forward(x, target, index, shift, scale, nan_to_num: bool, reduction: int) -> torch.Tensor:

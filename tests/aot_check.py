@@ -43,14 +43,14 @@ def flag_grid():
             yield dtype, norm, 1, red, SHAPES
 
 
-def _blocks(shapes, pick):
-    return sorted({mm.block_sizes(B, pick(D, K)) for B, D, K in shapes})
+def _blocks(shapes, pick, tile):
+    return sorted({mm.block_sizes(B, pick(D, K), tile) for B, D, K in shapes})
 
 
 def kernel_specs():
     """(name, fn, signature, constexprs) for the configurations the launchers produce."""
     for dtype, norm, n2n, red, shapes in flag_grid():
-        for block_b, block_k in _blocks(shapes, lambda D, K: K):
+        for block_b, block_k in _blocks(shapes, lambda D, K: K, mm.TUNING.walk_tile):
             sig = {
                 "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
                 "out_ptr": dtype, "partial_ptr": "*fp32", "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
@@ -60,7 +60,7 @@ def kernel_specs():
             consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, COLSUMS=int(norm == 2 and red != 0),
                           BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=mm._BLOCK_P)
             yield "fwd", mm._masked_mse_fwd_kernel, sig, consts
-        for block_b, block_d in _blocks(shapes, lambda D, K: D):
+        for block_b, block_d in _blocks(shapes, lambda D, K: D, mm.TUNING.backward_tile):
             sig = {
                 "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "inv_ptr_ptr": "*i32", "inv_k_ptr": "*i32",
                 "shift_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "inv_n_ptr": "*fp32",
@@ -75,7 +75,7 @@ def kernel_specs():
                 yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
         if norm != 2:
             continue
-        for block_b, block_k in _blocks(shapes, lambda D, K: K):
+        for block_b, block_k in _blocks(shapes, lambda D, K: K, mm.TUNING.walk_tile):
             blocks = dict(BLOCK_B=block_b, BLOCK_K=block_k)
             for finalize in (0, 1):
                 sig = {"x_ptr": dtype, "idx_ptr": "*i64", "partial_ptr": "*fp32", "count_ptr": "*fp32",
