@@ -44,9 +44,8 @@ def _profiled(step, device: str, n: int, rows: int) -> tuple[str, float, float]:
             step()
         fb.synchronize(device)
     events = prof.key_averages()
-    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    device_us = sum(e.self_device_time_total for e in kernels) / n if kernels else 0.0
-    launches = sum(e.count for e in kernels) / n if kernels else 0.0
+    seconds, launches = fb.kernel_totals(events, n)
+    device_us = seconds * 1e6
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     return events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60), device_us, launches
 

@@ -182,8 +182,7 @@ def masked_mse_op(
     else through _EagerReference."""
     if not torch.compiler.is_compiling():
         if use_triton:
-            return _Eager.apply("masked", x, target, columns.index, columns.inv_ptr, columns.inv_k, shift, scale,
-                                nan_to_num, reduction, use_triton)
+            return _EagerKernels.apply(x, target, (columns, shift, scale, nan_to_num, reduction))
         if reference.composed_is_faster(x, columns.num_kept):
             return reference.masked_mse_composed(x, target, columns.index, shift, scale, nan_to_num, reduction)
         return _EagerReference.apply(x, target, columns.index, shift, scale, nan_to_num, reduction)
@@ -323,13 +322,36 @@ def batch_mse_op(
 #
 # A registered op's dispatch (schema parsing, the dispatcher, the generated autograd node) costs about
 # 190 µs per forward+backward on a 2-core CPU: more than the whole loss of a small batch, and on a GPU host
-# the difference between a fused step and an unfused one at B = 4. Eager calls therefore run the ops'
-# implementations, setup_context and backward through this thin autograd.Function; traced calls
-# (torch.compile, torch.export) use the registered ops, which the tracer needs.
+# the difference between a fused step and an unfused one at B = 4. Eager calls therefore skip it; traced
+# calls (torch.compile, torch.export) use the registered ops, which the tracer needs.
+
+
+class _EagerKernels(torch.autograd.Function):
+    """Eager Triton path of norm "none"/"stats": the two kernel launches and as little else as possible,
+    since at small B the step is host work. Features and target are saved (autograd checks that they were
+    not modified in place before the backward); the column map and statistics, module buffers that are never
+    written in place, ride on ctx in one tuple, which also spares autograd a look at each of them."""
+
+    @staticmethod
+    def forward(ctx, x, target, rest):
+        columns, shift, scale, nan_to_num, reduction = rest
+        ctx.save_for_backward(x, target)
+        ctx.rest = rest
+        return _kernels().masked_mse_forward(x, target, columns.index, shift, scale, nan_to_num, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        x, target = ctx.saved_tensors
+        columns, shift, scale, nan_to_num, reduction = ctx.rest
+        grad_x, grad_target = _kernels().masked_mse_backward(
+            grad_loss, x, target, columns.inv_ptr, columns.inv_k, shift, scale, nan_to_num, reduction
+        )
+        return grad_x, grad_target, None
+
 
 _EAGER = {
     # kind: (forward implementation, setup_context, autograd backward, backward implementation)
-    "masked": (_masked_forward_impl, _setup_context, _backward, _masked_backward_impl),
     "batch": (_batch_forward_impl, _batch_setup_context, _batch_backward, _batch_backward_impl),
 }
 

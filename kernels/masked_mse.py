@@ -250,7 +250,7 @@ class Tuning:
     """Launch shapes of every kernel; bench/tune_kernels.py times the alternatives on a GPU."""
 
     walk_tile: int = 2048  # elements of a program's tile in the walks over the K kept columns (forward, moments)
-    backward_tile: int = 2048  # elements of a backward program's tile ([rows, D columns])
+    backward_tile: int = 1024  # elements of a backward program's tile ([rows, D columns])
     elements_per_warp: int = 128  # a warp per 128 tile elements (4 a thread), up to max_warps
     max_warps: int = 8
     programs_per_sm: int = 4  # persistent grid of the walks: enough to hide latency, few partials to merge

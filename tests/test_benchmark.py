@@ -156,3 +156,16 @@ def test_a_wrong_answer_is_reported_not_timed(monkeypatch):
     rows = {row.provider: row for row in fb.run_case(case, ("reference", "eager"), "cpu", 0.01, None)}
     assert rows["reference"].status.startswith("error: ValueError: loss") and rows["reference"].ms is None
     assert rows["eager"].status == "ok" and rows["eager"].ms > 0
+
+
+def test_copy_target_uses_kernel_time_and_misses_say_what_bounds_the_step():
+    fused = _row("fused", 65536, 0.7, copy_fraction=0.1, device_ms=0.13, device_copy_fraction=0.5)
+    rows = [fused, _row("eager", 65536, 3.5), _row("compiled", 65536, 8.8)]
+    by = {v["baseline"]: v for v in fb.verdicts(rows, "cuda") if v["B"] == 65536}
+    assert by["copy"]["measured"] == pytest.approx(0.5) and "(kernel time)" in by["copy"]["target"]
+    assert by["copy"]["verdict"] == "miss by 38%" and "the kernels, not the host" in by["copy"]["why"]
+    assert by["eager"]["verdict"] == "miss by 50%" and by["eager"]["why"].startswith("host-bound")
+    assert by["compiled"]["verdict"] == "pass"
+    meta = {**fb.environment("cpu", None, "cmd"), "device": "cuda"}
+    md = fb.markdown({"meta": meta, "rows": [vars(r) for r in rows], "targets": []})
+    assert "kernels 0.13 ms" in md and "(50% of copy)" in md
