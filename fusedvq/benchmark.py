@@ -270,13 +270,21 @@ class Timing:
     steps_per_round: int
 
 
+# A round's length. On CUDA each round ends in a synchronize, whose cost must vanish in the round as it
+# does in a training loop that never synchronizes: on an H200 host, 2 ms rounds timed the fused B = 4 step
+# at 0.65 ms where 200 steps and one synchronize (bench/profile_step.py) took 0.30 ms.
+ROUND_SECONDS = {"cpu": 2e-3, "cuda": 25e-3}
+
+
 def time_side_by_side(steps: dict[str, Callable[[], None]], device: str, budget_s: float,
-                      min_rounds: int = 5, max_rounds: int = 50, round_s: float = 2e-3) -> dict[str, Timing]:
+                      min_rounds: int = 5, max_rounds: int = 50, round_s: Optional[float] = None
+                      ) -> dict[str, Timing]:
     """Per-step times of several steps measured in turns: round i of every step before round i + 1 of any.
 
     Each step is first run twice (compilation, first touches, allocator warm-up); a round then runs it n
     times back to back, n chosen so a round lasts about round_s, and synchronizes. Rounds continue until
     budget_s is spent (at least min_rounds, at most max_rounds)."""
+    round_s = round_s if round_s is not None else ROUND_SECONDS[device]
     per_round = {}
     for name, step in steps.items():
         synchronize(device)
