@@ -7,7 +7,7 @@ Providers (one step = the loss of x [B, D] against r [B, K], then its backward i
     reference  MaskedMSELoss(backend="reference"): fusedvq's PyTorch path (what runs on the CPU)
     eager      the straightforward fix: F.mse_loss(((x - mean) / std)[:, mask], recon), statistics of all
                D columns, boolean-mask gather (norm="batch": the batch's mean and std instead)
-    compiled   torch.compile(eager, dynamic=True), compiled once per norm and device
+    compiled   torch.compile(eager, dynamic=True), compiled once per norm, dtype and device
 
 Timing: for each (B, dtype, norm, mode) the providers take turns, round after round, so the ratios between
 them come from the same minutes of the same machine. A round runs n back-to-back steps and then
@@ -128,7 +128,7 @@ def eager_loss(mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, norm: 
     return eager
 
 
-_compiled: dict[tuple, LossFn] = {}  # (norm, device, D, K) → the one compiled eager function
+_compiled: dict[tuple, LossFn] = {}  # (norm, dtype, device, D, K) → the one compiled eager function
 
 
 def make_loss(provider: str, case: Case, device: str) -> LossFn:
@@ -149,10 +149,14 @@ def make_loss(provider: str, case: Case, device: str) -> LossFn:
             return fusedvq.MaskedMSELoss(mask, *stats, norm=case.norm, backend=backend).to(device)
         except NotImplementedError as err:
             raise Unavailable(str(err)) from None
+    # The straightforward fix holds its statistics in the features' dtype, as the rest of a bfloat16 model
+    # does: float32 statistics would promote z to float32 against a bfloat16 target, which F.mse_loss's
+    # CUDA backward rejects ("Found dtype BFloat16 but expected Float").
+    mean, std = mean.to(getattr(torch, case.dtype)), std.to(getattr(torch, case.dtype))
     if provider == "eager":
         return eager_loss(mask, mean, std, case.norm)
     if provider == "compiled":
-        key = (case.norm, device, case.D, case.K)
+        key = (case.norm, case.dtype, device, case.D, case.K)
         if key not in _compiled:
             if not hasattr(torch, "compile"):
                 raise Unavailable("torch.compile is not available in this torch")

@@ -169,3 +169,12 @@ def test_copy_target_uses_kernel_time_and_misses_say_what_bounds_the_step():
     meta = {**fb.environment("cpu", None, "cmd"), "device": "cuda"}
     md = fb.markdown({"meta": meta, "rows": [vars(r) for r in rows], "targets": []})
     assert "kernels 0.13 ms" in md and "(50% of copy)" in md
+
+
+def test_eager_baseline_computes_in_the_features_dtype():
+    case = fb.Case(8, "bfloat16", "stats", "forward+backward")
+    inputs = fb.make_inputs(case, "cpu")
+    loss = fb.make_loss("eager", case, "cpu")(inputs.x, inputs.r)
+    assert loss.dtype == torch.bfloat16  # float32 statistics would promote it (and break its CUDA backward)
+    loss.backward()
+    assert inputs.x.grad.dtype == torch.bfloat16
