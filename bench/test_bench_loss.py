@@ -47,7 +47,7 @@ def test_loss_step(benchmark, device, copy_rate, provider, case):
     if provider != "compiled":  # (saved-tensor hooks would be traced into the compiled function)
         benchmark.extra_info["saved_bytes"] = fb.saved_bytes(loss_fn, inputs)
     if device == "cuda":
-        benchmark.extra_info["peak_bytes"] = fb.peak_bytes(step, device)
+        benchmark.extra_info["peak_bytes"] = fb.peak_bytes(step, device, inputs)
     benchmark.pedantic(synchronized_step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median

@@ -18,7 +18,7 @@ On CUDA the cases the targets read (float32, norm="stats", forward+backward) als
 kernel time per step (torch.profiler: the device's own work, the host's overhead excluded), and the
 bandwidth that time implies: what the kernels achieve, where the wall time may be the host's.
 Memory: the bytes autograd saves for the backward beyond the inputs (any device), and on CUDA the peak
-allocation of a step above what was allocated before it. bench/ runs the same providers under
+allocation of a step above the inputs (its gradients included). bench/ runs the same providers under
 pytest-benchmark.
 """
 
@@ -216,10 +216,12 @@ def saved_bytes(loss_fn: LossFn, inputs: Inputs) -> int:
     return sum(seen.values())
 
 
-def peak_bytes(step: Callable[[], None], device: str) -> Optional[int]:
-    """CUDA only: the peak allocation during one step above what was allocated before it (the inputs)."""
+def peak_bytes(step: Callable[[], None], device: str, inputs: Inputs) -> Optional[int]:
+    """CUDA only: the peak allocation during one step above the inputs (gradients of an earlier step are
+    freed first, so the step's own gradients count)."""
     if device != "cuda":
         return None
+    inputs.x.grad = inputs.r.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -363,7 +365,7 @@ def run_case(case: Case, providers: tuple[str, ...], device: str, budget_s: floa
                 _check_value(loss_fn(inputs.x, inputs.r), expected, case)
             if provider != "compiled":  # hooks would be traced into (and recompile) the compiled function
                 rows[provider].saved_bytes = saved_bytes(loss_fn, inputs)
-            rows[provider].peak_bytes = peak_bytes(steps[provider], device)
+            rows[provider].peak_bytes = peak_bytes(steps[provider], device, inputs)
         except Exception as err:  # a provider that breaks on one case must not sink the matrix
             rows[provider].status = _error(err)
             steps.pop(provider, None)
@@ -641,7 +643,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     meta, rows = report["meta"], [Row(**r) for r in report["rows"]]
-    panels = sorted({(r.norm, r.dtype, r.mode) for r in rows}, key=_display_order)
+    panels = sorted({(r.norm, r.dtype, r.mode) for r in rows if r.ms}, key=_display_order)  # measured ones
     cols = min(2, max(1, len(panels)))
     nrows = math.ceil(len(panels) / cols) if panels else 1
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.2 * nrows), squeeze=False)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +65,14 @@ def check_parity(backend, device, x, r, columns, mean_raw, std_raw, *, stats="ra
     errs = {"loss": rel_err(loss, ref_loss), "grad_x": rel_err(x.grad, ref_gx), "grad_r": rel_err(r.grad, ref_gr)}
     assert all(e <= tol for e in errs.values()), f"relative errors {errs} exceed {tol} for {dtype}"
     return loss, x.grad, r.grad
+
+
+def run_compiler_check(script: str) -> list[dict]:
+    """Run tests/<script> in a fresh process without TRITON_INTERPRET (which would replace the kernels by
+    interpreted functions) and return the JSON records it prints, one per line."""
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, str(here / script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -1,26 +1,16 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 without register spills (no GPU needed)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
-HERE = Path(__file__).resolve().parent
+from helpers import run_compiler_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def records():
-    # A fresh process without TRITON_INTERPRET: the interpreter would replace the kernels being compiled.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, str(HERE / "aot_check.py")], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return run_compiler_check("aot_check.py")
 
 
 def test_every_kernel_compiled_for_both_archs(records):

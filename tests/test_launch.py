@@ -1,27 +1,15 @@
 """kernels/launch.py: the direct launch passes Triton's launcher exactly what Triton's own launch passes,
 and reuses a compiled kernel only where Triton would pick the same one (tests/launch_check.py, no GPU)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 triton = pytest.importorskip("triton")
-HERE = Path(__file__).resolve().parent
+from helpers import run_compiler_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cases():
-    # A fresh process without TRITON_INTERPRET, which would replace the kernels by interpreted functions.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, str(HERE / "launch_check.py")], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return {c["case"]: c for c in map(json.loads, filter(lambda line: line.startswith("{"), out.stdout.splitlines()))}
+    return {c["case"]: c for c in run_compiler_check("launch_check.py")}
 
 
 def test_direct_launch_passes_what_triton_passes(cases):
