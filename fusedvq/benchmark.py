@@ -356,7 +356,7 @@ def run_case(case: Case, providers: tuple[str, ...], device: str, budget_s: floa
         except Exception as err:  # a provider that cannot even be built must not sink the matrix
             row.status = _error(err)
     inputs = make_inputs(case, device) if losses else None
-    expected = _eager_value(case, inputs, device) if losses else None
+    expected = _eager_value(case, inputs) if losses else None
     for provider, loss_fn in losses.items():
         try:
             steps[provider] = make_step(loss_fn, inputs, case.mode)
@@ -392,7 +392,7 @@ def _is_target_case(case: Case) -> bool:
     return (case.dtype, case.norm, case.mode) == ("float32", "stats", "forward+backward")
 
 
-def _eager_value(case: Case, inputs: Inputs, device: str) -> float:
+def _eager_value(case: Case, inputs: Inputs) -> float:
     """The loss of this case by the eager composition in float64: what every provider must return."""
     x, r = inputs.x.detach().double(), inputs.r.detach().double()
     with torch.no_grad():

@@ -10,10 +10,10 @@ arguments.
 
 The cache key holds more than Triton specializes on (tensor dtypes and 16-byte alignment of data pointers;
 the scalar arguments' values, of which Triton looks at an integer's width, whether it is 1 and whether 16
-divides it), so a cached kernel is only reused where Triton would pick the same one. The direct path is used only for CUDA tensors, with Triton versions
-that have the launcher interface it relies on (`triton.knobs`, `CompiledKernel.packed_metadata`), and
-only while no launch hooks are registered (profilers add them; they then get Triton's own path).
-FUSEDVQ_TRITON_DIRECT_LAUNCH=0 turns it off.
+divides it), so a cached kernel is only reused where Triton would pick the same one. The direct path is
+used only for CUDA tensors, with Triton versions that have the launcher interface it relies on
+(`triton.knobs`, `CompiledKernel.packed_metadata`), and only while no launch hooks are registered
+(profilers add them; they then get Triton's own path). FUSEDVQ_TRITON_DIRECT_LAUNCH=0 turns it off.
 """
 
 from __future__ import annotations
