@@ -1,7 +1,7 @@
 """Cross-rank batch statistics for norm="batch" (sync_stats=True), as SyncBatchNorm does them.
 
-Forward: each rank's (count, mean [K], M2 [K]) are all-gathered and merged with Chan's formula in rank
-order (the same numbers on every rank). Backward: the per-column gradient sums S [2, K] are all-reduced.
+Forward: each rank's (count, shift [K], mean [K], M2 [K]) are all-gathered and merged with Chan's formula
+in rank order, in float64 (the same numbers on every rank). Backward: the per-column gradient sums S [2, K] are all-reduced.
 Ranks with unequal batch sizes, or none at all, take part in every collective, so nobody waits forever.
 The registered ops receive a process group as a string key (op schemas cannot carry a ProcessGroup).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .reference import finalize_batch_stats
+from .reference import finalize_batch_stats, merge_moments
 
 _groups: dict[str, object] = {}
 WORLD = "world"
@@ -35,26 +35,16 @@ def _group(key: str):
     return None if key == WORLD else _groups[key]
 
 
-def merge_two(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan's merge of two (count, mean, M2) summaries; counts are 0-d tensors, either may be 0."""
-    n = n_a + n_b
-    frac = torch.where(n > 0, n_b / n.clamp_min(1), torch.zeros_like(n))
-    delta = mean_b - mean_a
-    return n, mean_a + delta * frac, m2_a + m2_b + delta.square() * (n_a * frac)
-
-
 def merged_stats_fn(key: str, eps: float):
-    """(count, mean [K], M2 [K]) of this rank -> stats [4, K] over all ranks (see reference.py)."""
+    """(count, c [K], m [K], M2 [K]) of this rank -> stats [5, K] over all ranks (see reference.py)."""
 
-    def merge_and_finalize(count: int, mean: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    def merge_and_finalize(count: int, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
         K = mean.shape[0]
-        payload = torch.cat([mean.new_full((1,), float(count)), mean, m2])  # [1 + 2K]
+        payload = torch.cat([mean.new_full((1,), float(count)), shift, mean, m2])  # [1 + 3K]
         gathered = [torch.empty_like(payload) for _ in range(dist.get_world_size(_group(key)))]
         dist.all_gather(gathered, payload, group=_group(key))
-        n, mu, m2_all = payload.new_zeros(()), torch.zeros_like(mean), torch.zeros_like(m2)
-        for part in gathered:  # rank order: every rank merges identically
-            n, mu, m2_all = merge_two(n, mu, m2_all, part[0], part[1 : 1 + K], part[1 + K :])
-        return finalize_batch_stats(n, mu, m2_all, eps)
+        parts = [(p[0], p[1 : 1 + K], p[1 + K : 1 + 2 * K], p[1 + 2 * K :]) for p in gathered]  # rank order
+        return finalize_batch_stats(*merge_moments(parts, mean.dtype), eps)
 
     return merge_and_finalize
 

@@ -195,7 +195,7 @@ def masked_mse_op(
 # ------------------------------------------------------------------------------------ norm="batch"
 #
 #   fusedvq::batch_mse_forward(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton,
-#                              group) -> (loss, stats [4, K], colsums [2, K], or [0, K] for reduction none)
+#                              group) -> (loss, stats [5, K], colsums [2, K], or [0, K] for reduction none)
 #   fusedvq::batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
 #                               reduction, use_triton, group) -> (grad_x, grad_target)
 # group: "" for this batch's own statistics, else a key from distributed.group_key (all ranks' rows).
@@ -243,7 +243,7 @@ def _(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, 
     K = index.shape[0]
     cdt = torch.float32 if use_triton else compute_dtype(x.dtype)
     colsums = x.new_empty((0 if reduction == REDUCTION_NONE else 2, K), dtype=cdt)  # none: the backward sums
-    return x.new_empty(_loss_shape(x, index, reduction)), x.new_empty((4, K), dtype=cdt), colsums
+    return x.new_empty(_loss_shape(x, index, reduction)), x.new_empty((reference.NUM_STATS, K), dtype=cdt), colsums
 
 
 def _batch_backward_impl(

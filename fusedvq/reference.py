@@ -270,34 +270,63 @@ def masked_mse_composed(
 # Batch statistics of the kept columns (over all ranks when synchronized), N rows in all:
 #     μ[k] = mean_b x̃[b, index[k]],  σ[k] = sqrt(M2[k] / (N − 1)),  σ'[k] = 1 if σ[k] < eps else σ[k]
 #     z = nan_to_num((x̃[:, index] − μ) / σ'),  diff = z − r,  e = diff²
-# Held as stats [4, K] = (μ, 1/σ', w, 1/N) with w = 1/(N − 1), or 0 where σ' = 1 (no gradient through σ);
-# N < 2 leaves σ undefined and is treated as σ' = 1. The backward is batch norm's (m = the finite-z mask):
-#     dz = 2·g·diff·m,  S1 = Σ_b dz,  S2 = Σ_b dz·z                   (sums over all N rows)
+# The moments are taken around a shift c[k] from the data (the column's first row): μ = c + m with
+# m = mean_b (x̃ − c), M2 = Σ_b (x̃ − c − m)², and z = ((x̃ − c) − m)/σ'. In float32 this is exact where it
+# matters: a column constant within the batch has x̃ − c = 0, so m = M2 = 0 (σ' = 1, z = 0), and an offset
+# |μ| ≫ σ is subtracted exactly (x̃ − c loses nothing when x̃ and c are close), where (x̃ − fl(μ)) would carry
+# fl(μ)'s rounding — ulp(1e4) = 1e-3, a tenth of σ = 0.01 — into every z.
+# Held as stats [5, K] = (c, m, 1/σ', w, 1/N) with w = 1/(N − 1), or 0 where σ' = 1 (no gradient through σ);
+# N < 2 leaves σ undefined and is treated as σ' = 1. The backward is batch norm's (mask = finite z):
+#     dz = 2·g·diff·mask,  S1 = Σ_b dz,  S2 = Σ_b dz·z                (sums over all N rows)
 #     ∂L/∂x̃[b, index[k]] += (1/σ')·(dz − S1/N − z·S2·w),   ∂L/∂r = −2·g·diff
-# For reduction mean/sum g is one number, so S1 = 2g·A1 and S2 = 2g·A2 with column sums A = (Σ diff·m,
-# Σ diff·m·z) that the forward already computes: the backward then needs no reduction of its own.
+# (exact for the exact μ, σ; it needs Σ_b z = 0 only to the accuracy z has, which the shift provides).
+# For reduction mean/sum g is one number, so S1 = 2g·A1 and S2 = 2g·A2 with column sums A = (Σ diff·mask,
+# Σ diff·mask·z) that the forward already computes: the backward then needs no reduction of its own.
 
-STAT_MEAN, STAT_RSTD, STAT_W, STAT_INV_N = range(4)
+STAT_SHIFT, STAT_MEAN, STAT_RSTD, STAT_W, STAT_INV_N = range(5)
+NUM_STATS = 5
 
 
-def column_moments(xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [K], M2 [K]) of xk [B, K] over its rows, two-pass; zeros for B = 0."""
+def column_moments(xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shift c [K], m [K], M2 [K]) of xk [B, K] over its rows: c = the first row, m = mean(xk − c),
+    M2 = Σ (xk − c − m)²; zeros for B = 0."""
     if xk.shape[0] == 0:
         zeros = xk.new_zeros(xk.shape[1])
-        return zeros, zeros.clone()
-    mean = xk.mean(0)
-    return mean, (xk - mean).square_().sum(0)
+        return zeros, zeros.clone(), zeros.clone()
+    shift = xk[0].clone()
+    dev = xk - shift
+    mean = dev.mean(0)
+    return shift, mean, dev.sub_(mean).square_().sum(0)
 
 
-def finalize_batch_stats(count, mean: torch.Tensor, m2: torch.Tensor, eps: float) -> torch.Tensor:
-    """stats [4, K] = (μ, 1/σ', w, 1/N) from N rows' (mean, M2); count is an int or a 0-d tensor."""
+def merge_moments(parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, c, m, M2) over several parts [(count, c, m, M2), ...] (e.g. one per rank), merged in float64 with
+    Chan's formula around the shift of the first part that has rows, so that a column constant over all
+    parts still has m = M2 = 0 exactly; every caller given the same parts in the same order gets the same
+    bits. Results in `dtype` (N as a 0-d tensor)."""
+    wide = [(torch.as_tensor(n, dtype=torch.float64), c.double(), m.double(), m2.double()) for n, c, m, m2 in parts]
+    counts = torch.stack([n for n, *_ in wide])
+    N = counts.sum()
+    has_rows = counts > 0
+    first = int(has_rows.nonzero()[0]) if bool(has_rows.any()) else 0
+    shift = wide[first][1]
+    means = torch.stack([(c - shift) + m for _, c, m, _ in wide])  # [P, K] around the common shift
+    mean = (counts[:, None] * means).sum(0) / N.clamp_min(1)
+    spread = torch.where(has_rows[:, None], counts[:, None] * (means - mean).square(), torch.zeros_like(means))
+    m2 = torch.stack([m2 for *_, m2 in wide]).sum(0) + spread.sum(0)
+    return N.to(dtype), shift.to(dtype), mean.to(dtype), m2.to(dtype)
+
+
+def finalize_batch_stats(count, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """stats [5, K] = (c, m, 1/σ', w, 1/N) from N rows' (c, m, M2); count is an int or a 0-d tensor."""
     n = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
     sigma = torch.sqrt(m2 / (n - 1).clamp_min(1))
     flat = (sigma < eps) | (n < 2)  # σ' = 1 and no gradient through σ
     rstd = torch.where(flat, torch.ones_like(sigma), sigma.reciprocal())
     w = torch.where(flat, torch.zeros_like(sigma), (n - 1).clamp_min(1).reciprocal().expand_as(sigma))
     inv_n = n.clamp_min(1).reciprocal().expand_as(sigma)
-    return torch.stack([mean, rstd, w, inv_n])
+    return torch.stack([shift, mean, rstd, w, inv_n])
 
 
 def _gather_finite(x, index, nan_to_num):
@@ -310,7 +339,7 @@ def _gather_finite(x, index, nan_to_num):
 
 
 def _normalized(xk, stats):
-    z = (xk - stats[STAT_MEAN]) * stats[STAT_RSTD]
+    z = ((xk - stats[STAT_SHIFT]) - stats[STAT_MEAN]) * stats[STAT_RSTD]
     z_ok = torch.isfinite(z)
     return z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), z_ok
 
@@ -322,15 +351,15 @@ def batch_mse_forward(
     eps: float,
     nan_to_num: bool,
     reduction: int,
-    merge_and_finalize=None,  # (count, mean, M2) -> stats [4, K] over all ranks; None: this batch only
+    merge_and_finalize=None,  # (count, c, m, M2) -> stats [5, K] over all ranks; None: this batch only
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats [4, K], column sums [2, K]) in the compute dtype (loss in x.dtype)."""
+    """(loss, stats [5, K], column sums [2, K]) in the compute dtype (loss in x.dtype)."""
     xk, _ = _gather_finite(x, index, nan_to_num)
-    mean, m2 = column_moments(xk)
+    moments = column_moments(xk)
     if merge_and_finalize is not None:
-        stats = merge_and_finalize(xk.shape[0], mean, m2)
+        stats = merge_and_finalize(xk.shape[0], *moments)
     else:
-        stats = finalize_batch_stats(xk.shape[0], mean, m2, eps)
+        stats = finalize_batch_stats(xk.shape[0], *moments, eps)
     z, z_ok = _normalized(xk, stats)
     diff = z.sub(target)
     if reduction == REDUCTION_NONE:  # the backward sums with g[b, k] itself: no column sums ([0, K])
@@ -349,7 +378,7 @@ def batch_mse_backward(
     x: torch.Tensor,  # [B, D]
     target: torch.Tensor,  # [B, K]
     index: torch.Tensor,  # [K]
-    stats: torch.Tensor,  # [4, K] from the forward
+    stats: torch.Tensor,  # [5, K] from the forward
     colsums: torch.Tensor,  # [2, K] from the forward ([0, K] for reduction "none")
     nan_to_num: bool,
     reduction: int,

@@ -1,9 +1,10 @@
 """norm="batch": column statistics of the kept columns, and the launch plan around masked_mse's kernels.
 
 The math is stated in reference.py (section norm="batch"). Launches, for any B:
-    forward   1. _column_moments_kernel: per-program Chan-merged (mean, M2) of each kept column; the last
-                 program merges them in program order and writes stats [4, K] = (μ, 1/σ', w, 1/N)
-                 (or, with cross-rank sync, the local (mean, M2) for the caller to merge across ranks)
+    forward   1. _column_moments_kernel: per-program Chan-merged (m, M2) of each kept column around the shift
+                 c (its first row); the last program merges them in program order and writes stats [5, K]
+                 = (c, m, 1/σ', w, 1/N) (or, with cross-rank sync, the local (c, m, M2) for the caller to
+                 merge across ranks)
               2. masked_mse's forward kernel with NORM=2: z, the loss and the column sums A [2, K]
     backward  mean/sum: masked_mse's backward kernel alone (S = g·A)
               none:     _dz_sums_kernel (S1 = Σ dz, S2 = Σ dz·z), then the backward kernel
@@ -35,12 +36,14 @@ from .masked_mse import (
 
 @triton.jit
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, M2) summaries; n_a is a scalar, n_b a scalar."""
+    """Merge two (count, mean, M2) summaries (counts are scalars, either may be 0). The cross term is
+    added only when both have rows, so a huge mean never meets a zero count (no inf·0 = NaN)."""
     n = n_a + n_b
-    frac = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * frac
-    m2 = m2_a + m2_b + delta * delta * (n_a * frac)
+    both = (n_a > 0) & (n_b > 0)
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = tl.where(both, mean_b - mean_a, 0.0)
+    mean = tl.where(n_a > 0, mean_a + delta * frac, mean_b)
+    m2 = m2_a + m2_b + tl.where(both, delta * delta * (n_a * frac), 0.0)
     return n, mean, m2
 
 
@@ -48,9 +51,9 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 def _column_moments_kernel(
     x_ptr,  # [B, D] features, any strides
     idx_ptr,  # [K] int64 kept columns
-    partial_ptr,  # [num_programs, 2, K] fp32 workspace: each program's (mean, M2)
+    partial_ptr,  # [num_programs, 2, K] fp32 workspace: each program's (m, M2) around the shift
     count_ptr,  # [num_programs] fp32 workspace: each program's row count
-    stats_ptr,  # FINALIZE: [4, K] fp32 (μ, 1/σ', w, 1/N); else [2, K] fp32 (mean, M2) of this batch
+    stats_ptr,  # FINALIZE: [5, K] fp32 (c, m, 1/σ', w, 1/N); else [3, K] fp32 (c, m, M2) of this batch
     counter_ptr,  # [1] int32 ticket counter, zero between launches
     B,
     K,
@@ -69,6 +72,10 @@ def _column_moments_kernel(
     n = 0.0
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = _kept_columns(idx_ptr, k0, K, D, BLOCK_K)
+        # The shift c: the column's first row (reference.py: a constant column gives m = M2 = 0 exactly).
+        c = tl.load(x_ptr + d * stride_xd, mask=col_ok, other=0.0).to(tl.float32)
+        if NAN_TO_NUM:
+            c = tl.where(tl.abs(c) <= _FLT_MAX, c, 0.0)
         n = 0.0
         mean = tl.zeros([BLOCK_K], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -80,13 +87,16 @@ def _column_moments_kernel(
             xv = xv.to(tl.float32)
             if NAN_TO_NUM:
                 xv = tl.where(tl.abs(xv) <= _FLT_MAX, xv, 0.0)
+            dv = tl.where(ok, xv - c[None, :], 0.0)
             n_tile = tl.sum(row_ok.to(tl.float32), axis=0)
-            tile_mean = tl.sum(xv, axis=0) / n_tile
-            dev = tl.where(ok, xv - tile_mean[None, :], 0.0)
+            tile_mean = tl.sum(dv, axis=0) / n_tile
+            dev = tl.where(ok, dv - tile_mean[None, :], 0.0)
             n, mean, m2 = _chan_merge(n, mean, m2, n_tile, tile_mean, tl.sum(dev * dev, axis=0))
         base = partial_ptr + pid.to(tl.int64) * 2 * K + cols
         tl.store(base, mean, mask=col_ok)
         tl.store(base + K, m2, mask=col_ok)
+        if pid == 0:
+            tl.store(stats_ptr + cols, c, mask=col_ok)
     tl.store(count_ptr + pid, n)
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
@@ -103,18 +113,18 @@ def _column_moments_kernel(
                 mean_p = tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
                 m2_p = tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
                 n, mean, m2 = _chan_merge(n, mean, m2, n_p, mean_p, m2_p)
-            tl.store(stats_ptr + cols, mean, mask=col_ok)
+            tl.store(stats_ptr + K + cols, mean, mask=col_ok)
             if FINALIZE:  # reference.finalize_batch_stats, per column
                 n_k = tl.zeros([BLOCK_K], dtype=tl.float32) + n
                 sigma = tl.sqrt(m2 / tl.maximum(n_k - 1.0, 1.0))
                 flat = (sigma < eps) | (n_k < 2.0)
                 rstd = tl.where(flat, 1.0, 1.0 / sigma)
                 w = tl.where(flat, 0.0, 1.0 / tl.maximum(n_k - 1.0, 1.0))
-                tl.store(stats_ptr + K + cols, rstd, mask=col_ok)
-                tl.store(stats_ptr + 2 * K + cols, w, mask=col_ok)
-                tl.store(stats_ptr + 3 * K + cols, 1.0 / tl.maximum(n_k, 1.0), mask=col_ok)
+                tl.store(stats_ptr + 2 * K + cols, rstd, mask=col_ok)
+                tl.store(stats_ptr + 3 * K + cols, w, mask=col_ok)
+                tl.store(stats_ptr + 4 * K + cols, 1.0 / tl.maximum(n_k, 1.0), mask=col_ok)
             else:
-                tl.store(stats_ptr + K + cols, m2, mask=col_ok)
+                tl.store(stats_ptr + 2 * K + cols, m2, mask=col_ok)
         tl.atomic_xchg(counter_ptr, 0)
 
 
@@ -124,7 +134,8 @@ def _dz_sums_kernel(
     x_ptr,  # [B, D] features, any strides
     r_ptr,  # [B, K] target, any strides
     idx_ptr,  # [K] int64
-    shift_ptr,  # [K] fp32 μ
+    shift_ptr,  # [K] fp32 c, the moments' shift
+    center_ptr,  # [K] fp32 m, the batch mean around c
     scale_ptr,  # [K] fp32 1/σ'
     partial_ptr,  # [num_programs, 2, K] fp32 workspace
     sums_ptr,  # [2, K] fp32 out: S1 = Σ_b dz, S2 = Σ_b dz·z with dz = 2·g·diff·m
@@ -148,6 +159,7 @@ def _dz_sums_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = _kept_columns(idx_ptr, k0, K, D, BLOCK_K)
         mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+        center = tl.load(center_ptr + cols, mask=col_ok, other=0.0)
         inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
         s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -158,7 +170,7 @@ def _dz_sums_kernel(
             z = xv.to(tl.float32)
             if NAN_TO_NUM:
                 z = tl.where(tl.abs(z) <= _FLT_MAX, z, 0.0)
-            z = (z - mu[None, :]) * inv_sigma[None, :]
+            z = ((z - mu[None, :]) - center[None, :]) * inv_sigma[None, :]
             z_ok = tl.abs(z) <= _FLT_MAX
             z = tl.where(z_ok, z, 0.0)
             rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
@@ -181,10 +193,10 @@ _DZ_SUMS = KernelLauncher(_dz_sums_kernel)
 
 
 def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool, finalize: bool):
-    """FINALIZE: stats [4, K] fp32 (μ, 1/σ', w, 1/N); else [2, K] fp32 (mean, M2) of these B rows."""
+    """FINALIZE: stats [5, K] fp32 (c, m, 1/σ', w, 1/N); else [3, K] fp32 (c, m, M2) of these B rows."""
     B, D = x.shape
     K = index.shape[0]
-    rows = torch.empty((4 if finalize else 2, K), dtype=torch.float32, device=x.device)
+    rows = torch.empty((5 if finalize else 3, K), dtype=torch.float32, device=x.device)
     if B == 0:  # a rank without rows: nothing to launch
         return rows.zero_()
     block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
@@ -202,20 +214,20 @@ def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num:
 
 
 def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction: int, merge_and_finalize=None):
-    """(loss, stats [4, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
-    with g itself: no launch to fill them). merge_and_finalize(count, mean, M2) -> stats [4, K]
+    """(loss, stats [5, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
+    with g itself: no launch to fill them). merge_and_finalize(count, c, m, M2) -> stats [5, K]
     turns this batch's moments into statistics over all ranks; None: this batch's own."""
     B, K = x.shape[0], index.shape[0]
     if merge_and_finalize is None:
         stats = column_moments(x, index, eps, nan_to_num, finalize=True)
     else:
-        mean, m2 = column_moments(x, index, eps, nan_to_num, finalize=False)
-        stats = merge_and_finalize(B, mean, m2)
+        shift, mean, m2 = column_moments(x, index, eps, nan_to_num, finalize=False)
+        stats = merge_and_finalize(B, shift, mean, m2)
     if B == 0:
         shape = (0, K) if reduction == 0 else ()
         return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
     loss, colsums = launch_forward(
-        x, target, index, stats[0], stats[1], 2, nan_to_num, reduction, colsums=reduction != 0
+        x, target, index, stats[0], stats[2], 2, nan_to_num, reduction, colsums=reduction != 0, center=stats[1]
     )
     return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
 
@@ -232,7 +244,7 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tenso
     with device_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         _DZ_SUMS[grid](
-            grad_loss, x, target, index, stats[0], stats[1], partial, sums, scratch(x, grid[0])[0],
+            grad_loss, x, target, index, stats[0], stats[1], stats[2], partial, sums, scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
             target.stride(0), target.stride(1),
             NAN_TO_NUM=int(nan_to_num), BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps_for(block_b, block_k),

@@ -69,7 +69,8 @@ def _masked_mse_fwd_kernel(
     x_ptr,  # [B, D] features, any strides, fp32/fp16/bf16
     r_ptr,  # [B, K] target, any strides, dtype of x
     idx_ptr,  # [K] int64: feature column read by kept column k
-    shift_ptr,  # [K] fp32: μ (NORM >= 1)
+    shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
+    center_ptr,  # [K] fp32: m, the batch mean around c (NORM 2): z = ((x − c) − m)·(1/σ')
     scale_ptr,  # [K] fp32: 1/σ (NORM >= 1)
     out_ptr,  # REDUCTION 0: [B, K] contiguous; else []: dtype of x
     partial_ptr,  # [num_programs] fp32 workspace (mean/sum)
@@ -101,6 +102,8 @@ def _masked_mse_fwd_kernel(
         if NORM >= 1:
             mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
             inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
+        if NORM == 2:
+            center = tl.load(center_ptr + cols, mask=col_ok, other=0.0)
         if COLSUMS:
             sum_m = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
             sum_mz = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -112,9 +115,10 @@ def _masked_mse_fwd_kernel(
             z = xv.to(tl.float32)
             if NAN_TO_NUM:
                 z = tl.where(tl.abs(z) <= _FLT_MAX, z, 0.0)
-            if NORM >= 1:
+            if NORM == 1:
                 z = (z - mu[None, :]) * inv_sigma[None, :]
             if NORM == 2:
+                z = ((z - mu[None, :]) - center[None, :]) * inv_sigma[None, :]
                 z_ok = tl.abs(z) <= _FLT_MAX
                 z = tl.where(z_ok, z, 0.0)
             rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
@@ -155,7 +159,8 @@ def _masked_mse_bwd_kernel(
     r_ptr,  # [B, K] target, any strides
     inv_ptr_ptr,  # [D+1] int32 CSR pointers: kept columns reading column d are inv_k[inv_ptr[d]:inv_ptr[d+1]]
     inv_k_ptr,  # [K] int32
-    shift_ptr,  # [K] fp32: μ (NORM >= 1)
+    shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
+    center_ptr,  # [K] fp32: m, the batch mean around c (NORM 2)
     scale_ptr,  # [K] fp32: 1/σ, or 1/σ' (NORM >= 1)
     w_ptr,  # [K] fp32: 1/(N − 1), or 0 where σ' = 1 (NORM 2; reference.py states the batch math)
     inv_n_ptr,  # [K] fp32: 1/N (NORM 2)
@@ -210,8 +215,11 @@ def _masked_mse_bwd_kernel(
         if NORM >= 1:
             mu = tl.load(shift_ptr + k, mask=has, other=0.0)
             inv_sigma = tl.load(scale_ptr + k, mask=has, other=1.0)
+        if NORM == 1:
             z = (xv - mu[None, :]) * inv_sigma[None, :]
         if NORM == 2:
+            center = tl.load(center_ptr + k, mask=has, other=0.0)
+            z = ((xv - mu[None, :]) - center[None, :]) * inv_sigma[None, :]
             z_ok = tl.abs(z) <= _FLT_MAX
             z = tl.where(z_ok, z, 0.0)
         if REDUCTION == 0:
@@ -322,6 +330,7 @@ def launch_forward(
     nan_to_num: bool,
     reduction: int,  # 0 none, 1 mean, 2 sum
     colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
+    center=None,  # norm "batch": [K] fp32 m, the batch mean around the shift passed as `shift`
 ):
     """(loss [] or [B, K] in x.dtype, colsums [2, K] fp32 or None); inputs validated by the caller."""
     B, D = x.shape
@@ -330,6 +339,8 @@ def launch_forward(
     grid = (min(cdiv(B, block_b), max_programs(x)),)
     if shift is None:
         shift = scale = x  # never read: NORM == 0
+    if center is None:
+        center = shift  # never read: NORM < 2
     with device_guard(x):
         if reduction == 0:
             out = torch.empty((B, K), dtype=x.dtype, device=x.device)
@@ -343,7 +354,7 @@ def launch_forward(
         else:
             sums = sums_partial = partial  # unused
         _FWD[grid](
-            x, target, index, shift, scale, out, partial, sums_partial, sums, counter,
+            x, target, index, shift, center, scale, out, partial, sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1),
             1.0 / (B * K) if reduction == 1 else 1.0,
@@ -359,7 +370,7 @@ def launch_backward(
     target: torch.Tensor,  # [B, K]
     inv_ptr: torch.Tensor,  # [D+1] int32
     inv_k: torch.Tensor,  # [K] int32
-    stats,  # tuple of [K] fp32 views: () none, (μ, 1/σ) stats, (μ, 1/σ', w, 1/N) batch
+    stats,  # tuple of [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', w, 1/N) batch
     nan_to_num: bool,
     reduction: int,
     sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
@@ -370,15 +381,19 @@ def launch_backward(
     K = inv_k.shape[0]
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
     grid = (cdiv(B, block_b), cdiv(D, block_d))
-    norm = {0: 0, 2: 1, 4: 2}[len(stats)]
-    shift, scale, w, inv_n = (tuple(stats) + (x,) * 4)[:4]  # unused slots: any pointer, never read
+    norm = {0: 0, 2: 1, 5: 2}[len(stats)]
+    if norm == 2:
+        shift, center, scale, w, inv_n = stats
+    else:
+        shift, scale = stats if stats else (x, x)  # unused slots: any pointer, never read
+        center = w = inv_n = x
     sums = x if sums is None else sums
     g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == 0 else (0, 0)
     with device_guard(x):
         grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device)
         grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
         _BWD[grid](
-            grad_loss, x, target, inv_ptr, inv_k, shift, scale, w, inv_n, sums, grad_x, grad_target,
+            grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums, grad_x, grad_target,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), *g_strides,
             2.0 / (B * K) if reduction == 1 else 2.0,
