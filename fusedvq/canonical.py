@@ -10,6 +10,7 @@ masked_mse call in eager mode (skipped while torch.compile traces, where they wo
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Optional
 
@@ -35,6 +36,23 @@ def norm_code(norm: str) -> int:
 
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
+
+
+def check_eps(eps) -> float:
+    """eps as a float: a plain real number, finite and >= 0 (it is a kernel argument, so a string or a
+    tensor would fail inside a launch)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number (a Python float such as 1e-8), got {type(eps).__name__} {eps!r}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_pair(features: torch.Tensor, target: torch.Tensor, allow_empty: bool = False) -> None:
@@ -139,10 +157,21 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
         return torch.nonzero_static(index, size=num_kept, fill_value=-1).squeeze(1), "mask"
     if index.is_floating_point() or index.is_complex():
         raise TypeError(f"index must be a bool mask or integer column indices, got {index.dtype}")
+    if index.dtype == torch.uint8:
+        raise TypeError(
+            f"index is a uint8 tensor of {index.shape[0]} entries: a 0/1 mask must be a bool tensor, pass "
+            f"mask.bool() (integer indices must be int32 or int64)"
+        )
     index = index.long().contiguous()  # the kernels read index[k] at offset k
     if index.shape[0] == 0:
         raise ValueError("index is empty: it must name at least one feature column")
-    if check_values and not _is_tracing():
+    if _is_tracing():
+        # Traced, a host check would break the graph: an index outside [0, D) fails on the device instead
+        # (the kernels never read out of bounds, but would drop that column).
+        torch._assert_async(((index >= 0) & (index < num_features)).all(),
+                            "index holds a value outside the feature columns [0, D)")
+    elif check_values:
+        _refuse_integer_mask(index, num_features)
         bad = (index < 0) | (index >= num_features)
         if bool(bad.any()):
             first = int(index[bad][0])
@@ -151,6 +180,21 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
                 f"[0, {num_features - 1}] ({int(bad.sum())} of {index.shape[0]} are out of range)"
             )
     return index, "index"
+
+
+def _refuse_integer_mask(index: torch.Tensor, num_features: int) -> None:
+    """An integer index of length D holding only 0s and 1s that is not a permutation of the columns (for
+    D > 2 it never is) is a mask given as numbers: read as indices it would be another loss (columns 0 and
+    1 over and over)."""
+    if index.shape[0] != num_features or num_features < 2:
+        return
+    zero_one = bool(((index == 0) | (index == 1)).all())
+    if zero_one and (num_features > 2 or bool(index[0] == index[1])):
+        raise ValueError(
+            f"index has {num_features} entries, one per feature column, holding only 0s and 1s: that is a "
+            f"mask given as integers, which would be read as column indices (a different loss); pass "
+            f"mask.bool()"
+        )
 
 
 def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_space: Optional[str],
@@ -189,22 +233,41 @@ def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_spa
         out.append(t.index_select(0, index) if space == "raw" else t)
     mu, sigma = out
     if check_values and not _is_tracing():
-        bad_sigma = ~(torch.isfinite(sigma) & (sigma > 0))
-        bad_mu = ~torch.isfinite(mu)
-        flags = torch.stack([bad_sigma.any(), bad_mu.any()]).tolist()  # one host sync
-        if flags[0]:
-            k = int(bad_sigma.nonzero()[0])
-            raise ValueError(
-                f"std must be finite and > 0 in every kept column; kept column {k} (feature column "
-                f"{int(index[k])}) has std {float(sigma[k])} ({int(bad_sigma.sum())} of {K} bad)"
-            )
-        if flags[1]:
-            k = int(bad_mu.nonzero()[0])
-            raise ValueError(
-                f"mean must be finite in every kept column; kept column {k} (feature column {int(index[k])}) "
-                f"has mean {float(mu[k])}"
-            )
+        _check_stats_values(mu, sigma, index, dtype)
     return mu.to(dtype), sigma.reciprocal().to(dtype)
+
+
+def _check_stats_values(mu: torch.Tensor, sigma: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> None:
+    """μ finite, σ finite and > 0 in every kept column, and so are μ, σ and 1/σ as the kernels hold them
+    (in the compute dtype: a float64 μ = 1e39 is inf in float32, σ = 1e-46 is 0, σ = 1e-39 has 1/σ = inf;
+    each would give a wrong but finite-looking loss). One host synchronization for all of it."""
+    mu_c, sigma_c = mu.to(dtype), sigma.to(dtype)
+    bad = torch.stack([
+        ~(torch.isfinite(sigma) & (sigma > 0)),
+        ~torch.isfinite(mu),
+        ~torch.isfinite(mu_c),
+        ~(torch.isfinite(sigma_c) & (sigma_c > 0)),
+        ~torch.isfinite(sigma_c.reciprocal()),
+    ])  # [5, K]
+    flags = bad.any(1).tolist()
+    if not any(flags):
+        return
+    K = index.shape[0]
+    which = flags.index(True)
+    k = int(bad[which].nonzero()[0])
+    where = f"kept column {k} (feature column {int(index[k])})"
+    count = f"{int(bad[which].sum())} of {K} bad"
+    name = str(dtype).replace("torch.", "")
+    if which == 0:
+        raise ValueError(f"std must be finite and > 0 in every kept column; {where} has std {float(sigma[k])} ({count})")
+    if which == 1:
+        raise ValueError(f"mean must be finite in every kept column; {where} has mean {float(mu[k])}")
+    what, value = {2: ("mean", mu), 3: ("std", sigma), 4: ("1/std", sigma)}[which]
+    raise ValueError(
+        f"{what} does not fit {name}, the dtype the loss computes in: {where} has "
+        f"{'mean' if what == 'mean' else 'std'} {float(value[k])} ({count}); rescale the features and "
+        f"statistics, or use float64 features (reference backend)"
+    )
 
 
 # Looked up once, without importing triton (slow, and not wanted on CPU-only installs).

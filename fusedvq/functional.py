@@ -6,7 +6,10 @@ from typing import Optional
 
 import torch
 
-from .canonical import batch_stats_group, check_pair, check_widths, norm_code, prepare, reduction_code, use_triton_for
+from .canonical import (
+    batch_stats_group, check_eps, check_flag, check_pair, check_widths, norm_code, prepare, reduction_code,
+    use_triton_for,
+)
 from .contract import NORM_BATCH, compute_dtype
 from .op import batch_mse_op, masked_mse_op
 
@@ -59,6 +62,7 @@ def masked_mse(
     """
     reduction_id = reduction_code(reduction)
     norm_id = norm_code(norm)
+    eps, nan_to_num = check_eps(eps), check_flag("nan_to_num", nan_to_num)
     check_pair(features, target, allow_empty=norm_id == NORM_BATCH and (sync_stats or process_group is not None))
     use_triton = use_triton_for(backend, features)
     group = batch_stats_group(norm_id, sync_stats, process_group, features.shape[0])

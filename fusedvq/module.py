@@ -9,6 +9,8 @@ from torch import nn
 
 from .canonical import (
     batch_stats_group,
+    check_eps,
+    check_flag,
     check_pair,
     check_widths,
     norm_code,
@@ -57,6 +59,7 @@ class MaskedMSELoss(nn.Module):
         super().__init__()
         self.reduction_id = reduction_code(reduction)
         self.norm_id = norm_code(norm)
+        eps, nan_to_num = check_eps(eps), check_flag("nan_to_num", nan_to_num)
         option_code("backend", backend, BACKENDS)  # the features' device decides per call what runs
         if self.norm_id != NORM_BATCH and (sync_stats or process_group is not None):
             raise ValueError(f'sync_stats / process_group apply to norm="batch" only, not norm={norm!r}')

@@ -31,6 +31,7 @@ from .masked_mse import (
     max_programs,
     num_warps_for,
     scratch,
+    scratch_guard,
 )
 
 
@@ -201,7 +202,7 @@ def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num:
         return rows.zero_()
     block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
     grid = (min(cdiv(B, block_b), max_programs(x)),)
-    with device_guard(x):
+    with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         counts = torch.empty(grid[0], dtype=torch.float32, device=x.device)
         _MOMENTS[grid](
@@ -241,7 +242,7 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tenso
         return sums.zero_()
     block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
     grid = (min(cdiv(B, block_b), max_programs(x)),)
-    with device_guard(x):
+    with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         _DZ_SUMS[grid](
             grad_loss, x, target, index, stats[0], stats[1], stats[2], partial, sums, scratch(x, grid[0])[0],

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 import triton
 
 _NO_GUARD = contextlib.nullcontext()
+# Triton's interpreter patches module-level state while it runs a kernel: launches on CPU tensors from
+# several threads would corrupt each other (they run programs one by one anyway, so nothing is lost).
+_INTERPRETER_LOCK = threading.Lock()
 _MAX_CACHED = 1024
 
 
@@ -85,7 +89,11 @@ class KernelLauncher:
 
     def launch(self, grid: tuple, args: tuple, num_warps: int, **constexprs) -> None:
         first = args[0]
-        if not (self.direct and first.is_cuda):
+        if not first.is_cuda:  # TRITON_INTERPRET: its state is global, so one launch at a time
+            with _INTERPRETER_LOCK:
+                self.fn[grid](*args, num_warps=num_warps, **constexprs)
+            return
+        if not self.direct:
             self.fn[grid](*args, num_warps=num_warps, **constexprs)
             return
         assert len(args) == self.num_runtime and len(constexprs) == len(self.constexpr_names)

@@ -18,6 +18,8 @@ Both accumulate in fp32 and cast once on store; strides are arguments; row offse
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -275,17 +277,34 @@ def scratch(t: torch.Tensor, programs: int) -> tuple[torch.Tensor, torch.Tensor]
 
     The counter is zero between launches (the last program resets it). Both are kept rather than
     allocated per call — a launch needs no memset and no allocation — one pair per (device, stream), so
-    launches on two streams never share one. While a CUDA graph is being captured, each launch gets its own
-    pair, the counter zeroed by a memset captured into the graph: graphs replayed concurrently then share
-    nothing, and no cached tensor lives in (or is recycled from) a graph's private memory pool.
+    launches on two streams never share one, and per thread for CPU tensors (the interpreter). While a CUDA
+    graph is being captured, each launch gets its own pair, the counter zeroed by a memset captured into the
+    graph: graphs replayed concurrently then share nothing, and no cached tensor lives in (or is recycled
+    from) a graph's private memory pool. A launch that raises drops its pair (scratch_guard).
     """
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return _new_scratch(t, programs)
-    key = (t.device, current_stream_handle(t.device.index) if t.is_cuda else 0)
+    key = _scratch_key(t)
     pair = _scratch_cache.get(key)
     if pair is None or pair[1].shape[0] < programs:
         pair = _scratch_cache[key] = _new_scratch(t, max(programs, max_programs(t)))
     return pair
+
+
+def _scratch_key(t: torch.Tensor) -> tuple:
+    return (t.device, current_stream_handle(t.device.index) if t.is_cuda else threading.get_ident())
+
+
+@contextlib.contextmanager
+def scratch_guard(t: torch.Tensor):
+    """Around a launch that uses scratch(t): if it raises, the cached pair is dropped, since a launch that
+    failed part-way (programs ran, the last one did not) can leave the counter non-zero, and every later
+    reduction would then skip its final sum. The next launch gets a fresh, zeroed pair."""
+    try:
+        yield
+    except BaseException:
+        _scratch_cache.pop(_scratch_key(t), None)
+        raise
 
 
 def _new_scratch(t: torch.Tensor, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,7 +360,7 @@ def launch_forward(
         shift = scale = x  # never read: NORM == 0
     if center is None:
         center = shift  # never read: NORM < 2
-    with device_guard(x):
+    with device_guard(x), scratch_guard(x):
         if reduction == 0:
             out = torch.empty((B, K), dtype=x.dtype, device=x.device)
             partial = counter = out  # unused
