@@ -52,7 +52,7 @@ def kernel_specs():
     for dtype, norm, n2n, red, shapes in flag_grid():
         for block_b, block_k in _blocks(shapes, lambda D, K: K, mm.TUNING.walk_tile):
             sig = {
-                "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
+                "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32",
                 "out_ptr": dtype, "partial_ptr": "*fp32", "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
                 "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "out_scale": F32,
@@ -63,7 +63,7 @@ def kernel_specs():
         for block_b, block_d in _blocks(shapes, lambda D, K: D, mm.TUNING.backward_tile):
             sig = {
                 "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "inv_ptr_ptr": "*i32", "inv_k_ptr": "*i32",
-                "shift_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "inv_n_ptr": "*fp32",
+                "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "inv_n_ptr": "*fp32",
                 "sums_ptr": "*fp32", "grad_x_ptr": dtype, "grad_r_ptr": dtype, "B": I32, "K": I32, "D": I32,
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64,
                 "stride_gb": I64, "stride_gk": I64, "grad_scale": F32,
@@ -84,7 +84,7 @@ def kernel_specs():
                 yield "moments", bs._column_moments_kernel, sig, dict(NAN_TO_NUM=n2n, FINALIZE=finalize, **blocks)
             if red == 0:
                 sig = {"grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32",
-                       "scale_ptr": "*fp32", "partial_ptr": "*fp32", "sums_ptr": "*fp32", "counter_ptr": "*i32",
+                       "center_ptr": "*fp32", "scale_ptr": "*fp32", "partial_ptr": "*fp32", "sums_ptr": "*fp32", "counter_ptr": "*i32",
                        "B": I32, "K": I32, "D": I32, "stride_gb": I64, "stride_gk": I64, "stride_xb": I64,
                        "stride_xd": I64, "stride_rb": I64, "stride_rk": I64}
                 yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, **blocks)

@@ -48,5 +48,27 @@ def main(rank: int, world: int, init_file: str, out_file: str, shards: str, back
     dist.destroy_process_group()
 
 
+def mismatch(rank: int, world: int, init_file: str, out_file: str, what: str, backend: str) -> None:
+    """Rank 1 differs from rank 0 in `what` (K, dtype or eps): every rank must get a clear error."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    K = 6 if (what == "K" and rank == 1) else 5
+    dtype = torch.float64 if (what == "dtype" and rank == 1) else torch.float32
+    eps = 1e-3 if (what == "eps" and rank == 1) else 1e-8
+    x, r = torch.randn(4, 8, dtype=dtype), torch.randn(4, K, dtype=dtype)
+    try:
+        fusedvq.masked_mse(x, r, torch.arange(K), norm="batch", sync_stats=True, eps=eps,
+                           backend="reference" if dtype == torch.float64 else backend)
+        message = "no error"
+    except ValueError as err:
+        message = str(err)
+    with open(f"{out_file}.{rank}", "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])
+    if sys.argv[1] == "mismatch":
+        mismatch(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
+    else:
+        main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])

@@ -72,3 +72,25 @@ def test_two_ranks_match_single_process(tmp_path, backend, sizes, reduction):
     assert err <= 1e-5, f"relative error {err:.2e}"
     for loss, want_loss in zip(losses, want_losses):
         assert torch.isfinite(loss) and abs(loss.item() - want_loss.item()) <= 1e-5 * max(1.0, abs(want_loss.item()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["K", "dtype", "eps"])
+def test_ranks_that_disagree_get_a_clear_error_on_every_rank(tmp_path, backend, what):
+    """K = 5 on one rank and 6 on the other aborted the process inside gloo; now both ranks raise."""
+    init_file, out_file = tmp_path / "rendezvous", tmp_path / "message"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    procs = [subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), "mismatch", str(rank), "2",
+                               str(init_file), str(out_file), what, backend],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    for rank in range(2):
+        message = (tmp_path / f"message.{rank}").read_text()
+        assert "every rank must pass the same" in message and "rank 0: K = 5" in message, message
