@@ -38,6 +38,7 @@ from .safe_load import (  # the readers are re-exported as part of this module's
     CheckpointError,
     PathLike,
     UnsafeLoadWarning,
+    _not_regular,
     _Problem,
     read_checkpoint,
     read_stats_file,
@@ -85,7 +86,31 @@ class Declared:
         return int(self.feature_mask.sum()) if self.feature_mask is not None else None
 
 
+# A mask, a category's indices or its statistics hold one entry per column: nested lists of more entries
+# than this are refused before numpy expands them (pickle's memo lets a 2.5 KB file hold a list that
+# references one inner list 10^9 times).
+MAX_LIST_ENTRIES = 1 << 22
+
+
+def _list_entries(value: Any, limit: int, sizes: Optional[dict] = None) -> int:
+    """Leaf entries of nested lists/tuples, each distinct list sized once (shared ones are not walked
+    again), stopping early once past `limit`."""
+    sizes = {} if sizes is None else sizes
+    key = id(value)
+    if key in sizes:
+        return sizes[key]
+    total = 0
+    for item in value:
+        total += _list_entries(item, limit, sizes) if isinstance(item, (list, tuple)) else 1
+        if total > limit:
+            break
+    sizes[key] = total
+    return total
+
+
 def _to_numpy(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, (list, tuple)) and _list_entries(value, MAX_LIST_ENTRIES) > MAX_LIST_ENTRIES:
+        raise _Problem(f"{what} is a nested list of more than {MAX_LIST_ENTRIES:,} entries, not one entry per column")
     try:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu()
@@ -192,7 +217,7 @@ def _stats_files(file: Path) -> list[Path]:
         exact = folder / STATS_FILE
         if exact.is_file():
             return [exact]
-    return sorted(file.parent.glob("normalization_stats*.npz"))
+    return sorted(p for p in file.parent.glob("normalization_stats*.npz") if p.is_file())  # no FIFOs
 
 
 def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = None,
@@ -270,7 +295,9 @@ def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attemp
         if stats is not None:
             npz_paths, where = [Path(stats)], Path(stats).name
             if not npz_paths[0].is_file():
-                decl.problems.append(f"no normalization statistics file at {stats}")
+                why = _not_regular(npz_paths[0]) if npz_paths[0].exists() else None
+                decl.problems.append(f"the statistics file {stats} cannot be read: {why}" if why
+                                     else f"no normalization statistics file at {stats}")
                 return
         else:
             npz_paths = _stats_files(decl.path)
@@ -358,10 +385,11 @@ def find_problems(decl: Declared, num_features: Optional[int] = None, *, need_st
 
 
 def _group_problems(groups: dict[str, np.ndarray], K: int) -> list[str]:
+    """Out-of-range, repeated, overlapping and missing kept columns of the categories. Work and memory grow
+    with the indices listed, never with K (a checkpoint may declare any input_dim)."""
     problems = []
-    owner = np.full(K, -1, dtype=np.int64)  # which category claims each kept column
     names = list(groups)
-    overlaps: dict[tuple[int, int], list[int]] = {}
+    claims = []  # (kept column, category) for every in-range column of every category, once per category
     for g, (name, idx) in enumerate(groups.items()):
         bad = (idx < 0) | (idx >= K)
         if bad.any():
@@ -369,18 +397,21 @@ def _group_problems(groups: dict[str, np.ndarray], K: int) -> list[str]:
                 f"category {name!r} has column index {int(idx[bad][0])}, outside the {K} kept columns "
                 f"(valid: 0..{K - 1}); {int(bad.sum())} of its {idx.size} indices out of range"
             )
-        ok = idx[~bad]
-        uniq, counts = np.unique(ok, return_counts=True)
+        uniq, counts = np.unique(idx[~bad], return_counts=True)
         if (counts > 1).any():
             problems.append(
                 f"category {name!r} lists {_count(int((counts > 1).sum()), 'kept column')} more than once "
                 f"(first: {int(uniq[counts > 1][0])})"
             )
-        for col in uniq:
-            if owner[col] >= 0:
-                overlaps.setdefault((int(owner[col]), g), []).append(int(col))
-            else:
-                owner[col] = g
+        claims.append(np.stack([uniq, np.full(uniq.size, g, dtype=np.int64)], axis=1))
+    claimed = np.concatenate(claims) if claims else np.zeros((0, 2), dtype=np.int64)
+    claimed = claimed[np.lexsort((claimed[:, 1], claimed[:, 0]))]  # by column, then category
+    later = np.flatnonzero(claimed[1:, 0] == claimed[:-1, 0]) + 1  # a column claimed again
+    overlaps: dict[tuple[int, int], list[int]] = {}
+    for row in later:
+        col, g = int(claimed[row, 0]), int(claimed[row, 1])
+        first = int(claimed[np.searchsorted(claimed[:, 0], col), 1])
+        overlaps.setdefault((first, g), []).append(col)
     for (a, b), cols in list(overlaps.items())[:5]:
         problems.append(
             f"categories {names[a]!r} and {names[b]!r} overlap: both claim {_count(len(cols), 'kept column')} "
@@ -388,13 +419,27 @@ def _group_problems(groups: dict[str, np.ndarray], K: int) -> list[str]:
         )
     if len(overlaps) > 5:
         problems.append(f"... and {len(overlaps) - 5} more overlapping pairs of categories")
-    missing = np.flatnonzero(owner < 0)
-    if missing.size:
+    covered = np.unique(claimed[:, 0])
+    missing = K - covered.size
+    if missing:
         problems.append(
-            f"the categories cover {K - missing.size} of the {K} kept columns; {_count(missing.size, 'column')} "
-            f"{'is' if missing.size == 1 else 'are'} in no category (kept {_first(missing)})"
+            f"the categories cover {covered.size} of the {K} kept columns; {_count(missing, 'column')} "
+            f"{'is' if missing == 1 else 'are'} in no category (kept {_first(_first_missing(covered, K))})"
         )
     return problems
+
+
+def _first_missing(covered: np.ndarray, K: int, n: int = 6) -> list[int]:
+    """The first n columns of range(K) not in `covered` (sorted, unique), without building range(K)."""
+    out, expect = [], 0
+    for col in covered.tolist() + [K]:
+        while expect < col and len(out) < n:
+            out.append(expect)
+            expect += 1
+        if len(out) >= n:
+            break
+        expect = col + 1
+    return out
 
 
 def _stats_problems(stats: dict[str, CategoryStats], groups: Optional[dict[str, np.ndarray]], source: str,

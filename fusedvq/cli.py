@@ -104,7 +104,7 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
     out, err = out or sys.stdout, err or sys.stderr
 
     def say(line: str = "") -> None:
-        print(line, file=out)
+        print(printable(line), file=out)
 
     if features is not None and features <= 0:
         print(f"error: --features must be a positive width, got {features}", file=err)
@@ -120,10 +120,8 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
         _describe(decl, features, norm, say)
     if problems:
         for problem in problems:
-            print(f"error: {problem}", file=err)
-        noun = "problem" if len(problems) == 1 else "problems"
-        target = f" a {features}-column extractor" if features else ""
-        print(f"{len(problems)} {noun}: the checkpoint does not fit{target}", file=err)
+            print(printable(f"error: {problem}"), file=err)
+        print(printable(_summary(decl, problems, features)), file=err)
         return 1
     kept = decl.num_kept
     fit = f"a {features}-column extractor" if features else f"a {decl.feature_mask.shape[0]}-column extractor"
@@ -131,6 +129,28 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
     if features is None:
         say("  (pass --features D to check the width of your extractor's output too)")
     return 0
+
+
+def printable(text: str) -> str:
+    """text with control characters escaped (\\x1b, \\x07, ...): names taken from a file (categories,
+    keys, paths) must not retitle, clear or otherwise drive the terminal they are printed to."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _summary(decl, problems: list[str], features: Optional[int]) -> str:
+    """The closing line: what kind of problems were found, not a guess that the widths differ."""
+    noun = "problem" if len(problems) == 1 else "problems"
+    if decl is None or (decl.feature_mask is None and decl.input_dim is None and decl.categories is None):
+        return f"{len(problems)} {noun}: no checkpoint could be read at {decl.path if decl else 'that path'}"
+    kinds = []
+    mask = decl.feature_mask
+    width = features is not None and mask is not None and mask.shape[0] != features
+    if width:
+        kinds.append(f"its feature_mask ({mask.shape[0]} columns) does not fit a {features}-column extractor")
+    rest = len(problems) - int(width)
+    if rest:
+        kinds.append(f"{rest} missing or inconsistent piece{'s' if rest != 1 else ''} in the checkpoint")
+    return f"{len(problems)} {noun}: " + "; ".join(kinds)
 
 
 def _describe(decl, features: Optional[int], norm: str, say) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickletools
 import re
+import stat
 import warnings
 import zipfile
 from pathlib import Path
@@ -53,17 +54,66 @@ class _Problem(Exception):
 # ---------------------------------------------------------------------------------------------------
 
 
+# What a loader may inflate: a member of a zip archive (a .pt record, an .npz array) whose declared size
+# exceeds both of these is refused before it is read. torch.save stores records uncompressed, so a large
+# record means a large file; a small file that declares gigabytes is a decompression bomb.
+MAX_INFLATION = 16  # declared size / compressed size
+MAX_INFLATED_BYTES = 64 << 20
+# Statistics arrays hold one number per column: an .npz member larger than this is not statistics.
+MAX_STATS_MEMBER_BYTES = 64 << 20
+
+
+def _not_regular(path: Path) -> Optional[str]:
+    """Why `path` cannot be read as a file (a FIFO, a device, a socket), or None for a regular file.
+    Opening a FIFO blocks until a writer comes: it must never be opened."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        return f"it cannot be examined ({err.strerror or type(err).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return f"it is {kind}, not a regular file"
+
+
+def check_archive_sizes(path: Path, member_limit: Optional[int] = None, members=None) -> None:
+    """Refuse a zip archive whose members (or the named ones) declare more than they could honestly hold:
+    raises _Problem naming the member and both sizes. Reads only the central directory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise _Problem(f"{path.name} is a damaged zip archive ({_brief(err)})") from None
+    for info in infos:
+        if members is not None and info.filename not in members:
+            continue
+        inflates = info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
+            MAX_INFLATED_BYTES, MAX_INFLATION * max(info.compress_size, 1))
+        too_big = member_limit is not None and info.file_size > member_limit
+        if inflates or too_big:
+            raise _Problem(
+                f"{path.name} was not read: its member {info.filename!r} declares {info.file_size:,} bytes "
+                f"from {info.compress_size:,} stored" + (" (a decompression bomb?)" if inflates else
+                                                        f", more than the {member_limit:,} that statistics need")
+            )
+
+
 def resolve_checkpoint(path: PathLike) -> Path:
     """The checkpoint file for `path`: the file itself, or the checkpoint inside a folder."""
     path = Path(path)
-    if path.is_file():
-        return path
     if not path.exists():
         raise CheckpointError([f"no checkpoint at {path}: the path does not exist"])
+    if not path.is_dir():
+        why = _not_regular(path)
+        if why:
+            raise CheckpointError([f"{path} cannot be a checkpoint: {why}"])
+        return path
     for name in CHECKPOINT_NAMES:
         if (path / name).is_file():
             return path / name
     found = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth") and p.is_file())
+    # (is_file follows links and is true for regular files only: FIFOs and devices are never picked)
     if len(found) == 1:
         return found[0]
     if not found:
@@ -97,6 +147,7 @@ def _numpy_safe_globals() -> list:
 def _pickled_globals(path: Path, error: BaseException) -> list[str]:
     """Names of the non-allow-listed globals a file references, found without running any of it."""
     allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _numpy_safe_globals()}
+    allowed |= _torch_allowed_globals()
     names: list[str] = []
     if zipfile.is_zipfile(path):
         try:
@@ -109,6 +160,17 @@ def _pickled_globals(path: Path, error: BaseException) -> list[str]:
     found = {n for n in names if n not in allowed and not n.startswith("torch.")}
     # The error text names globals without their module ("getattr"); keep the qualified spelling.
     return sorted(n for n in found if "." in n or not any(m.endswith("." + n) for m in found))
+
+
+def _torch_allowed_globals() -> set[str]:
+    """Names torch.load(weights_only=True) accepts by itself (collections.OrderedDict, torch.Size, ...):
+    never named as the cause of a refusal."""
+    try:
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals())
+    except Exception:  # pragma: no cover - a torch without the private helper: name everything found
+        return set()
 
 
 def _raw_pickle_globals(path: Path) -> list[str]:
@@ -148,6 +210,7 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
     Raises CheckpointError with a sentence that says what is wrong (missing, unreadable, refused).
     """
     file = resolve_checkpoint(path)
+    _check_checkpoint_file(file)
     if trust:
         warnings.warn(
             f"loading {file} with trust=True: full unpickling can run arbitrary code stored in the file; "
@@ -166,6 +229,12 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
                 data = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:
             unsafe = _pickled_globals(file, err)
+            if "ObjectDType" in str(err) or (unsafe and all("ObjectDType" in n for n in unsafe)):
+                raise CheckpointError([
+                    f"{file} was not loaded: it holds a numpy array of dtype object, whose elements are "
+                    f"arbitrary pickled Python objects that could run code when loaded; save numeric arrays "
+                    f"instead, or pass trust=True (CLI: --trust) if you trust the file's source"
+                ]) from None
             if unsafe:
                 shown = ", ".join(unsafe[:5]) + (f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else "")
                 raise CheckpointError([
@@ -179,11 +248,39 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
     return dict(data)
 
 
+def _check_checkpoint_file(file: Path) -> None:
+    """What can be told of a checkpoint before torch.load reads it: empty, not a checkpoint's format at
+    all, or a zip archive whose records declare more than the file can hold."""
+    size = file.stat().st_size
+    if size == 0:
+        raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint: it is empty (0 bytes)"])
+    if zipfile.is_zipfile(file):
+        try:
+            check_archive_sizes(file)
+        except _Problem as p:
+            raise CheckpointError([str(p)]) from None
+        return
+    with open(file, "rb") as f:
+        head = f.read(8)
+    if head[:1] != b"\x80":  # every pickle of protocol 2 or later, and the legacy torch format, start so
+        raise CheckpointError([
+            f"{file} could not be read as a PyTorch checkpoint: it is neither a zip archive (what torch.save "
+            f"writes) nor a pickle (it starts with {head!r})"
+        ])
+
+
 def _brief(err: BaseException) -> str:
     """The last meaningful line of an exception message (torch's are long)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Check the documentation")]
     text = lines[-1] if lines else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+_STATS_SUFFIXES = ("mean", "std", "median", "mad")
+
+
+def _is_stats_key(key: str) -> bool:
+    return key == "_normalization_method" or any(key == sfx or key.endswith("_" + sfx) for sfx in _STATS_SUFFIXES)
 
 
 def read_stats_file(path: PathLike) -> tuple[dict[str, Any], Optional[str]]:
@@ -193,11 +290,18 @@ def read_stats_file(path: PathLike) -> tuple[dict[str, Any], Optional[str]]:
     all columns and come back under the category "".
     """
     path = Path(path)
+    why = _not_regular(path)
+    if why:
+        raise _Problem(f"{path.name} could not be read: {why}")
     if not zipfile.is_zipfile(path):  # np.load would try other formats (pickle among them) next
         raise _Problem(f"{path.name} could not be read: it is not an .npz archive")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
+            wanted = [key for key in npz.files if _is_stats_key(key)]  # other arrays are never read
+            check_archive_sizes(path, MAX_STATS_MEMBER_BYTES, {f"{key}.npy" for key in wanted})
+            arrays = {key: npz[key] for key in wanted}
+    except _Problem:
+        raise
     except ValueError as err:
         if "pickle" in str(err).lower():
             raise _Problem(
@@ -212,7 +316,7 @@ def read_stats_file(path: PathLike) -> tuple[dict[str, Any], Optional[str]]:
         method = str(np.asarray(arrays.pop("_normalization_method")).reshape(-1)[0])
     stats: dict[str, dict[str, Any]] = {}
     for key, value in arrays.items():
-        for suffix in ("mean", "std", "median", "mad"):
+        for suffix in _STATS_SUFFIXES:
             if key == suffix or key.endswith("_" + suffix):
                 category = key[: -len(suffix)].rstrip("_") if key != suffix else ""
                 stats.setdefault(category, {})[suffix] = value

@@ -1,0 +1,209 @@
+"""Loaders bound their work by what a file could honestly hold: small files that declare gigabytes, huge
+declared widths, shared nested lists, FIFOs and devices each end in a CheckpointError (or a problem
+sentence) within a second or two; names shown by `fusedvq check` cannot drive the terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from ckpt_factory import checkpoint_dict, make_parts, write_checkpoint, write_npz
+from fusedvq import cli
+from fusedvq.checkpoint import CheckpointError, declare, diagnose, find_problems, load_feature_spec
+
+
+def finishes(fn, seconds: float = 5.0):
+    """fn()'s result or exception, failing the test (instead of hanging it) past `seconds`."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed back to the test
+            box["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s"
+    return box, time.monotonic() - start
+
+
+def _deflated_zeros(archive: zipfile.ZipFile, name: str, nbytes: int, header: bytes = b"") -> None:
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with archive.open(info, "w", force_zip64=True) as f:
+        f.write(header)
+        chunk = bytes(1 << 20)
+        for _ in range(nbytes >> 20):
+            f.write(chunk)
+
+
+def _npy_header(shape) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def test_npz_reads_only_the_statistics_keys(tmp_path):
+    """A deflated array under a key nobody uses is never read (it declares 3 GB; only its header exists)."""
+    parts = make_parts(D=20, K=12, num_categories=2)
+    write_checkpoint(tmp_path, parts, stats_in_file=False, stats_beside=True)
+    folder = tmp_path
+    npz = folder / "normalization_stats.npz"
+    with zipfile.ZipFile(npz, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("unused_blob.npy", _npy_header((402_653_184,)))  # 3 GB declared, never present
+    box, took = finishes(lambda: load_feature_spec(folder))
+    assert "error" not in box, box.get("error")
+    assert took < 3
+
+
+def test_npz_statistics_member_that_inflates_is_refused(tmp_path):
+    parts = make_parts(D=20, K=12, num_categories=2)
+    write_checkpoint(tmp_path, parts, stats_in_file=False)
+    folder = tmp_path
+    npz = folder / "normalization_stats.npz"
+    with zipfile.ZipFile(npz, "w") as archive:
+        _deflated_zeros(archive, "bomb_mean.npy", 200 << 20, _npy_header((26_214_400,)))
+        _deflated_zeros(archive, "bomb_std.npy", 1 << 20, _npy_header((131_072,)))
+    assert npz.stat().st_size < 2 << 20
+    box, took = finishes(lambda: diagnose(folder))
+    assert "error" not in box, box.get("error")
+    assert any("bomb_mean.npy" in p and "declares" in p for p in box["value"]), box["value"]
+
+
+def test_pt_record_that_inflates_is_refused(tmp_path):
+    """A .pt whose storage record inflates far beyond the file: refused from the zip directory alone."""
+    good = tmp_path / "good.pt"
+    torch.save(checkpoint_dict(make_parts(D=20, K=12, num_categories=2)) | {"w": torch.zeros(4)}, good)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                _deflated_zeros(dst, info.filename, 200 << 20)
+            else:
+                dst.writestr(info, src.read(info))
+    assert bomb.stat().st_size < 2 << 20
+    box, _ = finishes(lambda: load_feature_spec(bomb))
+    assert isinstance(box.get("error"), CheckpointError), box
+    assert "declares" in str(box["error"]) and "data/0" in str(box["error"])
+
+
+@pytest.mark.parametrize("input_dim", [500_000_000, 10**12])
+def test_huge_input_dim_is_a_problem_not_a_memory_error(tmp_path, input_dim):
+    parts = make_parts(D=20, K=12, num_categories=2)
+    data = checkpoint_dict(parts)
+    data["model_config"]["input_dim"] = input_dim
+    torch.save(data, tmp_path / "best_model.pt")
+    box, took = finishes(lambda: diagnose(tmp_path))
+    assert "error" not in box, box.get("error")
+    assert any(str(input_dim) in p for p in box["value"]) and took < 3
+
+
+def test_feature_mask_of_shared_nested_lists_is_refused(tmp_path):
+    inner = [True] * 1000
+    mid = [inner] * 1000
+    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data["feature_mask"] = [mid] * 1000  # 10^9 entries from a few KB
+    path = tmp_path / "best_model.pt"
+    torch.save(data, path)
+    assert path.stat().st_size < 64 << 10
+    box, took = finishes(lambda: declare(path))
+    assert "error" not in box, box.get("error")
+    assert any("feature_mask" in p and "nested list" in p for p in box["value"].problems)
+    assert took < 3
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_named_like_a_statistics_file_is_skipped_or_refused(tmp_path):
+    write_checkpoint(tmp_path, make_parts(D=20, K=12, num_categories=2), stats_in_file=False)
+    folder = tmp_path
+    os.mkfifo(folder / "normalization_stats_2.npz")
+    box, _ = finishes(lambda: diagnose(folder))
+    assert "error" not in box
+    box, _ = finishes(lambda: diagnose(folder, stats=folder / "normalization_stats_2.npz"))
+    assert "error" not in box and any("FIFO" in p for p in box["value"]), box
+    os.mkfifo(tmp_path / "pipe.pt")
+    box, _ = finishes(lambda: load_feature_spec(tmp_path / "pipe.pt"))
+    assert isinstance(box.get("error"), CheckpointError) and "FIFO" in str(box["error"])
+
+
+@pytest.mark.parametrize("path, words", [
+    ("/dev/null", "character device"),
+    ("empty", "empty (0 bytes)"),
+    ("text", "neither a zip archive"),
+])
+def test_odd_files_are_checkpoint_errors(tmp_path, path, words):
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "text").write_text("feature_mask = 1, 0, 1\n")
+    target = path if path.startswith("/") else tmp_path / path
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        load_feature_spec(target)
+
+
+class Unknown:
+    """A class no allow-list knows."""
+
+
+def test_refusal_names_only_refused_globals(tmp_path):
+    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    from collections import OrderedDict
+
+    data["model_config"] = OrderedDict(data["model_config"])
+    data["extra"] = Unknown()
+    torch.save(data, tmp_path / "best_model.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_feature_spec(tmp_path)
+    assert "Unknown" in str(info.value) and "OrderedDict" not in str(info.value)
+
+
+def test_object_array_refusal_says_why(tmp_path):
+    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data["extra"] = np.array([1, "a", None], dtype=object)
+    torch.save(data, tmp_path / "best_model.pt")
+    with pytest.raises(CheckpointError, match="dtype object"):
+        load_feature_spec(tmp_path)
+
+
+def test_check_escapes_control_characters(tmp_path, capsys):
+    parts = make_parts(D=20, K=12, num_categories=2)
+    evil = "\x1b]0;pwned\x07\x1b[2J"
+    parts.groups = {evil + name: idx for name, idx in parts.groups.items()}
+    write_checkpoint(tmp_path, parts)
+    cli.main(["check", str(tmp_path), "--features", "21"])
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b]0;pwned\\x07" in text
+
+
+@pytest.mark.parametrize("case, words, not_words", [
+    ("missing", "no checkpoint could be read", "does not fit"),
+    ("empty folder", "no checkpoint could be read", "does not fit"),
+    ("stats", "inconsistent", "does not fit a 20-column"),
+])
+def test_check_summary_names_the_actual_problem(tmp_path, capsys, case, words, not_words):
+    if case == "missing":
+        path = tmp_path / "nothing-here"
+    elif case == "empty folder":
+        path = tmp_path
+    else:
+        parts = make_parts(D=20, K=12, num_categories=2)
+        write_checkpoint(tmp_path, parts, stats_in_file=False)
+        path = tmp_path
+        per_category = parts.per_category()
+        first = next(iter(per_category))
+        per_category[first] = {k: v[:-1] for k, v in per_category[first].items()}  # one entry short
+        write_npz(path / "normalization_stats.npz", per_category)
+    assert cli.main(["check", str(path), "--features", "20"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert words in last and not_words not in last, last
