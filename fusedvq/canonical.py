@@ -55,12 +55,27 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """A dense (strided) tensor with data: sparse (COO, CSR, ...) and nested tensors, and tensors on the meta
+    device (shapes without values), are not supported by the loss's kernels."""
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor, which fusedvq does not support: pass a dense [rows, columns] tensor")
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{name} is a sparse tensor ({str(t.layout).replace('torch.', '')}), which fusedvq does not support: "
+            f"pass {name}.to_dense()"
+        )
+    if t.device.type == "meta" and not _is_tracing():
+        raise ValueError(f"{name} is on the meta device (a shape without values): fusedvq needs real data")
+
+
 def check_pair(features: torch.Tensor, target: torch.Tensor, allow_empty: bool = False) -> None:
-    """Types, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (B = 0 only if allowed:
-    a rank without rows still takes part in cross-rank statistics)."""
+    """Types, layouts, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (B = 0 only if
+    allowed: a rank without rows still takes part in cross-rank statistics)."""
     for name, t in (("features", features), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense(t, name)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [batch, columns], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -114,6 +129,7 @@ def check_widths(features: torch.Tensor, target: torch.Tensor, columns: ColumnMa
 
 def _as_tensor(value, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        check_dense(value, name)
         if value.requires_grad:
             raise ValueError(f"{name} requires grad, but fusedvq treats it as a constant: pass {name}.detach()")
         return value.to(device=device, dtype=dtype) if dtype is not None else value.to(device)

@@ -16,6 +16,7 @@ Arguments are validated by the callers (functional.py, module.py) before they re
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -138,6 +139,31 @@ def _backward(ctx, grad_loss, _grad_diff=None, _grad_finite=None, backward_fn=No
 torch.library.register_autograd("fusedvq::masked_mse_forward", _backward, setup_context=_setup_context)
 
 
+def grads_with_graph(composed, x: Tensor, target: Tensor, grad_loss: Tensor, needs) -> tuple:
+    """(grad_x, grad_target) for a backward run with create_graph=True: the composition's own autograd,
+    so that the gradients are themselves differentiable (double backward, gradient penalties) and exact to
+    any order; None where not needed. The fused backward computes them without a graph."""
+    inputs = [t for t, need in zip((x, target), needs) if need]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(composed(x, target), inputs, grad_loss, create_graph=True,
+                                         allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def under_functorch() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running: the loss then takes the plain
+    composition, which those transforms differentiate and batch like any torch code."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _refuse_synced_higher_order(group: str, what: str) -> None:
+    if group:
+        raise NotImplementedError(
+            f'norm="batch" with sync_stats / process_group does not support {what}: the statistics come from '
+            f"collectives over all ranks. Use sync_stats=False for this computation"
+        )
+
+
 class _EagerReference(torch.autograd.Function):
     """The reference path in eager mode, without the registered ops, whose dispatch costs more than the
     whole loss at small B. The forward's diff is kept on ctx, not saved, so that the backward may write
@@ -152,10 +178,14 @@ class _EagerReference(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         x, target, index, shift, scale = ctx.saved_tensors
         nan_to_num, reduction = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True
+            ctx.diff = None
+            composed = functools.partial(reference.masked_mse_composed, index=index, shift=shift, scale=scale,
+                                         nan_to_num=nan_to_num, reduction=reduction)
+            return (*grads_with_graph(composed, x, target, grad_loss, ctx.needs_input_grad[:2]),) + (None,) * 5
         kept, ctx.diff = ctx.diff, None
         if kept is None:  # spent by an earlier backward
             _, *kept = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
@@ -181,6 +211,8 @@ def masked_mse_op(
     composition of torch ops for small batches (autograd's C++ backward has the least per-op overhead),
     else through _EagerReference."""
     if not torch.compiler.is_compiling():
+        if under_functorch():
+            return reference.masked_mse_composed(x, target, columns.index, shift, scale, nan_to_num, reduction)
         if use_triton:
             return _EagerKernels.apply(x, target, (columns, shift, scale, nan_to_num, reduction))
         if reference.composed_is_faster(x, columns.num_kept):
@@ -310,6 +342,9 @@ def batch_mse_op(
     """The batch-statistics loss with autograd attached; arguments already canonical and valid. Traced, it is
     the registered op; eager, the same implementations without the op's dispatch (_Eager)."""
     if not torch.compiler.is_compiling():
+        if under_functorch():
+            _refuse_synced_higher_order(group, "torch.func transforms")
+            return reference.batch_mse_composed(x, target, columns.index, eps, nan_to_num, reduction)
         return _Eager.apply("batch", x, target, columns.index, columns.inv_ptr, columns.inv_k, eps, nan_to_num,
                             reduction, use_triton, group)
     loss, _, _ = batch_mse_forward(
@@ -340,10 +375,13 @@ class _EagerKernels(torch.autograd.Function):
         return _kernels().masked_mse_forward(x, target, columns.index, shift, scale, nan_to_num, reduction)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         x, target = ctx.saved_tensors
         columns, shift, scale, nan_to_num, reduction = ctx.rest
+        if torch.is_grad_enabled():  # create_graph=True
+            composed = functools.partial(reference.masked_mse_composed, index=columns.index, shift=shift,
+                                         scale=scale, nan_to_num=nan_to_num, reduction=reduction)
+            return (*grads_with_graph(composed, x, target, grad_loss, ctx.needs_input_grad[:2]), None)
         grad_x, grad_target = _kernels().masked_mse_backward(
             grad_loss, x, target, columns.inv_ptr, columns.inv_k, shift, scale, nan_to_num, reduction
         )
@@ -362,11 +400,17 @@ class _Eager(torch.autograd.Function):
         forward_impl, setup_context, _, _ = _EAGER[kind]
         output = forward_impl(*inputs)
         setup_context(ctx, inputs, output)
-        ctx.kind = kind
+        ctx.kind, ctx.eps = kind, inputs[5]
         return output[0]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True
+            x, target, index = ctx.saved_tensors[:3]
+            nan_to_num, reduction, _, group = ctx.options
+            _refuse_synced_higher_order(group, "double backward (create_graph=True)")
+            composed = functools.partial(reference.batch_mse_composed, index=index, eps=ctx.eps,
+                                         nan_to_num=nan_to_num, reduction=reduction)
+            return (None, *grads_with_graph(composed, x, target, grad_loss, ctx.needs_input_grad[1:3])) + (None,) * 8
         _, _, backward, backward_impl = _EAGER[ctx.kind]
         return (None, *backward(ctx, grad_loss, backward_fn=backward_impl))

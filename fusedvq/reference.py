@@ -338,6 +338,32 @@ def finalize_batch_stats(count, shift: torch.Tensor, mean: torch.Tensor, m2: tor
     return torch.stack([shift, mean, rstd, w, inv_n])
 
 
+def batch_mse_composed(
+    x: torch.Tensor,  # [B, D]
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K] int64
+    eps: float,
+    nan_to_num: bool,
+    reduction: int,
+) -> torch.Tensor:
+    """The batch-statistics loss as differentiable torch ops, gradients by autograd (so to any order, and
+    under torch.func): the same shifted moments as batch_mse_forward. The shift c is a constant (z does not
+    depend on it), hence detached."""
+    cdt = compute_dtype(x.dtype)
+    xk = (x.to(cdt) if x.dtype != cdt else x).index_select(1, index)
+    if nan_to_num:
+        xk = torch.nan_to_num(xk, nan=0.0, posinf=0.0, neginf=0.0)
+    n = xk.shape[0]
+    dev = xk - xk[:1].detach()
+    centered = dev - dev.mean(0)
+    var = centered.square().sum(0) / max(n - 1, 1)
+    flat = (var.detach().sqrt() < eps) | (n < 2)  # σ' = 1, no gradient through σ
+    std = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
+    z = torch.nan_to_num(centered / std, nan=0.0, posinf=0.0, neginf=0.0)
+    loss = F.mse_loss(z, target.to(cdt) if target.dtype != cdt else target, reduction=REDUCTIONS[reduction])
+    return loss.to(x.dtype) if loss.dtype != x.dtype else loss
+
+
 def _gather_finite(x, index, nan_to_num):
     xk = x.index_select(1, index).to(compute_dtype(x.dtype))
     finite = None

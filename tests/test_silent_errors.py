@@ -172,3 +172,100 @@ if interpreting:  # the Triton loss, same bar (its per-program tiles keep each r
         want = torch.tensor(1000.1, dtype=torch.float32).double() ** 2
         loss = fusedvq.masked_mse(x, torch.zeros_like(x), torch.arange(256), norm="none", backend="triton")
         assert rel_err(loss, want) <= 1e-6
+
+
+# ------------------------------------------------------------------ higher-order and torch.func
+
+
+def _plain_loss(x, r, index, norm, mean, std):
+    """The float64-able composition of plain ops (the oracle's, differentiable to any order)."""
+    if norm == "batch":
+        mu = x.mean(0)
+        var = (x - mu).square().sum(0) / (x.shape[0] - 1)
+        z = (x - mu) / var.sqrt()
+    else:
+        z = (x - mean) / std
+    return torch.nn.functional.mse_loss(z[:, index], r)
+
+
+HIGHER = [
+    pytest.param("reference", 4, id="reference-small"),
+    pytest.param("reference", 2000, id="reference-large"),  # B·K above the composed path's 2^18
+    pytest.param("triton", 37, id="triton-interpreter", marks=needs_interpreter),
+]
+
+
+@pytest.mark.parametrize("backend, B", HIGHER)
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_double_backward_is_exact_on_every_path(backend, B, norm):
+    """A Hessian-vector product through the loss (create_graph=True) equals the plain composition's, at
+    every batch size and backend (the bug: right at small B, an autograd-internal error above B·K = 2^18,
+    and a second derivative silently taken as 0 for norm="batch")."""
+    g = torch.Generator().manual_seed(B)
+    D, K = 187, 171
+    x = torch.randn(B, D, generator=g) * 2 + 1
+    r = torch.randn(B, K, generator=g)
+    index = torch.randperm(D, generator=g)[:K]
+    mean, std = torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5
+    v = torch.randn(B, D, generator=g)
+    stats = (mean, std) if norm == "stats" else (None, None)
+
+    def hvp(loss_fn, x):
+        x = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
+        (hv,) = torch.autograd.grad((gx * v.to(gx.dtype)).sum(), x)
+        return gx.detach(), hv
+
+    got = hvp(lambda x: fusedvq.masked_mse(x, r, index, *stats, norm=norm, backend=backend), x)
+    want = hvp(lambda x: _plain_loss(x, r.double(), index, norm, mean.double(), std.double()), x.double())
+    assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-4, (
+        rel_err(got[0], want[0]), rel_err(got[1], want[1]))
+
+
+@pytest.mark.parametrize("backend, B", HIGHER)
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_torch_func_grad_and_vmap_on_every_path(backend, B, norm):
+    g = torch.Generator().manual_seed(7)
+    D, K = 30, 20
+    x = torch.randn(3, B, D, generator=g)
+    r = torch.randn(B, K, generator=g)
+    index = torch.randperm(D, generator=g)[:K]
+    mean, std = torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5
+    stats = (mean, std) if norm == "stats" else (None, None)
+    loss = lambda x: fusedvq.masked_mse(x, r, index, *stats, norm=norm, backend=backend)  # noqa: E731
+    plain = lambda x: _plain_loss(x, r.double(), index, norm, mean.double(), std.double())  # noqa: E731
+    got = torch.func.vmap(torch.func.grad(loss))(x)
+    want = torch.func.vmap(torch.func.grad(plain))(x.double())
+    assert rel_err(got, want) <= 1e-5
+
+
+# ------------------------------------------------------------------ layouts and devices without kernels
+
+
+def _layouts():
+    x = torch.randn(4, 6)
+    return {
+        "coo": x.to_sparse(),
+        "csr": x.to_sparse_csr(),
+        "nested": torch.nested.nested_tensor([torch.randn(6), torch.randn(6)]),
+        "meta": torch.empty(4, 6, device="meta"),
+    }
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr", "nested", "meta"])
+@pytest.mark.parametrize("role", ["features", "target", "index", "mean"])
+def test_unsupported_layouts_and_meta_get_a_clear_error(layout, role):
+    x, r, index = torch.randn(4, 6), torch.randn(4, 6), torch.arange(6)
+    mean, std = torch.zeros(6), torch.ones(6)
+    odd = _layouts()[layout]
+    if role == "features":
+        x = odd
+    elif role == "target":
+        r = odd
+    elif role == "index":
+        index = odd.to(torch.int64) if layout != "nested" else torch.nested.nested_tensor([torch.arange(3)] * 2)
+    else:
+        mean = odd[0] if layout in ("meta",) else odd
+    words = {"coo": "sparse", "csr": "sparse", "nested": "nested", "meta": "meta device"}[layout]
+    with pytest.raises((TypeError, ValueError), match=words):
+        fusedvq.masked_mse(x, r, index, mean, std, stats_space="masked")
