@@ -55,7 +55,7 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
-def check_dense(t: torch.Tensor, name: str) -> None:
+def check_dense(t: torch.Tensor, name: str, meta: bool = True) -> None:
     """A dense (strided) tensor with data: sparse (COO, CSR, ...) and nested tensors, and tensors on the meta
     device (shapes without values), are not supported by the loss's kernels."""
     if t.is_nested:
@@ -65,7 +65,7 @@ def check_dense(t: torch.Tensor, name: str) -> None:
             f"{name} is a sparse tensor ({str(t.layout).replace('torch.', '')}), which fusedvq does not support: "
             f"pass {name}.to_dense()"
         )
-    if t.device.type == "meta" and not _is_tracing():
+    if meta and t.device.type == "meta" and not _is_tracing():
         raise ValueError(f"{name} is on the meta device (a shape without values): fusedvq needs real data")
 
 
@@ -75,7 +75,7 @@ def check_pair(features: torch.Tensor, target: torch.Tensor, allow_empty: bool =
     for name, t in (("features", features), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_dense(t, name)
+        check_dense(t, name, meta=False)  # (meta below: a device mismatch is said first)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [batch, columns], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -85,7 +85,12 @@ def check_pair(features: torch.Tensor, target: torch.Tensor, allow_empty: bool =
             f"features and target must share one dtype, got features {features.dtype} and target {target.dtype}"
         )
     if features.device != target.device:
-        raise ValueError(f"features are on {features.device} but target is on {target.device}: put both on one device")
+        meta = " (the meta device holds shapes without values: fusedvq needs real data)" if "meta" in (
+            features.device.type, target.device.type) else ""
+        raise ValueError(
+            f"features are on {features.device} but target is on {target.device}: put both on one device{meta}"
+        )
+    check_dense(features, "features")
     if target.shape[0] != features.shape[0]:
         raise ValueError(
             f"features have {features.shape[0]} rows but target has {target.shape[0]}: the batch sizes must match"
@@ -199,13 +204,12 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
 
 
 def _refuse_integer_mask(index: torch.Tensor, num_features: int) -> None:
-    """An integer index of length D holding only 0s and 1s that is not a permutation of the columns (for
-    D > 2 it never is) is a mask given as numbers: read as indices it would be another loss (columns 0 and
-    1 over and over)."""
-    if index.shape[0] != num_features or num_features < 2:
+    """An integer index of length D >= 3 holding only 0s and 1s is a mask given as numbers: read as indices
+    it would be another loss (columns 0 and 1 over and over). For D <= 2 the two readings cannot be told
+    apart, and integers are indices, as everywhere else."""
+    if index.shape[0] != num_features or num_features < 3:
         return
-    zero_one = bool(((index == 0) | (index == 1)).all())
-    if zero_one and (num_features > 2 or bool(index[0] == index[1])):
+    if bool(((index == 0) | (index == 1)).all()):
         raise ValueError(
             f"index has {num_features} entries, one per feature column, holding only 0s and 1s: that is a "
             f"mask given as integers, which would be read as column indices (a different loss); pass "

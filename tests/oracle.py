@@ -80,13 +80,15 @@ def batch_oracle(
     eps: float = 1e-8,
     nan_to_num: bool = False,
     reduction: str = "mean",
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, grad_x, grad_r) in float64 of the batch-statistics composition, autograd through μ and σ:
+    """(loss, grad_x, grad_r) in float64 (or `dtype`: the eager composition of the three-way rule) of the
+    batch-statistics composition, autograd through μ and σ:
     nan_to_num → column mean and unbiased std → std < eps → 1 → (x − mean)/std → nan_to_num → keep the
     masked columns → F.mse_loss. The std is taken as sqrt(where(flat, 1, var)) so that a constant column
     has the finite gradient the composition means (plain sqrt at 0 back-propagates 0·inf = NaN)."""
-    x64 = x.detach().double().cpu().requires_grad_()
-    r64 = r.detach().double().cpu().requires_grad_()
+    x64 = x.detach().to(dtype).cpu().requires_grad_()
+    r64 = r.detach().to(dtype).cpu().requires_grad_()
     xt = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
     mean = xt.mean(0)
     var = (xt - mean).square().sum(0) / (xt.shape[0] - 1)
@@ -94,5 +96,5 @@ def batch_oracle(
     std = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
     z = torch.nan_to_num((xt - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
     loss = F.mse_loss(z[:, columns.cpu()], r64, reduction=reduction)
-    loss.backward(grad_out.double().cpu())
+    loss.backward(grad_out.to(dtype).cpu())
     return loss.detach(), x64.grad, r64.grad
