@@ -21,7 +21,8 @@ a message naming it, before any of it runs; `trust=True` loads it with full unpi
 
 Layers: read (file → dict, never runs code by default) → declare (dict → Declared, lenient, records
 what it cannot read) → diagnose (Declared → one sentence per problem, naming the numbers) → FeatureSpec
-(only when there are no problems) → MaskedMSELoss.
+(only when there are no problems), from which the losses build themselves (module.py): nothing here
+imports loss code.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .module import MaskedMSELoss
 from .safe_load import (  # the readers are re-exported as part of this module's API
     CheckpointError,
     PathLike,
@@ -587,6 +587,15 @@ class FeatureSpec:
         """K, the decoder's width."""
         return int(self.index.shape[0])
 
+    def stats_arguments(self, norm: str) -> dict:
+        """The statistics a loss built from this spec takes: μ, σ in the masked space for norm="stats",
+        none otherwise."""
+        if norm != "stats":
+            return {}
+        if self.mean is None:
+            raise ValueError(f'norm="stats" needs statistics, and this FeatureSpec ({self.path}) holds none')
+        return dict(mean=self.mean, std=self.std, stats_space="masked")
+
 
 def load_feature_spec(path: PathLike, *, num_features: Optional[int] = None, trust: bool = False,
                       stats: Optional[PathLike] = None, require_stats: bool = True) -> FeatureSpec:
@@ -613,22 +622,8 @@ def load_feature_spec(path: PathLike, *, num_features: Optional[int] = None, tru
     )  # fmt: skip
 
 
-def loss_from_checkpoint(path: PathLike, *, num_features: Optional[int] = None, trust: bool = False,
-                         stats: Optional[PathLike] = None, norm: str = "stats", loss_class: type = MaskedMSELoss,
-                         **options) -> MaskedMSELoss:
-    """MaskedMSELoss (or `loss_class`) for a checkpoint: its mask, and its μ, σ when norm="stats".
-
-    options go to the loss (reduction, nan_to_num, backend, eps). norm="none" / "batch" need no statistics.
-    """
-    spec = load_feature_spec(path, num_features=num_features, trust=trust, stats=stats,
-                             require_stats=norm == "stats")
-    if norm == "stats":
-        options.update(mean=spec.mean, std=spec.std, stats_space="masked")
-    return loss_class(spec.feature_mask, norm=norm, **options)
-
-
 __all__ = [
     "CheckpointError", "UnsafeLoadWarning", "FeatureSpec", "Declared", "CategoryStats", "resolve_checkpoint",
     "read_checkpoint", "read_stats_file", "declare", "find_problems", "diagnose", "assemble_stats",
-    "load_feature_spec", "loss_from_checkpoint",
+    "load_feature_spec",
 ]

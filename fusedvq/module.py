@@ -19,9 +19,23 @@ from .canonical import (
     reduction_code,
     use_triton_for,
 )
+from .checkpoint import FeatureSpec, load_feature_spec
 from .columns import ColumnMap
 from .contract import BACKENDS, NORM_BATCH, REDUCTIONS, compute_dtype
 from .op import batch_mse_op, masked_mse_op
+
+
+def load_spec(path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
+    """The FeatureSpec a loss with this `norm` needs from a checkpoint (statistics only for "stats")."""
+    return load_feature_spec(path, num_features=num_features, trust=trust, stats=stats,
+                             require_stats=norm == "stats")
+
+
+def loss_from_checkpoint(path, *, num_features: Optional[int] = None, trust: bool = False, stats=None,
+                         norm: str = "stats", **options) -> "MaskedMSELoss":
+    """MaskedMSELoss.from_checkpoint, as a function."""
+    return MaskedMSELoss.from_checkpoint(path, norm=norm, num_features=num_features, trust=trust, stats=stats,
+                                         **options)
 
 
 class MaskedMSELoss(nn.Module):
@@ -87,12 +101,18 @@ class MaskedMSELoss(nn.Module):
         self.sync_stats, self.process_group = sync_stats, process_group
 
     @classmethod
-    def from_checkpoint(cls, path, **options) -> "MaskedMSELoss":
+    def from_checkpoint(cls, path, *, norm: str = "stats", num_features: Optional[int] = None, trust: bool = False,
+                        stats=None, **options) -> "MaskedMSELoss":
         """The loss a VQ-VAE checkpoint (file or folder) describes: its mask, and its statistics for
-        norm="stats"; see fusedvq.load_feature_spec. Options as in the constructor, plus stats=/trust=."""
-        from .checkpoint import loss_from_checkpoint  # lazy: checkpoint.py imports this module
+        norm="stats"; see fusedvq.load_feature_spec (num_features, trust, stats). options as in the
+        constructor."""
+        return cls.from_spec(load_spec(path, norm, num_features, trust, stats), norm=norm, **options)
 
-        return loss_from_checkpoint(path, loss_class=cls, **options)
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec, *, norm: str = "stats", **options) -> "MaskedMSELoss":
+        """The loss for a FeatureSpec (fusedvq.load_feature_spec): its mask, and its statistics for
+        norm="stats"."""
+        return cls(spec.feature_mask, **spec.stats_arguments(norm), norm=norm, **options)
 
     def _apply(self, fn, recurse=True):
         # .to(device) moves the statistics; .half() / .to(dtype) on an enclosing model must not round μ and

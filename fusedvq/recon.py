@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .module import MaskedMSELoss
+from .module import MaskedMSELoss, load_spec
 
 
 class VQReconLoss(nn.Module):
@@ -87,13 +87,9 @@ class VQReconLoss(nn.Module):
         pickled objects in the file (it can run code; warns). options: reduction, nan_to_num, backend, eps,
         and for norm="batch" sync_stats, process_group. norm="none" / "batch" read no statistics.
         """
-        from .checkpoint import load_feature_spec
-
-        spec = load_feature_spec(path, num_features=num_features, trust=trust, stats=stats,
-                                 require_stats=norm == "stats")
-        if norm == "stats":
-            options.update(mean=spec.mean, std=spec.std, stats_space="masked")
-        loss = cls(spec.feature_mask, categories=spec.categories, norm=norm, **options)
+        spec = load_spec(path, norm, num_features, trust, stats)
+        loss = cls(spec.feature_mask, **spec.stats_arguments(norm), categories=spec.categories, norm=norm,
+                   **options)
         loss.spec = spec
         return loss
 

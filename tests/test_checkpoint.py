@@ -16,10 +16,9 @@ from fusedvq.checkpoint import (
     UnsafeLoadWarning,
     diagnose,
     load_feature_spec,
-    loss_from_checkpoint,
     read_checkpoint,
 )
-from fusedvq.module import MaskedMSELoss
+from fusedvq.module import MaskedMSELoss, loss_from_checkpoint
 
 FIXTURES = shared_dir() / "fixtures" / "spinlock"
 
