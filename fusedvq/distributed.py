@@ -9,12 +9,15 @@ The registered ops receive a process group as a string key (op schemas cannot ca
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
 from .reference import finalize_batch_stats, merge_moments
 
-_groups: dict[str, object] = {}
+# Keys of the process groups in use; a group that is destroyed (no reference left) drops out by itself.
+_groups: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
 WORLD = "world"
 
 
@@ -33,7 +36,12 @@ def group_key(process_group=None) -> str:
 
 
 def _group(key: str):
-    return None if key == WORLD else _groups[key]
+    if key == WORLD:
+        return None
+    group = _groups.get(key)
+    if group is None:
+        raise RuntimeError(f"the process group of this loss ({key}) no longer exists: it was destroyed")
+    return group
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
