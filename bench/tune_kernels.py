@@ -20,6 +20,7 @@ import torch
 from fusedvq import benchmark as fb
 from fusedvq.columns import build_column_map
 from fusedvq.kernels import masked_mse as mm
+from fusedvq.kernels import settings
 
 WALK_TILES = (2048, 4096, 8192)
 PROGRAMS_PER_SM = (4, 8, 16, 64)
@@ -34,10 +35,10 @@ def _bytes(B: int) -> tuple[int, int]:
     return forward, fb.bytes_moved(dataclasses.replace(case, mode="forward+backward")) - forward
 
 
-def _set(default: mm.Tuning, **fields) -> None:
+def _set(default: settings.Tuning, **fields) -> None:
     """TUNING (read by every launcher at each launch) = default with these fields changed, in place."""
     for field, value in dataclasses.asdict(dataclasses.replace(default, **fields)).items():
-        setattr(mm.TUNING, field, value)
+        setattr(settings.TUNING, field, value)
 
 
 def main(argv=None) -> int:
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[65536, 262144])
     args = parser.parse_args(argv)
-    default = dataclasses.replace(mm.TUNING)
+    default = dataclasses.replace(settings.TUNING)
     print(f"defaults: {default}")
     copy = fb.copy_bandwidth("cuda", nbytes=1 << 30)
     print(f"copy bandwidth (read + write): {copy / 1e9:.0f} GB/s")

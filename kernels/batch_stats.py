@@ -1,6 +1,14 @@
 """norm="batch": column statistics of the kept columns, and the launch plan around masked_mse's kernels.
 
-The math is stated in reference.py (section norm="batch"). Launches, for any B:
+Math (reference.py, section norm="batch", states the same in torch ops), N rows, x̃ = x[:, idx[k]]:
+    forward   c = x̃[0] (the shift), m = mean_b (x̃ − c), M2 = Σ_b (x̃ − c − m)², σ = sqrt(M2/(N − 1)),
+              σ' = 1 where σ < eps (w = 0) else σ (w = 1/(N − 1)),
+              z = nan_to_num(((x̃ − c) − m)/σ'),  diff = z − r,  e = diff²,  loss as masked_mse's
+    VJP       dz = 2·g·diff·[z finite],  S1 = Σ_b dz,  S2 = Σ_b dz·z
+              ∂L/∂x̃ = (1/σ')·(dz − S1/N − z·S2·w),  ∂L/∂r = −2·g·diff
+              (mean/sum: S = 2g·A with the column sums A = (Σ diff·[z finite], Σ diff·[z finite]·z) that
+              the forward writes, so the backward needs no reduction of its own)
+Launches, for any B:
     forward   1. _column_moments_kernel: per-program Chan-merged (m, M2) of each kept column around the shift
                  c (its first row); the last program merges them in program order and writes stats [5, K]
                  = (c, m, 1/σ', w, 1/N) (or, with cross-rank sync, the local (c, m, M2) for the caller to
@@ -19,19 +27,10 @@ import triton
 import triton.language as tl
 
 from .launch import KernelLauncher, cdiv, device_guard
-from .masked_mse import (
-    TUNING,
-    _FLT_MAX,
-    _kept_columns,
-    _store_partial_pair,
-    _sum_partial_pairs,
-    block_sizes,
-    launch_backward,
-    launch_forward,
-    max_programs,
-    num_warps_for,
-    scratch,
-    scratch_guard,
+from .masked_mse import launch_backward, launch_forward
+from .settings import NORM_BATCH, NORM_BATCH_C, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes, max_programs, num_warps_for, scratch, scratch_guard
+from .tiles import (
+    FLT_MAX, column_stats, kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs,
 )
 
 
@@ -72,11 +71,11 @@ def _column_moments_kernel(
     row_blocks = tl.cdiv(B, BLOCK_B)
     n = 0.0
     for k0 in range(0, K, BLOCK_K):
-        cols, d, col_ok = _kept_columns(idx_ptr, k0, K, D, BLOCK_K)
+        cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)
         # The shift c: the column's first row (reference.py: a constant column gives m = M2 = 0 exactly).
         c = tl.load(x_ptr + d * stride_xd, mask=col_ok, other=0.0).to(tl.float32)
         if NAN_TO_NUM:
-            c = tl.where(tl.abs(c) <= _FLT_MAX, c, 0.0)
+            c = tl.where(tl.abs(c) <= FLT_MAX, c, 0.0)
         n = 0.0
         mean = tl.zeros([BLOCK_K], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -84,10 +83,7 @@ def _column_moments_kernel(
             rows = tl.arange(0, BLOCK_B).to(tl.int64) + rb * BLOCK_B
             row_ok = rows < B
             ok = row_ok[:, None] & col_ok[None, :]
-            xv = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=ok, other=0.0)
-            xv = xv.to(tl.float32)
-            if NAN_TO_NUM:
-                xv = tl.where(tl.abs(xv) <= _FLT_MAX, xv, 0.0)
+            xv = load_features(x_ptr, rows, d, ok, stride_xb, stride_xd, NAN_TO_NUM)
             dv = tl.where(ok, xv - c[None, :], 0.0)
             n_tile = tl.sum(row_ok.to(tl.float32), axis=0)
             tile_mean = tl.sum(dv, axis=0) / n_tile
@@ -158,32 +154,25 @@ def _dz_sums_kernel(
     num_programs = tl.num_programs(0)
     row_blocks = tl.cdiv(B, BLOCK_B)
     for k0 in range(0, K, BLOCK_K):
-        cols, d, col_ok = _kept_columns(idx_ptr, k0, K, D, BLOCK_K)
-        mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-        center = tl.load(center_ptr + cols, mask=col_ok, other=0.0)
-        inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
+        cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)
+        mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM_BATCH_C)
         s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for rb in range(pid, row_blocks, num_programs):
             rows = tl.arange(0, BLOCK_B).to(tl.int64) + rb * BLOCK_B
             ok = (rows < B)[:, None] & col_ok[None, :]
-            xv = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=ok, other=0.0)
-            z = xv.to(tl.float32)
-            if NAN_TO_NUM:
-                z = tl.where(tl.abs(z) <= _FLT_MAX, z, 0.0)
-            z = ((z - mu[None, :]) - center[None, :]) * inv_sigma[None, :]
-            z_ok = tl.abs(z) <= _FLT_MAX
-            z = tl.where(z_ok, z, 0.0)
+            xv = load_features(x_ptr, rows, d, ok, stride_xb, stride_xd, NAN_TO_NUM)
+            z, z_ok = normalize(xv, mu, center, inv_sigma, NORM_BATCH_C)
             rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
             gv = tl.load(grad_ptr + rows[:, None] * stride_gb + cols.to(tl.int64)[None, :] * stride_gk, mask=ok, other=0.0)
             dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
             s1 += dz
             s2 += dz * z
-        _store_partial_pair(partial_ptr, pid, cols, col_ok, K, s1, s2)
+        store_partial_pair(partial_ptr, pid, cols, col_ok, K, s1, s2)
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == num_programs - 1:
-        _sum_partial_pairs(partial_ptr, sums_ptr, num_programs, K, BLOCK_K)
+        sum_partial_pairs(partial_ptr, sums_ptr, num_programs, K, BLOCK_K)
         tl.atomic_xchg(counter_ptr, 0)
 
 
@@ -225,10 +214,11 @@ def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction:
         shift, mean, m2 = column_moments(x, index, eps, nan_to_num, finalize=False)
         stats = merge_and_finalize(B, shift, mean, m2)
     if B == 0:
-        shape = (0, K) if reduction == 0 else ()
+        shape = (0, K) if reduction == REDUCTION_NONE else ()
         return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
     loss, colsums = launch_forward(
-        x, target, index, stats[0], stats[2], 2, nan_to_num, reduction, colsums=reduction != 0, center=stats[1]
+        x, target, index, stats[0], stats[2], NORM_BATCH, nan_to_num, reduction, colsums=reduction != REDUCTION_NONE,
+        center=stats[1],
     )
     return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
 
@@ -258,15 +248,15 @@ def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsu
     """(grad_x [B, D], grad_target [B, K]); sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
     B, K = x.shape[0], index.shape[0]
     sums, sums_final = colsums, False
-    if reduction == 0:
+    if reduction == REDUCTION_NONE:
         sums, sums_final = dz_sums(grad_loss, x, target, index, stats, nan_to_num), True
     elif sum_over_ranks is not None:
-        scale = 2.0 / max(B * K, 1) if reduction == 1 else 2.0
+        scale = 2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0
         sums, sums_final = colsums * (grad_loss.float() * scale), True
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     if B == 0:
         return x.new_zeros(x.shape), target.new_zeros(target.shape)
     return launch_backward(
-        grad_loss, x, target, inv_ptr, inv_k, tuple(stats), nan_to_num, reduction, sums, sums_final
+        grad_loss, x, target, inv_ptr, inv_k, NORM_BATCH, tuple(stats), nan_to_num, reduction, sums, sums_final
     )

@@ -1,7 +1,14 @@
 """Fused masked MSE, norm "none" / "stats": one launch forward, one launch backward, any B.
 
-Math (reference.py states it in full): z[b, k] = (x̃[b, idx[k]] − shift[k]) · scale[k], e = (z − r)²,
-loss = Σe/(B·K) | Σe | e. Plan:
+Math (reference.py states the same in torch ops), with x̃ = nan_to_num(x) when NAN_TO_NUM:
+    forward   z[b, k] = (x̃[b, idx[k]] − μ[k]) · (1/σ[k])          (norm "none": z = x̃[b, idx[k]])
+              diff = z − r,  e = diff²,  loss = Σe/(B·K) | Σe | e  (reduction mean | sum | none)
+    VJP       g = grad_out/(B·K) | grad_out | grad_out[b, k],  dz = 2·g·diff
+              ∂L/∂r[b, k] = −dz[b, k]
+              ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite)
+    norm "batch" reuses both kernels with NORM_BATCH: z = ((x̃ − c) − m)·(1/σ') and batch norm's VJP
+    (batch_stats.py states it).
+Plan:
 
 forward   grid (cdiv(B, BLOCK_B),): each program owns BLOCK_B rows and walks the K kept columns in
           BLOCK_K chunks, gathering x through idx, so only the kept columns of x are ever read. For
@@ -18,53 +25,18 @@ Both accumulate in fp32 and cast once on store; strides are arguments; row offse
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelLauncher, cdiv, current_stream_handle, device_guard, next_power_of_2
-
-_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |v| <= FLT_MAX  ⇔  v is finite (false for NaN and ±Inf)
-
-
-@triton.jit
-def _kept_columns(idx_ptr, k0, K, D, BLOCK_K: tl.constexpr):
-    """Kept columns k0 .. k0 + BLOCK_K: (ids [BLOCK_K], their feature columns d, in-range mask)."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    d = tl.load(idx_ptr + cols, mask=col_ok, other=0)
-    col_ok = col_ok & (d >= 0) & (d < D)  # validated before launch; never read out of bounds
-    return cols, d, col_ok
-
-
-@triton.jit
-def _store_partial_pair(partial_ptr, pid, cols, col_ok, K, a, b):
-    """Program pid's column sums a, b [BLOCK_B, BLOCK_K] → partial[pid, 0 | 1, cols] ([P, 2, K] fp32)."""
-    base = partial_ptr + pid.to(tl.int64) * 2 * K + cols
-    tl.store(base, tl.sum(a, axis=0), mask=col_ok)
-    tl.store(base + K, tl.sum(b, axis=0), mask=col_ok)
-
-
-@triton.jit
-def _sum_partial_pairs(partial_ptr, out_ptr, num_programs, K, BLOCK_K: tl.constexpr):
-    """out [2, K] = Σ_p partial[p] in program order (deterministic); run by the last program only."""
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        t0 = tl.zeros([BLOCK_K], dtype=tl.float32)
-        t1 = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for p in range(0, num_programs):
-            base = partial_ptr + p * 2 * K + cols
-            # .cg: read through L2, where the other programs' partials are visible.
-            t0 += tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
-            t1 += tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + cols, t0, mask=col_ok)
-        tl.store(out_ptr + K + cols, t1, mask=col_ok)
-
+from .launch import KernelLauncher, cdiv, device_guard
+from .settings import (
+    BLOCK_P, NORM_BATCH, NORM_NONE, NORM_NONE_C, NORM_STATS, NORM_STATS_C, REDUCTION_MEAN, REDUCTION_NONE,
+    REDUCTION_NONE_C, TUNING, block_sizes, max_programs, num_warps_for, scratch, scratch_guard,
+)
+from .tiles import (
+    FLT_MAX, column_stats, kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs,
+)
 
 @triton.jit
 def _masked_mse_fwd_kernel(
@@ -100,12 +72,8 @@ def _masked_mse_fwd_kernel(
     row_blocks = tl.cdiv(B, BLOCK_B)
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols, d, col_ok = _kept_columns(idx_ptr, k0, K, D, BLOCK_K)  # [BLOCK_K] each
-        if NORM >= 1:
-            mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-            inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
-        if NORM == 2:
-            center = tl.load(center_ptr + cols, mask=col_ok, other=0.0)
+        cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)  # [BLOCK_K] each
+        mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM)
         if COLSUMS:
             sum_m = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
             sum_mz = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -113,19 +81,11 @@ def _masked_mse_fwd_kernel(
         for rb in range(pid, row_blocks, num_programs):
             rows = tl.arange(0, BLOCK_B).to(tl.int64) + rb * BLOCK_B  # [BLOCK_B] int64 (rb·BLOCK_B < B + BLOCK_B fits int32)
             ok = (rows < B)[:, None] & col_ok[None, :]
-            xv = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=ok, other=0.0)
-            z = xv.to(tl.float32)
-            if NAN_TO_NUM:
-                z = tl.where(tl.abs(z) <= _FLT_MAX, z, 0.0)
-            if NORM == 1:
-                z = (z - mu[None, :]) * inv_sigma[None, :]
-            if NORM == 2:
-                z = ((z - mu[None, :]) - center[None, :]) * inv_sigma[None, :]
-                z_ok = tl.abs(z) <= _FLT_MAX
-                z = tl.where(z_ok, z, 0.0)
+            xv = load_features(x_ptr, rows, d, ok, stride_xb, stride_xd, NAN_TO_NUM)
+            z, z_ok = normalize(xv, mu, center, inv_sigma, NORM)
             rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
             diff = tl.where(ok, z - rv.to(tl.float32), 0.0)
-            if REDUCTION == 0:
+            if REDUCTION == REDUCTION_NONE_C:
                 out_offs = rows[:, None] * K + cols[None, :]
                 tl.store(out_ptr + out_offs, (diff * diff).to(out_ptr.dtype.element_ty), mask=ok)
             else:
@@ -135,8 +95,8 @@ def _masked_mse_fwd_kernel(
                 sum_m += m
                 sum_mz += m * z
         if COLSUMS:
-            _store_partial_pair(colsum_partial_ptr, pid, cols, col_ok, K, sum_m, sum_mz)
-    if REDUCTION != 0:
+            store_partial_pair(colsum_partial_ptr, pid, cols, col_ok, K, sum_m, sum_mz)
+    if REDUCTION != REDUCTION_NONE_C:
         tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
         # Every thread's stores are issued before the ticket; acq_rel publishes them to the last program.
         tl.debug_barrier()
@@ -150,7 +110,7 @@ def _masked_mse_fwd_kernel(
             loss = tl.sum(total, axis=0) * out_scale
             tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
             if COLSUMS:
-                _sum_partial_pairs(colsum_partial_ptr, colsum_ptr, num_programs, K, BLOCK_K)
+                sum_partial_pairs(colsum_partial_ptr, colsum_ptr, num_programs, K, BLOCK_K)
             tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
 
 
@@ -202,9 +162,9 @@ def _masked_mse_bwd_kernel(
     xv = tl.load(x_ptr + rows[:, None] * stride_xb + dcols.to(tl.int64)[None, :] * stride_xd, mask=x_ok, other=0.0)
     xv = xv.to(tl.float32)
     if NAN_TO_NUM:
-        finite = tl.abs(xv) <= _FLT_MAX
+        finite = tl.abs(xv) <= FLT_MAX
         xv = tl.where(finite, xv, 0.0)
-    if REDUCTION != 0:
+    if REDUCTION != REDUCTION_NONE_C:
         g = tl.load(grad_ptr).to(tl.float32) * grad_scale
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     for j in range(0, tl.max(count, axis=0)):  # 1 pass without duplicates
@@ -213,27 +173,18 @@ def _masked_mse_bwd_kernel(
         has = has & (k >= 0) & (k < K)
         ok = row_ok[:, None] & has[None, :]
         rv = tl.load(r_ptr + rows[:, None] * stride_rb + k[None, :] * stride_rk, mask=ok, other=0.0)
-        z = xv
-        if NORM >= 1:
-            mu = tl.load(shift_ptr + k, mask=has, other=0.0)
-            inv_sigma = tl.load(scale_ptr + k, mask=has, other=1.0)
-        if NORM == 1:
-            z = (xv - mu[None, :]) * inv_sigma[None, :]
-        if NORM == 2:
-            center = tl.load(center_ptr + k, mask=has, other=0.0)
-            z = ((xv - mu[None, :]) - center[None, :]) * inv_sigma[None, :]
-            z_ok = tl.abs(z) <= _FLT_MAX
-            z = tl.where(z_ok, z, 0.0)
-        if REDUCTION == 0:
+        mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, k, has, NORM)
+        z, z_ok = normalize(xv, mu, center, inv_sigma, NORM)
+        if REDUCTION == REDUCTION_NONE_C:
             gk = tl.load(grad_ptr + rows[:, None] * stride_gb + k[None, :] * stride_gk, mask=ok, other=0.0)
             gk = gk.to(tl.float32) * grad_scale
         else:
             gk = g
         diff = z - rv.to(tl.float32)
         tl.store(grad_r_ptr + rows[:, None] * K + k[None, :], (-diff * gk).to(grad_r_ptr.dtype.element_ty), mask=ok)
-        if NORM == 0:
+        if NORM == NORM_NONE_C:
             dx = diff * gk
-        elif NORM == 1:
+        elif NORM == NORM_STATS_C:
             dx = diff * gk * inv_sigma[None, :]
         else:
             # Batch norm's backward: (1/σ')·(dz − S1/N − z·S2·w), with S1 = Σ dz, S2 = Σ dz·z over the batch.
@@ -255,90 +206,6 @@ def _masked_mse_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-@dataclass
-class Tuning:
-    """Launch shapes of every kernel; bench/tune_kernels.py times the alternatives on a GPU."""
-
-    walk_tile: int = 2048  # elements of a program's tile in the walks over the K kept columns (forward, moments)
-    backward_tile: int = 1024  # elements of a backward program's tile ([rows, D columns])
-    elements_per_warp: int = 128  # a warp per 128 tile elements (4 a thread), up to max_warps
-    max_warps: int = 8
-    programs_per_sm: int = 4  # persistent grid of the walks: enough to hide latency, few partials to merge
-
-
-TUNING = Tuning()
-_MAX_BLOCK_COLS = 256
-_BLOCK_P = 1024
-_scratch_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def scratch(t: torch.Tensor, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counter [1] int32, partials [≥ programs] fp32) of a last-program reduction on t's device.
-
-    The counter is zero between launches (the last program resets it). Both are kept rather than
-    allocated per call — a launch needs no memset and no allocation — one pair per (device, stream), so
-    launches on two streams never share one, and per thread for CPU tensors (the interpreter). While a CUDA
-    graph is being captured, each launch gets its own pair, the counter zeroed by a memset captured into the
-    graph: graphs replayed concurrently then share nothing, and no cached tensor lives in (or is recycled
-    from) a graph's private memory pool. A launch that raises drops its pair (scratch_guard).
-    """
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _new_scratch(t, programs)
-    key = _scratch_key(t)
-    pair = _scratch_cache.get(key)
-    if pair is None or pair[1].shape[0] < programs:
-        pair = _scratch_cache[key] = _new_scratch(t, max(programs, max_programs(t)))
-    return pair
-
-
-def _scratch_key(t: torch.Tensor) -> tuple:
-    return (t.device, current_stream_handle(t.device.index) if t.is_cuda else threading.get_ident())
-
-
-@contextlib.contextmanager
-def scratch_guard(t: torch.Tensor):
-    """Around a launch that uses scratch(t): if it raises, the cached pair is dropped, since a launch that
-    failed part-way (programs ran, the last one did not) can leave the counter non-zero, and every later
-    reduction would then skip its final sum. The next launch gets a fresh, zeroed pair."""
-    try:
-        yield
-    except BaseException:
-        _scratch_cache.pop(_scratch_key(t), None)
-        raise
-
-
-def _new_scratch(t: torch.Tensor, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.zeros(1, dtype=torch.int32, device=t.device),
-            torch.empty(programs, dtype=torch.float32, device=t.device))
-
-
-def block_sizes(rows: int, cols: int, tile: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) for a [rows, cols] walk: cols up to 256 wide, about `tile` elements a tile."""
-    block_cols = min(next_power_of_2(cols), _MAX_BLOCK_COLS)
-    block_rows = max(1, min(tile // block_cols, next_power_of_2(rows)))
-    return block_rows, block_cols
-
-
-def num_warps_for(block_rows: int, block_cols: int) -> int:
-    """A warp per TUNING.elements_per_warp tile elements, 1 to TUNING.max_warps: no idle threads on the tiny
-    tiles of small shapes, and no register spills at sm_80/sm_90 (tests/aot_check.py)."""
-    return max(1, min(TUNING.max_warps, block_rows * block_cols // TUNING.elements_per_warp))
-
-
-def max_programs(t: torch.Tensor) -> int:
-    """Programs of a persistent grid: TUNING.programs_per_sm per SM on CUDA."""
-    if not t.is_cuda:
-        return 8  # the interpreter runs programs one after another: fewer is faster
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    count = _sm_counts.get(index)
-    if count is None:
-        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return TUNING.programs_per_sm * count
-
-
-_sm_counts: dict[int, int] = {}
-
-
 def launch_forward(
     x: torch.Tensor,  # [B, D], B >= 1
     target: torch.Tensor,  # [B, K]
@@ -357,11 +224,11 @@ def launch_forward(
     block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
     grid = (min(cdiv(B, block_b), max_programs(x)),)
     if shift is None:
-        shift = scale = x  # never read: NORM == 0
+        shift = scale = x  # never read: norm "none"
     if center is None:
-        center = shift  # never read: NORM < 2
+        center = shift  # never read: norm "none" / "stats"
     with device_guard(x), scratch_guard(x):
-        if reduction == 0:
+        if reduction == REDUCTION_NONE:
             out = torch.empty((B, K), dtype=x.dtype, device=x.device)
             partial = counter = out  # unused
         else:
@@ -376,9 +243,9 @@ def launch_forward(
             x, target, index, shift, center, scale, out, partial, sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1),
-            1.0 / (B * K) if reduction == 1 else 1.0,
+            1.0 / (B * K) if reduction == REDUCTION_MEAN else 1.0,
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, COLSUMS=int(colsums),
-            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=_BLOCK_P, num_warps=num_warps_for(block_b, block_k),
+            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
     return out, (sums if colsums else None)
 
@@ -389,6 +256,7 @@ def launch_backward(
     target: torch.Tensor,  # [B, K]
     inv_ptr: torch.Tensor,  # [D+1] int32
     inv_k: torch.Tensor,  # [K] int32
+    norm: int,  # NORM_NONE, NORM_STATS or NORM_BATCH
     stats,  # tuple of [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', w, 1/N) batch
     nan_to_num: bool,
     reduction: int,
@@ -400,14 +268,13 @@ def launch_backward(
     K = inv_k.shape[0]
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
     grid = (cdiv(B, block_b), cdiv(D, block_d))
-    norm = {0: 0, 2: 1, 5: 2}[len(stats)]
-    if norm == 2:
+    if norm == NORM_BATCH:
         shift, center, scale, w, inv_n = stats
     else:
         shift, scale = stats if stats else (x, x)  # unused slots: any pointer, never read
         center = w = inv_n = x
     sums = x if sums is None else sums
-    g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == 0 else (0, 0)
+    g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else (0, 0)
     with device_guard(x):
         grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device)
         grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
@@ -415,7 +282,7 @@ def launch_backward(
             grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums, grad_x, grad_target,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), *g_strides,
-            2.0 / (B * K) if reduction == 1 else 2.0,
+            2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0,
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, SUMS_FINAL=int(sums_final),
             BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b, block_d),
         )  # fmt: skip
@@ -428,11 +295,12 @@ _BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 def masked_mse_forward(x, target, index, shift, scale, nan_to_num: bool, reduction: int) -> torch.Tensor:
     """norm "none" (shift = scale = None) or "stats": the loss ([] or [B, K] in x.dtype)."""
-    loss, _ = launch_forward(x, target, index, shift, scale, 0 if shift is None else 1, nan_to_num, reduction)
+    norm = NORM_NONE if shift is None else NORM_STATS
+    loss, _ = launch_forward(x, target, index, shift, scale, norm, nan_to_num, reduction)
     return loss
 
 
 def masked_mse_backward(grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_to_num: bool, reduction: int):
     """norm "none" / "stats": (grad_x [B, D], grad_target [B, K])."""
-    stats = () if shift is None else (shift, scale)
-    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, stats, nan_to_num, reduction)
+    norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
+    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, norm, stats, nan_to_num, reduction)

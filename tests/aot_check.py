@@ -23,6 +23,7 @@ from triton.compiler import ASTSource
 
 from fusedvq.kernels import batch_stats as bs
 from fusedvq.kernels import masked_mse as mm
+from fusedvq.kernels import settings
 
 ARCHS = (80, 90)
 FLOAT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -44,13 +45,13 @@ def flag_grid():
 
 
 def _blocks(shapes, pick, tile):
-    return sorted({mm.block_sizes(B, pick(D, K), tile) for B, D, K in shapes})
+    return sorted({settings.block_sizes(B, pick(D, K), tile) for B, D, K in shapes})
 
 
 def kernel_specs():
     """(name, fn, signature, constexprs) for the configurations the launchers produce."""
     for dtype, norm, n2n, red, shapes in flag_grid():
-        for block_b, block_k in _blocks(shapes, lambda D, K: K, mm.TUNING.walk_tile):
+        for block_b, block_k in _blocks(shapes, lambda D, K: K, settings.TUNING.walk_tile):
             sig = {
                 "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32",
                 "out_ptr": dtype, "partial_ptr": "*fp32", "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
@@ -58,9 +59,9 @@ def kernel_specs():
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "out_scale": F32,
             }
             consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, COLSUMS=int(norm == 2 and red != 0),
-                          BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=mm._BLOCK_P)
+                          BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=settings.BLOCK_P)
             yield "fwd", mm._masked_mse_fwd_kernel, sig, consts
-        for block_b, block_d in _blocks(shapes, lambda D, K: D, mm.TUNING.backward_tile):
+        for block_b, block_d in _blocks(shapes, lambda D, K: D, settings.TUNING.backward_tile):
             sig = {
                 "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "inv_ptr_ptr": "*i32", "inv_k_ptr": "*i32",
                 "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "inv_n_ptr": "*fp32",
@@ -75,7 +76,7 @@ def kernel_specs():
                 yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
         if norm != 2:
             continue
-        for block_b, block_k in _blocks(shapes, lambda D, K: K, mm.TUNING.walk_tile):
+        for block_b, block_k in _blocks(shapes, lambda D, K: K, settings.TUNING.walk_tile):
             blocks = dict(BLOCK_B=block_b, BLOCK_K=block_k)
             for finalize in (0, 1):
                 sig = {"x_ptr": dtype, "idx_ptr": "*i64", "partial_ptr": "*fp32", "count_ptr": "*fp32",
@@ -96,7 +97,7 @@ def compile_one(fn, signature, constexprs, arch):
         signature[name] = "constexpr"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32)
-    warps = mm.num_warps_for(constexprs["BLOCK_B"], constexprs.get("BLOCK_K", constexprs.get("BLOCK_D")))
+    warps = settings.num_warps_for(constexprs["BLOCK_B"], constexprs.get("BLOCK_K", constexprs.get("BLOCK_D")))
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])
