@@ -1,4 +1,4 @@
-"""Time the launch shapes of the fused kernels on a GPU: how kernels/masked_mse.py's TUNING was chosen.
+"""Time the launch shapes of the fused kernels on a GPU: how kernels/settings.py's TUNING was chosen.
 
     python bench/tune_kernels.py [--sizes 65536,262144]
 

@@ -7,7 +7,7 @@
 
 use_triton=True runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); they
 recompute z in the backward, so diff and finite come back empty and nothing but the inputs is saved.
-use_triton=False runs reference.py, which saves diff [B, K] (and the finite mask with nan_to_num) to
+use_triton=False runs cpu.py, which saves diff [B, K] (and the finite mask with nan_to_num) to
 avoid a second gather. Both ops are opaque to torch.compile (fake implementations give the shapes) and
 contain no host synchronization, so a compiled or CUDA-graph-captured training step runs them as is.
 In eager mode the reference path skips them (masked_mse_op): their dispatch costs more than a small loss.
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cpu, reference
 from .columns import ColumnMap
 from .contract import REDUCTION_NONE, compute_dtype
 
@@ -69,7 +69,7 @@ def _masked_forward_impl(
     if use_triton:
         loss = _kernels().masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
         return loss, _empty(x), _empty_mask(x)
-    loss, diff, finite = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+    loss, diff, finite = cpu.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
     return loss, diff, finite if finite is not None else _empty_mask(x)
 
 
@@ -105,7 +105,7 @@ def _masked_backward_impl(
         return _kernels().masked_mse_backward(
             grad, x, target, inv_ptr, inv_k, shift, scale, nan_to_num, reduction
         )
-    return reference.masked_mse_backward(
+    return cpu.masked_mse_backward(
         grad, diff, finite if nan_to_num else None, index, scale, x.shape[1], reduction, x.dtype, target.dtype
     )
 
@@ -171,7 +171,7 @@ class _EagerReference(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, index, shift, scale, nan_to_num, reduction):
-        loss, diff, finite = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+        loss, diff, finite = cpu.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
         ctx.save_for_backward(x, target, index, shift, scale)
         ctx.options = (nan_to_num, reduction)
         ctx.diff = (diff, finite)
@@ -188,8 +188,8 @@ class _EagerReference(torch.autograd.Function):
             return (*grads_with_graph(composed, x, target, grad_loss, ctx.needs_input_grad[:2]),) + (None,) * 5
         kept, ctx.diff = ctx.diff, None
         if kept is None:  # spent by an earlier backward
-            _, *kept = reference.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
-        grad_x, grad_target = reference.masked_mse_backward(
+            _, *kept = cpu.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+        grad_x, grad_target = cpu.masked_mse_backward(
             grad_loss, *kept, index, scale, x.shape[1], reduction, x.dtype, target.dtype,
             needs=(ctx.needs_input_grad[0], ctx.needs_input_grad[1]), overwrite_diff=True,
         )
@@ -215,7 +215,7 @@ def masked_mse_op(
             return reference.masked_mse_composed(x, target, columns.index, shift, scale, nan_to_num, reduction)
         if use_triton:
             return _EagerKernels.apply(x, target, (columns, shift, scale, nan_to_num, reduction))
-        if reference.composed_is_faster(x, columns.num_kept):
+        if cpu.use_composed(x, columns.num_kept):
             return reference.masked_mse_composed(x, target, columns.index, shift, scale, nan_to_num, reduction)
         return _EagerReference.apply(x, target, columns.index, shift, scale, nan_to_num, reduction)
     loss, _, _ = masked_mse_forward(
@@ -264,7 +264,7 @@ def _batch_forward_impl(
     merge = _merge_fn(group, eps)
     if use_triton:
         return _kernels().batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge)
-    return reference.batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge)
+    return cpu.batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge)
 
 
 batch_mse_forward = torch.library.custom_op("fusedvq::batch_mse_forward", mutates_args=())(_batch_forward_impl)
@@ -297,7 +297,7 @@ def _batch_backward_impl(
         return _kernels().batch_mse_backward(
             grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction, total
         )
-    return reference.batch_mse_backward(grad, x, target, index, stats, colsums, nan_to_num, reduction, total)
+    return cpu.batch_mse_backward(grad, x, target, index, stats, colsums, nan_to_num, reduction, total)
 
 
 batch_mse_backward = torch.library.custom_op("fusedvq::batch_mse_backward", mutates_args=())(_batch_backward_impl)

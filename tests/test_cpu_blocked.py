@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusedvq
-from fusedvq import op, reference
+from fusedvq import cpu, op
 from fusedvq.canonical import prepare
 from fusedvq.contract import NORMS, REDUCTIONS, compute_dtype
 from oracle import TOLERANCE, oracle, random_case, rel_err
@@ -17,7 +17,7 @@ BLOCK_ROWS = 5  # 37 rows = 7 full blocks and one of 2
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(reference, "_BLOCK_ELEMENTS", BLOCK_ROWS * K)
+    monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", BLOCK_ROWS * K)
 
 
 def _case(dtype, selector, nan_to_num, seed):
@@ -36,14 +36,14 @@ def _case(dtype, selector, nan_to_num, seed):
 
 def _run(path, x, r, columns, mean, std, norm, nan_to_num, reduction, monkeypatch):
     """The loss of one path, with autograd attached to x and r."""
-    if path == "registered-op":  # what torch.compile runs: reference.masked_mse_forward / masked_mse_backward
+    if path == "registered-op":  # what torch.compile runs: cpu.masked_mse_forward / masked_mse_backward
         cmap, _, shift, scale = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None,
                                         D, r.shape[1], NORMS.index(norm), None, compute_dtype(x.dtype), x.device)
         loss, _, _ = op.masked_mse_forward(x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, nan_to_num,
                                            REDUCTIONS.index(reduction), False)
         return loss
     if path == "blocked":
-        monkeypatch.setattr(reference, "_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(cpu, "_COMPOSED_MAX_ELEMENTS", 0)
     stats = (mean, std) if norm == "stats" else (None, None)
     return fusedvq.masked_mse(x, r, columns, *stats, norm=norm, nan_to_num=nan_to_num, reduction=reduction,
                               backend="reference")
@@ -104,7 +104,7 @@ def test_target_without_grad(small_blocks, monkeypatch, path):
 def test_backward_twice_through_one_graph(small_blocks, monkeypatch):
     """The first backward spends the forward's diff (grad_target is written over it); a second one, with
     retain_graph, must compute it again and still be exact."""
-    monkeypatch.setattr(reference, "_COMPOSED_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(cpu, "_COMPOSED_MAX_ELEMENTS", 0)
     x, r, columns, mean, std = _case(torch.float32, "duplicates", False, seed=8)
     x.requires_grad_()
     r.requires_grad_()
@@ -124,7 +124,7 @@ def test_scatter_columns_blocks(small_blocks, dtype):
     index[-1] = index[0]
     grad_xk = torch.randn(B, K, generator=g)
     want = torch.zeros(B, D, dtype=torch.float64).index_add_(1, index, grad_xk.double())
-    got = reference.scatter_columns(grad_xk, index, D, dtype)
+    got = cpu.scatter_columns(grad_xk, index, D, dtype)
     assert got.dtype == dtype and rel_err(got, want) <= TOLERANCE[dtype]
 
 
@@ -134,5 +134,5 @@ def test_sum_of_squares_large_batch():
     diff = torch.randn(65536, K, generator=g) * 3 + 1
     want = diff.double().square().sum()
     for reduction, scale in (("sum", 1.0), ("mean", 1.0 / diff.numel())):
-        got = reference._reduce_squares(diff, REDUCTIONS.index(reduction))
+        got = cpu._reduce_squares(diff, REDUCTIONS.index(reduction))
         assert rel_err(got, want * scale) <= TOLERANCE[torch.float32]

@@ -1,0 +1,319 @@
+"""The CPU implementation: the loss of reference.py with hand-written gradients, in blocked passes.
+
+Gradients are analytic, so training on the CPU never materializes the [B, D] normalized features that
+autograd through the plain composition would; small batches, where per-op overhead dominates, take the
+composition itself (use_composed). op.py registers these as the CPU kernels of the ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .contract import REDUCTION_MEAN, REDUCTION_NONE, compute_dtype
+from .reference import (
+    STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, column_moments, finalize_batch_stats,
+)
+
+
+# How the CPU runs it. On the CPU a large batch costs memory traffic, and above all first touches: a fresh
+# buffer of the batch's size is page-faulted in on its first write, one fault per 4 KiB page, which costs
+# several times the arithmetic of this loss. So rows go in blocks of about _BLOCK_ELEMENTS elements, each
+# block's gather and normalization run in scratch buffers small enough for the allocator to hand back
+# warm, and a step first-touches two batch-sized buffers only: diff [B, K], written by the forward (the
+# eager backward then writes grad_target over it, see masked_mse_backward's overwrite_diff) and grad_x [B, D].
+# Blocks are few (6 at B = 65536, K = 171) because each op on a block is a parallel region that waits for
+# its slowest thread, which a busy machine makes slow. Off the CPU the whole batch is one block.
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def _block_rows(t: torch.Tensor, cols: int) -> int:
+    """Rows per block of a pass over t's rows that touches `cols` values per row."""
+    if t.device.type != "cpu":
+        return max(t.shape[0], 1)
+    return max(1, _BLOCK_ELEMENTS // max(cols, 1))
+
+
+def _diff_rows(
+    out: torch.Tensor,  # [n, K] compute dtype: receives diff = z − r
+    x: torch.Tensor,  # [n, D]
+    target: torch.Tensor,  # [n, K]
+    index: torch.Tensor,
+    shift: Optional[torch.Tensor],  # [K] μ, or None
+    scale: Optional[torch.Tensor],
+    finite: Optional[torch.Tensor],  # [n, K] bool: receives isfinite(x[:, index]) (nan_to_num), or None
+    scratch: Optional[torch.Tensor] = None,  # [n, K] compute dtype for z, when out is fresh memory
+) -> torch.Tensor:
+    # z is built in scratch (warm) when out is fresh: the gather runs on one thread, and the first touch of
+    # fresh pages costs half as much from the two threads of the final subtraction.
+    z = out if scratch is None else scratch
+    if z.dtype == x.dtype:
+        torch.index_select(x, 1, index, out=z)
+    else:
+        z.copy_(x.index_select(1, index))  # widened to the compute dtype once
+    if finite is not None:
+        finite.copy_(torch.isfinite(z))
+        z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if scale is not None:
+        # (x − μ)·(1/σ), in this order: x·(1/σ) − μ/σ would cancel ~1e-4 of z for features far from 0.
+        z.sub_(shift).mul_(scale)
+    return torch.sub(z, target, out=out)
+
+
+def masked_mse_forward(
+    x: torch.Tensor,  # [B, D]
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K] int64
+    shift: Optional[torch.Tensor],  # [K] compute dtype, or None (norm="none")
+    scale: Optional[torch.Tensor],  # [K] compute dtype, or None (norm="none")
+    nan_to_num: bool,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (loss, diff [B, K] in compute dtype, finite [B, K] bool or None), the last two for backward."""
+    B, K = x.shape[0], index.shape[0]
+    diff = torch.empty((B, K), dtype=compute_dtype(x.dtype), device=x.device)
+    finite = torch.empty((B, K), dtype=torch.bool, device=x.device) if nan_to_num else None
+    step = _block_rows(x, K)
+    scratch = torch.empty((min(step, B), K), dtype=diff.dtype, device=x.device)
+    parts = []
+    for start in range(0, B, step):
+        rows = slice(start, start + step)
+        block = _diff_rows(diff[rows], x[rows], target[rows], index, shift, scale,
+                           None if finite is None else finite[rows], scratch[: min(step, B - start)])
+        if reduction != REDUCTION_NONE:
+            parts += _dots(block)  # while the block is in cache
+    loss = diff.square() if reduction == REDUCTION_NONE else _total(parts, B * K, reduction, x)
+    return loss.to(x.dtype), diff, finite
+
+
+# A single fp32 dot keeps one running sum per SIMD lane, and its error grows with the terms per lane: over
+# 512K terms of one value (x = 1000.1) it drifts by ~1e-5 relative. Dots of 16K terms stay near 2e-8, and
+# linalg.vecdot takes a block's rows of 16K in one call (a block's few results then add up in a tree), so
+# the loss stays within 1e-6 of float64 up to B·K = 1e8 and beyond.
+_DOT_ELEMENTS = 1 << 14
+
+
+def _dots(block: torch.Tensor) -> list[torch.Tensor]:
+    """Σ block² as partial sums: one per _DOT_ELEMENTS terms, added in a tree, and one for the tail."""
+    flat = block.reshape(-1)
+    whole = flat.shape[0] - flat.shape[0] % _DOT_ELEMENTS
+    parts = []
+    if whole:
+        rows = flat[:whole].view(-1, _DOT_ELEMENTS)
+        parts.append(torch.linalg.vecdot(rows, rows).sum())
+    if whole < flat.shape[0]:
+        tail = flat[whole:]
+        parts.append(torch.dot(tail, tail))
+    return parts
+
+
+def _total(parts: list[torch.Tensor], numel: int, reduction: int, like: torch.Tensor) -> torch.Tensor:
+    if not parts:  # no rows
+        parts = [like.new_zeros((), dtype=compute_dtype(like.dtype))]
+    total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    return total / numel if reduction == REDUCTION_MEAN else total
+
+
+def _reduce_squares(diff: torch.Tensor, reduction: int) -> torch.Tensor:
+    if reduction == REDUCTION_NONE:
+        return diff.square()
+    step = _block_rows(diff, diff.shape[1])
+    parts = [p for start in range(0, diff.shape[0], step) for p in _dots(diff[start : start + step])]
+    return _total(parts, diff.numel(), reduction, diff)
+
+
+def masked_mse_backward(
+    grad_loss: torch.Tensor,  # [] or [B, K] (reduction="none")
+    diff: torch.Tensor,  # [B, K] compute dtype, from the forward (overwritten when overwrite_diff)
+    finite: Optional[torch.Tensor],  # [B, K] bool or None
+    index: torch.Tensor,  # [K] int64
+    scale: Optional[torch.Tensor],  # [K] or None
+    num_features: int,
+    reduction: int,
+    x_dtype: torch.dtype,
+    target_dtype: torch.dtype,
+    needs: tuple[bool, bool] = (True, True),  # (grad_x, grad_target) wanted; the other comes back None
+    overwrite_diff: bool = False,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_x [B, D] in x_dtype, grad_target [B, K] in target_dtype). With overwrite_diff, for a caller that
+    owns diff and needs it no more, grad_target is written over diff (when it has diff's dtype), so the
+    backward first-touches one fresh buffer (grad_x), not two."""
+    reuse = diff if overwrite_diff and needs[1] and target_dtype == diff.dtype else None
+    blocks = _saved_blocks(diff, finite)
+    return _gradients(grad_loss, blocks, diff.shape, index, scale, num_features, reduction, x_dtype, target_dtype,
+                      needs, reuse)
+
+
+def _saved_blocks(diff, finite):
+    """(rows, diff block, finite block or None), block by block."""
+    step = _block_rows(diff, diff.shape[1])
+    for start in range(0, diff.shape[0], step):
+        rows = slice(start, start + step)
+        yield rows, diff[rows], None if finite is None else finite[rows]
+
+
+def _gradients(grad_loss, blocks, shape, index, scale, num_features, reduction, x_dtype, target_dtype,
+               needs=(True, True), grad_target=None):
+    """(grad_x, grad_target) from blocks of (rows, diff, finite): dz = ∂loss/∂z = 2·g·diff, grad_target = −dz,
+    grad_x = dz·scale scattered to the kept columns (0 where x was non-finite). grad_target, when given, is
+    the buffer to write it into (diff itself: each block is read before it is overwritten)."""
+    B, K = shape
+    cdt = compute_dtype(x_dtype)
+    device = grad_loss.device
+    grad_x = torch.empty((B, num_features), dtype=x_dtype, device=device) if needs[0] else None
+    if grad_target is None and needs[1]:
+        grad_target = torch.empty((B, K), dtype=target_dtype, device=device)
+    if reduction != REDUCTION_NONE:
+        g = grad_loss.to(cdt) * (2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0)
+        neg_g = -g
+        g_scale = g * scale if scale is not None else g
+    dz_buf = scatter_buf = None
+    for rows, diff, finite in blocks:
+        if dz_buf is None:  # the first block is the largest
+            dz_buf = torch.empty_like(diff)
+        dz = dz_buf[: diff.shape[0]]
+        if reduction == REDUCTION_NONE:
+            torch.mul(grad_loss[rows], diff, out=dz).mul_(2.0)
+            if grad_target is not None:
+                torch.mul(dz, -1.0, out=grad_target[rows])
+            if scale is not None:
+                dz.mul_(scale)
+        else:
+            torch.mul(diff, g_scale, out=dz)
+            if grad_target is not None:
+                torch.mul(diff, neg_g, out=grad_target[rows])
+        if grad_x is not None:
+            if finite is not None:
+                dz.mul_(finite)
+            scatter_buf = _scatter_rows(grad_x[rows], dz, index, scatter_buf)
+    return grad_x, grad_target
+
+
+def _add_columns(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """out[:, index[k]] += src[:, k] for every k, duplicates adding up, in the same order on every run: on
+    CUDA index_add_ adds duplicates with atomics in no fixed order, while index_put_ with accumulate sorts
+    the indices first (it is also what the gradient of x[:, index] runs)."""
+    if out.is_cuda:
+        torch.ops.aten.index_put_(out, [None, index], src, True)
+    else:
+        out.index_add_(1, index, src)
+
+
+def _scatter_rows(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor, buf: Optional[torch.Tensor]):
+    """out [n, D] ← src [n, K] added into the columns index names, zeros elsewhere. Accumulates in src's
+    dtype: through buf (made here when None) when out's dtype is narrower. Returns buf for the next block."""
+    if out.dtype == src.dtype:
+        _add_columns(out.zero_(), index, src)
+        return buf
+    if buf is None:
+        buf = src.new_empty(out.shape)
+    acc = buf[: out.shape[0]]
+    _add_columns(acc.zero_(), index, src)
+    out.copy_(acc)
+    return buf
+
+
+def scatter_columns(
+    grad_xk: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K] int64
+    num_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """grad_x [B, D] with grad_x[:, d] = Σ_{k : index[k] = d} grad_xk[:, k]; zero in the dropped columns."""
+    grad_x = torch.empty((grad_xk.shape[0], num_features), dtype=dtype, device=grad_xk.device)
+    step = _block_rows(grad_x, num_features)
+    buf = None
+    for start in range(0, grad_x.shape[0], step):
+        rows = slice(start, start + step)
+        buf = _scatter_rows(grad_x[rows], grad_xk[rows], index, buf)
+    return grad_x
+
+
+# Up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++ backward win; above it
+# its batch-sized temporaries cost more (fresh memory, passes that miss the cache) than the blocked path.
+# Measured, forward+backward at K = 171: composed ahead at B = 1024, even at 2048, blocked ahead above.
+_COMPOSED_MAX_ELEMENTS = 1 << 18
+
+
+def use_composed(x: torch.Tensor, num_kept: int) -> bool:
+    """Whether eager calls take reference.masked_mse_composed rather than the blocked path here, for x [B, D]:
+    on the CPU up to _COMPOSED_MAX_ELEMENTS (measured above), always elsewhere."""
+    return x.device.type != "cpu" or x.shape[0] * num_kept <= _COMPOSED_MAX_ELEMENTS
+
+
+def _gather_finite(x, index, nan_to_num):
+    xk = x.index_select(1, index).to(compute_dtype(x.dtype))
+    finite = None
+    if nan_to_num:
+        finite = torch.isfinite(xk)
+        xk.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return xk, finite
+
+
+def _normalized(xk, stats):
+    z = ((xk - stats[STAT_SHIFT]) - stats[STAT_MEAN]) * stats[STAT_RSTD]
+    z_ok = torch.isfinite(z)
+    return z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), z_ok
+
+
+def batch_mse_forward(
+    x: torch.Tensor,  # [B, D]
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K] int64
+    eps: float,
+    nan_to_num: bool,
+    reduction: int,
+    merge_and_finalize=None,  # (count, c, m, M2) -> stats [5, K] over all ranks; None: this batch only
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats [5, K], column sums [2, K]) in the compute dtype (loss in x.dtype)."""
+    xk, _ = _gather_finite(x, index, nan_to_num)
+    moments = column_moments(xk)
+    if merge_and_finalize is not None:
+        stats = merge_and_finalize(xk.shape[0], *moments)
+    else:
+        stats = finalize_batch_stats(xk.shape[0], *moments, eps)
+    z, z_ok = _normalized(xk, stats)
+    diff = z.sub(target)
+    if reduction == REDUCTION_NONE:  # the backward sums with g[b, k] itself: no column sums ([0, K])
+        colsums = diff.new_empty((0, diff.shape[1]))
+    else:
+        masked = diff * z_ok
+        colsums = torch.stack([masked.sum(0), (masked * z).sum(0)])
+    if diff.shape[0] == 0:  # a rank with no rows contributes nothing (and no NaN)
+        loss = diff.new_zeros(diff.shape if reduction == REDUCTION_NONE else ())
+        return loss.to(x.dtype), stats, colsums
+    return _reduce_squares(diff, reduction).to(x.dtype), stats, colsums
+
+
+def batch_mse_backward(
+    grad_loss: torch.Tensor,  # [] or [B, K]
+    x: torch.Tensor,  # [B, D]
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K]
+    stats: torch.Tensor,  # [5, K] from the forward
+    colsums: torch.Tensor,  # [2, K] from the forward ([0, K] for reduction "none")
+    nan_to_num: bool,
+    reduction: int,
+    sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype)."""
+    xk, finite = _gather_finite(x, index, nan_to_num)
+    z, z_ok = _normalized(xk, stats)
+    diff = z - target
+    B, K = diff.shape
+    g = grad_loss.to(diff.dtype)
+    g = g * (2.0 / max(B * K, 1)) if reduction == REDUCTION_MEAN else g * 2.0
+    dz = g * diff * z_ok  # [B, K]
+    if reduction == REDUCTION_NONE:
+        sums = torch.stack([dz.sum(0), (dz * z).sum(0)])
+    else:
+        sums = colsums * g
+    if sum_over_ranks is not None:
+        sums = sum_over_ranks(sums)
+    s1, s2 = sums
+    grad_xk = (dz - s1 * stats[STAT_INV_N] - z * (s2 * stats[STAT_W])) * stats[STAT_RSTD]
+    if finite is not None:
+        grad_xk.mul_(finite)
+    grad_target = (diff * (-g)).to(target.dtype)
+    return scatter_columns(grad_xk, index, x.shape[1], x.dtype), grad_target
