@@ -17,7 +17,7 @@ import torch
 
 from ckpt_factory import checkpoint_dict, make_parts, write_checkpoint, write_npz
 from fusedvq import cli
-from fusedvq.checkpoint import CheckpointError, declare, diagnose, find_problems, load_feature_spec
+from fusedvq.checkpoint import CheckpointError, declare, diagnose, load_feature_spec
 
 
 def finishes(fn, seconds: float = 5.0):

@@ -1,0 +1,328 @@
+"""What a VQ-VAE checkpoint declares, read leniently: every piece that cannot be read becomes a problem
+sentence (Declared.problems), never an exception. checkpoint.py documents the format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from .safe_load import (
+    CheckpointError, PathLike, _not_regular, _Problem, read_checkpoint, read_stats_file, resolve_checkpoint,
+)
+
+STATS_FILE = "normalization_stats.npz"
+# (center, scale) key pairs by normalization method.
+STATS_KEYS = {"standard": ("mean", "std"), "mad": ("median", "mad")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the checkpoint declares (lenient: unreadable pieces become problems, not exceptions)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CategoryStats:
+    """One category's (center, scale): mean/std or median/mad, each [n] float64."""
+
+    center: np.ndarray
+    scale: np.ndarray
+    center_name: str = "mean"
+    scale_name: str = "std"
+
+
+@dataclass
+class Declared:
+    """What a checkpoint says, read leniently; None where a piece is missing or unreadable."""
+
+    path: Path
+    feature_mask: Optional[np.ndarray] = None  # [D0] bool
+    input_dim: Optional[int] = None  # K, the decoder's width
+    categories: Optional[dict[str, np.ndarray]] = None  # category → int64 kept-column indices
+    stats: Optional[dict[str, CategoryStats]] = None  # category ("" = all columns) → stats
+    method: Optional[str] = None  # "standard" | "mad"
+    stats_source: Optional[str] = None  # where the stats came from, in words
+    other_stats: Optional[dict[str, CategoryStats]] = None  # the stats file beside, when both exist
+    other_source: Optional[str] = None
+    feature_names: Optional[list] = None
+    problems: list[str] = field(default_factory=list)  # pieces that could not be read
+
+    @property
+    def num_kept(self) -> Optional[int]:
+        return int(self.feature_mask.sum()) if self.feature_mask is not None else None
+
+
+# A mask, a category's indices or its statistics hold one entry per column: nested lists of more entries
+# than this are refused before numpy expands them (pickle's memo lets a 2.5 KB file hold a list that
+# references one inner list 10^9 times).
+MAX_LIST_ENTRIES = 1 << 22
+
+
+def _list_entries(value: Any, limit: int, sizes: Optional[dict] = None) -> int:
+    """Leaf entries of nested lists/tuples, each distinct list sized once (shared ones are not walked
+    again), stopping early once past `limit`."""
+    sizes = {} if sizes is None else sizes
+    key = id(value)
+    if key in sizes:
+        return sizes[key]
+    total = 0
+    for item in value:
+        total += _list_entries(item, limit, sizes) if isinstance(item, (list, tuple)) else 1
+        if total > limit:
+            break
+    sizes[key] = total
+    return total
+
+
+def _to_numpy(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, (list, tuple)) and _list_entries(value, MAX_LIST_ENTRIES) > MAX_LIST_ENTRIES:
+        raise _Problem(f"{what} is a nested list of more than {MAX_LIST_ENTRIES:,} entries, not one entry per column")
+    try:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            return (value.double() if value.is_floating_point() else value).numpy()
+        array = np.asarray(value)
+    except Exception:
+        raise _Problem(f"{what} is a {type(value).__name__}, not an array") from None
+    if array.dtype == object:
+        raise _Problem(f"{what} is a {type(value).__name__}, not an array of numbers")
+    return array
+
+
+def _numbers(value: Any, what: str) -> np.ndarray:
+    """A 1-D float64 array (a scalar becomes one entry), or a problem naming what is wrong."""
+    array = _to_numpy(value, what)
+    if array.ndim > 1:
+        raise _Problem(f"{what} must be 1-D, got shape {array.shape}")
+    if array.dtype.kind not in "biuf":
+        raise _Problem(f"{what} must hold real numbers, got {array.dtype}")
+    return array.astype(np.float64).reshape(-1)
+
+
+def _parse_mask(value: Any) -> np.ndarray:
+    mask = _to_numpy(value, "feature_mask")
+    if mask.ndim != 1:
+        raise _Problem(f"feature_mask must be 1-D (one entry per original feature column), got shape {mask.shape}")
+    if mask.dtype != np.bool_:
+        # 0/1 integer masks (e.g. saved as uint8) are masks too; anything else is not.
+        if mask.dtype.kind in "iu" and np.isin(mask, (0, 1)).all():
+            return mask.astype(bool)
+        raise _Problem(
+            f"feature_mask must be a boolean array over the original feature columns, got {mask.dtype} values"
+        )
+    return mask
+
+
+def _parse_input_dim(value: Any) -> int:
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()  # a number saved as a 0-d tensor or array
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
+        raise _Problem(f"model_config['input_dim'] is {value!r}, not a positive integer (the decoder's width)")
+    return int(value)
+
+
+def _parse_categories(value: Any) -> dict[str, np.ndarray]:
+    if not isinstance(value, Mapping):
+        raise _Problem(
+            f"group_indices must map category names to lists of column indices, got a {type(value).__name__}"
+        )
+    groups = {}
+    for name, indices in value.items():
+        array = _to_numpy(indices, f"group_indices[{name!r}]").reshape(-1)
+        if array.size and array.dtype.kind not in "iu":
+            raise _Problem(f"category {name!r} lists non-integer column indices ({array.dtype}, e.g. {array[0]!r})")
+        groups[str(name)] = array.astype(np.int64)
+    return groups
+
+
+def _pick_pair(entry: Mapping, what: str, method: Optional[str]) -> CategoryStats:
+    """(center, scale) from a {"mean","std"} / {"median","mad"} mapping, preferring the declared method."""
+    order = [STATS_KEYS[method]] if method in STATS_KEYS else []
+    order += [pair for pair in STATS_KEYS.values() if pair not in order]
+    for center_key, scale_key in order:
+        has_c, has_s = center_key in entry, scale_key in entry
+        if has_c and has_s:
+            center = _numbers(entry[center_key], f"{center_key} in {what}")
+            scale = _numbers(entry[scale_key], f"{scale_key} in {what}")
+            return CategoryStats(center, scale, center_key, scale_key)
+        if has_c != has_s:
+            missing, present = (scale_key, center_key) if has_c else (center_key, scale_key)
+            raise _Problem(f"{what} have {present} but no {missing}")
+    raise _Problem(f"{what} have neither mean/std nor median/mad (keys: {', '.join(map(str, entry)) or 'none'})")
+
+
+def _parse_stats(value: Any, source: str, method: Optional[str]) -> dict[str, CategoryStats]:
+    """{category: CategoryStats} from in-file normalization_stats or a parsed .npz."""
+    if not isinstance(value, Mapping):
+        raise _Problem(f"{source} must map categories to statistics, got a {type(value).__name__}")
+    flat_keys = {k for pair in STATS_KEYS.values() for k in pair}
+    if value and set(map(str, value)) <= flat_keys and not any(isinstance(v, Mapping) for v in value.values()):
+        # {"mean": [...], "std": [...]}: one set of statistics over all (kept or original) columns.
+        return {"": _pick_pair(value, f"the statistics in {source}", method)}
+    out = {}
+    for name, entry in value.items():
+        what = f"the statistics for category {str(name)!r} in {source}"
+        if not isinstance(entry, Mapping):
+            # A trusted NormalizationStats-like object with attributes.
+            entry = {k: getattr(entry, k) for k in flat_keys if hasattr(entry, k)} or entry
+        if not isinstance(entry, Mapping):
+            raise _Problem(f"{what} are a {type(entry).__name__}, not a mapping with mean/std or median/mad")
+        out[str(name)] = _pick_pair(entry, what, method)
+    return out
+
+
+def _method_of(stats: dict[str, CategoryStats], declared: Optional[str]) -> Optional[str]:
+    """"standard" or "mad" from the keys actually used; the declared method only when they are mixed."""
+    names = {s.center_name for s in stats.values()}
+    return "mad" if names == {"median"} else "standard" if names == {"mean"} else declared
+
+
+def _stats_files(file: Path) -> list[Path]:
+    """Candidate normalization_stats*.npz files beside the checkpoint (its folder, then the run folder)."""
+    for folder in (file.parent, file.parent.parent):
+        exact = folder / STATS_FILE
+        if exact.is_file():
+            return [exact]
+    return sorted(p for p in file.parent.glob("normalization_stats*.npz") if p.is_file())  # no FIFOs
+
+
+def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = None,
+            need_stats: bool = True) -> Declared:
+    """Everything the checkpoint declares, with the pieces that could not be read as problems.
+
+    stats: None (the checkpoint's own normalization_stats, else a normalization_stats.npz beside it),
+    "checkpoint" (only the checkpoint's own), or the path of an .npz to use instead. Never raises for a
+    bad file; a file that cannot be read at all gives a Declared with one problem.
+    """
+    decl = Declared(path=Path(path))
+    try:
+        decl.path = resolve_checkpoint(path)
+        data = read_checkpoint(decl.path, trust=trust)
+    except CheckpointError as err:
+        decl.problems += err.problems
+        return decl
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except _Problem as p:
+            decl.problems.append(str(p))
+            return None
+
+    if "feature_mask" in data and data["feature_mask"] is not None:
+        decl.feature_mask = attempt(_parse_mask, data["feature_mask"])
+    else:
+        decl.problems.append(
+            "the checkpoint has no feature_mask, so it does not say which of the extractor's feature columns "
+            "the decoder reconstructs"
+        )
+    config = data.get("model_config")
+    if not isinstance(config, Mapping):
+        what = "no model_config" if config is None else f"a model_config that is a {type(config).__name__}"
+        decl.problems.append(f"the checkpoint has {what}, so the decoder's input_dim is unknown")
+        config = {}
+    elif "input_dim" not in config:
+        decl.problems.append("model_config has no input_dim, so the decoder's width is unknown")
+    if "input_dim" in config:
+        decl.input_dim = attempt(_parse_input_dim, config["input_dim"])
+    # Older trainers put group_indices at the top level; model_config's copy is the decoder's own.
+    groups = config.get("group_indices", data.get("group_indices"))
+    if groups is not None:
+        decl.categories = attempt(_parse_categories, groups)
+    elif need_stats:
+        decl.problems.append(
+            "the checkpoint has no group_indices (in model_config), so per-category normalization "
+            "statistics cannot be placed on the kept columns"
+        )
+    names = data.get("feature_names")
+    decl.feature_names = list(names) if isinstance(names, (list, tuple)) else None
+    if need_stats:
+        _declare_stats(decl, data, stats, attempt)
+    return decl
+
+
+def _read_npz_stats(path: Path, where: str) -> tuple[dict[str, CategoryStats], Optional[str]]:
+    raw, method = read_stats_file(path)
+    return _parse_stats(raw, where, method), method
+
+
+def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attempt) -> None:
+    """Fill decl.stats, from the checkpoint itself first, else from the .npz beside it (or `stats`).
+
+    When both exist, the .npz goes to decl.other_stats so the diagnosis can check that they agree.
+    """
+    only_file = stats is not None and str(stats) == "checkpoint"
+    in_file = beside = None
+    if (stats is None or only_file) and data.get("normalization_stats") is not None:
+        in_file = attempt(_parse_stats, data["normalization_stats"], "the checkpoint's normalization_stats", None)
+        if in_file is None:
+            return  # the problem is recorded
+    if not only_file:
+        if stats is not None:
+            npz_paths, where = [Path(stats)], Path(stats).name
+            if not npz_paths[0].is_file():
+                why = _not_regular(npz_paths[0]) if npz_paths[0].exists() else None
+                decl.problems.append(f"the statistics file {stats} cannot be read: {why}" if why
+                                     else f"no normalization statistics file at {stats}")
+                return
+        else:
+            npz_paths = _stats_files(decl.path)
+            where = ""
+            if npz_paths:
+                same_folder = npz_paths[0].parent == decl.path.parent
+                where = f"{npz_paths[0].name} {'beside the checkpoint' if same_folder else 'in the folder above it'}"
+        if len(npz_paths) > 1:
+            if in_file is None:
+                names = ", ".join(p.name for p in npz_paths)
+                decl.problems.append(
+                    f"{len(npz_paths)} statistics files lie beside the checkpoint ({names}) and it holds none "
+                    f"itself: pass the one to use (stats=... / --stats)"
+                )
+                return
+            npz_paths = []  # the checkpoint's own statistics decide; nothing unambiguous to compare
+        if npz_paths:
+            beside = attempt(_read_npz_stats, npz_paths[0], where)
+            if beside is None:
+                return  # the problem is recorded
+    if in_file is not None:
+        decl.stats, decl.stats_source = in_file, "the checkpoint's normalization_stats"
+        decl.method = _method_of(in_file, None)
+        if beside is not None:
+            decl.other_stats, decl.other_source = beside[0], where
+    elif beside is not None:
+        decl.stats, decl.stats_source = beside[0], where
+        decl.method = _method_of(beside[0], beside[1])
+    elif only_file:
+        decl.problems.append("no normalization statistics: the checkpoint holds no normalization_stats")
+    else:
+        decl.problems.append(
+            f"no normalization statistics: the checkpoint holds no normalization_stats and no {STATS_FILE} "
+            f"lies beside it in {decl.path.parent}"
+        )
+
+
+def assemble_stats(stats: dict[str, CategoryStats], categories: Optional[dict[str, np.ndarray]], num_kept: int,
+                   feature_mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Masked-space (μ [K], σ [K]) float64 from per-category statistics placed through group_indices.
+
+    Entry j of a category's arrays belongs to kept column categories[name][j]. Statistics over all
+    columns (category "") of length D0 are gathered through the mask.
+    """
+    if "" in stats:
+        s = stats[""]
+        if s.center.size == num_kept:
+            return s.center.copy(), s.scale.copy()
+        if feature_mask is None or s.center.size != feature_mask.shape[0]:
+            raise ValueError(f"statistics have {s.center.size} entries, neither K = {num_kept} nor the mask's length")
+        return s.center[feature_mask].copy(), s.scale[feature_mask].copy()
+    if categories is None:
+        raise ValueError("per-category statistics need group_indices")
+    mean = np.full(num_kept, np.nan)
+    std = np.full(num_kept, np.nan)
+    for name, idx in categories.items():
+        mean[idx] = stats[name].center
+        std[idx] = stats[name].scale
+    return mean, std

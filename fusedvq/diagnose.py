@@ -1,0 +1,200 @@
+"""What does not fit in a declared checkpoint: one sentence per problem, naming the numbers (what `fusedvq
+check` prints and CheckpointError lists). Work and memory grow with what the file lists, never with the
+widths it declares."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .declare import CategoryStats, Declared, assemble_stats, declare
+from .safe_load import PathLike
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _first(values, n: int = 5) -> str:
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:n])) + (", ..." if len(values) > n else "")
+
+
+def find_problems(decl: Declared, num_features: Optional[int] = None, *, need_stats: bool = True) -> list[str]:
+    """Everything that does not fit, as sentences: the reading problems, then the consistency ones.
+
+    num_features: the extractor's width D (what the features tensor will have), checked against the
+    mask's length. need_stats=False skips group_indices and statistics (norm="none" / "batch").
+    """
+    problems = list(decl.problems)
+    mask = decl.feature_mask
+    if mask is not None:
+        kept = int(mask.sum())
+        if num_features is not None and mask.shape[0] != num_features:
+            problems.append(
+                f"feature_mask has {mask.shape[0]} entries (the original feature width) but the extractor gives "
+                f"{num_features} columns: the VQ-VAE's mask was made for {mask.shape[0]}-column features"
+            )
+        if kept == 0:
+            problems.append(f"feature_mask keeps none of its {mask.shape[0]} columns")
+        elif decl.input_dim is not None and kept != decl.input_dim:
+            problems.append(
+                f"feature_mask keeps {kept} of {mask.shape[0]} columns but the decoder's input_dim is "
+                f"{decl.input_dim}: the decoder would reconstruct {decl.input_dim} columns, not {kept}"
+            )
+    if not need_stats:
+        return problems
+    # Kept-column space: the decoder's width when declared, else what the mask keeps.
+    K = decl.input_dim if decl.input_dim is not None else (int(mask.sum()) if mask is not None else None)
+    if decl.categories is not None and K is not None:
+        problems += _group_problems(decl.categories, K)
+    if decl.stats is not None:
+        problems += _stats_problems(decl.stats, decl.categories, decl.stats_source, K, mask)
+        if decl.other_stats is not None and not problems:
+            problems += _agreement_problems(decl)
+    return problems
+
+
+def _group_problems(groups: dict[str, np.ndarray], K: int) -> list[str]:
+    """Out-of-range, repeated, overlapping and missing kept columns of the categories. Work and memory grow
+    with the indices listed, never with K (a checkpoint may declare any input_dim)."""
+    problems = []
+    names = list(groups)
+    claims = []  # (kept column, category) for every in-range column of every category, once per category
+    for g, (name, idx) in enumerate(groups.items()):
+        bad = (idx < 0) | (idx >= K)
+        if bad.any():
+            problems.append(
+                f"category {name!r} has column index {int(idx[bad][0])}, outside the {K} kept columns "
+                f"(valid: 0..{K - 1}); {int(bad.sum())} of its {idx.size} indices out of range"
+            )
+        uniq, counts = np.unique(idx[~bad], return_counts=True)
+        if (counts > 1).any():
+            problems.append(
+                f"category {name!r} lists {_count(int((counts > 1).sum()), 'kept column')} more than once "
+                f"(first: {int(uniq[counts > 1][0])})"
+            )
+        claims.append(np.stack([uniq, np.full(uniq.size, g, dtype=np.int64)], axis=1))
+    claimed = np.concatenate(claims) if claims else np.zeros((0, 2), dtype=np.int64)
+    claimed = claimed[np.lexsort((claimed[:, 1], claimed[:, 0]))]  # by column, then category
+    later = np.flatnonzero(claimed[1:, 0] == claimed[:-1, 0]) + 1  # a column claimed again
+    overlaps: dict[tuple[int, int], list[int]] = {}
+    for row in later:
+        col, g = int(claimed[row, 0]), int(claimed[row, 1])
+        first = int(claimed[np.searchsorted(claimed[:, 0], col), 1])
+        overlaps.setdefault((first, g), []).append(col)
+    for (a, b), cols in list(overlaps.items())[:5]:
+        problems.append(
+            f"categories {names[a]!r} and {names[b]!r} overlap: both claim {_count(len(cols), 'kept column')} "
+            f"(first: {cols[0]})"
+        )
+    if len(overlaps) > 5:
+        problems.append(f"... and {len(overlaps) - 5} more overlapping pairs of categories")
+    covered = np.unique(claimed[:, 0])
+    missing = K - covered.size
+    if missing:
+        problems.append(
+            f"the categories cover {covered.size} of the {K} kept columns; {_count(missing, 'column')} "
+            f"{'is' if missing == 1 else 'are'} in no category (kept {_first(_first_missing(covered, K))})"
+        )
+    return problems
+
+
+def _first_missing(covered: np.ndarray, K: int, n: int = 6) -> list[int]:
+    """The first n columns of range(K) not in `covered` (sorted, unique), without building range(K)."""
+    out, expect = [], 0
+    for col in covered.tolist() + [K]:
+        while expect < col and len(out) < n:
+            out.append(expect)
+            expect += 1
+        if len(out) >= n:
+            break
+        expect = col + 1
+    return out
+
+
+def _stats_problems(stats: dict[str, CategoryStats], groups: Optional[dict[str, np.ndarray]], source: str,
+                    K: Optional[int], mask: Optional[np.ndarray]) -> list[str]:
+    problems = []
+    if "" in stats:  # one set over all columns: length K (kept) or D0 (original)
+        s = stats[""]
+        widths = {K, mask.shape[0] if mask is not None else None} - {None}
+        for name, arr in ((s.center_name, s.center), (s.scale_name, s.scale)):
+            if widths and arr.size not in widths:
+                problems.append(
+                    f"{name} in {source} has {arr.size} entries but must have one per kept column ({K}) or per "
+                    f"original column ({mask.shape[0] if mask is not None else '?'})"
+                )
+        return problems + _value_problems("", s, None, source)
+    if groups is None:
+        return problems
+    for name in stats:
+        if name not in groups:
+            problems.append(
+                f"{source} has statistics for category {name!r}, which group_indices does not declare "
+                f"(declared: {', '.join(map(repr, list(groups)[:6]))}{', ...' if len(groups) > 6 else ''})"
+            )
+    for name, idx in groups.items():
+        if name not in stats:
+            problems.append(f"{source} has no statistics for category {name!r} ({idx.size} columns)")
+            continue
+        s = stats[name]
+        sized = True
+        for what, arr in ((s.center_name, s.center), (s.scale_name, s.scale)):
+            if arr.size != idx.size:
+                sized = False
+                problems.append(
+                    f"{what} for category {name!r} has {arr.size} entries but the category covers {idx.size} columns"
+                )
+        if sized:
+            problems += _value_problems(name, s, idx if K is None or ((idx >= 0) & (idx < K)).all() else None, source)
+    return problems
+
+
+def _value_problems(name: str, s: CategoryStats, idx: Optional[np.ndarray], source: str) -> list[str]:
+    """σ finite and > 0, μ finite; positions named by entry and kept column."""
+    label = f"for category {name!r}" if name else f"in {source}"
+    problems = []
+    checks = (
+        (s.scale_name, s.scale, ~(np.isfinite(s.scale) & (s.scale > 0)), "must be finite and > 0"),
+        (s.center_name, s.center, ~np.isfinite(s.center), "must be finite"),
+    )
+    for what, arr, bad, rule in checks:
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            col = f" (kept column {int(idx[j])})" if idx is not None else ""
+            problems.append(
+                f"{what} {label} is {float(arr[j])} at entry {j}{col}; {what} {rule} "
+                f"({int(bad.sum())} of {arr.size} entries bad)"
+            )
+    return problems
+
+
+def _agreement_problems(decl: Declared) -> list[str]:
+    """The checkpoint's own statistics and the .npz beside it must say the same thing."""
+    K = decl.input_dim or decl.num_kept
+    try:
+        mine = assemble_stats(decl.stats, decl.categories, K, decl.feature_mask)
+        theirs = assemble_stats(decl.other_stats, decl.categories, K, decl.feature_mask)
+    except (ValueError, KeyError):
+        return [
+            f"{decl.stats_source} and {decl.other_source} hold statistics for different categories or "
+            f"lengths: pass stats='checkpoint' or the .npz to choose one"
+        ]
+    for what, a, b in (("mean", mine[0], theirs[0]), ("std", mine[1], theirs[1])):
+        close = np.isclose(a, b, rtol=1e-5, atol=1e-7)
+        if not close.all():
+            k = int(np.flatnonzero(~close)[0])
+            return [
+                f"{decl.stats_source} and {decl.other_source} disagree: {what} of kept column {k} is {a[k]:.6g} "
+                f"vs {b[k]:.6g} ({int((~close).sum())} of {K} columns differ); pass stats='checkpoint' "
+                f"(CLI: --stats checkpoint) or the .npz to choose one"
+            ]
+    return []
+
+
+def diagnose(path: PathLike, num_features: Optional[int] = None, *, trust: bool = False,
+             stats: Optional[PathLike] = None, need_stats: bool = True) -> list[str]:
+    """One sentence per problem that keeps the checkpoint from fitting a num_features-wide extractor."""
+    decl = declare(path, trust=trust, stats=stats, need_stats=need_stats)
+    return find_problems(decl, num_features, need_stats=need_stats)
