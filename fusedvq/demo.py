@@ -25,7 +25,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -347,9 +346,3 @@ def _timing_line(recon_loss, features: torch.Tensor, recon: torch.Tensor, world:
         times[name] = (time.perf_counter() - t0) / repeats * 1e3
     return (f"loss alone (forward + backward, batch {x.shape[0]}, mean of {repeats}): fusedvq "
             f"{times['fused']:.3f} ms, the plain fix {times['plain']:.3f} ms")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusedvq demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

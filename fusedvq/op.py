@@ -10,7 +10,12 @@ recompute z in the backward, so diff and finite come back empty and nothing but 
 use_triton=False runs cpu.py, which saves diff [B, K] (and the finite mask with nan_to_num) to
 avoid a second gather. Both ops are opaque to torch.compile (fake implementations give the shapes) and
 contain no host synchronization, so a compiled or CUDA-graph-captured training step runs them as is.
-In eager mode the reference path skips them (masked_mse_op): their dispatch costs more than a small loss.
+Traced calls (torch.compile, torch.export) use the registered ops. Eager calls skip the ops' dispatch,
+which costs more than a small loss (see "eager calls" below): norm="batch" through the ops' own
+implementations and autograd (_EagerBatch); norm "none"/"stats" through _EagerKernels (Triton),
+_EagerReference (CPU, large B: its backward writes grad_target over the forward's diff, 20% of a
+B = 65536 step) or the plain composition (CPU, small B). A backward with create_graph=True, and torch.func
+transforms, take the plain composition of reference.py, which autograd differentiates to any order.
 Arguments are validated by the callers (functional.py, module.py) before they reach these ops.
 """
 
@@ -345,7 +350,7 @@ def batch_mse_op(
         if under_functorch():
             _refuse_synced_higher_order(group, "torch.func transforms")
             return reference.batch_mse_composed(x, target, columns.index, eps, nan_to_num, reduction)
-        return _Eager.apply("batch", x, target, columns.index, columns.inv_ptr, columns.inv_k, eps, nan_to_num,
+        return _EagerBatch.apply(x, target, columns.index, columns.inv_ptr, columns.inv_k, eps, nan_to_num,
                             reduction, use_triton, group)
     loss, _, _ = batch_mse_forward(
         x, target, columns.index, columns.inv_ptr, columns.inv_k, eps, nan_to_num, reduction, use_triton, group
@@ -363,44 +368,39 @@ def batch_mse_op(
 
 class _EagerKernels(torch.autograd.Function):
     """Eager Triton path of norm "none"/"stats": the two kernel launches and as little else as possible,
-    since at small B the step is host work. Features and target are saved (autograd checks that they were
-    not modified in place before the backward); the column map and statistics, module buffers that are never
-    written in place, ride on ctx in one tuple, which also spares autograd a look at each of them."""
+    since at small B the step is host work. Every tensor the backward reads goes through save_for_backward
+    (saved-tensor hooks see them, and autograd checks that none was modified in place)."""
 
     @staticmethod
     def forward(ctx, x, target, rest):
         columns, shift, scale, nan_to_num, reduction = rest
-        ctx.save_for_backward(x, target)
-        ctx.rest = rest
+        ctx.save_for_backward(x, target, columns.index, columns.inv_ptr, columns.inv_k, shift, scale)
+        ctx.options = (nan_to_num, reduction)
         return _kernels().masked_mse_forward(x, target, columns.index, shift, scale, nan_to_num, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, target = ctx.saved_tensors
-        columns, shift, scale, nan_to_num, reduction = ctx.rest
+        x, target, index, inv_ptr, inv_k, shift, scale = ctx.saved_tensors
+        nan_to_num, reduction = ctx.options
         if torch.is_grad_enabled():  # create_graph=True
-            composed = functools.partial(reference.masked_mse_composed, index=columns.index, shift=shift,
-                                         scale=scale, nan_to_num=nan_to_num, reduction=reduction)
+            composed = functools.partial(reference.masked_mse_composed, index=index, shift=shift, scale=scale,
+                                         nan_to_num=nan_to_num, reduction=reduction)
             return (*grads_with_graph(composed, x, target, grad_loss, ctx.needs_input_grad[:2]), None)
         grad_x, grad_target = _kernels().masked_mse_backward(
-            grad_loss, x, target, columns.inv_ptr, columns.inv_k, shift, scale, nan_to_num, reduction
+            grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_to_num, reduction
         )
         return grad_x, grad_target, None
 
 
-_EAGER = {
-    # kind: (forward implementation, setup_context, autograd backward, backward implementation)
-    "batch": (_batch_forward_impl, _batch_setup_context, _batch_backward, _batch_backward_impl),
-}
+class _EagerBatch(torch.autograd.Function):
+    """Eager norm="batch": the registered op's own implementations, setup_context and backward (one
+    definition of its autograd), without the op's dispatch."""
 
-
-class _Eager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kind, *inputs):
-        forward_impl, setup_context, _, _ = _EAGER[kind]
-        output = forward_impl(*inputs)
-        setup_context(ctx, inputs, output)
-        ctx.kind, ctx.eps = kind, inputs[5]
+    def forward(ctx, *inputs):
+        output = _batch_forward_impl(*inputs)
+        _batch_setup_context(ctx, inputs, output)
+        ctx.eps = inputs[5]
         return output[0]
 
     @staticmethod
@@ -411,6 +411,5 @@ class _Eager(torch.autograd.Function):
             _refuse_synced_higher_order(group, "double backward (create_graph=True)")
             composed = functools.partial(reference.batch_mse_composed, index=index, eps=ctx.eps,
                                          nan_to_num=nan_to_num, reduction=reduction)
-            return (None, *grads_with_graph(composed, x, target, grad_loss, ctx.needs_input_grad[1:3])) + (None,) * 8
-        _, _, backward, backward_impl = _EAGER[ctx.kind]
-        return (None, *backward(ctx, grad_loss, backward_fn=backward_impl))
+            return grads_with_graph(composed, x, target, grad_loss, ctx.needs_input_grad[:2]) + (None,) * 8
+        return _batch_backward(ctx, grad_loss, backward_fn=_batch_backward_impl)

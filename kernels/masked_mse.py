@@ -119,7 +119,7 @@ def _masked_mse_bwd_kernel(
     grad_ptr,  # ∂L/∂loss: [] (mean/sum) or [B, K] any strides (none)
     x_ptr,  # [B, D] features, any strides
     r_ptr,  # [B, K] target, any strides
-    inv_ptr_ptr,  # [D+1] int32 CSR pointers: kept columns reading column d are inv_k[inv_ptr[d]:inv_ptr[d+1]]
+    col_start_ptr,  # [D+1] int32 inv_ptr (CSR): kept columns reading column d are inv_k[inv_ptr[d] : inv_ptr[d+1]]
     inv_k_ptr,  # [K] int32
     shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
     center_ptr,  # [K] fp32: m, the batch mean around c (NORM 2)
@@ -154,8 +154,8 @@ def _masked_mse_bwd_kernel(
     d_ok = dcols < D
     # Built by build_column_map, so 0 <= start <= start + count <= K; clamped anyway, so that a corrupted map
     # (e.g. uninitialized buffers after module.to_empty) cannot make the kernel read outside inv_k.
-    start = tl.minimum(tl.maximum(tl.load(inv_ptr_ptr + dcols, mask=d_ok, other=0), 0), K)
-    stop = tl.minimum(tl.maximum(tl.load(inv_ptr_ptr + dcols + 1, mask=d_ok, other=0), start), K)
+    start = tl.minimum(tl.maximum(tl.load(col_start_ptr + dcols, mask=d_ok, other=0), 0), K)
+    stop = tl.minimum(tl.maximum(tl.load(col_start_ptr + dcols + 1, mask=d_ok, other=0), start), K)
     count = stop - start  # kept columns reading d
     # x is read only where some kept column reads it.
     x_ok = row_ok[:, None] & (count > 0)[None, :]
