@@ -252,7 +252,10 @@ def _gather_finite(x, index, nan_to_num):
 
 
 def _normalized(xk, stats):
-    z = ((xk - stats[STAT_SHIFT]) - stats[STAT_MEAN]) * stats[STAT_RSTD]
+    """(z, finite-z mask) with z = ((x̃ − c) − m)·(1/σ'), as (x̃ − c)·(1/σ') − m·(1/σ'): one batch-sized buffer,
+    and as exact (x̃ − c is exact where it matters, and m·(1/σ') is a small [K] term)."""
+    rstd = stats[STAT_RSTD]
+    z = (xk - stats[STAT_SHIFT]).mul_(rstd).sub_(stats[STAT_MEAN] * rstd)
     z_ok = torch.isfinite(z)
     return z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), z_ok
 

@@ -1,0 +1,72 @@
+"""The benchmark's problem: the cases (B, dtype, norm, mode), their inputs and byte counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+D, K = 187, 171  # the motivating VQ-VAE: 171 of 187 feature columns kept
+SIZES = (4, 64, 1024, 16384, 65536, 262144)
+QUICK_SIZES = (4, 64, 1024, 16384, 65536)
+DTYPES = ("float32", "bfloat16")
+NORMS = ("stats", "batch")
+MODES = ("forward", "forward+backward")
+PROVIDERS = ("fused", "reference", "eager", "compiled")
+SEED = 0
+
+# ---------------------------------------------------------------------------------------------- the problem
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cell of the matrix, less the provider."""
+
+    B: int
+    dtype: str
+    norm: str
+    mode: str
+    D: int = D
+    K: int = K
+
+
+def bytes_moved(case: Case) -> int:
+    """The fewest bytes one step must move through memory: each pass reads its inputs once and writes its
+    outputs once, and only the K kept columns of x are read. Forward: x's kept columns and r (norm="batch"
+    reads x's kept columns twice: the column statistics, then the loss). Backward: x's kept columns and r
+    again, then grad_x [B, D] (zeros in the dropped columns included) and grad_r [B, K]."""
+    e = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
+    kept = case.B * case.K * e
+    forward = kept * (2 if case.norm == "batch" else 1) + kept + e
+    if case.mode == "forward":
+        return forward
+    return forward + 2 * kept + case.B * case.D * e + kept
+
+
+@dataclass
+class Inputs:
+    mask: torch.Tensor  # [D] bool
+    mean: torch.Tensor  # [D] float32
+    std: torch.Tensor  # [D] float32
+    x: torch.Tensor  # [B, D]
+    r: torch.Tensor  # [B, K]
+
+
+def make_statistics(device: str, d: int = D, k: int = K, seed: int = SEED):
+    """(mask keeping k of d columns, mean [d], std [d]): the frozen VQ-VAE's side, the same for every B."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(d, dtype=torch.bool)
+    mask[torch.randperm(d, generator=g)[:k]] = True
+    mean = torch.randn(d, generator=g) * 2
+    std = torch.rand(d, generator=g) * 2 + 0.25
+    return mask.to(device), mean.to(device), std.to(device)
+
+
+def make_inputs(case: Case, device: str, seed: int = SEED) -> Inputs:
+    mask, mean, std = make_statistics(device, case.D, case.K, seed)
+    g = torch.Generator(device=device).manual_seed(seed + case.B)
+    dtype = getattr(torch, case.dtype)
+    x = (torch.randn(case.B, case.D, generator=g, device=device) * std + mean).to(dtype).requires_grad_()
+    r = torch.randn(case.B, case.K, generator=g, device=device).to(dtype).requires_grad_()
+    return Inputs(mask, mean, std, x, r)
