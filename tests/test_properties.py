@@ -12,13 +12,15 @@ from oracle import batch_oracle, rel_err, strided
 BACKENDS = ["reference"] + (["triton"] if interpreting else [])
 
 
+def _sizes(draw, rows: tuple[int, int], width: int):
+    """(B, D, K, a seeded generator) for one example."""
+    B, D, K = draw(st.integers(*rows)), draw(st.integers(1, width)), draw(st.integers(1, width))
+    return B, D, K, torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+
 @st.composite
 def cases(draw):
-    B = draw(st.integers(1, 70))
-    D = draw(st.integers(1, 300))
-    K = draw(st.integers(1, 300))
-    seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
+    B, D, K, g = _sizes(draw, (1, 70), 300)
     as_mask = draw(st.booleans()) and K <= D
     if as_mask:
         columns = torch.zeros(D, dtype=torch.bool)
@@ -51,11 +53,7 @@ COLUMN_KINDS = ("normal", "constant", "offset", "huge")
 
 @st.composite
 def batch_cases(draw):
-    B = draw(st.integers(2, 60))
-    D = draw(st.integers(1, 40))
-    K = draw(st.integers(1, 40))
-    seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
+    B, D, K, g = _sizes(draw, (2, 60), 40)
     kinds = draw(st.lists(st.sampled_from(COLUMN_KINDS), min_size=D, max_size=D))
     x = torch.empty(B, D)
     for d, kind in enumerate(kinds):
