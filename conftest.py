@@ -3,18 +3,28 @@
 Without a CUDA device the Triton kernels run on CPU tensors through Triton's interpreter, which must be
 switched on before triton is first imported: hence here, before any test module imports fusedvq.kernels.
 
-torch.compile's on-disk caches go to a fresh folder per run: their keys do not cover a custom op's fake
-implementation, so a cache left by an older fusedvq can replay graphs with the old output shapes.
+torch.compile's on-disk caches go to a folder named after a hash of fusedvq's sources: their keys do not
+cover a custom op's fake implementation, so a cache left by another version of fusedvq could replay graphs
+with that version's output shapes; the same sources share one cache from run to run.
 """
 
-import atexit
+import hashlib
 import os
-import shutil
 import tempfile
+from pathlib import Path
 
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    _cache = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedvq-inductor-")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+def _sources_hash() -> str:
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("fusedvq/**/*.py"), *root.glob("kernels/*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"fusedvq-inductor-{_sources_hash()}"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
