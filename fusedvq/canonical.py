@@ -9,15 +9,13 @@ masked_mse call in eager mode (skipped while torch.compile traces, where they wo
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from typing import Optional
 
 import torch
 
 from .columns import ColumnMap, build_column_map
-from .contract import BACKENDS, NORM_BATCH, NORM_STATS, NORMS, REDUCTIONS, REFERENCE_DTYPES, STATS_SPACES, TRITON_DTYPES
+from .contract import NORM_BATCH, NORM_STATS, NORMS, REDUCTIONS, STATS_SPACES
 
 
 def option_code(name: str, value: str, choices: tuple[str, ...]) -> int:
@@ -290,42 +288,6 @@ def _check_stats_values(mu: torch.Tensor, sigma: torch.Tensor, index: torch.Tens
     )
 
 
-# Looked up once, without importing triton (slow, and not wanted on CPU-only installs).
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def triton_importable() -> bool:
-    return _TRITON_INSTALLED
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def use_triton_for(backend: str, features: torch.Tensor) -> bool:
-    """Resolve backend ("auto", "triton", "reference") for these features; errors say why Triton can't run."""
-    option_code("backend", backend, BACKENDS)
-    if backend == "reference":
-        if features.dtype not in REFERENCE_DTYPES:
-            raise TypeError(f"features dtype {features.dtype} is not supported")
-        return False
-    if backend == "auto":
-        return features.is_cuda and features.dtype in TRITON_DTYPES and triton_importable()
-    if features.dtype not in TRITON_DTYPES:
-        raise TypeError(
-            f'backend="triton" supports float32, float16 and bfloat16, got {features.dtype} '
-            f'(use backend="reference" for float64)'
-        )
-    if not triton_importable():
-        raise RuntimeError('backend="triton" needs triton, which is not installed: pip install "fusedvq[triton]"')
-    if not features.is_cuda and not triton_interpreting():
-        raise RuntimeError(
-            f'backend="triton" needs CUDA tensors (features are on {features.device}); to run the kernels on '
-            f"the CPU, set TRITON_INTERPRET=1 before triton is imported"
-        )
-    return True
-
-
 def prepare(index, mean, std, num_features: int, num_kept: Optional[int], norm: int, stats_space: Optional[str],
             dtype: torch.dtype, device: torch.device):
     """(ColumnMap, selector, shift, scale) for the given arguments; shift/scale are None unless norm="stats"."""
@@ -342,5 +304,5 @@ def prepare(index, mean, std, num_features: int, num_kept: Optional[int], norm: 
 
 __all__ = [
     "ColumnMap", "batch_stats_group", "check_pair", "check_widths", "canonical_index", "canonical_stats", "norm_code", "reduction_code",
-    "use_triton_for", "prepare", "triton_importable", "triton_interpreting",
+    "prepare",
 ]

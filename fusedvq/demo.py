@@ -224,7 +224,7 @@ def run(args: argparse.Namespace, out=None) -> int:
 def _train(args, world: World, recon_loss, device: torch.device, source: str, say) -> int:
     from tqdm import tqdm
 
-    from .canonical import use_triton_for
+    from .backend import use_triton_for
 
     D, K = recon_loss.num_features, recon_loss.num_kept
     extractor, decoder = world.extractor.to(device), world.decoder.to(device)

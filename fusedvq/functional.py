@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
+from .backend import use_triton_for
 from .canonical import (
     batch_stats_group, check_eps, check_flag, check_pair, check_widths, norm_code, prepare, reduction_code,
-    use_triton_for,
 )
 from .contract import NORM_BATCH, compute_dtype
 from .op import batch_mse_op, masked_mse_op

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .backend import use_triton_for
 from .canonical import (
     batch_stats_group,
     check_eps,
@@ -17,7 +18,6 @@ from .canonical import (
     option_code,
     prepare,
     reduction_code,
-    use_triton_for,
 )
 from .checkpoint import FeatureSpec, load_feature_spec
 from .columns import ColumnMap

@@ -40,7 +40,7 @@ _compiled: dict[tuple, LossFn] = {}  # (norm, dtype, device, D, K) → the one c
 def make_loss(provider: str, case: Case, device: str) -> LossFn:
     """The provider's loss function for this case on this device; raises Unavailable if it cannot run."""
     import fusedvq
-    from fusedvq.canonical import triton_importable
+    from fusedvq.backend import triton_importable
 
     mask, mean, std = make_statistics(device, case.D, case.K)
     if provider in ("fused", "reference"):
