@@ -149,8 +149,9 @@ def test_gradcheck_reference(reduction):
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
     not interpreting, reason="interpreter"))])
-@pytest.mark.parametrize("reduction", [0, 1])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_opcheck(use_triton, reduction):
+    """Both registered ops of norm="batch", forward (with its autograd) and backward."""
     from fusedvq.columns import build_column_map
 
     g = torch.Generator().manual_seed(11)
@@ -159,6 +160,11 @@ def test_opcheck(use_triton, reduction):
     r = torch.randn(9, 4, generator=g, requires_grad=True)
     args = (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, 1e-8, True, reduction, use_triton, "")
     torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, args)
+    loss, stats, colsums = torch.ops.fusedvq.batch_mse_forward(*args)
+    grad = torch.rand(loss.shape, generator=g) + 0.5
+    bwd_args = (grad, x.detach(), r.detach(), cmap.index, cmap.inv_ptr, cmap.inv_k, stats.detach(),
+                colsums.detach(), True, reduction, use_triton, "")
+    torch.library.opcheck(torch.ops.fusedvq.batch_mse_backward.default, bwd_args)
 
 
 def test_compile_fullgraph():
