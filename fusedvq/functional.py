@@ -11,7 +11,7 @@ from .canonical import (
     batch_stats_group, check_eps, check_flag, check_pair, check_widths, norm_code, prepare, reduction_code,
 )
 from .contract import NORM_BATCH, compute_dtype
-from .op import batch_mse_op, masked_mse_op
+from .calls import batch_mse_op, masked_mse_op
 
 
 def masked_mse(

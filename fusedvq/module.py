@@ -22,7 +22,7 @@ from .canonical import (
 from .checkpoint import FeatureSpec, load_feature_spec
 from .columns import ColumnMap
 from .contract import BACKENDS, NORM_BATCH, REDUCTIONS, compute_dtype
-from .op import batch_mse_op, masked_mse_op
+from .calls import batch_mse_op, masked_mse_op
 
 
 def load_spec(path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
