@@ -2,7 +2,8 @@
 
 Forward: each rank's (count, shift [K], mean [K], M2 [K]) are all-gathered and merged with Chan's formula
 in rank order, in float64 (the same numbers on every rank), after a fixed-size header that checks that
-every rank pools the same K columns in one dtype with one eps. Backward: the per-column gradient sums S [2, K] are all-reduced.
+every rank pools the same K columns in one dtype with one eps (one host synchronization per forward).
+Backward: the per-column gradient sums S [2, K] are all-reduced.
 Ranks with unequal batch sizes, or none at all, take part in every collective, so nobody waits forever.
 The registered ops receive a process group as a string key (op schemas cannot carry a ProcessGroup).
 """
@@ -47,18 +48,20 @@ def _group(key: str):
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
-def _check_ranks_agree(key: str, K: int, dtype: torch.dtype, eps: float) -> None:
+def _check_ranks_agree(key: str, K: int, dtype: torch.dtype, eps: float, device: torch.device) -> None:
     """Every rank must pool the same K columns, in one dtype, with one eps: a fixed-size float64 header is
-    all-gathered first, so a mismatch raises the same error on every rank (mismatched payload sizes would
-    abort the process inside the collective, or hang it)."""
-    header = torch.tensor([float(K), float(_DTYPE_CODES[dtype]), float(eps)], dtype=torch.float64)
+    all-gathered first (on the statistics' device, as NCCL needs), so a mismatch raises the same error on
+    every rank (mismatched payload sizes would abort the process inside the collective, or hang it). The
+    host must know before the payload's collective is sized, so this costs one host synchronization per
+    synced forward."""
+    header = torch.tensor([float(K), float(_DTYPE_CODES[dtype]), float(eps)], dtype=torch.float64, device=device)
     world = dist.get_world_size(_group(key))
     headers = [torch.empty_like(header) for _ in range(world)]
     dist.all_gather(headers, header, group=_group(key))
-    if all(torch.equal(h, headers[0]) for h in headers):
+    if bool(torch.stack(headers).eq(header).all()):
         return
     names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
-    shown = "; ".join(f"rank {r}: K = {int(h[0])}, {names[int(h[1])]}, eps = {h[2].item():g}"
+    shown = "; ".join(f"rank {r}: K = {int(h[0])}, {names[int(h[1])]}, eps = {float(h[2]):g}"
                       for r, h in enumerate(headers))
     raise ValueError(
         f"sync_stats=True pools batch statistics across ranks, so every rank must pass the same kept columns "
@@ -71,7 +74,7 @@ def merged_stats_fn(key: str, eps: float):
 
     def merge_and_finalize(count: int, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
         K = mean.shape[0]
-        _check_ranks_agree(key, K, mean.dtype, eps)
+        _check_ranks_agree(key, K, mean.dtype, eps, mean.device)
         payload = torch.cat([mean.new_full((1,), float(count)), shift, mean, m2])  # [1 + 3K]
         gathered = [torch.empty_like(payload) for _ in range(dist.get_world_size(_group(key)))]
         dist.all_gather(gathered, payload, group=_group(key))

@@ -92,8 +92,8 @@ def merge_moments(parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor
     counts = torch.stack([n for n, *_ in wide])
     N = counts.sum()
     has_rows = counts > 0
-    first = int(has_rows.nonzero()[0]) if bool(has_rows.any()) else 0
-    shift = wide[first][1]
+    first = has_rows.to(torch.int8).argmax()  # the first part with rows (0 if none has): no host sync
+    shift = torch.stack([c for _, c, _, _ in wide])[first]
     means = torch.stack([(c - shift) + m for _, c, m, _ in wide])  # [P, K] around the common shift
     mean = (counts[:, None] * means).sum(0) / N.clamp_min(1)
     spread = torch.where(has_rows[:, None], counts[:, None] * (means - mean).square(), torch.zeros_like(means))
