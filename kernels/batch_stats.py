@@ -28,7 +28,10 @@ import triton.language as tl
 
 from .launch import KernelLauncher, cdiv, device_guard
 from .masked_mse import launch_backward, launch_forward
-from .settings import NORM_BATCH, NORM_BATCH_C, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes, max_programs, num_warps_for, scratch, scratch_guard
+from .settings import (
+    NORM_BATCH, NORM_BATCH_C, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes, max_programs, num_warps_for,
+    scratch, scratch_guard,
+)
 from .tiles import (
     FLT_MAX, column_stats, kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs,
 )
