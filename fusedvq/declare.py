@@ -78,8 +78,14 @@ def _list_entries(value: Any, limit: int, sizes: Optional[dict] = None) -> int:
 
 
 def _to_numpy(value: Any, what: str) -> np.ndarray:
-    if isinstance(value, (list, tuple)) and _list_entries(value, MAX_LIST_ENTRIES) > MAX_LIST_ENTRIES:
-        raise _Problem(f"{what} is a nested list of more than {MAX_LIST_ENTRIES:,} entries, not one entry per column")
+    if isinstance(value, (list, tuple)):
+        try:
+            entries = _list_entries(value, MAX_LIST_ENTRIES)
+        except RecursionError:
+            raise _Problem(f"{what} is a list nested too deeply to be an array of numbers") from None
+        if entries > MAX_LIST_ENTRIES:
+            raise _Problem(f"{what} is a nested list of more than {MAX_LIST_ENTRIES:,} entries, not one entry per "
+                           f"column")
     try:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu()

@@ -123,6 +123,19 @@ def test_feature_mask_of_shared_nested_lists_is_refused(tmp_path):
     assert took < 3
 
 
+def test_feature_mask_nested_too_deeply_is_a_problem():
+    """A pickle loads lists of any depth without recursion; fusedvq's sizing of them must not overflow
+    Python's stack either (torch.save cannot write one this deep, so the list is handed over directly)."""
+    from fusedvq.declare import _parse_mask
+    from fusedvq.safe_load import _Problem
+
+    deep = [True]
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(_Problem, match="nested too deeply"):
+        _parse_mask(deep)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_fifo_named_like_a_statistics_file_is_skipped_or_refused(tmp_path):
     write_checkpoint(tmp_path, make_parts(D=20, K=12, num_categories=2), stats_in_file=False)
