@@ -12,9 +12,6 @@ from typing import Optional
 import torch
 
 from .contract import REDUCTION_MEAN, REDUCTION_NONE, compute_dtype
-from .reference import (
-    STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, column_moments, finalize_batch_stats,
-)
 
 
 # How the CPU runs it. On the CPU a large batch costs memory traffic, and above all first touches: a fresh
@@ -242,81 +239,24 @@ def use_composed(x: torch.Tensor, num_kept: int) -> bool:
     return x.device.type != "cpu" or x.shape[0] * num_kept <= _COMPOSED_MAX_ELEMENTS
 
 
-def _gather_finite(x, index, nan_to_num):
-    xk = x.index_select(1, index).to(compute_dtype(x.dtype))
-    finite = None
+# ------------------------------------------------------------------------------------ clean_features
+
+
+def clean_forward(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
+    """z [B, K] in x.dtype: the cleaned features of norm "none" / "stats" (reference.normalized_kept)."""
+    z = x.index_select(1, index)
+    z = z.to(compute_dtype(x.dtype)) if z.dtype != compute_dtype(x.dtype) else z
     if nan_to_num:
-        finite = torch.isfinite(xk)
-        xk.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    return xk, finite
+        z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if scale is not None:
+        z.sub_(shift).mul_(scale)  # (x − μ)·(1/σ), in this order (see _diff_rows)
+    return z.to(x.dtype) if z.dtype != x.dtype else z
 
 
-def _normalized(xk, stats):
-    """(z, finite-z mask) with z = ((x̃ − c) − m)·(1/σ'), as (x̃ − c)·(1/σ') − m·(1/σ'): one batch-sized buffer,
-    and as exact (x̃ − c is exact where it matters, and m·(1/σ') is a small [K] term)."""
-    rstd = stats[STAT_RSTD]
-    z = (xk - stats[STAT_SHIFT]).mul_(rstd).sub_(stats[STAT_MEAN] * rstd)
-    z_ok = torch.isfinite(z)
-    return z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), z_ok
-
-
-def batch_mse_forward(
-    x: torch.Tensor,  # [B, D]
-    target: torch.Tensor,  # [B, K]
-    index: torch.Tensor,  # [K] int64
-    eps: float,
-    nan_to_num: bool,
-    reduction: int,
-    merge_and_finalize=None,  # (count, c, m, M2) -> stats [5, K] over all ranks; None: this batch only
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats [5, K], column sums [2, K]) in the compute dtype (loss in x.dtype)."""
-    xk, _ = _gather_finite(x, index, nan_to_num)
-    moments = column_moments(xk)
-    if merge_and_finalize is not None:
-        stats = merge_and_finalize(xk.shape[0], *moments)
-    else:
-        stats = finalize_batch_stats(xk.shape[0], *moments, eps)
-    z, z_ok = _normalized(xk, stats)
-    diff = z.sub(target)
-    if reduction == REDUCTION_NONE:  # the backward sums with g[b, k] itself: no column sums ([0, K])
-        colsums = diff.new_empty((0, diff.shape[1]))
-    else:
-        masked = diff * z_ok
-        colsums = torch.stack([masked.sum(0), (masked * z).sum(0)])
-    if diff.shape[0] == 0:  # a rank with no rows contributes nothing (and no NaN)
-        loss = diff.new_zeros(diff.shape if reduction == REDUCTION_NONE else ())
-        return loss.to(x.dtype), stats, colsums
-    return _reduce_squares(diff, reduction).to(x.dtype), stats, colsums
-
-
-def batch_mse_backward(
-    grad_loss: torch.Tensor,  # [] or [B, K]
-    x: torch.Tensor,  # [B, D]
-    target: torch.Tensor,  # [B, K]
-    index: torch.Tensor,  # [K]
-    stats: torch.Tensor,  # [5, K] from the forward
-    colsums: torch.Tensor,  # [2, K] from the forward ([0, K] for reduction "none")
-    nan_to_num: bool,
-    reduction: int,
-    sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype)."""
-    xk, finite = _gather_finite(x, index, nan_to_num)
-    z, z_ok = _normalized(xk, stats)
-    diff = z - target
-    B, K = diff.shape
-    g = grad_loss.to(diff.dtype)
-    g = g * (2.0 / max(B * K, 1)) if reduction == REDUCTION_MEAN else g * 2.0
-    dz = g * diff * z_ok  # [B, K]
-    if reduction == REDUCTION_NONE:
-        sums = torch.stack([dz.sum(0), (dz * z).sum(0)])
-    else:
-        sums = colsums * g
-    if sum_over_ranks is not None:
-        sums = sum_over_ranks(sums)
-    s1, s2 = sums
-    grad_xk = (dz - s1 * stats[STAT_INV_N] - z * (s2 * stats[STAT_W])) * stats[STAT_RSTD]
-    if finite is not None:
-        grad_xk.mul_(finite)
-    grad_target = (diff * (-g)).to(target.dtype)
-    return scatter_columns(grad_xk, index, x.shape[1], x.dtype), grad_target
+def clean_backward(grad_z, x, index, scale, nan_to_num: bool) -> torch.Tensor:
+    """grad_x [B, D] in x.dtype: dz·(1/σ) added into the columns index names, 0 where x was non-finite."""
+    cdt = compute_dtype(x.dtype)
+    dz = grad_z.to(cdt) if scale is None else grad_z.to(cdt) * scale
+    if nan_to_num:
+        dz = dz * x.index_select(1, index).isfinite()
+    return scatter_columns(dz, index, x.shape[1], x.dtype)

@@ -10,6 +10,9 @@ the tests' oracle. The fast CPU implementation with hand-written gradients is cp
     ∂loss/∂r[b, k]        = −2·g[b, k]·diff[b, k]                   g = grad_out/(B·K) | grad_out | grad_out[b, k]
     ∂loss/∂x[b, d]        = Σ_{k : index[k] = d} 2·g[b, k]·diff[b, k]·scale[k]   (0 where x was non-finite)
 
+clean_features returns z itself; with dz = ∂L/∂z given, ∂L/∂x[b, d] = Σ_{k : index[k] = d} dz[b, k]·scale[k]
+(0 where x was non-finite): the loss's VJP with 2·g·diff replaced by dz.
+
 norm="batch" (below) replaces μ, σ by the batch's own, with batch norm's gradient. Everything is computed
 in float32 (float64 for float64 inputs) and cast once to the input dtype.
 """
@@ -24,6 +27,35 @@ import torch.nn.functional as F
 from .contract import REDUCTIONS, compute_dtype
 
 
+def normalized_kept(
+    x: torch.Tensor,  # [B, D]
+    index: torch.Tensor,  # [K] int64
+    shift: Optional[torch.Tensor],  # [K] compute dtype, or None
+    scale: Optional[torch.Tensor],  # [K] compute dtype, or None
+    nan_to_num: bool,
+) -> torch.Tensor:
+    """z [B, K] in the compute dtype: the cleaned features of norm "none"/"stats", differentiable. Widening x
+    before the gather makes duplicate columns' gradients add in the compute dtype."""
+    cdt = compute_dtype(x.dtype)
+    wide = x.to(cdt) if x.dtype != cdt else x  # (the no-op casts are skipped: at B = 4 each costs a share)
+    # On CUDA, x[:, index]: its gradient adds duplicate columns in a fixed order (see cpu._add_columns).
+    xk = wide[:, index] if x.is_cuda else wide.index_select(1, index)
+    if nan_to_num:
+        xk = torch.nan_to_num(xk, nan=0.0, posinf=0.0, neginf=0.0)  # its gradient is 0 where x was not finite
+    return (xk - shift) * scale if scale is not None else xk
+
+
+def clean_composed(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
+    """clean_features of norm "none"/"stats": z [B, K] in x's dtype, gradients by autograd."""
+    z = normalized_kept(x, index, shift, scale, nan_to_num)
+    return z.to(x.dtype) if z.dtype != x.dtype else z
+
+
+def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
+    loss = F.mse_loss(z, target.to(z.dtype) if target.dtype != z.dtype else target, reduction=REDUCTIONS[reduction])
+    return loss.to(dtype) if loss.dtype != dtype else loss
+
+
 def masked_mse_composed(
     x: torch.Tensor,  # [B, D]
     target: torch.Tensor,  # [B, K]
@@ -33,20 +65,9 @@ def masked_mse_composed(
     nan_to_num: bool,
     reduction: int,
 ) -> torch.Tensor:
-    """The same loss as differentiable torch ops on the K kept columns, gradients by autograd: for small
-    batches, where per-op overhead is much of the cost (autograd's C++ backward has less of it than a
-    Python one) and every buffer is small enough to come back warm. Widening x before the gather makes
-    duplicate columns' gradients add in the compute dtype."""
-    cdt = compute_dtype(x.dtype)
-    narrow = x.dtype != cdt  # (the no-op casts are skipped: at B = 4 each call costs a measurable share)
-    wide = x.to(cdt) if narrow else x
-    # On CUDA, x[:, index]: its gradient adds duplicate columns in a fixed order (see _add_columns).
-    xk = wide[:, index] if x.is_cuda else wide.index_select(1, index)
-    if nan_to_num:
-        xk = torch.nan_to_num(xk, nan=0.0, posinf=0.0, neginf=0.0)  # its gradient is 0 where x was not finite
-    z = (xk - shift) * scale if scale is not None else xk
-    loss = F.mse_loss(z, target.to(cdt) if narrow else target, reduction=REDUCTIONS[reduction])
-    return loss.to(x.dtype) if narrow else loss
+    """The loss as differentiable torch ops on the K kept columns, gradients by autograd: for small batches,
+    where per-op overhead is much of the cost (autograd's C++ backward has less of it than a Python one)."""
+    return _mse(normalized_kept(x, index, shift, scale, nan_to_num), target, reduction, x.dtype)
 
 
 # ------------------------------------------------------------------------------------ norm="batch"
@@ -64,6 +85,7 @@ def masked_mse_composed(
 #     dz = 2·g·diff·mask,  S1 = Σ_b dz,  S2 = Σ_b dz·z                (sums over all N rows)
 #     ∂L/∂x̃[b, index[k]] += (1/σ')·(dz − S1/N − z·S2·w),   ∂L/∂r = −2·g·diff
 # (exact for the exact μ, σ; it needs Σ_b z = 0 only to the accuracy z has, which the shift provides).
+# clean_features (z itself) has the same VJP with dz = ∂L/∂z·mask given.
 # For reduction mean/sum g is one number, so S1 = 2g·A1 and S2 = 2g·A2 with column sums A = (Σ diff·mask,
 # Σ diff·mask·z) that the forward already computes: the backward then needs no reduction of its own.
 
@@ -113,17 +135,10 @@ def finalize_batch_stats(count, shift: torch.Tensor, mean: torch.Tensor, m2: tor
     return torch.stack([shift, mean, rstd, w, inv_n])
 
 
-def batch_mse_composed(
-    x: torch.Tensor,  # [B, D]
-    target: torch.Tensor,  # [B, K]
-    index: torch.Tensor,  # [K] int64
-    eps: float,
-    nan_to_num: bool,
-    reduction: int,
-) -> torch.Tensor:
-    """The batch-statistics loss as differentiable torch ops, gradients by autograd (so to any order, and
-    under torch.func): the same shifted moments as batch_mse_forward. The shift c is a constant (z does not
-    depend on it), hence detached."""
+def batch_normalized_kept(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool) -> torch.Tensor:
+    """z [B, K] in the compute dtype with this batch's own statistics, differentiable (through μ and σ): the
+    same shifted moments as the implementations. The shift c is a constant (z does not depend on it), hence
+    detached."""
     cdt = compute_dtype(x.dtype)
     xk = (x.to(cdt) if x.dtype != cdt else x).index_select(1, index)
     if nan_to_num:
@@ -134,6 +149,23 @@ def batch_mse_composed(
     var = centered.square().sum(0) / max(n - 1, 1)
     flat = (var.detach().sqrt() < eps) | (n < 2)  # σ' = 1, no gradient through σ
     std = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
-    z = torch.nan_to_num(centered / std, nan=0.0, posinf=0.0, neginf=0.0)
-    loss = F.mse_loss(z, target.to(cdt) if target.dtype != cdt else target, reduction=REDUCTIONS[reduction])
-    return loss.to(x.dtype) if loss.dtype != x.dtype else loss
+    return torch.nan_to_num(centered / std, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def batch_clean_composed(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool) -> torch.Tensor:
+    """clean_features of norm="batch": z [B, K] in x's dtype, gradients by autograd (to any order)."""
+    z = batch_normalized_kept(x, index, eps, nan_to_num)
+    return z.to(x.dtype) if z.dtype != x.dtype else z
+
+
+def batch_mse_composed(
+    x: torch.Tensor,  # [B, D]
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K] int64
+    eps: float,
+    nan_to_num: bool,
+    reduction: int,
+) -> torch.Tensor:
+    """The batch-statistics loss as differentiable torch ops, gradients by autograd (so to any order, and
+    under torch.func)."""
+    return _mse(batch_normalized_kept(x, index, eps, nan_to_num), target, reduction, x.dtype)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fusedvq
-from fusedvq import cpu, op
+from fusedvq import cpu
+from fusedvq.ops import loss as op
 from fusedvq.canonical import prepare
 from fusedvq.contract import NORMS, REDUCTIONS, compute_dtype
 from oracle import TOLERANCE, oracle, random_case, rel_err

@@ -1,0 +1,238 @@
+"""The CPU implementation of norm="batch", the loss and clean_features: reference.py's math with hand-written
+gradients (batch norm's VJP), in the blocked passes of cpu.py.
+
+Every pass walks the rows in blocks whose gather and normalization live in warm scratch (cpu.py says why:
+fresh batch-sized buffers cost page faults, several times the arithmetic), so a step first-touches only
+the buffers it returns: grad_x and grad_target, and z for clean_features. Nothing batch-sized is saved
+for the backward, which recomputes z from x block by block (as the kernels do).
+    moments   one pass: each block's (m, M2) around the shift c (the batch's first row), merged across
+              blocks with Chan's formula (reference.merge_moments)
+    forward   one pass: z, then the loss and its column sums A, or z itself (clean_features)
+    backward  mean/sum: one pass (S = 2g·A); reduction "none" and clean_features: a pass for S, then one
+              for the gradients
+Blocks hold NaN/Inf only where the data does: a block whose sum is finite has no non-finite entry (NaN and
+±Inf propagate into a sum), so the finite masks are built only for blocks that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .contract import REDUCTION_MEAN, REDUCTION_NONE, compute_dtype
+from .cpu import _block_rows, _dots, _scatter_rows, _total
+from .reference import (
+    STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, finalize_batch_stats, merge_moments,
+)
+
+
+class _Blocks:
+    """The row blocks of one pass over x [B, D]'s kept columns: block(rows) gives z or x̃ of those rows in
+    warm scratch [n, K] (compute dtype), with the finite masks of the block when it has non-finite values."""
+
+    def __init__(self, x: torch.Tensor, index: torch.Tensor, nan_to_num: bool):
+        self.x, self.index, self.nan_to_num = x, index, nan_to_num
+        self.B, self.K = x.shape[0], index.shape[0]
+        self.cdt = compute_dtype(x.dtype)
+        self.step = _block_rows(x, self.K)
+        self.buf = torch.empty((min(self.step, self.B), self.K), dtype=self.cdt, device=x.device)
+
+    def rows(self):
+        for start in range(0, self.B, self.step):
+            yield slice(start, min(start + self.step, self.B))
+
+    def features(self, rows: slice):
+        """(x̃ [n, K], x_ok [n, K] bool or None): x̃ = nan_to_num(x) of the kept columns when nan_to_num."""
+        n = rows.stop - rows.start
+        out = self.buf[:n]
+        if self.x.dtype == self.cdt:
+            torch.index_select(self.x[rows], 1, self.index, out=out)
+        else:
+            out.copy_(self.x[rows].index_select(1, self.index))
+        x_ok = None
+        if self.nan_to_num and not _all_finite(out):
+            x_ok = torch.isfinite(out)
+            out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return out, x_ok
+
+    def normalized(self, rows: slice, stats: torch.Tensor, mr: torch.Tensor):
+        """(z [n, K], z_ok or None, x_ok or None): z = nan_to_num((x̃ − c)·(1/σ') − m·(1/σ')), mr = m·(1/σ')."""
+        z, x_ok = self.features(rows)
+        z.sub_(stats[STAT_SHIFT]).mul_(stats[STAT_RSTD]).sub_(mr)
+        z_ok = None
+        if not _all_finite(z):
+            z_ok = torch.isfinite(z)
+            z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return z, z_ok, x_ok
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite, from one sum: NaN and ±Inf propagate into it, and a sum that overflows
+    only sends the caller down the exact path with masks."""
+    return bool(torch.isfinite(t.sum()))
+
+
+def batch_stats(blocks: _Blocks, eps: float, merge_and_finalize=None) -> torch.Tensor:
+    """stats [5, K] = (c, m, 1/σ', w, 1/N) of the kept columns (over all ranks with merge_and_finalize)."""
+    parts, shift = [], None
+    for rows in blocks.rows():
+        dev, _ = blocks.features(rows)
+        if shift is None:
+            shift = dev[0].clone()  # the batch's first row: a constant column gives m = M2 = 0 exactly
+        mean = dev.sub_(shift).mean(0)
+        parts.append((rows.stop - rows.start, shift, mean, torch.linalg.vecdot(dev.sub_(mean), dev, dim=0)))
+    if not parts:  # no rows (a rank without data)
+        zeros = blocks.buf.new_zeros(blocks.K)
+        parts = [(0, zeros, zeros, zeros)]
+    count, shift, mean, m2 = parts[0] if len(parts) == 1 else merge_moments(parts, blocks.cdt)
+    if merge_and_finalize is not None:
+        return merge_and_finalize(blocks.B, shift, mean, m2)
+    return finalize_batch_stats(count, shift, mean, m2, eps)
+
+
+def batch_mse_forward(
+    x: torch.Tensor,  # [B, D]
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K] int64
+    eps: float,
+    nan_to_num: bool,
+    reduction: int,
+    merge_and_finalize=None,  # (count, c, m, M2) -> stats [5, K] over all ranks; None: this batch only
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss in x.dtype, stats [5, K], column sums A [2, K] = (Σ diff·[z finite], Σ diff·z), or [0, K] for
+    reduction "none", whose backward sums with g[b, k] itself), in the compute dtype."""
+    blocks = _Blocks(x, index, nan_to_num)
+    stats = batch_stats(blocks, eps, merge_and_finalize)
+    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    K = blocks.K
+    none = reduction == REDUCTION_NONE
+    loss = torch.empty((blocks.B, K), dtype=x.dtype, device=x.device) if none else None
+    colsums = stats.new_zeros((0 if none else 2, K))
+    parts, diff_buf = [], torch.empty_like(blocks.buf)
+    for rows in blocks.rows():
+        z, z_ok, _ = blocks.normalized(rows, stats, mr)
+        diff = torch.sub(z, target[rows], out=diff_buf[: z.shape[0]])
+        if none:
+            loss[rows] = diff.square_()
+            continue
+        parts += _dots(diff)
+        colsums[1] += torch.linalg.vecdot(diff, z, dim=0)  # z = 0 where not finite: no mask needed
+        colsums[0] += (diff if z_ok is None else diff.mul_(z_ok)).sum(0)
+    if none:
+        return loss, stats, colsums
+    if blocks.B == 0:
+        return stats.new_zeros(()).to(x.dtype), stats, colsums
+    return _total(parts, blocks.B * K, reduction, x).to(x.dtype), stats, colsums
+
+
+def batch_mse_backward(
+    grad_loss: torch.Tensor,  # [] or [B, K]
+    x: torch.Tensor,  # [B, D]
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K]
+    stats: torch.Tensor,  # [5, K] from the forward
+    colsums: torch.Tensor,  # [2, K] from the forward ([0, K] for reduction "none")
+    nan_to_num: bool,
+    reduction: int,
+    sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype)."""
+    blocks = _Blocks(x, index, nan_to_num)
+    B, K = blocks.B, blocks.K
+    none = reduction == REDUCTION_NONE
+    g = grad_loss.to(blocks.cdt) * (2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0)
+    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    dz_buf = torch.empty_like(blocks.buf)
+    grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
+
+    def dz_of(rows, last_pass=True):
+        """(dz, z, x_ok) of a block: dz = 2·g·diff·[z finite]; on the last pass also grad_target = −2·g·diff."""
+        z, z_ok, x_ok = blocks.normalized(rows, stats, mr)
+        dz = torch.sub(z, target[rows], out=dz_buf[: z.shape[0]]).mul_(g[rows] if none else g)
+        if last_pass:  # before the mask: it applies to z's gradient only
+            if grad_target.dtype == dz.dtype:
+                torch.neg(dz, out=grad_target[rows])
+            else:
+                grad_target[rows] = dz.neg()
+        return (dz if z_ok is None else dz.mul_(z_ok)), z, x_ok
+
+    if none:
+        sums = _dz_sums(blocks, functools.partial(dz_of, last_pass=False))
+    else:
+        sums = colsums * g
+    if sum_over_ranks is not None:
+        sums = sum_over_ranks(sums)
+    return _grad_x(blocks, dz_of, stats, sums), grad_target
+
+
+def _dz_sums(blocks: _Blocks, dz_of) -> torch.Tensor:
+    """(S1, S2) [2, K] = (Σ_b dz, Σ_b dz·z) over the blocks."""
+    sums = blocks.buf.new_zeros((2, blocks.K))
+    for rows in blocks.rows():
+        dz, z, _ = dz_of(rows)
+        sums[0] += dz.sum(0)
+        sums[1] += torch.linalg.vecdot(dz, z, dim=0)
+    return sums
+
+
+def _grad_x(blocks: _Blocks, dz_of, stats: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """grad_x [B, D] in x.dtype: (1/σ')·(dz − S1/N − z·S2·w) added into the columns index names, 0 where x
+    was non-finite, block by block."""
+    s1n = sums[0] * stats[STAT_INV_N]
+    s2w = sums[1] * stats[STAT_W]
+    rstd = stats[STAT_RSTD]
+    grad_x = torch.empty((blocks.B, blocks.x.shape[1]), dtype=blocks.x.dtype, device=blocks.x.device)
+    scatter_buf = None
+    for rows in blocks.rows():
+        dz, z, x_ok = dz_of(rows)
+        grad = dz.sub_(s1n).sub_(z.mul_(s2w)).mul_(rstd)
+        if x_ok is not None:
+            grad.mul_(x_ok)
+        scatter_buf = _scatter_rows(grad_x[rows], grad, blocks.index, scatter_buf)
+    return grad_x
+
+
+# ------------------------------------------------------------------------------------ clean_features
+
+
+def batch_clean_forward(
+    x: torch.Tensor,  # [B, D]
+    index: torch.Tensor,  # [K] int64
+    eps: float,
+    nan_to_num: bool,
+    merge_and_finalize=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z [B, K] in x.dtype, stats [5, K] in the compute dtype)."""
+    blocks = _Blocks(x, index, nan_to_num)
+    stats = batch_stats(blocks, eps, merge_and_finalize)
+    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    z_out = torch.empty((blocks.B, blocks.K), dtype=x.dtype, device=x.device)
+    for rows in blocks.rows():
+        z_out[rows] = blocks.normalized(rows, stats, mr)[0]
+    return z_out, stats
+
+
+def batch_clean_backward(
+    grad_z: torch.Tensor,  # [B, K]
+    x: torch.Tensor,  # [B, D]
+    index: torch.Tensor,  # [K]
+    stats: torch.Tensor,  # [5, K] from the forward
+    nan_to_num: bool,
+    sum_over_ranks=None,
+) -> torch.Tensor:
+    """grad_x [B, D] in x.dtype: batch norm's VJP with dz = grad_z·[z finite]."""
+    blocks = _Blocks(x, index, nan_to_num)
+    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    dz_buf = torch.empty_like(blocks.buf)
+
+    def dz_of(rows):
+        z, z_ok, x_ok = blocks.normalized(rows, stats, mr)
+        dz = dz_buf[: z.shape[0]]
+        dz.copy_(grad_z[rows])
+        return (dz if z_ok is None else dz.mul_(z_ok)), z, x_ok
+
+    sums = _dz_sums(blocks, dz_of)
+    if sum_over_ranks is not None:
+        sums = sum_over_ranks(sums)
+    return _grad_x(blocks, dz_of, stats, sums)
