@@ -1,8 +1,10 @@
 """fusedvq: the masked, normalized feature-reconstruction loss of VQ-VAE-guided training, fused.
 
     loss = fusedvq.masked_mse(features [B, D], reconstruction [B, K], feature_mask [D], mean, std)
+    z = fusedvq.clean_features(features [B, D], feature_mask [D], norm="batch")    # the encoder's input
 """
 
+from .clean import FeatureCleaner, clean_features
 from .checkpoint import CheckpointError, FeatureSpec, UnsafeLoadWarning, diagnose, load_feature_spec
 from .functional import masked_mse
 from .module import MaskedMSELoss
@@ -14,6 +16,8 @@ __all__ = [
     "masked_mse",
     "MaskedMSELoss",
     "VQReconLoss",
+    "clean_features",
+    "FeatureCleaner",
     "load_feature_spec",
     "FeatureSpec",
     "diagnose",

@@ -67,17 +67,18 @@ def check_dense(t: torch.Tensor, name: str, meta: bool = True) -> None:
         raise ValueError(f"{name} is on the meta device (a shape without values): fusedvq needs real data")
 
 
-def check_pair(features: torch.Tensor, target: torch.Tensor, allow_empty: bool = False) -> None:
+def check_pair(features: torch.Tensor, target: Optional[torch.Tensor], allow_empty: bool = False) -> None:
     """Types, layouts, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (B = 0 only if
-    allowed: a rank without rows still takes part in cross-rank statistics)."""
+    allowed: a rank without rows still takes part in cross-rank statistics); target None: x alone
+    (clean_features)."""
+    if target is None:
+        _check_features(features, "features")
+        check_dense(features, "features")
+        if features.shape[0] == 0 and not allow_empty:
+            raise ValueError("the batch is empty (0 rows): there is nothing to clean")
+        return
     for name, t in (("features", features), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_dense(t, name, meta=False)  # (meta below: a device mismatch is said first)
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, columns], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}")
+        _check_features(t, name)
     if features.dtype != target.dtype:
         raise TypeError(
             f"features and target must share one dtype, got features {features.dtype} and target {target.dtype}"
@@ -95,6 +96,16 @@ def check_pair(features: torch.Tensor, target: torch.Tensor, allow_empty: bool =
         )
     if features.shape[0] == 0 and not allow_empty:
         raise ValueError("the batch is empty (0 rows): the loss of no rows is undefined")
+
+
+def _check_features(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(t, name, meta=False)  # (meta after the device check: a device mismatch is said first)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [batch, columns], got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}")
 
 
 def batch_stats_group(norm: int, sync_stats: bool, process_group, batch_size: int) -> str:
@@ -115,15 +126,16 @@ def batch_stats_group(norm: int, sync_stats: bool, process_group, batch_size: in
     return ""
 
 
-def check_widths(features: torch.Tensor, target: torch.Tensor, columns: ColumnMap, selector: str) -> None:
-    """x has the D columns the map was built for and r has its K kept columns (the 171/187 mismatch)."""
+def check_widths(features: torch.Tensor, target: Optional[torch.Tensor], columns: ColumnMap, selector: str) -> None:
+    """x has the D columns the map was built for and r (when given) its K kept columns (the 171/187
+    mismatch)."""
     D, K = columns.num_features, columns.num_kept
     if features.shape[1] != D:
         raise ValueError(
             f"features have {features.shape[1]} columns but the {selector} was built for {D} feature columns "
             f"(it keeps {K} of {D})"
         )
-    if target.shape[1] != K:
+    if target is not None and target.shape[1] != K:
         raise ValueError(
             f"target has {target.shape[1]} columns but the {selector} keeps {K} of the {D} feature columns "
             f"— pass the decoder's {K}-column reconstruction"

@@ -1,6 +1,9 @@
 """Triton kernels for fusedvq (installed as fusedvq.kernels). Importing this package needs triton."""
 
-from .batch_stats import batch_mse_backward, batch_mse_forward
-from .masked_mse import masked_mse_backward, masked_mse_forward
+from .batch_stats import batch_clean_backward, batch_clean_forward, batch_mse_backward, batch_mse_forward
+from .masked_mse import clean_backward, clean_forward, masked_mse_backward, masked_mse_forward
 
-__all__ = ["masked_mse_forward", "masked_mse_backward", "batch_mse_forward", "batch_mse_backward"]
+__all__ = [
+    "masked_mse_forward", "masked_mse_backward", "batch_mse_forward", "batch_mse_backward",
+    "clean_forward", "clean_backward", "batch_clean_forward", "batch_clean_backward",
+]

@@ -132,13 +132,13 @@ def _column_moments_kernel(
 def _dz_sums_kernel(
     grad_ptr,  # [B, K] ∂L/∂loss (reduction "none"), any strides
     x_ptr,  # [B, D] features, any strides
-    r_ptr,  # [B, K] target, any strides
+    r_ptr,  # [B, K] target, any strides (not read with CLEAN)
     idx_ptr,  # [K] int64
     shift_ptr,  # [K] fp32 c, the moments' shift
     center_ptr,  # [K] fp32 m, the batch mean around c
     scale_ptr,  # [K] fp32 1/σ'
     partial_ptr,  # [num_programs, 2, K] fp32 workspace
-    sums_ptr,  # [2, K] fp32 out: S1 = Σ_b dz, S2 = Σ_b dz·z with dz = 2·g·diff·m
+    sums_ptr,  # [2, K] fp32 out: S1 = Σ_b dz, S2 = Σ_b dz·z with dz = 2·g·diff·m (CLEAN: g·m)
     counter_ptr,  # [1] int32 ticket counter
     B,
     K,
@@ -150,6 +150,7 @@ def _dz_sums_kernel(
     stride_rb,
     stride_rk,
     NAN_TO_NUM: tl.constexpr,
+    CLEAN: tl.constexpr,  # 0/1: clean_features, g = ∂L/∂z (dz = g·m)
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -166,9 +167,12 @@ def _dz_sums_kernel(
             ok = (rows < B)[:, None] & col_ok[None, :]
             xv = load_features(x_ptr, rows, d, ok, stride_xb, stride_xd, NAN_TO_NUM)
             z, z_ok = normalize(xv, mu, center, inv_sigma, NORM_BATCH_C)
-            rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
             gv = tl.load(grad_ptr + rows[:, None] * stride_gb + cols.to(tl.int64)[None, :] * stride_gk, mask=ok, other=0.0)
-            dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
+            if CLEAN:
+                dz = tl.where(ok & z_ok, gv.to(tl.float32), 0.0)
+            else:
+                rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
+                dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
             s1 += dz
             s2 += dz * z
         store_partial_pair(partial_ptr, pid, cols, col_ok, K, s1, s2)
@@ -206,16 +210,20 @@ def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num:
     return rows
 
 
+def batch_stats(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None) -> torch.Tensor:
+    """stats [5, K] fp32 of this batch (or, with merge_and_finalize, over all ranks)."""
+    if merge_and_finalize is None:
+        return column_moments(x, index, eps, nan_to_num, finalize=True)
+    shift, mean, m2 = column_moments(x, index, eps, nan_to_num, finalize=False)
+    return merge_and_finalize(x.shape[0], shift, mean, m2)
+
+
 def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction: int, merge_and_finalize=None):
     """(loss, stats [5, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
     with g itself: no launch to fill them). merge_and_finalize(count, c, m, M2) -> stats [5, K]
     turns this batch's moments into statistics over all ranks; None: this batch's own."""
     B, K = x.shape[0], index.shape[0]
-    if merge_and_finalize is None:
-        stats = column_moments(x, index, eps, nan_to_num, finalize=True)
-    else:
-        shift, mean, m2 = column_moments(x, index, eps, nan_to_num, finalize=False)
-        stats = merge_and_finalize(B, shift, mean, m2)
+    stats = batch_stats(x, index, eps, nan_to_num, merge_and_finalize)
     if B == 0:
         shape = (0, K) if reduction == REDUCTION_NONE else ()
         return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
@@ -227,7 +235,10 @@ def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction:
 
 
 def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tensor:
-    """(S1, S2) [2, K] fp32 of reduction "none": Σ_b dz and Σ_b dz·z over these B rows."""
+    """(S1, S2) [2, K] fp32 of reduction "none" (target None: of clean_features, grad_loss = ∂L/∂z): Σ_b dz
+    and Σ_b dz·z over these B rows."""
+    clean = target is None
+    target = x if clean else target  # never read: clean
     B, D = x.shape
     K = index.shape[0]
     sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
@@ -241,7 +252,8 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tenso
             grad_loss, x, target, index, stats[0], stats[1], stats[2], partial, sums, scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
             target.stride(0), target.stride(1),
-            NAN_TO_NUM=int(nan_to_num), BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps_for(block_b, block_k),
+            NAN_TO_NUM=int(nan_to_num), CLEAN=int(clean), BLOCK_B=block_b, BLOCK_K=block_k,
+            num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
     return sums
 
@@ -263,3 +275,24 @@ def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsu
     return launch_backward(
         grad_loss, x, target, inv_ptr, inv_k, NORM_BATCH, tuple(stats), nan_to_num, reduction, sums, sums_final
     )
+
+
+def batch_clean_forward(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None):
+    """clean_features, norm "batch": (z [B, K] in x.dtype, stats [5, K] fp32); two launches."""
+    stats = batch_stats(x, index, eps, nan_to_num, merge_and_finalize)
+    if x.shape[0] == 0:
+        return x.new_empty((0, index.shape[0])), stats
+    z, _ = launch_forward(x, None, index, stats[0], stats[2], NORM_BATCH, nan_to_num, REDUCTION_NONE,
+                          center=stats[1], clean=True)
+    return z, stats
+
+
+def batch_clean_backward(grad_z, x, index, inv_ptr, inv_k, stats, nan_to_num: bool, sum_over_ranks=None):
+    """clean_features, norm "batch": grad_x [B, D]; two launches (the sums S, then the gradient)."""
+    sums = dz_sums(grad_z, x, None, index, stats, nan_to_num)
+    if sum_over_ranks is not None:
+        sums = sum_over_ranks(sums)
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape)
+    return launch_backward(grad_z, x, None, inv_ptr, inv_k, NORM_BATCH, tuple(stats), nan_to_num, REDUCTION_NONE,
+                           sums, True, clean=True)

@@ -63,6 +63,7 @@ def _masked_mse_fwd_kernel(
     NAN_TO_NUM: tl.constexpr,  # 0/1
     REDUCTION: tl.constexpr,  # 0 none, 1 mean, 2 sum
     COLSUMS: tl.constexpr,  # 0/1: also the column sums the batch-norm backward needs (NORM 2, mean/sum)
+    CLEAN: tl.constexpr,  # 0/1: clean_features, out = z itself (REDUCTION 0; r is not read)
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,  # chunk of partials the last program adds at a time
@@ -83,17 +84,20 @@ def _masked_mse_fwd_kernel(
             ok = (rows < B)[:, None] & col_ok[None, :]
             xv = load_features(x_ptr, rows, d, ok, stride_xb, stride_xd, NAN_TO_NUM)
             z, z_ok = normalize(xv, mu, center, inv_sigma, NORM)
-            rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
-            diff = tl.where(ok, z - rv.to(tl.float32), 0.0)
-            if REDUCTION == REDUCTION_NONE_C:
-                out_offs = rows[:, None] * K + cols[None, :]
-                tl.store(out_ptr + out_offs, (diff * diff).to(out_ptr.dtype.element_ty), mask=ok)
+            if CLEAN:
+                tl.store(out_ptr + rows[:, None] * K + cols[None, :], z.to(out_ptr.dtype.element_ty), mask=ok)
             else:
-                acc += diff * diff
-            if COLSUMS:
-                m = tl.where(z_ok, diff, 0.0)
-                sum_m += m
-                sum_mz += m * z
+                rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
+                diff = tl.where(ok, z - rv.to(tl.float32), 0.0)
+                if REDUCTION == REDUCTION_NONE_C:
+                    out_offs = rows[:, None] * K + cols[None, :]
+                    tl.store(out_ptr + out_offs, (diff * diff).to(out_ptr.dtype.element_ty), mask=ok)
+                else:
+                    acc += diff * diff
+                if COLSUMS:
+                    m = tl.where(z_ok, diff, 0.0)
+                    sum_m += m
+                    sum_mz += m * z
         if COLSUMS:
             store_partial_pair(colsum_partial_ptr, pid, cols, col_ok, K, sum_m, sum_mz)
     if REDUCTION != REDUCTION_NONE_C:
@@ -116,9 +120,9 @@ def _masked_mse_fwd_kernel(
 
 @triton.jit
 def _masked_mse_bwd_kernel(
-    grad_ptr,  # ∂L/∂loss: [] (mean/sum) or [B, K] any strides (none)
+    grad_ptr,  # ∂L/∂loss: [] (mean/sum) or [B, K] any strides (none); CLEAN: ∂L/∂z [B, K] any strides
     x_ptr,  # [B, D] features, any strides
-    r_ptr,  # [B, K] target, any strides
+    r_ptr,  # [B, K] target, any strides (not read with CLEAN)
     col_start_ptr,  # [D+1] int32 inv_ptr (CSR): kept columns reading column d are inv_k[inv_ptr[d] : inv_ptr[d+1]]
     inv_k_ptr,  # [K] int32
     shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
@@ -128,7 +132,7 @@ def _masked_mse_bwd_kernel(
     inv_n_ptr,  # [K] fp32: 1/N (NORM 2)
     sums_ptr,  # NORM 2: [2, K] fp32 column sums: (A1, A2) of the forward, or (S1, S2) when SUMS_FINAL
     grad_x_ptr,  # [B, D] contiguous, dtype of x: written everywhere, zeros included
-    grad_r_ptr,  # [B, K] contiguous, dtype of r
+    grad_r_ptr,  # [B, K] contiguous, dtype of r (not written with CLEAN)
     B,
     K,
     D,
@@ -138,11 +142,12 @@ def _masked_mse_bwd_kernel(
     stride_rk,
     stride_gb,
     stride_gk,
-    grad_scale,  # 2/(B·K) for mean, 2 otherwise: ∂e/∂z = 2·diff folded in
+    grad_scale,  # 2/(B·K) for mean, 2 otherwise: ∂e/∂z = 2·diff folded in (CLEAN: 1)
     NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch
     NAN_TO_NUM: tl.constexpr,
     REDUCTION: tl.constexpr,
     SUMS_FINAL: tl.constexpr,  # NORM 2: sums are S1, S2 already (else A1, A2, scaled here by g)
+    CLEAN: tl.constexpr,  # 0/1: clean_features, dz = ∂L/∂z given (REDUCTION 0, SUMS_FINAL with NORM 2)
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -172,7 +177,6 @@ def _masked_mse_bwd_kernel(
         k = tl.load(inv_k_ptr + start + j, mask=has, other=0).to(tl.int64)  # [BLOCK_D]
         has = has & (k >= 0) & (k < K)
         ok = row_ok[:, None] & has[None, :]
-        rv = tl.load(r_ptr + rows[:, None] * stride_rb + k[None, :] * stride_rk, mask=ok, other=0.0)
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, k, has, NORM)
         z, z_ok = normalize(xv, mu, center, inv_sigma, NORM)
         if REDUCTION == REDUCTION_NONE_C:
@@ -180,15 +184,20 @@ def _masked_mse_bwd_kernel(
             gk = gk.to(tl.float32) * grad_scale
         else:
             gk = g
-        diff = z - rv.to(tl.float32)
-        tl.store(grad_r_ptr + rows[:, None] * K + k[None, :], (-diff * gk).to(grad_r_ptr.dtype.element_ty), mask=ok)
+        if CLEAN:
+            dzv = gk  # ∂L/∂z
+        else:
+            rv = tl.load(r_ptr + rows[:, None] * stride_rb + k[None, :] * stride_rk, mask=ok, other=0.0)
+            diff = z - rv.to(tl.float32)
+            dzv = diff * gk
+            tl.store(grad_r_ptr + rows[:, None] * K + k[None, :], (-dzv).to(grad_r_ptr.dtype.element_ty), mask=ok)
         if NORM == NORM_NONE_C:
-            dx = diff * gk
+            dx = dzv
         elif NORM == NORM_STATS_C:
-            dx = diff * gk * inv_sigma[None, :]
+            dx = dzv * inv_sigma[None, :]
         else:
             # Batch norm's backward: (1/σ')·(dz − S1/N − z·S2·w), with S1 = Σ dz, S2 = Σ dz·z over the batch.
-            dz = tl.where(z_ok, diff * gk, 0.0)
+            dz = tl.where(z_ok, dzv, 0.0)
             w = tl.load(w_ptr + k, mask=has, other=0.0)
             inv_n = tl.load(inv_n_ptr + k, mask=has, other=0.0)
             s1 = tl.load(sums_ptr + k, mask=has, other=0.0)
@@ -217,8 +226,10 @@ def launch_forward(
     reduction: int,  # 0 none, 1 mean, 2 sum
     colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
     center=None,  # norm "batch": [K] fp32 m, the batch mean around the shift passed as `shift`
+    clean: bool = False,  # clean_features: out = z [B, K] (target None, reduction none)
 ):
-    """(loss [] or [B, K] in x.dtype, colsums [2, K] fp32 or None); inputs validated by the caller."""
+    """(loss [] or [B, K] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs validated by the
+    caller."""
     B, D = x.shape
     K = index.shape[0]
     block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
@@ -227,6 +238,8 @@ def launch_forward(
         shift = scale = x  # never read: norm "none"
     if center is None:
         center = shift  # never read: norm "none" / "stats"
+    if target is None:
+        target = x  # never read: clean
     with device_guard(x), scratch_guard(x):
         if reduction == REDUCTION_NONE:
             out = torch.empty((B, K), dtype=x.dtype, device=x.device)
@@ -244,7 +257,7 @@ def launch_forward(
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1),
             1.0 / (B * K) if reduction == REDUCTION_MEAN else 1.0,
-            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, COLSUMS=int(colsums),
+            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, COLSUMS=int(colsums), CLEAN=int(clean),
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
     return out, (sums if colsums else None)
@@ -262,8 +275,9 @@ def launch_backward(
     reduction: int,
     sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
     sums_final: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype), both freshly allocated."""
+    clean: bool = False,  # clean_features: grad_loss is ∂L/∂z [B, K], target None, reduction none
+):
+    """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype), both freshly allocated; clean: grad_x."""
     B, D = x.shape
     K = inv_k.shape[0]
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
@@ -277,16 +291,19 @@ def launch_backward(
     g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else (0, 0)
     with device_guard(x):
         grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device)
-        grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
+        if clean:
+            target = grad_target = grad_x  # never read, never written
+        else:
+            grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
         _BWD[grid](
             grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums, grad_x, grad_target,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), *g_strides,
-            2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0,
+            1.0 if clean else 2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0,
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, SUMS_FINAL=int(sums_final),
-            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b, block_d),
+            CLEAN=int(clean), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b, block_d),
         )  # fmt: skip
-    return grad_x, grad_target
+    return grad_x if clean else (grad_x, grad_target)
 
 
 _FWD = KernelLauncher(_masked_mse_fwd_kernel)
@@ -304,3 +321,20 @@ def masked_mse_backward(grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_
     """norm "none" / "stats": (grad_x [B, D], grad_target [B, K])."""
     norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
     return launch_backward(grad_loss, x, target, inv_ptr, inv_k, norm, stats, nan_to_num, reduction)
+
+
+def clean_forward(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
+    """clean_features, norm "none" (shift = scale = None) or "stats": z [B, K] in x.dtype, one launch."""
+    norm = NORM_NONE if shift is None else NORM_STATS
+    if x.shape[0] == 0:
+        return x.new_empty((0, index.shape[0]))
+    z, _ = launch_forward(x, None, index, shift, scale, norm, nan_to_num, REDUCTION_NONE, clean=True)
+    return z
+
+
+def clean_backward(grad_z, x, inv_ptr, inv_k, shift, scale, nan_to_num: bool) -> torch.Tensor:
+    """clean_features, norm "none" / "stats": grad_x [B, D], one launch."""
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape)
+    norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
+    return launch_backward(grad_z, x, None, inv_ptr, inv_k, norm, stats, nan_to_num, REDUCTION_NONE, clean=True)

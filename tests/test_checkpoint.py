@@ -18,7 +18,7 @@ from fusedvq.checkpoint import (
     load_feature_spec,
     read_checkpoint,
 )
-from fusedvq.module import MaskedMSELoss, loss_from_checkpoint
+from fusedvq.module import MaskedMSELoss
 
 FIXTURES = shared_dir() / "fixtures" / "spinlock"
 
@@ -131,14 +131,14 @@ def test_no_stats_needed_for_norm_none(tmp_path):
         load_feature_spec(path)
     spec = load_feature_spec(path, require_stats=False)
     assert spec.mean is None and spec.num_kept == 171
-    loss = loss_from_checkpoint(path, norm="none")
+    loss = MaskedMSELoss.from_checkpoint(path, norm="none")
     assert isinstance(loss, MaskedMSELoss) and loss.norm == "none"
 
 
 def test_loss_from_checkpoint_matches_the_plain_fix(tmp_path):
     parts = make_parts(method="mad", seed=11)
     path = write_checkpoint(tmp_path, parts, stats_in_file=False, stats_beside=True)
-    loss_fn = loss_from_checkpoint(path, num_features=187, reduction="sum")
+    loss_fn = MaskedMSELoss.from_checkpoint(path, num_features=187, reduction="sum")
     assert isinstance(loss_fn, MaskedMSELoss)
 
     g = torch.Generator().manual_seed(0)
@@ -265,7 +265,7 @@ def test_real_stats_files(tmp_path, name, placement):
         assert torch.equal(spec.mean[groups[c]], torch.from_numpy(arrays[f"{c}_mean"].astype(np.float64)))
         assert torch.equal(spec.std[groups[c]], torch.from_numpy(arrays[f"{c}_std"].astype(np.float64)))
 
-    loss_fn = loss_from_checkpoint(path, stats=fixture if placement == "explicit" else None)
+    loss_fn = MaskedMSELoss.from_checkpoint(path, stats=fixture if placement == "explicit" else None)
     x = torch.randn(5, K + 16, dtype=torch.float64) * 50
     r = torch.randn(5, K, dtype=torch.float64)
     ref = F.mse_loss((x[:, torch.from_numpy(mask)] - spec.mean) / spec.std, r)

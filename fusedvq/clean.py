@@ -1,0 +1,90 @@
+"""clean_features / FeatureCleaner: the VQ-VAE encoder's input, z = the normalized kept feature columns.
+
+    z = fusedvq.clean_features(features [B, D], feature_mask [D], norm="batch", nan_to_num=True)   # [B, K]
+    recon = decoder(quantize(encoder(z)))
+    loss = F.mse_loss(recon, z)          # z is the encoder's input and the loss's target: one pass, not two
+
+The same math as masked_mse up to z (reference.py): nan_to_num, normalization by given or batch
+statistics, then the K kept columns in the index's order. Gradients flow to the features: zero in dropped
+columns, accumulated over duplicate indices, zero at non-finite entries with nan_to_num, and through the
+batch statistics for norm="batch". Used twice in a step (encoder input and loss target), autograd adds the
+two gradients as for any tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backend import use_triton_for
+from .calls import batch_clean_op, clean_op
+from .canonical import batch_stats_group, check_eps, check_flag, check_pair, check_widths, norm_code, prepare
+from .contract import NORM_BATCH, compute_dtype
+from .module import PreparedColumns
+
+
+def clean_features(
+    features: torch.Tensor,
+    index,
+    mean=None,
+    std=None,
+    *,
+    norm: str = "stats",
+    eps: float = 1e-8,
+    nan_to_num: bool = False,
+    backend: str = "auto",
+    stats_space: Optional[str] = None,
+    sync_stats: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """The normalized kept columns of features, z [B, K] in the features' dtype.
+
+    Args:
+        features: x [B, D], float32 / float16 / bfloat16 (float64 on the reference backend), any strides.
+        index: a bool mask [D] (True = kept) or integer column indices [K] (duplicates allowed): z's columns
+            are the kept ones, in the index's order.
+        mean, std, norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group: as in
+            fusedvq.masked_mse. norm="batch" normalizes with this batch's own column mean and unbiased std
+            (σ < eps → 1) and passes z through nan_to_num; it needs B >= 2 (or sync_stats).
+
+    Every call validates its arguments, values included, which costs one host synchronization on CUDA;
+    FeatureCleaner validates once at construction instead.
+    """
+    norm_id = norm_code(norm)
+    eps, nan_to_num = check_eps(eps), check_flag("nan_to_num", nan_to_num)
+    check_pair(features, None, allow_empty=norm_id == NORM_BATCH and (sync_stats or process_group is not None))
+    use_triton = use_triton_for(backend, features)
+    group = batch_stats_group(norm_id, sync_stats, process_group, features.shape[0])
+    columns, selector, shift, scale = prepare(
+        index, mean, std, features.shape[1], None, norm_id, stats_space, compute_dtype(features.dtype),
+        features.device,
+    )  # fmt: skip
+    check_widths(features, None, columns, selector)
+    if norm_id == NORM_BATCH:
+        return batch_clean_op(features, columns, eps, nan_to_num, use_triton, group)
+    return clean_op(features, columns, shift, scale, nan_to_num, use_triton)
+
+
+class FeatureCleaner(PreparedColumns):
+    """clean_features with the index and statistics prepared once and held as buffers: a call checks only
+    shapes, dtypes and devices (no host synchronization), so a step using it compiles with
+    torch.compile(fullgraph=True) and is captured by CUDA graphs.
+
+    Args:
+        index: bool mask [D] (the VQ-VAE's feature_mask) or integer column indices [K] (then pass
+            num_features=D).
+        mean, std: μ, σ of length D or K; required for norm="stats".
+        num_features, norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group: as in
+            MaskedMSELoss.
+
+    from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
+    """
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, D] → z [B, K], the encoder's input."""
+        columns, use_triton, group = self._prepare_call(features, None)
+        if self.norm_id == NORM_BATCH:
+            return batch_clean_op(features, columns, self.eps, self.nan_to_num, use_triton, group)
+        shift, scale = self._stats_for(features)
+        return clean_op(features, columns, shift, scale, self.nan_to_num, use_triton)
