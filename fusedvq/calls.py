@@ -9,8 +9,8 @@ autograd definition (ops/definition.py) through _Eager, one torch.autograd.Funct
 implementations, the same saved tensors, the same backward, without the dispatcher. Two eager cases take
 the plain composition of reference.py instead, which autograd differentiates like any torch code:
     - torch.func transforms (grad, vmap, ...), and a backward with create_graph=True (double backward);
-    - the CPU loss of norm "none"/"stats" at small B (cpu.use_composed): autograd's C++ backward has the
-      least per-op overhead there, 60 µs against 130 µs a step at B = 4.
+    - the CPU path at small B (cpu.use_composed): autograd's C++ backward has the least per-op overhead
+      there (norm "stats" at B = 4: 60 µs against 130 µs a step).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def batch_mse_op(
               group)
     if not _eager():
         return batch_mse_forward(*inputs)[0]
-    if under_functorch():
+    if under_functorch() or (not use_triton and not group and cpu.use_composed(x, columns.num_kept, batch=True)):
         refuse_synced_higher_order(group, "torch.func transforms")
         return reference.batch_mse_composed(x, target, columns.index, eps, nan_to_num, reduction)
     return _Eager.apply(BATCH_MSE, *inputs)
@@ -114,7 +114,7 @@ def clean_op(
     inputs = (x, columns.index, columns.inv_ptr, columns.inv_k, shift, scale, nan_to_num, use_triton)
     if not _eager():
         return clean_forward(*inputs)
-    if under_functorch():
+    if under_functorch() or (not use_triton and cpu.use_composed(x, columns.num_kept)):
         return reference.clean_composed(x, columns.index, shift, scale, nan_to_num)
     return _Eager.apply(CLEAN, *inputs)
 
@@ -131,7 +131,7 @@ def batch_clean_op(
     inputs = (x, columns.index, columns.inv_ptr, columns.inv_k, eps, nan_to_num, use_triton, group)
     if not _eager():
         return batch_clean_forward(*inputs)[0]
-    if under_functorch():
+    if under_functorch() or (not use_triton and not group and cpu.use_composed(x, columns.num_kept, batch=True)):
         refuse_synced_higher_order(group, "torch.func transforms")
         return reference.batch_clean_composed(x, columns.index, eps, nan_to_num)
     return _Eager.apply(BATCH_CLEAN, *inputs)

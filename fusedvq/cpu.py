@@ -231,12 +231,16 @@ def scatter_columns(
 # its batch-sized temporaries cost more (fresh memory, passes that miss the cache) than the blocked path.
 # Measured, forward+backward at K = 171: composed ahead at B = 1024, even at 2048, blocked ahead above.
 _COMPOSED_MAX_ELEMENTS = 1 << 18
+# norm="batch": its composition has more batch-sized temporaries; measured, composed ahead at B = 4 and 64,
+# blocked ahead from B = 256 on.
+_BATCH_COMPOSED_MAX_ELEMENTS = 1 << 14
 
 
-def use_composed(x: torch.Tensor, num_kept: int) -> bool:
-    """Whether eager calls take reference.masked_mse_composed rather than the blocked path here, for x [B, D]:
-    on the CPU up to _COMPOSED_MAX_ELEMENTS (measured above), always elsewhere."""
-    return x.device.type != "cpu" or x.shape[0] * num_kept <= _COMPOSED_MAX_ELEMENTS
+def use_composed(x: torch.Tensor, num_kept: int, batch: bool = False) -> bool:
+    """Whether eager calls take reference.py's composition rather than the blocked path here, for x [B, D]:
+    on the CPU up to _COMPOSED_MAX_ELEMENTS (norm="batch": _BATCH_COMPOSED_MAX_ELEMENTS), always elsewhere."""
+    limit = _BATCH_COMPOSED_MAX_ELEMENTS if batch else _COMPOSED_MAX_ELEMENTS
+    return x.device.type != "cpu" or x.shape[0] * num_kept <= limit
 
 
 # ------------------------------------------------------------------------------------ clean_features

@@ -157,35 +157,37 @@ def batch_mse_backward(
                 grad_target[rows] = dz.neg()
         return (dz if z_ok is None else dz.mul_(z_ok)), z, x_ok
 
-    if none:
-        sums = _dz_sums(blocks, functools.partial(dz_of, last_pass=False))
+    if none:  # (its one block, when reused, writes grad_target here)
+        sums, first = _dz_sums(blocks, functools.partial(dz_of, last_pass=blocks.B <= blocks.step))
     else:
-        sums = colsums * g
+        sums, first = colsums * g, None
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
-    return _grad_x(blocks, dz_of, stats, sums), grad_target
+    return _grad_x(blocks, dz_of, stats, sums, first), grad_target
 
 
-def _dz_sums(blocks: _Blocks, dz_of) -> torch.Tensor:
-    """(S1, S2) [2, K] = (Σ_b dz, Σ_b dz·z) over the blocks."""
+def _dz_sums(blocks: _Blocks, dz_of):
+    """(S1, S2) [2, K] = (Σ_b dz, Σ_b dz·z) over the blocks, and the one block's (dz, z, x_ok) when there
+    is only one (the gradient pass then reuses it instead of computing it again)."""
     sums = blocks.buf.new_zeros((2, blocks.K))
+    last = None
     for rows in blocks.rows():
-        dz, z, _ = dz_of(rows)
+        dz, z, x_ok = last = dz_of(rows)
         sums[0] += dz.sum(0)
         sums[1] += torch.linalg.vecdot(dz, z, dim=0)
-    return sums
+    return sums, (last if blocks.B <= blocks.step else None)
 
 
-def _grad_x(blocks: _Blocks, dz_of, stats: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+def _grad_x(blocks: _Blocks, dz_of, stats: torch.Tensor, sums: torch.Tensor, first=None) -> torch.Tensor:
     """grad_x [B, D] in x.dtype: (1/σ')·(dz − S1/N − z·S2·w) added into the columns index names, 0 where x
-    was non-finite, block by block."""
+    was non-finite, block by block (first: the one block's (dz, z, x_ok), already computed)."""
     s1n = sums[0] * stats[STAT_INV_N]
     s2w = sums[1] * stats[STAT_W]
     rstd = stats[STAT_RSTD]
     grad_x = torch.empty((blocks.B, blocks.x.shape[1]), dtype=blocks.x.dtype, device=blocks.x.device)
     scatter_buf = None
     for rows in blocks.rows():
-        dz, z, x_ok = dz_of(rows)
+        dz, z, x_ok = first if first is not None else dz_of(rows)
         grad = dz.sub_(s1n).sub_(z.mul_(s2w)).mul_(rstd)
         if x_ok is not None:
             grad.mul_(x_ok)
@@ -232,7 +234,7 @@ def batch_clean_backward(
         dz.copy_(grad_z[rows])
         return (dz if z_ok is None else dz.mul_(z_ok)), z, x_ok
 
-    sums = _dz_sums(blocks, dz_of)
+    sums, first = _dz_sums(blocks, dz_of)
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
-    return _grad_x(blocks, dz_of, stats, sums)
+    return _grad_x(blocks, dz_of, stats, sums, first)

@@ -143,13 +143,16 @@ def batch_normalized_kept(x: torch.Tensor, index: torch.Tensor, eps: float, nan_
     xk = (x.to(cdt) if x.dtype != cdt else x).index_select(1, index)
     if nan_to_num:
         xk = torch.nan_to_num(xk, nan=0.0, posinf=0.0, neginf=0.0)
-    n = xk.shape[0]
-    dev = xk - xk[:1].detach()
-    centered = dev - dev.mean(0)
-    var = centered.square().sum(0) / max(n - 1, 1)
-    flat = (var.detach().sqrt() < eps) | (n < 2)  # σ' = 1, no gradient through σ
-    std = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
-    return torch.nan_to_num(centered / std, nan=0.0, posinf=0.0, neginf=0.0)
+    dev = xk - xk.detach()[0]
+    var, mean = torch.var_mean(dev, 0)  # correction 1
+    if xk.shape[0] < 2:
+        flat = torch.ones_like(var, dtype=torch.bool)
+    else:
+        flat = var.detach().sqrt() < eps  # σ' = 1, no gradient through σ
+    # masked_fill before sqrt: σ' = 1 where flat, and its backward gives var a zero gradient there (a where()
+    # after sqrt would meet sqrt's infinite derivative at var = 0: 0·inf = NaN). sqrt and a division, not
+    # rsqrt: rsqrt's derivative var^-1.5 underflows float32 for σ above about 1e15.
+    return torch.nan_to_num((dev - mean) / var.masked_fill(flat, 1.0).sqrt(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def batch_clean_composed(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool) -> torch.Tensor:
