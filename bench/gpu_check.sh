@@ -7,7 +7,8 @@
 #
 # Prints the GPU and the versions, measures the copy bandwidth, runs the gpu-marked tests (a failure is
 # recorded, not fatal), runs the benchmark matrix, and writes under $OUT (relative to the repository root)
-# env.txt, gpu_tests.txt, bench.json, bench.md, bench.png, profile.txt (where a step's time goes:
+# env.txt, gpu_tests.txt, bench.json, bench.md (the loss alone, and the VQ-led step's clean+mse cases right
+# after the targets'), bench.png, profile.txt (where a step's time goes:
 # bench/profile_step.py) and report.md, the one to read (bench_log.txt too if the benchmark failed);
 # bench/results/README.md says how to commit a run. Ends with a short table.
 #
@@ -123,6 +124,6 @@ echo
 echo "== summary ($OUT/report.md)"
 grep -E '^- (device|gpu-marked|copy)' "$OUT/report.md" || true
 if [ -f "$OUT/bench.md" ]; then
-  awk '/^## /{p = ($0 ~ /^## norm=stats, float32, forward\+backward/)} p' "$OUT/bench.md"
+  awk '/^## /{p = ($0 ~ /^## norm=(stats, float32, forward\+backward|(stats|batch), float32, clean\+mse)/)} p' "$OUT/bench.md"
   sed -n '/^## Targets/,$p' "$OUT/bench.md"
 fi

@@ -36,6 +36,26 @@ def test_matrix_puts_target_cases_first():
     assert all((c.norm, c.dtype, c.mode) == ("stats", "float32", "forward+backward") for c in head)
 
 
+def test_vq_step_cases_follow_the_targets_and_run_checked():
+    cases = fb.matrix((4, 64, 1024), ("float32", "bfloat16"), fb.NORMS, fb.MODES)
+    targets = [c for c in cases if (c.norm, c.dtype, c.mode) == ("stats", "float32", "forward+backward")]
+    after = cases[len(targets) : len(targets) + 4]
+    assert cases[: len(targets)] == targets
+    assert all(c.mode == "clean+mse" and c.dtype == "float32" and c.B in (4, 1024) for c in after)
+    B, D, K = 3, 11, 7
+    e = 4
+    stats = fb.bytes_moved(fb.Case(B, "float32", "stats", "clean+mse", D, K))
+    batch = fb.bytes_moved(fb.Case(B, "float32", "batch", "clean+mse", D, K))
+    # clean: x, z; mse: z, r; its backward: z, r, grad_z, grad_r; clean's backward: grad_z, x, grad_x
+    assert stats == (2 + 2 + 4 + 2) * B * K * e + B * D * e
+    assert batch - stats == 3 * B * K * e  # x once more forward, grad_z and x once more backward
+    for norm in fb.NORMS:  # every provider's value is checked against float64 before it is timed
+        case = fb.Case(4, "float32", norm, "clean+mse", D, K)
+        rows = {row.provider: row for row in fb.run_case(case, ("reference", "eager"), "cpu", 0.01, None)}
+        assert rows["reference"].status == "ok" and rows["eager"].status == "ok", rows
+        assert rows["reference"].ms and rows["eager"].ms
+
+
 def _row(provider, B, ms, **kw):
     return fb.Row(provider, B, fb.D, fb.K, "float32", "stats", "forward+backward", "ok", ms=ms, **kw)
 

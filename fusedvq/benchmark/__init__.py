@@ -6,7 +6,11 @@ Providers (one step = the loss of x [B, D] against r [B, K], then its backward i
     fused      MaskedMSELoss on CUDA tensors (backend "auto"): the Triton kernels
     reference  MaskedMSELoss(backend="reference"): fusedvq's PyTorch path (what runs on the CPU)
     eager      the straightforward fix: F.mse_loss(((x - mean) / std)[:, mask], recon), statistics of all
-               D columns, boolean-mask gather (norm="batch": the batch's mean and std instead)
+               D columns, boolean-mask gather; norm="batch": the motivating project's normalization,
+               nan_to_num → mean → unbiased std (σ < 1e-8 → 1) → normalize → nan_to_num (and fusedvq with
+               nan_to_num=True, the same math)
+Modes: forward and forward+backward of the loss alone; clean+mse, the VQ-led step's loss: z = FeatureCleaner(x)
+(the plain fix: the normalized masked features) and F.mse_loss(recon, z), forward+backward.
     compiled   torch.compile(eager, dynamic=True), compiled once per norm, dtype and device
 
 Timing: for each (B, dtype, norm, mode) the providers take turns, round after round, so the ratios between

@@ -12,7 +12,10 @@ SIZES = (4, 64, 1024, 16384, 65536, 262144)
 QUICK_SIZES = (4, 64, 1024, 16384, 65536)
 DTYPES = ("float32", "bfloat16")
 NORMS = ("stats", "batch")
-MODES = ("forward", "forward+backward")
+# forward / forward+backward: the loss (masked_mse) alone; clean+mse: the VQ-led step's loss, z = the cleaned
+# features (FeatureCleaner) and F.mse_loss(recon, z), forward+backward.
+MODES = ("forward", "forward+backward", "clean+mse")
+VQ_STEP_SIZES = (4, 1024, 65536)  # the clean+mse cases that come right after the targets' in a run
 PROVIDERS = ("fused", "reference", "eager", "compiled")
 SEED = 0
 
@@ -35,13 +38,20 @@ def bytes_moved(case: Case) -> int:
     """The fewest bytes one step must move through memory: each pass reads its inputs once and writes its
     outputs once, and only the K kept columns of x are read. Forward: x's kept columns and r (norm="batch"
     reads x's kept columns twice: the column statistics, then the loss). Backward: x's kept columns and r
-    again, then grad_x [B, D] (zeros in the dropped columns included) and grad_r [B, K]."""
+    again, then grad_x [B, D] (zeros in the dropped columns included) and grad_r [B, K].
+    clean+mse: clean_features reads x's kept columns (twice for norm="batch") and writes z; F.mse_loss reads
+    z and r; its backward reads them again and writes grad_z and grad_r; clean's backward reads grad_z and
+    x's kept columns (both twice for norm="batch": the column sums, then the gradient) and writes grad_x."""
     e = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
     kept = case.B * case.K * e
-    forward = kept * (2 if case.norm == "batch" else 1) + kept + e
+    passes = 2 if case.norm == "batch" else 1
+    grad_x = case.B * case.D * e
+    if case.mode == "clean+mse":
+        return (passes * kept + kept) + 2 * kept + 4 * kept + (2 * passes * kept + grad_x)
+    forward = kept * passes + kept + e
     if case.mode == "forward":
         return forward
-    return forward + 2 * kept + case.B * case.D * e + kept
+    return forward + 2 * kept + grad_x + kept
 
 
 @dataclass

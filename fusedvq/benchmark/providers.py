@@ -19,27 +19,42 @@ class Unavailable(Exception):
     """A provider that cannot run this case here (the message says why)."""
 
 
-def eager_loss(mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, norm: str) -> LossFn:
-    """The fix users write first: normalize all D columns, keep the masked ones, F.mse_loss."""
+def eager_loss(mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, norm: str, mode: str = "") -> LossFn:
+    """The fix users write first: normalize all D columns, keep the masked ones, F.mse_loss (clean+mse: the
+    same normalized features are the target, F.mse_loss(recon, z))."""
     if norm == "stats":
 
-        def eager(x, r):
-            return F.mse_loss(((x - mean) / std)[:, mask], r)
+        def clean(x):
+            return ((x - mean) / std)[:, mask]
 
-    else:
+    else:  # the motivating project's batch normalization (and fusedvq's norm="batch", nan_to_num=True)
 
-        def eager(x, r):
-            return F.mse_loss(((x - x.mean(0)) / x.std(0))[:, mask], r)
+        def clean(x):
+            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            std = x.std(0)
+            z = (x - x.mean(0)) / torch.where(std < 1e-8, torch.ones_like(std), std)
+            return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)[:, mask]
 
-    return eager
+    if mode == "clean+mse":
+        return lambda x, r: F.mse_loss(r, clean(x))
+    return lambda x, r: F.mse_loss(clean(x), r)
 
 
-_compiled: dict[tuple, LossFn] = {}  # (norm, dtype, device, D, K) → the one compiled eager function
+def _fusedvq_loss(case: Case, mask, stats, backend: str) -> LossFn:
+    import fusedvq
+
+    options = {"nan_to_num": True} if case.norm == "batch" else {}  # as the plain fix of norm="batch" does
+    if case.mode == "clean+mse":
+        cleaner = fusedvq.FeatureCleaner(mask, *stats, norm=case.norm, backend=backend, **options)
+        return lambda x, r: F.mse_loss(r, cleaner(x))
+    return fusedvq.MaskedMSELoss(mask, *stats, norm=case.norm, backend=backend, **options)
+
+
+_compiled: dict[tuple, LossFn] = {}  # (norm, clean+mse, dtype, device, D, K) → the one compiled eager function
 
 
 def make_loss(provider: str, case: Case, device: str) -> LossFn:
     """The provider's loss function for this case on this device; raises Unavailable if it cannot run."""
-    import fusedvq
     from fusedvq.backend import triton_importable
 
     mask, mean, std = make_statistics(device, case.D, case.K)
@@ -52,7 +67,7 @@ def make_loss(provider: str, case: Case, device: str) -> LossFn:
         # "auto" is Triton for CUDA tensors once triton imports (checked above), and it is what users get.
         backend = "auto" if provider == "fused" else "reference"
         try:
-            return fusedvq.MaskedMSELoss(mask, *stats, norm=case.norm, backend=backend).to(device)
+            return _fusedvq_loss(case, mask, stats, backend)
         except NotImplementedError as err:
             raise Unavailable(str(err)) from None
     # The straightforward fix holds its statistics in the features' dtype, as the rest of a bfloat16 model
@@ -60,13 +75,13 @@ def make_loss(provider: str, case: Case, device: str) -> LossFn:
     # CUDA backward rejects ("Found dtype BFloat16 but expected Float").
     mean, std = mean.to(getattr(torch, case.dtype)), std.to(getattr(torch, case.dtype))
     if provider == "eager":
-        return eager_loss(mask, mean, std, case.norm)
+        return eager_loss(mask, mean, std, case.norm, case.mode)
     if provider == "compiled":
-        key = (case.norm, case.dtype, device, case.D, case.K)
+        key = (case.norm, case.mode == "clean+mse", case.dtype, device, case.D, case.K)
         if key not in _compiled:
             if not hasattr(torch, "compile"):
                 raise Unavailable("torch.compile is not available in this torch")
-            _compiled[key] = torch.compile(eager_loss(mask, mean, std, case.norm), dynamic=True)
+            _compiled[key] = torch.compile(eager_loss(mask, mean, std, case.norm, case.mode), dynamic=True)
         return _compiled[key]
     raise ValueError(f"unknown provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
 

@@ -84,7 +84,9 @@ def markdown(report: dict) -> str:
         f"D = {rows[0].D if rows else D}, K = {rows[0].K if rows else K}",
         "",
         "Milliseconds per step (median over rounds, providers timed in turns); "
-        f"ratios are the other provider's time over {ours}'s.",
+        f"ratios are the other provider's time over {ours}'s. Modes: forward, forward+backward (the loss "
+        "alone: MaskedMSELoss against the plain fix), clean+mse (the VQ-led step's loss: FeatureCleaner and "
+        "F.mse_loss(recon, z), forward+backward, against the plain fix normalizing once for both).",
     ]
     if meta.get("copy_bandwidth_gbps"):
         lines.append(f"Device copy bandwidth (read + write): {meta['copy_bandwidth_gbps']:.0f} GB/s.")
@@ -137,6 +139,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The plot's legend: which line is fusedvq and which a baseline.
+LEGEND = {
+    "fused": "fusedvq (Triton kernels)",
+    "reference": "fusedvq (PyTorch path)",
+    "eager": "baseline: the plain fix",
+    "compiled": "baseline: torch.compile(plain fix)",
+}
+
+
 def plot(report: dict, path: Path) -> None:
     """Time per step against B, log–log, one line per provider; one panel per (norm, dtype, mode)."""
     import matplotlib
@@ -154,14 +165,16 @@ def plot(report: dict, path: Path) -> None:
             pts = sorted((r.B, r.ms) for r in rows if (r.provider, r.norm, r.dtype, r.mode) ==
                          (provider, norm, dtype, mode) and r.ms)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+                baseline = provider in ("eager", "compiled")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LEGEND.get(provider, provider),
+                        linestyle="--" if baseline else "-", linewidth=1.2 if baseline else 2.2)
         ax.set_xscale("log", base=2)
         sizes = sorted({r.B for r in rows})
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("batch size B")
-        ax.set_ylabel("ms per step")
+        ax.set_ylabel("ms per step (lower is better)")
         ax.set_title(f"norm={norm}, {dtype}, {mode}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -186,8 +199,8 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
 
 def results_section(reports: list[dict], folders: list[str]) -> str:
     """The README's "Results" section from reports (one per device): for each, the device, the command
-    that produced it, the headline table (norm="stats", float32, forward+backward), the targets and the
-    plot; folders[i] is where report i's bench.md and bench.png live, relative to the README."""
+    that produced it, the headline tables (norm="stats", float32, forward+backward; the VQ-led step,
+    clean+mse, float32), the targets and the plot; folders[i] is where report i's bench.md and bench.png live, relative to the README."""
     lines = ["## Results", ""]
     for report, folder in zip(reports, folders):
         meta = report["meta"]
@@ -196,7 +209,8 @@ def results_section(reports: list[dict], folders: list[str]) -> str:
                   f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, triton {meta['triton'] or '–'}"
                   + (f", copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s" if meta.get("copy_bandwidth_gbps")
                      else "") + f". Every table: [{folder}/bench.md]({folder}/bench.md).", ""]
-        for title in ("## norm=stats, float32, forward+backward", "## Targets"):
+        for title in ("## norm=stats, float32, forward+backward", "## norm=batch, float32, clean+mse",
+                      "## norm=stats, float32, clean+mse", "## Targets"):
             start = next((i for i, line in enumerate(md) if line.startswith(title)), None)
             if start is None:
                 continue
