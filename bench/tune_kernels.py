@@ -19,7 +19,7 @@ import torch
 
 from fusedvq import benchmark as fb
 from fusedvq.columns import build_column_map
-from fusedvq.kernels import masked_mse as mm
+from fusedvq.kernels import launchers as mm
 from fusedvq.kernels import settings
 
 WALK_TILES = (2048, 4096, 8192)

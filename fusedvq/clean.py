@@ -19,7 +19,8 @@ import torch
 
 from .backend import use_triton_for
 from .calls import batch_clean_op, clean_op
-from .canonical import batch_stats_group, check_eps, check_flag, check_pair, check_widths, norm_code, prepare
+from .canonical import check_eps, check_flag, norm_code, prepare
+from .checks import batch_stats_group, check_pair, check_widths
 from .contract import NORM_BATCH, compute_dtype
 from .module import PreparedColumns
 

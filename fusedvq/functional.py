@@ -7,9 +7,8 @@ from typing import Optional
 import torch
 
 from .backend import use_triton_for
-from .canonical import (
-    batch_stats_group, check_eps, check_flag, check_pair, check_widths, norm_code, prepare, reduction_code,
-)
+from .canonical import check_eps, check_flag, norm_code, prepare, reduction_code
+from .checks import batch_stats_group, check_pair, check_widths
 from .contract import NORM_BATCH, compute_dtype
 from .calls import batch_mse_op, masked_mse_op
 

@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 from .backend import use_triton_for
-from .canonical import (
-    batch_stats_group, check_eps, check_flag, check_pair, check_widths, norm_code, option_code, prepare,
-    reduction_code,
-)
+from .canonical import check_eps, check_flag, norm_code, option_code, prepare, reduction_code
+from .checks import batch_stats_group, check_pair, check_widths
 from .checkpoint import FeatureSpec, load_feature_spec
 from .columns import ColumnMap
 from .contract import BACKENDS, NORM_BATCH, REDUCTIONS, compute_dtype

@@ -8,6 +8,8 @@ Math (reference.py, section norm="batch", states the same in torch ops), N rows,
               ∂L/∂x̃ = (1/σ')·(dz − S1/N − z·S2·w),  ∂L/∂r = −2·g·diff
               (mean/sum: S = 2g·A with the column sums A = (Σ diff·[z finite], Σ diff·[z finite]·z) that
               the forward writes, so the backward needs no reduction of its own)
+clean_features (CLEAN) takes dz = ∂L/∂z·[z finite] as given and has no r: its forward is launches 1
+and 2 writing z, its backward _dz_sums_kernel then the backward kernel, as reduction "none".
 Launches, for any B:
     forward   1. _column_moments_kernel: per-program Chan-merged (m, M2) of each kept column around the shift
                  c (its first row); the last program merges them in program order and writes stats [5, K]
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .launch import KernelLauncher, cdiv, device_guard
-from .masked_mse import launch_backward, launch_forward
+from .launchers import launch_backward, launch_forward
 from .settings import (
     NORM_BATCH, NORM_BATCH_C, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes, max_programs, num_warps_for,
     scratch, scratch_guard,

@@ -102,7 +102,7 @@ def test_no_host_sync_in_module_forward_backward(norm, reduction):
 @pytest.mark.parametrize("norm", ["stats", "batch"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_direct_launch_matches_tritons_own_launch(norm, reduction, monkeypatch):
-    from fusedvq.kernels import batch_stats, masked_mse
+    from fusedvq.kernels import batch_stats, launchers
 
     x, r, mask, mean, std = _setup(B=1000)
     stats = (mean, std) if norm == "stats" else ()
@@ -117,8 +117,8 @@ def test_direct_launch_matches_tritons_own_launch(norm, reduction, monkeypatch):
 
     step()  # compiles through Triton and caches the compiled kernels
     direct = step()
-    assert masked_mse._FWD.compiled and masked_mse._BWD.compiled
-    for launcher in (masked_mse._FWD, masked_mse._BWD, batch_stats._MOMENTS, batch_stats._DZ_SUMS):
+    assert launchers._FWD.compiled and launchers._BWD.compiled
+    for launcher in (launchers._FWD, launchers._BWD, batch_stats._MOMENTS, batch_stats._DZ_SUMS):
         monkeypatch.setattr(launcher, "direct", False)
     through_triton = step()
     for a, b in zip(direct, through_triton):

@@ -1,0 +1,142 @@
+"""The launchers of masked_mse.py's two kernels, and the entry points of norm "none" / "stats" (the loss and
+clean_features) built on them; batch_stats.py builds norm="batch" on the same launchers.
+
+    launch_forward   grid (min(cdiv(B, BLOCK_B), programs),): the loss (a scalar or [B, K]), or z (clean)
+    launch_backward  grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)): grad_x (and grad_r for the loss)
+Inputs are validated by the caller; every launch runs under the tensors' device and never synchronizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .launch import KernelLauncher, cdiv, device_guard
+from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
+from .settings import (
+    BLOCK_P, NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes,
+    max_programs, num_warps_for, scratch, scratch_guard,
+)
+
+def launch_forward(
+    x: torch.Tensor,  # [B, D], B >= 1
+    target: torch.Tensor,  # [B, K]
+    index: torch.Tensor,  # [K] int64, values in [0, D)
+    shift,  # [K] fp32 μ, or None (norm "none")
+    scale,  # [K] fp32 1/σ, or None
+    norm: int,  # 0 none, 1 stats, 2 batch
+    nan_to_num: bool,
+    reduction: int,  # 0 none, 1 mean, 2 sum
+    colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
+    center=None,  # norm "batch": [K] fp32 m, the batch mean around the shift passed as `shift`
+    clean: bool = False,  # clean_features: out = z [B, K] (target None, reduction none)
+):
+    """(loss [] or [B, K] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs validated by the
+    caller."""
+    B, D = x.shape
+    K = index.shape[0]
+    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
+    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    if shift is None:
+        shift = scale = x  # never read: norm "none"
+    if center is None:
+        center = shift  # never read: norm "none" / "stats"
+    if target is None:
+        target = x  # never read: clean
+    with device_guard(x), scratch_guard(x):
+        if reduction == REDUCTION_NONE:
+            out = torch.empty((B, K), dtype=x.dtype, device=x.device)
+            partial = counter = out  # unused
+        else:
+            out = torch.empty((), dtype=x.dtype, device=x.device)
+            counter, partial = scratch(x, grid[0])
+        if colsums:
+            sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
+            sums_partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
+        else:
+            sums = sums_partial = partial  # unused
+        _FWD[grid](
+            x, target, index, shift, center, scale, out, partial, sums_partial, sums, counter,
+            B, K, D,
+            x.stride(0), x.stride(1), target.stride(0), target.stride(1),
+            1.0 / (B * K) if reduction == REDUCTION_MEAN else 1.0,
+            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, COLSUMS=int(colsums), CLEAN=int(clean),
+            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),
+        )  # fmt: skip
+    return out, (sums if colsums else None)
+
+
+def launch_backward(
+    grad_loss: torch.Tensor,  # [] or [B, K]
+    x: torch.Tensor,  # [B, D], B >= 1
+    target: torch.Tensor,  # [B, K]
+    inv_ptr: torch.Tensor,  # [D+1] int32
+    inv_k: torch.Tensor,  # [K] int32
+    norm: int,  # NORM_NONE, NORM_STATS or NORM_BATCH
+    stats,  # tuple of [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', w, 1/N) batch
+    nan_to_num: bool,
+    reduction: int,
+    sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
+    sums_final: bool = False,
+    clean: bool = False,  # clean_features: grad_loss is ∂L/∂z [B, K], target None, reduction none
+):
+    """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype), both freshly allocated; clean: grad_x."""
+    B, D = x.shape
+    K = inv_k.shape[0]
+    block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
+    grid = (cdiv(B, block_b), cdiv(D, block_d))
+    if norm == NORM_BATCH:
+        shift, center, scale, w, inv_n = stats
+    else:
+        shift, scale = stats if stats else (x, x)  # unused slots: any pointer, never read
+        center = w = inv_n = x
+    sums = x if sums is None else sums
+    g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else (0, 0)
+    with device_guard(x):
+        grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device)
+        if clean:
+            target = grad_target = grad_x  # never read, never written
+        else:
+            grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
+        _BWD[grid](
+            grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums, grad_x, grad_target,
+            B, K, D,
+            x.stride(0), x.stride(1), target.stride(0), target.stride(1), *g_strides,
+            1.0 if clean else 2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0,
+            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, SUMS_FINAL=int(sums_final),
+            CLEAN=int(clean), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b, block_d),
+        )  # fmt: skip
+    return grad_x if clean else (grad_x, grad_target)
+
+
+_FWD = KernelLauncher(_masked_mse_fwd_kernel)
+_BWD = KernelLauncher(_masked_mse_bwd_kernel)
+
+
+def masked_mse_forward(x, target, index, shift, scale, nan_to_num: bool, reduction: int) -> torch.Tensor:
+    """norm "none" (shift = scale = None) or "stats": the loss ([] or [B, K] in x.dtype)."""
+    norm = NORM_NONE if shift is None else NORM_STATS
+    loss, _ = launch_forward(x, target, index, shift, scale, norm, nan_to_num, reduction)
+    return loss
+
+
+def masked_mse_backward(grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_to_num: bool, reduction: int):
+    """norm "none" / "stats": (grad_x [B, D], grad_target [B, K])."""
+    norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
+    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, norm, stats, nan_to_num, reduction)
+
+
+def clean_forward(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
+    """clean_features, norm "none" (shift = scale = None) or "stats": z [B, K] in x.dtype, one launch."""
+    norm = NORM_NONE if shift is None else NORM_STATS
+    if x.shape[0] == 0:
+        return x.new_empty((0, index.shape[0]))
+    z, _ = launch_forward(x, None, index, shift, scale, norm, nan_to_num, REDUCTION_NONE, clean=True)
+    return z
+
+
+def clean_backward(grad_z, x, inv_ptr, inv_k, shift, scale, nan_to_num: bool) -> torch.Tensor:
+    """clean_features, norm "none" / "stats": grad_x [B, D], one launch."""
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape)
+    norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
+    return launch_backward(grad_z, x, None, inv_ptr, inv_k, norm, stats, nan_to_num, REDUCTION_NONE, clean=True)
