@@ -58,7 +58,8 @@ def kernel_specs():
                 "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "out_scale": F32,
             }
-            for clean in (0, 1) if red == 0 else (0,):  # clean_features: reduction "none" only
+            # clean_features (reduction "none" only; fewer live values than the loss): at the motivating shape
+            for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
                 consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, COLSUMS=int(norm == 2 and red != 0),
                               CLEAN=clean, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=settings.BLOCK_P)
                 yield "fwd", mm._masked_mse_fwd_kernel, sig, consts
@@ -72,7 +73,7 @@ def kernel_specs():
             }
             # Batch norm with reduction "none" always gets final sums (S1, S2) from _dz_sums_kernel.
             for sums_final in ((1,) if red == 0 else (0, 1)) if norm == 2 else (0,):
-                for clean in (0, 1) if red == 0 else (0,):
+                for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
                     consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, SUMS_FINAL=sums_final, CLEAN=clean,
                                   BLOCK_B=block_b, BLOCK_D=block_d)
                     yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
@@ -90,7 +91,7 @@ def kernel_specs():
                        "center_ptr": "*fp32", "scale_ptr": "*fp32", "partial_ptr": "*fp32", "sums_ptr": "*fp32", "counter_ptr": "*i32",
                        "B": I32, "K": I32, "D": I32, "stride_gb": I64, "stride_gk": I64, "stride_xb": I64,
                        "stride_xd": I64, "stride_rb": I64, "stride_rk": I64}
-                for clean in (0, 1):
+                for clean in (0, 1) if shapes == SHAPES[1:2] else (0,):
                     yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, CLEAN=clean, **blocks)
 
 
