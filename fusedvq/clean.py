@@ -17,11 +17,9 @@ from typing import Optional
 
 import torch
 
-from .backend import use_triton_for
 from .calls import batch_clean_op, clean_op
-from .canonical import check_eps, check_flag, norm_code, prepare
-from .checks import batch_stats_group, check_pair, check_widths
-from .contract import NORM_BATCH, compute_dtype
+from .contract import NORM_BATCH
+from .functional import prepare_call
 from .module import PreparedColumns
 
 
@@ -52,16 +50,9 @@ def clean_features(
     Every call validates its arguments, values included, which costs one host synchronization on CUDA;
     FeatureCleaner validates once at construction instead.
     """
-    norm_id = norm_code(norm)
-    eps, nan_to_num = check_eps(eps), check_flag("nan_to_num", nan_to_num)
-    check_pair(features, None, allow_empty=norm_id == NORM_BATCH and (sync_stats or process_group is not None))
-    use_triton = use_triton_for(backend, features)
-    group = batch_stats_group(norm_id, sync_stats, process_group, features.shape[0])
-    columns, selector, shift, scale = prepare(
-        index, mean, std, features.shape[1], None, norm_id, stats_space, compute_dtype(features.dtype),
-        features.device,
-    )  # fmt: skip
-    check_widths(features, None, columns, selector)
+    norm_id, eps, nan_to_num, use_triton, group, columns, shift, scale = prepare_call(
+        features, None, index, mean, std, norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group
+    )
     if norm_id == NORM_BATCH:
         return batch_clean_op(features, columns, eps, nan_to_num, use_triton, group)
     return clean_op(features, columns, shift, scale, nan_to_num, use_triton)

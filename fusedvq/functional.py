@@ -60,16 +60,26 @@ def masked_mse(
     torch.compile traces, value checks are skipped (the kernels still never read out of bounds).
     """
     reduction_id = reduction_code(reduction)
+    norm_id, eps, nan_to_num, use_triton, group, columns, shift, scale = prepare_call(
+        features, target, index, mean, std, norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group
+    )
+    if norm_id == NORM_BATCH:
+        return batch_mse_op(features, target, columns, eps, nan_to_num, reduction_id, use_triton, group)
+    return masked_mse_op(features, target, columns, shift, scale, nan_to_num, reduction_id, use_triton)
+
+
+def prepare_call(features, target, index, mean, std, norm, eps, nan_to_num, backend, stats_space, sync_stats,
+                 process_group):
+    """The checks and canonical forms of one masked_mse or clean_features (target None) call:
+    (norm code, eps, nan_to_num, use_triton, group key, ColumnMap, shift, scale)."""
     norm_id = norm_code(norm)
     eps, nan_to_num = check_eps(eps), check_flag("nan_to_num", nan_to_num)
     check_pair(features, target, allow_empty=norm_id == NORM_BATCH and (sync_stats or process_group is not None))
     use_triton = use_triton_for(backend, features)
     group = batch_stats_group(norm_id, sync_stats, process_group, features.shape[0])
     columns, selector, shift, scale = prepare(
-        index, mean, std, features.shape[1], target.shape[1], norm_id, stats_space,
+        index, mean, std, features.shape[1], None if target is None else target.shape[1], norm_id, stats_space,
         compute_dtype(features.dtype), features.device,
     )  # fmt: skip
     check_widths(features, target, columns, selector)
-    if norm_id == NORM_BATCH:
-        return batch_mse_op(features, target, columns, eps, nan_to_num, reduction_id, use_triton, group)
-    return masked_mse_op(features, target, columns, shift, scale, nan_to_num, reduction_id, use_triton)
+    return norm_id, eps, nan_to_num, use_triton, group, columns, shift, scale
