@@ -59,11 +59,7 @@ class _Blocks:
     def normalized(self, rows: slice, stats: torch.Tensor, mr: torch.Tensor):
         """(z [n, K], z_ok or None, x_ok or None): z = nan_to_num((x̃ − c)·(1/σ') − m·(1/σ')), mr = m·(1/σ')."""
         z, x_ok = self.features(rows)
-        z.sub_(stats[STAT_SHIFT]).mul_(stats[STAT_RSTD]).sub_(mr)
-        z_ok = None
-        if not _all_finite(z):
-            z_ok = torch.isfinite(z)
-            z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        z, z_ok = _finite_or_masked(z.sub_(stats[STAT_SHIFT]).mul_(stats[STAT_RSTD]).sub_(mr))
         return z, z_ok, x_ok
 
 
@@ -73,22 +69,45 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum()))
 
 
-def batch_stats(blocks: _Blocks, eps: float, merge_and_finalize=None) -> torch.Tensor:
-    """stats [5, K] = (c, m, 1/σ', w, 1/N) of the kept columns (over all ranks with merge_and_finalize)."""
-    parts, shift = [], None
+def batch_stats(blocks: _Blocks, eps: float, merge_and_finalize=None):
+    """(stats [5, K] = (c, m, 1/σ', w, 1/N) of the kept columns (over all ranks with merge_and_finalize),
+    the one block's x̃ − c − m in the scratch buffer when the batch is one block, else None)."""
+    parts, shift, centered = [], None, None
     for rows in blocks.rows():
         dev, _ = blocks.features(rows)
         if shift is None:
             shift = dev[0].clone()  # the batch's first row: a constant column gives m = M2 = 0 exactly
         mean = dev.sub_(shift).mean(0)
-        parts.append((rows.stop - rows.start, shift, mean, torch.linalg.vecdot(dev.sub_(mean), dev, dim=0)))
+        centered = dev.sub_(mean)
+        parts.append((rows.stop - rows.start, shift, mean, torch.linalg.vecdot(centered, centered, dim=0)))
     if not parts:  # no rows (a rank without data)
         zeros = blocks.buf.new_zeros(blocks.K)
         parts = [(0, zeros, zeros, zeros)]
     count, shift, mean, m2 = parts[0] if len(parts) == 1 else merge_moments(parts, blocks.cdt)
     if merge_and_finalize is not None:
-        return merge_and_finalize(blocks.B, shift, mean, m2)
-    return finalize_batch_stats(count, shift, mean, m2, eps)
+        return merge_and_finalize(blocks.B, shift, mean, m2), None  # the merged m differs from this batch's
+    return finalize_batch_stats(count, shift, mean, m2, eps), (centered if len(parts) == 1 else None)
+
+
+def _z_blocks(blocks: _Blocks, stats: torch.Tensor, centered):
+    """(rows, z, z_ok) of each block: from the moments' own buffer when the batch was one block (z =
+    (x̃ − c − m)·(1/σ'), no second gather), else normalized again."""
+    if centered is not None and blocks.B > 0:
+        z = centered.mul_(stats[STAT_RSTD])
+        yield slice(0, blocks.B), *_finite_or_masked(z)
+        return
+    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    for rows in blocks.rows():
+        z, z_ok, _ = blocks.normalized(rows, stats, mr)
+        yield rows, z, z_ok
+
+
+def _finite_or_masked(z: torch.Tensor):
+    """(z, z_ok): z with its non-finite entries set to 0 and their mask, or (z, None) when all are finite."""
+    if _all_finite(z):
+        return z, None
+    z_ok = torch.isfinite(z)
+    return z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), z_ok
 
 
 def batch_mse_forward(
@@ -103,15 +122,13 @@ def batch_mse_forward(
     """(loss in x.dtype, stats [5, K], column sums A [2, K] = (Σ diff·[z finite], Σ diff·z), or [0, K] for
     reduction "none", whose backward sums with g[b, k] itself), in the compute dtype."""
     blocks = _Blocks(x, index, nan_to_num)
-    stats = batch_stats(blocks, eps, merge_and_finalize)
-    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    stats, centered = batch_stats(blocks, eps, merge_and_finalize)
     K = blocks.K
     none = reduction == REDUCTION_NONE
     loss = torch.empty((blocks.B, K), dtype=x.dtype, device=x.device) if none else None
     colsums = stats.new_zeros((0 if none else 2, K))
     parts, diff_buf = [], torch.empty_like(blocks.buf)
-    for rows in blocks.rows():
-        z, z_ok, _ = blocks.normalized(rows, stats, mr)
+    for rows, z, z_ok in _z_blocks(blocks, stats, centered):
         diff = torch.sub(z, target[rows], out=diff_buf[: z.shape[0]])
         if none:
             loss[rows] = diff.square_()
@@ -207,11 +224,10 @@ def batch_clean_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z [B, K] in x.dtype, stats [5, K] in the compute dtype)."""
     blocks = _Blocks(x, index, nan_to_num)
-    stats = batch_stats(blocks, eps, merge_and_finalize)
-    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    stats, centered = batch_stats(blocks, eps, merge_and_finalize)
     z_out = torch.empty((blocks.B, blocks.K), dtype=x.dtype, device=x.device)
-    for rows in blocks.rows():
-        z_out[rows] = blocks.normalized(rows, stats, mr)[0]
+    for rows, z, _ in _z_blocks(blocks, stats, centered):
+        z_out[rows] = z
     return z_out, stats
 
 

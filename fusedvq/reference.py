@@ -126,6 +126,12 @@ def merge_moments(parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor
 def finalize_batch_stats(count, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
                          eps: float) -> torch.Tensor:
     """stats [5, K] = (c, m, 1/σ', w, 1/N) from N rows' (c, m, M2); count is an int or a 0-d tensor."""
+    if isinstance(count, int):  # this batch's own rows: the scalars on the host, fewer ops (small batches)
+        sigma = torch.sqrt(m2 / max(count - 1, 1))
+        flat = sigma < eps if count >= 2 else torch.ones_like(sigma, dtype=torch.bool)
+        rstd = sigma.reciprocal().masked_fill_(flat, 1.0)
+        w = torch.where(flat, 0.0, 1.0 / max(count - 1, 1)).to(sigma.dtype)
+        return torch.stack([shift, mean, rstd, w, torch.full_like(sigma, 1.0 / max(count, 1))])
     n = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
     sigma = torch.sqrt(m2 / (n - 1).clamp_min(1))
     flat = (sigma < eps) | (n < 2)  # σ' = 1 and no gradient through σ
