@@ -5,33 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
-import torch
 
 from .safe_load import (
     CheckpointError, PathLike, _not_regular, _Problem, read_checkpoint, read_stats_file, resolve_checkpoint,
 )
 
+from .values import CategoryStats, _method_of, _parse_categories, _parse_input_dim, _parse_mask, _parse_stats
+
 STATS_FILE = "normalization_stats.npz"
-# (center, scale) key pairs by normalization method.
-STATS_KEYS = {"standard": ("mean", "std"), "mad": ("median", "mad")}
 
 
 # ---------------------------------------------------------------------------------------------------
 # What the checkpoint declares (lenient: unreadable pieces become problems, not exceptions)
 # ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CategoryStats:
-    """One category's (center, scale): mean/std or median/mad, each [n] float64."""
-
-    center: np.ndarray
-    scale: np.ndarray
-    center_name: str = "mean"
-    scale_name: str = "std"
 
 
 @dataclass
@@ -53,137 +42,6 @@ class Declared:
     @property
     def num_kept(self) -> Optional[int]:
         return int(self.feature_mask.sum()) if self.feature_mask is not None else None
-
-
-# A mask, a category's indices or its statistics hold one entry per column: nested lists of more entries
-# than this are refused before numpy expands them (pickle's memo lets a 2.5 KB file hold a list that
-# references one inner list 10^9 times).
-MAX_LIST_ENTRIES = 1 << 22
-
-
-def _list_entries(value: Any, limit: int, sizes: Optional[dict] = None) -> int:
-    """Leaf entries of nested lists/tuples, each distinct list sized once (shared ones are not walked
-    again), stopping early once past `limit`."""
-    sizes = {} if sizes is None else sizes
-    key = id(value)
-    if key in sizes:
-        return sizes[key]
-    total = 0
-    for item in value:
-        total += _list_entries(item, limit, sizes) if isinstance(item, (list, tuple)) else 1
-        if total > limit:
-            break
-    sizes[key] = total
-    return total
-
-
-def _to_numpy(value: Any, what: str) -> np.ndarray:
-    if isinstance(value, (list, tuple)):
-        try:
-            entries = _list_entries(value, MAX_LIST_ENTRIES)
-        except RecursionError:
-            raise _Problem(f"{what} is a list nested too deeply to be an array of numbers") from None
-        if entries > MAX_LIST_ENTRIES:
-            raise _Problem(f"{what} is a nested list of more than {MAX_LIST_ENTRIES:,} entries, not one entry per "
-                           f"column")
-    try:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-            return (value.double() if value.is_floating_point() else value).numpy()
-        array = np.asarray(value)
-    except Exception:
-        raise _Problem(f"{what} is a {type(value).__name__}, not an array") from None
-    if array.dtype == object:
-        raise _Problem(f"{what} is a {type(value).__name__}, not an array of numbers")
-    return array
-
-
-def _numbers(value: Any, what: str) -> np.ndarray:
-    """A 1-D float64 array (a scalar becomes one entry), or a problem naming what is wrong."""
-    array = _to_numpy(value, what)
-    if array.ndim > 1:
-        raise _Problem(f"{what} must be 1-D, got shape {array.shape}")
-    if array.dtype.kind not in "biuf":
-        raise _Problem(f"{what} must hold real numbers, got {array.dtype}")
-    return array.astype(np.float64).reshape(-1)
-
-
-def _parse_mask(value: Any) -> np.ndarray:
-    mask = _to_numpy(value, "feature_mask")
-    if mask.ndim != 1:
-        raise _Problem(f"feature_mask must be 1-D (one entry per original feature column), got shape {mask.shape}")
-    if mask.dtype != np.bool_:
-        # 0/1 integer masks (e.g. saved as uint8) are masks too; anything else is not.
-        if mask.dtype.kind in "iu" and np.isin(mask, (0, 1)).all():
-            return mask.astype(bool)
-        raise _Problem(
-            f"feature_mask must be a boolean array over the original feature columns, got {mask.dtype} values"
-        )
-    return mask
-
-
-def _parse_input_dim(value: Any) -> int:
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
-        value = value.item()  # a number saved as a 0-d tensor or array
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
-        raise _Problem(f"model_config['input_dim'] is {value!r}, not a positive integer (the decoder's width)")
-    return int(value)
-
-
-def _parse_categories(value: Any) -> dict[str, np.ndarray]:
-    if not isinstance(value, Mapping):
-        raise _Problem(
-            f"group_indices must map category names to lists of column indices, got a {type(value).__name__}"
-        )
-    groups = {}
-    for name, indices in value.items():
-        array = _to_numpy(indices, f"group_indices[{name!r}]").reshape(-1)
-        if array.size and array.dtype.kind not in "iu":
-            raise _Problem(f"category {name!r} lists non-integer column indices ({array.dtype}, e.g. {array[0]!r})")
-        groups[str(name)] = array.astype(np.int64)
-    return groups
-
-
-def _pick_pair(entry: Mapping, what: str, method: Optional[str]) -> CategoryStats:
-    """(center, scale) from a {"mean","std"} / {"median","mad"} mapping, preferring the declared method."""
-    order = [STATS_KEYS[method]] if method in STATS_KEYS else []
-    order += [pair for pair in STATS_KEYS.values() if pair not in order]
-    for center_key, scale_key in order:
-        has_c, has_s = center_key in entry, scale_key in entry
-        if has_c and has_s:
-            center = _numbers(entry[center_key], f"{center_key} in {what}")
-            scale = _numbers(entry[scale_key], f"{scale_key} in {what}")
-            return CategoryStats(center, scale, center_key, scale_key)
-        if has_c != has_s:
-            missing, present = (scale_key, center_key) if has_c else (center_key, scale_key)
-            raise _Problem(f"{what} have {present} but no {missing}")
-    raise _Problem(f"{what} have neither mean/std nor median/mad (keys: {', '.join(map(str, entry)) or 'none'})")
-
-
-def _parse_stats(value: Any, source: str, method: Optional[str]) -> dict[str, CategoryStats]:
-    """{category: CategoryStats} from in-file normalization_stats or a parsed .npz."""
-    if not isinstance(value, Mapping):
-        raise _Problem(f"{source} must map categories to statistics, got a {type(value).__name__}")
-    flat_keys = {k for pair in STATS_KEYS.values() for k in pair}
-    if value and set(map(str, value)) <= flat_keys and not any(isinstance(v, Mapping) for v in value.values()):
-        # {"mean": [...], "std": [...]}: one set of statistics over all (kept or original) columns.
-        return {"": _pick_pair(value, f"the statistics in {source}", method)}
-    out = {}
-    for name, entry in value.items():
-        what = f"the statistics for category {str(name)!r} in {source}"
-        if not isinstance(entry, Mapping):
-            # A trusted NormalizationStats-like object with attributes.
-            entry = {k: getattr(entry, k) for k in flat_keys if hasattr(entry, k)} or entry
-        if not isinstance(entry, Mapping):
-            raise _Problem(f"{what} are a {type(entry).__name__}, not a mapping with mean/std or median/mad")
-        out[str(name)] = _pick_pair(entry, what, method)
-    return out
-
-
-def _method_of(stats: dict[str, CategoryStats], declared: Optional[str]) -> Optional[str]:
-    """"standard" or "mad" from the keys actually used; the declared method only when they are mixed."""
-    names = {s.center_name for s in stats.values()}
-    return "mad" if names == {"median"} else "standard" if names == {"mean"} else declared
 
 
 def _stats_files(file: Path) -> list[Path]:

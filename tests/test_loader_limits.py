@@ -126,7 +126,7 @@ def test_feature_mask_of_shared_nested_lists_is_refused(tmp_path):
 def test_feature_mask_nested_too_deeply_is_a_problem():
     """A pickle loads lists of any depth without recursion; fusedvq's sizing of them must not overflow
     Python's stack either (torch.save cannot write one this deep, so the list is handed over directly)."""
-    from fusedvq.declare import _parse_mask
+    from fusedvq.values import _parse_mask
     from fusedvq.safe_load import _Problem
 
     deep = [True]
