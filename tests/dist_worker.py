@@ -1,5 +1,6 @@
 """One rank of the 2-process gloo test (tests/test_distributed.py): DDP on a tiny model whose features go
-through masked_mse(norm="batch", sync_stats=True) with this rank's shard of a shared batch."""
+through masked_mse(norm="batch", sync_stats=True), or clean_features(..., sync_stats=True) and F.mse_loss
+("clean"), with this rank's shard of a shared batch."""
 
 from __future__ import annotations
 
@@ -37,9 +38,13 @@ def main(rank: int, world: int, init_file: str, out_file: str, shards: str, back
     start = sum(sizes[:rank])
     rows = slice(start, start + sizes[rank])
     ddp = DistributedDataParallel(model)
-    loss = fusedvq.masked_mse(ddp(inputs[rows]), recon[rows], index, norm="batch", sync_stats=True,
-                              reduction=reduction, backend=backend)
-    loss = loss if reduction != "none" else loss.sum()
+    if reduction == "clean":  # the VQ-led form: clean_features over all ranks' rows, then F.mse_loss
+        z = fusedvq.clean_features(ddp(inputs[rows]), index, norm="batch", sync_stats=True, backend=backend)
+        loss = torch.nn.functional.mse_loss(z, recon[rows])
+    else:
+        loss = fusedvq.masked_mse(ddp(inputs[rows]), recon[rows], index, norm="batch", sync_stats=True,
+                                  reduction=reduction, backend=backend)
+        loss = loss if reduction != "none" else loss.sum()
     loss.backward()
     if rank == 0:
         torch.save({"weight": model.weight.grad, "bias": model.bias.grad}, out_file)
