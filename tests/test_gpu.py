@@ -123,3 +123,66 @@ def test_direct_launch_matches_tritons_own_launch(norm, reduction, monkeypatch):
     through_triton = step()
     for a, b in zip(direct, through_triton):
         assert torch.equal(a, b)
+
+
+def _clean_oracle(x, r, columns, mean, std, norm, grad):
+    """float64 CPU composition of the VQ-led loss F.mse_loss(r, z): (loss, grad_x, grad_r)."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    r64 = r.detach().double().cpu().requires_grad_()
+    if norm == "stats":
+        z = (x64 - mean.double()) / std.double()
+    else:
+        z = (x64 - x64.mean(0)) / x64.std(0)
+    loss = F.mse_loss(r64, z[:, columns])
+    loss.backward(torch.as_tensor(grad, dtype=torch.float64))
+    return loss.detach(), x64.grad, r64.grad
+
+
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_feature_cleaner_cuda_graph_capture_and_replay(norm):
+    x, r, columns, mean, std = _setup(mask=False, duplicates=True)
+    stats = (mean, std) if norm == "stats" else ()
+    cleaner = fusedvq.FeatureCleaner(columns, *stats, num_features=187, norm=norm).cuda()
+    x_static = x.clone().requires_grad_()
+    r_static = r.clone().requires_grad_()
+    grad_static = torch.full((), 0.75, device="cuda")
+
+    def step():
+        F.mse_loss(r_static, cleaner(x_static)).backward(grad_static)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile the kernels before capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    x_static.grad = r_static.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_static = F.mse_loss(r_static, cleaner(x_static))
+        loss_static.backward(grad_static)
+    for _ in range(3):
+        new_x, new_r = torch.randn_like(x), torch.randn_like(r)
+        with torch.no_grad():
+            x_static.copy_(new_x)
+            r_static.copy_(new_r)
+        graph.replay()
+        torch.cuda.synchronize()
+        want, want_gx, want_gr = _clean_oracle(new_x, new_r, columns, mean, std, norm, 0.75)
+        assert rel_err(loss_static, want) <= 1e-5
+        assert rel_err(x_static.grad, want_gx) <= 1e-5
+        assert rel_err(r_static.grad, want_gr) <= 1e-5
+
+
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_no_host_sync_in_feature_cleaner(norm):
+    x, r, mask, mean, std = _setup()
+    stats = (mean, std) if norm == "stats" else ()
+    cleaner = fusedvq.FeatureCleaner(mask, *stats, norm=norm, nan_to_num=True).cuda()
+    x.requires_grad_()
+    F.mse_loss(r, cleaner(x)).backward()  # warm-up (compiles the kernels)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        F.mse_loss(r, cleaner(x)).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
