@@ -112,14 +112,6 @@ def _total(parts: list[torch.Tensor], numel: int, reduction: int, like: torch.Te
     return total / numel if reduction == REDUCTION_MEAN else total
 
 
-def _reduce_squares(diff: torch.Tensor, reduction: int) -> torch.Tensor:
-    if reduction == REDUCTION_NONE:
-        return diff.square()
-    step = _block_rows(diff, diff.shape[1])
-    parts = [p for start in range(0, diff.shape[0], step) for p in _dots(diff[start : start + step])]
-    return _total(parts, diff.numel(), reduction, diff)
-
-
 def masked_mse_backward(
     grad_loss: torch.Tensor,  # [] or [B, K] (reduction="none")
     diff: torch.Tensor,  # [B, K] compute dtype, from the forward (overwritten when overwrite_diff)

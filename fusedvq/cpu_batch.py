@@ -11,7 +11,8 @@ for the backward, which recomputes z from x block by block (as the kernels do).
     backward  mean/sum: one pass (S = 2g·A); reduction "none" and clean_features: a pass for S, then one
               for the gradients
 Blocks hold NaN/Inf only where the data does: a block whose sum is finite has no non-finite entry (NaN and
-±Inf propagate into a sum), so the finite masks are built only for blocks that need them.
+±Inf propagate into a sum), so on the CPU the finite masks are built only for blocks that need them; on
+other devices (backend="reference" on CUDA) always, since asking would synchronize with the host.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ class _Blocks:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry is finite, from one sum: NaN and ±Inf propagate into it, and a sum that overflows
-    only sends the caller down the exact path with masks."""
-    return bool(torch.isfinite(t.sum()))
+    """Whether every entry is known finite, from one sum: NaN and ±Inf propagate into it, and a sum that
+    overflows only sends the caller down the exact path with masks. Off the CPU (the reference path on CUDA
+    tensors) the answer would cost a host synchronization, so it is "not known" and the masks are built."""
+    return t.device.type == "cpu" and bool(torch.isfinite(t.sum()))
 
 
 def batch_stats(blocks: _Blocks, eps: float, merge_and_finalize=None):

@@ -93,18 +93,6 @@ STAT_SHIFT, STAT_MEAN, STAT_RSTD, STAT_W, STAT_INV_N = range(5)
 NUM_STATS = 5
 
 
-def column_moments(xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(shift c [K], m [K], M2 [K]) of xk [B, K] over its rows: c = the first row, m = mean(xk − c),
-    M2 = Σ (xk − c − m)²; zeros for B = 0."""
-    if xk.shape[0] == 0:
-        zeros = xk.new_zeros(xk.shape[1])
-        return zeros, zeros.clone(), zeros.clone()
-    shift = xk[0].clone()
-    dev = xk - shift
-    mean = dev.mean(0)
-    return shift, mean, dev.sub_(mean).square_().sum(0)
-
-
 def merge_moments(parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, c, m, M2) over several parts [(count, c, m, M2), ...] (e.g. one per rank), merged in float64 with
     Chan's formula around the shift of the first part that has rows, so that a column constant over all

@@ -300,3 +300,19 @@ def test_from_checkpoint_matches_explicit_statistics(tmp_path):
     assert rel_err(cleaner(x.float()), want) <= 1e-6
     batch = fusedvq.FeatureCleaner.from_checkpoint(path, norm="batch")
     assert batch.num_kept == parts.K and batch.num_features == parts.D
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("B", [37, 3000])  # the small-batch composition, and the blocked path
+def test_batch_huge_values_float32(backend_device, B):
+    """Values of both signs whose squared deviations sum to near float32's top (Σ(x − μ)² ≈ 4e37–7e37),
+    NaN/Inf with nan_to_num: z and its gradient finite and exact. (Beyond 3.4e38 the float32 M2 overflows
+    on every backend: σ = inf, z = 0.)"""
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu":
+        B = min(B, 259)  # the interpreter is slow
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, 6, generator=g) * (1e18 if B < 100 else 1.5e17)
+    x[3, 1], x[7, 2], x[0, 4] = float("nan"), float("inf"), float("-inf")
+    everything = torch.ones(6, dtype=torch.bool)
+    check_clean(backend, device, x, everything, None, None, "batch", nan_to_num=True)
