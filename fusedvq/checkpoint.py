@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 
 from .declare import CategoryStats, Declared, assemble_stats, declare
+from .layout import HybridLayout
+from .parts import declare_parts
 from .diagnose import diagnose, find_problems
 from .safe_load import (  # the readers are re-exported as part of this module's API
     CheckpointError,
@@ -62,6 +64,19 @@ class FeatureSpec:
     method: Optional[str]  # "standard" (mean/std) | "mad" (median/mad) | None
     stats_source: Optional[str]
     feature_names: Optional[list] = None
+    hybrid: Optional[HybridLayout] = None  # a hybrid VQ-VAE's embedding columns among the decoder's
+
+    @property
+    def recon_columns(self) -> torch.Tensor:
+        """[K] int64: the decoder column that reconstructs each kept feature column (arange(K) unless hybrid)."""
+        if self.hybrid is None:
+            return torch.arange(self.num_kept)
+        return torch.from_numpy(self.hybrid.recon_columns())
+
+    @property
+    def embedding_columns(self) -> range:
+        """The decoder columns that reconstruct no extracted feature (a hybrid's embeddings; empty otherwise)."""
+        return self.hybrid.embedding_columns() if self.hybrid is not None else range(self.input_dim, self.input_dim)
 
     @property
     def num_features(self) -> int:
@@ -83,28 +98,40 @@ class FeatureSpec:
         return dict(mean=self.mean, std=self.std, stats_space="masked")
 
 
-def load_feature_spec(path: PathLike, *, num_features: Optional[int] = None, trust: bool = False,
-                      stats: Optional[PathLike] = None, require_stats: bool = True) -> FeatureSpec:
-    """Mask, index, D, K, decoder input_dim, categories and masked-space μ, σ from a checkpoint (file or folder).
+def load_feature_spec(path: Optional[PathLike] = None, *, num_features: Optional[int] = None, trust: bool = False,
+                      stats=None, require_stats: bool = True, feature_mask=None,
+                      group_indices=None) -> FeatureSpec:
+    """Mask, index, D, K, decoder input_dim, categories and masked-space μ, σ from a checkpoint (file or
+    folder), or from the pieces themselves.
 
-    num_features: the extractor's width, checked against the mask. stats: see `declare`. require_stats=False
-    reads neither group_indices nor statistics (for norm="none" / "batch"). Raises CheckpointError listing
-    every problem (the same sentences `fusedvq check` prints).
+    path: the checkpoint. num_features: the extractor's width, checked against the mask. stats: None (the
+    checkpoint's own, else normalization_stats.npz beside it), "checkpoint", or an .npz path; without a
+    path also {category: {"mean","std"}} arrays. require_stats=False reads neither group_indices nor
+    statistics (for norm="none" / "batch").
+    feature_mask, group_indices: without a path, the spec is built from them and `stats` (e.g. a
+    normalization_stats.npz on its own): mask [D] bool, {category: kept-column indices}.
+    Raises CheckpointError listing every problem (the same sentences `fusedvq check` prints).
     """
-    decl = declare(path, trust=trust, stats=stats, need_stats=require_stats)
+    if path is None:
+        decl = declare_parts(feature_mask, group_indices, stats, need_stats=require_stats)
+    elif feature_mask is not None or group_indices is not None:
+        raise ValueError("pass either a checkpoint path or feature_mask / group_indices, not both")
+    else:
+        decl = declare(path, trust=trust, stats=stats, need_stats=require_stats)
     problems = find_problems(decl, num_features, need_stats=require_stats)
     if problems:
         raise CheckpointError(problems, decl.path)
     mask = torch.from_numpy(decl.feature_mask.copy())
     mean = std = None
     if require_stats:
-        mu, sigma = assemble_stats(decl.stats, decl.categories, decl.input_dim, decl.feature_mask)
+        mu, sigma = assemble_stats(decl.stats, decl.categories, decl.num_kept, decl.feature_mask)
         mean, std = torch.from_numpy(mu), torch.from_numpy(sigma)
     categories = {name: tuple(int(i) for i in idx) for name, idx in (decl.categories or {}).items()}
     return FeatureSpec(
         path=decl.path, feature_mask=mask, index=mask.nonzero().squeeze(1), input_dim=decl.input_dim,
         categories=categories, mean=mean, std=std, method=decl.method if require_stats else None,
         stats_source=decl.stats_source if require_stats else None, feature_names=decl.feature_names,
+        hybrid=decl.hybrid,
     )  # fmt: skip
 
 

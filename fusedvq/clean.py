@@ -73,6 +73,29 @@ class FeatureCleaner(PreparedColumns):
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
 
+    hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
+
+    @classmethod
+    def from_spec(cls, spec, *, norm: str = "stats", **options) -> "FeatureCleaner":
+        """The cleaner for a FeatureSpec. For a hybrid VQ-VAE (spec.hybrid) z holds the K feature columns;
+        `combine(z, embeddings)` builds the encoder's K + c input, and `recon_columns` says which decoder
+        columns reconstruct z (the c others are the embeddings, left to the caller)."""
+        cleaner = super().from_spec(spec, norm=norm, **options)
+        cleaner.hybrid = spec.hybrid
+        cleaner.register_buffer("recon_columns", spec.recon_columns.to(cleaner.index.device), persistent=False)
+        return cleaner
+
+    def combine(self, z: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Hybrid: the encoder's input [B, K + c], z's columns with the c embedding columns inserted at the
+        decoder's first embedding column (what the hybrid model does with its initial encoder's output)."""
+        if self.hybrid is None:
+            raise ValueError("combine() is for hybrid VQ-VAEs; this cleaner's VQ-VAE has no embedding columns")
+        p, c = self.hybrid.first_embedding, self.hybrid.num_embedding
+        if embeddings.dim() != 2 or embeddings.shape[1] != c or embeddings.shape[0] != z.shape[0]:
+            raise ValueError(f"embeddings must be [{z.shape[0]}, {c}] (the initial encoder's output), got "
+                             f"{list(embeddings.shape)}")
+        return torch.cat([z[:, :p], embeddings.to(z.dtype), z[:, p:]], dim=1)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""
         columns, use_triton, group = self._prepare_call(features, None)

@@ -125,7 +125,8 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
         return 1
     kept = decl.num_kept
     fit = f"a {features}-column extractor" if features else f"a {decl.feature_mask.shape[0]}-column extractor"
-    say(f"ok: consistent; {fit} fits ({kept} kept columns, decoder input_dim {decl.input_dim})")
+    hybrid = f", {decl.hybrid.num_embedding} of them embedding columns" if decl.hybrid is not None else ""
+    say(f"ok: consistent; {fit} fits ({kept} kept columns, decoder input_dim {decl.input_dim}{hybrid})")
     if features is None:
         say("  (pass --features D to check the width of your extractor's output too)")
     return 0
@@ -140,6 +141,8 @@ def printable(text: str) -> str:
 def _summary(decl, problems: list[str], features: Optional[int]) -> str:
     """The closing line: what kind of problems were found, not a guess that the widths differ."""
     noun = "problem" if len(problems) == 1 else "problems"
+    if decl is not None and decl.stats_only:
+        return f"{len(problems)} {noun}: {decl.path.name} is a statistics file; the loss needs a mask and group indices too"
     if decl is None or (decl.feature_mask is None and decl.input_dim is None and decl.categories is None):
         return f"{len(problems)} {noun}: no checkpoint could be read at {decl.path if decl else 'that path'}"
     kinds = []
@@ -155,7 +158,16 @@ def _summary(decl, problems: list[str], features: Optional[int]) -> str:
 
 def _describe(decl, features: Optional[int], norm: str, say) -> None:
     """The declared facts, one per line; unknown pieces say so."""
+    if decl.stats_only:
+        from .parts import describe_stats
+
+        say(f"statistics file {decl.path}")
+        say(f"holds           {describe_stats(decl.stats, decl.method)}")
+        say("lacks           feature_mask and group_indices (they are in the VQ-VAE checkpoint)")
+        return
     say(f"checkpoint      {decl.path}")
+    if decl.feature_mask is None and decl.input_dim is None and decl.categories is None and decl.stats is None:
+        return  # nothing could be read: the errors say why
     mask = decl.feature_mask
     if mask is not None:
         kept = int(mask.sum())
@@ -163,6 +175,7 @@ def _describe(decl, features: Optional[int], norm: str, say) -> None:
     else:
         say("feature_mask    (missing or unreadable)")
     say(f"decoder         input_dim {decl.input_dim if decl.input_dim is not None else 'unknown'}")
+    _describe_hybrid(decl, say)
     if decl.categories is not None:
         total = sum(idx.size for idx in decl.categories.values())
         say(f"categories      {len(decl.categories)}, listing {total} kept columns")
@@ -185,6 +198,25 @@ def _describe(decl, features: Optional[int], norm: str, say) -> None:
         say(f"feature_names   {len(decl.feature_names)}")
     say(f"extractor       {features} columns (--features)" if features is not None
         else "extractor       width not given (--features D)")
+
+
+def _describe_hybrid(decl, say) -> None:
+    """A hybrid VQ-VAE's layout in a few lines: which decoder columns are features, which embeddings."""
+    layout = decl.hybrid
+    if layout is None:
+        if decl.clues.is_hybrid:
+            say(f"hybrid          yes ({decl.clues.evidence()}); layout not derived (see below)")
+        return
+    p, c, K = layout.first_embedding, layout.num_embedding, layout.num_kept
+    initial = f"the {layout.family!r} family's" if layout.family else "the initial family's"
+    count = f" {layout.num_initial}" if layout.num_initial else ""
+    say(f"hybrid          yes ({decl.clues.evidence()}): an initial encoder adds {c} embedding columns")
+    say(f"  feature cols  decoder 0..{p - 1} = kept 0..{p - 1} (up to and including {initial}{count} columns)"
+        if p else "  feature cols  none before the embedding columns")
+    say(f"  embeddings    decoder {p}..{p + c - 1} ({c} columns, not extracted features: left to the caller)")
+    if p < K:
+        say(f"  feature cols  decoder {p + c}..{K + c - 1} = kept {p}..{K - 1}")
+    say(f"  derived from  {layout.source}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,16 +3,19 @@ sentence (Declared.problems), never an exception. checkpoint.py documents the fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
 
 from .safe_load import (
-    CheckpointError, PathLike, _not_regular, _Problem, read_checkpoint, read_stats_file, resolve_checkpoint,
+    CheckpointError, PathLike, _not_regular, read_checkpoint, resolve_checkpoint,
 )
 
+from .declared import Declared, _attempt
+from .hybrid import declare_hybrid
+from .layout import hybrid_clues
+from .parts import _read_npz_stats, declare_stats_only, is_stats_file
 from .values import CategoryStats, _method_of, _parse_categories, _parse_input_dim, _parse_mask, _parse_stats
 
 STATS_FILE = "normalization_stats.npz"
@@ -21,27 +24,6 @@ STATS_FILE = "normalization_stats.npz"
 # ---------------------------------------------------------------------------------------------------
 # What the checkpoint declares (lenient: unreadable pieces become problems, not exceptions)
 # ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Declared:
-    """What a checkpoint says, read leniently; None where a piece is missing or unreadable."""
-
-    path: Path
-    feature_mask: Optional[np.ndarray] = None  # [D0] bool
-    input_dim: Optional[int] = None  # K, the decoder's width
-    categories: Optional[dict[str, np.ndarray]] = None  # category → int64 kept-column indices
-    stats: Optional[dict[str, CategoryStats]] = None  # category ("" = all columns) → stats
-    method: Optional[str] = None  # "standard" | "mad"
-    stats_source: Optional[str] = None  # where the stats came from, in words
-    other_stats: Optional[dict[str, CategoryStats]] = None  # the stats file beside, when both exist
-    other_source: Optional[str] = None
-    feature_names: Optional[list] = None
-    problems: list[str] = field(default_factory=list)  # pieces that could not be read
-
-    @property
-    def num_kept(self) -> Optional[int]:
-        return int(self.feature_mask.sum()) if self.feature_mask is not None else None
 
 
 def _stats_files(file: Path) -> list[Path]:
@@ -62,19 +44,19 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
     bad file; a file that cannot be read at all gives a Declared with one problem.
     """
     decl = Declared(path=Path(path))
+    attempt = _attempt(decl)
     try:
         decl.path = resolve_checkpoint(path)
+        if is_stats_file(decl.path):
+            return declare_stats_only(decl, attempt)
         data = read_checkpoint(decl.path, trust=trust)
     except CheckpointError as err:
         decl.problems += err.problems
+        lone = sorted(Path(path).glob("normalization_stats*.npz")) if Path(path).is_dir() else []
+        if len(lone) == 1 and lone[0].is_file():  # a folder holding only statistics: say what they are
+            decl.path = lone[0]
+            declare_stats_only(decl, attempt)
         return decl
-
-    def attempt(fn, *args):
-        try:
-            return fn(*args)
-        except _Problem as p:
-            decl.problems.append(str(p))
-            return None
 
     if "feature_mask" in data and data["feature_mask"] is not None:
         decl.feature_mask = attempt(_parse_mask, data["feature_mask"])
@@ -103,14 +85,12 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
         )
     names = data.get("feature_names")
     decl.feature_names = list(names) if isinstance(names, (list, tuple)) else None
+    decl.clues = hybrid_clues(data)
+    if decl.clues.is_hybrid:
+        declare_hybrid(decl, data, attempt, need_stats)
     if need_stats:
         _declare_stats(decl, data, stats, attempt)
     return decl
-
-
-def _read_npz_stats(path: Path, where: str) -> tuple[dict[str, CategoryStats], Optional[str]]:
-    raw, method = read_stats_file(path)
-    return _parse_stats(raw, where, method), method
 
 
 def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attempt) -> None:

@@ -31,21 +31,23 @@ def find_problems(decl: Declared, num_features: Optional[int] = None, *, need_st
     if mask is not None:
         kept = int(mask.sum())
         if num_features is not None and mask.shape[0] != num_features:
-            problems.append(
-                f"feature_mask has {mask.shape[0]} entries (the original feature width) but the extractor gives "
-                f"{num_features} columns: the VQ-VAE's mask was made for {mask.shape[0]}-column features"
-            )
+            problems.append(_width_problem(mask, num_features))
         if kept == 0:
             problems.append(f"feature_mask keeps none of its {mask.shape[0]} columns")
-        elif decl.input_dim is not None and kept != decl.input_dim:
+        elif decl.input_dim is not None and kept != decl.input_dim and not decl.clues.is_hybrid:
             problems.append(
                 f"feature_mask keeps {kept} of {mask.shape[0]} columns but the decoder's input_dim is "
                 f"{decl.input_dim}: the decoder would reconstruct {decl.input_dim} columns, not {kept}"
+                + (" (a hybrid VQ-VAE's initial encoder would add the difference as embedding columns, but this "
+                   "checkpoint holds no initial-encoder weights and no family encoded by initial_hybrid)"
+                   if kept < decl.input_dim else "")
             )
     if not need_stats:
         return problems
-    # Kept-column space: the decoder's width when declared, else what the mask keeps.
+    # Kept-column space: the decoder's width when declared (a hybrid's kept columns), else what the mask keeps.
     K = decl.input_dim if decl.input_dim is not None else (int(mask.sum()) if mask is not None else None)
+    if decl.hybrid is not None:
+        K = decl.hybrid.num_kept
     if decl.categories is not None and K is not None:
         problems += _group_problems(decl.categories, K)
     if decl.stats is not None:
@@ -53,6 +55,22 @@ def find_problems(decl: Declared, num_features: Optional[int] = None, *, need_st
         if decl.other_stats is not None and not problems:
             problems += _agreement_problems(decl)
     return problems
+
+
+def _width_problem(mask: np.ndarray, num_features: int) -> str:
+    """The mask and the extractor disagree about the feature width: both numbers, and what would fit."""
+    D0, kept = mask.shape[0], int(mask.sum())
+    text = (f"feature_mask has {D0} entries (the original feature width) but the extractor gives {num_features} "
+            f"columns: the VQ-VAE's mask was made for {D0}-column features")
+    if num_features > D0:
+        return text + f"; pass the {D0} columns it was trained on, in that order"
+    beyond = int(mask[num_features:].sum())
+    if beyond:
+        return text + (f", and {beyond} of its {kept} kept columns lie at or beyond column {num_features}, so "
+                       f"no {num_features}-column extractor fits: it must give all {D0} columns, in the order the "
+                       f"VQ-VAE was trained on")
+    return text + (f"; all {kept} kept columns lie in the first {num_features}, so if the extractor's columns are "
+                   f"the first {num_features} of those {D0}, in order, pass feature_mask[:{num_features}]")
 
 
 def _group_problems(groups: dict[str, np.ndarray], K: int) -> list[str]:
@@ -172,7 +190,7 @@ def _value_problems(name: str, s: CategoryStats, idx: Optional[np.ndarray], sour
 
 def _agreement_problems(decl: Declared) -> list[str]:
     """The checkpoint's own statistics and the .npz beside it must say the same thing."""
-    K = decl.input_dim or decl.num_kept
+    K = decl.hybrid.num_kept if decl.hybrid is not None else (decl.input_dim or decl.num_kept)
     try:
         mine = assemble_stats(decl.stats, decl.categories, K, decl.feature_mask)
         theirs = assemble_stats(decl.other_stats, decl.categories, K, decl.feature_mask)

@@ -8,6 +8,7 @@ import pickletools
 import re
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,8 +33,9 @@ def _numpy_safe_globals() -> list:
     return allowed
 
 
-def _pickled_globals(path: Path, error: BaseException) -> list[str]:
-    """Names of the non-allow-listed globals a file references, found without running any of it."""
+def _pickled_globals(path: Path, error: Optional[BaseException] = None) -> list[str]:
+    """Names of the globals a file references that neither torch nor the numpy list allows, found without
+    running any of it: from a zip checkpoint's records, a raw pickle's opcodes, and the loader's error."""
     allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _numpy_safe_globals()}
     allowed |= _torch_allowed_globals()
     names: list[str] = []
@@ -44,9 +46,10 @@ def _pickled_globals(path: Path, error: BaseException) -> list[str]:
             names = []
     else:
         names = _raw_pickle_globals(path)
+    if error is not None:
         names += re.findall(r"GLOBAL ([\w.]+)", str(error))
-    found = {n for n in names if n not in allowed and not n.startswith("torch.")}
-    # The error text names globals without their module ("getattr"); keep the qualified spelling.
+    found = {n for n in names if n not in allowed}
+    # The error text names builtins without their module ("getattr"); keep the qualified spelling.
     return sorted(n for n in found if "." in n or not any(m.endswith("." + n) for m in found))
 
 

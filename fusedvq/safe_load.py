@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from .foreign import ForeignCallRefused, refusal, stand_ins
 from .pickled import _numpy_safe_globals, _pickled_globals
 
 PathLike = Union[str, Path]
@@ -117,6 +118,13 @@ def resolve_checkpoint(path: PathLike) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
+        stats = sorted(p.name for p in path.glob("normalization_stats*.npz") if p.is_file())
+        if stats:
+            raise CheckpointError([
+                f"the folder {path} holds no checkpoint (no .pt or .pth file), only the statistics file "
+                f"{stats[0]}{f' (and {len(stats) - 1} more)' if len(stats) > 1 else ''}; pass the VQ-VAE "
+                f"checkpoint it was saved with"
+            ])
         raise CheckpointError([f"the folder {path} holds no checkpoint (no .pt or .pth file)"])
     names = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
     raise CheckpointError([
@@ -144,29 +152,61 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
         except Exception as err:
             raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
     else:
-        try:
-            with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals()):
-                warnings.simplefilter("ignore")  # torch's notes about pickle protocols are noise here
-                data = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            unsafe = _pickled_globals(file, err)
-            if "ObjectDType" in str(err) or (unsafe and all("ObjectDType" in n for n in unsafe)):
-                raise CheckpointError([
-                    f"{file} was not loaded: it holds a numpy array of dtype object, whose elements are "
-                    f"arbitrary pickled Python objects that could run code when loaded; save numeric arrays "
-                    f"instead, or pass trust=True (CLI: --trust) if you trust the file's source"
-                ]) from None
-            if unsafe:
-                shown = ", ".join(unsafe[:5]) + (f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else "")
-                raise CheckpointError([
-                    f"{file} was not loaded: it contains pickled Python objects ({shown}) that could run code "
-                    f"when loaded; only tensors, numbers, strings, lists, dicts and numpy arrays are loaded by "
-                    f"default. If you trust the file's source, pass trust=True (CLI: --trust)"
-                ]) from None
-            raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
+        data = _load_inertly(file)
     if not isinstance(data, Mapping):
         raise CheckpointError([f"{file} holds a {type(data).__name__}, not the dict a VQ-VAE trainer writes"])
     return dict(data)
+
+
+# A legacy-format file names its globals one refusal at a time; more rounds than this is not a checkpoint.
+_MAX_LOAD_ROUNDS = 32
+
+
+def _load_inertly(file: Path):
+    """torch.load(weights_only=True) with numpy's types and, for each foreign class the file names, a
+    stand-in that reads its objects as records (foreign.py). Refuses, naming them, the globals no stand-in
+    is made for, and a file that calls a stand-in class; nothing stored in the file runs."""
+    names = set(_pickled_globals(file))
+    for _ in range(_MAX_LOAD_ROUNDS):
+        if any("ObjectDType" in name for name in names):
+            raise _object_arrays(file)
+        refused = [why for why in map(refusal, sorted(names)) if why]
+        if refused:
+            raise _refused(file, refused)
+        try:
+            with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals() + stand_ins(names)):
+                warnings.simplefilter("ignore")  # torch's notes about pickle protocols are noise here
+                return torch.load(file, map_location="cpu", weights_only=True)
+        except ForeignCallRefused as err:
+            raise CheckpointError([
+                f"{file} was not loaded: {err}; classes fusedvq does not have are read only as records of "
+                f"their state. If you trust the file's source, pass trust=True (CLI: --trust)"
+            ]) from None
+        except Exception as err:
+            if "ObjectDType" in str(err):
+                raise _object_arrays(file) from None
+            more = set(_pickled_globals(file, err)) - names
+            if not more:
+                raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
+            names |= more
+    raise CheckpointError([f"{file} could not be read: it names more than {_MAX_LOAD_ROUNDS} kinds of object"])
+
+
+def _object_arrays(file: Path) -> CheckpointError:
+    return CheckpointError([
+        f"{file} was not loaded: it holds a numpy array of dtype object, whose elements are arbitrary pickled "
+        f"Python objects that could run code when loaded; save numeric arrays instead, or pass trust=True "
+        f"(CLI: --trust) if you trust the file's source"
+    ])
+
+
+def _refused(file: Path, reasons: list[str]) -> CheckpointError:
+    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+    return CheckpointError([
+        f"{file} was not loaded: it contains pickled Python objects that could run code when loaded ({shown}). "
+        f"Tensors, numbers, strings, containers, numpy arrays, paths and records of other classes' state are "
+        f"read by default; if you trust the file's source, pass trust=True (CLI: --trust)"
+    ])
 
 
 def _check_checkpoint_file(file: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
+from .foreign import ForeignObject
 from .safe_load import _Problem
 
 # (center, scale) key pairs by normalization method.
@@ -142,8 +143,9 @@ def _parse_stats(value: Any, source: str, method: Optional[str]) -> dict[str, Ca
     out = {}
     for name, entry in value.items():
         what = f"the statistics for category {str(name)!r} in {source}"
-        if not isinstance(entry, Mapping):
-            # A trusted NormalizationStats-like object with attributes.
+        if isinstance(entry, ForeignObject):  # e.g. NormalizationStats, read as a record of its state
+            entry = entry.attributes
+        elif not isinstance(entry, Mapping):  # the real object, loaded with trust=True
             entry = {k: getattr(entry, k) for k in flat_keys if hasattr(entry, k)} or entry
         if not isinstance(entry, Mapping):
             raise _Problem(f"{what} are a {type(entry).__name__}, not a mapping with mean/std or median/mad")

@@ -167,16 +167,39 @@ class Unknown:
     """A class no allow-list knows."""
 
 
+def a_function():
+    """A global a pickle can only call: never given a stand-in."""
+
+
 def test_refusal_names_only_refused_globals(tmp_path):
     data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
     from collections import OrderedDict
 
     data["model_config"] = OrderedDict(data["model_config"])
-    data["extra"] = Unknown()
+    data["extra"] = [Unknown(), a_function]
     torch.save(data, tmp_path / "best_model.pt")
     with pytest.raises(CheckpointError) as info:
         load_feature_spec(tmp_path)
-    assert "Unknown" in str(info.value) and "OrderedDict" not in str(info.value)
+    message = str(info.value)
+    assert "a_function is a function" in message
+    assert "OrderedDict" not in message and "Unknown" not in message  # allowed, and read as a record
+
+
+def test_unknown_class_is_read_as_a_record(tmp_path):
+    from fusedvq.foreign import ForeignObject
+
+    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data["extra"] = Unknown()
+    data["extra"].payload = np.arange(3)
+    torch.save(data, tmp_path / "best_model.pt")
+    spec = load_feature_spec(tmp_path)
+    assert spec.num_kept == 12
+    from fusedvq.checkpoint import read_checkpoint
+
+    record = read_checkpoint(tmp_path / "best_model.pt")["extra"]
+    assert isinstance(record, ForeignObject) and not isinstance(record, Unknown)
+    assert record.class_name.endswith(".Unknown") and list(record.attributes) == ["payload"]
+    assert np.array_equal(record.attributes["payload"], np.arange(3))
 
 
 def test_object_array_refusal_says_why(tmp_path):

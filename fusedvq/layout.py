@@ -1,0 +1,174 @@
+"""Hybrid VQ-VAEs: where the decoder's embedding columns sit among its feature columns, derived from the
+checkpoint alone.
+
+In a hybrid VQ-VAE an initial-condition encoder (a CNN over the raw initial fields) adds `c` embedding
+columns to the cleaned features, right after the INITIAL family's hand-made columns. The decoder is
+`input_dim = K + c` wide, K = the kept feature columns; with p = the position of the first embedding
+column (the number of kept columns up to and including the INITIAL family's):
+
+    decoder column j < p          ↔  kept feature column j
+    p <= j < p + c                ↔  embedding column j − p (no extracted feature: left to the caller)
+    j >= p + c                    ↔  kept feature column j − c
+
+The trainer shifts the categories the same way (model_config's group_indices, in decoder columns) and
+adds the embedding columns to the INITIAL category, while its statistics stay per kept column
+(pre_model_group_indices). The layout is derived from, in order: the embedding width (the initial
+encoder's last layer in model_state_dict, else the family's cnn_embedding_dim), then p from the two sets
+of group indices, cross-checked with feature_names' "family::" prefixes when both are present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+HYBRID_ENCODERS = ("initial_hybrid", "InitialHybridEncoder")
+ENCODER_PREFIXES = ("initial_encoder.", "_orig_mod.initial_encoder.")
+# The initial encoder's last layer: its rows are the embedding columns.
+EMBEDDING_LAYER = ("cnn_encoder.fc.weight", "cnn_encoder.bn_final.weight")
+
+
+@dataclass(frozen=True)
+class HybridLayout:
+    """The decoder's columns of a hybrid VQ-VAE: kept feature columns with `num_embedding` embedding
+    columns inserted at `first_embedding` (decoder columns [first_embedding, first_embedding + num_embedding))."""
+
+    num_kept: int  # K
+    first_embedding: int  # p
+    num_embedding: int  # c
+    family: Optional[str] = None  # the INITIAL family's name in config["families"], when declared
+    num_initial: Optional[int] = None  # its hand-made columns (just before the embedding columns), when known
+    source: str = ""  # what p was derived from, in words
+
+    @property
+    def width(self) -> int:
+        """The decoder's input_dim, K + c."""
+        return self.num_kept + self.num_embedding
+
+    def recon_columns(self) -> np.ndarray:
+        """[K] int64: the decoder column of each kept feature column, in the kept columns' order."""
+        k = np.arange(self.num_kept, dtype=np.int64)
+        return np.where(k < self.first_embedding, k, k + self.num_embedding)
+
+    def embedding_columns(self) -> range:
+        return range(self.first_embedding, self.first_embedding + self.num_embedding)
+
+    def to_kept(self, columns: np.ndarray) -> np.ndarray:
+        """Decoder columns → kept columns (embedding columns dropped)."""
+        columns = np.asarray(columns, dtype=np.int64)
+        columns = columns[(columns < self.first_embedding) | (columns >= self.first_embedding + self.num_embedding)]
+        return np.where(columns < self.first_embedding, columns, columns - self.num_embedding)
+
+
+@dataclass
+class HybridClues:
+    """What a checkpoint says about an initial encoder, read leniently (None where absent)."""
+
+    encoder_keys: int = 0  # model_state_dict entries of the initial encoder
+    embedding_rows: Optional[int] = None  # rows of its last layer
+    family: Optional[str] = None
+    family_embedding: Optional[int] = None  # the family's encoder_params["cnn_embedding_dim"]
+    family_manual: Optional[int] = None  # its encoder_params["manual_dim"], when given
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.encoder_keys > 0 or self.family is not None
+
+    @property
+    def num_embedding(self) -> Optional[int]:
+        return self.embedding_rows if self.embedding_rows is not None else self.family_embedding
+
+    def evidence(self) -> str:
+        said = []
+        if self.encoder_keys:
+            said.append(f"{self.encoder_keys} initial-encoder entries in model_state_dict")
+        if self.family is not None:
+            said.append(f"the family {self.family!r} encoded by {HYBRID_ENCODERS[0]}")
+        return " and ".join(said)
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0 else None
+
+
+def hybrid_clues(data: Mapping) -> HybridClues:
+    """The initial encoder's traces in a checkpoint dict: state-dict keys, its last layer, the families."""
+    clues = HybridClues()
+    state = data.get("model_state_dict")
+    if isinstance(state, Mapping):
+        for key, value in state.items():
+            key = str(key)
+            prefix = next((p for p in ENCODER_PREFIXES if key.startswith(p)), None)
+            if prefix is None:
+                continue
+            clues.encoder_keys += 1
+            if key[len(prefix):] in EMBEDDING_LAYER and clues.embedding_rows is None:
+                shape = getattr(value, "shape", None)
+                if shape is not None and len(shape) >= 1:
+                    clues.embedding_rows = int(shape[0])
+    config = data.get("config")
+    families = config.get("families") if isinstance(config, Mapping) else None
+    families = families if isinstance(families, Mapping) else data.get("families")
+    if isinstance(families, Mapping):
+        for name, family in families.items():
+            if isinstance(family, Mapping) and family.get("encoder") in HYBRID_ENCODERS:
+                clues.family = str(name)
+                params = family.get("encoder_params")
+                params = params if isinstance(params, Mapping) else {}
+                # The trainer's default when the family does not say.
+                clues.family_embedding = _positive_int(params.get("cnn_embedding_dim", 28))
+                clues.family_manual = _positive_int(params.get("manual_dim"))
+                break
+    return clues
+
+
+def first_embedding_from_groups(kept_groups: Mapping[str, np.ndarray], decoder_groups: Mapping[str, np.ndarray],
+                                num_kept: int, num_embedding: int) -> tuple[list[int], Optional[str]]:
+    """The positions p consistent with both sets of group indices, and the INITIAL category's name.
+
+    Every category's decoder columns must be its kept columns shifted by c from p on, in the same order;
+    the INITIAL category's also hold [p, p + c) (as a sorted set). Work is linear in the listed indices
+    for each candidate left after the ordinary categories bound p.
+    """
+    c = num_embedding
+    if set(kept_groups) != set(decoder_groups):
+        return [], None
+    initial = [n for n in kept_groups if decoder_groups[n].size - kept_groups[n].size == c]
+    if len(initial) != 1:
+        return [], None
+    lo, hi = 0, num_kept  # p in [lo, hi]
+    for name, kept in kept_groups.items():
+        if name == initial[0]:
+            continue
+        dec = decoder_groups[name]
+        if dec.size != kept.size:
+            return [], initial[0]
+        same, shifted = dec == kept, dec == kept + c
+        if not (same | shifted).all():
+            return [], initial[0]
+        if same.any():
+            lo = max(lo, int(kept[same].max()) + 1)
+        if shifted.any():
+            hi = min(hi, int(kept[shifted].min()))
+    kept, dec = kept_groups[initial[0]], np.unique(decoder_groups[initial[0]])
+    found = []
+    for p in range(lo, hi + 1):
+        mapped = np.where(kept < p, kept, kept + c)
+        if np.array_equal(np.union1d(mapped, np.arange(p, p + c)), dec):
+            found.append(p)
+            if len(found) > 1 and found[-1] - found[0] > 64:
+                break  # ambiguous either way; no need to list every candidate
+    return found, initial[0]
+
+
+def first_embedding_from_names(names: Optional[list], family: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """(p, hand-made columns) from feature_names: just after the last "family::" name, when they are contiguous."""
+    if not names or family is None:
+        return None, None
+    prefix = f"{family}::"
+    at = [i for i, n in enumerate(names) if isinstance(n, str) and n.startswith(prefix)]
+    if not at or at[-1] - at[0] + 1 != len(at):
+        return None, None
+    return at[-1] + 1, len(at)
