@@ -36,6 +36,8 @@ _REFUSED_MODULES = frozenset({
     "asyncio", "threading", "_thread", "signal", "tempfile", "glob", "platform", "webbrowser", "urllib",
     "http", "ftplib", "smtplib", "inspect", "ast", "site", "zipimport", "pkgutil", "imp", "gc", "weakref",
     "contextlib", "torch", "numpy", "pathlib", "collections", "typing", "abc", "enum", "dataclasses",
+    # Python 2 spellings, which pickle protocols 0-2 write for some of the above (subprocess → commands)
+    "commands", "cPickle", "popen2", "urllib2", "SocketServer", "exceptions",
 })
 
 _POSIX_PATHS = ("PosixPath", "PurePosixPath", "Path", "PurePath")

@@ -1,0 +1,336 @@
+"""Checkpoints as the motivating project writes them (spinlock_format.py): read by default without its
+package and without running anything, statistics on the columns its own normalization puts them on,
+hybrid layouts derived and explained, statistics files usable on their own, and crafted pickles inert."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from ckpt_factory import shared_dir
+from helpers import BACKENDS
+from spinlock_format import NormalizationStats, make_run, trainer_classes, write_npz, write_run
+
+from fusedvq import FeatureCleaner, VQReconLoss
+from fusedvq.checkpoint import CheckpointError, load_feature_spec, read_checkpoint
+from fusedvq.cli import check
+
+FIXTURES = shared_dir() / "fixtures" / "spinlock"
+RUNS = [pytest.param(h, m, id=f"{'hybrid' if h else 'plain'}-{m}") for h in (False, True) for m in ("standard", "mad")]
+
+
+def rel_err(got, ref) -> float:
+    return float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
+
+
+def run_check(*args, **kwargs) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    rc = check(*args, out=out, err=err, **kwargs)
+    return rc, out.getvalue(), err.getvalue()
+
+
+# --- reading, by default, without the trainer's package ------------------------------------------
+
+
+@pytest.mark.parametrize("hybrid, method", RUNS)
+@pytest.mark.parametrize("source", ["checkpoint", "npz"])
+def test_statistics_land_where_the_trainer_puts_them(tmp_path, hybrid, method, source):
+    run = make_run(hybrid=hybrid, method=method, seed=1 + hybrid)
+    path = write_run(tmp_path, run)
+    assert not any(m == "spinlock" or m.startswith("spinlock.") for m in sys.modules)
+    spec = load_feature_spec(path, num_features=270, stats="checkpoint" if source == "checkpoint" else
+                             tmp_path / "normalization_stats.npz")
+    mu, sigma = run.expected_stats()
+    # Bitwise: float64 of the stored float32 value, on the very column the trainer normalizes with it.
+    assert np.array_equal(spec.mean.numpy(), mu.astype(np.float64))
+    assert np.array_equal(spec.std.numpy(), sigma.astype(np.float64))
+    assert spec.method == method and spec.num_kept == run.K and spec.num_features == 270
+    assert not any(m == "spinlock" or m.startswith("spinlock.") for m in sys.modules)
+
+
+def test_foreign_objects_become_records_and_paths_strings(tmp_path):
+    path = write_run(tmp_path, make_run(hybrid=True, seed=3))
+    data = read_checkpoint(path)
+    stats = data["normalization_stats"]["cluster_1"]
+    assert type(stats).__name__ == "NormalizationStats" and not isinstance(stats, NormalizationStats)
+    assert stats.class_name == "spinlock.encoding.normalization.NormalizationStats"
+    assert sorted(stats.attributes) == ["mean", "std"] and stats.attributes["mean"].dtype == np.float32
+    assert data["config"]["output_dir"] == "/runs/vqvae/v1"  # a PosixPath, as its string
+    assert isinstance(data["metrics"]["val_loss"], np.float32)
+    from fusedvq.foreign import ForeignCallRefused
+
+    with pytest.raises(ForeignCallRefused):
+        type(stats)(1, 2)  # a stand-in class cannot be called (constructed) at all
+
+
+def test_trust_still_needs_the_package(tmp_path):
+    path = write_run(tmp_path, make_run(hybrid=False, seed=4))
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="spinlock"):
+        read_checkpoint(path, trust=True)
+    with trainer_classes(), pytest.warns(UserWarning):
+        real = read_checkpoint(path, trust=True)["normalization_stats"]["cluster_1"]
+        assert isinstance(real, NormalizationStats)
+
+
+# --- hybrid layouts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("families", [None, {"initial": 14, "summary": 128, "temporal": 128},
+                                      {"summary": 60, "temporal": 50, "initial": 14}])
+def test_hybrid_layout_is_derived(tmp_path, families):
+    run = make_run(hybrid=True, seed=5, families=families, num_embedding=28)
+    spec = load_feature_spec(write_run(tmp_path, run), num_features=sum(run.families.values()))
+    p = run.first_embedding
+    assert spec.hybrid.first_embedding == p and spec.hybrid.num_embedding == 28 and spec.input_dim == run.K + 28
+    cols = spec.recon_columns.numpy()
+    assert np.array_equal(cols[:p], np.arange(p)) and np.array_equal(cols[p:], np.arange(p, run.K) + 28)
+    assert spec.embedding_columns == range(p, p + 28)
+
+
+def test_hybrid_layout_from_feature_names_alone(tmp_path):
+    run = make_run(hybrid=True, seed=6)
+    path = write_run(tmp_path, run, edit=lambda ck: ck.pop("pre_model_group_indices"))
+    spec = load_feature_spec(path, require_stats=False)
+    assert spec.hybrid.first_embedding == run.first_embedding and "feature_names" in spec.hybrid.source
+    # Statistics need the categories in kept columns, in their own order: refused, saying why.
+    with pytest.raises(CheckpointError, match="pre_model_group_indices"):
+        load_feature_spec(path)
+
+
+def test_underivable_hybrid_layout_says_what_is_missing(tmp_path):
+    run = make_run(hybrid=True, seed=7)
+
+    def edit(ck):
+        ck.pop("pre_model_group_indices")
+        ck.pop("feature_names")
+
+    rc, out, err = run_check(str(write_run(tmp_path, run, edit=edit)), norm="batch")
+    assert rc == 1 and "Traceback" not in err
+    assert "cannot be derived" in err and "no pre_model_group_indices" in err and "no feature_names" in err
+    assert "28 embedding columns" in err
+
+
+def test_embedding_width_disagreement_is_named(tmp_path):
+    run = make_run(hybrid=True, seed=8)
+    path = write_run(tmp_path, run, edit=lambda ck: ck["model_config"].update(input_dim=run.K + 20))
+    rc, _, err = run_check(str(path))
+    assert rc == 1 and "gives 28 embedding columns" in err and f"leaves 20" in err
+
+
+def test_check_explains_a_hybrid_layout(tmp_path):
+    run = make_run(hybrid=True, seed=9)
+    p, K = run.first_embedding, run.K
+    rc, out, err = run_check(str(write_run(tmp_path, run)), features=270)
+    assert rc == 0, err
+    assert "hybrid          yes" in out and "adds 28 embedding columns" in out
+    assert f"decoder {p}..{p + 27} (28 columns" in out and f"decoder {p + 28}..{K + 27} = kept {p}..{K - 1}" in out
+    rc, out, err = run_check(str(tmp_path), features=187)
+    assert rc == 1 and "270 entries" in err and "187" in err and "must give all 270 columns" in err
+
+
+def test_a_mask_whose_kept_columns_fit_the_first_columns_says_so(tmp_path):
+    run = make_run(hybrid=False, seed=10)
+    run.mask[187:] = False
+    for name in run.kept_groups:  # keep the categories a partition of the fewer kept columns
+        keep = run.kept_groups[name] < run.K
+        run.kept_groups[name], run.center[name], run.scale[name] = (
+            run.kept_groups[name][keep], run.center[name][keep], run.scale[name][keep])
+    rc, _, err = run_check(str(write_run(tmp_path, run)), features=187)
+    assert rc == 1 and f"all {run.K} kept columns lie in the first 187" in err and "feature_mask[:187]" in err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm, reduction", [("stats", "mean"), ("stats", "none"), ("batch", "sum"), ("none", "mean")])
+def test_recon_loss_on_a_hybrid_compares_the_feature_columns(tmp_path, backend, norm, reduction):
+    name, device = backend
+    run = make_run(hybrid=True, seed=11)
+    loss_fn = VQReconLoss.from_checkpoint(write_run(tmp_path, run), norm=norm, reduction=reduction, backend=name)
+    loss_fn = loss_fn.to(device)
+    p, c, K, B = run.first_embedding, 28, run.K, 9
+    mu, sigma = (torch.from_numpy(a.astype(np.float64)) for a in run.expected_stats())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 270, generator=g, dtype=torch.float64)
+    x[:, run.mask] = x[:, run.mask] * sigma + mu
+    recon = torch.randn(B, K + c, generator=g, dtype=torch.float64)
+    x, recon = x.float().to(device).requires_grad_(), recon.float().to(device).requires_grad_()
+    # Oracle: float64, the plain fix on the decoder's feature columns.
+    x64, r64 = x.detach().cpu().double().requires_grad_(), recon.detach().cpu().double().requires_grad_()
+    kept = x64[:, torch.from_numpy(run.mask)]
+    if norm == "stats":
+        z = (kept - mu) / sigma
+    elif norm == "batch":
+        std = kept.std(0)
+        z = (kept - kept.mean(0)) / torch.where(std < 1e-8, torch.ones_like(std), std)
+    else:
+        z = kept
+    feature_cols = torch.cat([torch.arange(p), torch.arange(p + c, K + c)])
+    ref = F.mse_loss(r64[:, feature_cols], z, reduction=reduction)
+    w = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
+    (ref * w).sum().backward()
+    got = loss_fn(x, recon)
+    (got * w.to(device)).sum().backward()
+    assert got.shape == ref.shape
+    assert rel_err(got.detach().cpu(), ref) <= 1e-5
+    assert rel_err(x.grad.cpu(), x64.grad) <= 1e-5 and rel_err(recon.grad.cpu(), r64.grad) <= 1e-5
+    assert float(recon.grad[:, p : p + c].abs().max()) == 0.0  # the embedding columns: the caller's
+    assert loss_fn.embedding_columns == range(p, p + c)
+    with pytest.raises(ValueError, match=f"{K + c} in all"):
+        loss_fn(x, recon[:, :K])
+
+
+def test_feature_cleaner_on_a_hybrid(tmp_path):
+    run = make_run(hybrid=True, seed=12)
+    cleaner = FeatureCleaner.from_checkpoint(write_run(tmp_path, run), norm="batch")
+    p, K = run.first_embedding, run.K
+    x = torch.randn(6, 270)
+    z = cleaner(x)
+    emb = torch.randn(6, 28)
+    combined = cleaner.combine(z, emb)
+    assert combined.shape == (6, K + 28)
+    assert torch.equal(combined[:, p : p + 28], emb)
+    assert torch.equal(combined[:, cleaner.recon_columns], z)
+    with pytest.raises(ValueError, match=r"\[6, 28\]"):
+        cleaner.combine(z, emb[:, :27])
+
+
+# --- statistics files on their own ---------------------------------------------------------------
+
+
+def test_check_says_what_a_statistics_file_holds(tmp_path):
+    run = make_run(hybrid=False, method="mad", seed=13)
+    npz = write_npz(tmp_path / "normalization_stats.npz", run)
+    rc, out, err = run_check(str(npz))
+    assert rc == 1 and "Traceback" not in err and "enforce" not in err
+    assert "statistics file" in out and "6 categories" in out and f"{run.K} columns" in out and "mad" in out
+    assert "no feature_mask" in err and "group_indices" in err and "load_feature_spec(stats=" in err
+    rc, out, err = run_check(str(tmp_path))  # a folder holding only the statistics file
+    assert rc == 1 and "holds no checkpoint" in err and "only the statistics file normalization_stats.npz" in err
+    assert "no statistics found" not in out and "6 categories" in out
+    with pytest.raises(CheckpointError, match="is a statistics file"):
+        load_feature_spec(npz)
+
+
+def test_spec_from_a_mask_groups_and_a_statistics_file(tmp_path):
+    run = make_run(hybrid=False, seed=14)
+    npz = write_npz(tmp_path / "stats.npz", run)
+    groups = {n: g.tolist() for n, g in run.kept_groups.items()}
+    spec = load_feature_spec(stats=npz, feature_mask=run.mask, group_indices=groups, num_features=270)
+    mu, sigma = run.expected_stats()
+    assert np.array_equal(spec.mean.numpy(), mu.astype(np.float64))
+    assert np.array_equal(spec.std.numpy(), sigma.astype(np.float64))
+    loss = VQReconLoss.from_spec(spec)
+    x, r = torch.randn(3, 270), torch.randn(3, run.K)
+    ref = F.mse_loss((x.double()[:, run.mask] - torch.from_numpy(mu).double()) / torch.from_numpy(sigma).double(),
+                     r.double())
+    assert rel_err(loss(x, r).detach(), ref) <= 1e-5
+    with pytest.raises(CheckpointError, match="no group_indices"):
+        load_feature_spec(stats=npz, feature_mask=run.mask)
+    with pytest.raises(CheckpointError, match="category 'cluster_1'"):
+        load_feature_spec(stats=npz, feature_mask=run.mask, group_indices={**groups, "cluster_1": groups["cluster_1"][:-1]})
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="the shared fixtures are not present")
+@pytest.mark.parametrize("name", ["normalization_stats_adaptive_v3.npz", "normalization_stats_variance_tiered.npz"])
+def test_real_statistics_files_on_their_own(tmp_path, name):
+    fixture = FIXTURES / name
+    rc, out, err = run_check(str(fixture))
+    assert rc == 1 and "statistics file" in out and "Traceback" not in err and "enforce" not in err
+    with np.load(fixture, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    cats = [k[: -len("_mean")] for k in arrays if k.endswith("_mean")]
+    K = sum(arrays[f"{c}_mean"].size for c in cats)
+    rng = np.random.default_rng(0)
+    order, groups, start = rng.permutation(K), {}, 0
+    for c in cats:
+        n = arrays[f"{c}_mean"].size
+        groups[c], start = order[start : start + n].tolist(), start + n
+    mask = np.ones(K + 9, dtype=bool)
+    mask[rng.choice(K + 9, size=9, replace=False)] = False
+    spec = load_feature_spec(stats=fixture, feature_mask=mask, group_indices=groups)
+    for c in cats:
+        assert np.array_equal(spec.mean.numpy()[groups[c]], arrays[f"{c}_mean"].astype(np.float64))
+        assert np.array_equal(spec.std.numpy()[groups[c]], arrays[f"{c}_std"].astype(np.float64))
+    copy = tmp_path / "run"
+    copy.mkdir()
+    shutil.copy(fixture, copy / "normalization_stats.npz")
+    rc, out, err = run_check(str(copy))
+    assert rc == 1 and f"{len(cats)} categories" in out
+
+
+# --- crafted pickles stay inert ------------------------------------------------------------------
+
+
+class Call:
+    """Pickles as a call of `fn(*args)`; callable itself, so that calls can be chained (fn = another Call)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+    def __call__(self, *args):  # pragma: no cover - only pickled
+        raise AssertionError
+
+
+def _attacks(marker):
+    import builtins
+    import copyreg
+    import os
+    import pathlib
+    import subprocess
+
+    touch = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "os.system": (Call(os.system, f"touch {marker}"), "system"),
+        "eval": (Call(builtins.eval, touch), "eval"),
+        "exec": (Call(builtins.exec, touch), "exec"),
+        # (pickle protocol 2 writes subprocess's functions under their Python 2 module, commands)
+        "subprocess.call": (Call(subprocess.call, ["touch", str(marker)]), ("subprocess.call", "commands.call")),
+        "subprocess.Popen": (Call(subprocess.Popen, ["touch", str(marker)]), ("subprocess.Popen", "commands.Popen")),
+        "getattr chain": (Call(Call(builtins.getattr, pathlib.Path(marker), "touch")), "getattr"),
+        "copyreg": (Call(copyreg._reconstructor, pathlib.PosixPath, object, None),
+                    ("copyreg._reconstructor", "copy_reg._reconstructor")),
+        "inside a record": (NormalizationStats(Call(os.system, f"touch {marker}"), np.ones(2)), "system"),
+    }
+
+
+ATTACKS = ["os.system", "eval", "exec", "subprocess.call", "subprocess.Popen", "getattr chain", "copyreg",
+           "inside a record"]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize("container", ["torch.save", "pickle-2", "pickle-4"])
+def test_crafted_pickles_run_nothing(tmp_path, attack, container):
+    marker = tmp_path / "pwned"
+    payload, named = _attacks(marker)[attack]
+    named = (named,) if isinstance(named, str) else named
+    run = make_run(hybrid=True, seed=15)
+    path = write_run(tmp_path, run, npz=False, edit=lambda ck: ck["normalization_stats"].update(cluster_1=payload))
+    if container != "torch.save":
+        from spinlock_format import checkpoint_dict
+
+        data = checkpoint_dict(run)
+        data["normalization_stats"]["cluster_1"] = payload
+        with trainer_classes(), open(path, "wb") as f:
+            pickle.dump(data, f, protocol=int(container[-1]))
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert any(n in str(info.value) for n in named) and "trust=True" in str(info.value)
+    rc, out, err = run_check(str(path))
+    assert rc == 1 and "Traceback" not in err and any(n in err for n in named)
+    assert not marker.exists(), "loading ran code stored in the file"
+
+
+def test_calling_a_stand_in_class_is_refused(tmp_path):
+    run = make_run(hybrid=False, seed=16)
+    call = Call(NormalizationStats, np.zeros(2), np.ones(2))  # a REDUCE on the trainer's class
+    path = write_run(tmp_path, run, npz=False, edit=lambda ck: ck["normalization_stats"].update(cluster_1=call))
+    with pytest.raises(CheckpointError, match=r"calls spinlock\.encoding\.normalization\.NormalizationStats\(\.\.\.\)"):
+        read_checkpoint(path)
