@@ -5,9 +5,12 @@ A checkpoint written by a VQ-VAE trainer is a torch `.pt` dict:
     feature_mask         bool [D0]: which of the D0 original feature columns survived cleaning (K kept)
     model_config         {"input_dim": K (the decoder's width),
                           "group_indices": {category: [kept-column indices in [0, K)]}, ...}
-    normalization_stats  optional {category: {"mean", "std"} or {"median", "mad"}}, one entry per column
-                         of the category, in the order of its group_indices
-    feature_names, config, model_state_dict, ...   (read but not needed)
+    normalization_stats  optional {category: {"mean", "std"} or {"median", "mad"}} (or the trainer's own
+                         NormalizationStats objects, read as records), one entry per column of the
+                         category, in the order of its group_indices
+    pre_model_group_indices  hybrid VQ-VAEs: the categories in kept columns (model_config's are then in
+                         decoder columns, which hold c embedding columns more: layout.py)
+    model_state_dict, config["families"], feature_names   (looked at for a hybrid's layout only)
 
 and often a `normalization_stats.npz` beside it with `{category}_mean` / `{category}_std` (or `_median` /
 `_mad`) arrays and `_normalization_method` ("standard" or "mad"). Per-category statistics are scattered
@@ -15,8 +18,9 @@ through group_indices into one masked-space μ [K], σ [K]; median/MAD is the sa
 z = (x − median)/mad, so it is used exactly like mean/std.
 
 Safety: files are read with `torch.load(weights_only=True)` plus an allow-list of the numpy types such
-files contain (arrays, scalars, dtypes). Anything else pickled (a class, a function call) is refused with
-a message naming it, before any of it runs; `trust=True` loads it with full unpickling and warns.
+files contain and inert stand-ins for foreign classes (foreign.py); anything that would run code is
+refused with a message naming it, before any of it runs; `trust=True` loads it with full unpickling and
+warns. A statistics .npz on its own, or the pieces themselves, build a FeatureSpec too (parts.py).
 `.npz` files are read with `allow_pickle=False`.
 
 Layers, one module each: read (safe_load.py: file → dict, never runs code by default) → declare

@@ -1,8 +1,10 @@
 """Reading VQ-VAE checkpoint files without running code stored in them.
 
 `.pt` files are read with `torch.load(weights_only=True)` plus an allow-list of the numpy types such
-files contain (arrays, scalars, dtypes). Anything else pickled (a class, a function call) is refused with
-a message naming it, before any of it runs; `trust=True` loads it with full unpickling and warns.
+files contain (arrays, scalars, dtypes) and, for the classes a trainer pickles of its own, inert stand-ins
+(foreign.py: records of their state; paths as strings). Anything that would run code (a function call, a
+builtin, a call of a foreign class) is refused with a message naming it, before any of it runs;
+`trust=True` loads it with full unpickling and warns.
 `.npz` files are read with `allow_pickle=False`. checkpoint.py builds on these readers.
 """
 

@@ -116,6 +116,22 @@ def write_checkpoint(folder: Path, parts: Parts, *, stats_in_file: bool = True, 
     return path
 
 
+def fixture_layout(arrays: dict, dropped: int, seed: int = 0) -> tuple[list, dict, np.ndarray, int]:
+    """For a real statistics file's arrays: (categories, {category: kept columns} scattered over the K
+    kept columns, a mask keeping K of K + dropped, K)."""
+    categories = [k[: -len("_mean")] for k in arrays if k.endswith("_mean")]
+    K = sum(arrays[f"{c}_mean"].size for c in categories)
+    rng = np.random.default_rng(seed)
+    order, groups, start = rng.permutation(K), {}, 0
+    for c in categories:
+        n = arrays[f"{c}_mean"].size
+        groups[c] = np.sort(order[start : start + n])
+        start += n
+    mask = np.ones(K + dropped, dtype=bool)
+    mask[rng.choice(K + dropped, size=dropped, replace=False)] = False
+    return categories, groups, mask, K
+
+
 def shared_dir() -> Path:
     """The shared data folder beside the repository (may be absent)."""
     return Path(__file__).resolve().parents[2] / "shared"

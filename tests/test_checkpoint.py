@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ckpt_factory import Evil, make_parts, shared_dir, write_checkpoint, write_npz
+from ckpt_factory import Evil, fixture_layout, make_parts, shared_dir, write_checkpoint, write_npz
 
 from fusedvq.checkpoint import (
     CheckpointError,
@@ -238,17 +238,8 @@ def test_real_stats_files(tmp_path, name, placement):
     fixture = FIXTURES / name
     with np.load(fixture, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    categories = [k[: -len("_mean")] for k in arrays if k.endswith("_mean")]
-    K = sum(arrays[f"{c}_mean"].size for c in categories)
     # A checkpoint whose categories are those of the real file, scattered over K kept columns of K + 16.
-    rng = np.random.default_rng(0)
-    order, groups, start = rng.permutation(K), {}, 0
-    for c in categories:
-        n = arrays[f"{c}_mean"].size
-        groups[c] = np.sort(order[start : start + n])
-        start += n
-    mask = np.ones(K + 16, dtype=bool)
-    mask[rng.choice(K + 16, size=16, replace=False)] = False
+    categories, groups, mask, K = fixture_layout(arrays, 16)
 
     def edit(ckpt):
         ckpt["feature_mask"] = mask

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ckpt_factory import shared_dir
+from ckpt_factory import fixture_layout, shared_dir
 from helpers import BACKENDS
 from spinlock_format import NormalizationStats, make_run, trainer_classes, write_npz, write_run
 
@@ -120,7 +120,7 @@ def test_embedding_width_disagreement_is_named(tmp_path):
     run = make_run(hybrid=True, seed=8)
     path = write_run(tmp_path, run, edit=lambda ck: ck["model_config"].update(input_dim=run.K + 20))
     rc, _, err = run_check(str(path))
-    assert rc == 1 and "gives 28 embedding columns" in err and f"leaves 20" in err
+    assert rc == 1 and "gives 28 embedding columns" in err and "leaves 20" in err
 
 
 def test_check_explains_a_hybrid_layout(tmp_path):
@@ -243,15 +243,7 @@ def test_real_statistics_files_on_their_own(tmp_path, name):
     assert rc == 1 and "statistics file" in out and "Traceback" not in err and "enforce" not in err
     with np.load(fixture, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    cats = [k[: -len("_mean")] for k in arrays if k.endswith("_mean")]
-    K = sum(arrays[f"{c}_mean"].size for c in cats)
-    rng = np.random.default_rng(0)
-    order, groups, start = rng.permutation(K), {}, 0
-    for c in cats:
-        n = arrays[f"{c}_mean"].size
-        groups[c], start = order[start : start + n].tolist(), start + n
-    mask = np.ones(K + 9, dtype=bool)
-    mask[rng.choice(K + 9, size=9, replace=False)] = False
+    cats, groups, mask, K = fixture_layout(arrays, 9)
     spec = load_feature_spec(stats=fixture, feature_mask=mask, group_indices=groups)
     for c in cats:
         assert np.array_equal(spec.mean.numpy()[groups[c]], arrays[f"{c}_mean"].astype(np.float64))
@@ -334,3 +326,17 @@ def test_calling_a_stand_in_class_is_refused(tmp_path):
     path = write_run(tmp_path, run, npz=False, edit=lambda ck: ck["normalization_stats"].update(cluster_1=call))
     with pytest.raises(CheckpointError, match=r"calls spinlock\.encoding\.normalization\.NormalizationStats\(\.\.\.\)"):
         read_checkpoint(path)
+
+
+def test_the_readme_minimal_checkpoint_is_valid(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("A minimal valid checkpoint")
+    code = text[text.index("```python\n", start) + len("```python\n") : text.index("```", text.index("```python\n", start) + 10)]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    rc, out, err = run_check(str(tmp_path / "best_model.pt"), features=187)
+    assert rc == 0, err
+    spec = load_feature_spec(tmp_path / "best_model.pt", num_features=187)
+    assert spec.num_kept == 171 and float(spec.std.min()) == 1.0
