@@ -70,14 +70,15 @@ def masked_mse_op(
     nan_to_num: bool,
     reduction: int,
     use_triton: bool,
+    gap: tuple[int, int] = (0, 0),  # target [B, K + c]: its c columns from `at` on are skipped
 ) -> Tensor:
     """The loss of norm "none"/"stats" with autograd attached."""
     inputs = (x, target, columns.index, columns.inv_ptr, columns.inv_k, shift, scale, nan_to_num, reduction,
-              use_triton)
+              use_triton, *gap)
     if not _eager():
         return masked_mse_forward(*inputs)[0]
     if under_functorch() or (not use_triton and cpu.use_composed(x, columns.num_kept)):
-        return reference.masked_mse_composed(x, target, columns.index, shift, scale, nan_to_num, reduction)
+        return reference.masked_mse_composed(x, target, columns.index, shift, scale, nan_to_num, reduction, *gap)
     return _Eager.apply(MASKED_MSE, *inputs)
 
 
@@ -90,15 +91,16 @@ def batch_mse_op(
     reduction: int,
     use_triton: bool,
     group: str = "",
+    gap: tuple[int, int] = (0, 0),  # as in masked_mse_op
 ) -> Tensor:
     """The loss of norm "batch" with autograd attached."""
     inputs = (x, target, columns.index, columns.inv_ptr, columns.inv_k, eps, nan_to_num, reduction, use_triton,
-              group)
+              group, *gap)
     if not _eager():
         return batch_mse_forward(*inputs)[0]
     if under_functorch() or (not use_triton and not group and cpu.use_composed(x, columns.num_kept, batch=True)):
         refuse_synced_higher_order(group, "torch.func transforms")
-        return reference.batch_mse_composed(x, target, columns.index, eps, nan_to_num, reduction)
+        return reference.batch_mse_composed(x, target, columns.index, eps, nan_to_num, reduction, *gap)
     return _Eager.apply(BATCH_MSE, *inputs)
 
 

@@ -89,16 +89,22 @@ def batch_stats_group(norm: int, sync_stats: bool, process_group, batch_size: in
     return ""
 
 
-def check_widths(features: torch.Tensor, target: Optional[torch.Tensor], columns: ColumnMap, selector: str) -> None:
+def check_widths(features: torch.Tensor, target: Optional[torch.Tensor], columns: ColumnMap, selector: str,
+                 skipped: int = 0) -> None:
     """x has the D columns the map was built for and r (when given) its K kept columns (the 171/187
-    mismatch)."""
+    mismatch), plus the `skipped` columns a hybrid decoder's output holds besides them."""
     D, K = columns.num_features, columns.num_kept
     if features.shape[1] != D:
         raise ValueError(
             f"features have {features.shape[1]} columns but the {selector} was built for {D} feature columns "
             f"(it keeps {K} of {D})"
         )
-    if target is not None and target.shape[1] != K:
+    if target is not None and skipped and target.shape[1] != K + skipped:
+        raise ValueError(
+            f"target has {target.shape[1]} columns but must have {K + skipped}: the {K} kept columns and the "
+            f"{skipped} columns the loss skips (target_gap)"
+        )
+    if target is not None and not skipped and target.shape[1] != K:
         raise ValueError(
             f"target has {target.shape[1]} columns but the {selector} keeps {K} of the {D} feature columns "
             f"— pass the decoder's {K}-column reconstruction"

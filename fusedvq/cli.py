@@ -142,7 +142,8 @@ def _summary(decl, problems: list[str], features: Optional[int]) -> str:
     """The closing line: what kind of problems were found, not a guess that the widths differ."""
     noun = "problem" if len(problems) == 1 else "problems"
     if decl is not None and decl.stats_only:
-        return f"{len(problems)} {noun}: {decl.path.name} is a statistics file; the loss needs a mask and group indices too"
+        return (f"{len(problems)} {noun}: {decl.path.name} is a statistics file; the loss needs a mask and group "
+                f"indices too")
     if decl is None or (decl.feature_mask is None and decl.input_dim is None and decl.categories is None):
         return f"{len(problems)} {noun}: no checkpoint could be read at {decl.path if decl else 'that path'}"
     kinds = []

@@ -7,6 +7,8 @@ composition itself (use_composed). op.py registers these as the CPU kernels of t
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -32,6 +34,35 @@ def _block_rows(t: torch.Tensor, cols: int) -> int:
     return max(1, _BLOCK_ELEMENTS // max(cols, 1))
 
 
+# A hybrid decoder's target [B, K + c] holds c columns the loss skips (gap = (at, c)): the loss columns are
+# target[:, :at] and target[:, at + c:], read and written as those two views, never gathered into a copy.
+NO_GAP = (0, 0)
+
+
+def into_target(op, a: torch.Tensor, out: torch.Tensor, gap: tuple[int, int], target=None, on_target=False):
+    """op(a, target's loss columns, out=out) (target given) or op(a, *extra, out=out's loss columns)
+    (on_target: `out` is target-shaped), over the target's loss columns in their two runs around the gap."""
+    at, width = gap
+    if not width:
+        return op(a, target, out=out) if target is not None else op(a, out=out)
+    if target is not None:
+        op(a[:, :at], target[:, :at], out=out[:, :at])
+        op(a[:, at:], target[:, at + width :], out=out[:, at:])
+    else:
+        op(a[:, :at], out=out[:, :at])
+        op(a[:, at:], out=out[:, at + width :])
+    return out
+
+
+def new_target_grad(B: int, K: int, gap: tuple[int, int], dtype, device) -> torch.Tensor:
+    """grad_target [B, K + c], zero in the gap's columns (the loss does not depend on them)."""
+    at, width = gap
+    grad = torch.empty((B, K + width), dtype=dtype, device=device)
+    if width:
+        grad[:, at : at + width].zero_()
+    return grad
+
+
 def _diff_rows(
     out: torch.Tensor,  # [n, K] compute dtype: receives diff = z − r
     x: torch.Tensor,  # [n, D]
@@ -41,6 +72,7 @@ def _diff_rows(
     scale: Optional[torch.Tensor],
     finite: Optional[torch.Tensor],  # [n, K] bool: receives isfinite(x[:, index]) (nan_to_num), or None
     scratch: Optional[torch.Tensor] = None,  # [n, K] compute dtype for z, when out is fresh memory
+    gap: tuple[int, int] = NO_GAP,  # target [n, K + c]: skip its c columns from `at` on
 ) -> torch.Tensor:
     # z is built in scratch (warm) when out is fresh: the gather runs on one thread, and the first touch of
     # fresh pages costs half as much from the two threads of the final subtraction.
@@ -55,7 +87,7 @@ def _diff_rows(
     if scale is not None:
         # (x − μ)·(1/σ), in this order: x·(1/σ) − μ/σ would cancel ~1e-4 of z for features far from 0.
         z.sub_(shift).mul_(scale)
-    return torch.sub(z, target, out=out)
+    return into_target(torch.sub, z, out, gap, target)
 
 
 def masked_mse_forward(
@@ -66,6 +98,7 @@ def masked_mse_forward(
     scale: Optional[torch.Tensor],  # [K] compute dtype, or None (norm="none")
     nan_to_num: bool,
     reduction: int,
+    gap: tuple[int, int] = NO_GAP,  # target [B, K + c]: skip its c columns from `at` on
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (loss, diff [B, K] in compute dtype, finite [B, K] bool or None), the last two for backward."""
     B, K = x.shape[0], index.shape[0]
@@ -77,7 +110,7 @@ def masked_mse_forward(
     for start in range(0, B, step):
         rows = slice(start, start + step)
         block = _diff_rows(diff[rows], x[rows], target[rows], index, shift, scale,
-                           None if finite is None else finite[rows], scratch[: min(step, B - start)])
+                           None if finite is None else finite[rows], scratch[: min(step, B - start)], gap)
         if reduction != REDUCTION_NONE:
             parts += _dots(block)  # while the block is in cache
     loss = diff.square() if reduction == REDUCTION_NONE else _total(parts, B * K, reduction, x)
@@ -124,14 +157,15 @@ def masked_mse_backward(
     target_dtype: torch.dtype,
     needs: tuple[bool, bool] = (True, True),  # (grad_x, grad_target) wanted; the other comes back None
     overwrite_diff: bool = False,
+    gap: tuple[int, int] = NO_GAP,  # the forward's: grad_target is [B, K + c], zero in the gap
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_x [B, D] in x_dtype, grad_target [B, K] in target_dtype). With overwrite_diff, for a caller that
     owns diff and needs it no more, grad_target is written over diff (when it has diff's dtype), so the
     backward first-touches one fresh buffer (grad_x), not two."""
-    reuse = diff if overwrite_diff and needs[1] and target_dtype == diff.dtype else None
+    reuse = diff if overwrite_diff and needs[1] and target_dtype == diff.dtype and not gap[1] else None
     blocks = _saved_blocks(diff, finite)
     return _gradients(grad_loss, blocks, diff.shape, index, scale, num_features, reduction, x_dtype, target_dtype,
-                      needs, reuse)
+                      needs, reuse, gap)
 
 
 def _saved_blocks(diff, finite):
@@ -143,7 +177,7 @@ def _saved_blocks(diff, finite):
 
 
 def _gradients(grad_loss, blocks, shape, index, scale, num_features, reduction, x_dtype, target_dtype,
-               needs=(True, True), grad_target=None):
+               needs=(True, True), grad_target=None, gap=NO_GAP):
     """(grad_x, grad_target) from blocks of (rows, diff, finite): dz = ∂loss/∂z = 2·g·diff, grad_target = −dz,
     grad_x = dz·scale scattered to the kept columns (0 where x was non-finite). grad_target, when given, is
     the buffer to write it into (diff itself: each block is read before it is overwritten)."""
@@ -152,7 +186,7 @@ def _gradients(grad_loss, blocks, shape, index, scale, num_features, reduction, 
     device = grad_loss.device
     grad_x = torch.empty((B, num_features), dtype=x_dtype, device=device) if needs[0] else None
     if grad_target is None and needs[1]:
-        grad_target = torch.empty((B, K), dtype=target_dtype, device=device)
+        grad_target = new_target_grad(B, K, gap, target_dtype, device)
     if reduction != REDUCTION_NONE:
         g = grad_loss.to(cdt) * (2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0)
         neg_g = -g
@@ -165,13 +199,13 @@ def _gradients(grad_loss, blocks, shape, index, scale, num_features, reduction, 
         if reduction == REDUCTION_NONE:
             torch.mul(grad_loss[rows], diff, out=dz).mul_(2.0)
             if grad_target is not None:
-                torch.mul(dz, -1.0, out=grad_target[rows])
+                into_target(functools.partial(torch.mul, other=-1.0), dz, grad_target[rows], gap)
             if scale is not None:
                 dz.mul_(scale)
         else:
             torch.mul(diff, g_scale, out=dz)
             if grad_target is not None:
-                torch.mul(diff, neg_g, out=grad_target[rows])
+                into_target(functools.partial(torch.mul, other=neg_g), diff, grad_target[rows], gap)
         if grad_x is not None:
             if finite is not None:
                 dz.mul_(finite)

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from .contract import REDUCTION_MEAN, REDUCTION_NONE, compute_dtype
-from .cpu import _block_rows, _dots, _scatter_rows, _total
+from .cpu import NO_GAP, _block_rows, _dots, _scatter_rows, _total, into_target, new_target_grad
 from .reference import (
     STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, finalize_batch_stats, merge_moments,
 )
@@ -120,6 +120,7 @@ def batch_mse_forward(
     nan_to_num: bool,
     reduction: int,
     merge_and_finalize=None,  # (count, c, m, M2) -> stats [5, K] over all ranks; None: this batch only
+    gap: tuple[int, int] = NO_GAP,  # target [B, K + c]: skip its c columns from `at` on (cpu.into_target)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss in x.dtype, stats [5, K], column sums A [2, K] = (Σ diff·[z finite], Σ diff·z), or [0, K] for
     reduction "none", whose backward sums with g[b, k] itself), in the compute dtype."""
@@ -131,7 +132,7 @@ def batch_mse_forward(
     colsums = stats.new_zeros((0 if none else 2, K))
     parts, diff_buf = [], torch.empty_like(blocks.buf)
     for rows, z, z_ok in _z_blocks(blocks, stats, centered):
-        diff = torch.sub(z, target[rows], out=diff_buf[: z.shape[0]])
+        diff = into_target(torch.sub, z, diff_buf[: z.shape[0]], gap, target[rows])
         if none:
             loss[rows] = diff.square_()
             continue
@@ -155,25 +156,23 @@ def batch_mse_backward(
     nan_to_num: bool,
     reduction: int,
     sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only
+    gap: tuple[int, int] = NO_GAP,  # the forward's: grad_target is [B, K + c], zero in the gap
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype)."""
+    """(grad_x [B, D] in x.dtype, grad_target [B, K] (or [B, K + c]) in target.dtype)."""
     blocks = _Blocks(x, index, nan_to_num)
     B, K = blocks.B, blocks.K
     none = reduction == REDUCTION_NONE
     g = grad_loss.to(blocks.cdt) * (2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0)
     mr = stats[STAT_MEAN] * stats[STAT_RSTD]
     dz_buf = torch.empty_like(blocks.buf)
-    grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
+    grad_target = new_target_grad(B, K, gap, target.dtype, x.device)
 
     def dz_of(rows, last_pass=True):
         """(dz, z, x_ok) of a block: dz = 2·g·diff·[z finite]; on the last pass also grad_target = −2·g·diff."""
         z, z_ok, x_ok = blocks.normalized(rows, stats, mr)
-        dz = torch.sub(z, target[rows], out=dz_buf[: z.shape[0]]).mul_(g[rows] if none else g)
+        dz = into_target(torch.sub, z, dz_buf[: z.shape[0]], gap, target[rows]).mul_(g[rows] if none else g)
         if last_pass:  # before the mask: it applies to z's gradient only
-            if grad_target.dtype == dz.dtype:
-                torch.neg(dz, out=grad_target[rows])
-            else:
-                grad_target[rows] = dz.neg()
+            into_target(torch.neg if grad_target.dtype == dz.dtype else _neg_cast, dz, grad_target[rows], gap)
         return (dz if z_ok is None else dz.mul_(z_ok)), z, x_ok
 
     if none:  # (its one block, when reused, writes grad_target here)
@@ -183,6 +182,11 @@ def batch_mse_backward(
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     return _grad_x(blocks, dz_of, stats, sums, first), grad_target
+
+
+def _neg_cast(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = −a, cast to out's dtype."""
+    return out.copy_(a.neg())
 
 
 def _dz_sums(blocks: _Blocks, dz_of):

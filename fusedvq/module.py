@@ -102,11 +102,11 @@ class PreparedColumns(nn.Module):
         # Read from the buffers on every call (not cached): functional_call and DataParallel swap them.
         return ColumnMap(self.index, self.inv_ptr, self.inv_k)
 
-    def _prepare_call(self, features: torch.Tensor, target: Optional[torch.Tensor]):
+    def _prepare_call(self, features: torch.Tensor, target: Optional[torch.Tensor], skipped: int = 0):
         """(columns, use_triton, group) of a call, after its shape / dtype / device checks."""
         check_pair(features, target, allow_empty=self.synced)
         columns = self.columns()
-        check_widths(features, target, columns, self.selector)
+        check_widths(features, target, columns, self.selector, skipped)
         if columns.index.device != features.device:
             raise ValueError(
                 f"features are on {features.device} but the module's buffers are on {columns.index.device}: "
@@ -140,20 +140,37 @@ class MaskedMSELoss(PreparedColumns):
         num_features: D; needed with integer indices, checked against the mask's length otherwise.
         norm, eps, nan_to_num, reduction, backend, stats_space, sync_stats, process_group: as in
             masked_mse (norm="batch" takes no mean/std; sync_stats pools its statistics across ranks).
+        target_gap: (at, width): the target holds `width` more columns, from column `at` on, that the loss
+            skips (a hybrid VQ-VAE decoder's embedding columns): target [B, K + width], read in place, its
+            gradient zero there. VQReconLoss.from_checkpoint sets it from the checkpoint.
     """
 
-    def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", **options):
+    def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", target_gap=(0, 0), **options):
         reduction_id = reduction_code(reduction)  # checked first, as masked_mse does
         super().__init__(index, mean, std, **options)
         self.reduction_id, self.reduction = reduction_id, reduction
+        self.target_gap = check_gap(target_gap, self.num_kept)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        columns, use_triton, group = self._prepare_call(features, target)
+        gap = self.target_gap
+        columns, use_triton, group = self._prepare_call(features, target, gap[1])
         if self.norm_id == NORM_BATCH:
             return batch_mse_op(features, target, columns, self.eps, self.nan_to_num, self.reduction_id, use_triton,
-                                group)
+                                group, gap)
         shift, scale = self._stats_for(features)
-        return masked_mse_op(features, target, columns, shift, scale, self.nan_to_num, self.reduction_id, use_triton)
+        return masked_mse_op(features, target, columns, shift, scale, self.nan_to_num, self.reduction_id, use_triton,
+                             gap)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", reduction={REDUCTIONS[self.reduction_id]!r}"
+        gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""
+        return super().extra_repr() + f", reduction={REDUCTIONS[self.reduction_id]!r}{gap}"
+
+
+def check_gap(target_gap, num_kept: int) -> tuple[int, int]:
+    """(at, width) with 0 <= at <= K and width >= 0, or a ValueError naming them."""
+    ok = (isinstance(target_gap, (tuple, list)) and len(target_gap) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in target_gap))
+    if not ok or not 0 <= target_gap[0] <= num_kept or target_gap[1] < 0:
+        raise ValueError(f"target_gap must be (at, width) with 0 <= at <= {num_kept} (the kept columns) and "
+                         f"width >= 0, got {target_gap!r}")
+    return int(target_gap[0]), int(target_gap[1])

@@ -36,6 +36,8 @@ class VQReconLoss(nn.Module):
             reference (e.g. to log the error per category from a reduction="none" loss).
         norm, reduction, nan_to_num, backend, eps, stats_space, num_features: as in MaskedMSELoss.
         sync_stats, process_group: norm="batch" only, as in MaskedMSELoss (statistics over all ranks).
+        target_gap: (at, width): recon holds `width` embedding columns from column `at` on, which the loss
+            skips (a hybrid VQ-VAE; from_checkpoint derives it). recon is then [B, K + width].
 
     Gradients flow to features (zero in the dropped columns) and to recon. Buffers move with .to().
     """
@@ -56,17 +58,17 @@ class VQReconLoss(nn.Module):
         num_features: Optional[int] = None,
         sync_stats: bool = False,
         process_group=None,
+        target_gap=(0, 0),
     ):
         super().__init__()
         self.hybrid = None  # a hybrid VQ-VAE's layout (set by from_checkpoint / from_spec)
-        self.loss_after = None  # hybrid: the loss of the kept columns after the embedding columns
         # norm="batch" only: pool the batch statistics across ranks (passed on only when asked for).
         batch_options = {"sync_stats": sync_stats} if sync_stats else {}
         if process_group is not None:
             batch_options["process_group"] = process_group
         self.loss = MaskedMSELoss(
             feature_mask, mean, std, num_features=num_features, norm=norm, eps=eps, nan_to_num=nan_to_num,
-            reduction=reduction, backend=backend, stats_space=stats_space, **batch_options,
+            reduction=reduction, backend=backend, stats_space=stats_space, target_gap=target_gap, **batch_options,
         )  # fmt: skip
         self.norm = norm
         self.categories = {str(k): tuple(int(i) for i in v) for k, v in (categories or {}).items()}
@@ -96,37 +98,18 @@ class VQReconLoss(nn.Module):
         """The loss for a FeatureSpec (fusedvq.load_feature_spec). For a hybrid VQ-VAE (spec.hybrid) recon is
         the decoder's whole output, [B, K + c]: the loss compares its feature columns and leaves its c
         embedding columns (spec.embedding_columns) to the caller."""
-        loss = cls(spec.feature_mask, **spec.stats_arguments(norm), categories=spec.categories, norm=norm,
-                   **options)
-        loss.spec = spec
         layout = spec.hybrid
-        if layout is not None:
-            loss._split_at(layout, spec, norm, options)
+        gap = (layout.first_embedding, layout.num_embedding) if layout is not None else (0, 0)
+        loss = cls(spec.feature_mask, **spec.stats_arguments(norm), categories=spec.categories, norm=norm,
+                   target_gap=gap, **options)
+        loss.spec, loss.hybrid = spec, layout
         return loss
-
-    def _split_at(self, layout, spec, norm: str, options: dict) -> None:
-        """Hybrid: recon's feature columns are two runs, [0, p) and [p + c, K + c), each a plain view of recon
-        (nothing is copied). The loss runs once per run, over the kept columns of each, and adds the sums."""
-        p, K = layout.first_embedding, layout.num_kept
-        self.hybrid = layout
-        self.reduction = options.get("reduction", "mean")
-        if 0 < p < K:
-            index = spec.index
-            stats = spec.stats_arguments(norm)
-            part = {"reduction": "sum" if self.reduction != "none" else "none"}
-            first = {k: v[:p] for k, v in stats.items() if k != "stats_space"}
-            after = {k: v[p:] for k, v in stats.items() if k != "stats_space"}
-            space = {"stats_space": "masked"} if stats else {}
-            common = {k: v for k, v in options.items() if k != "reduction"}
-            self.loss = MaskedMSELoss(index[:p], **first, **space, num_features=spec.num_features, norm=norm,
-                                      **part, **common)
-            self.loss_after = MaskedMSELoss(index[p:], **after, **space, num_features=spec.num_features, norm=norm,
-                                            **part, **common)
 
     @property
     def embedding_columns(self) -> range:
         """The decoder columns this loss does not compare (a hybrid's embedding columns; empty otherwise)."""
-        return self.hybrid.embedding_columns() if self.hybrid is not None else range(0)
+        at, width = self.loss.target_gap
+        return range(at, at + width)
 
     @property
     def num_features(self) -> int:
@@ -136,12 +119,12 @@ class VQReconLoss(nn.Module):
     @property
     def num_kept(self) -> int:
         """K, the kept feature columns (the decoder's width, unless hybrid)."""
-        return self.hybrid.num_kept if self.hybrid is not None else self.loss.num_kept
+        return self.loss.num_kept
 
     @property
     def recon_width(self) -> int:
         """The decoder's width: K, or K + c for a hybrid VQ-VAE."""
-        return self.hybrid.width if self.hybrid is not None else self.loss.num_kept
+        return self.loss.num_kept + self.loss.target_gap[1]
 
     def _check_widths(self, features: torch.Tensor, recon: torch.Tensor) -> None:
         # Shape-only checks (no host sync), worded for this use; MaskedMSELoss checks the rest.
@@ -154,7 +137,7 @@ class VQReconLoss(nn.Module):
         width = self.recon_width
         if isinstance(recon, torch.Tensor) and recon.dim() == 2 and recon.shape[1] != width:
             extra = (f" and its {width - K} embedding columns (decoder columns {self.embedding_columns.start}.."
-                     f"{self.embedding_columns.stop - 1})" if self.hybrid is not None else "")
+                     f"{self.embedding_columns.stop - 1})" if width > K else "")
             raise ValueError(
                 f"recon has {recon.shape[1]} columns but the VQ-VAE's decoder reconstructs the {K} kept "
                 f"columns of {D}{extra}, {width} in all: pass the decoder's output"
@@ -164,22 +147,11 @@ class VQReconLoss(nn.Module):
         """features [B, D], recon [B, K] (hybrid: [B, K + c]) → the loss (scalar, or [B, K] with
         reduction="none"), over the kept feature columns."""
         self._check_widths(features, recon)
-        layout = self.hybrid
-        if layout is None:
-            return self.loss(features, recon)
-        p, c, K = layout.first_embedding, layout.num_embedding, layout.num_kept
-        if self.loss_after is None:  # the embedding columns lie before or after all feature columns
-            return self.loss(features, recon[:, c:] if p == 0 else recon[:, :K])
-        first = self.loss(features, recon[:, :p])
-        after = self.loss_after(features, recon[:, p + c:])
-        if self.reduction == "none":
-            return torch.cat([first, after], dim=1)
-        total = first + after
-        return total / (features.shape[0] * K) if self.reduction == "mean" else total
+        return self.loss(features, recon)
 
     def extra_repr(self) -> str:
         cats = f", {len(self.categories)} categories" if self.categories else ""
-        if self.hybrid is not None:
+        if self.recon_width > self.num_kept:
             e = self.embedding_columns
             return (f"features {self.num_features} → recon {self.recon_width} ({self.num_kept} feature columns "
                     f"compared; embedding columns {e.start}..{e.stop - 1} left to the caller){cats}")

@@ -3,6 +3,7 @@ by autograd to any order (so it also serves double backward and torch.func), and
 the tests' oracle. The fast CPU implementation with hand-written gradients is cpu.py; the GPU one kernels/.
 
     x [B, D] features, r [B, K] target, index [K] (values in [0, D)), shift [K] = μ, scale [K] = 1/σ
+    (a hybrid decoder's target is [B, K + gap]: its columns gap_at .. gap_at + gap − 1 are skipped, r = the rest)
     x̃ = nan_to_num(x) if nan_to_num else x                         (NaN, ±Inf → 0)
     z[b, k] = (x̃[b, index[k]] − shift[k]) · scale[k]                 (norm="none": z = x̃[:, index])
     diff = z − r;  e = diff²;  loss = Σe/(B·K) | Σe | e             (reduction mean | sum | none)
@@ -51,6 +52,14 @@ def clean_composed(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
     return z.to(x.dtype) if z.dtype != x.dtype else z
 
 
+def target_columns(target: torch.Tensor, gap_at: int, gap: int) -> torch.Tensor:
+    """The target's K loss columns: all of them, or (gap > 0) all but the `gap` columns from `gap_at` on (a
+    hybrid decoder's embedding columns, which the loss skips)."""
+    if gap == 0:
+        return target
+    return torch.cat([target[:, :gap_at], target[:, gap_at + gap :]], dim=1)
+
+
 def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
     loss = F.mse_loss(z, target.to(z.dtype) if target.dtype != z.dtype else target, reduction=REDUCTIONS[reduction])
     return loss.to(dtype) if loss.dtype != dtype else loss
@@ -64,10 +73,13 @@ def masked_mse_composed(
     scale: Optional[torch.Tensor],  # [K] compute dtype, or None
     nan_to_num: bool,
     reduction: int,
+    gap_at: int = 0,
+    gap: int = 0,  # target [B, K + gap]: its columns gap_at .. gap_at + gap − 1 are skipped
 ) -> torch.Tensor:
     """The loss as differentiable torch ops on the K kept columns, gradients by autograd: for small batches,
     where per-op overhead is much of the cost (autograd's C++ backward has less of it than a Python one)."""
-    return _mse(normalized_kept(x, index, shift, scale, nan_to_num), target, reduction, x.dtype)
+    z = normalized_kept(x, index, shift, scale, nan_to_num)
+    return _mse(z, target_columns(target, gap_at, gap), reduction, x.dtype)
 
 
 # ------------------------------------------------------------------------------------ norm="batch"
@@ -162,7 +174,10 @@ def batch_mse_composed(
     eps: float,
     nan_to_num: bool,
     reduction: int,
+    gap_at: int = 0,
+    gap: int = 0,  # as in masked_mse_composed
 ) -> torch.Tensor:
     """The batch-statistics loss as differentiable torch ops, gradients by autograd (so to any order, and
     under torch.func)."""
-    return _mse(batch_normalized_kept(x, index, eps, nan_to_num), target, reduction, x.dtype)
+    z = batch_normalized_kept(x, index, eps, nan_to_num)
+    return _mse(z, target_columns(target, gap_at, gap), reduction, x.dtype)

@@ -30,13 +30,9 @@ import triton.language as tl
 
 from .launch import KernelLauncher, cdiv, device_guard
 from .launchers import launch_backward, launch_forward
-from .settings import (
-    NORM_BATCH, NORM_BATCH_C, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes, max_programs, num_warps_for,
-    scratch, scratch_guard,
-)
-from .tiles import (
-    FLT_MAX, column_stats, kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs,
-)
+from .settings import (NORM_BATCH, NORM_BATCH_C, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes, max_programs,
+                       num_warps_for, scratch, scratch_guard)
+from .tiles import FLT_MAX, column_stats, kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs
 
 
 @triton.jit
@@ -151,6 +147,8 @@ def _dz_sums_kernel(
     stride_xd,
     stride_rb,
     stride_rk,
+    gap_at,  # as in the loss kernels: kept column k is r's column k + (gap if k >= gap_at else 0)
+    gap,
     NAN_TO_NUM: tl.constexpr,
     CLEAN: tl.constexpr,  # 0/1: clean_features, g = ∂L/∂z (dz = g·m)
     BLOCK_B: tl.constexpr,
@@ -173,7 +171,8 @@ def _dz_sums_kernel(
             if CLEAN:
                 dz = tl.where(ok & z_ok, gv.to(tl.float32), 0.0)
             else:
-                rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
+                rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)
+                rv = tl.load(r_ptr + rows[:, None] * stride_rb + rcols[None, :] * stride_rk, mask=ok, other=0.0)
                 dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
             s1 += dz
             s2 += dz * z
@@ -220,7 +219,8 @@ def batch_stats(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None)
     return merge_and_finalize(x.shape[0], shift, mean, m2)
 
 
-def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction: int, merge_and_finalize=None):
+def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction: int, merge_and_finalize=None,
+                      gap=(0, 0)):
     """(loss, stats [5, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
     with g itself: no launch to fill them). merge_and_finalize(count, c, m, M2) -> stats [5, K]
     turns this batch's moments into statistics over all ranks; None: this batch's own."""
@@ -231,12 +231,12 @@ def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction:
         return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
     loss, colsums = launch_forward(
         x, target, index, stats[0], stats[2], NORM_BATCH, nan_to_num, reduction, colsums=reduction != REDUCTION_NONE,
-        center=stats[1],
+        center=stats[1], gap=gap,
     )
     return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
 
 
-def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tensor:
+def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0)) -> torch.Tensor:
     """(S1, S2) [2, K] fp32 of reduction "none" (target None: of clean_features, grad_loss = ∂L/∂z): Σ_b dz
     and Σ_b dz·z over these B rows."""
     clean = target is None
@@ -253,7 +253,7 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tenso
         _DZ_SUMS[grid](
             grad_loss, x, target, index, stats[0], stats[1], stats[2], partial, sums, scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
-            target.stride(0), target.stride(1),
+            target.stride(0), target.stride(1), gap[0], gap[1],
             NAN_TO_NUM=int(nan_to_num), CLEAN=int(clean), BLOCK_B=block_b, BLOCK_K=block_k,
             num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
@@ -261,12 +261,12 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool) -> torch.Tenso
 
 
 def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num: bool,
-                       reduction: int, sum_over_ranks=None):
-    """(grad_x [B, D], grad_target [B, K]); sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
+                       reduction: int, sum_over_ranks=None, gap=(0, 0)):
+    """(grad_x [B, D], grad_target [B, K (+ gap)]); sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
     B, K = x.shape[0], index.shape[0]
     sums, sums_final = colsums, False
     if reduction == REDUCTION_NONE:
-        sums, sums_final = dz_sums(grad_loss, x, target, index, stats, nan_to_num), True
+        sums, sums_final = dz_sums(grad_loss, x, target, index, stats, nan_to_num, gap), True
     elif sum_over_ranks is not None:
         scale = 2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0
         sums, sums_final = colsums * (grad_loss.float() * scale), True
@@ -274,9 +274,8 @@ def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsu
         sums = sum_over_ranks(sums)
     if B == 0:
         return x.new_zeros(x.shape), target.new_zeros(target.shape)
-    return launch_backward(
-        grad_loss, x, target, inv_ptr, inv_k, NORM_BATCH, tuple(stats), nan_to_num, reduction, sums, sums_final
-    )
+    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, NORM_BATCH, tuple(stats), nan_to_num, reduction,
+                           sums, sums_final, gap=gap)
 
 
 def batch_clean_forward(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None):

@@ -29,6 +29,7 @@ def launch_forward(
     colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
     center=None,  # norm "batch": [K] fp32 m, the batch mean around the shift passed as `shift`
     clean: bool = False,  # clean_features: out = z [B, K] (target None, reduction none)
+    gap=(0, 0),  # (at, c): target is [B, K + c] and its c columns from `at` on are skipped
 ):
     """(loss [] or [B, K] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs validated by the
     caller."""
@@ -57,7 +58,7 @@ def launch_forward(
         _FWD[grid](
             x, target, index, shift, center, scale, out, partial, sums_partial, sums, counter,
             B, K, D,
-            x.stride(0), x.stride(1), target.stride(0), target.stride(1),
+            x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1],
             1.0 / (B * K) if reduction == REDUCTION_MEAN else 1.0,
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, COLSUMS=int(colsums), CLEAN=int(clean),
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),
@@ -78,8 +79,10 @@ def launch_backward(
     sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
     sums_final: bool = False,
     clean: bool = False,  # clean_features: grad_loss is ∂L/∂z [B, K], target None, reduction none
+    gap=(0, 0),  # the forward's (at, c): grad_target is [B, K + c], zero in the skipped columns
 ):
-    """(grad_x [B, D] in x.dtype, grad_target [B, K] in target.dtype), both freshly allocated; clean: grad_x."""
+    """(grad_x [B, D] in x.dtype, grad_target [B, K (+ c)] in target.dtype), both freshly allocated; clean:
+    grad_x."""
     B, D = x.shape
     K = inv_k.shape[0]
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
@@ -96,11 +99,14 @@ def launch_backward(
         if clean:
             target = grad_target = grad_x  # never read, never written
         else:
-            grad_target = torch.empty((B, K), dtype=target.dtype, device=x.device)
+            at, width = gap
+            grad_target = torch.empty((B, K + width), dtype=target.dtype, device=x.device)
+            if width:  # the kernel writes the K loss columns; the skipped ones get zeros here
+                grad_target[:, at : at + width].zero_()
         _BWD[grid](
             grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums, grad_x, grad_target,
             B, K, D,
-            x.stride(0), x.stride(1), target.stride(0), target.stride(1), *g_strides,
+            x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1], *g_strides,
             1.0 if clean else 2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0,
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, SUMS_FINAL=int(sums_final),
             CLEAN=int(clean), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b, block_d),
@@ -112,17 +118,18 @@ _FWD = KernelLauncher(_masked_mse_fwd_kernel)
 _BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 
-def masked_mse_forward(x, target, index, shift, scale, nan_to_num: bool, reduction: int) -> torch.Tensor:
+def masked_mse_forward(x, target, index, shift, scale, nan_to_num: bool, reduction: int, gap=(0, 0)) -> torch.Tensor:
     """norm "none" (shift = scale = None) or "stats": the loss ([] or [B, K] in x.dtype)."""
     norm = NORM_NONE if shift is None else NORM_STATS
-    loss, _ = launch_forward(x, target, index, shift, scale, norm, nan_to_num, reduction)
+    loss, _ = launch_forward(x, target, index, shift, scale, norm, nan_to_num, reduction, gap=gap)
     return loss
 
 
-def masked_mse_backward(grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_to_num: bool, reduction: int):
-    """norm "none" / "stats": (grad_x [B, D], grad_target [B, K])."""
+def masked_mse_backward(grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_to_num: bool, reduction: int,
+                        gap=(0, 0)):
+    """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c])."""
     norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
-    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, norm, stats, nan_to_num, reduction)
+    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, norm, stats, nan_to_num, reduction, gap=gap)
 
 
 def clean_forward(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:

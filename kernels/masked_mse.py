@@ -56,6 +56,8 @@ def _masked_mse_fwd_kernel(
     stride_xd,
     stride_rb,
     stride_rk,
+    gap_at,  # r's columns gap_at .. gap_at + gap − 1 are skipped (a hybrid decoder's embeddings): kept column
+    gap,  # k is read from r's column k + (gap if k >= gap_at else 0); gap = 0: r is [B, K]
     out_scale,  # 1/(B·K) for mean, 1 for sum
     NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch (stats from the batch; z passes through nan_to_num)
     NAN_TO_NUM: tl.constexpr,  # 0/1
@@ -85,7 +87,8 @@ def _masked_mse_fwd_kernel(
             if CLEAN:
                 tl.store(out_ptr + rows[:, None] * K + cols[None, :], z.to(out_ptr.dtype.element_ty), mask=ok)
             else:
-                rv = tl.load(r_ptr + rows[:, None] * stride_rb + cols.to(tl.int64)[None, :] * stride_rk, mask=ok, other=0.0)
+                rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)
+                rv = tl.load(r_ptr + rows[:, None] * stride_rb + rcols[None, :] * stride_rk, mask=ok, other=0.0)
                 diff = tl.where(ok, z - rv.to(tl.float32), 0.0)
                 if REDUCTION == REDUCTION_NONE_C:
                     out_offs = rows[:, None] * K + cols[None, :]
@@ -130,7 +133,7 @@ def _masked_mse_bwd_kernel(
     inv_n_ptr,  # [K] fp32: 1/N (NORM 2)
     sums_ptr,  # NORM 2: [2, K] fp32 column sums: (A1, A2) of the forward, or (S1, S2) when SUMS_FINAL
     grad_x_ptr,  # [B, D] contiguous, dtype of x: written everywhere, zeros included
-    grad_r_ptr,  # [B, K] contiguous, dtype of r (not written with CLEAN)
+    grad_r_ptr,  # [B, K + gap] contiguous, dtype of r, zero in the gap's columns already (not written with CLEAN)
     B,
     K,
     D,
@@ -138,6 +141,8 @@ def _masked_mse_bwd_kernel(
     stride_xd,
     stride_rb,
     stride_rk,
+    gap_at,  # as in the forward: kept column k is r's column k + (gap if k >= gap_at else 0)
+    gap,
     stride_gb,
     stride_gk,
     grad_scale,  # 2/(B·K) for mean, 2 otherwise: ∂e/∂z = 2·diff folded in (CLEAN: 1)
@@ -185,10 +190,12 @@ def _masked_mse_bwd_kernel(
         if CLEAN:
             dzv = gk  # ∂L/∂z
         else:
-            rv = tl.load(r_ptr + rows[:, None] * stride_rb + k[None, :] * stride_rk, mask=ok, other=0.0)
+            rk = k + tl.where(k >= gap_at, gap, 0)
+            rv = tl.load(r_ptr + rows[:, None] * stride_rb + rk[None, :] * stride_rk, mask=ok, other=0.0)
             diff = z - rv.to(tl.float32)
             dzv = diff * gk
-            tl.store(grad_r_ptr + rows[:, None] * K + k[None, :], (-dzv).to(grad_r_ptr.dtype.element_ty), mask=ok)
+            grad_r_offs = rows[:, None] * (K + gap) + rk[None, :]
+            tl.store(grad_r_ptr + grad_r_offs, (-dzv).to(grad_r_ptr.dtype.element_ty), mask=ok)
         if NORM == NORM_NONE_C:
             dx = dzv
         elif NORM == NORM_STATS_C:

@@ -56,7 +56,8 @@ def kernel_specs():
                 "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32",
                 "out_ptr": dtype, "partial_ptr": "*fp32", "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
                 "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
-                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "out_scale": F32,
+                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32,
+                "out_scale": F32,
             }
             # clean_features (reduction "none" only; fewer live values than the loss): at the motivating shape
             for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
@@ -68,7 +69,7 @@ def kernel_specs():
                 "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "col_start_ptr": "*i32", "inv_k_ptr": "*i32",
                 "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "inv_n_ptr": "*fp32",
                 "sums_ptr": "*fp32", "grad_x_ptr": dtype, "grad_r_ptr": dtype, "B": I32, "K": I32, "D": I32,
-                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64,
+                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32,
                 "stride_gb": I64, "stride_gk": I64, "grad_scale": F32,
             }
             # Batch norm with reduction "none" always gets final sums (S1, S2) from _dz_sums_kernel.
@@ -90,7 +91,7 @@ def kernel_specs():
                 sig = {"grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32",
                        "center_ptr": "*fp32", "scale_ptr": "*fp32", "partial_ptr": "*fp32", "sums_ptr": "*fp32", "counter_ptr": "*i32",
                        "B": I32, "K": I32, "D": I32, "stride_gb": I64, "stride_gk": I64, "stride_xb": I64,
-                       "stride_xd": I64, "stride_rb": I64, "stride_rk": I64}
+                       "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32}
                 for clean in (0, 1) if shapes == SHAPES[1:2] else (0,):
                     yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, CLEAN=clean, **blocks)
 

@@ -61,8 +61,8 @@ def trainer_classes(**extra):
     for key, value in extra.items():
         setattr(module, key, value)
         value.__module__ = MODULE
-    sys.modules.update({"spinlock": types.ModuleType("spinlock"), "spinlock.encoding": types.ModuleType("spinlock.encoding"),
-                        MODULE: module})
+    sys.modules.update({"spinlock": types.ModuleType("spinlock"), MODULE: module,
+                        "spinlock.encoding": types.ModuleType("spinlock.encoding")})
     try:
         yield module
     finally:
@@ -158,7 +158,8 @@ def checkpoint_dict(run: Run) -> dict:
         else:
             fams[name] = {"encoder": "mlp", "encoder_params": {"hidden_dims": [256], "output_dim": 128}}
     width = run.K + run.num_embedding
-    state = {"vqvae.shared_decoder.0.weight": torch.randn(64, 32), "vqvae.shared_decoder.2.weight": torch.randn(width, 64)}
+    state = {"vqvae.shared_decoder.0.weight": torch.randn(64, 32),
+             "vqvae.shared_decoder.2.weight": torch.randn(width, 64)}
     if run.hybrid_family:
         c = run.num_embedding
         state.update({"initial_encoder.cnn_encoder.stage1.0.weight": torch.randn(32, 1, 7, 7),

@@ -232,7 +232,8 @@ def test_spec_from_a_mask_groups_and_a_statistics_file(tmp_path):
     with pytest.raises(CheckpointError, match="no group_indices"):
         load_feature_spec(stats=npz, feature_mask=run.mask)
     with pytest.raises(CheckpointError, match="category 'cluster_1'"):
-        load_feature_spec(stats=npz, feature_mask=run.mask, group_indices={**groups, "cluster_1": groups["cluster_1"][:-1]})
+        short = {**groups, "cluster_1": groups["cluster_1"][:-1]}
+        load_feature_spec(stats=npz, feature_mask=run.mask, group_indices=short)
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason="the shared fixtures are not present")
@@ -333,7 +334,8 @@ def test_the_readme_minimal_checkpoint_is_valid(tmp_path, monkeypatch):
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start = text.index("A minimal valid checkpoint")
-    code = text[text.index("```python\n", start) + len("```python\n") : text.index("```", text.index("```python\n", start) + 10)]
+    begin = text.index("```python\n", start) + len("```python\n")
+    code = text[begin : text.index("```", begin)]
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     rc, out, err = run_check(str(tmp_path / "best_model.pt"), features=187)

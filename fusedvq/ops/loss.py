@@ -2,13 +2,16 @@
 one autograd definition (definition.py).
 
     fusedvq::masked_mse_forward(x, target, index, inv_ptr, inv_k, shift?, scale?, nan_to_num, reduction,
-                                use_triton) -> (loss, diff, finite)
+                                use_triton, gap_at, gap) -> (loss, diff, finite)
     fusedvq::masked_mse_backward(grad, x, target, index, inv_ptr, inv_k, shift?, scale?, diff, finite,
-                                 nan_to_num, reduction, use_triton) -> (grad_x, grad_target)
+                                 nan_to_num, reduction, use_triton, gap_at, gap) -> (grad_x, grad_target)
     fusedvq::batch_mse_forward(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton,
-                               group) -> (loss, stats [5, K], colsums [2, K], or [0, K] for reduction none)
+                               group, gap_at, gap) -> (loss, stats [5, K], colsums [2, K], or [0, K] for none)
     fusedvq::batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
-                                reduction, use_triton, group) -> (grad_x, grad_target)
+                                reduction, use_triton, group, gap_at, gap) -> (grad_x, grad_target)
+
+gap_at, gap: the target is [B, K + gap] and its columns gap_at .. gap_at + gap − 1 are skipped (a hybrid
+VQ-VAE's embedding columns), read and written in place; gap = 0 is the plain [B, K] target.
 
 diff and finite are what the forward saves for the backward: the CPU implementation keeps diff [B, K] (and
 the finite mask with nan_to_num) to avoid a second gather; the Triton kernels recompute z in the backward,
@@ -39,12 +42,13 @@ def _loss_shape(x: Tensor, index: Tensor, reduction: int) -> tuple[int, ...]:
 
 def _masked_forward_impl(
     x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor, shift: Optional[Tensor],
-    scale: Optional[Tensor], nan_to_num: bool, reduction: int, use_triton: bool,
+    scale: Optional[Tensor], nan_to_num: bool, reduction: int, use_triton: bool, gap_at: int = 0, gap: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton:
-        loss = kernels().masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+        loss = kernels().masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction, (gap_at, gap))
         return loss, empty(x), empty(x, torch.bool)
-    loss, diff, finite = cpu.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction)
+    loss, diff, finite = cpu.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction,
+                                                (gap_at, gap))
     return loss, diff, finite if finite is not None else empty(x, torch.bool)
 
 
@@ -52,7 +56,7 @@ masked_mse_forward = torch.library.custom_op("fusedvq::masked_mse_forward", muta
 
 
 @masked_mse_forward.register_fake
-def _(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton):
+def _(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton, gap_at=0, gap=0):
     loss = x.new_empty(_loss_shape(x, index, reduction))
     if use_triton:
         return loss, empty(x), empty(x, torch.bool)
@@ -63,33 +67,35 @@ def _(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use
 def _masked_backward_impl(
     grad: Tensor, x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor,
     shift: Optional[Tensor], scale: Optional[Tensor], diff: Tensor, finite: Tensor, nan_to_num: bool,
-    reduction: int, use_triton: bool,
+    reduction: int, use_triton: bool, gap_at: int = 0, gap: int = 0,
 ) -> tuple[Tensor, Tensor]:
     if use_triton:
-        return kernels().masked_mse_backward(grad, x, target, inv_ptr, inv_k, shift, scale, nan_to_num, reduction)
+        return kernels().masked_mse_backward(grad, x, target, inv_ptr, inv_k, shift, scale, nan_to_num, reduction,
+                                             (gap_at, gap))
     return cpu.masked_mse_backward(grad, diff, finite if nan_to_num else None, index, scale, x.shape[1],
-                                   reduction, x.dtype, target.dtype)
+                                   reduction, x.dtype, target.dtype, gap=(gap_at, gap))
 
 
 masked_mse_backward = torch.library.custom_op("fusedvq::masked_mse_backward", mutates_args=())(_masked_backward_impl)
 
 
 @masked_mse_backward.register_fake
-def _(grad, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite, nan_to_num, reduction, use_triton):
+def _(grad, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite, nan_to_num, reduction, use_triton,
+      gap_at=0, gap=0):
     return fresh_like(x), fresh_like(target)
 
 
 def _masked_setup_context(ctx, inputs, output):
-    x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton = inputs
+    x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton, gap_at, gap = inputs
     _, diff, finite = output
     ctx.save_for_backward(x, target, index, inv_ptr, inv_k, shift, scale, diff, finite)
-    ctx.options = (nan_to_num, reduction, use_triton)
+    ctx.options = (nan_to_num, reduction, use_triton, gap_at, gap)
     ctx.diff_spent = False
 
 
 def _masked_backward(ctx, grad_loss, needs, eager):
     x, target, index, inv_ptr, inv_k, shift, scale, diff, finite = ctx.saved_tensors
-    nan_to_num, reduction, use_triton = ctx.options
+    nan_to_num, reduction, use_triton, gap_at, gap = ctx.options
     if eager and not use_triton:
         # The eager CPU path writes grad_target over diff, a buffer of this call's own (saved for this
         # backward alone, never returned): one batch-sized first touch fewer, 20% of a B = 65536 step. The
@@ -97,24 +103,24 @@ def _masked_backward(ctx, grad_loss, needs, eager):
         # (retain_graph=True) finds diff spent and computes it again.
         if ctx.diff_spent:
             _, diff, finite = _masked_forward_impl(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num,
-                                                   reduction, False)
+                                                   reduction, False, gap_at, gap)
         ctx.diff_spent = True
         with torch.autograd._unsafe_preserve_version_counter(diff):
             grads = cpu.masked_mse_backward(grad_loss, diff, finite if nan_to_num else None, index, scale,
                                             x.shape[1], reduction, x.dtype, target.dtype, needs=needs,
-                                            overwrite_diff=True)
-        return (*grads,) + (None,) * 8
+                                            overwrite_diff=True, gap=(gap_at, gap))
+        return (*grads,) + (None,) * 10
     backward = _masked_backward_impl if eager else masked_mse_backward
     grad_x, grad_target = backward(grad_loss, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite,
-                                   nan_to_num, reduction, use_triton)
-    return grad_x, grad_target, None, None, None, None, None, None, None, None
+                                   nan_to_num, reduction, use_triton, gap_at, gap)
+    return (grad_x, grad_target) + (None,) * 10
 
 
 def _masked_composed(ctx):
     x, target, index, _, _, shift, scale, _, _ = ctx.saved_tensors
-    nan_to_num, reduction, _ = ctx.options
+    nan_to_num, reduction, _, gap_at, gap = ctx.options
     return functools.partial(reference.masked_mse_composed, index=index, shift=shift, scale=scale,
-                             nan_to_num=nan_to_num, reduction=reduction), (x, target)
+                             nan_to_num=nan_to_num, reduction=reduction, gap_at=gap_at, gap=gap), (x, target)
 
 
 MASKED_MSE = Definition("fusedvq::masked_mse_forward", _masked_forward_impl, _masked_setup_context,
@@ -126,12 +132,12 @@ MASKED_MSE = Definition("fusedvq::masked_mse_forward", _masked_forward_impl, _ma
 
 def _batch_forward_impl(
     x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor, eps: float, nan_to_num: bool,
-    reduction: int, use_triton: bool, group: str,
+    reduction: int, use_triton: bool, group: str, gap_at: int = 0, gap: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     merge = merge_fn(group, eps)
     if use_triton:
-        return kernels().batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge)
-    return cpu_batch.batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge)
+        return kernels().batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge, (gap_at, gap))
+    return cpu_batch.batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge, (gap_at, gap))
 
 
 batch_mse_forward = torch.library.custom_op("fusedvq::batch_mse_forward", mutates_args=())(_batch_forward_impl)
@@ -144,7 +150,7 @@ def batch_outputs_fake(x: Tensor, index: Tensor, use_triton: bool) -> Tensor:
 
 
 @batch_mse_forward.register_fake
-def _(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, group):
+def _(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, group, gap_at=0, gap=0):
     stats = batch_outputs_fake(x, index, use_triton)
     colsums = stats.new_empty((0 if reduction == REDUCTION_NONE else 2, index.shape[0]))  # none: the backward sums
     return x.new_empty(_loss_shape(x, index, reduction)), stats, colsums
@@ -152,45 +158,47 @@ def _(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, 
 
 def _batch_backward_impl(
     grad: Tensor, x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor, stats: Tensor,
-    colsums: Tensor, nan_to_num: bool, reduction: int, use_triton: bool, group: str,
+    colsums: Tensor, nan_to_num: bool, reduction: int, use_triton: bool, group: str, gap_at: int = 0, gap: int = 0,
 ) -> tuple[Tensor, Tensor]:
     total = sum_fn(group)
     if use_triton:
         return kernels().batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
-                                            reduction, total)
-    return cpu_batch.batch_mse_backward(grad, x, target, index, stats, colsums, nan_to_num, reduction, total)
+                                            reduction, total, (gap_at, gap))
+    return cpu_batch.batch_mse_backward(grad, x, target, index, stats, colsums, nan_to_num, reduction, total,
+                                        (gap_at, gap))
 
 
 batch_mse_backward = torch.library.custom_op("fusedvq::batch_mse_backward", mutates_args=())(_batch_backward_impl)
 
 
 @batch_mse_backward.register_fake
-def _(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction, use_triton, group):
+def _(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction, use_triton, group,
+      gap_at=0, gap=0):
     return fresh_like(x), fresh_like(target)
 
 
 def _batch_setup_context(ctx, inputs, output):
-    x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, group = inputs
+    x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, group, gap_at, gap = inputs
     _, stats, colsums = output
     ctx.save_for_backward(x, target, index, inv_ptr, inv_k, stats, colsums)
-    ctx.options = (eps, nan_to_num, reduction, use_triton, group)
+    ctx.options = (eps, nan_to_num, reduction, use_triton, group, gap_at, gap)
 
 
 def _batch_backward(ctx, grad_loss, needs, eager):
     x, target, index, inv_ptr, inv_k, stats, colsums = ctx.saved_tensors
-    _, nan_to_num, reduction, use_triton, group = ctx.options
+    _, nan_to_num, reduction, use_triton, group, gap_at, gap = ctx.options
     backward = _batch_backward_impl if eager else batch_mse_backward
     grad_x, grad_target = backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
-                                   reduction, use_triton, group)
-    return grad_x, grad_target, None, None, None, None, None, None, None, None
+                                   reduction, use_triton, group, gap_at, gap)
+    return (grad_x, grad_target) + (None,) * 10
 
 
 def _batch_composed(ctx):
     x, target, index = ctx.saved_tensors[:3]
-    eps, nan_to_num, reduction, _, group = ctx.options
+    eps, nan_to_num, reduction, _, group, gap_at, gap = ctx.options
     refuse_synced_higher_order(group, "double backward (create_graph=True)")
     return functools.partial(reference.batch_mse_composed, index=index, eps=eps, nan_to_num=nan_to_num,
-                             reduction=reduction), (x, target)
+                             reduction=reduction, gap_at=gap_at, gap=gap), (x, target)
 
 
 BATCH_MSE = Definition("fusedvq::batch_mse_forward", _batch_forward_impl, _batch_setup_context, _batch_backward,

@@ -1,0 +1,124 @@
+"""The loss against a hybrid decoder's output: target [B, K + c] whose c columns from `at` on are skipped
+(target_gap), on every path (the composition, the blocked CPU path, the Triton kernels), every norm and
+reduction, against a float64 oracle that gathers the target's loss columns with plain torch ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusedvq import cpu
+from fusedvq.columns import build_column_map
+from fusedvq.module import MaskedMSELoss
+from helpers import interpreting
+
+PATHS = [
+    "composed",
+    "blocked",
+    pytest.param("triton", marks=pytest.mark.skipif(not interpreting, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")),
+]
+D, K, C = 40, 29, 6
+
+
+def rel_err(got, ref) -> float:
+    return float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
+
+
+def _case(B, at, seed, nan=False, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(D, generator=g)[:K].sort().values
+    index[3] = index[5]  # a duplicate kept column
+    mean = torch.randn(D, generator=g, dtype=torch.float64) * 20
+    std = torch.rand(D, generator=g, dtype=torch.float64) * 3 + 0.2
+    x = (mean + std * torch.randn(B, D, generator=g, dtype=torch.float64)).float()
+    if nan:
+        x[0, index[2]] = float("nan")
+        x[-1, index[7]] = float("inf")
+    wide = torch.randn(B, K + C + 3, generator=g)
+    r = wide[:, 1 : K + C + 1] if strided else wide[:, : K + C].clone()  # a row stride ≠ K + C
+    return index, mean, std, x, r, g
+
+
+def _oracle(x, r, index, mean, std, at, norm, reduction, nan_to_num, w):
+    x64, r64 = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    xin = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
+    kept = xin[:, index]
+    if norm == "stats":
+        z = (kept - mean[index]) / std[index]
+    elif norm == "batch":
+        s = kept.std(0)
+        z = torch.nan_to_num((kept - kept.mean(0)) / torch.where(s < 1e-8, torch.ones_like(s), s))
+    else:
+        z = kept
+    cols = torch.cat([torch.arange(at), torch.arange(at + C, K + C)])
+    loss = F.mse_loss(z, r64[:, cols], reduction=reduction)
+    (loss * w).sum().backward()
+    return loss.detach(), x64.grad, r64.grad
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("norm", ["stats", "batch", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("at", [0, 11, K])
+def test_gap_matches_the_oracle(monkeypatch, path, norm, reduction, at):
+    B = 37
+    if path == "blocked":
+        monkeypatch.setattr(cpu, "_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(cpu, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)  # several row blocks
+    index, mean, std, x, r, g = _case(B, at, seed=at + 3, nan=True, strided=at == 11)
+    stats = dict(mean=mean.float(), std=std.float()) if norm == "stats" else {}
+    loss_fn = MaskedMSELoss(index, **stats, num_features=D, norm=norm, reduction=reduction, nan_to_num=True,
+                            backend="triton" if path == "triton" else "reference", target_gap=(at, C))
+    x, r = x.requires_grad_(), r.requires_grad_()
+    ref, gx, gr = _oracle(x, r, index, mean, std, at, norm, reduction, True,
+                          w := torch.rand((B, K) if reduction == "none" else (), generator=g, dtype=torch.float64) + 0.5)
+    got = loss_fn(x, r)
+    (got * w.float()).sum().backward()
+    assert got.shape == ref.shape
+    assert rel_err(got.detach(), ref) <= 1e-5
+    assert rel_err(x.grad, gx) <= 1e-5 and rel_err(r.grad, gr) <= 1e-5
+    assert r.grad.shape == (B, K + C) and float(r.grad[:, at : at + C].abs().max()) == 0.0
+
+
+def test_gap_width_errors_name_the_numbers():
+    index = torch.arange(K)
+    loss_fn = MaskedMSELoss(index, num_features=D, norm="none", target_gap=(4, C))
+    with pytest.raises(ValueError, match=f"must have {K + C}: the {K} kept columns and the {C} columns"):
+        loss_fn(torch.randn(3, D), torch.randn(3, K))
+    for bad in [(K + 1, 2), (-1, 2), (3, -1), (1.5, 2), (True, 1), (1, 2, 3)]:
+        with pytest.raises(ValueError, match="target_gap"):
+            MaskedMSELoss(index, num_features=D, norm="none", target_gap=bad)
+
+
+def test_gap_double_backward_and_compile():
+    index, mean, std, x, r, _ = _case(6, 9, seed=1)
+    loss_fn = MaskedMSELoss(index, mean=mean.float(), std=std.float(), num_features=D, target_gap=(9, C))
+    x64 = x.double().requires_grad_()
+    r64 = r.double().requires_grad_()
+    gx, = torch.autograd.grad(loss_fn(x64, r64), x64, create_graph=True)
+    gx.square().sum().backward()  # through the composition: second derivatives on both inputs
+    assert r64.grad is not None and float(r64.grad[:, 9 : 9 + C].abs().max()) == 0.0
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    xe, re = x.clone().requires_grad_(), r.clone().requires_grad_()
+    xc, rc = x.clone().requires_grad_(), r.clone().requires_grad_()
+    loss_fn(xe, re).backward()
+    compiled(xc, rc).backward()
+    assert rel_err(xc.grad, xe.grad) <= 1e-6 and rel_err(rc.grad, re.grad) <= 1e-6
+
+
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(not interpreting,
+                                                                                        reason="interpreter"))])
+@pytest.mark.parametrize("batch", [False, True])
+def test_opcheck_with_a_gap(use_triton, batch):
+    index, mean, std, x, r, _ = _case(7, 12, seed=2)
+    cmap = build_column_map(index, D)
+    x, r = x.requires_grad_(), r.requires_grad_()
+    if batch:
+        args = (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, 1e-8, False, 1, use_triton, "", 12, C)
+        torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, args)
+    else:
+        shift, scale = mean[index].float(), std[index].float().reciprocal()
+        args = (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, False, 1, use_triton, 12, C)
+        torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
