@@ -90,7 +90,7 @@ def main():
     for name, (xc, B, out_scale, reduction) in cases.items():
         xc = xc.as_subclass(_OnDevice)
         args = (xc, r, idx, shift, shift, scale, out, partial, partial, partial, counter, B, 171, 187,
-                xc.stride(0), xc.stride(1), r.stride(0), r.stride(1), out_scale)
+                xc.stride(0), xc.stride(1), r.stride(0), r.stride(1), 0, 0, out_scale)
         constexprs = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=reduction, COLSUMS=0, CLEAN=0, BLOCK_B=8, BLOCK_K=256,
                           BLOCK_P=1024)
         cached_before = len(fwd.compiled)
