@@ -17,7 +17,11 @@ from typing import Optional
 
 import torch
 
-from .calls import batch_clean_op, clean_op
+from .backend import use_triton_for
+from .calls import batch_clean_op, clean_op, masked_mse_op
+from .canonical import reduction_code
+from .checks import check_pair, check_widths
+from .columns import ColumnMap, build_column_map
 from .contract import NORM_BATCH
 from .functional import prepare_call
 from .module import PreparedColumns
@@ -73,28 +77,56 @@ class FeatureCleaner(PreparedColumns):
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
 
-    hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
+    def __init__(self, index, mean=None, std=None, **options):
+        super().__init__(index, mean, std, **options)
+        self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
+        # recon_loss compares z with the decoder's columns through the identity map on z's K columns.
+        identity = build_column_map(torch.arange(self.num_kept, device=self.index.device), self.num_kept)
+        self.register_buffer("_z_index", identity.index, persistent=False)
+        self.register_buffer("_z_inv_ptr", identity.inv_ptr, persistent=False)
+        self.register_buffer("_z_inv_k", identity.inv_k, persistent=False)
 
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options) -> "FeatureCleaner":
         """The cleaner for a FeatureSpec. For a hybrid VQ-VAE (spec.hybrid) z holds the K feature columns;
-        `combine(z, embeddings)` builds the encoder's K + c input, and `recon_columns` says which decoder
-        columns reconstruct z (the c others are the embeddings, left to the caller)."""
+        `combine(z, embeddings)` builds the encoder's K + c input, `recon_loss(recon, z)` compares the
+        decoder's feature columns with z, and `recon_columns` says which decoder columns those are (the c
+        others are the embeddings, left to the caller)."""
         cleaner = super().from_spec(spec, norm=norm, **options)
         cleaner.hybrid = spec.hybrid
-        cleaner.register_buffer("recon_columns", spec.recon_columns.to(cleaner.index.device), persistent=False)
         return cleaner
+
+    @property
+    def gap(self) -> tuple[int, int]:
+        """(p, c): the decoder's c embedding columns start at column p ((0, 0) unless hybrid)."""
+        return (self.hybrid.first_embedding, self.hybrid.num_embedding) if self.hybrid is not None else (0, 0)
+
+    @property
+    def recon_columns(self) -> torch.Tensor:
+        """[K] int64 on the buffers' device: the decoder column that reconstructs each column of z."""
+        at, c = self.gap
+        k = torch.arange(self.num_kept, device=self.index.device)
+        return torch.where(k < at, k, k + c)
 
     def combine(self, z: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """Hybrid: the encoder's input [B, K + c], z's columns with the c embedding columns inserted at the
         decoder's first embedding column (what the hybrid model does with its initial encoder's output)."""
         if self.hybrid is None:
             raise ValueError("combine() is for hybrid VQ-VAEs; this cleaner's VQ-VAE has no embedding columns")
-        p, c = self.hybrid.first_embedding, self.hybrid.num_embedding
+        p, c = self.gap
         if embeddings.dim() != 2 or embeddings.shape[1] != c or embeddings.shape[0] != z.shape[0]:
             raise ValueError(f"embeddings must be [{z.shape[0]}, {c}] (the initial encoder's output), got "
                              f"{list(embeddings.shape)}")
         return torch.cat([z[:, :p], embeddings.to(z.dtype), z[:, p:]], dim=1)
+
+    def recon_loss(self, recon: torch.Tensor, z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """F.mse_loss(recon[:, recon_columns], z) without the gather: recon [B, K] (hybrid: [B, K + c]) is
+        read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z."""
+        columns = ColumnMap(self._z_index, self._z_inv_ptr, self._z_inv_k)
+        check_pair(z, recon)
+        check_widths(z, recon, columns, "cleaner's z", self.gap[1])
+        return masked_mse_op(z, recon, columns, None, None, False, reduction_code(reduction),
+                             use_triton_for(self.backend, z), self.gap)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""

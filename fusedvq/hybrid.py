@@ -33,6 +33,13 @@ def declare_hybrid(decl: Declared, data: dict, attempt, need_stats: bool) -> Non
     if kept_groups is not None and decl.categories is not None:
         candidates, initial = first_embedding_from_groups(kept_groups, decl.categories, K, c)
     by_names, manual = first_embedding_from_names(decl.feature_names, clues.family)
+    if kept_groups is not None and decl.categories is not None and not candidates:
+        decl.problems.append(
+            f"{what}, but its pre_model_group_indices and model_config's group_indices do not describe one "
+            f"layout: model_config's must be the kept ones, shifted by the {c} embedding columns from one "
+            f"position on, with those {c} columns added to the INITIAL family's category"
+        )
+        return
     if len(candidates) == 1 and by_names is not None and by_names != candidates[0]:
         decl.problems.append(
             f"{what}: its group indices put the {c} embedding columns at decoder column {candidates[0]}, but its "
@@ -49,8 +56,6 @@ def declare_hybrid(decl: Declared, data: dict, attempt, need_stats: bool) -> Non
             have.append("no pre_model_group_indices (the categories in kept feature columns)")
         elif decl.categories is None:
             have.append("no group_indices in model_config (the categories in decoder columns)")
-        elif not candidates:
-            have.append("group indices that are not the kept ones shifted by the embedding columns")
         else:
             have.append(f"group indices that fit {len(candidates)} positions ({candidates[0]}..{candidates[-1]})")
         have.append("no feature_names naming the initial family's columns" if by_names is None

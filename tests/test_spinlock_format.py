@@ -116,6 +116,18 @@ def test_underivable_hybrid_layout_says_what_is_missing(tmp_path):
     assert "28 embedding columns" in err
 
 
+def test_group_indices_of_two_layouts_are_refused(tmp_path):
+    run = make_run(hybrid=True, seed=17)
+
+    def edit(ck):
+        groups = ck["model_config"]["group_indices"]
+        name = next(n for n, g in groups.items() if len(g) > 3 and max(g) > run.first_embedding + 28)
+        groups[name] = [i + 1 for i in groups[name]]  # one category shifted by one column more
+
+    rc, _, err = run_check(str(write_run(tmp_path, run, edit=edit)), norm="batch")
+    assert rc == 1 and "do not describe one layout" in err
+
+
 def test_embedding_width_disagreement_is_named(tmp_path):
     run = make_run(hybrid=True, seed=8)
     path = write_run(tmp_path, run, edit=lambda ck: ck["model_config"].update(input_dim=run.K + 20))
@@ -197,6 +209,33 @@ def test_feature_cleaner_on_a_hybrid(tmp_path):
     assert torch.equal(combined[:, cleaner.recon_columns], z)
     with pytest.raises(ValueError, match=r"\[6, 28\]"):
         cleaner.combine(z, emb[:, :27])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_feature_cleaner_recon_loss_reads_the_feature_columns(tmp_path, backend, reduction):
+    name, device = backend
+    run = make_run(hybrid=True, seed=18)
+    cleaner = FeatureCleaner.from_checkpoint(write_run(tmp_path, run), norm="batch", backend=name).to(device)
+    p, K, B = run.first_embedding, run.K, 7
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(B, 270, generator=g) * 3 + 1).to(device).requires_grad_()
+    recon = torch.randn(B, K + 28, generator=g).to(device).requires_grad_()
+    loss = cleaner.recon_loss(recon, cleaner(x), reduction=reduction)
+    w = torch.rand(loss.shape, generator=g).to(device) + 0.5
+    (loss * w).sum().backward()
+    x64, r64 = x.detach().cpu().double().requires_grad_(), recon.detach().cpu().double().requires_grad_()
+    kept = x64[:, torch.from_numpy(run.mask)]
+    z = (kept - kept.mean(0)) / kept.std(0)
+    cols = torch.cat([torch.arange(p), torch.arange(p + 28, K + 28)])
+    ref = F.mse_loss(r64[:, cols], z, reduction=reduction)
+    (ref * w.cpu().double()).sum().backward()
+    assert rel_err(loss.detach().cpu(), ref) <= 1e-5
+    assert rel_err(x.grad.cpu(), x64.grad) <= 1e-5 and rel_err(recon.grad.cpu(), r64.grad) <= 1e-5
+    assert float(recon.grad[:, p : p + 28].abs().max()) == 0.0
+    assert torch.equal(cleaner.recon_columns.cpu(), cols)
+    with pytest.raises(ValueError, match=f"must have {K + 28}"):
+        cleaner.recon_loss(recon[:, :K], cleaner(x))
 
 
 # --- statistics files on their own ---------------------------------------------------------------
