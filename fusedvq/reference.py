@@ -52,12 +52,29 @@ def clean_composed(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
     return z.to(x.dtype) if z.dtype != x.dtype else z
 
 
+# (gap_at, gap, K) → the target's loss columns, for CPU targets: one index_select (whose backward is one
+# scatter) costs less than slicing the two runs (a zero-filled full gradient per slice), if the index is
+# not rebuilt on every call. CUDA targets build it per call (a cached device tensor could belong to a
+# CUDA graph's memory pool).
+_LOSS_COLUMNS: dict = {}
+
+
 def target_columns(target: torch.Tensor, gap_at: int, gap: int) -> torch.Tensor:
     """The target's K loss columns: all of them, or (gap > 0) all but the `gap` columns from `gap_at` on (a
     hybrid decoder's embedding columns, which the loss skips)."""
     if gap == 0:
         return target
-    return torch.cat([target[:, :gap_at], target[:, gap_at + gap :]], dim=1)
+    K = target.shape[1] - gap
+    key = (gap_at, gap, K)
+    cols = _LOSS_COLUMNS.get(key) if target.device.type == "cpu" else None
+    if cols is None:
+        k = torch.arange(K, device=target.device)
+        cols = torch.where(k < gap_at, k, k + gap)
+        if target.device.type == "cpu":
+            if len(_LOSS_COLUMNS) >= 64:
+                _LOSS_COLUMNS.clear()
+            _LOSS_COLUMNS[key] = cols
+    return target.index_select(1, cols)
 
 
 def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
