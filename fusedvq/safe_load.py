@@ -151,6 +151,11 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
         )
         try:
             data = torch.load(file, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as err:
+            raise CheckpointError([
+                f"{file} could not be loaded with trust=True: it pickles objects of the module {err.name!r}, which "
+                f"is not installed; without trust=True they are read as records of their state instead"
+            ]) from None
         except Exception as err:
             raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
     else:

@@ -71,7 +71,7 @@ def test_foreign_objects_become_records_and_paths_strings(tmp_path):
 
 def test_trust_still_needs_the_package(tmp_path):
     path = write_run(tmp_path, make_run(hybrid=False, seed=4))
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="spinlock"):
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="'spinlock', which is not installed"):
         read_checkpoint(path, trust=True)
     with trainer_classes(), pytest.warns(UserWarning):
         real = read_checkpoint(path, trust=True)["normalization_stats"]["cluster_1"]
