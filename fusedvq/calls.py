@@ -77,7 +77,7 @@ def masked_mse_op(
               use_triton, *gap)
     if not _eager():
         return masked_mse_forward(*inputs)[0]
-    if under_functorch() or (not use_triton and cpu.use_composed(x, columns.num_kept)):
+    if under_functorch() or (not use_triton and cpu.use_composed(x, columns.num_kept, gapped=gap[1] > 0)):
         return reference.masked_mse_composed(x, target, columns.index, shift, scale, nan_to_num, reduction, *gap)
     return _Eager.apply(MASKED_MSE, *inputs)
 
@@ -98,7 +98,8 @@ def batch_mse_op(
               group, *gap)
     if not _eager():
         return batch_mse_forward(*inputs)[0]
-    if under_functorch() or (not use_triton and not group and cpu.use_composed(x, columns.num_kept, batch=True)):
+    if under_functorch() or (not use_triton and not group and
+                             cpu.use_composed(x, columns.num_kept, batch=True, gapped=gap[1] > 0)):
         refuse_synced_higher_order(group, "torch.func transforms")
         return reference.batch_mse_composed(x, target, columns.index, eps, nan_to_num, reduction, *gap)
     return _Eager.apply(BATCH_MSE, *inputs)

@@ -260,12 +260,18 @@ _COMPOSED_MAX_ELEMENTS = 1 << 18
 # norm="batch": its composition has more batch-sized temporaries; measured, composed ahead at B = 4 and 64,
 # blocked ahead from B = 256 on.
 _BATCH_COMPOSED_MAX_ELEMENTS = 1 << 14
+# A target with a gap (a hybrid decoder's output): the composition also gathers the target and scatters its
+# gradient; measured (K = 143, c = 28, norm "stats"), composed ahead at B = 256, blocked ahead from 1024 on.
+_GAP_COMPOSED_MAX_ELEMENTS = 1 << 16
 
 
-def use_composed(x: torch.Tensor, num_kept: int, batch: bool = False) -> bool:
+def use_composed(x: torch.Tensor, num_kept: int, batch: bool = False, gapped: bool = False) -> bool:
     """Whether eager calls take reference.py's composition rather than the blocked path here, for x [B, D]:
-    on the CPU up to _COMPOSED_MAX_ELEMENTS (norm="batch": _BATCH_COMPOSED_MAX_ELEMENTS), always elsewhere."""
+    on the CPU up to _COMPOSED_MAX_ELEMENTS (norm="batch": _BATCH_COMPOSED_MAX_ELEMENTS; a target with a
+    gap: at most _GAP_COMPOSED_MAX_ELEMENTS), always elsewhere."""
     limit = _BATCH_COMPOSED_MAX_ELEMENTS if batch else _COMPOSED_MAX_ELEMENTS
+    if gapped:
+        limit = min(limit, _GAP_COMPOSED_MAX_ELEMENTS)
     return x.device.type != "cpu" or x.shape[0] * num_kept <= limit
 
 
