@@ -18,6 +18,7 @@ other devices (backend="reference" on CUDA) always, since asking would synchroni
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -157,21 +158,22 @@ def batch_mse_backward(
     reduction: int,
     sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only
     gap: tuple[int, int] = NO_GAP,  # the forward's: grad_target is [B, K + c], zero in the gap
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x [B, D] in x.dtype, grad_target [B, K] (or [B, K + c]) in target.dtype)."""
+    needs: tuple[bool, bool] = (True, True),  # (grad_x, grad_target) wanted; the other comes back None
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_x [B, D] in x.dtype, grad_target [B, K] (or [B, K + c]) in target.dtype), None where not wanted."""
     blocks = _Blocks(x, index, nan_to_num)
     B, K = blocks.B, blocks.K
     none = reduction == REDUCTION_NONE
     g = grad_loss.to(blocks.cdt) * (2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0)
     mr = stats[STAT_MEAN] * stats[STAT_RSTD]
     dz_buf = torch.empty_like(blocks.buf)
-    grad_target = new_target_grad(B, K, gap, target.dtype, x.device)
+    grad_target = new_target_grad(B, K, gap, target.dtype, x.device) if needs[1] else None
 
     def dz_of(rows, last_pass=True):
         """(dz, z, x_ok) of a block: dz = 2·g·diff·[z finite]; on the last pass also grad_target = −2·g·diff."""
         z, z_ok, x_ok = blocks.normalized(rows, stats, mr)
         dz = into_target(torch.sub, z, dz_buf[: z.shape[0]], gap, target[rows]).mul_(g[rows] if none else g)
-        if last_pass:  # before the mask: it applies to z's gradient only
+        if last_pass and grad_target is not None:  # before the mask: it applies to z's gradient only
             into_target(torch.neg if grad_target.dtype == dz.dtype else _neg_cast, dz, grad_target[rows], gap)
         return (dz if z_ok is None else dz.mul_(z_ok)), z, x_ok
 
@@ -181,6 +183,11 @@ def batch_mse_backward(
         sums, first = colsums * g, None
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
+    if not needs[0]:
+        if grad_target is not None and not (none and blocks.B <= blocks.step):  # not yet written by the sums
+            for rows in blocks.rows():
+                dz_of(rows)
+        return None, grad_target
     return _grad_x(blocks, dz_of, stats, sums, first), grad_target
 
 

@@ -261,7 +261,7 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0)) ->
 
 
 def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num: bool,
-                       reduction: int, sum_over_ranks=None, gap=(0, 0)):
+                       reduction: int, sum_over_ranks=None, gap=(0, 0), needs=(True, True)):
     """(grad_x [B, D], grad_target [B, K (+ gap)]); sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
     B, K = x.shape[0], index.shape[0]
     sums, sums_final = colsums, False
@@ -273,9 +273,9 @@ def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsu
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     if B == 0:
-        return x.new_zeros(x.shape), target.new_zeros(target.shape)
+        return (x.new_zeros(x.shape) if needs[0] else None), (target.new_zeros(target.shape) if needs[1] else None)
     return launch_backward(grad_loss, x, target, inv_ptr, inv_k, NORM_BATCH, tuple(stats), nan_to_num, reduction,
-                           sums, sums_final, gap=gap)
+                           sums, sums_final, gap=gap, needs=needs)
 
 
 def batch_clean_forward(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None):

@@ -80,9 +80,10 @@ def launch_backward(
     sums_final: bool = False,
     clean: bool = False,  # clean_features: grad_loss is ∂L/∂z [B, K], target None, reduction none
     gap=(0, 0),  # the forward's (at, c): grad_target is [B, K + c], zero in the skipped columns
+    needs=(True, True),  # (grad_x, grad_target) wanted: the other is neither allocated nor written (None)
 ):
-    """(grad_x [B, D] in x.dtype, grad_target [B, K (+ c)] in target.dtype), both freshly allocated; clean:
-    grad_x."""
+    """(grad_x [B, D] in x.dtype, grad_target [B, K (+ c)] in target.dtype), freshly allocated, None where not
+    wanted; clean: grad_x."""
     B, D = x.shape
     K = inv_k.shape[0]
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
@@ -94,22 +95,26 @@ def launch_backward(
         center = w = inv_n = x
     sums = x if sums is None else sums
     g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else (0, 0)
+    want_x, want_r = needs[0], needs[1] and not clean
     with device_guard(x):
-        grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device)
+        grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device) if want_x else None
+        grad_target = None
         if clean:
-            target = grad_target = grad_x  # never read, never written
-        else:
+            target = x  # never read
+        elif want_r:
             at, width = gap
             grad_target = torch.empty((B, K + width), dtype=target.dtype, device=x.device)
             if width:  # the kernel writes the K loss columns; the skipped ones get zeros here
                 grad_target[:, at : at + width].zero_()
         _BWD[grid](
-            grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums, grad_x, grad_target,
+            grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums,
+            x if grad_x is None else grad_x, x if grad_target is None else grad_target,  # (x: never written)
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1], *g_strides,
             1.0 if clean else 2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0,
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, SUMS_FINAL=int(sums_final),
-            CLEAN=int(clean), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b, block_d),
+            CLEAN=int(clean), WRITE_X=int(want_x), WRITE_R=int(want_r), BLOCK_B=block_b, BLOCK_D=block_d,
+            num_warps=num_warps_for(block_b, block_d),
         )  # fmt: skip
     return grad_x if clean else (grad_x, grad_target)
 
@@ -126,10 +131,11 @@ def masked_mse_forward(x, target, index, shift, scale, nan_to_num: bool, reducti
 
 
 def masked_mse_backward(grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_to_num: bool, reduction: int,
-                        gap=(0, 0)):
-    """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c])."""
+                        gap=(0, 0), needs=(True, True)):
+    """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c]), None where not needed."""
     norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
-    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, norm, stats, nan_to_num, reduction, gap=gap)
+    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, norm, stats, nan_to_num, reduction, gap=gap,
+                           needs=needs)
 
 
 def clean_forward(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:

@@ -151,6 +151,8 @@ def _masked_mse_bwd_kernel(
     REDUCTION: tl.constexpr,
     SUMS_FINAL: tl.constexpr,  # NORM 2: sums are S1, S2 already (else A1, A2, scaled here by g)
     CLEAN: tl.constexpr,  # 0/1: clean_features, dz = ∂L/∂z given (REDUCTION 0, SUMS_FINAL with NORM 2)
+    WRITE_X: tl.constexpr,  # 0/1: grad_x wanted (features require grad)
+    WRITE_R: tl.constexpr,  # 0/1: grad_r wanted (the target requires grad; never with CLEAN)
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -194,8 +196,9 @@ def _masked_mse_bwd_kernel(
             rv = tl.load(r_ptr + rows[:, None] * stride_rb + rk[None, :] * stride_rk, mask=ok, other=0.0)
             diff = z - rv.to(tl.float32)
             dzv = diff * gk
-            grad_r_offs = rows[:, None] * (K + gap) + rk[None, :]
-            tl.store(grad_r_ptr + grad_r_offs, (-dzv).to(grad_r_ptr.dtype.element_ty), mask=ok)
+            if WRITE_R:
+                grad_r_offs = rows[:, None] * (K + gap) + rk[None, :]
+                tl.store(grad_r_ptr + grad_r_offs, (-dzv).to(grad_r_ptr.dtype.element_ty), mask=ok)
         if NORM == NORM_NONE_C:
             dx = dzv
         elif NORM == NORM_STATS_C:
@@ -214,5 +217,6 @@ def _masked_mse_bwd_kernel(
         acc += tl.where(ok, dx, 0.0)
     if NAN_TO_NUM:
         acc = tl.where(finite, acc, 0.0)
-    out_ok = row_ok[:, None] & d_ok[None, :]
-    tl.store(grad_x_ptr + rows[:, None] * D + dcols[None, :], acc.to(grad_x_ptr.dtype.element_ty), mask=out_ok)
+    if WRITE_X:
+        out_ok = row_ok[:, None] & d_ok[None, :]
+        tl.store(grad_x_ptr + rows[:, None] * D + dcols[None, :], acc.to(grad_x_ptr.dtype.element_ty), mask=out_ok)

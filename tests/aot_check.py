@@ -75,9 +75,11 @@ def kernel_specs():
             # Batch norm with reduction "none" always gets final sums (S1, S2) from _dz_sums_kernel.
             for sums_final in ((1,) if red == 0 else (0, 1)) if norm == 2 else (0,):
                 for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
-                    consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, SUMS_FINAL=sums_final, CLEAN=clean,
-                                  BLOCK_B=block_b, BLOCK_D=block_d)
-                    yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
+                    # grad_r skipped (a target without grad): at the motivating shape
+                    for write_r in (1 - clean, 0) if not clean and shapes == SHAPES[1:2] else (1 - clean,):
+                        consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, SUMS_FINAL=sums_final, CLEAN=clean,
+                                      WRITE_X=1, WRITE_R=write_r, BLOCK_B=block_b, BLOCK_D=block_d)
+                        yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
         if norm != 2:
             continue
         for block_b, block_k in _blocks(shapes, lambda D, K: K, settings.TUNING.walk_tile):

@@ -4,14 +4,17 @@ one autograd definition (definition.py).
     fusedvq::masked_mse_forward(x, target, index, inv_ptr, inv_k, shift?, scale?, nan_to_num, reduction,
                                 use_triton, gap_at, gap) -> (loss, diff, finite)
     fusedvq::masked_mse_backward(grad, x, target, index, inv_ptr, inv_k, shift?, scale?, diff, finite,
-                                 nan_to_num, reduction, use_triton, gap_at, gap) -> (grad_x, grad_target)
+                                 nan_to_num, reduction, use_triton, gap_at, gap, needs_x, needs_target)
+                                 -> (grad_x, grad_target)
     fusedvq::batch_mse_forward(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton,
                                group, gap_at, gap) -> (loss, stats [5, K], colsums [2, K], or [0, K] for none)
     fusedvq::batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
-                                reduction, use_triton, group, gap_at, gap) -> (grad_x, grad_target)
+                                reduction, use_triton, group, gap_at, gap, needs_x, needs_target)
+                                -> (grad_x, grad_target)
 
 gap_at, gap: the target is [B, K + gap] and its columns gap_at .. gap_at + gap − 1 are skipped (a hybrid
-VQ-VAE's embedding columns), read and written in place; gap = 0 is the plain [B, K] target.
+VQ-VAE's embedding columns), read and written in place; gap = 0 is the plain [B, K] target. needs_x / needs_target: which gradients autograd wants; the other is
+neither computed into memory nor written (the op returns a 0-element placeholder for it).
 
 diff and finite are what the forward saves for the backward: the CPU implementation keeps diff [B, K] (and
 the finite mask with nan_to_num) to avoid a second gather; the Triton kernels recompute z in the backward,
@@ -31,6 +34,17 @@ from torch import Tensor
 from .. import cpu, cpu_batch, reference
 from ..contract import REDUCTION_NONE, compute_dtype
 from .definition import Definition, empty, fresh_like, kernels, merge_fn, refuse_synced_higher_order, sum_fn
+
+
+def placeholders(grads, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """An implementation's (grad_x, grad_target), None where not wanted, as op outputs (0-element there)."""
+    grad_x, grad_target = grads
+    return (empty(x) if grad_x is None else grad_x), (empty(target) if grad_target is None else grad_target)
+
+
+def wanted(grads, needs) -> tuple:
+    """A backward op's outputs as autograd's gradients: None where not wanted (a placeholder was returned)."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _loss_shape(x: Tensor, index: Tensor, reduction: int) -> tuple[int, ...]:
@@ -67,13 +81,17 @@ def _(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use
 def _masked_backward_impl(
     grad: Tensor, x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor,
     shift: Optional[Tensor], scale: Optional[Tensor], diff: Tensor, finite: Tensor, nan_to_num: bool,
-    reduction: int, use_triton: bool, gap_at: int = 0, gap: int = 0,
+    reduction: int, use_triton: bool, gap_at: int = 0, gap: int = 0, needs_x: bool = True,
+    needs_target: bool = True,
 ) -> tuple[Tensor, Tensor]:
+    needs = (needs_x, needs_target)
     if use_triton:
-        return kernels().masked_mse_backward(grad, x, target, inv_ptr, inv_k, shift, scale, nan_to_num, reduction,
-                                             (gap_at, gap))
-    return cpu.masked_mse_backward(grad, diff, finite if nan_to_num else None, index, scale, x.shape[1],
-                                   reduction, x.dtype, target.dtype, gap=(gap_at, gap))
+        grads = kernels().masked_mse_backward(grad, x, target, inv_ptr, inv_k, shift, scale, nan_to_num, reduction,
+                                              (gap_at, gap), needs)
+    else:
+        grads = cpu.masked_mse_backward(grad, diff, finite if nan_to_num else None, index, scale, x.shape[1],
+                                        reduction, x.dtype, target.dtype, needs=needs, gap=(gap_at, gap))
+    return placeholders(grads, x, target)
 
 
 masked_mse_backward = torch.library.custom_op("fusedvq::masked_mse_backward", mutates_args=())(_masked_backward_impl)
@@ -81,8 +99,8 @@ masked_mse_backward = torch.library.custom_op("fusedvq::masked_mse_backward", mu
 
 @masked_mse_backward.register_fake
 def _(grad, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite, nan_to_num, reduction, use_triton,
-      gap_at=0, gap=0):
-    return fresh_like(x), fresh_like(target)
+      gap_at=0, gap=0, needs_x=True, needs_target=True):
+    return fresh_like(x) if needs_x else empty(x), fresh_like(target) if needs_target else empty(target)
 
 
 def _masked_setup_context(ctx, inputs, output):
@@ -111,9 +129,9 @@ def _masked_backward(ctx, grad_loss, needs, eager):
                                             overwrite_diff=True, gap=(gap_at, gap))
         return (*grads,) + (None,) * 10
     backward = _masked_backward_impl if eager else masked_mse_backward
-    grad_x, grad_target = backward(grad_loss, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite,
-                                   nan_to_num, reduction, use_triton, gap_at, gap)
-    return (grad_x, grad_target) + (None,) * 10
+    grads = backward(grad_loss, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite, nan_to_num,
+                     reduction, use_triton, gap_at, gap, *needs)
+    return wanted(grads, needs) + (None,) * 10
 
 
 def _masked_composed(ctx):
@@ -159,13 +177,16 @@ def _(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, 
 def _batch_backward_impl(
     grad: Tensor, x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor, stats: Tensor,
     colsums: Tensor, nan_to_num: bool, reduction: int, use_triton: bool, group: str, gap_at: int = 0, gap: int = 0,
+    needs_x: bool = True, needs_target: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    total = sum_fn(group)
+    total, needs = sum_fn(group), (needs_x, needs_target)
     if use_triton:
-        return kernels().batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
-                                            reduction, total, (gap_at, gap))
-    return cpu_batch.batch_mse_backward(grad, x, target, index, stats, colsums, nan_to_num, reduction, total,
-                                        (gap_at, gap))
+        grads = kernels().batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
+                                             reduction, total, (gap_at, gap), needs)
+    else:
+        grads = cpu_batch.batch_mse_backward(grad, x, target, index, stats, colsums, nan_to_num, reduction, total,
+                                             (gap_at, gap), needs)
+    return placeholders(grads, x, target)
 
 
 batch_mse_backward = torch.library.custom_op("fusedvq::batch_mse_backward", mutates_args=())(_batch_backward_impl)
@@ -173,8 +194,8 @@ batch_mse_backward = torch.library.custom_op("fusedvq::batch_mse_backward", muta
 
 @batch_mse_backward.register_fake
 def _(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction, use_triton, group,
-      gap_at=0, gap=0):
-    return fresh_like(x), fresh_like(target)
+      gap_at=0, gap=0, needs_x=True, needs_target=True):
+    return fresh_like(x) if needs_x else empty(x), fresh_like(target) if needs_target else empty(target)
 
 
 def _batch_setup_context(ctx, inputs, output):
@@ -188,9 +209,9 @@ def _batch_backward(ctx, grad_loss, needs, eager):
     x, target, index, inv_ptr, inv_k, stats, colsums = ctx.saved_tensors
     _, nan_to_num, reduction, use_triton, group, gap_at, gap = ctx.options
     backward = _batch_backward_impl if eager else batch_mse_backward
-    grad_x, grad_target = backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
-                                   reduction, use_triton, group, gap_at, gap)
-    return (grad_x, grad_target) + (None,) * 10
+    grads = backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction,
+                     use_triton, group, gap_at, gap, *needs)
+    return wanted(grads, needs) + (None,) * 10
 
 
 def _batch_composed(ctx):
