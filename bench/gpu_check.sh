@@ -8,7 +8,8 @@
 # Prints the GPU and the versions, measures the copy bandwidth, runs the gpu-marked tests (a failure is
 # recorded, not fatal), runs the benchmark matrix, and writes under $OUT (relative to the repository root)
 # env.txt, gpu_tests.txt, bench.json, bench.md (the loss alone, and the VQ-led step's clean+mse cases right
-# after the targets'), bench.png, profile.txt (where a step's time goes:
+# after the targets'), captured.md (the loss step replayed from a CUDA graph, fused against the eager fix:
+# bench/captured_step.py), bench.png, profile.txt (where a step's time goes:
 # bench/profile_step.py) and report.md, the one to read (bench_log.txt too if the benchmark failed);
 # bench/results/README.md says how to commit a run. Ends with a short table.
 #
@@ -102,6 +103,11 @@ set -e
 tail -n 2 "$OUT/bench_log.txt"
 if [ "$bench_status" = 0 ]; then rm -f "$OUT/bench_log.txt"; fi  # bench.md holds the same table
 
+echo "== captured step"
+set +e
+timeout 60 "$PYTHON" bench/captured_step.py --out "$OUT/captured.md" 2>&1 | tail -n 8
+set -e
+
 echo "== profile"
 set +e
 timeout 75 "$PYTHON" bench/profile_step.py --device "$device" "${profile_args[@]}" >"$OUT/profile.txt" 2>&1
@@ -118,6 +124,7 @@ sed -n '/^## Summary/,$p' "$OUT/profile.txt"
     "$(( $(date +%s) - started )) s"
   echo
   if [ -f "$OUT/bench.md" ]; then sed 's/^#/##/' "$OUT/bench.md"; else echo "(no benchmark report: bench_log.txt)"; fi
+  if [ -f "$OUT/captured.md" ]; then echo; cat "$OUT/captured.md"; fi
 } >"$OUT/report.md"
 
 echo

@@ -207,3 +207,74 @@ def test_reference_ops_on_cuda_do_not_sync(op):
         run().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _training_setup(seed=0, B=4):
+    g = torch.Generator().manual_seed(seed)
+    columns, mean, std = random_case(B, 187, 171, generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 187)).cuda()
+    loss_fn = fusedvq.MaskedMSELoss(columns, mean, std, num_features=187).cuda()
+    batches = [(torch.randn(B, 32, generator=g).cuda(), torch.randn(B, 171, generator=g).cuda()) for _ in range(20)]
+    return model, loss_fn, batches
+
+
+def _eager_reference(model, loss_fn, batches):
+    """The same training, uncaptured: the parameters after every step."""
+    import copy
+
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for inp, recon in batches:
+        opt.zero_grad(set_to_none=False)
+        loss_fn(model(inp), recon).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_whole_training_step_captured_and_replayed_with_changing_data():
+    # The README's recipe: warm up on a side stream, capture forward, backward and the optimizer step in one
+    # CUDA graph, then copy each batch into the static inputs and replay.
+    model, loss_fn, batches = _training_setup()
+    want = _eager_reference(model, loss_fn, batches)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    static_inp, static_recon = (t.clone() for t in batches[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up without changing the parameters (lr 0 steps would, with momentum)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(static_inp), static_recon).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = loss_fn(model(static_inp), static_recon)
+        static_loss.backward()
+        opt.step()
+    # Capture recorded the step without running it: the parameters are still the initial ones.
+    for inp, recon in batches:
+        static_inp.copy_(inp)
+        static_recon.copy_(recon)
+        graph.replay()
+    torch.cuda.synchronize()
+    for got, ref in zip(model.parameters(), want):
+        assert rel_err(got.detach(), ref) <= 1e-5
+
+
+def test_reduce_overhead_compile_has_no_cudagraph_skips():
+    from torch._dynamo.utils import counters
+
+    model, loss_fn, batches = _training_setup(seed=1)
+    want = _eager_reference(model, loss_fn, batches)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda inp, recon: loss_fn(model(inp), recon), mode="reduce-overhead", fullgraph=True)
+    for inp, recon in batches:
+        opt.zero_grad(set_to_none=False)
+        step(inp, recon).backward()
+        opt.step()
+    torch.cuda.synchronize()
+    assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
+    for got, ref in zip(model.parameters(), want):
+        assert rel_err(got.detach(), ref) <= 1e-4
