@@ -82,11 +82,13 @@ class ForeignObject(metaclass=_StandInType):
         if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, Mapping) for s in state):
             merged = dict(state[0] or {})
             merged.update(state[1] or {})
-            return {str(k): v for k, v in merged.items()}
-        return {str(k): v for k, v in state.items()} if isinstance(state, Mapping) else {}
+            state = merged
+        # Attribute names are strings; other keys (a record, a tuple) are not turned into text: a record keyed
+        # by itself would recurse, and memo references can make a tuple exponentially large.
+        return {k: v for k, v in state.items() if isinstance(k, str)} if isinstance(state, Mapping) else {}
 
     def __repr__(self) -> str:
-        keys = ", ".join(self.attributes) or "no attributes"
+        keys = ", ".join(list(self.attributes)[:8]) or "no attributes"
         return f"<{self.class_name} read as a record: {keys}>"
 
 

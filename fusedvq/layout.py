@@ -99,7 +99,8 @@ def hybrid_clues(data: Mapping) -> HybridClues:
     state = data.get("model_state_dict")
     if isinstance(state, Mapping):
         for key, value in state.items():
-            key = str(key)
+            if not isinstance(key, str):  # (never str() a key: memo references can make it exponentially large)
+                continue
             prefix = next((p for p in ENCODER_PREFIXES if key.startswith(p)), None)
             if prefix is None:
                 continue
@@ -113,8 +114,9 @@ def hybrid_clues(data: Mapping) -> HybridClues:
     families = families if isinstance(families, Mapping) else data.get("families")
     if isinstance(families, Mapping):
         for name, family in families.items():
-            if isinstance(family, Mapping) and family.get("encoder") in HYBRID_ENCODERS:
-                clues.family = str(name)
+            encoder = family.get("encoder") if isinstance(family, Mapping) and isinstance(name, str) else None
+            if isinstance(encoder, str) and encoder in HYBRID_ENCODERS:
+                clues.family = name
                 params = family.get("encoder_params")
                 params = params if isinstance(params, Mapping) else {}
                 # The trainer's default when the family does not say.

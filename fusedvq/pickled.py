@@ -93,3 +93,70 @@ def _raw_pickle_globals(path: Path) -> list[str]:
     except Exception:
         pass  # not a pickle, or truncated: whatever was found so far
     return names
+
+
+# A tuple whose elements are memo references to one tuple, nested N deep, is 2^N entries to hash: a dict
+# keyed by it (or torch's unpickler building it) would not finish. No checkpoint needs tuples this large.
+MAX_TUPLE_ENTRIES = 1 << 20
+
+
+def oversized_tuple(path: Path) -> Optional[int]:
+    """The logical entry count of the first tuple over MAX_TUPLE_ENTRIES that the file's pickles build
+    (memo references counted as often as they are used), or None. Parses only (pickletools), modelling
+    each opcode's stack effect; a zip checkpoint's data.pkl records are read, a raw file's pickles in turn."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                blobs = [archive.read(n) for n in archive.namelist() if n.endswith("data.pkl")]
+        else:
+            blobs = [path.read_bytes()]
+    except Exception:
+        return None
+    for blob in blobs:
+        found = _scan_tuples(blob)
+        if found is not None:
+            return found
+    return None
+
+
+def _scan_tuples(blob: bytes) -> Optional[int]:
+    import io
+
+    stream = io.BytesIO(blob)
+    while stream.tell() < len(blob):
+        stack: list = []  # logical sizes; None = a MARK
+        memo: dict = {}
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                name = op.name
+                if name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+                    if name == "TUPLE":
+                        at = len(stack) - 1 - stack[::-1].index(None)
+                        items, stack = stack[at + 1 :], stack[:at]
+                    else:
+                        n = int(name[-1])
+                        items, stack = stack[len(stack) - n :], stack[: len(stack) - n]
+                    size = 1 + sum(items)
+                    if size > MAX_TUPLE_ENTRIES:
+                        return size
+                    stack.append(size)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = stack[-1]
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = stack[-1]
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    stack.append(memo.get(arg, 1))
+                elif name == "MARK":
+                    stack.append(None)
+                else:
+                    before = op.stack_before
+                    if pickletools.markobject in before:  # pops to the mark, and the mark
+                        at = len(stack) - 1 - stack[::-1].index(None)
+                        stack = stack[:at]
+                        before = before[: before.index(pickletools.markobject)]
+                    if before:
+                        stack = stack[: len(stack) - len(before)]
+                    stack.extend(1 for _ in op.stack_after)
+        except Exception:
+            return None  # not a pickle (or a malformed one): the loader says so
+    return None

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .foreign import ForeignCallRefused, refusal, stand_ins
-from .pickled import _numpy_safe_globals, _pickled_globals
+from .pickled import _numpy_safe_globals, _pickled_globals, oversized_tuple
 
 PathLike = Union[str, Path]
 
@@ -173,6 +173,12 @@ def _load_inertly(file: Path):
     """torch.load(weights_only=True) with numpy's types and, for each foreign class the file names, a
     stand-in that reads its objects as records (foreign.py). Refuses, naming them, the globals no stand-in
     is made for, and a file that calls a stand-in class; nothing stored in the file runs."""
+    size = oversized_tuple(file)
+    if size is not None:
+        raise CheckpointError([
+            f"{file} was not loaded: it builds a tuple of {size:,} entries or more out of repeated references, "
+            f"which would take unbounded time to read; no checkpoint holds one"
+        ])
     names = set(_pickled_globals(file))
     for _ in range(_MAX_LOAD_ROUNDS):
         if any("ObjectDType" in name for name in names):

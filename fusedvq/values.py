@@ -58,6 +58,12 @@ def _to_numpy(value: Any, what: str) -> np.ndarray:
         if entries > MAX_LIST_ENTRIES:
             raise _Problem(f"{what} is a nested list of more than {MAX_LIST_ENTRIES:,} entries, not one entry per "
                            f"column")
+    # An array or tensor whose strides repeat memory (stride 0) can declare far more entries than the file
+    # holds: sized before anything is converted.
+    numel = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 0)
+    if isinstance(value, (torch.Tensor, np.ndarray)) and numel > MAX_LIST_ENTRIES:
+        raise _Problem(f"{what} has {numel:,} entries, more than the {MAX_LIST_ENTRIES:,} one entry per column "
+                       f"could need")
     try:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu()
@@ -102,6 +108,14 @@ def _parse_input_dim(value: Any) -> int:
     return int(value)
 
 
+def category_name(name: Any, where: str) -> str:
+    """A category's name: a string (anything else, e.g. a tuple that memo references make exponentially
+    large, is refused without being turned into text)."""
+    if not isinstance(name, str):
+        raise _Problem(f"{where} names a category by a {type(name).__name__}, not a string")
+    return name
+
+
 def _parse_categories(value: Any) -> dict[str, np.ndarray]:
     if not isinstance(value, Mapping):
         raise _Problem(
@@ -109,10 +123,11 @@ def _parse_categories(value: Any) -> dict[str, np.ndarray]:
         )
     groups = {}
     for name, indices in value.items():
+        name = category_name(name, "group_indices")
         array = _to_numpy(indices, f"group_indices[{name!r}]").reshape(-1)
         if array.size and array.dtype.kind not in "iu":
             raise _Problem(f"category {name!r} lists non-integer column indices ({array.dtype}, e.g. {array[0]!r})")
-        groups[str(name)] = array.astype(np.int64)
+        groups[name] = array.astype(np.int64)
     return groups
 
 
@@ -129,7 +144,8 @@ def _pick_pair(entry: Mapping, what: str, method: Optional[str]) -> CategoryStat
         if has_c != has_s:
             missing, present = (scale_key, center_key) if has_c else (center_key, scale_key)
             raise _Problem(f"{what} have {present} but no {missing}")
-    raise _Problem(f"{what} have neither mean/std nor median/mad (keys: {', '.join(map(str, entry)) or 'none'})")
+    keys = ", ".join(k if isinstance(k, str) else f"<{type(k).__name__}>" for k in list(entry)[:8])
+    raise _Problem(f"{what} have neither mean/std nor median/mad (keys: {keys or 'none'})")
 
 
 def _parse_stats(value: Any, source: str, method: Optional[str]) -> dict[str, CategoryStats]:
@@ -137,19 +153,20 @@ def _parse_stats(value: Any, source: str, method: Optional[str]) -> dict[str, Ca
     if not isinstance(value, Mapping):
         raise _Problem(f"{source} must map categories to statistics, got a {type(value).__name__}")
     flat_keys = {k for pair in STATS_KEYS.values() for k in pair}
-    if value and set(map(str, value)) <= flat_keys and not any(isinstance(v, Mapping) for v in value.values()):
+    if value and set(value) <= flat_keys and not any(isinstance(v, Mapping) for v in value.values()):
         # {"mean": [...], "std": [...]}: one set of statistics over all (kept or original) columns.
         return {"": _pick_pair(value, f"the statistics in {source}", method)}
     out = {}
     for name, entry in value.items():
-        what = f"the statistics for category {str(name)!r} in {source}"
+        name = category_name(name, source)
+        what = f"the statistics for category {name!r} in {source}"
         if isinstance(entry, ForeignObject):  # e.g. NormalizationStats, read as a record of its state
             entry = entry.attributes
         elif not isinstance(entry, Mapping):  # the real object, loaded with trust=True
             entry = {k: getattr(entry, k) for k in flat_keys if hasattr(entry, k)} or entry
         if not isinstance(entry, Mapping):
             raise _Problem(f"{what} are a {type(entry).__name__}, not a mapping with mean/std or median/mad")
-        out[str(name)] = _pick_pair(entry, what, method)
+        out[name] = _pick_pair(entry, what, method)
     return out
 
 

@@ -381,3 +381,46 @@ def test_the_readme_minimal_checkpoint_is_valid(tmp_path, monkeypatch):
     assert rc == 0, err
     spec = load_feature_spec(tmp_path / "best_model.pt", num_features=187)
     assert spec.num_kept == 171 and float(spec.std.min()) == 1.0
+
+
+# --- files built to exhaust the reader ------------------------------------------------------------
+
+
+def test_an_exponential_tuple_is_refused_before_it_is_built(tmp_path):
+    body = b")q\x00" + b"".join(b"h" + bytes([i]) + b"\x86q" + bytes([i + 1]) for i in range(40))  # t = (t, t)
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"\x80\x02}(" + body + b"K\x01u.")  # {t_40: 1}: hashing t_40 would never end
+    with pytest.raises(CheckpointError, match="tuple of"):
+        read_checkpoint(path)
+
+
+class SelfKeyed:
+    """A record whose state is keyed by the record itself."""
+
+    def __reduce__(self):
+        import copyreg
+
+        return (copyreg.__newobj__, (type(self),), {self: 1})
+
+
+def test_records_keyed_by_themselves_and_other_oddities_become_sentences(tmp_path):
+    from spinlock_format import checkpoint_dict
+
+    run = make_run(hybrid=True, seed=19)
+    big = torch.zeros(1).expand(300_000_000)  # stride 0: 4 bytes stored, 300M entries declared
+    cases = {
+        "neither mean/std nor median/mad": lambda ck: ck["normalization_stats"].update(cluster_1=SelfKeyed()),
+        "300,000,000 entries": lambda ck: ck["normalization_stats"].update(cluster_2={"mean": big, "std": big}),
+        "hybrid VQ-VAE": lambda ck: ck["config"]["families"]["initial"].update(encoder=np.array(["a", "b"])),
+        "ok: consistent": lambda ck: ck["model_state_dict"].update({("initial_encoder.x", 1): torch.zeros(1)}),
+    }
+    for i, (said, edit) in enumerate(cases.items()):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        ckpt = checkpoint_dict(run)
+        edit(ckpt)
+        with trainer_classes(SelfKeyed=SelfKeyed):
+            torch.save(ckpt, folder / "best_model.pt")
+        rc, out, err = run_check(str(folder))
+        assert "could not be checked" not in err and "Traceback" not in err
+        assert said in out + err, (said, err)
