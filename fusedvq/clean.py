@@ -24,7 +24,7 @@ from .checks import check_pair, check_widths
 from .columns import ColumnMap, build_column_map
 from .contract import NORM_BATCH
 from .functional import prepare_call
-from .module import PreparedColumns
+from .module import PreparedColumns, check_gap
 
 
 def clean_features(
@@ -93,6 +93,8 @@ class FeatureCleaner(PreparedColumns):
         decoder's feature columns with z, and `recon_columns` says which decoder columns those are (the c
         others are the embeddings, left to the caller)."""
         cleaner = super().from_spec(spec, norm=norm, **options)
+        if spec.hybrid is not None:
+            check_gap((spec.hybrid.first_embedding, spec.hybrid.num_embedding), cleaner.num_kept)
         cleaner.hybrid = spec.hybrid
         return cleaner
 

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional
 # Modules whose names are never given a stand-in: they hold the callables a malicious pickle reaches for
 # (and a class-like name in them, e.g. subprocess.Popen, is a constructor that acts, not a data record).
 _REFUSED_MODULES = frozenset({
-    "builtins", "__builtin__", "__main__", "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy",
+    "builtins", "__builtin__", "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy",
     "pickle", "_pickle", "copyreg", "copy_reg", "marshal", "shutil", "socket", "ctypes", "code", "codeop",
     "pty", "operator", "functools", "types", "io", "_io", "pdb", "bdb", "timeit", "multiprocessing",
     "asyncio", "threading", "_thread", "signal", "tempfile", "glob", "platform", "webbrowser", "urllib",

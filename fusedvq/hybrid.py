@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .declared import Declared
 from .layout import HybridLayout, first_embedding_from_groups, first_embedding_from_names
+from .values import MAX_LIST_ENTRIES as MAX_EMBEDDING
 from .values import _parse_categories
 
 
@@ -16,6 +17,10 @@ def declare_hybrid(decl: Declared, data: dict, attempt, need_stats: bool) -> Non
     K = int(mask.sum())
     c = width - K
     what = f"the checkpoint is a hybrid VQ-VAE ({clues.evidence()})"
+    if c > MAX_EMBEDDING:
+        decl.problems.append(f"{what}, but its decoder's input_dim {width} would leave {c:,} embedding columns beside "
+                             f"the {K} kept feature columns, more than any encoder gives")
+        return
     if c <= 0:
         decl.problems.append(f"{what}, but its decoder's input_dim {width} leaves no columns for embeddings beside "
                              f"the {K} kept feature columns")
@@ -32,7 +37,7 @@ def declare_hybrid(decl: Declared, data: dict, attempt, need_stats: bool) -> Non
     candidates, initial = [], None
     if kept_groups is not None and decl.categories is not None:
         candidates, initial = first_embedding_from_groups(kept_groups, decl.categories, K, c)
-    by_names, manual = first_embedding_from_names(decl.feature_names, clues.family)
+    by_names, manual = first_embedding_from_names(decl.feature_names, clues.family, K)
     if kept_groups is not None and decl.categories is not None and not candidates:
         decl.problems.append(
             f"{what}, but its pre_model_group_indices and model_config's group_indices do not describe one "

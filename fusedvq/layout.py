@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 HYBRID_ENCODERS = ("initial_hybrid", "InitialHybridEncoder")
+MAX_TRIES = 256  # candidate positions of the embedding columns checked against the group indices
 ENCODER_PREFIXES = ("initial_encoder.", "_orig_mod.initial_encoder.")
 # The initial encoder's last layer: its rows are the embedding columns.
 EMBEDDING_LAYER = ("cnn_encoder.fc.weight", "cnn_encoder.bn_final.weight")
@@ -155,19 +156,27 @@ def first_embedding_from_groups(kept_groups: Mapping[str, np.ndarray], decoder_g
         if shifted.any():
             hi = min(hi, int(kept[shifted].min()))
     kept, dec = kept_groups[initial[0]], np.unique(decoder_groups[initial[0]])
+    # p starts a run of c consecutive decoder columns of the INITIAL category: only such p are tried, and at
+    # most MAX_TRIES of them (each try is linear), so a crafted file cannot make this quadratic.
+    if dec.size < c:
+        return [], initial[0]
+    starts = dec[: dec.size - c + 1][dec[c - 1 :] - dec[: dec.size - c + 1] == c - 1]
+    starts = starts[(starts >= lo) & (starts <= hi)]
     found = []
-    for p in range(lo, hi + 1):
+    for p in starts[:MAX_TRIES].tolist():
         mapped = np.where(kept < p, kept, kept + c)
         if np.array_equal(np.union1d(mapped, np.arange(p, p + c)), dec):
             found.append(p)
-            if len(found) > 1 and found[-1] - found[0] > 64:
-                break  # ambiguous either way; no need to list every candidate
+    if starts.size > MAX_TRIES and found:
+        found.append(int(starts[-1]))  # not tried: counted as one more possibility (ambiguous)
     return found, initial[0]
 
 
-def first_embedding_from_names(names: Optional[list], family: Optional[str]) -> tuple[Optional[int], Optional[int]]:
-    """(p, hand-made columns) from feature_names: just after the last "family::" name, when they are contiguous."""
-    if not names or family is None:
+def first_embedding_from_names(names: Optional[list], family: Optional[str],
+                               num_kept: int) -> tuple[Optional[int], Optional[int]]:
+    """(p, hand-made columns) from feature_names, one per kept column: just after the last "family::" name,
+    when they are contiguous. Names of another length (e.g. of all original columns) say nothing here."""
+    if not names or family is None or len(names) != num_kept:
         return None, None
     prefix = f"{family}::"
     at = [i for i, n in enumerate(names) if isinstance(n, str) and n.startswith(prefix)]

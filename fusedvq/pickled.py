@@ -100,9 +100,10 @@ def _raw_pickle_globals(path: Path) -> list[str]:
 MAX_TUPLE_ENTRIES = 1 << 20
 
 
-def oversized_tuple(path: Path) -> Optional[int]:
-    """The logical entry count of the first tuple over MAX_TUPLE_ENTRIES that the file's pickles build
-    (memo references counted as often as they are used), or None. Parses only (pickletools), modelling
+def oversized_tuple(path: Path) -> Optional[str]:
+    """What would make the load unbounded, in words, or None: a tuple over MAX_TUPLE_ENTRIES logical entries
+    (memo references counted as often as they are used), or a bytearray (torch allows it; its size is a
+    number in the file). Parses only (pickletools), modelling
     each opcode's stack effect; a zip checkpoint's data.pkl records are read, a raw file's pickles in turn."""
     try:
         if zipfile.is_zipfile(path):
@@ -119,7 +120,12 @@ def oversized_tuple(path: Path) -> Optional[int]:
     return None
 
 
-def _scan_tuples(blob: bytes) -> Optional[int]:
+def _hazard(size: int) -> str:
+    return (f"builds a tuple of {size:,} entries or more out of repeated references, which would take unbounded "
+            f"time to read")
+
+
+def _scan_tuples(blob: bytes) -> Optional[str]:
     import io
 
     stream = io.BytesIO(blob)
@@ -138,7 +144,7 @@ def _scan_tuples(blob: bytes) -> Optional[int]:
                         items, stack = stack[len(stack) - n :], stack[: len(stack) - n]
                     size = 1 + sum(items)
                     if size > MAX_TUPLE_ENTRIES:
-                        return size
+                        return _hazard(size)
                     stack.append(size)
                 elif name == "MEMOIZE":
                     memo[len(memo)] = stack[-1]
@@ -148,6 +154,8 @@ def _scan_tuples(blob: bytes) -> Optional[int]:
                     stack.append(memo.get(arg, 1))
                 elif name == "MARK":
                     stack.append(None)
+                elif name == "GLOBAL" and str(arg).split(" ")[-1] == "bytearray":
+                    return "builds a bytearray, whose size the file states, not its contents"
                 else:
                     before = op.stack_before
                     if pickletools.markobject in before:  # pops to the mark, and the mark

@@ -66,11 +66,14 @@ def target_columns(target: torch.Tensor, gap_at: int, gap: int) -> torch.Tensor:
         return target
     K = target.shape[1] - gap
     key = (gap_at, gap, K)
-    cols = _LOSS_COLUMNS.get(key) if target.device.type == "cpu" else None
+    # Cached only for plain CPU tensors outside inference mode: an inference or fake tensor in the cache
+    # would break every later call.
+    cacheable = target.device.type == "cpu" and type(target) is torch.Tensor and not torch.is_inference_mode_enabled()
+    cols = _LOSS_COLUMNS.get(key) if cacheable else None
     if cols is None:
         k = torch.arange(K, device=target.device)
         cols = torch.where(k < gap_at, k, k + gap)
-        if target.device.type == "cpu":
+        if cacheable:
             if len(_LOSS_COLUMNS) >= 64:
                 _LOSS_COLUMNS.clear()
             _LOSS_COLUMNS[key] = cols

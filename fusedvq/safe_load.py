@@ -173,12 +173,9 @@ def _load_inertly(file: Path):
     """torch.load(weights_only=True) with numpy's types and, for each foreign class the file names, a
     stand-in that reads its objects as records (foreign.py). Refuses, naming them, the globals no stand-in
     is made for, and a file that calls a stand-in class; nothing stored in the file runs."""
-    size = oversized_tuple(file)
-    if size is not None:
-        raise CheckpointError([
-            f"{file} was not loaded: it builds a tuple of {size:,} entries or more out of repeated references, "
-            f"which would take unbounded time to read; no checkpoint holds one"
-        ])
+    hazard = oversized_tuple(file)
+    if hazard is not None:
+        raise CheckpointError([f"{file} was not loaded: it {hazard}; no checkpoint holds one"])
     names = set(_pickled_globals(file))
     for _ in range(_MAX_LOAD_ROUNDS):
         if any("ObjectDType" in name for name in names):
@@ -287,7 +284,8 @@ def read_stats_file(path: PathLike) -> tuple[dict[str, Any], Optional[str]]:
         raise _Problem(f"{path.name} could not be read as an .npz file ({_brief(err)})") from None
     method = None
     if "_normalization_method" in arrays:
-        method = str(np.asarray(arrays.pop("_normalization_method")).reshape(-1)[0])
+        declared = np.asarray(arrays.pop("_normalization_method")).reshape(-1)
+        method = str(declared[0]) if declared.size and declared.dtype.kind in "US" else None
     stats: dict[str, dict[str, Any]] = {}
     for key, value in arrays.items():
         for suffix in _STATS_SUFFIXES:

@@ -104,7 +104,9 @@ def _parse_input_dim(value: Any) -> int:
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
         value = value.item()  # a number saved as a 0-d tensor or array
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
-        raise _Problem(f"model_config['input_dim'] is {value!r}, not a positive integer (the decoder's width)")
+        shown = repr(value) if isinstance(value, (int, float, str, np.number)) and len(repr(value)) < 40 \
+            else f"a {type(value).__name__}"
+        raise _Problem(f"model_config['input_dim'] is {shown}, not a positive integer (the decoder's width)")
     return int(value)
 
 

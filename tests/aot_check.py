@@ -75,10 +75,10 @@ def kernel_specs():
             # Batch norm with reduction "none" always gets final sums (S1, S2) from _dz_sums_kernel.
             for sums_final in ((1,) if red == 0 else (0, 1)) if norm == 2 else (0,):
                 for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
-                    # grad_r skipped (a target without grad): at the motivating shape
-                    for write_r in (1 - clean, 0) if not clean and shapes == SHAPES[1:2] else (1 - clean,):
+                    writes = ((1, 1), (1, 0), (0, 1)) if not clean and shapes == SHAPES[1:2] else ((1, 1 - clean),)
+                    for write_x, write_r in writes:  # (x, r) gradients wanted; one skipped: the motivating shape
                         consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, SUMS_FINAL=sums_final, CLEAN=clean,
-                                      WRITE_X=1, WRITE_R=write_r, BLOCK_B=block_b, BLOCK_D=block_d)
+                                      WRITE_X=write_x, WRITE_R=write_r, BLOCK_B=block_b, BLOCK_D=block_d)
                         yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
         if norm != 2:
             continue

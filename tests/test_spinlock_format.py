@@ -424,3 +424,39 @@ def test_records_keyed_by_themselves_and_other_oddities_become_sentences(tmp_pat
         rc, out, err = run_check(str(folder))
         assert "could not be checked" not in err and "Traceback" not in err
         assert said in out + err, (said, err)
+
+
+def test_a_bytearray_of_stated_size_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"feature_mask": np.ones(3, bool), "blob": bytearray(16)}, path)
+    with pytest.raises(CheckpointError, match="bytearray"):
+        read_checkpoint(path)
+
+
+def test_feature_names_of_the_original_columns_do_not_place_the_embeddings(tmp_path):
+    run = make_run(hybrid=True, seed=20)
+
+    def edit(ck):
+        ck.pop("pre_model_group_indices")
+        ck["feature_names"] = [f"initial::c{i}" if i < 14 else f"x::c{i}" for i in range(270)]  # D0 names, not K
+
+    rc, _, err = run_check(str(write_run(tmp_path, run, edit=edit)), norm="batch")
+    assert rc == 1 and "cannot be derived" in err
+
+
+def test_an_inference_mode_call_does_not_poison_later_training(tmp_path):
+    from fusedvq.module import MaskedMSELoss
+
+    loss_fn = MaskedMSELoss(torch.arange(5), num_features=7, norm="none", target_gap=(2, 3))
+    with torch.inference_mode():
+        loss_fn(torch.randn(4, 7), torch.randn(4, 8))
+    x = torch.randn(4, 7, requires_grad=True)
+    loss_fn(x, torch.randn(4, 8)).backward()
+    assert x.grad is not None
+
+
+def test_an_empty_method_marker_is_no_method(tmp_path):
+    npz = tmp_path / "s.npz"
+    np.savez(npz, a_mean=np.zeros(2), a_std=np.ones(2), _normalization_method=np.array([], dtype="U1"))
+    spec = load_feature_spec(stats=npz, feature_mask=np.ones(2, bool), group_indices={"a": [0, 1]})
+    assert spec.method == "standard"
