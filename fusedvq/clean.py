@@ -25,6 +25,7 @@ from .columns import ColumnMap, build_column_map
 from .contract import NORM_BATCH
 from .functional import prepare_call
 from .module import PreparedColumns, check_gap
+from .reference import loss_columns
 
 
 def clean_features(
@@ -106,9 +107,7 @@ class FeatureCleaner(PreparedColumns):
     @property
     def recon_columns(self) -> torch.Tensor:
         """[K] int64 on the buffers' device: the decoder column that reconstructs each column of z."""
-        at, c = self.gap
-        k = torch.arange(self.num_kept, device=self.index.device)
-        return torch.where(k < at, k, k + c)
+        return loss_columns(self.num_kept, *self.gap, self.index.device)
 
     def combine(self, z: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """Hybrid: the encoder's input [B, K + c], z's columns with the c embedding columns inserted at the

@@ -59,6 +59,12 @@ def clean_composed(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
 _LOSS_COLUMNS: dict = {}
 
 
+def loss_columns(K: int, gap_at: int, gap: int, device) -> torch.Tensor:
+    """[K] int64: the target column of each loss column, k + gap·[k >= gap_at]."""
+    k = torch.arange(K, device=device)
+    return torch.where(k < gap_at, k, k + gap)
+
+
 def target_columns(target: torch.Tensor, gap_at: int, gap: int) -> torch.Tensor:
     """The target's K loss columns: all of them, or (gap > 0) all but the `gap` columns from `gap_at` on (a
     hybrid decoder's embedding columns, which the loss skips)."""
@@ -71,8 +77,7 @@ def target_columns(target: torch.Tensor, gap_at: int, gap: int) -> torch.Tensor:
     cacheable = target.device.type == "cpu" and type(target) is torch.Tensor and not torch.is_inference_mode_enabled()
     cols = _LOSS_COLUMNS.get(key) if cacheable else None
     if cols is None:
-        k = torch.arange(K, device=target.device)
-        cols = torch.where(k < gap_at, k, k + gap)
+        cols = loss_columns(K, gap_at, gap, target.device)
         if cacheable:
             if len(_LOSS_COLUMNS) >= 64:
                 _LOSS_COLUMNS.clear()

@@ -18,6 +18,36 @@ def _setup(B=512, D=187, K=171, device="cuda", seed=0, **case):
     return x, r, columns, mean, std
 
 
+def _captured(loss_of, grad, *leaves):
+    """(graph, static loss) of loss_of().backward(grad), captured after a warm-up on a side stream (the
+    kernels compiled first), with the leaves' gradients reset so that capture allocates them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            loss_of().backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    for leaf in leaves:
+        leaf.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = loss_of()
+        loss.backward(grad)
+    return graph, loss
+
+
+def _replays(graph, x_static, r_static, times=3):
+    """Fresh (x, r) copied into the static inputs, the graph replayed, `times` times: yields each (x, r)."""
+    for _ in range(times):
+        new_x, new_r = torch.randn_like(x_static), torch.randn_like(r_static)
+        with torch.no_grad():
+            x_static.copy_(new_x)
+            r_static.copy_(new_r)
+        graph.replay()
+        torch.cuda.synchronize()
+        yield new_x.detach(), new_r.detach()
+
+
 @pytest.mark.parametrize("norm", ["stats", "batch"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cuda_graph_capture_and_replay_forward_backward(reduction, norm):
@@ -29,26 +59,9 @@ def test_cuda_graph_capture_and_replay_forward_backward(reduction, norm):
     g_shape = (512, 171) if reduction == "none" else ()
     grad_static = torch.full(g_shape, 0.75, device="cuda")
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compile the kernels before capture
-        for _ in range(2):
-            loss_fn(x_static, r_static).backward(grad_static)
-    torch.cuda.current_stream().wait_stream(side)
-    x_static.grad = r_static.grad = None
+    graph, loss_static = _captured(lambda: loss_fn(x_static, r_static), grad_static, x_static, r_static)
 
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss_static = loss_fn(x_static, r_static)
-        loss_static.backward(grad_static)
-
-    for trial in range(3):
-        new_x, new_r = torch.randn_like(x), torch.randn_like(r)
-        with torch.no_grad():
-            x_static.copy_(new_x)
-            r_static.copy_(new_r)
-        graph.replay()
-        torch.cuda.synchronize()
+    for new_x, new_r in _replays(graph, x_static, r_static):
         if norm == "stats":
             want, want_gx, want_gr = oracle(new_x, new_r, columns, mean, std, grad_static.cpu(), reduction=reduction)
         else:
@@ -147,27 +160,8 @@ def test_feature_cleaner_cuda_graph_capture_and_replay(norm):
     r_static = r.clone().requires_grad_()
     grad_static = torch.full((), 0.75, device="cuda")
 
-    def step():
-        F.mse_loss(r_static, cleaner(x_static)).backward(grad_static)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compile the kernels before capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    x_static.grad = r_static.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss_static = F.mse_loss(r_static, cleaner(x_static))
-        loss_static.backward(grad_static)
-    for _ in range(3):
-        new_x, new_r = torch.randn_like(x), torch.randn_like(r)
-        with torch.no_grad():
-            x_static.copy_(new_x)
-            r_static.copy_(new_r)
-        graph.replay()
-        torch.cuda.synchronize()
+    graph, loss_static = _captured(lambda: F.mse_loss(r_static, cleaner(x_static)), grad_static, x_static, r_static)
+    for new_x, new_r in _replays(graph, x_static, r_static):
         want, want_gx, want_gr = _clean_oracle(new_x, new_r, columns, mean, std, norm, 0.75)
         assert rel_err(loss_static, want) <= 1e-5
         assert rel_err(x_static.grad, want_gx) <= 1e-5

@@ -122,3 +122,25 @@ def test_opcheck_with_a_gap(use_triton, batch):
         shift, scale = mean[index].float(), std[index].float().reciprocal()
         args = (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, False, 1, use_triton, 12, C)
         torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gap_with_float32_edge_columns(monkeypatch, path):
+    # A column constant within the batch (σ → 1, z = 0 exactly), one at 1e4 ± 0.01,
+    # one of 1e17 (its M2 near the float32 range).
+    if path == "blocked":
+        monkeypatch.setattr(cpu, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
+    index, _, _, x, r, g = _case(40, 11, seed=9)
+    x[:, index[0]] = 3.25
+    x[:, index[1]] = 1e4 + 0.01 * torch.randn(40, generator=g)
+    x[:, index[2]] = 1e17 * torch.rand(40, generator=g)  # M2 ~ 1e35: under float32 overflow (README)
+    loss_fn = MaskedMSELoss(index, num_features=D, norm="batch", target_gap=(11, C),
+                            backend="triton" if path == "triton" else "reference")
+    x, r = x.requires_grad_(), r.requires_grad_()
+    w = torch.tensor(1.0, dtype=torch.float64)
+    ref, gx, gr = _oracle(x, r, index, None, None, 11, "batch", "mean", False, w)
+    loss_fn(x, r).backward()
+    assert rel_err(x.grad, gx) <= 1e-4 and rel_err(r.grad, gr) <= 1e-5
+    for col in index[:3]:  # each edge column on its own (the constant one: dz − mean(dz), nothing through σ' = 1)
+        assert rel_err(x.grad[:, col], gx[:, col]) <= 1e-4
