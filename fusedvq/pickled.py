@@ -1,12 +1,15 @@
-"""What a pickle references, found without running it: the numpy types a weights-only load allows, and the
-globals (classes, callables) a refused file names, read from its opcodes (pickletools only parses) or, for
-zip checkpoints, by torch.serialization.get_unsafe_globals_in_checkpoint. safe_load.py uses them."""
+"""What a pickle references, found without running it: the numpy types a weights-only load allows, and
+scan_pickles, which parses a file's pickles (pickletools only parses) for the globals they name and for
+what would make loading them unbounded (huge tuples, bytearrays, codecs other than latin1, tensors
+rebuilt with attributes). safe_load.py uses them."""
 
 from __future__ import annotations
 
+import io
 import pickletools
 import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -35,19 +38,17 @@ def _numpy_safe_globals() -> list:
 
 def _pickled_globals(path: Path, error: Optional[BaseException] = None) -> list[str]:
     """Names of the globals a file references that neither torch nor the numpy list allows, found without
-    running any of it: from a zip checkpoint's records, a raw pickle's opcodes, and the loader's error."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _numpy_safe_globals()}
-    allowed |= _torch_allowed_globals()
-    names: list[str] = []
-    if zipfile.is_zipfile(path):
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:
-            names = []
-    else:
-        names = _raw_pickle_globals(path)
+    running any of it (scan_pickles), and those the loader's error names."""
+    names = list(scan_pickles(path).globals)
     if error is not None:
         names += re.findall(r"GLOBAL ([\w.]+)", str(error))
+    return unsafe_names(names)
+
+
+def unsafe_names(names) -> list[str]:
+    """The names among `names` that neither torch nor the numpy list allows, sorted."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _numpy_safe_globals()}
+    allowed |= _torch_allowed_globals()
     found = {n for n in names if n not in allowed}
     # The error text names builtins without their module ("getattr"); keep the qualified spelling.
     return sorted(n for n in found if "." in n or not any(m.endswith("." + n) for m in found))
@@ -64,107 +65,126 @@ def _torch_allowed_globals() -> set[str]:
         return set()
 
 
-def _raw_pickle_globals(path: Path) -> list[str]:
-    """Globals named by a raw pickle's opcodes; pickletools only parses, it never builds objects.
-
-    A small model of the stack and memo recovers the module and name strings STACK_GLOBAL consumes
-    (protocol 4+). The legacy torch format starts with other pickles, so its globals come from the
-    loader's error message instead.
-    """
-    names: list[str] = []
-    stack: list = []  # strings as pushed, None for anything else
-    memo: dict = {}
-    try:
-        with open(path, "rb") as f:
-            for op, arg, _ in pickletools.genops(f):
-                if op.name == "GLOBAL":
-                    names.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(stack) >= 2:
-                    names.append(f"{stack[-2]}.{stack[-1]}")
-                if op.name == "MEMOIZE":
-                    memo[len(memo)] = stack[-1] if stack else None
-                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = stack[-1] if stack else None
-                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                    stack.append(memo.get(arg))
-                else:
-                    is_text = "UNICODE" in op.name or "STRING" in op.name
-                    stack.append(arg if is_text and isinstance(arg, str) else None)
-    except Exception:
-        pass  # not a pickle, or truncated: whatever was found so far
-    return names
-
-
 # A tuple whose elements are memo references to one tuple, nested N deep, is 2^N entries to hash: a dict
 # keyed by it (or torch's unpickler building it) would not finish. No checkpoint needs tuples this large.
 MAX_TUPLE_ENTRIES = 1 << 20
+# The codecs protocol-2 pickles name for bytes (`_codecs.encode(text, "latin1")`); torch allows
+# `_codecs.encode` under any codec, and some (punycode) take quadratic time.
+PLAIN_CODECS = ("latin1", "latin-1")
+# torch's allowed rebuilders that set attributes chosen by the file on a tensor (`numel = ...` would hide
+# its size): plain tensors and parameters never need them.
+STATEFUL_REBUILDS = ("torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_parameter_with_state")
+# The legacy (non-zip) torch format is five pickles (magic number, protocol, system info, the object, the
+# storage keys) followed by raw storage bytes, which are not read as opcodes.
+LEGACY_PICKLES = 5
 
 
-def oversized_tuple(path: Path) -> Optional[str]:
-    """What would make the load unbounded, in words, or None: a tuple over MAX_TUPLE_ENTRIES logical entries
-    (memo references counted as often as they are used), or a bytearray (torch allows it; its size is a
-    number in the file). Parses only (pickletools), modelling
-    each opcode's stack effect; a zip checkpoint's data.pkl records are read, a raw file's pickles in turn."""
+@dataclass
+class PickleScan:
+    """What a file's pickles hold, found by parsing only: the globals they name, in order, and why loading
+    them would be unbounded (a sentence fragment), or None."""
+
+    globals: list = field(default_factory=list)
+    hazard: Optional[str] = None
+
+
+@dataclass
+class _Value:
+    """The scanner's model of one stack entry: its logical size (memo references counted as often as used),
+    the text of a string, the name of a global, the texts of a short tuple's items."""
+
+    size: int = 1
+    text: Optional[str] = None
+    name: Optional[str] = None
+    items: Optional[tuple] = None
+
+
+_MARK = None
+
+
+def scan_pickles(path: Path) -> PickleScan:
+    """Parse (pickletools only parses, it never builds objects) the pickles of a file — a zip checkpoint's
+    .pkl records, or a raw file's first LEGACY_PICKLES pickles — modelling each opcode's stack effect."""
+    scan = PickleScan()
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                blobs = [archive.read(n) for n in archive.namelist() if n.endswith("data.pkl")]
+                blobs = [(archive.read(n), 1) for n in archive.namelist() if n.endswith(".pkl")]
         else:
-            blobs = [path.read_bytes()]
+            blobs = [(path.read_bytes(), LEGACY_PICKLES)]
     except Exception:
-        return None
-    for blob in blobs:
-        found = _scan_tuples(blob)
-        if found is not None:
-            return found
-    return None
+        return scan  # unreadable: the loader says so
+    for blob, count in blobs:
+        stream = io.BytesIO(blob)
+        for _ in range(count):
+            if stream.tell() >= len(blob) or scan.hazard is not None:
+                break
+            try:
+                _scan_one(stream, scan)
+            except Exception:
+                break  # not a pickle (or a malformed one): the loader says so
+    if scan.hazard is None and any(name in STATEFUL_REBUILDS for name in scan.globals):
+        scan.hazard = "rebuilds a tensor with attributes chosen by the file, which no checkpoint needs"
+    return scan
 
 
-def _hazard(size: int) -> str:
-    return (f"builds a tuple of {size:,} entries or more out of repeated references, which would take unbounded "
-            f"time to read")
-
-
-def _scan_tuples(blob: bytes) -> Optional[str]:
-    import io
-
-    stream = io.BytesIO(blob)
-    while stream.tell() < len(blob):
-        stack: list = []  # logical sizes; None = a MARK
-        memo: dict = {}
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                name = op.name
-                if name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
-                    if name == "TUPLE":
-                        at = len(stack) - 1 - stack[::-1].index(None)
-                        items, stack = stack[at + 1 :], stack[:at]
-                    else:
-                        n = int(name[-1])
-                        items, stack = stack[len(stack) - n :], stack[: len(stack) - n]
-                    size = 1 + sum(items)
-                    if size > MAX_TUPLE_ENTRIES:
-                        return _hazard(size)
-                    stack.append(size)
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = stack[-1]
-                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = stack[-1]
-                elif name in ("GET", "BINGET", "LONG_BINGET"):
-                    stack.append(memo.get(arg, 1))
-                elif name == "MARK":
-                    stack.append(None)
-                elif name == "GLOBAL" and str(arg).split(" ")[-1] == "bytearray":
-                    return "builds a bytearray, whose size the file states, not its contents"
-                else:
-                    before = op.stack_before
-                    if pickletools.markobject in before:  # pops to the mark, and the mark
-                        at = len(stack) - 1 - stack[::-1].index(None)
-                        stack = stack[:at]
-                        before = before[: before.index(pickletools.markobject)]
-                    if before:
-                        stack = stack[: len(stack) - len(before)]
-                    stack.extend(1 for _ in op.stack_after)
-        except Exception:
-            return None  # not a pickle (or a malformed one): the loader says so
-    return None
+def _scan_one(stream, scan: PickleScan) -> None:
+    stack: list = []
+    memo: dict = {}
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name == "GLOBAL" or name == "STACK_GLOBAL":
+            if name == "GLOBAL":
+                found = str(arg).replace(" ", ".")
+            else:
+                short, module = stack.pop(), stack.pop()
+                found = f"{module.text}.{short.text}"
+            scan.globals.append(found)
+            if found.rsplit(".", 1)[-1] == "bytearray":
+                scan.hazard = "builds a bytearray, whose size the file states, not its contents"
+                return
+            stack.append(_Value(name=found))
+        elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+            if name == "TUPLE":
+                at = len(stack) - 1 - stack[::-1].index(_MARK)
+                items, stack[at:] = stack[at + 1 :], []
+            else:
+                n = 0 if name == "EMPTY_TUPLE" else int(name[-1])
+                items = stack[len(stack) - n :] if n else []
+                del stack[len(stack) - n :]
+            size = 1 + sum(v.size for v in items)
+            if size > MAX_TUPLE_ENTRIES:
+                scan.hazard = (f"builds a tuple of {size:,} entries or more out of repeated references, which would "
+                               f"take unbounded time to read")
+                return
+            stack.append(_Value(size=size, items=tuple(v.text for v in items) if len(items) <= 4 else None))
+        elif name == "REDUCE":
+            args, fn = stack.pop(), stack.pop()
+            if fn.name == "_codecs.encode" and (args.items is None or len(args.items) != 2
+                                                or args.items[1] not in PLAIN_CODECS):
+                codec = args.items[1] if args.items and len(args.items) == 2 and args.items[1] else "?"
+                scan.hazard = (f"decodes text with the codec {codec[:40]!r}; torch writes only latin1, and other "
+                               f"codecs can take quadratic time")
+                return
+            stack.append(_Value())
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg, _Value()))
+        elif name == "MARK":
+            stack.append(_MARK)
+        elif name == "BYTEARRAY8":
+            scan.hazard = "builds a bytearray, whose size the file states, not its contents"
+            return
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:  # pops to the mark, and the mark
+                at = len(stack) - 1 - stack[::-1].index(_MARK)
+                del stack[at:]
+                before = before[: before.index(pickletools.markobject)]
+            if before:
+                del stack[len(stack) - len(before) :]
+            is_text = isinstance(arg, str) and ("UNICODE" in name or "STRING" in name)
+            stack.extend(_Value(text=arg if is_text else None) for _ in op.stack_after)

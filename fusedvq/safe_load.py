@@ -19,8 +19,9 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from .bounded import BoundExceeded, ChildRefused, Limits, read_bounded
 from .foreign import ForeignCallRefused, refusal, stand_ins
-from .pickled import _numpy_safe_globals, _pickled_globals, oversized_tuple
+from .pickled import _numpy_safe_globals, _pickled_globals, scan_pickles, unsafe_names
 
 PathLike = Union[str, Path]
 
@@ -165,24 +166,52 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
     return dict(data)
 
 
-# A legacy-format file names its globals one refusal at a time; more rounds than this is not a checkpoint.
-_MAX_LOAD_ROUNDS = 32
+# A legacy-format file may name globals the scan missed one refusal at a time; more rounds than this is not
+# a checkpoint. A file naming more foreign classes than MAX_FOREIGN_NAMES is not one either (each name is a
+# stand-in torch's allow-list checks on every object).
+_MAX_LOAD_ROUNDS = 8
+MAX_FOREIGN_NAMES = 64
 
 
 def _load_inertly(file: Path):
+    """The inert load (_inert_load) run in a child process within Limits.for_file (bounded.py): whatever the
+    file makes torch's unpickler do, this ends in bounded time and memory, as a result or a CheckpointError."""
+    size = file.stat().st_size
+    limits = Limits.for_file(size)
+    try:
+        return read_bounded(_inert_load, file, limits)
+    except ChildRefused as err:
+        if err.problems:
+            raise CheckpointError(err.problems) from None
+        raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({err.kind}: {err})"]) from None
+    except BoundExceeded as err:
+        raise CheckpointError([
+            f"{file} was not loaded: {err}; a checkpoint of {size:,} bytes reads in a fraction of that (the limits "
+            f"grow with the file's size; FUSEDVQ_LOAD_SECONDS and FUSEDVQ_LOAD_MEMORY_MB set their base)"
+        ]) from None
+
+
+def _inert_load(file: Path):
     """torch.load(weights_only=True) with numpy's types and, for each foreign class the file names, a
     stand-in that reads its objects as records (foreign.py). Refuses, naming them, the globals no stand-in
-    is made for, and a file that calls a stand-in class; nothing stored in the file runs."""
-    hazard = oversized_tuple(file)
-    if hazard is not None:
-        raise CheckpointError([f"{file} was not loaded: it {hazard}; no checkpoint holds one"])
-    names = set(_pickled_globals(file))
+    is made for, a file that calls a stand-in class, and what scan_pickles finds unbounded; nothing stored
+    in the file runs. Runs in the bounded child (see _load_inertly)."""
+    scan = scan_pickles(file)
+    if scan.hazard is not None:
+        raise CheckpointError([f"{file} was not loaded: it {scan.hazard}; no checkpoint holds one"])
+    names = set(unsafe_names(scan.globals))
     for _ in range(_MAX_LOAD_ROUNDS):
         if any("ObjectDType" in name for name in names):
             raise _object_arrays(file)
         refused = [why for why in map(refusal, sorted(names)) if why]
         if refused:
             raise _refused(file, refused)
+        if len(names) > MAX_FOREIGN_NAMES:
+            raise CheckpointError([
+                f"{file} was not loaded: it names {len(names):,} classes fusedvq does not have, more than the "
+                f"{MAX_FOREIGN_NAMES} a checkpoint's own records need; if you trust the file's source, pass "
+                f"trust=True (CLI: --trust)"
+            ])
         try:
             with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals() + stand_ins(names)):
                 warnings.simplefilter("ignore")  # torch's notes about pickle protocols are noise here
@@ -199,7 +228,7 @@ def _load_inertly(file: Path):
             if not more:
                 raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
             names |= more
-    raise CheckpointError([f"{file} could not be read: it names more than {_MAX_LOAD_ROUNDS} kinds of object"])
+    raise CheckpointError([f"{file} could not be read: it names more than {_MAX_LOAD_ROUNDS} rounds of objects"])
 
 
 def _object_arrays(file: Path) -> CheckpointError:
