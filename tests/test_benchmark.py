@@ -138,7 +138,12 @@ def test_bench_command_writes_three_reports(tmp_path, capsys):
     md = (out / "bench.md").read_text()
     assert md == printed.split("\nwrote ")[0]
     assert "## norm=stats, float32, forward+backward" in md and "| B | fused | reference | eager |" in md
-    assert "## Targets" in md and "reference ≥ 2× eager at B = 4" in md
+    assert "## Targets" in md and "reference ≥ 2× faster than eager at B = 4" in md
+    for row in rows:  # every timed cell carries its spread, and the table shows it
+        if row["status"] == "ok":
+            assert row["ms_min"] <= row["ms"] <= row["ms_max"]
+    ref = next(r for r in rows if r["provider"] == "reference" and r["status"] == "ok")
+    assert f"({ref['ms_min']:.4g}–{ref['ms_max']:.4g})" in md
     width, height = _png_size(out / "bench.png")
     assert width > 300 and height > 200
 
@@ -155,6 +160,17 @@ def test_results_section_names_device_and_command(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(report))
     assert fb.run(_args("--results-section", str(path))) == 0
+
+
+def test_results_section_links_from_the_docs_page(capsys, monkeypatch, tmp_path):
+    folder = tmp_path / "bench" / "results" / "cpu"
+    folder.mkdir(parents=True)
+    case_rows = [_row("reference", 4, 0.2, gbps=1.0), _row("eager", 4, 0.3)]
+    report = {"meta": fb.environment("cpu", 1e10, "cmd"), "rows": [vars(r) for r in case_rows], "targets": []}
+    (folder / "bench.json").write_text(json.dumps(report))
+    monkeypatch.chdir(tmp_path)  # the repository root: the section goes into docs/benchmarks.md
+    assert fb.run(_args("--results-section", "bench/results/cpu/bench.json")) == 0
+    assert "](../bench/results/cpu/bench.png)" in capsys.readouterr().out
 
 
 def test_cuda_requested_without_cuda(capsys):
@@ -198,3 +214,60 @@ def test_eager_baseline_computes_in_the_features_dtype():
     assert loss.dtype == torch.bfloat16  # float32 statistics would promote it (and break its CUDA backward)
     loss.backward()
     assert inputs.x.grad.dtype == torch.bfloat16
+
+
+# --- spread, wording and the noisy flag, from synthetic timings ----------------------------------------------
+
+
+def _timed(provider, B, ms, lo, hi):
+    return _row(provider, B, ms, ms_min=lo, ms_max=hi, rounds=20)
+
+
+def test_ratios_read_faster_or_slower():
+    assert fb.speed_words(3.04) == "3.04× faster" and fb.speed_words(1.0) == "1.00× faster"
+    assert fb.speed_words(0.5) == "2.00× slower" and fb.speed_words(0.92) == "1.09× slower"
+    ours, quick, slow = _timed("reference", 4, 1.0, 0.9, 1.2), _timed("eager", 4, 0.5, 0.45, 0.6), \
+        _timed("compiled", 4, 3.0, 2.8, 3.3)
+    assert fb.compare(ours, slow) == "3.00× faster" and fb.compare(ours, quick) == "2.00× slower"
+    assert fb.compare(ours, None) == "–" and fb.compare(ours, _row("eager", 4, None)) == "–"
+    # a report written before the rounds' spread was recorded still ranks by its medians
+    assert fb.compare(_row("reference", 4, 1.0), _row("eager", 4, 2.0)) == "2.00× faster"
+
+
+def test_a_wide_spread_is_flagged_not_ranked():
+    quiet = _timed("reference", 64, 0.11, 0.10, 0.15)
+    loaded = _timed("eager", 64, 13.0, 10.6, 23.7)  # rounds preempted: slowest 2.2× the fastest
+    assert not fb.is_noisy(quiet) and fb.is_noisy(loaded) and fb.is_noisy(quiet, loaded)
+    assert fb.compare(quiet, loaded) == fb.NOISY == "noisy: re-run on a quiet machine"  # not "118× faster"
+    edge = _timed("eager", 64, 0.2, 0.1, 0.1 * fb.NOISY_SPREAD)  # at the limit: still ranked
+    assert fb.compare(quiet, edge) == "1.82× faster"
+
+
+def test_markdown_carries_spreads_and_flags_noisy_cells():
+    rows = [_timed("reference", 4, 0.0880, 0.0834, 0.1141), _timed("eager", 4, 0.0657, 0.0625, 0.0769),
+            _timed("compiled", 4, 0.2907, 0.2624, 0.4513),
+            _timed("reference", 64, 0.1138, 0.1036, 0.1458), _timed("eager", 64, 13.07, 10.58, 23.70),
+            _timed("compiled", 64, 0.3746, 0.3494, 0.4483)]
+    meta = fb.environment("cpu", None, "cmd")
+    md = fb.markdown({"meta": meta, "rows": [vars(r) for r in rows], "targets": fb.verdicts(rows, "cpu")})
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in md.splitlines()
+             if line.startswith("| 4 |") or line.startswith("| 64 |")}
+    assert "| reference vs eager | reference vs compiled |" in md
+    assert table["4"][1:4] == ["0.088 (0.0834–0.1141)", "0.0657 (0.0625–0.0769)", "0.2907 (0.2624–0.4513)"]
+    assert table["4"][4:6] == ["1.34× slower", "3.30× faster"]
+    assert table["64"][4:6] == ["noisy: re-run on a quiet machine", "3.29× faster"]
+    assert "Where either cell's slowest round took more than 2× its fastest" in md
+    b4 = next(line for line in md.splitlines() if "faster than eager at B = 4" in line)
+    assert "0.088 (0.0834–0.1141) / 0.0657 (0.0625–0.0769)" in b4 and "1.34× slower" in b4 and "miss by 6" in b4
+
+
+def test_noisy_cells_get_no_verdict():
+    rows = [_timed("reference", 65536, 50.0, 41.0, 57.0), _timed("eager", 65536, 143.0, 60.0, 158.0),
+            _timed("compiled", 65536, 129.0, 119.0, 144.0), _timed("reference", 4, 0.1, 0.09, 0.3),
+            _timed("eager", 4, 0.2, 0.19, 0.21)]
+    by = {(v["B"], v["baseline"]): v for v in fb.verdicts(rows, "cpu")}
+    assert by[(65536, "eager")]["verdict"] == fb.NOISY and "why" not in by[(65536, "eager")]
+    assert by[(65536, "eager")]["measured"] == pytest.approx(143 / 50)  # still recorded in bench.json
+    assert by[(65536, "compiled")]["verdict"] == "pass"
+    assert by[(65536, "compiled")]["ours_range_ms"] == [41.0, 57.0]
+    assert by[(4, "eager")]["verdict"] == fb.NOISY  # ours spread 3.3×: a pass it cannot claim

@@ -16,7 +16,9 @@ Modes: forward and forward+backward of the loss alone; clean+mse, the VQ-led ste
 Timing: for each (B, dtype, norm, mode) the providers take turns, round after round, so the ratios between
 them come from the same minutes of the same machine. A round runs n back-to-back steps and then
 synchronizes the device, so a step's time is wall time, the CPU's dispatch overhead included; a cell
-reports the median over its rounds. GB/s divides bytes_moved() — the fewest bytes any implementation must
+reports the median over its rounds and the fastest–slowest round. Two cells are compared by their medians
+("N× faster" / "N× slower"), unless either's slowest round took more than NOISY_SPREAD times its fastest:
+the machine was busy, and the report says "noisy: re-run on a quiet machine" instead of a ratio. GB/s divides bytes_moved() — the fewest bytes any implementation must
 move — by that time; on CUDA it is also given as a fraction of the measured device-to-device copy rate.
 On CUDA the cases the targets read (float32, norm="stats", forward+backward) also get each provider's
 kernel time per step (torch.profiler: the device's own work, the host's overhead excluded), and the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -41,15 +44,16 @@ import torch
 # The package's public names (bench/, tests and `fusedvq bench` use them as fusedvq.benchmark.NAME).
 from .cases import D, DTYPES, K, MODES, NORMS, PROVIDERS, QUICK_SIZES, SIZES, Case, Inputs, bytes_moved
 from .cases import make_inputs, make_statistics
-from .runs import Row, matrix, run_case, verdicts
+from .runs import NOISY, NOISY_SPREAD, Row, compare, is_noisy, matrix, run_case, speed_words, verdicts
 from .runs import _error  # noqa: F401  (the tests read it)
 from .providers import Unavailable, eager_loss, make_loss, make_step
 from .report import environment, markdown, results_section, write_reports
 from .timing import copy_bandwidth, kernel_seconds, kernel_totals, peak_bytes, saved_bytes, synchronize
 
 __all__ = [
-    "D", "K", "DTYPES", "MODES", "NORMS", "PROVIDERS", "QUICK_SIZES", "SIZES", "Case", "Inputs", "Row",
-    "Unavailable", "add_arguments", "bytes_moved", "copy_bandwidth", "eager_loss", "environment",
+    "D", "K", "DTYPES", "MODES", "NORMS", "NOISY", "NOISY_SPREAD", "PROVIDERS", "QUICK_SIZES", "SIZES", "Case",
+    "Inputs", "Row", "Unavailable", "add_arguments", "bytes_moved", "compare", "copy_bandwidth", "eager_loss",
+    "environment", "is_noisy", "speed_words",
     "kernel_seconds", "kernel_totals", "make_inputs", "make_loss", "make_statistics", "make_step", "markdown",
     "matrix", "peak_bytes", "results_section", "run", "run_case", "saved_bytes", "synchronize", "verdicts",
     "write_reports",
@@ -89,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop starting new cases after this long (the rest are reported as skipped)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--results-section", nargs="+", type=Path, metavar="BENCH_JSON",
-                        help="print the README's Results section from these reports instead of running")
+                        help="print the Results section of docs/benchmarks.md from these reports instead of "
+                             "running (from the repository root: its links are relative to docs/)")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -108,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the matrix (or print the Results section); 0 when it ran, 2 on bad usage."""
     if args.results_section:
         reports = [json.loads(p.read_text()) for p in args.results_section]
-        print(results_section(reports, [p.parent.as_posix() for p in args.results_section]), end="")
+        folders = [Path(os.path.relpath(p.parent, "docs")).as_posix() for p in args.results_section]
+        print(results_section(reports, folders), end="")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Reports: environment, Markdown, the plot, the README Results section."""
+"""Reports: environment, Markdown, the plot, the Results section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .cases import D, K, DTYPES, MODES, NORMS, PROVIDERS
-from .runs import Row
+from .runs import NOISY, NOISY_SPREAD, Row, compare, speed_words
 
 
 # --------------------------------------------------------------------------------------------------- reports
@@ -55,6 +55,19 @@ def _ms(v: Optional[float]) -> str:
     return f"{v:.4g}" if v < 1000 else f"{v:,.0f}"
 
 
+def _cell(row: Optional[Row]) -> str:
+    """A cell: the median ms per step, then the fastest–slowest round when recorded."""
+    if row is None or row.ms is None:
+        return "–"
+    if row.ms_min is None or row.ms_max is None:
+        return _ms(row.ms)
+    return f"{_ms(row.ms)} ({_ms(row.ms_min)}–{_ms(row.ms_max)})"
+
+
+def _times(ms: Optional[float], spread: Optional[list]) -> str:
+    return _ms(ms) + (f" ({_ms(spread[0])}–{_ms(spread[1])})" if ms is not None and spread else "")
+
+
 def _bytes(n: Optional[int]) -> str:
     if n is None:
         return "–"
@@ -83,8 +96,10 @@ def markdown(report: dict) -> str:
         f"`{meta['command']}` · {meta['date']} · torch {meta['torch']} · triton {meta['triton'] or '–'} · "
         f"D = {rows[0].D if rows else D}, K = {rows[0].K if rows else K}",
         "",
-        "Milliseconds per step (median over rounds, providers timed in turns); "
-        f"ratios are the other provider's time over {ours}'s. Modes: forward, forward+backward (the loss "
+        "Milliseconds per step: the median over rounds (providers timed in turns), then the fastest–slowest "
+        f"round. '{ours} vs eager' compares the medians: N× faster or N× slower. Where either cell's slowest "
+        f"round took more than {NOISY_SPREAD:g}× its fastest, the machine was busy with other work and the "
+        f"pair is not ranked: '{NOISY}'. Modes: forward, forward+backward (the loss "
         "alone: MaskedMSELoss against the plain fix), clean+mse (the VQ-led step's loss: FeatureCleaner and "
         "F.mse_loss(recon, z), forward+backward, against the plain fix normalizing once for both).",
     ]
@@ -97,14 +112,13 @@ def markdown(report: dict) -> str:
         by = {(r.provider, r.B): r for r in group}
         unavailable = sorted({f"{r.provider} ({r.status})" for r in group if r.status != "ok"})
         lines += ["", f"## norm={norm}, {dtype}, {mode}", ""]
-        head = ["B"] + providers + [f"eager / {ours}", f"compiled / {ours}", f"{ours} GB/s",
+        head = ["B"] + providers + [f"{ours} vs eager", f"{ours} vs compiled", f"{ours} GB/s",
                                     f"saved for backward: {ours} / eager"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for B in sorted({r.B for r in group}):
             o, e, c = by.get((ours, B)), by.get(("eager", B)), by.get(("compiled", B))
-            cells = [str(B)] + [_ms(by[(p, B)].ms) if (p, B) in by else "–" for p in providers]
-            cells.append(f"{e.ms / o.ms:.2f}×" if o and e and o.ms and e.ms else "–")
-            cells.append(f"{c.ms / o.ms:.2f}×" if o and c and o.ms and c.ms else "–")
+            cells = [str(B)] + [_cell(by.get((p, B))) for p in providers]
+            cells += [compare(o, e), compare(o, c)]
             gbps = f"{o.gbps:.1f}" if o and o.gbps else "–"
             if o and o.copy_fraction:
                 gbps += f" ({o.copy_fraction:.0%} of copy)"
@@ -132,8 +146,9 @@ def markdown(report: dict) -> str:
                   "| target | ms per step (ours / baseline) | measured | verdict |", "|---|---|---|---|"]
         for t in report["targets"]:
             m = t["measured"]
-            shown = "–" if m is None else (f"{m:.0%}" if t["baseline"] == "copy" else f"{m:.2f}×")
-            times = f"{_ms(t.get('ours_ms'))} / {_ms(t.get('baseline_ms'))}"
+            shown = "–" if m is None else (f"{m:.0%}" if t["baseline"] == "copy" else speed_words(m))
+            times = (f"{_times(t.get('ours_ms'), t.get('ours_range_ms'))} / "
+                     f"{_times(t.get('baseline_ms'), t.get('baseline_range_ms'))}")
             verdict = t["verdict"] + (f" — {t['why']}" if t.get("why") else "")
             lines.append(f"| {t['target']} | {times} | {shown} | {verdict} |")
     return "\n".join(lines) + "\n"
@@ -162,12 +177,17 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.2 * nrows), squeeze=False)
     for ax, (norm, dtype, mode) in zip(axes.flat, panels):
         for provider in PROVIDERS:
-            pts = sorted((r.B, r.ms) for r in rows if (r.provider, r.norm, r.dtype, r.mode) ==
+            pts = sorted((r.B, r.ms, r.ms_min, r.ms_max) for r in rows if (r.provider, r.norm, r.dtype, r.mode) ==
                          (provider, norm, dtype, mode) and r.ms)
             if pts:
                 baseline = provider in ("eager", "compiled")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LEGEND.get(provider, provider),
-                        linestyle="--" if baseline else "-", linewidth=1.2 if baseline else 2.2)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                                label=LEGEND.get(provider, provider), linestyle="--" if baseline else "-",
+                                linewidth=1.2 if baseline else 2.2)
+                spread = [p for p in pts if p[2] and p[3]]  # the fastest–slowest round, shaded
+                if spread:
+                    ax.fill_between([p[0] for p in spread], [p[2] for p in spread], [p[3] for p in spread],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("log", base=2)
         sizes = sorted({r.B for r in rows})
         ax.set_xticks(sizes, [str(b) for b in sizes])
@@ -180,8 +200,8 @@ def plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"fusedvq loss, time per step: {meta['device_name']}, torch {meta['torch']}\n{meta['command']}",
-                 fontsize=10)
+    fig.suptitle(f"fusedvq loss, time per step (median; shaded: fastest–slowest round): {meta['device_name']}, "
+                 f"torch {meta['torch']}\n{meta['command']}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if nrows > 1 else 0.9))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -198,9 +218,10 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
 
 
 def results_section(reports: list[dict], folders: list[str]) -> str:
-    """The README's "Results" section from reports (one per device): for each, the device, the command
-    that produced it, the headline tables (norm="stats", float32, forward+backward; the VQ-led step,
-    clean+mse, float32), the targets and the plot; folders[i] is where report i's bench.md and bench.png live, relative to the README."""
+    """The "Results" section of docs/benchmarks.md from reports (one per device): for each, the device, the
+    command that produced it, the headline tables (norm="stats", float32, forward+backward; the VQ-led
+    step, clean+mse, float32), the targets and the plot; folders[i] is where report i's bench.md and
+    bench.png live, relative to the page."""
     lines = ["## Results", ""]
     for report, folder in zip(reports, folders):
         meta = report["meta"]

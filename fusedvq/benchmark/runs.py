@@ -26,7 +26,8 @@ class Row:
     mode: str
     status: str  # "ok", or why the provider did not run
     ms: Optional[float] = None  # median per step
-    ms_min: Optional[float] = None
+    ms_min: Optional[float] = None  # the fastest round's time per step
+    ms_max: Optional[float] = None  # the slowest round's
     rounds: int = 0
     bytes: int = 0  # bytes_moved()
     gbps: Optional[float] = None
@@ -35,6 +36,42 @@ class Row:
     peak_bytes: Optional[int] = None
     device_ms: Optional[float] = None  # CUDA, target cases: kernel time per step (host overhead excluded)
     device_copy_fraction: Optional[float] = None  # bytes / device time, over the copy rate
+
+
+# ------------------------------------------------------------------------------------- ranking two cells
+
+# A cell's rounds spread from its fastest to its slowest. A quiet machine keeps the slowest round of a cell
+# within about 1.5× its fastest (2 ms rounds on a 2-core CPU, 25 ms rounds on a GPU); other work on the
+# machine slows some rounds, or every round of one provider (its rounds preempted, another's not), by more
+# than the differences being ranked. So when either of two cells spread wider than NOISY_SPREAD, the pair is
+# not ranked: the report says NOISY instead of a ratio that a re-run could turn around.
+NOISY_SPREAD = 2.0
+NOISY = "noisy: re-run on a quiet machine"
+
+
+def spread(row: "Row") -> Optional[float]:
+    """The slowest round's time over the fastest's (None when the rounds were not recorded)."""
+    if row.ms_min and row.ms_max:
+        return row.ms_max / row.ms_min
+    return None
+
+
+def is_noisy(*rows: "Row") -> bool:
+    """Whether any of these cells spread too wide for a ranking (NOISY_SPREAD)."""
+    return any((spread(row) or 1.0) > NOISY_SPREAD for row in rows)
+
+
+def speed_words(ratio: float) -> str:
+    """ratio = the other's time over ours → "N× faster" (ratio ≥ 1) or "N× slower"."""
+    return f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
+
+
+def compare(ours: Optional["Row"], other: Optional["Row"]) -> str:
+    """ours against other, from the medians ("1.91× faster", "1.09× slower"), NOISY when either cell's
+    rounds spread too wide to rank them, "–" when either was not measured."""
+    if not (ours and other and ours.ms and other.ms):
+        return "–"
+    return NOISY if is_noisy(ours, other) else speed_words(other.ms / ours.ms)
 
 
 def run_case(case: Case, providers: tuple[str, ...], device: str, budget_s: float,
@@ -67,7 +104,8 @@ def run_case(case: Case, providers: tuple[str, ...], device: str, budget_s: floa
             steps.pop(provider, None)
     for provider, timing in time_side_by_side(steps, device, budget_s).items():
         row = rows[provider]
-        row.ms, row.ms_min, row.rounds = timing.median_s * 1e3, timing.min_s * 1e3, timing.rounds
+        row.ms, row.ms_min, row.ms_max = timing.median_s * 1e3, timing.min_s * 1e3, timing.max_s * 1e3
+        row.rounds = timing.rounds
         row.gbps = nbytes / timing.median_s / 1e9
         if copy_rate:
             row.copy_fraction = row.gbps * 1e9 / copy_rate
@@ -169,14 +207,15 @@ def _find(rows: list[Row], provider: str, B: int) -> Optional[Row]:
 
 def verdicts(rows: list[Row], device: str) -> list[dict]:
     """One entry per target of this device: the measured ratio, pass / miss (by how much), and for a miss
-    why: the target's note, or on CUDA what the times say. The copy-bandwidth target is judged on the
+    why: the target's note, or on CUDA what the times say; NOISY instead of pass / miss when either cell's
+    rounds spread too wide to rank them. The copy-bandwidth target is judged on the
     kernels' device time where it was measured (bandwidth is the kernels' property; the wall time also
     holds the host's overhead, reported beside it), else on wall time."""
     out = []
     for t in TARGETS.get(device, ()):
         ours = _find(rows, t.ours, t.B)
         base = None if t.baseline == "copy" else _find(rows, t.baseline, t.B)
-        name = (f"{t.ours} ≥ {t.at_least:g}× {t.baseline}" if t.baseline != "copy"
+        name = (f"{t.ours} ≥ {t.at_least:g}× faster than {t.baseline}" if t.baseline != "copy"
                 else f"{t.ours} ≥ {t.at_least:.0%} of copy bandwidth") + f" at B = {t.B}"
         if t.baseline == "copy":
             on_device = ours is not None and ours.device_copy_fraction is not None
@@ -187,9 +226,12 @@ def verdicts(rows: list[Row], device: str) -> list[dict]:
             measured = base.ms / ours.ms if (ours and base) else None
         entry = {"target": name, "B": t.B, "ours": t.ours, "baseline": t.baseline, "at_least": t.at_least,
                  "measured": measured, "ours_ms": ours.ms if ours else None,
-                 "baseline_ms": base.ms if base else None}
+                 "baseline_ms": base.ms if base else None, "ours_range_ms": _range(ours),
+                 "baseline_range_ms": _range(base)}
         if measured is None:
             entry["verdict"] = "not measured"
+        elif is_noisy(*(row for row in (ours, base) if row is not None)):
+            entry["verdict"] = NOISY  # neither pass nor miss: the rounds cannot tell
         elif measured >= t.at_least:
             entry["verdict"] = "pass"
         else:
@@ -197,6 +239,11 @@ def verdicts(rows: list[Row], device: str) -> list[dict]:
             entry["why"] = t.why_if_missed or _why_missed(t, ours)
         out.append(entry)
     return out
+
+
+def _range(row: Optional[Row]) -> Optional[list[float]]:
+    """[fastest, slowest] round of a cell, ms per step (None when not recorded)."""
+    return [row.ms_min, row.ms_max] if row is not None and row.ms_min and row.ms_max else None
 
 
 def _why_missed(t: Target, ours: Row) -> str:

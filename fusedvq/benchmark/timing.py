@@ -108,6 +108,7 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28, rounds: int = 10) -> floa
 class Timing:
     median_s: float
     min_s: float
+    max_s: float
     rounds: int
     steps_per_round: int
 
@@ -149,4 +150,4 @@ def time_side_by_side(steps: dict[str, Callable[[], None]], device: str, budget_
                 step()
             synchronize(device)
             samples[name].append((time.perf_counter() - start) / n)
-    return {name: Timing(statistics.median(s), min(s), len(s), per_round[name]) for name, s in samples.items()}
+    return {name: Timing(statistics.median(s), min(s), max(s), len(s), per_round[name]) for name, s in samples.items()}
