@@ -1,7 +1,12 @@
 """One step of the loss (forward, or forward+backward) per provider and case, under pytest-benchmark.
 
-By default a few small cases, so that in CI these are quick tests (a few rounds each); FUSEDVQ_BENCH=full
-runs the whole matrix of fusedvq.benchmark, on CUDA when there is one. The providers, inputs, steps and
+The default test run passes --benchmark-disable (pyproject's addopts): each step runs once, as a smoke test,
+and pytest-benchmark prints no tables. To time them, ask for it:
+
+    pytest bench --benchmark-enable                          # a few small cases, 3 rounds each
+    FUSEDVQ_BENCH=full pytest bench --benchmark-enable       # the whole matrix, 20 rounds, CUDA if present
+
+Side-by-side ratios with their spread are `fusedvq bench`'s job; these tables time each provider alone. The providers, inputs, steps and
 byte counts are fusedvq.benchmark's; this file only times them (`fusedvq bench` times the same providers
 side by side and writes the reports). A step synchronizes the device before it returns, so the wall time
 pytest-benchmark reads is the step's.
