@@ -181,9 +181,10 @@ def _train(args, world: World, cleaner, device: torch.device, source: str, say) 
         say(f"  {step:5d}  {value:10.4g}")
     first, last = history[0][1], history[-1][1]
     ratio = first / last if last > 0 else float("inf")
-    say(f"loss fell from {first:.4g} to {last:.4g} ({ratio:.1f}x lower) in {args.steps} steps"
+    say(f"loss fell from {first:.4g} to {last:.4g} ({ratio:.1f}× lower) in {args.steps} steps"
         if last < first else f"loss went from {first:.4g} to {last:.4g} in {args.steps} steps")
-    say(f"time: {elapsed:.2f} s in all")
+    say(f"training time: {elapsed:.2f} s of wall time for the {args.steps} steps above, "
+        f"{elapsed / args.steps * 1e3:.2f} ms per step (model, FeatureCleaner, VQ-VAE, backward and Adam)")
     say(_parity_line(world, model, cleaner, tokens))
     say(_timing_line(world, model, cleaner, tokens, device))
     return 0
@@ -238,7 +239,10 @@ def _parity_line(world: World, model, cleaner, tokens) -> str:
 
 def _timing_line(world: World, model, cleaner, tokens, device: torch.device, rounds: int = 5) -> str:
     """The whole training step (forward + backward) on the last batch: FeatureCleaner against the plain
-    fix, in alternating rounds (the same minutes of the same machine), median per step."""
+    fix, in alternating rounds (the same minutes of the same machine): the median per step, the fastest and
+    slowest rounds, and which is faster, or that the rounds spread too wide to say (as `fusedvq bench`)."""
+    from .benchmark import NOISY, NOISY_SPREAD, speed_words
+
     mask = cleaner_mask(cleaner)
     params = list(model.parameters())
 
@@ -259,5 +263,10 @@ def _timing_line(world: World, model, cleaner, tokens, device: torch.device, rou
             _sync(device)
             times[name].append((time.perf_counter() - t0) / repeats * 1e3)
     fused, plain = (sorted(times[n])[rounds // 2] for n in steps)
-    return (f"time per training step (forward + backward, batch {tokens.shape[0]}, median of {rounds} rounds): "
-            f"fusedvq {fused:.3f} ms, the plain fix {plain:.3f} ms ({plain / fused:.2f}x)")
+    spread = {n: f"{min(times[n]):.3f}–{max(times[n]):.3f}" for n in steps}
+    noisy = any(max(t) > NOISY_SPREAD * min(t) for t in times.values())
+    verdict = NOISY if noisy else f"fusedvq {speed_words(plain / fused)}"
+    return (f"time per training step (forward + backward without the optimizer, last batch of {tokens.shape[0]}; "
+            f"median of {rounds} rounds of {repeats} steps, fastest–slowest round in parentheses): "
+            f"fusedvq {fused:.3f} ms ({spread['fusedvq']}), the plain fix {plain:.3f} ms ({spread['plain']}): "
+            f"{verdict}")

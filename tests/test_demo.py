@@ -1,4 +1,5 @@
-"""`fusedvq demo`: a short run trains (the loss falls), reports timings, and is deterministic."""
+"""`fusedvq demo`: a short run trains (the loss falls), reports timings that say what they time, and is
+deterministic."""
 
 from __future__ import annotations
 
@@ -37,10 +38,19 @@ def test_short_run_trains_and_reports(capsys):
     table = loss_table(out)
     assert table[0][0] == 1 and table[-1][0] == 60
     assert table[-1][1] < 0.5 * table[0][1], out  # the loss falls
-    assert re.search(r"time: [0-9.]+ s in all", out)
+    # every time printed says what it times
+    assert re.search(r"^training time: [0-9.]+ s of wall time for the 60 steps above, [0-9.]+ ms per step "
+                     r"\(model, FeatureCleaner, VQ-VAE, backward and Adam\)$", out, re.M)
     rel = float(re.search(r"relative difference ([0-9.e+-]+)", out)[1])
     assert rel < 1e-12  # float64: FeatureCleaner and the plain fix agree to rounding
-    assert re.search(r"time per training step .*: fusedvq [0-9.]+ ms, the plain fix [0-9.]+ ms", out)
+    timing = re.search(r"^time per training step \(forward \+ backward without the optimizer, last batch of 64; "
+                       r"median of 5 rounds of 20 steps, fastest–slowest round in parentheses\): "
+                       r"fusedvq ([0-9.]+) ms \(([0-9.]+)–([0-9.]+)\), the plain fix ([0-9.]+) ms "
+                       r"\(([0-9.]+)–([0-9.]+)\): (.*)$", out, re.M)
+    assert timing, out
+    fused, fused_lo, fused_hi, plain, plain_lo, plain_hi = map(float, timing.groups()[:6])
+    assert fused_lo <= fused <= fused_hi and plain_lo <= plain <= plain_hi
+    assert re.fullmatch(r"fusedvq [0-9.]+× (faster|slower)|noisy: re-run on a quiet machine", timing[7])
     assert torch.get_num_threads() == threads  # the demo restores the thread setting
     assert torch.equal(torch.random.get_rng_state(), rng)  # and the caller's random state
 
