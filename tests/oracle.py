@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 # ‖got − ref‖ / ‖ref‖ allowed per input dtype.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

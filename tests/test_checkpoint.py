@@ -259,5 +259,6 @@ def test_real_stats_files(tmp_path, name, placement):
     loss_fn = MaskedMSELoss.from_checkpoint(path, stats=fixture if placement == "explicit" else None)
     x = torch.randn(5, K + 16, dtype=torch.float64) * 50
     r = torch.randn(5, K, dtype=torch.float64)
-    ref = F.mse_loss((x[:, torch.from_numpy(mask)] - spec.mean) / spec.std, r)
-    assert rel_err(loss_fn(x, r), ref) <= 1e-6
+    held = spec.std.reciprocal().float().double()  # the module holds 1/σ in float32
+    ref = F.mse_loss((x[:, torch.from_numpy(mask)] - spec.mean) * held, r)
+    assert rel_err(loss_fn(x, r), ref) <= 1e-12

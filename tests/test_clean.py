@@ -271,7 +271,7 @@ def test_double_backward_matches_composition(norm):
     x2 = x.detach().requires_grad_()
     (gr,) = torch.autograd.grad((oracle_z(x2, columns, mean, std, norm).pow(3) * w).sum(), x2, create_graph=True)
     (hr,) = torch.autograd.grad(gr.square().sum(), x2)
-    assert rel_err(gx, gr) <= 1e-10 and rel_err(hx, hr) <= 1e-8
+    assert rel_err(gx, gr) <= 1e-12 and rel_err(hx, hr) <= 1e-12, (rel_err(gx, gr), rel_err(hx, hr))
 
 
 def test_width_and_batch_errors_name_the_numbers():
