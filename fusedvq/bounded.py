@@ -82,13 +82,12 @@ def read_bounded(reader: Callable[[Path], Any], path: Path, limits: Limits):
     """`reader(path)`'s result, computed in a child process within `limits` and rebuilt from plain data.
     Raises ChildRefused (the reader's own exception, as kind and text) or BoundExceeded."""
     if hasattr(os, "fork") and os.environ.get("FUSEDVQ_LOAD_ISOLATION", "fork") != "spawn":
-        payload = _forked(reader, path, limits)
+        status, storages = _forked(reader, path, limits)
     else:
-        payload = _spawned(reader, path, limits)
-    status, *rest = marshal.loads(payload)
-    if status != "ok":
-        raise ChildRefused(*rest)
-    return _Decoder(rest[1]).value(rest[0])
+        status, storages = _spawned(reader, path, limits)
+    if status[0] != "ok":
+        raise ChildRefused(*status[1:])
+    return _Decoder(storages).value(status[1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,18 +95,27 @@ def read_bounded(reader: Callable[[Path], Any], path: Path, limits: Limits):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _child_payload(reader: Callable[[Path], Any], path: Path) -> bytes:
+def _child_send(reader: Callable[[Path], Any], path: Path, fd: int) -> None:
+    """Run the reader and write its result to `fd`: the length of the marshalled tree (8 bytes), the tree
+    (("ok", tree, storage sizes) or ("error", kind, text, problems)), then each storage's bytes."""
+    storages: list = []
     try:
         torch.set_num_threads(1)  # nothing here is worth a thread pool, and a forked one may be broken
         encoder = _Encoder()
         tree = encoder.node(reader(path), 0)
-        return marshal.dumps(("ok", tree, encoder.storages))
+        storages = encoder.storages
+        status = ("ok", tree, [s.nbytes for s in storages])
     except MemoryError:
-        return marshal.dumps(("error", "MemoryError", "it needs more memory than the file could honestly fill"))
+        status = ("error", "MemoryError", "it needs more memory than the file could honestly fill")
     except BaseException as err:  # noqa: BLE001 - everything goes back as text
         problems = getattr(err, "problems", None)
         problems = [str(p)[:4000] for p in problems[:64]] if isinstance(problems, list) else None
-        return marshal.dumps(("error", type(err).__name__, str(err)[:4000], problems))
+        status = ("error", type(err).__name__, str(err)[:4000], problems)
+    blob = marshal.dumps(status)
+    for chunk in (len(blob).to_bytes(8, "little"), blob, *storages):
+        view = memoryview(chunk).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def _limit_child(limits: Limits) -> None:
@@ -143,7 +151,7 @@ class _Encoder:
 
     def __init__(self):
         self.nodes = 0
-        self.storages: list[bytes] = []
+        self.storages: list[np.ndarray] = []  # uint8 views of the tensors' storages (no copy)
         self._storage_ids: dict = {}
         self._seen: dict = {}  # id(container) → its reference number
 
@@ -192,7 +200,7 @@ class _Encoder:
         if key not in self._storage_ids:
             raw = torch.empty(0, dtype=torch.uint8).set_(storage)
             self._storage_ids[key] = len(self.storages)
-            self.storages.append(raw.numpy().tobytes())
+            self.storages.append(raw.numpy())
         return ("x", self._storage_ids[key], str(t.dtype).removeprefix("torch."), tuple(torch.Tensor.size(t)),
                 tuple(torch.Tensor.stride(t)), int(torch.Tensor.storage_offset(t)), bool(t.requires_grad))
 
@@ -206,7 +214,7 @@ def _plain_key(key: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _forked(reader, path: Path, limits: Limits) -> bytes:
+def _forked(reader, path: Path, limits: Limits):
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 warns about fork with threads
@@ -217,21 +225,18 @@ def _forked(reader, path: Path, limits: Limits) -> bytes:
             os.close(read_end)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _limit_child(limits)
-            payload = _child_payload(reader, path)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(write_end, view):]
+            _child_send(reader, path, write_end)
             code = 0
         finally:
             os._exit(code)
     os.close(write_end)
     try:
-        return _collect(read_end, limits, pid=pid)
+        return _receive(read_end, limits, pid=pid)
     finally:
         os.close(read_end)
 
 
-def _spawned(reader, path: Path, limits: Limits) -> bytes:
+def _spawned(reader, path: Path, limits: Limits):
     """The fallback without fork: a fresh interpreter runs the same child code (python -m fusedvq.bounded)."""
     target = f"{reader.__module__}:{reader.__qualname__}"
     command = [sys.executable, "-m", "fusedvq.bounded", target, os.fspath(path), repr(limits.seconds),
@@ -239,7 +244,7 @@ def _spawned(reader, path: Path, limits: Limits) -> bytes:
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         # Starting Python and importing torch is not the file's doing: it gets its own minute.
-        return _collect(proc.stdout.fileno(), Limits(limits.seconds + 60.0, limits.memory), proc=proc)
+        return _receive(proc.stdout.fileno(), Limits(limits.seconds + 60.0, limits.memory), proc=proc)
     finally:
         proc.stdout.close()
         if proc.poll() is None:
@@ -247,35 +252,61 @@ def _spawned(reader, path: Path, limits: Limits) -> bytes:
         proc.wait()
 
 
-def _collect(fd: int, limits: Limits, *, pid: int = 0, proc=None) -> bytes:
-    """Everything the child writes to `fd`, within the limits; the child is reaped (killed if need be)."""
-    deadline = time.monotonic() + limits.seconds
-    chunks, size, why = [], 0, None
+def _receive(fd: int, limits: Limits, *, pid: int = 0, proc=None):
+    """(status, storages) as _child_send wrote them to `fd`, within the limits; the child is reaped (killed
+    if need be). Each storage is read straight into the buffer its tensors will use."""
+    pipe = _Pipe(fd, time.monotonic() + limits.seconds)
+    why = None
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                why = f"it did not finish reading within {limits.seconds:.1f} s"
-                break
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limits.memory:
-                why = f"what it holds exceeds the {limits.memory >> 20:,} MiB a file of its size may fill"
-                break
+        size = int.from_bytes(pipe.read(8), "little")
+        if size > limits.memory:
+            raise _Over(f"what it holds exceeds the {limits.memory >> 20:,} MiB a file of its size may fill")
+        status = marshal.loads(pipe.read(size))
+        storages = []
+        if status[0] == "ok":
+            if sum(status[2]) > limits.memory:
+                raise _Over(f"its tensors exceed the {limits.memory >> 20:,} MiB a file of its size may fill")
+            storages = [pipe.read(n) for n in status[2]]
+    except _Over as over:
+        why = str(over)
+    except EOFError:
+        why = ""
+    except TimeoutError:
+        why = f"it did not finish reading within {limits.seconds:.1f} s"
     finally:
-        status = _reap(pid, proc, kill=why is not None)
+        ended = _reap(pid, proc, kill=why is not None)
+    if why == "":
+        raise BoundExceeded(f"reading it {f'was stopped by {ended}' if ended else 'ended without a result'} "
+                            f"(limits: {limits.seconds:.1f} s, {limits.memory >> 20:,} MiB more memory)")
     if why is not None:
         raise BoundExceeded(why)
-    if not chunks:
-        raise BoundExceeded("reading it " + (f"was stopped by {status}" if status else "ended without a result") +
-                            f" (limits: {limits.seconds:.1f} s, {limits.memory >> 20:,} MiB more memory)")
-    return b"".join(chunks)
+    return status, storages
+
+
+class _Over(Exception):
+    pass
+
+
+class _Pipe:
+    """Exact reads from a pipe before a deadline (TimeoutError after it, EOFError when the writer is gone)."""
+
+    def __init__(self, fd: int, deadline: float):
+        self.fd, self.deadline = fd, deadline
+
+    def read(self, n: int) -> bytearray:
+        buffer = bytearray(n)
+        view, done = memoryview(buffer), 0
+        while done < n:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if not select.select([self.fd], [], [], left)[0]:
+                continue
+            got = os.readv(self.fd, [view[done:]])
+            if not got:
+                raise EOFError
+            done += got
+        return buffer
 
 
 def _reap(pid: int, proc, *, kill: bool) -> str:
@@ -295,7 +326,7 @@ def _reap(pid: int, proc, *, kill: bool) -> str:
 
 
 class _Decoder:
-    """Plain data → the objects a reader returned (tensors rebuilt over copies of their storages)."""
+    """Plain data → the objects a reader returned (tensors rebuilt over the storages read from the pipe)."""
 
     def __init__(self, storages: list):
         self.storages = storages
@@ -343,8 +374,8 @@ class _Decoder:
 
     def _tensor(self, index, dtype, shape, stride, offset, requires_grad):
         if index not in self._rebuilt:
-            self._rebuilt[index] = torch.frombuffer(bytearray(self.storages[index]), dtype=torch.uint8) \
-                if self.storages[index] else torch.empty(0, dtype=torch.uint8)
+            data = self.storages[index]  # a bytearray of its own: the tensors keep it alive
+            self._rebuilt[index] = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         kind = getattr(torch, dtype)
         storage = self._rebuilt[index].untyped_storage()
         tensor = torch.empty(0, dtype=kind).set_(storage, offset, shape, stride)
@@ -357,8 +388,7 @@ def _main(argv: list) -> None:  # pragma: no cover - run by _spawned in a fresh 
     module, _, name = argv[0].partition(":")
     reader = getattr(importlib.import_module(module), name)
     _limit_child(Limits(float(argv[2]), int(argv[3])))
-    sys.stdout.buffer.write(_child_payload(reader, Path(argv[1])))
-    sys.stdout.flush()
+    _child_send(reader, Path(argv[1]), sys.stdout.fileno())
 
 
 if __name__ == "__main__":  # pragma: no cover

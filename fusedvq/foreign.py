@@ -122,7 +122,9 @@ def refusal(name: str) -> Optional[str]:
         return f"{name} is a builtin"
     if top in _REFUSED_MODULES:
         return f"{name} belongs to {top}, whose objects can act"
-    if not short[:1].isupper() or not short.isidentifier():
+    if not all(part.isidentifier() for part in name.split(".")):
+        return f"{name[:200]!r} is not a Python name (it holds characters no module or class name has)"
+    if not short[:1].isupper():
         return f"{name} is a function, not a class"
     return None
 

@@ -86,6 +86,7 @@ class PickleScan:
 
     globals: list = field(default_factory=list)
     hazard: Optional[str] = None
+    protocol: int = 0  # the highest PROTO declared
 
 
 @dataclass
@@ -100,6 +101,7 @@ class _Value:
 
 
 _MARK = None
+_BYTEARRAY = "builds a bytearray, whose size the file states, not its contents; no checkpoint holds one"
 
 
 def scan_pickles(path: Path) -> PickleScan:
@@ -121,8 +123,10 @@ def scan_pickles(path: Path) -> PickleScan:
                 break
             try:
                 _scan_one(stream, scan)
-            except Exception:
-                break  # not a pickle (or a malformed one): the loader says so
+            except UnicodeDecodeError:
+                scan.hazard = "names a global that is not a Python name (it holds bytes no module or class name has)"
+            except Exception as err:  # what pickletools cannot parse is not handed to torch's unpickler either
+                scan.hazard = f"holds a pickle that does not parse ({type(err).__name__}: {str(err)[:200]})"
     if scan.hazard is None and any(name in STATEFUL_REBUILDS for name in scan.globals):
         scan.hazard = "rebuilds a tensor with attributes chosen by the file, which no checkpoint needs"
     return scan
@@ -141,7 +145,7 @@ def _scan_one(stream, scan: PickleScan) -> None:
                 found = f"{module.text}.{short.text}"
             scan.globals.append(found)
             if found.rsplit(".", 1)[-1] == "bytearray":
-                scan.hazard = "builds a bytearray, whose size the file states, not its contents"
+                scan.hazard = _BYTEARRAY
                 return
             stack.append(_Value(name=found))
         elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
@@ -155,7 +159,7 @@ def _scan_one(stream, scan: PickleScan) -> None:
             size = 1 + sum(v.size for v in items)
             if size > MAX_TUPLE_ENTRIES:
                 scan.hazard = (f"builds a tuple of {size:,} entries or more out of repeated references, which would "
-                               f"take unbounded time to read")
+                               f"take unbounded time to read; no checkpoint holds one")
                 return
             stack.append(_Value(size=size, items=tuple(v.text for v in items) if len(items) <= 4 else None))
         elif name == "REDUCE":
@@ -175,8 +179,10 @@ def _scan_one(stream, scan: PickleScan) -> None:
             stack.append(memo.get(arg, _Value()))
         elif name == "MARK":
             stack.append(_MARK)
+        elif name == "PROTO":
+            scan.protocol = max(scan.protocol, int(arg))
         elif name == "BYTEARRAY8":
-            scan.hazard = "builds a bytearray, whose size the file states, not its contents"
+            scan.hazard = _BYTEARRAY
             return
         else:
             before = op.stack_before

@@ -21,7 +21,7 @@ import torch
 
 from .bounded import BoundExceeded, ChildRefused, Limits, read_bounded
 from .foreign import ForeignCallRefused, refusal, stand_ins
-from .pickled import _numpy_safe_globals, _pickled_globals, scan_pickles, unsafe_names
+from .pickled import LEGACY_PICKLES, _numpy_safe_globals, _pickled_globals, scan_pickles, unsafe_names
 
 PathLike = Union[str, Path]
 
@@ -34,15 +34,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit; `problems` holds one sentence per problem."""
 
     def __init__(self, problems: list[str], path: Optional[PathLike] = None):
-        self.problems = list(problems)
+        # Names taken from a file (categories, keys, paths) may hold ESC, BEL, CR, bidi controls: escaped, so
+        # that a traceback cannot clear, retitle or overwrite the terminal it is printed to.
+        self.problems = [printable(str(p)) for p in problems]
         self.path = path
-        named = path is None or any(str(path) in p for p in self.problems)
-        where = "" if named else f"{path}: "
+        named = path is None or any(printable(str(path)) in p for p in self.problems)
+        where = "" if named else f"{printable(str(path))}: "
         if len(self.problems) == 1:
             super().__init__(where + self.problems[0])
         else:
             lines = "\n".join(f"  - {p}" for p in self.problems)
             super().__init__(f"{where}{len(self.problems)} problems:\n{lines}")
+
+
+def printable(text: str) -> str:
+    """text with control and format characters escaped (\\x1b, \\x07, \\u200b, ...)."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 class UnsafeLoadWarning(UserWarning):
@@ -142,7 +149,7 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
     Raises CheckpointError with a sentence that says what is wrong (missing, unreadable, refused).
     """
     file = resolve_checkpoint(path)
-    _check_checkpoint_file(file)
+    _check_checkpoint_file(file, trust)
     if trust:
         warnings.warn(
             f"loading {file} with trust=True: full unpickling can run arbitrary code stored in the file; "
@@ -198,7 +205,7 @@ def _inert_load(file: Path):
     in the file runs. Runs in the bounded child (see _load_inertly)."""
     scan = scan_pickles(file)
     if scan.hazard is not None:
-        raise CheckpointError([f"{file} was not loaded: it {scan.hazard}; no checkpoint holds one"])
+        raise CheckpointError([f"{file} was not loaded: it {scan.hazard}"])
     names = set(unsafe_names(scan.globals))
     for _ in range(_MAX_LOAD_ROUNDS):
         if any("ObjectDType" in name for name in names):
@@ -224,6 +231,9 @@ def _inert_load(file: Path):
         except Exception as err:
             if "ObjectDType" in str(err):
                 raise _object_arrays(file) from None
+            protocol_error = _unreadable_protocol(file, err, scan)
+            if protocol_error is not None:
+                raise protocol_error from None
             more = set(_pickled_globals(file, err)) - names
             if not more:
                 raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
@@ -248,13 +258,18 @@ def _refused(file: Path, reasons: list[str]) -> CheckpointError:
     ])
 
 
-def _check_checkpoint_file(file: Path) -> None:
+_RESAVE = ("re-save it with torch.save's defaults (torch.save(torch.load(path, weights_only=False), path)) where "
+           "you trust it, or pass trust=True (CLI: --trust) if you trust the file's source")
+
+
+def _check_checkpoint_file(file: Path, trust: bool = False) -> None:
     """What can be told of a checkpoint before torch.load reads it: empty, not a checkpoint's format at
-    all, or a zip archive whose records declare more than the file can hold."""
+    all (or one only a full unpickling reads), or a zip archive whose records declare more than the file
+    can hold."""
     size = file.stat().st_size
     if size == 0:
         raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint: it is empty (0 bytes)"])
-    if zipfile.is_zipfile(file):
+    if zipfile.is_zipfile(file) and not _is_tar(file):  # (a tar that holds a zip ends like one)
         try:
             check_archive_sizes(file)
         except _Problem as p:
@@ -262,11 +277,62 @@ def _check_checkpoint_file(file: Path) -> None:
         return
     with open(file, "rb") as f:
         head = f.read(8)
-    if head[:1] != b"\x80":  # every pickle of protocol 2 or later, and the legacy torch format, start so
+    if head[:1] == b"\x80" or trust:  # every pickle of protocol 2 or later, and the legacy torch format
+        return
+    if _is_tar(file):
         raise CheckpointError([
-            f"{file} could not be read as a PyTorch checkpoint: it is neither a zip archive (what torch.save "
-            f"writes) nor a pickle (it starts with {head!r})"
+            f"{file} is a tar archive in torch's oldest checkpoint format, which only a full unpickling reads: "
+            + _RESAVE
         ])
+    protocol = _old_pickle_protocol(file)
+    if protocol is not None:
+        raise CheckpointError([
+            f"{file} is a torch checkpoint pickled with protocol {protocol} (torch.save(..., "
+            f"_use_new_zipfile_serialization=False, pickle_protocol={protocol})), which torch's safe loader does "
+            f"not read: " + (_RESAVE if protocol == 1 else "torch.load cannot read it either (not even with "
+                             "weights_only=False); re-save it with torch.save's defaults where it was written")
+        ])
+    raise CheckpointError([
+        f"{file} could not be read as a PyTorch checkpoint: it is neither a zip archive (what torch.save "
+        f"writes) nor a pickle (it starts with {head!r})"
+    ])
+
+
+def _is_tar(file: Path) -> bool:
+    import tarfile
+
+    try:
+        return tarfile.is_tarfile(file)
+    except OSError:
+        return False
+
+
+def _old_pickle_protocol(file: Path) -> Optional[int]:
+    """0 or 1 when the file opens with whole pickles of that protocol (the legacy format's five; pickletools
+    only parses), else None."""
+    import pickletools
+
+    highest, size = 0, file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            for _ in range(LEGACY_PICKLES):
+                for op, _, _ in pickletools.genops(f):
+                    highest = max(highest, op.proto)
+                if f.tell() >= size:
+                    break
+    except Exception:
+        return None
+    return highest if highest < 2 else None
+
+
+def _unreadable_protocol(file: Path, err: BaseException, scan) -> Optional[CheckpointError]:
+    """The error for a pickle whose protocol torch's safe loader does not read (4 and 5: FRAME, ...)."""
+    if "Unsupported operand" not in str(err) or scan.protocol < 4:
+        return None
+    return CheckpointError([
+        f"{file} was pickled with protocol {scan.protocol} (torch.save(..., pickle_protocol={scan.protocol})), "
+        f"which torch's safe loader does not read (it reads protocols 2 and 3): " + _RESAVE
+    ])
 
 
 def _brief(err: BaseException) -> str:

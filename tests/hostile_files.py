@@ -1,0 +1,101 @@
+"""Small files built to stall or bloat a checkpoint loader, written opcode by opcode (no class of them is
+ever imported by the loader). Each writer returns the path; tests/test_loader_bounds.py reads them."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROTO2 = b"\x80\x02"
+
+
+def text(s: str) -> bytes:
+    """BINUNICODE."""
+    data = s.encode("utf-8")
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def global_(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def as_checkpoint(path: Path, body: bytes) -> Path:
+    """A zip checkpoint (torch.save's container) whose data.pkl is `{"feature_mask": [True] * 3, "x": <body>}`
+    (body: opcodes that push one object)."""
+    pickle = PROTO2 + b"}(" + text("feature_mask") + b"]" + b"(" + b"\x88" * 3 + b"e" + text("x") + body + b"u."
+    buffer = io.BytesIO()
+    torch.save({"feature_mask": [True] * 3}, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in original.infolist():
+            data = pickle if info.filename.endswith("/data.pkl") else original.read(info)
+            out.writestr(info.filename, data)
+    return path
+
+
+def quadratic_codec(path: Path, chars: int = 30_000) -> Path:
+    """`_codecs.encode(<chars distinct non-ASCII characters>, "punycode")`: quadratic in the text's length."""
+    s = "".join(map(chr, range(0x4E00, 0x4E00 + chars)))
+    return as_checkpoint(path, global_("_codecs", "encode") + text(s) + text("punycode") + b"\x86R")
+
+
+def rehashed_tuple(path: Path, doublings: int = 19, keys: int = 5_000) -> Path:
+    """A tuple of 2^20 - 1 logical entries built from memo references (under the scan's limit), used as a
+    dict key `keys` times: each use hashes all of it again (milliseconds each)."""
+    body = b"](" + b")q\x00" + b"".join(b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1])
+                                      for i in range(doublings))
+    body += b"}" + (b"h" + bytes([doublings]) + b"K\x01s") * keys + b"e"  # [t, {t: 1}], the key set `keys` times
+    return as_checkpoint(path, body)
+
+
+def many_foreign_names(path: Path, names: int = 4_000, objects: int = 8_000) -> Path:
+    """A list of `objects` records of `names` distinct foreign classes (NEWOBJ with no arguments)."""
+    items = b"".join(global_("trainer.records", f"Record{i % names}") + b")\x81" for i in range(objects))
+    return as_checkpoint(path, b"](" + items + b"e")
+
+
+def tensor_with_attributes(path: Path, entries: int = 1 << 36, numel=np.int64) -> Path:
+    """A stride-0 mask of `entries` entries (4 bytes stored) whose numel() the file replaces: torch's
+    _rebuild_from_type_v2 sets the attribute on the rebuilt tensor."""
+    mask = torch.ones(1, dtype=torch.bool).expand(entries)
+    mask.numel = numel
+    torch.save({"feature_mask": mask, "model_config": {"input_dim": 3}}, path)
+    return path
+
+
+def legacy_with_foreign_names(path: Path, names: int = 33, megabytes: int = 3) -> Path:
+    """The legacy (non-zip) torch format: records of `names` foreign classes beside `megabytes` of weights.
+    The classes are made here only while the file is written, under a module nobody can import."""
+    import sys
+    import types
+
+    module = types.ModuleType("trainer_records")
+    records = []
+    for i in range(names):
+        cls = type(f"Record{i}", (), {"__module__": module.__name__})
+        setattr(module, cls.__name__, cls)
+        obj = cls()
+        obj.value = i
+        records.append(obj)
+    sys.modules[module.__name__] = module
+    try:
+        data = {"feature_mask": torch.ones(8, dtype=torch.bool), "model_config": {"input_dim": 8},
+                "records": records, "model_state_dict": {"w": torch.randn(megabytes << 18)}}
+        torch.save(data, path, _use_new_zipfile_serialization=False)
+    finally:
+        del sys.modules[module.__name__]
+    return path
+
+
+HOSTILE = {
+    "quadratic codec": quadratic_codec,
+    "rehashed tuple": rehashed_tuple,
+    "many foreign names": many_foreign_names,
+    "tensor with attributes": tensor_with_attributes,
+    "legacy with foreign names": legacy_with_foreign_names,
+}

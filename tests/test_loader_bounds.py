@@ -1,0 +1,242 @@
+"""Reading an untrusted file ends in bounded time and memory whatever torch's unpickler does inside: the
+read runs in a child process under a wall clock and an address-space limit (fusedvq/bounded.py), cheap
+scans refuse the known tricks first, and what comes back is the file's data, rebuilt exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ckpt_factory import checkpoint_dict, make_parts
+from hostile_files import HOSTILE, as_checkpoint, global_, rehashed_tuple
+from fusedvq.bounded import BoundExceeded, ChildRefused, Limits, read_bounded
+from fusedvq.checkpoint import CheckpointError, load_feature_spec, read_checkpoint
+
+HERE = Path(__file__).resolve().parent
+
+_PROBE = r"""
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+sys.path.insert(0, sys.argv[1])
+import hostile_files
+from pathlib import Path
+from fusedvq.checkpoint import CheckpointError, load_feature_spec
+for name, make in hostile_files.HOSTILE.items():
+    path = make(Path(sys.argv[2]) / (name.replace(" ", "_") + ".pt"))
+    start = time.monotonic()
+    try:
+        load_feature_spec(path, require_stats=False)
+        kind, text = "loaded", ""
+    except CheckpointError as err:
+        kind, text = "CheckpointError", str(err)
+    except BaseException as err:
+        kind, text = type(err).__name__, str(err)
+    print(json.dumps({"name": name, "kind": kind, "seconds": time.monotonic() - start, "text": text[:300]}))
+usage = {who: resource.getrusage(getattr(resource, who)).ru_maxrss << 10 for who in ("RUSAGE_SELF", "RUSAGE_CHILDREN")}
+print(json.dumps(usage))
+"""
+
+
+def test_small_hostile_files_end_within_seconds_and_1_gb(tmp_path):
+    """Each file of hostile_files (a quadratic codec, a huge tuple hashed again and again, thousands of
+    foreign class names, a tensor whose file-set numel hides 2^36 entries, a legacy file naming 33 foreign
+    classes) ends as a load or a CheckpointError in under 5 s, under 1 GB of peak RSS in every process,
+    in a fresh interpreter under a 6 GB address-space limit."""
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(HERE), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *results, usage = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["name"] for r in results] == list(HOSTILE)
+    for r in results:
+        assert r["kind"] in ("loaded", "CheckpointError") and r["seconds"] < 5, r
+    kinds = {r["name"]: r for r in results}
+    assert "codec 'punycode'" in kinds["quadratic codec"]["text"]
+    assert "did not finish reading within" in kinds["rehashed tuple"]["text"]
+    assert "4,000 classes" in kinds["many foreign names"]["text"]
+    assert "attributes chosen by the file" in kinds["tensor with attributes"]["text"]
+    assert kinds["legacy with foreign names"]["kind"] == "loaded"
+    assert max(usage.values()) < 1 << 30, usage
+
+
+# --- the bound itself, where no scan finds anything ----------------------------------------------
+
+
+def _sleeps(path):
+    time.sleep(60)
+
+
+def _allocates(path):
+    return bytearray(4 << 30)
+
+
+_HELD = threading.Lock()
+
+
+def _waits_for_a_held_lock(path):
+    with _HELD:
+        return "never"
+
+
+def _reads(path):
+    return {"text": Path(path).read_text(), "tensor": torch.arange(6.0).view(2, 3).t()}
+
+
+LIMITS = Limits(seconds=1.0, memory=256 << 20)
+
+
+@pytest.mark.parametrize("reader, expected", [(_sleeps, "within 1.0 s"), (_allocates, "memory")])
+def test_the_child_is_stopped_at_its_limits(tmp_path, reader, expected):
+    start = time.monotonic()
+    with pytest.raises((BoundExceeded, ChildRefused), match=expected):
+        read_bounded(reader, tmp_path, LIMITS)
+    assert time.monotonic() - start < 3
+
+
+def test_a_lock_another_thread_held_at_the_fork_cannot_hang_the_read(tmp_path):
+    """A training process has threads; a lock one of them holds stays held in a forked child. The wall
+    clock ends the child whatever it waits for, and the parent's threads go on."""
+    release = threading.Event()
+
+    def hold():
+        with _HELD:
+            release.wait(10)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    time.sleep(0.05)
+    try:
+        start = time.monotonic()
+        with pytest.raises(BoundExceeded):
+            read_bounded(_waits_for_a_held_lock, tmp_path, LIMITS)
+        assert time.monotonic() - start < 3
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_loads_while_other_threads_compute(tmp_path):
+    """Reads inside a process whose other threads run torch ops (intra-op pools active) all succeed."""
+    path = tmp_path / "best_model.pt"
+    torch.save(checkpoint_dict(make_parts(D=40, K=30, num_categories=3)), path)
+    stop = threading.Event()
+
+    def compute():
+        a = torch.randn(256, 256)
+        while not stop.is_set():
+            a = torch.tanh(a @ a)
+
+    workers = [threading.Thread(target=compute, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        for _ in range(10):
+            assert load_feature_spec(path).num_kept == 30
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+
+
+def test_without_fork_a_fresh_interpreter_reads_under_the_same_wall_clock(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEDVQ_LOAD_ISOLATION", "spawn")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(HERE.parent)]))
+    (tmp_path / "note.txt").write_text("hello")
+    got = read_bounded(_reads, tmp_path / "note.txt", LIMITS)
+    assert got["text"] == "hello" and torch.equal(got["tensor"], torch.arange(6.0).view(2, 3).t())
+    with pytest.raises(BoundExceeded, match="within"):
+        read_bounded(_sleeps, tmp_path, Limits(seconds=-59.0, memory=256 << 20))  # 1 s after the import allowance
+
+
+# --- what comes back is the file's data ------------------------------------------------------------
+
+
+def test_what_comes_back_is_what_torch_load_reads(tmp_path):
+    base = torch.randn(4, 5, dtype=torch.float64)
+    shared = [1, 2.5, "three"]
+    data = {
+        "strided": base.t(), "view": base[1:, 2:], "same storage": base, "stride 0": torch.zeros(1).expand(7),
+        "bf16": torch.randn(3).bfloat16(), "bool": torch.rand(9) > 0.5, "int": torch.arange(5, dtype=torch.int16),
+        "param": torch.nn.Parameter(torch.ones(2)), "empty": torch.empty(0, 3),
+        "array": np.arange(6, dtype=np.float32).reshape(2, 3), "scalar": np.float64(2.5), "strings": np.array(["a", "bc"]),
+        "dtype": torch.float16, "nested": {"a": shared, "b": shared, 7: (None, True, b"bytes", 2**80)},
+    }
+    path = tmp_path / "data.pt"
+    torch.save(data, path)
+    got, ref = read_checkpoint(path), torch.load(path, weights_only=False)
+    for key in ref:
+        if isinstance(ref[key], torch.Tensor):
+            assert type(got[key]) is torch.Tensor and got[key].dtype == ref[key].dtype, key
+            assert got[key].shape == ref[key].shape and got[key].stride() == ref[key].stride(), key
+            assert torch.equal(got[key], ref[key]), key
+        elif isinstance(ref[key], np.ndarray):
+            assert got[key].dtype == ref[key].dtype and np.array_equal(got[key], ref[key]), key
+        else:
+            assert got[key] == ref[key] and type(got[key]) is type(ref[key]), key
+    assert got["strided"].data_ptr() == got["same storage"].data_ptr()  # one storage, as in the file
+    assert got["nested"]["a"] is got["nested"]["b"]  # shared structure stays shared
+    assert got["param"].requires_grad
+
+
+# --- what the refusals say --------------------------------------------------------------------------
+
+
+def test_exception_texts_hold_no_control_characters(tmp_path):
+    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    groups = data["model_config"]["group_indices"]  # (its statistics stay under the old name)
+    groups["\x1b]0;retitled\x07\x1b[2J\rok: consistent\u202e"] = groups.pop(next(iter(groups)))
+    torch.save(data, tmp_path / "best_model.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_feature_spec(tmp_path / "best_model.pt")
+    text = str(info.value)
+    assert "retitled" in text and "\\x1b" in text
+    assert not any(not ch.isprintable() for ch in text.replace("\n", "")), repr(text)
+
+
+def test_unreadable_formats_say_what_the_file_is_and_what_to_do(tmp_path):
+    data = {"feature_mask": torch.ones(3, dtype=torch.bool)}
+    torch.save(data, tmp_path / "p4.pt", pickle_protocol=4)
+    torch.save(data, tmp_path / "p1.pt", pickle_protocol=1, _use_new_zipfile_serialization=False)
+    torch.save(data, tmp_path / "p0.pt", pickle_protocol=0, _use_new_zipfile_serialization=False)
+    (tmp_path / "pickle").write_bytes(b"\x80\x02}q\x00.")
+    with tarfile.open(tmp_path / "old.pt", "w") as archive:  # torch's oldest format: a tar of pickles
+        for member in ("sys_info", "pickle", "storages", "tensors"):
+            archive.add(tmp_path / "pickle", arcname=member)
+    said = {"p4.pt": "protocol 4", "p1.pt": "protocol 1", "p0.pt": "protocol 0", "old.pt": "tar archive"}
+    for name, what in said.items():
+        with pytest.raises(CheckpointError) as info:
+            read_checkpoint(tmp_path / name)
+        text = str(info.value)
+        assert what in text and "re-save" in text and "Unsupported operand" not in text, text
+
+
+def test_a_class_name_no_module_could_have_is_not_called_a_function(tmp_path):
+    body = global_("trainer.records", "Re\u200bcord") + b")\x81"
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(as_checkpoint(tmp_path / "model.pt", body))
+    assert "not a Python name" in str(info.value) and "function" not in str(info.value)
+
+
+def test_a_real_checkpoint_with_a_few_foreign_classes_still_loads(tmp_path):
+    from spinlock_format import make_run, write_run
+
+    path = write_run(tmp_path, make_run(hybrid=True, seed=3))
+    assert load_feature_spec(path).hybrid is not None
+
+
+def test_the_rehashed_tuple_stops_at_the_wall_clock_not_the_scan(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEDVQ_LOAD_SECONDS", "0.5")
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match="within 0.5 s"):
+        read_checkpoint(rehashed_tuple(tmp_path / "model.pt"))
+    assert time.monotonic() - start < 2
+    assert os.environ["FUSEDVQ_LOAD_SECONDS"] == "0.5"
