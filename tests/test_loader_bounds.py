@@ -240,3 +240,31 @@ def test_the_rehashed_tuple_stops_at_the_wall_clock_not_the_scan(tmp_path, monke
         read_checkpoint(rehashed_tuple(tmp_path / "model.pt"))
     assert time.monotonic() - start < 2
     assert os.environ["FUSEDVQ_LOAD_SECONDS"] == "0.5"
+
+
+@pytest.mark.gpu
+def test_loads_inside_a_process_that_initialized_cuda(tmp_path):
+    """A training process: CUDA initialized, a tensor on the device, a thread busy with it; the forked child
+    maps everything to the CPU and never touches CUDA."""
+    path = tmp_path / "best_model.pt"
+    data = checkpoint_dict(make_parts(D=40, K=30, num_categories=3))
+    data["on_device"] = torch.ones(3, device="cuda")
+    torch.save(data, path)
+    stop = threading.Event()
+
+    def compute():
+        a = torch.randn(512, 512, device="cuda")
+        while not stop.is_set():
+            a = torch.tanh(a @ a)
+            torch.cuda.synchronize()
+
+    worker = threading.Thread(target=compute, daemon=True)
+    worker.start()
+    try:
+        for _ in range(5):
+            spec = load_feature_spec(path)
+            assert spec.num_kept == 30 and spec.feature_mask.device.type == "cpu"
+        assert read_checkpoint(path)["on_device"].device.type == "cpu"
+    finally:
+        stop.set()
+        worker.join()
