@@ -115,6 +115,12 @@ class FeatureCleaner(PreparedColumns):
         if self.hybrid is None:
             raise ValueError("combine() is for hybrid VQ-VAEs; this cleaner's VQ-VAE has no embedding columns")
         p, c = self.gap
+        K = self.num_kept
+        if z.dim() != 2 or z.shape[1] != K:
+            raw = " (the raw features: pass z = cleaner(features))" if z.dim() == 2 and z.shape[1] == self.num_features \
+                else ""
+            raise ValueError(f"z must be [B, {K}] (the cleaned features, K = {K} kept columns), got "
+                             f"{list(z.shape)}{raw}")
         if embeddings.dim() != 2 or embeddings.shape[1] != c or embeddings.shape[0] != z.shape[0]:
             raise ValueError(f"embeddings must be [{z.shape[0]}, {c}] (the initial encoder's output), got "
                              f"{list(embeddings.shape)}")

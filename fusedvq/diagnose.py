@@ -42,8 +42,8 @@ def find_problems(decl: Declared, num_features: Optional[int] = None, *, need_st
                    "checkpoint holds no initial-encoder weights and no family encoded by initial_hybrid)"
                    if kept < decl.input_dim else "")
             )
-    if not need_stats:
-        return problems
+    if not need_stats or (decl.clues.is_hybrid and decl.hybrid is None):
+        return problems  # (a hybrid without a layout: its categories cannot be put in kept columns; said above)
     # Kept-column space: the decoder's width when declared (a hybrid's kept columns), else what the mask keeps.
     K = decl.input_dim if decl.input_dim is not None else (int(mask.sum()) if mask is not None else None)
     if decl.hybrid is not None:

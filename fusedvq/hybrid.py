@@ -12,11 +12,14 @@ def declare_hybrid(decl: Declared, data: dict, attempt, need_stats: bool) -> Non
     """decl.hybrid from the checkpoint alone (layout.py), or a problem saying exactly what is missing; the
     categories become kept-column ones (statistics are per kept column), model_config's kept aside."""
     clues, mask, width = decl.clues, decl.feature_mask, decl.input_dim
+    what = f"the checkpoint is a hybrid VQ-VAE ({clues.evidence()})"
+    if clues.ambiguity() is not None:
+        decl.problems.append(f"{what}, but {clues.ambiguity()}")
+        return
     if mask is None or width is None:
         return  # the missing piece is already a problem
     K = int(mask.sum())
     c = width - K
-    what = f"the checkpoint is a hybrid VQ-VAE ({clues.evidence()})"
     if c > MAX_EMBEDDING:
         decl.problems.append(f"{what}, but its decoder's input_dim {width} would leave {c:,} embedding columns beside "
                              f"the {K} kept feature columns, more than any encoder gives")

@@ -72,6 +72,7 @@ class HybridClues:
     family: Optional[str] = None
     family_embedding: Optional[int] = None  # the family's encoder_params["cnn_embedding_dim"]
     family_manual: Optional[int] = None  # its encoder_params["manual_dim"], when given
+    families: tuple = ()  # every family encoded by initial_hybrid (more than one: no layout is defined)
 
     @property
     def is_hybrid(self) -> bool:
@@ -85,9 +86,25 @@ class HybridClues:
         said = []
         if self.encoder_keys:
             said.append(f"{self.encoder_keys} initial-encoder entries in model_state_dict")
-        if self.family is not None:
+        if len(self.families) > 1:
+            said.append(f"the families {_names(self.families)} encoded by {HYBRID_ENCODERS[0]}")
+        elif self.family is not None:
             said.append(f"the family {self.family!r} encoded by {HYBRID_ENCODERS[0]}")
         return " and ".join(said)
+
+    def ambiguity(self) -> Optional[str]:
+        """Why the embedding columns' position is undefined (several hybrid families), or None."""
+        if len(self.families) < 2:
+            return None
+        return (f"a hybrid VQ-VAE adds its embedding columns after the columns of the one family encoded by "
+                f"{HYBRID_ENCODERS[0]}, and config['families'] has {len(self.families)} "
+                f"({_names(self.families)}): where the embedding columns sit among the decoder's is undefined, "
+                f"so no layout is derived")
+
+
+def _names(names, shown: int = 4) -> str:
+    listed = " and ".join(map(repr, names[:shown])) if len(names) <= 2 else ", ".join(map(repr, names[:shown]))
+    return listed + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def _positive_int(value: Any) -> Optional[int]:
@@ -114,16 +131,20 @@ def hybrid_clues(data: Mapping) -> HybridClues:
     families = config.get("families") if isinstance(config, Mapping) else None
     families = families if isinstance(families, Mapping) else data.get("families")
     if isinstance(families, Mapping):
+        hybrid = []
         for name, family in families.items():
             encoder = family.get("encoder") if isinstance(family, Mapping) and isinstance(name, str) else None
             if isinstance(encoder, str) and encoder in HYBRID_ENCODERS:
+                hybrid.append(name)
+                if len(hybrid) > 1:
+                    continue  # (declare_hybrid refuses the layout, naming them)
                 clues.family = name
                 params = family.get("encoder_params")
                 params = params if isinstance(params, Mapping) else {}
                 # The trainer's default when the family does not say.
                 clues.family_embedding = _positive_int(params.get("cnn_embedding_dim", 28))
                 clues.family_manual = _positive_int(params.get("manual_dim"))
-                break
+        clues.families = tuple(hybrid)
     return clues
 
 
