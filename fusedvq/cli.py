@@ -141,6 +141,8 @@ def printable(text: str) -> str:
 def _summary(decl, problems: list[str], features: Optional[int]) -> str:
     """The closing line: what kind of problems were found, not a guess that the widths differ."""
     noun = "problem" if len(problems) == 1 else "problems"
+    if decl is not None and decl.stats_only and decl.stats is None:
+        return f"{len(problems)} {noun}: {decl.path.name} is an .npz archive fusedvq cannot use as statistics"
     if decl is not None and decl.stats_only:
         return (f"{len(problems)} {noun}: {decl.path.name} is a statistics file; the loss needs a mask and group "
                 f"indices too")
@@ -159,6 +161,9 @@ def _summary(decl, problems: list[str], features: Optional[int]) -> str:
 
 def _describe(decl, features: Optional[int], norm: str, say) -> None:
     """The declared facts, one per line; unknown pieces say so."""
+    if decl.stats_only and decl.stats is None:
+        say(f"file            {decl.path} (an .npz archive)")
+        return
     if decl.stats_only:
         from .parts import describe_stats
 

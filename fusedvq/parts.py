@@ -8,13 +8,30 @@ from pathlib import Path
 from typing import Optional
 
 from .declared import Declared, _attempt
-from .safe_load import _not_regular, read_stats_file
+from .safe_load import _not_regular, _Problem, read_stats_file
 from .values import CategoryStats, _method_of, _parse_categories, _parse_mask, _parse_stats
 
 
 def _read_npz_stats(path: Path, where: str) -> tuple[dict[str, CategoryStats], Optional[str]]:
     raw, method = read_stats_file(path)
+    if not raw:
+        raise _Problem(f"{path.name} holds no statistics: {_arrays_named(path)}")
     return _parse_stats(raw, where, method), method
+
+
+def _arrays_named(path: Path, shown: int = 3) -> str:
+    """What an .npz holds instead of statistics, in a few words (its array names, shortened, escaped)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n[: -len(".npy")] if n.endswith(".npy") else n for n in archive.namelist()]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        names = []
+    rule = "{category}_mean / _std (or _median / _mad), or mean / std over all columns"
+    if not names:
+        return f"it is an empty archive; statistics arrays are named {rule}"
+    listed = ", ".join(repr(n if len(n) <= 40 else n[:37] + "...") for n in names[:shown])
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return f"none of its arrays ({listed}{more}) is named {rule}"
 
 
 def is_stats_file(path: Path) -> bool:
@@ -42,12 +59,12 @@ def describe_stats(stats: dict[str, CategoryStats], method: Optional[str]) -> st
 
 def declare_stats_only(decl: Declared, attempt) -> Declared:
     """A statistics file given where a checkpoint was expected: what it holds, and what else is needed."""
+    decl.stats_only = True
     read = attempt(_read_npz_stats, decl.path, decl.path.name)
     if read is None:
         return decl
     decl.stats, decl.stats_source = read[0], decl.path.name
     decl.method = _method_of(read[0], read[1])
-    decl.stats_only = True
     decl.problems.append(
         f"{decl.path.name} is a statistics file, not a checkpoint: it holds {describe_stats(decl.stats, decl.method)}, "
         f"but no feature_mask (which extractor columns are kept) and no group_indices (which kept columns each "
