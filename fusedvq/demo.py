@@ -265,7 +265,7 @@ def _timing_line(world: World, model, cleaner, tokens, device: torch.device, rou
     fused, plain = (sorted(times[n])[rounds // 2] for n in steps)
     spread = {n: f"{min(times[n]):.3f}–{max(times[n]):.3f}" for n in steps}
     noisy = any(max(t) > NOISY_SPREAD * min(t) for t in times.values())
-    verdict = NOISY if noisy else f"fusedvq {speed_words(plain / fused)}"
+    verdict = NOISY if noisy else f"fusedvq is {speed_words(plain / fused)}"
     return (f"time per training step (forward + backward without the optimizer, last batch of {tokens.shape[0]}; "
             f"median of {rounds} rounds of {repeats} steps, fastest–slowest round in parentheses): "
             f"fusedvq {fused:.3f} ms ({spread['fusedvq']}), the plain fix {plain:.3f} ms ({spread['plain']}): "

@@ -224,7 +224,8 @@ def _timed(provider, B, ms, lo, hi):
 
 
 def test_ratios_read_faster_or_slower():
-    assert fb.speed_words(3.04) == "3.04× faster" and fb.speed_words(1.0) == "1.00× faster"
+    assert fb.speed_words(3.04) == "3.04× faster" and fb.speed_words(1.006) == "1.01× faster"
+    assert fb.speed_words(1.0) == fb.speed_words(0.999) == "as fast (1.00×)"
     assert fb.speed_words(0.5) == "2.00× slower" and fb.speed_words(0.92) == "1.09× slower"
     ours, quick, slow = _timed("reference", 4, 1.0, 0.9, 1.2), _timed("eager", 4, 0.5, 0.45, 0.6), \
         _timed("compiled", 4, 3.0, 2.8, 3.3)

@@ -62,7 +62,10 @@ def is_noisy(*rows: "Row") -> bool:
 
 
 def speed_words(ratio: float) -> str:
-    """ratio = the other's time over ours → "N× faster" (ratio ≥ 1) or "N× slower"."""
+    """ratio = the other's time over ours → "N× faster" (ratio ≥ 1) or "N× slower"; "as fast (1.00×)" when
+    either would round to 1.00."""
+    if f"{ratio:.2f}" == "1.00" and f"{1 / ratio:.2f}" == "1.00":
+        return "as fast (1.00×)"
     return f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
 
 
