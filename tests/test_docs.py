@@ -76,7 +76,14 @@ def test_page_snippets_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     python = [b for b in blocks(path) if b.language == "python"]
     assert all(b.marker != "skip" for b in python if path.name == "README.md"), "the README's snippets all run"
-    run_page(path)
+    import torch.distributed as dist
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # a snippet's manual_seed stays on its page
+            run_page(path)
+    finally:  # a page that failed half way must not leave a process group to the tests after it
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_readme_quick_start_runs_alone(tmp_path, monkeypatch):
