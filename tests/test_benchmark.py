@@ -125,7 +125,7 @@ def test_bench_command_writes_three_reports(tmp_path, capsys):
     report = json.loads((out / "bench.json").read_text())
     meta, rows = report["meta"], report["rows"]
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and "--quick" in meta["command"]
-    assert meta["copy_bandwidth_gbps"] > 0
+    assert meta["copy_bandwidth_gbps"] > 0 and meta["cpus"] >= 1 and "load_average" in meta
     assert len(rows) == 2 * 2 * len(fb.MODES) * 3  # sizes × norms × modes × providers
     for row in rows:
         if row["provider"] == "fused":
@@ -272,3 +272,15 @@ def test_noisy_cells_get_no_verdict():
     assert by[(65536, "compiled")]["verdict"] == "pass"
     assert by[(65536, "compiled")]["ours_range_ms"] == [41.0, 57.0]
     assert by[(4, "eager")]["verdict"] == fb.NOISY  # ours spread 3.3×: a pass it cannot claim
+
+
+def test_a_busy_machine_is_said_at_the_top_of_the_report():
+    rows = [vars(_timed("reference", 4, 0.1, 0.09, 0.11)), vars(_timed("eager", 4, 0.2, 0.19, 0.21))]
+    meta = fb.environment("cpu", None, "cmd")
+    busy = fb.markdown({"meta": {**meta, "load_average": 1.86, "cpus": 2}, "rows": rows, "targets": []})
+    assert "**Busy machine:** the 1-minute load average was 1.86 on 2 CPUs" in busy
+    assert busy.index("Busy machine") < busy.index("## norm=")
+    for quiet in ({"load_average": 0.3, "cpus": 2}, {"load_average": None, "cpus": 2}, {}):
+        assert "Busy machine" not in fb.markdown({"meta": {**meta, **quiet}, "rows": rows, "targets": []})
+    load = fb.machine_load()
+    assert load["cpus"] >= 1 and (load["load_average"] is None or load["load_average"] >= 0)
