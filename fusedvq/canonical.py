@@ -70,9 +70,7 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
     num_kept (the target's width), when given, sizes the gather of a bool mask statically, so no
     data-dependent shape appears while torch.compile traces.
     """
-    index = _as_tensor(index, "index", device)
-    if index.dim() != 1:
-        raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
+    index = index_tensor(index, device, num_features, check_values)
     if index.dtype == torch.bool:
         if index.shape[0] != num_features:
             raise ValueError(
@@ -95,23 +93,13 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
         # device (no host sync, nothing for the graph to break on) instead of padding with column -1.
         torch._assert_async(index.sum() == num_kept, "the mask keeps a different number of columns than target has")
         return torch.nonzero_static(index, size=num_kept, fill_value=-1).squeeze(1), "mask"
-    if index.is_floating_point() or index.is_complex():
-        raise TypeError(f"index must be a bool mask or integer column indices, got {index.dtype}")
-    if index.dtype == torch.uint8:
-        raise TypeError(
-            f"index is a uint8 tensor of {index.shape[0]} entries: a 0/1 mask must be a bool tensor, pass "
-            f"mask.bool() (integer indices must be int32 or int64)"
-        )
     index = index.long().contiguous()  # the kernels read index[k] at offset k
-    if index.shape[0] == 0:
-        raise ValueError("index is empty: it must name at least one feature column")
     if _is_tracing():
         # Traced, a host check would break the graph: an index outside [0, D) fails on the device instead
         # (the kernels never read out of bounds, but would drop that column).
         torch._assert_async(((index >= 0) & (index < num_features)).all(),
                             "index holds a value outside the feature columns [0, D)")
     elif check_values:
-        _refuse_integer_mask(index, num_features)
         bad = (index < 0) | (index >= num_features)
         if bool(bad.any()):
             first = int(index[bad][0])
@@ -120,6 +108,28 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
                 f"[0, {num_features - 1}] ({int(bad.sum())} of {index.shape[0]} are out of range)"
             )
     return index, "index"
+
+
+def index_tensor(index, device: torch.device, num_features: Optional[int], check_values: bool = True) -> torch.Tensor:
+    """The index as a 1-D tensor on `device`: a bool mask, or integer column indices (not a mask given as
+    numbers). The one check of an index's kind, shared by the functional forms (canonical_index) and the
+    modules' constructors, so both give the same errors. num_features: D, or None when not known yet (a
+    constructor given integers without num_features): an index of 0s and 1s is then taken to be length D."""
+    index = _as_tensor(index, "index", device)
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
+    if index.dtype == torch.bool:
+        return index
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.uint8:
+        raise TypeError(
+            f"index must be a bool mask or integer column indices, got {index.dtype} ({index.shape[0]} entries): "
+            f"pass mask.bool() for a mask; column indices must be int32 or int64"
+        )
+    if index.shape[0] == 0:
+        raise ValueError("index is empty: it must name at least one feature column")
+    if check_values and not _is_tracing():
+        _refuse_integer_mask(index, index.shape[0] if num_features is None else num_features)
+    return index
 
 
 def _refuse_integer_mask(index: torch.Tensor, num_features: int) -> None:
@@ -224,6 +234,6 @@ def prepare(index, mean, std, num_features: int, num_kept: Optional[int], norm: 
 
 
 __all__ = [
-    "canonical_index", "canonical_stats", "check_eps", "check_flag", "norm_code", "option_code", "prepare",
-    "reduction_code",
+    "canonical_index", "canonical_stats", "check_eps", "check_flag", "index_tensor", "norm_code", "option_code",
+    "prepare", "reduction_code",
 ]

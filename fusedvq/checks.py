@@ -89,11 +89,28 @@ def batch_stats_group(norm: int, sync_stats: bool, process_group, batch_size: in
     return ""
 
 
+def check_order(first: torch.Tensor, second: Optional[torch.Tensor], want_first: int, want_second: int,
+                signature: str) -> None:
+    """Refuse a pair given the other way round (the reconstruction first, as in F.mse_loss(recon, features)):
+    `first` has the width `second` should have and the other way round. signature: the call in the right
+    order, with {} for the two widths."""
+    if second is None or want_first == want_second or first.dim() != 2 or second.dim() != 2:
+        return
+    if (first.shape[1], second.shape[1]) == (want_second, want_first):
+        raise ValueError(
+            f"the arguments look swapped: got [B, {first.shape[1]}] then [B, {second.shape[1]}], but the order is "
+            + signature.format(want_first, want_second)
+        )
+
+
 def check_widths(features: torch.Tensor, target: Optional[torch.Tensor], columns: ColumnMap, selector: str,
-                 skipped: int = 0) -> None:
+                 skipped: int = 0, signature: Optional[str] = None) -> None:
     """x has the D columns the map was built for and r (when given) its K kept columns (the 171/187
-    mismatch), plus the `skipped` columns a hybrid decoder's output holds besides them."""
+    mismatch), plus the `skipped` columns a hybrid decoder's output holds besides them; signature: the call
+    (as in check_order), to say when the two look swapped."""
     D, K = columns.num_features, columns.num_kept
+    if signature is not None:
+        check_order(features, target, D, K + skipped, signature)
     if features.shape[1] != D:
         raise ValueError(
             f"features have {features.shape[1]} columns but the {selector} was built for {D} feature columns "

@@ -20,7 +20,7 @@ import torch
 from .backend import use_triton_for
 from .calls import batch_clean_op, clean_op, masked_mse_op
 from .canonical import reduction_code
-from .checks import check_pair, check_widths
+from .checks import check_order, check_pair, check_widths
 from .columns import ColumnMap, build_column_map
 from .contract import NORM_BATCH
 from .functional import prepare_call
@@ -131,6 +131,7 @@ class FeatureCleaner(PreparedColumns):
         read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z."""
         columns = ColumnMap(self._z_index, self._z_inv_ptr, self._z_inv_k)
         check_pair(z, recon)
+        check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
         check_widths(z, recon, columns, "cleaner's z", self.gap[1])
         return masked_mse_op(z, recon, columns, None, None, False, reduction_code(reduction),
                              use_triton_for(self.backend, z), self.gap)

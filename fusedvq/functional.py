@@ -8,7 +8,7 @@ import torch
 
 from .backend import use_triton_for
 from .canonical import check_eps, check_flag, norm_code, prepare, reduction_code
-from .checks import batch_stats_group, check_pair, check_widths
+from .checks import _is_tracing, batch_stats_group, check_order, check_pair, check_widths
 from .contract import NORM_BATCH, compute_dtype
 from .calls import batch_mse_op, masked_mse_op
 
@@ -75,6 +75,8 @@ def prepare_call(features, target, index, mean, std, norm, eps, nan_to_num, back
     norm_id = norm_code(norm)
     eps, nan_to_num = check_eps(eps), check_flag("nan_to_num", nan_to_num)
     check_pair(features, target, allow_empty=norm_id == NORM_BATCH and (sync_stats or process_group is not None))
+    if target is not None:
+        _refuse_swapped(features, target, index)
     use_triton = use_triton_for(backend, features)
     group = batch_stats_group(norm_id, sync_stats, process_group, features.shape[0])
     columns, selector, shift, scale = prepare(
@@ -83,3 +85,21 @@ def prepare_call(features, target, index, mean, std, norm, eps, nan_to_num, back
     )  # fmt: skip
     check_widths(features, target, columns, selector)
     return norm_id, eps, nan_to_num, use_triton, group, columns, shift, scale
+
+
+def _refuse_swapped(features: torch.Tensor, target: torch.Tensor, index) -> None:
+    """masked_mse(recon, features, index), in F.mse_loss's habit: said as such when the widths are exactly the
+    other way round (features as wide as the kept columns, target as wide as the mask, or for integer indices
+    as wide as their largest). Looks at values only when an error is coming anyway (eager, not traced)."""
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or _is_tracing():
+        return
+    wide, target_wide, n = features.shape[1], target.shape[1], index.shape[0]
+    if index.dtype == torch.bool and wide != n == target_wide:
+        D, K = n, int(index.sum())
+    elif index.dtype in (torch.int32, torch.int64) and n == wide < target_wide:
+        if not bool(((index >= 0) & (index < target_wide)).all()) or int(index.max()) < wide:
+            return  # indices that fit the features, or fit neither: not a swap
+        D, K = target_wide, n
+    else:
+        return
+    check_order(features, target, D, K, "masked_mse(features [B, {}], target [B, {}], index, ...)")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .backend import use_triton_for
-from .canonical import check_eps, check_flag, norm_code, option_code, prepare, reduction_code
+from .canonical import check_eps, check_flag, index_tensor, norm_code, option_code, prepare, reduction_code
 from .checks import batch_stats_group, check_pair, check_widths
 from .checkpoint import FeatureSpec, load_feature_spec
 from .columns import ColumnMap
@@ -40,7 +40,8 @@ class PreparedColumns(nn.Module):
         option_code("backend", backend, BACKENDS)  # the features' device decides per call what runs
         if self.norm_id != NORM_BATCH and (sync_stats or process_group is not None):
             raise ValueError(f'sync_stats / process_group apply to norm="batch" only, not norm={norm!r}')
-        index_t = index if isinstance(index, torch.Tensor) else torch.as_tensor(index)
+        device = index.device if isinstance(index, torch.Tensor) else torch.device("cpu")
+        index_t = index_tensor(index, device, num_features)  # the functional forms' checks of its kind
         if index_t.dtype == torch.bool:
             if num_features is not None and num_features != index_t.shape[0]:
                 raise ValueError(
@@ -106,7 +107,7 @@ class PreparedColumns(nn.Module):
         """(columns, use_triton, group) of a call, after its shape / dtype / device checks."""
         check_pair(features, target, allow_empty=self.synced)
         columns = self.columns()
-        check_widths(features, target, columns, self.selector, skipped)
+        check_widths(features, target, columns, self.selector, skipped, "loss(features [B, {}], target [B, {}])")
         if columns.index.device != features.device:
             raise ValueError(
                 f"features are on {features.device} but the module's buffers are on {columns.index.device}: "

@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .checks import check_order
 from .module import MaskedMSELoss, load_spec
 
 
@@ -129,6 +130,8 @@ class VQReconLoss(nn.Module):
     def _check_widths(self, features: torch.Tensor, recon: torch.Tensor) -> None:
         # Shape-only checks (no host sync), worded for this use; MaskedMSELoss checks the rest.
         D, K = self.num_features, self.num_kept
+        if isinstance(features, torch.Tensor) and isinstance(recon, torch.Tensor):
+            check_order(features, recon, D, self.recon_width, "loss(features [B, {}], recon [B, {}])")
         if isinstance(features, torch.Tensor) and features.dim() == 2 and features.shape[1] != D:
             raise ValueError(
                 f"features have {features.shape[1]} columns but the VQ-VAE's feature_mask covers {D} "
