@@ -5,7 +5,9 @@
 """
 
 from .clean import FeatureCleaner, clean_features
-from .checkpoint import CheckpointError, FeatureSpec, UnsafeLoadWarning, diagnose, load_feature_spec
+from .checkpoint import (
+    CheckpointError, FeatureSpec, StatsNotUsedWarning, UnsafeLoadWarning, diagnose, load_feature_spec,
+)
 from .functional import masked_mse
 from .module import MaskedMSELoss
 from .recon import VQReconLoss
@@ -23,5 +25,6 @@ __all__ = [
     "diagnose",
     "CheckpointError",
     "UnsafeLoadWarning",
+    "StatsNotUsedWarning",
     "__version__",
 ]

@@ -15,7 +15,9 @@ A checkpoint written by a VQ-VAE trainer is a torch `.pt` dict:
 and often a `normalization_stats.npz` beside it with `{category}_mean` / `{category}_std` (or `_median` /
 `_mad`) arrays and `_normalization_method` ("standard" or "mad"). Per-category statistics are scattered
 through group_indices into one masked-space μ [K], σ [K]; median/MAD is the same affine map
-z = (x − median)/mad, so it is used exactly like mean/std.
+z = (x − median)/mad, so it is used exactly like mean/std. A checkpoint's own statistics (saved with its
+model) are used before such a file; the file, when it disagrees or cannot be read, is not used and a
+StatsNotUsedWarning names it. stats=... chooses explicitly.
 
 Safety: files are read with `torch.load(weights_only=True)` plus an allow-list of the numpy types such
 files contain and inert stand-ins for foreign classes (foreign.py); anything that would run code is
@@ -31,6 +33,7 @@ which the losses build themselves (module.py): nothing here imports loss code.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,15 +43,22 @@ import torch
 from .declare import CategoryStats, Declared, assemble_stats, declare
 from .layout import HybridLayout
 from .parts import declare_parts
-from .diagnose import diagnose, find_problems
+from .diagnose import diagnose, find_notes, find_problems
 from .safe_load import (  # the readers are re-exported as part of this module's API
     CheckpointError,
     PathLike,
     UnsafeLoadWarning,
+    printable,
     read_checkpoint,
     read_stats_file,
     resolve_checkpoint,
 )
+
+
+class StatsNotUsedWarning(UserWarning):
+    """A statistics file found beside a checkpoint was not used: the checkpoint's own statistics (saved with
+    its model) were, and the file disagrees with them or cannot be read. Pass stats=... to choose."""
+
 
 @dataclass(frozen=True)
 class FeatureSpec:
@@ -125,6 +135,8 @@ def load_feature_spec(path: Optional[PathLike] = None, *, num_features: Optional
     problems = find_problems(decl, num_features, need_stats=require_stats)
     if problems:
         raise CheckpointError(problems, decl.path)
+    for note in find_notes(decl):
+        warnings.warn(printable(note), StatsNotUsedWarning, stacklevel=2)
     mask = torch.from_numpy(decl.feature_mask.copy())
     mean = std = None
     if require_stats:
@@ -140,7 +152,7 @@ def load_feature_spec(path: Optional[PathLike] = None, *, num_features: Optional
 
 
 __all__ = [
-    "CheckpointError", "UnsafeLoadWarning", "FeatureSpec", "Declared", "CategoryStats", "resolve_checkpoint",
-    "read_checkpoint", "read_stats_file", "declare", "find_problems", "diagnose", "assemble_stats",
-    "load_feature_spec",
+    "CheckpointError", "UnsafeLoadWarning", "StatsNotUsedWarning", "FeatureSpec", "Declared", "CategoryStats",
+    "resolve_checkpoint", "read_checkpoint", "read_stats_file", "declare", "find_problems", "find_notes", "diagnose",
+    "assemble_stats", "load_feature_spec",
 ]

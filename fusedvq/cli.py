@@ -15,6 +15,7 @@ import warnings
 from typing import Optional, TextIO
 
 from . import __version__
+from .safe_load import printable  # names taken from a file must not drive the terminal they are printed to
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,7 +100,7 @@ class _warnings_to:
 def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = None, trust: bool = False,
           norm: str = "stats", out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """Print what the checkpoint declares (to out) and one sentence per problem (to err); 0 when it fits."""
-    from .checkpoint import declare, find_problems
+    from .checkpoint import declare, find_notes, find_problems
 
     out, err = out or sys.stdout, err or sys.stderr
 
@@ -113,11 +114,15 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
         with _warnings_to(err):
             decl = declare(path, trust=trust, stats=stats, need_stats=norm == "stats")
         problems = find_problems(decl, features, need_stats=norm == "stats")
+        notes = decl.notes if problems else find_notes(decl)
     except Exception as exc:  # a last guard: a bad file must never end in a traceback
-        decl, problems = None, [f"{path} could not be checked ({type(exc).__name__}: {exc})"]
+        decl, problems, notes = None, [f"{path} could not be checked ({type(exc).__name__}: {exc})"], []
 
     if decl is not None:
-        _describe(decl, features, norm, say)
+        _describe(decl, features, norm, say, "not used, see the note" if notes else
+                  "not compared: see the problems" if problems else "the same statistics")
+    for note in notes:
+        say(f"note: {note}")
     if problems:
         for problem in problems:
             print(printable(f"error: {problem}"), file=err)
@@ -130,12 +135,6 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
     if features is None:
         say("  (pass --features D to check the width of your extractor's output too)")
     return 0
-
-
-def printable(text: str) -> str:
-    """text with control characters escaped (\\x1b, \\x07, ...): names taken from a file (categories,
-    keys, paths) must not retitle, clear or otherwise drive the terminal they are printed to."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _summary(decl, problems: list[str], features: Optional[int]) -> str:
@@ -159,7 +158,7 @@ def _summary(decl, problems: list[str], features: Optional[int]) -> str:
     return f"{len(problems)} {noun}: " + "; ".join(kinds)
 
 
-def _describe(decl, features: Optional[int], norm: str, say) -> None:
+def _describe(decl, features: Optional[int], norm: str, say, other: str = "") -> None:
     """The declared facts, one per line; unknown pieces say so."""
     if decl.stats_only and decl.stats is None:
         say(f"file            {decl.path} (an .npz archive)")
@@ -194,8 +193,8 @@ def _describe(decl, features: Optional[int], norm: str, say) -> None:
         pair = {"standard": "mean/std", "mad": "median/mad"}.get(decl.method or "", "statistics")
         scope = "over all columns" if "" in decl.stats else "per category"
         say(f"normalization   {decl.method or 'unknown method'} ({pair}) {scope}, from {decl.stats_source}")
-        if decl.other_stats is not None:
-            say(f"                (also in {decl.other_source}; compared)")
+        if decl.other_path is not None:  # a statistics file beside a checkpoint that has its own
+            say(f"                (also {decl.other_path.name} in {decl.other_path.parent}: {other})")
     elif norm != "stats":
         say(f"normalization   not read (--norm {norm} needs no statistics)")
     else:

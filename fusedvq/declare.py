@@ -9,7 +9,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from .safe_load import (
-    CheckpointError, PathLike, _not_regular, read_checkpoint, resolve_checkpoint,
+    CheckpointError, PathLike, _not_regular, _Problem, read_checkpoint, resolve_checkpoint,
 )
 
 from .declared import Declared, _attempt
@@ -96,7 +96,9 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
 def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attempt) -> None:
     """Fill decl.stats, from the checkpoint itself first, else from the .npz beside it (or `stats`).
 
-    When both exist, the .npz goes to decl.other_stats so the diagnosis can check that they agree.
+    The checkpoint's own statistics were saved with its model: when it has them, a statistics file found
+    beside it goes to decl.other_stats, only to be compared (a file that disagrees, or cannot be read, is
+    not used: a note, diagnose.find_notes). An explicit `stats` path is used instead of both.
     """
     only_file = stats is not None and str(stats) == "checkpoint"
     in_file = beside = None
@@ -127,7 +129,14 @@ def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attemp
                 )
                 return
             npz_paths = []  # the checkpoint's own statistics decide; nothing unambiguous to compare
-        if npz_paths:
+        if npz_paths and in_file is not None and stats is None:
+            try:  # only compared with the checkpoint's own: unreadable, it is a note, not a problem
+                beside = _read_npz_stats(npz_paths[0], where)
+            except _Problem as why:
+                decl.notes.append(f"{npz_paths[0]} was not used ({why}); the checkpoint's own normalization_stats "
+                                  f"were")
+            decl.other_path = npz_paths[0]
+        elif npz_paths:
             beside = attempt(_read_npz_stats, npz_paths[0], where)
             if beside is None:
                 return  # the problem is recorded

@@ -27,12 +27,14 @@ class Declared:
     stats_source: Optional[str] = None  # where the stats came from, in words
     other_stats: Optional[dict[str, CategoryStats]] = None  # the stats file beside, when both exist
     other_source: Optional[str] = None
+    other_path: Optional[Path] = None  # that file (used only if it agrees: diagnose.find_notes)
     feature_names: Optional[list] = None
     hybrid: Optional[HybridLayout] = None  # the decoder's embedding columns, for a hybrid VQ-VAE
     clues: HybridClues = field(default_factory=HybridClues)  # traces of an initial encoder
     decoder_categories: Optional[dict[str, np.ndarray]] = None  # hybrid: model_config's, in decoder columns
     stats_only: bool = False  # the path is a statistics file, not a checkpoint
     problems: list[str] = field(default_factory=list)  # pieces that could not be read
+    notes: list[str] = field(default_factory=list)  # what was found and deliberately not used (no problem)
 
     @property
     def num_kept(self) -> Optional[int]:

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace, out=None) -> int:
                 else:
                     world = build_world(*default_spec(gen), gen)
                     ckpt = write_checkpoint(world, Path(args.save_checkpoint or tmp))
-                    spec = load_feature_spec(ckpt, num_features=FEATURES)
+                    # Its statistics are in the file just written: a statistics file near it is not asked.
+                    spec = load_feature_spec(ckpt, num_features=FEATURES, stats="checkpoint")
                     source = f"built-in default, written to {ckpt}" if args.save_checkpoint else "built-in default"
                 cleaner = FeatureCleaner.from_spec(spec, norm="batch", nan_to_num=True)
             except CheckpointError as err:

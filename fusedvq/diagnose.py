@@ -52,8 +52,6 @@ def find_problems(decl: Declared, num_features: Optional[int] = None, *, need_st
         problems += _group_problems(decl.categories, K)
     if decl.stats is not None:
         problems += _stats_problems(decl.stats, decl.categories, decl.stats_source, K, mask)
-        if decl.other_stats is not None and not problems:
-            problems += _agreement_problems(decl)
     return problems
 
 
@@ -188,27 +186,40 @@ def _value_problems(name: str, s: CategoryStats, idx: Optional[np.ndarray], sour
     return problems
 
 
-def _agreement_problems(decl: Declared) -> list[str]:
-    """The checkpoint's own statistics and the .npz beside it must say the same thing."""
+def find_notes(decl: Declared) -> list[str]:
+    """What was found and deliberately not used, as sentences (warned by load_feature_spec, printed as notes
+    by `fusedvq check`): a statistics file beside a checkpoint that carries complete statistics of its own,
+    when it cannot be read or disagrees with them. The checkpoint's own were saved with its model; a stale
+    file one folder up is the likelier mistake. Call it when find_problems found none."""
+    notes = list(decl.notes)
+    if decl.other_stats is not None:
+        why = _disagreement(decl)
+        if why:
+            notes.append(
+                f"{decl.other_path} was not used: {why}; the checkpoint's own normalization_stats were (they were "
+                f"saved with its model). Pass stats='checkpoint' (CLI: --stats checkpoint) to say so, or that "
+                f"file's path to use it instead"
+            )
+    return notes
+
+
+def _disagreement(decl: Declared) -> Optional[str]:
+    """How the statistics file beside differs from the checkpoint's own, or None when they agree."""
     K = decl.hybrid.num_kept if decl.hybrid is not None else (decl.input_dim or decl.num_kept)
     try:
         mine = assemble_stats(decl.stats, decl.categories, K, decl.feature_mask)
         theirs = assemble_stats(decl.other_stats, decl.categories, K, decl.feature_mask)
-    except (ValueError, KeyError):
-        return [
-            f"{decl.stats_source} and {decl.other_source} hold statistics for different categories or "
-            f"lengths: pass stats='checkpoint' or the .npz to choose one"
-        ]
+    except (ValueError, KeyError, IndexError):
+        return "it holds statistics for other categories or lengths than the checkpoint's own"
+    if _stats_problems(decl.other_stats, decl.categories, "it", K, decl.feature_mask):
+        return "its statistics do not fit the checkpoint's categories"
     for what, a, b in (("mean", mine[0], theirs[0]), ("std", mine[1], theirs[1])):
         close = np.isclose(a, b, rtol=1e-5, atol=1e-7)
         if not close.all():
             k = int(np.flatnonzero(~close)[0])
-            return [
-                f"{decl.stats_source} and {decl.other_source} disagree: {what} of kept column {k} is {a[k]:.6g} "
-                f"vs {b[k]:.6g} ({int((~close).sum())} of {K} columns differ); pass stats='checkpoint' "
-                f"(CLI: --stats checkpoint) or the .npz to choose one"
-            ]
-    return []
+            return (f"it disagrees with the checkpoint's own: {what} of kept column {k} is {b[k]:.6g} there and "
+                    f"{a[k]:.6g} in the checkpoint ({int((~close).sum())} of {K} columns differ)")
+    return None
 
 
 def diagnose(path: PathLike, num_features: Optional[int] = None, *, trust: bool = False,

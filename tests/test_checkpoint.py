@@ -13,6 +13,7 @@ from ckpt_factory import Evil, fixture_layout, make_parts, shared_dir, write_che
 
 from fusedvq.checkpoint import (
     CheckpointError,
+    StatsNotUsedWarning,
     UnsafeLoadWarning,
     diagnose,
     load_feature_spec,
@@ -103,7 +104,7 @@ def test_top_level_group_indices_of_older_trainers(tmp_path):
     assert torch.equal(spec.mean, torch.from_numpy(parts.mean_k))
 
 
-def test_stats_in_file_and_beside_must_agree(tmp_path):
+def test_stats_in_file_win_over_a_disagreeing_file_beside(tmp_path):
     parts = make_parts(seed=8)
     path = write_checkpoint(tmp_path, parts, stats_beside=True)
     assert load_feature_spec(path).stats_source == "the checkpoint's normalization_stats"  # same numbers: fine
@@ -111,10 +112,12 @@ def test_stats_in_file_and_beside_must_agree(tmp_path):
     shifted = parts.per_category()
     shifted["cluster_2"]["mean"] = shifted["cluster_2"]["mean"] + 1.0
     write_npz(tmp_path / "normalization_stats.npz", shifted)
-    with pytest.raises(CheckpointError, match="disagree"):
-        load_feature_spec(path)
+    with pytest.warns(StatsNotUsedWarning, match="disagrees"):
+        assert torch.equal(load_feature_spec(path).mean, torch.from_numpy(parts.mean_k))
     # Choosing a source settles it.
     assert torch.equal(load_feature_spec(path, stats="checkpoint").mean, torch.from_numpy(parts.mean_k))
+    assert not torch.equal(load_feature_spec(path, stats=tmp_path / "normalization_stats.npz").mean,
+                           torch.from_numpy(parts.mean_k))
 
 
 def test_width_mismatch_names_the_numbers(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_factory import make_parts, write_checkpoint
+from ckpt_factory import make_parts, write_checkpoint, write_npz
 
 from fusedvq.cli import main
 
@@ -75,6 +75,17 @@ def test_saved_default_checkpoint_passes_check(tmp_path, capsys):
     assert run_demo(capsys, "--steps", 2, "--save-checkpoint", tmp_path)[0] == 0
     assert main(["check", str(tmp_path), "--features", "187"]) == 0
     assert "ok: consistent" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["ck", "."])  # the folder above the checkpoint's, and its own
+def test_saves_beside_an_unrelated_statistics_file(tmp_path, capsys, where):
+    """A checkpoint carries its own statistics: an unrelated normalization_stats.npz near it is not used."""
+    write_npz(tmp_path / "normalization_stats.npz", make_parts(D=50, K=40, num_categories=3, seed=5).per_category())
+    code, out, err = run_demo(capsys, "--steps", 2, "--batch-size", 8, "--save-checkpoint", tmp_path / where)
+    assert code == 0 and "not used" not in err, out + err  # the demo reads the statistics it wrote
+    assert main(["check", str(tmp_path / where), "--features", "187"]) == 0
+    out = capsys.readouterr().out
+    assert "ok: consistent" in out and "note:" in out and f"{tmp_path / 'normalization_stats.npz'} was not used" in out
 
 
 def test_errors(tmp_path, capsys):
