@@ -145,3 +145,11 @@ def test_readme_is_a_manual_and_its_links_resolve():
                 assert anchor in _anchors(linked), f"{page.name}: a link to {target}#{anchor}, no such heading"
     linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", text))
     assert linked == {p.name for p in PAGES if p.parent.name == "docs"}, "the README links every docs/ page"
+
+
+def test_the_api_page_names_every_public_name():
+    import fusedvq
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    missing = [name for name in fusedvq.__all__ if f"`{name}`" not in text]
+    assert not missing, f"docs/api.md does not mention {missing}"
