@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedvq
-from fusedvq.benchmark.cases import D, K, make_statistics
+from fusedvq.tools.benchmark.cases import D, K, make_statistics
 
 
 def providers(mask, mean, std):

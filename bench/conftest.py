@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fusedvq import benchmark as fb
+from fusedvq.tools import benchmark as fb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -74,7 +74,7 @@ fi
 echo "== copy bandwidth"
 "$PYTHON" - "$device" <<'EOF' | tee -a "$OUT/env.txt"
 import sys
-from fusedvq.benchmark import copy_bandwidth
+from fusedvq.tools.benchmark import copy_bandwidth
 device = sys.argv[1]
 rate = copy_bandwidth(device, nbytes=1 << 30 if device == "cuda" else 1 << 26)
 print(f"- copy bandwidth ({device}, bytes read + written): {rate / 1e9:.0f} GB/s")
@@ -96,7 +96,7 @@ tests_line="$tests_line: $(grep -E '(passed|failed|error|skipped|deselected)' "$
 
 echo "== benchmark"
 set +e
-timeout $(( bench_seconds + 90 )) "$PYTHON" -m fusedvq.benchmark --device "$device" --out "$OUT" --no-progress "${bench_args[@]}" \
+timeout $(( bench_seconds + 90 )) "$PYTHON" -m fusedvq.tools.benchmark --device "$device" --out "$OUT" --no-progress "${bench_args[@]}" \
   >"$OUT/bench_log.txt" 2>&1
 bench_status=$?
 set -e

@@ -19,7 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fusedvq import benchmark as fb
+from fusedvq.tools import benchmark as fb
 
 
 def _timed(step, device: str, n: int) -> tuple[float, float]:

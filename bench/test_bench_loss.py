@@ -7,7 +7,7 @@ and pytest-benchmark prints no tables. To time them, ask for it:
     FUSEDVQ_BENCH=full pytest bench --benchmark-enable       # the whole matrix, 20 rounds, CUDA if present
 
 Side-by-side ratios with their spread are `fusedvq bench`'s job; these tables time each provider alone. The providers, inputs, steps and
-byte counts are fusedvq.benchmark's; this file only times them (`fusedvq bench` times the same providers
+byte counts are fusedvq.tools.benchmark's; this file only times them (`fusedvq bench` times the same providers
 side by side and writes the reports). A step synchronizes the device before it returns, so the wall time
 pytest-benchmark reads is the step's.
 """
@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from fusedvq import benchmark as fb
+from fusedvq.tools import benchmark as fb
 
 FULL = os.environ.get("FUSEDVQ_BENCH") == "full"
 ROUNDS = 20 if FULL else 3

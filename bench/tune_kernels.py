@@ -5,7 +5,7 @@
 For each batch size (float32, D = 187, K = 171, norm="stats", reduction="mean") it times the forward
 kernel over tile size × programs per SM × elements per warp, and the backward kernel over tile size ×
 elements per warp, with triton.testing.do_bench (device time, median; L2 flushed between runs), and prints
-each configuration's time and bandwidth for the bytes the design must move (fusedvq.benchmark's byte
+each configuration's time and bandwidth for the bytes the design must move (fusedvq.tools.benchmark's byte
 model), best first. Device time only: the host's launch overhead is what bench/profile_step.py shows.
 """
 
@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from fusedvq import benchmark as fb
+from fusedvq.tools import benchmark as fb
 from fusedvq.columns import build_column_map
 from fusedvq.kernels import launchers as mm
 from fusedvq.kernels import settings

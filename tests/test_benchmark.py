@@ -1,4 +1,4 @@
-"""fusedvq.benchmark: the byte model, the target verdicts, and a run on tiny sizes whose reports (JSON,
+"""fusedvq.tools.benchmark: the byte model, the target verdicts, and a run on tiny sizes whose reports (JSON,
 Markdown, PNG) must exist and be well-formed — through `fusedvq bench` as users call it."""
 
 import argparse
@@ -8,8 +8,8 @@ import struct
 import pytest
 import torch
 
-from fusedvq import benchmark as fb
-from fusedvq import cli
+from fusedvq.tools import benchmark as fb
+from fusedvq.tools import cli
 
 
 def _args(*argv):

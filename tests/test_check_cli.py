@@ -12,7 +12,7 @@ import pytest
 import torch
 from ckpt_factory import Evil, make_parts, shared_dir, write_checkpoint, write_npz
 
-from fusedvq.cli import main
+from fusedvq.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [11, 21, 22, 3, 30, 28, 26, 30]  # the categories' sizes (171 kept columns), named in the messages
@@ -263,7 +263,7 @@ def test_command_line_never_shows_a_traceback(tmp_path):
     evil = write_checkpoint(tmp_path / "evil", sized_parts(seed=1), edit=lambda c: c.update(config=Evil(marker)))
     good = write_checkpoint(tmp_path / "good", sized_parts(seed=1))
     script = (
-        "import sys\nfrom fusedvq.cli import main\n"
+        "import sys\nfrom fusedvq.tools.cli import main\n"
         "codes = [main(['check', p] + (['--features', '187'])) for p in sys.argv[1:]]\n"
         "print('codes', codes)\n"
     )
@@ -303,16 +303,16 @@ def test_check_with_a_real_stats_file(tmp_path, capsys):
 
 
 def test_bench_is_dispatched_lazily(monkeypatch, capsys):
-    """`fusedvq bench …` hands its arguments to fusedvq.benchmark (stubbed here), imported only then."""
+    """`fusedvq bench …` hands its arguments to fusedvq.tools.benchmark (stubbed here), imported only then."""
     import types
 
-    import fusedvq
+    import fusedvq.tools
 
     seen = {}
-    stub = types.ModuleType("fusedvq.benchmark")
+    stub = types.ModuleType("fusedvq.tools.benchmark")
     stub.add_arguments = lambda parser: parser.add_argument("--size", type=int, default=1)
     stub.run = lambda args: seen.setdefault("size", args.size) and 0
-    monkeypatch.setitem(sys.modules, "fusedvq.benchmark", stub)
-    monkeypatch.setattr(fusedvq, "benchmark", stub, raising=False)
+    monkeypatch.setitem(sys.modules, "fusedvq.tools.benchmark", stub)
+    monkeypatch.setattr(fusedvq.tools, "benchmark", stub, raising=False)
     assert main(["bench", "--size", "7"]) == 0
     assert seen == {"size": 7}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from ckpt_factory import make_parts, write_checkpoint, write_npz
 
-from fusedvq.cli import main
+from fusedvq.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -94,7 +94,7 @@ def test_readme_quick_start_runs_alone(tmp_path, monkeypatch):
     assert "cuda" not in first.code
     exec(compile("\n" * (first.line - 1) + first.code, "README.md", "exec"), {"__name__": "quick_start"})
     assert (tmp_path / "best_model.pt").exists()
-    from fusedvq.cli import main
+    from fusedvq.tools.cli import main
 
     assert main(["check", str(tmp_path / "best_model.pt"), "--features", "187"]) == 0  # as the README says
 

@@ -15,7 +15,7 @@ from spinlock_format import make_run, write_run
 import fusedvq
 from fusedvq import FeatureCleaner, MaskedMSELoss, VQReconLoss
 from fusedvq.checkpoint import CheckpointError, StatsNotUsedWarning, load_feature_spec
-from fusedvq.cli import check
+from fusedvq.tools.cli import check
 
 
 def run_check(*args, **kwargs) -> tuple[int, str, str]:

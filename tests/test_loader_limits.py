@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ckpt_factory import checkpoint_dict, make_parts, write_checkpoint, write_npz
-from fusedvq import cli
+from fusedvq.tools import cli
 from fusedvq.checkpoint import CheckpointError, declare, diagnose, load_feature_spec
 
 

@@ -19,7 +19,7 @@ from spinlock_format import NormalizationStats, make_run, trainer_classes, write
 
 from fusedvq import FeatureCleaner, VQReconLoss
 from fusedvq.checkpoint import CheckpointError, load_feature_spec, read_checkpoint
-from fusedvq.cli import check
+from fusedvq.tools.cli import check
 
 FIXTURES = shared_dir() / "fixtures" / "spinlock"
 RUNS = [pytest.param(h, m, id=f"{'hybrid' if h else 'plain'}-{m}") for h in (False, True) for m in ("standard", "mad")]

@@ -1,6 +1,6 @@
 """`fusedvq bench`: the loss timed four ways, with a byte count, memory, and reports (JSON, Markdown, PNG).
 
-    fusedvq bench [--device cpu|cuda] [--quick] [--out DIR]      (also: python -m fusedvq.benchmark ...)
+    fusedvq bench [--device cpu|cuda] [--quick] [--out DIR]      (also: python -m fusedvq.tools.benchmark ...)
 
 Providers (one step = the loss of x [B, D] against r [B, K], then its backward in mode forward+backward):
     fused      MaskedMSELoss on CUDA tensors (backend "auto"): the Triton kernels
@@ -41,7 +41,7 @@ from typing import Optional
 
 import torch
 
-# The package's public names (bench/, tests and `fusedvq bench` use them as fusedvq.benchmark.NAME).
+# The package's public names (bench/, tests and `fusedvq bench` use them as fusedvq.tools.benchmark.NAME).
 from .cases import D, DTYPES, K, MODES, NORMS, PROVIDERS, QUICK_SIZES, SIZES, Case, Inputs, bytes_moved
 from .cases import make_inputs, make_statistics
 from .runs import NOISY, NOISY_SPREAD, Row, compare, is_noisy, matrix, run_case, speed_words, verdicts

@@ -14,8 +14,7 @@ import sys
 import warnings
 from typing import Optional, TextIO
 
-from . import __version__
-from .safe_load import printable  # names taken from a file must not drive the terminal they are printed to
+from .. import __version__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +99,8 @@ class _warnings_to:
 def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = None, trust: bool = False,
           norm: str = "stats", out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """Print what the checkpoint declares (to out) and one sentence per problem (to err); 0 when it fits."""
-    from .checkpoint import declare, find_notes, find_problems
+    # printable: names taken from a file must not drive the terminal they are printed to
+    from ..checkpoint import declare, find_notes, find_problems, printable
 
     out, err = out or sys.stdout, err or sys.stderr
 
@@ -164,7 +164,7 @@ def _describe(decl, features: Optional[int], norm: str, say, other: str = "") ->
         say(f"file            {decl.path} (an .npz archive)")
         return
     if decl.stats_only:
-        from .parts import describe_stats
+        from ..parts import describe_stats
 
         say(f"statistics file {decl.path}")
         say(f"holds           {describe_stats(decl.stats, decl.method)}")

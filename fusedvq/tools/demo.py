@@ -5,7 +5,7 @@
     recon, commitment = vq(z)                           # frozen grouped encoder → quantize → decoder
     loss = F.mse_loss(recon, z) + λ·commitment          # z is the encoder's input and the target
 
-The world (extractor, VQ-VAE, checkpoint) is demo_world.py's. The demo first shows what goes wrong
+The world (extractor, VQ-VAE, checkpoint) is world.py's. The demo first shows what goes wrong
 without fusedvq: the naive loss crashes on the widths, and an encoder fed the raw 187 features runs and
 reads the wrong columns. It then trains with a progress bar, prints the loss falling, checks the step
 against the plain fix in float64 and times the two steps side by side. With --checkpoint, the mask and
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .demo_world import FEATURES, SEED, NUM_TOKENS, World, build_world, default_spec, make_model, write_checkpoint
+from .world import FEATURES, SEED, NUM_TOKENS, World, build_world, default_spec, make_model, write_checkpoint
 
 COMMITMENT = 0.25  # λ
 
@@ -60,8 +60,7 @@ def _sync(device: torch.device) -> None:
 
 def run(args: argparse.Namespace, out=None) -> int:
     """Train; print the setup, a progress bar, the loss falling and the time per step. Returns an exit code."""
-    from .checkpoint import CheckpointError, load_feature_spec
-    from .clean import FeatureCleaner
+    from .. import CheckpointError, FeatureCleaner, load_feature_spec
 
     out = out or sys.stdout
 
@@ -135,7 +134,7 @@ def _step_loss(world: World, model, tokens, clean):
 def _train(args, world: World, cleaner, device: torch.device, source: str, say) -> int:
     from tqdm import tqdm
 
-    from .backend import use_triton_for
+    from ..backend import use_triton_for
 
     D, K = cleaner.num_features, cleaner.num_kept
     world.extractor.to(device)

@@ -1,7 +1,0 @@
-"""python -m fusedvq.benchmark: the same as `fusedvq bench`."""
-
-import sys
-
-from . import main
-
-sys.exit(main())

@@ -1,0 +1,2 @@
+"""The tools around the loss, none of them imported by it: the `fusedvq` command (cli.py), the demo
+(demo.py, with its built-in world in world.py) and the benchmark (benchmark/, `fusedvq bench`)."""
