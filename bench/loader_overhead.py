@@ -1,5 +1,5 @@
 """What the bounded read costs: a checkpoint in the motivating project's format (hybrid, its own statistics
-records, PosixPaths, optimizer state) read in-process as before (safe_load._inert_load: the same scan and
+records, PosixPaths, optimizer state) read in-process as before (pickles._inert_load: the same scan and
 weights-only load, unbounded) and in the bounded child (read_checkpoint), alternating, medians.
 
     python bench/loader_overhead.py [--weights-mb 1 16 64] [--rounds 15]
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from spinlock_format import make_run, write_run  # noqa: E402
 
 from fusedvq.checkpoint import load_feature_spec, read_checkpoint  # noqa: E402
-from fusedvq.safe_load import _inert_load  # noqa: E402
+from fusedvq.checkpoint.pickles import _inert_load  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Reading an untrusted file ends in bounded time and memory whatever torch's unpickler does inside: the
-read runs in a child process under a wall clock and an address-space limit (fusedvq/bounded.py), cheap
-scans refuse the known tricks first, and what comes back is the file's data, rebuilt exactly."""
+read runs in a child process under a wall clock and an address-space limit (fusedvq/checkpoint/isolation.py),
+cheap scans refuse the known tricks first, and what comes back is the file's data, rebuilt exactly."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from ckpt_factory import checkpoint_dict, make_parts
 from hostile_files import HOSTILE, as_checkpoint, global_, rehashed_tuple
-from fusedvq.bounded import BoundExceeded, ChildRefused, Limits, read_bounded
+from fusedvq.checkpoint.isolation import BoundExceeded, ChildRefused, Limits, read_bounded
 from fusedvq.checkpoint import CheckpointError, load_feature_spec, read_checkpoint
 
 HERE = Path(__file__).resolve().parent

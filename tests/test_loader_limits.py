@@ -126,8 +126,8 @@ def test_feature_mask_of_shared_nested_lists_is_refused(tmp_path):
 def test_feature_mask_nested_too_deeply_is_a_problem():
     """A pickle loads lists of any depth without recursion; fusedvq's sizing of them must not overflow
     Python's stack either (torch.save cannot write one this deep, so the list is handed over directly)."""
-    from fusedvq.values import _parse_mask
-    from fusedvq.safe_load import _Problem
+    from fusedvq.checkpoint.errors import _Problem
+    from fusedvq.checkpoint.values import _parse_mask
 
     deep = [True]
     for _ in range(5000):
@@ -186,7 +186,7 @@ def test_refusal_names_only_refused_globals(tmp_path):
 
 
 def test_unknown_class_is_read_as_a_record(tmp_path):
-    from fusedvq.foreign import ForeignObject
+    from fusedvq.checkpoint.records import ForeignObject
 
     data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
     data["extra"] = Unknown()

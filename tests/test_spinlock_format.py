@@ -63,7 +63,7 @@ def test_foreign_objects_become_records_and_paths_strings(tmp_path):
     assert sorted(stats.attributes) == ["mean", "std"] and stats.attributes["mean"].dtype == np.float32
     assert data["config"]["output_dir"] == "/runs/vqvae/v1"  # a PosixPath, as its string
     assert isinstance(data["metrics"]["val_loss"], np.float32)
-    from fusedvq.foreign import ForeignCallRefused
+    from fusedvq.checkpoint.records import ForeignCallRefused
 
     with pytest.raises(ForeignCallRefused):
         type(stats)(1, 2)  # a stand-in class cannot be called (constructed) at all

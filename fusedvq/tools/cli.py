@@ -164,7 +164,7 @@ def _describe(decl, features: Optional[int], norm: str, say, other: str = "") ->
         say(f"file            {decl.path} (an .npz archive)")
         return
     if decl.stats_only:
-        from ..parts import describe_stats
+        from ..checkpoint import describe_stats
 
         say(f"statistics file {decl.path}")
         say(f"holds           {describe_stats(decl.stats, decl.method)}")

@@ -1,11 +1,12 @@
-"""Reading VQ-VAE checkpoint files without running code stored in them.
+"""Reading a VQ-VAE checkpoint file: path → dict, without running code stored in it.
 
-`.pt` files are read with `torch.load(weights_only=True)` plus an allow-list of the numpy types such
-files contain (arrays, scalars, dtypes) and, for the classes a trainer pickles of its own, inert stand-ins
-(foreign.py: records of their state; paths as strings). Anything that would run code (a function call, a
-builtin, a call of a foreign class) is refused with a message naming it, before any of it runs;
-`trust=True` loads it with full unpickling and warns.
-`.npz` files are read with `allow_pickle=False`. checkpoint.py builds on these readers.
+resolve_checkpoint finds the file (a folder's best_model.pt, ...); what can be told before anything is
+unpickled is checked first (a FIFO or device is never opened; an empty file, a format no safe loader reads, a
+zip archive whose members declare more than they could hold are refused with a sentence). read_checkpoint
+then loads it in a child process within time and memory limits (isolation.py) with the inert load
+(pickles.py: `torch.load(weights_only=True)`, numpy's types, records for foreign classes); anything that
+would run code is refused with a message naming it, before any of it runs. `trust=True` loads it with full
+unpickling and warns. Statistics `.npz` files are read with `allow_pickle=False` (read_stats_file).
 """
 
 from __future__ import annotations
@@ -14,55 +15,18 @@ import stat
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
-from .bounded import BoundExceeded, ChildRefused, Limits, read_bounded
-from .foreign import ForeignCallRefused, refusal, stand_ins
-from .pickled import LEGACY_PICKLES, _numpy_safe_globals, _pickled_globals, scan_pickles, unsafe_names
-
-PathLike = Union[str, Path]
+from .errors import CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem
+from .isolation import BoundExceeded, ChildRefused, Limits, read_bounded
+from .pickles import _RESAVE, LEGACY_PICKLES, _inert_load
 
 # Looked for, in this order, when a folder is given instead of a file (trainer layouts: the checkpoint
 # folder itself, or the run folder with checkpoints/ below it).
 CHECKPOINT_NAMES = ("best_model.pt", "final_model.pt", "checkpoints/best_model.pt", "checkpoints/final_model.pt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not fit; `problems` holds one sentence per problem."""
-
-    def __init__(self, problems: list[str], path: Optional[PathLike] = None):
-        # Names taken from a file (categories, keys, paths) may hold ESC, BEL, CR, bidi controls: escaped, so
-        # that a traceback cannot clear, retitle or overwrite the terminal it is printed to.
-        self.problems = [printable(str(p)) for p in problems]
-        self.path = path
-        named = path is None or any(printable(str(path)) in p for p in self.problems)
-        where = "" if named else f"{printable(str(path))}: "
-        if len(self.problems) == 1:
-            super().__init__(where + self.problems[0])
-        else:
-            lines = "\n".join(f"  - {p}" for p in self.problems)
-            super().__init__(f"{where}{len(self.problems)} problems:\n{lines}")
-
-
-def printable(text: str) -> str:
-    """text with control and format characters escaped (\\x1b, \\x07, \\u200b, ...)."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
-class UnsafeLoadWarning(UserWarning):
-    """Emitted when trust=True loads a checkpoint with full unpickling."""
-
-
-class _Problem(Exception):
-    """Internal: one problem sentence, raised by a parser and collected by the caller."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading: path → dict, refusing pickled code
-# ---------------------------------------------------------------------------------------------------
 
 
 # What a loader may inflate: a member of a zip archive (a .pt record, an .npz array) whose declared size
@@ -173,15 +137,8 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
     return dict(data)
 
 
-# A legacy-format file may name globals the scan missed one refusal at a time; more rounds than this is not
-# a checkpoint. A file naming more foreign classes than MAX_FOREIGN_NAMES is not one either (each name is a
-# stand-in torch's allow-list checks on every object).
-_MAX_LOAD_ROUNDS = 8
-MAX_FOREIGN_NAMES = 64
-
-
 def _load_inertly(file: Path):
-    """The inert load (_inert_load) run in a child process within Limits.for_file (bounded.py): whatever the
+    """The inert load (_inert_load) run in a child process within Limits.for_file (isolation.py): whatever the
     file makes torch's unpickler do, this ends in bounded time and memory, as a result or a CheckpointError."""
     size = file.stat().st_size
     limits = Limits.for_file(size)
@@ -196,70 +153,6 @@ def _load_inertly(file: Path):
             f"{file} was not loaded: {err}; a checkpoint of {size:,} bytes reads in a fraction of that (the limits "
             f"grow with the file's size; FUSEDVQ_LOAD_SECONDS and FUSEDVQ_LOAD_MEMORY_MB set their base)"
         ]) from None
-
-
-def _inert_load(file: Path):
-    """torch.load(weights_only=True) with numpy's types and, for each foreign class the file names, a
-    stand-in that reads its objects as records (foreign.py). Refuses, naming them, the globals no stand-in
-    is made for, a file that calls a stand-in class, and what scan_pickles finds unbounded; nothing stored
-    in the file runs. Runs in the bounded child (see _load_inertly)."""
-    scan = scan_pickles(file)
-    if scan.hazard is not None:
-        raise CheckpointError([f"{file} was not loaded: it {scan.hazard}"])
-    names = set(unsafe_names(scan.globals))
-    for _ in range(_MAX_LOAD_ROUNDS):
-        if any("ObjectDType" in name for name in names):
-            raise _object_arrays(file)
-        refused = [why for why in map(refusal, sorted(names)) if why]
-        if refused:
-            raise _refused(file, refused)
-        if len(names) > MAX_FOREIGN_NAMES:
-            raise CheckpointError([
-                f"{file} was not loaded: it names {len(names):,} classes fusedvq does not have, more than the "
-                f"{MAX_FOREIGN_NAMES} a checkpoint's own records need; if you trust the file's source, pass "
-                f"trust=True (CLI: --trust)"
-            ])
-        try:
-            with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals() + stand_ins(names)):
-                warnings.simplefilter("ignore")  # torch's notes about pickle protocols are noise here
-                return torch.load(file, map_location="cpu", weights_only=True)
-        except ForeignCallRefused as err:
-            raise CheckpointError([
-                f"{file} was not loaded: {err}; classes fusedvq does not have are read only as records of "
-                f"their state. If you trust the file's source, pass trust=True (CLI: --trust)"
-            ]) from None
-        except Exception as err:
-            if "ObjectDType" in str(err):
-                raise _object_arrays(file) from None
-            protocol_error = _unreadable_protocol(file, err, scan)
-            if protocol_error is not None:
-                raise protocol_error from None
-            more = set(_pickled_globals(file, err)) - names
-            if not more:
-                raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
-            names |= more
-    raise CheckpointError([f"{file} could not be read: it names more than {_MAX_LOAD_ROUNDS} rounds of objects"])
-
-
-def _object_arrays(file: Path) -> CheckpointError:
-    return CheckpointError([
-        f"{file} was not loaded: it holds a numpy array of dtype object, whose elements are arbitrary pickled "
-        f"Python objects that could run code when loaded; save numeric arrays instead, or pass trust=True "
-        f"(CLI: --trust) if you trust the file's source"
-    ])
-
-
-def _refused(file: Path, reasons: list[str]) -> CheckpointError:
-    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
-    return CheckpointError([
-        f"{file} was not loaded: it contains pickled Python objects that could run code when loaded ({shown}). "
-        f"Tensors, numbers, strings, containers, numpy arrays, paths and records of other classes' state are "
-        f"read by default; if you trust the file's source, pass trust=True (CLI: --trust)"
-    ])
-
-
-_RESAVE = ("re-save it with torch.save's defaults (torch.save(torch.load(path, weights_only=False), path)) where "
-           "you trust it, or pass trust=True (CLI: --trust) if you trust the file's source")
 
 
 def _check_checkpoint_file(file: Path, trust: bool = False) -> None:
@@ -323,23 +216,6 @@ def _old_pickle_protocol(file: Path) -> Optional[int]:
     except Exception:
         return None
     return highest if highest < 2 else None
-
-
-def _unreadable_protocol(file: Path, err: BaseException, scan) -> Optional[CheckpointError]:
-    """The error for a pickle whose protocol torch's safe loader does not read (4 and 5: FRAME, ...)."""
-    if "Unsupported operand" not in str(err) or scan.protocol < 4:
-        return None
-    return CheckpointError([
-        f"{file} was pickled with protocol {scan.protocol} (torch.save(..., pickle_protocol={scan.protocol})), "
-        f"which torch's safe loader does not read (it reads protocols 2 and 3): " + _RESAVE
-    ])
-
-
-def _brief(err: BaseException) -> str:
-    """The last meaningful line of an exception message (torch's are long)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Check the documentation")]
-    text = lines[-1] if lines else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 _STATS_SUFFIXES = ("mean", "std", "median", "mad")

@@ -1,17 +1,22 @@
 """Checkpoint values → arrays, leniently and within bounds: the mask, the decoder's width, the categories
 and the per-category statistics, each parser raising _Problem (a sentence for Declared.problems) for what
-it cannot read, and never letting a small file expand into a huge array. declare.py uses them."""
+it cannot read, and never letting a small file expand into a huge array; statistics from a
+normalization_stats .npz, placed on the kept columns (assemble_stats) and described in words. declared.py
+uses them."""
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
-from .foreign import ForeignObject
-from .safe_load import _Problem
+from .errors import _Problem
+from .reading import read_stats_file
+from .records import ForeignObject
 
 # (center, scale) key pairs by normalization method.
 STATS_KEYS = {"standard": ("mean", "std"), "mad": ("median", "mad")}
@@ -176,3 +181,77 @@ def _method_of(stats: dict[str, CategoryStats], declared: Optional[str]) -> Opti
     """"standard" or "mad" from the keys actually used; the declared method only when they are mixed."""
     names = {s.center_name for s in stats.values()}
     return "mad" if names == {"median"} else "standard" if names == {"mean"} else declared
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics files, and statistics placed on the kept columns
+# ---------------------------------------------------------------------------------------------------
+
+
+def _read_npz_stats(path: Path, where: str) -> tuple[dict[str, CategoryStats], Optional[str]]:
+    raw, method = read_stats_file(path)
+    if not raw:
+        raise _Problem(f"{path.name} holds no statistics: {_arrays_named(path)}")
+    return _parse_stats(raw, where, method), method
+
+
+def _arrays_named(path: Path, shown: int = 3) -> str:
+    """What an .npz holds instead of statistics, in a few words (its array names, shortened, escaped)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n[: -len(".npy")] if n.endswith(".npy") else n for n in archive.namelist()]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        names = []
+    rule = "{category}_mean / _std (or _median / _mad), or mean / std over all columns"
+    if not names:
+        return f"it is an empty archive; statistics arrays are named {rule}"
+    listed = ", ".join(repr(n if len(n) <= 40 else n[:37] + "...") for n in names[:shown])
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return f"none of its arrays ({listed}{more}) is named {rule}"
+
+
+def is_stats_file(path: Path) -> bool:
+    """An .npz of arrays (what np.savez writes: a zip of .npy members), not a torch checkpoint."""
+    if path.suffix == ".npz":
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def describe_stats(stats: dict[str, CategoryStats], method: Optional[str]) -> str:
+    """"per-category mean/std (method standard): 8 categories, 171 columns (cluster_1: 12, ...)"."""
+    pair = {"standard": "mean/std", "mad": "median/mad"}.get(method or "", "statistics")
+    sizes = {name: s.center.size for name, s in stats.items()}
+    if "" in stats:
+        return f"{pair} over all columns ({sizes['']} columns, method {method or 'not declared'})"
+    listed = ", ".join(f"{name}: {n}" for name, n in list(sizes.items())[:6]) + (", ..." if len(sizes) > 6 else "")
+    return (f"per-category {pair} (method {method or 'not declared'}): {len(sizes)} categories, "
+            f"{sum(sizes.values())} columns ({listed})")
+
+
+def assemble_stats(stats: dict[str, CategoryStats], categories: Optional[dict[str, np.ndarray]], num_kept: int,
+                   feature_mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Masked-space (μ [K], σ [K]) float64 from per-category statistics placed through group_indices.
+
+    Entry j of a category's arrays belongs to kept column categories[name][j]. Statistics over all
+    columns (category "") of length D0 are gathered through the mask.
+    """
+    if "" in stats:
+        s = stats[""]
+        if s.center.size == num_kept:
+            return s.center.copy(), s.scale.copy()
+        if feature_mask is None or s.center.size != feature_mask.shape[0]:
+            raise ValueError(f"statistics have {s.center.size} entries, neither K = {num_kept} nor the mask's length")
+        return s.center[feature_mask].copy(), s.scale[feature_mask].copy()
+    if categories is None:
+        raise ValueError("per-category statistics need group_indices")
+    mean = np.full(num_kept, np.nan)
+    std = np.full(num_kept, np.nan)
+    for name, idx in categories.items():
+        mean[idx] = stats[name].center
+        std[idx] = stats[name].scale
+    return mean, std

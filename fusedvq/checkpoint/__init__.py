@@ -9,7 +9,7 @@ A checkpoint written by a VQ-VAE trainer is a torch `.pt` dict:
                          NormalizationStats objects, read as records), one entry per column of the
                          category, in the order of its group_indices
     pre_model_group_indices  hybrid VQ-VAEs: the categories in kept columns (model_config's are then in
-                         decoder columns, which hold c embedding columns more: layout.py)
+                         decoder columns, which hold c embedding columns more: hybrid.py)
     model_state_dict, config["families"], feature_names   (looked at for a hybrid's layout only)
 
 and often a `normalization_stats.npz` beside it with `{category}_mean` / `{category}_std` (or `_median` /
@@ -20,15 +20,26 @@ model) are used before such a file; the file, when it disagrees or cannot be rea
 StatsNotUsedWarning names it. stats=... chooses explicitly.
 
 Safety: files are read with `torch.load(weights_only=True)` plus an allow-list of the numpy types such
-files contain and inert stand-ins for foreign classes (foreign.py); anything that would run code is
-refused with a message naming it, before any of it runs; `trust=True` loads it with full unpickling and
-warns. A statistics .npz on its own, or the pieces themselves, build a FeatureSpec too (parts.py).
-`.npz` files are read with `allow_pickle=False`.
+files contain and inert stand-ins for foreign classes (records.py), in a child process within time and
+memory limits (isolation.py); anything that would run code is refused with a message naming it, before
+any of it runs; `trust=True` loads it with full unpickling and warns. A statistics .npz on its own, or the
+pieces themselves, build a FeatureSpec too (declared.py). `.npz` files are read with `allow_pickle=False`.
 
-Layers, one module each: read (safe_load.py: file → dict, never runs code by default) → declare
-(declare.py: dict → Declared, lenient, records what it cannot read) → diagnose (diagnose.py: Declared → one
-sentence per problem, naming the numbers) → FeatureSpec (here, only when there are no problems), from
-which the losses build themselves (module.py): nothing here imports loss code.
+Layers, imported one way (each imports only those before it):
+
+    errors.py     CheckpointError, the warnings, printable
+    records.py    inert stand-ins for the classes a file pickles (nothing of theirs imported or run)
+    wire.py       a read result as plain data across the pipe from the bounded child, and back
+    isolation.py  the bounded child: a reader run under a wall clock and a memory limit
+    pickles.py    a file's pickles scanned without running them, and the inert load
+    reading.py    path → dict: the file found and checked, then read in the bounded child; .npz statistics
+    values.py     dict values → bounded arrays (mask, width, categories, statistics); statistics placed
+    hybrid.py     a hybrid VQ-VAE's embedding columns among the decoder's
+    declared.py   dict → Declared (lenient: what cannot be read becomes a problem sentence)
+    diagnosis.py  Declared → one sentence per problem, naming the numbers (diagnose)
+    __init__.py   FeatureSpec, only when there are no problems; the losses build themselves from it
+
+Nothing here imports loss code.
 """
 
 from __future__ import annotations
@@ -40,24 +51,12 @@ from typing import Optional
 
 import torch
 
-from .declare import CategoryStats, Declared, assemble_stats, declare
-from .layout import HybridLayout
-from .parts import declare_parts
-from .diagnose import diagnose, find_notes, find_problems
-from .safe_load import (  # the readers are re-exported as part of this module's API
-    CheckpointError,
-    PathLike,
-    UnsafeLoadWarning,
-    printable,
-    read_checkpoint,
-    read_stats_file,
-    resolve_checkpoint,
-)
-
-
-class StatsNotUsedWarning(UserWarning):
-    """A statistics file found beside a checkpoint was not used: the checkpoint's own statistics (saved with
-    its model) were, and the file disagrees with them or cannot be read. Pass stats=... to choose."""
+from .declared import Declared, declare, declare_parts
+from .errors import CheckpointError, PathLike, StatsNotUsedWarning, UnsafeLoadWarning, printable
+from .hybrid import HybridLayout
+from .diagnosis import diagnose, find_notes, find_problems
+from .reading import read_checkpoint, read_stats_file, resolve_checkpoint
+from .values import CategoryStats, assemble_stats, describe_stats
 
 
 @dataclass(frozen=True)

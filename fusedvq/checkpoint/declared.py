@@ -1,29 +1,63 @@
 """What a VQ-VAE checkpoint declares, read leniently: every piece that cannot be read becomes a problem
-sentence (Declared.problems), never an exception. checkpoint.py documents the format."""
+sentence (Declared.problems), never an exception. declare() reads a checkpoint (reading.py), its values
+(values.py), a hybrid's layout (hybrid.py) and the statistics beside it; a statistics file on its own, or the
+pieces given directly (declare_parts), become a Declared too. The package's __init__ documents the format."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
 
-from .safe_load import (
-    CheckpointError, PathLike, _not_regular, _Problem, read_checkpoint, resolve_checkpoint,
+from .errors import CheckpointError, PathLike, _Problem
+from .hybrid import HybridClues, HybridLayout, declare_hybrid, hybrid_clues
+from .reading import _not_regular, read_checkpoint, resolve_checkpoint
+from .values import (
+    CategoryStats, _method_of, _parse_categories, _parse_input_dim, _parse_mask, _parse_stats, _read_npz_stats,
+    describe_stats, is_stats_file,
 )
-
-from .declared import Declared, _attempt
-from .hybrid import declare_hybrid
-from .layout import hybrid_clues
-from .parts import _read_npz_stats, declare_stats_only, is_stats_file
-from .values import CategoryStats, _method_of, _parse_categories, _parse_input_dim, _parse_mask, _parse_stats
 
 STATS_FILE = "normalization_stats.npz"
 
 
-# ---------------------------------------------------------------------------------------------------
-# What the checkpoint declares (lenient: unreadable pieces become problems, not exceptions)
-# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Declared:
+    """What a checkpoint says, read leniently; None where a piece is missing or unreadable."""
+
+    path: Path
+    feature_mask: Optional[np.ndarray] = None  # [D0] bool
+    input_dim: Optional[int] = None  # K, the decoder's width
+    categories: Optional[dict[str, np.ndarray]] = None  # category → int64 kept-column indices
+    stats: Optional[dict[str, CategoryStats]] = None  # category ("" = all columns) → stats
+    method: Optional[str] = None  # "standard" | "mad"
+    stats_source: Optional[str] = None  # where the stats came from, in words
+    other_stats: Optional[dict[str, CategoryStats]] = None  # the stats file beside, when both exist
+    other_source: Optional[str] = None
+    other_path: Optional[Path] = None  # that file (used only if it agrees: diagnosis.find_notes)
+    feature_names: Optional[list] = None
+    hybrid: Optional[HybridLayout] = None  # the decoder's embedding columns, for a hybrid VQ-VAE
+    clues: HybridClues = field(default_factory=HybridClues)  # traces of an initial encoder
+    decoder_categories: Optional[dict[str, np.ndarray]] = None  # hybrid: model_config's, in decoder columns
+    stats_only: bool = False  # the path is a statistics file, not a checkpoint
+    problems: list[str] = field(default_factory=list)  # pieces that could not be read
+    notes: list[str] = field(default_factory=list)  # what was found and deliberately not used (no problem)
+
+    @property
+    def num_kept(self) -> Optional[int]:
+        return int(self.feature_mask.sum()) if self.feature_mask is not None else None
+
+
+def _attempt(decl: Declared):
+    """fn(*args), or None with its problem recorded on decl."""
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except _Problem as p:
+            decl.problems.append(str(p))
+            return None
+    return attempt
 
 
 def _stats_files(file: Path) -> list[Path]:
@@ -98,7 +132,7 @@ def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attemp
 
     The checkpoint's own statistics were saved with its model: when it has them, a statistics file found
     beside it goes to decl.other_stats, only to be compared (a file that disagrees, or cannot be read, is
-    not used: a note, diagnose.find_notes). An explicit `stats` path is used instead of both.
+    not used: a note, diagnosis.find_notes). An explicit `stats` path is used instead of both.
     """
     only_file = stats is not None and str(stats) == "checkpoint"
     in_file = beside = None
@@ -157,25 +191,63 @@ def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attemp
         )
 
 
-def assemble_stats(stats: dict[str, CategoryStats], categories: Optional[dict[str, np.ndarray]], num_kept: int,
-                   feature_mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Masked-space (μ [K], σ [K]) float64 from per-category statistics placed through group_indices.
+# ---------------------------------------------------------------------------------------------------
+# A statistics file on its own, and the pieces given directly
+# ---------------------------------------------------------------------------------------------------
 
-    Entry j of a category's arrays belongs to kept column categories[name][j]. Statistics over all
-    columns (category "") of length D0 are gathered through the mask.
-    """
-    if "" in stats:
-        s = stats[""]
-        if s.center.size == num_kept:
-            return s.center.copy(), s.scale.copy()
-        if feature_mask is None or s.center.size != feature_mask.shape[0]:
-            raise ValueError(f"statistics have {s.center.size} entries, neither K = {num_kept} nor the mask's length")
-        return s.center[feature_mask].copy(), s.scale[feature_mask].copy()
-    if categories is None:
-        raise ValueError("per-category statistics need group_indices")
-    mean = np.full(num_kept, np.nan)
-    std = np.full(num_kept, np.nan)
-    for name, idx in categories.items():
-        mean[idx] = stats[name].center
-        std[idx] = stats[name].scale
-    return mean, std
+
+def declare_stats_only(decl: Declared, attempt) -> Declared:
+    """A statistics file given where a checkpoint was expected: what it holds, and what else is needed."""
+    decl.stats_only = True
+    read = attempt(_read_npz_stats, decl.path, decl.path.name)
+    if read is None:
+        return decl
+    decl.stats, decl.stats_source = read[0], decl.path.name
+    decl.method = _method_of(read[0], read[1])
+    decl.problems.append(
+        f"{decl.path.name} is a statistics file, not a checkpoint: it holds {describe_stats(decl.stats, decl.method)}, "
+        f"but no feature_mask (which extractor columns are kept) and no group_indices (which kept columns each "
+        f"category's statistics belong to). Build the loss from it with those two: "
+        f"load_feature_spec(stats={str(decl.path)!r}, feature_mask=..., group_indices=...), or check the VQ-VAE "
+        f"checkpoint it was saved with"
+    )
+    return decl
+
+
+def declare_parts(feature_mask, group_indices=None, stats=None, *, need_stats: bool = True) -> Declared:
+    """Declared from the pieces themselves: a mask [D] (bool, or 0/1), {category: kept-column indices}, and
+    statistics (an .npz path, or {category: {"mean","std"} / {"median","mad"}}, or {"mean","std"} over all
+    columns). The decoder's width is the kept count."""
+    is_path = isinstance(stats, (str, Path))
+    decl = Declared(path=Path(stats) if is_path else Path("(given arrays)"))
+    attempt = _attempt(decl)
+    if feature_mask is None:
+        decl.problems.append("feature_mask is needed: which of the extractor's columns the decoder reconstructs")
+    else:
+        decl.feature_mask = attempt(_parse_mask, feature_mask)
+    decl.input_dim = decl.num_kept
+    if group_indices is not None:
+        decl.categories = attempt(_parse_categories, group_indices)
+    if not need_stats:
+        return decl
+    if stats is None:
+        decl.problems.append("no normalization statistics given (stats=...): norm=\"stats\" needs them")
+    elif is_path:
+        path = Path(stats)
+        why = _not_regular(path) if path.exists() else "the path does not exist"
+        if why:
+            decl.problems.append(f"the statistics file {stats} cannot be read: {why}")
+        else:
+            read = attempt(_read_npz_stats, path, path.name)
+            if read is not None:
+                decl.stats, decl.stats_source, decl.method = read[0], path.name, _method_of(read[0], read[1])
+    else:
+        parsed = attempt(_parse_stats, stats, "the statistics given", None)
+        if parsed is not None:
+            decl.stats, decl.stats_source, decl.method = parsed, "the statistics given", _method_of(parsed, None)
+    if decl.stats is not None and "" not in decl.stats and decl.categories is None:
+        decl.problems.append(
+            f"{decl.stats_source} are per category ({len(decl.stats)} categories) and no group_indices were given: "
+            f"pass group_indices={{category: kept-column indices}} to place them"
+        )
+    return decl

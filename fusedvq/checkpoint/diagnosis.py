@@ -8,8 +8,10 @@ from typing import Optional
 
 import numpy as np
 
-from .declare import CategoryStats, Declared, assemble_stats, declare
-from .safe_load import PathLike
+from .declared import Declared, declare
+from .errors import PathLike
+from .values import CategoryStats, assemble_stats
+
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -1,13 +1,20 @@
-"""What a pickle references, found without running it: the numpy types a weights-only load allows, and
-scan_pickles, which parses a file's pickles (pickletools only parses) for the globals they name and for
-what would make loading them unbounded (huge tuples, bytearrays, codecs other than latin1, tensors
-rebuilt with attributes). safe_load.py uses them."""
+"""A checkpoint's pickles, read without running them.
+
+scan_pickles parses a file's pickles (pickletools only parses) for the globals they name and for what would
+make loading them unbounded (huge tuples, bytearrays, codecs other than latin1, tensors rebuilt with
+attributes). _inert_load, which runs in the bounded child (isolation.py, started by reading.py), refuses
+what the scan finds, then loads the file with `torch.load(weights_only=True)`, the numpy types such files
+contain and, for the classes a trainer pickles of its own, inert stand-ins (records.py); a global no
+stand-in is made for (a function, a builtin, os, ...) and a call of a stand-in class are refused, naming
+them, before any of it runs.
+"""
 
 from __future__ import annotations
 
 import io
 import pickletools
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +22,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .errors import CheckpointError, _brief
+from .records import ForeignCallRefused, refusal, stand_ins
 
 
 def _numpy_safe_globals() -> list:
@@ -194,3 +204,88 @@ def _scan_one(stream, scan: PickleScan) -> None:
                 del stack[len(stack) - len(before) :]
             is_text = isinstance(arg, str) and ("UNICODE" in name or "STRING" in name)
             stack.extend(_Value(text=arg if is_text else None) for _ in op.stack_after)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The inert load (run in the bounded child)
+# ---------------------------------------------------------------------------------------------------
+
+# A legacy-format file may name globals the scan missed one refusal at a time; more rounds than this is not
+# a checkpoint. A file naming more foreign classes than MAX_FOREIGN_NAMES is not one either (each name is a
+# stand-in torch's allow-list checks on every object).
+_MAX_LOAD_ROUNDS = 8
+MAX_FOREIGN_NAMES = 64
+
+
+def _inert_load(file: Path):
+    """torch.load(weights_only=True) with numpy's types and, for each foreign class the file names, a
+    stand-in that reads its objects as records (records.py). Refuses, naming them, the globals no stand-in
+    is made for, a file that calls a stand-in class, and what scan_pickles finds unbounded; nothing stored
+    in the file runs. Runs in the bounded child (reading._load_inertly)."""
+    scan = scan_pickles(file)
+    if scan.hazard is not None:
+        raise CheckpointError([f"{file} was not loaded: it {scan.hazard}"])
+    names = set(unsafe_names(scan.globals))
+    for _ in range(_MAX_LOAD_ROUNDS):
+        if any("ObjectDType" in name for name in names):
+            raise _object_arrays(file)
+        refused = [why for why in map(refusal, sorted(names)) if why]
+        if refused:
+            raise _refused(file, refused)
+        if len(names) > MAX_FOREIGN_NAMES:
+            raise CheckpointError([
+                f"{file} was not loaded: it names {len(names):,} classes fusedvq does not have, more than the "
+                f"{MAX_FOREIGN_NAMES} a checkpoint's own records need; if you trust the file's source, pass "
+                f"trust=True (CLI: --trust)"
+            ])
+        try:
+            with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals() + stand_ins(names)):
+                warnings.simplefilter("ignore")  # torch's notes about pickle protocols are noise here
+                return torch.load(file, map_location="cpu", weights_only=True)
+        except ForeignCallRefused as err:
+            raise CheckpointError([
+                f"{file} was not loaded: {err}; classes fusedvq does not have are read only as records of "
+                f"their state. If you trust the file's source, pass trust=True (CLI: --trust)"
+            ]) from None
+        except Exception as err:
+            if "ObjectDType" in str(err):
+                raise _object_arrays(file) from None
+            protocol_error = _unreadable_protocol(file, err, scan)
+            if protocol_error is not None:
+                raise protocol_error from None
+            more = set(_pickled_globals(file, err)) - names
+            if not more:
+                raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
+            names |= more
+    raise CheckpointError([f"{file} could not be read: it names more than {_MAX_LOAD_ROUNDS} rounds of objects"])
+
+
+def _object_arrays(file: Path) -> CheckpointError:
+    return CheckpointError([
+        f"{file} was not loaded: it holds a numpy array of dtype object, whose elements are arbitrary pickled "
+        f"Python objects that could run code when loaded; save numeric arrays instead, or pass trust=True "
+        f"(CLI: --trust) if you trust the file's source"
+    ])
+
+
+def _refused(file: Path, reasons: list[str]) -> CheckpointError:
+    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+    return CheckpointError([
+        f"{file} was not loaded: it contains pickled Python objects that could run code when loaded ({shown}). "
+        f"Tensors, numbers, strings, containers, numpy arrays, paths and records of other classes' state are "
+        f"read by default; if you trust the file's source, pass trust=True (CLI: --trust)"
+    ])
+
+
+_RESAVE = ("re-save it with torch.save's defaults (torch.save(torch.load(path, weights_only=False), path)) where "
+           "you trust it, or pass trust=True (CLI: --trust) if you trust the file's source")
+
+
+def _unreadable_protocol(file: Path, err: BaseException, scan) -> Optional[CheckpointError]:
+    """The error for a pickle whose protocol torch's safe loader does not read (4 and 5: FRAME, ...)."""
+    if "Unsupported operand" not in str(err) or scan.protocol < 4:
+        return None
+    return CheckpointError([
+        f"{file} was pickled with protocol {scan.protocol} (torch.save(..., pickle_protocol={scan.protocol})), "
+        f"which torch's safe loader does not read (it reads protocols 2 and 3): " + _RESAVE
+    ])

@@ -6,22 +6,19 @@ reads its result) spend unbounded time or memory — a quadratic codec, a huge t
 again, a tensor whose view declares 2^36 entries. Refusing each trick as it is found is not a bound. So:
 
     parent ── fork ──► child: address-space limit = its size at the fork + `memory` bytes, CPU-time limit,
-       │                       torch on one thread; runs `reader(path)` (safe_load's inert load), then
-       │                       encodes the result as plain data (below) and writes it to a pipe
+       │                       torch on one thread; runs `reader(path)` (the inert load, pickles.py), then
+       │                       encodes the result as plain data (wire.py) and writes it to a pipe
        └── waits at most `seconds`, reads at most `memory` bytes, kills the child otherwise
 
 The forked child runs only the reader: no CUDA (the load maps every storage to the CPU; a CUDA call after
 a fork raises instead of hanging), no lock another thread held at the fork (the reader takes none; and if
 it ever waited on one, the wall clock ends it: the bound never depends on the child behaving). Where
 there is no fork (Windows), or `FUSEDVQ_LOAD_ISOLATION=spawn`, a fresh interpreter is started instead
-(`python -m fusedvq.bounded`, slower: it imports torch) under the same wall clock, and under the memory
-limit where the `resource` module exists.
+(`python -m fusedvq.checkpoint.isolation`, slower: it imports torch) under the same wall clock, and under
+the memory limit where the `resource` module exists.
 
-What comes back: dicts (keys that are str, int, float, bool or None), lists, tuples, numbers, strings,
-bytes, numpy arrays and scalars of plain dtypes, tensors (their storage bytes and view geometry, rebuilt
-as plain tensors: no subclass, no attribute a file set), torch dtypes and devices, and the records of
-foreign objects (foreign.py), shared and cyclic references kept as such. Anything else becomes a record
-naming its type. At most MAX_NODES objects and references, MAX_DEPTH levels: a file past that is refused.
+What comes back is plain data (wire.py): containers, numbers, strings, arrays, tensors rebuilt as plain
+tensors, records of foreign objects; a result of more than MAX_NODES objects or MAX_DEPTH levels is refused.
 """
 
 from __future__ import annotations
@@ -38,13 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from .foreign import ForeignObject, stand_in_class
-
-MAX_NODES = 2_000_000  # objects and references in the read result
-MAX_DEPTH = 200  # nesting levels
+from .wire import ResultDecoder, ResultEncoder
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,7 @@ def read_bounded(reader: Callable[[Path], Any], path: Path, limits: Limits):
         status, storages = _spawned(reader, path, limits)
     if status[0] != "ok":
         raise ChildRefused(*status[1:])
-    return _Decoder(storages).value(status[1])
+    return ResultDecoder(storages).value(status[1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,7 +94,7 @@ def _child_send(reader: Callable[[Path], Any], path: Path, fd: int) -> None:
     storages: list = []
     try:
         torch.set_num_threads(1)  # nothing here is worth a thread pool, and a forked one may be broken
-        encoder = _Encoder()
+        encoder = ResultEncoder()
         tree = encoder.node(reader(path), 0)
         storages = encoder.storages
         status = ("ok", tree, [s.nbytes for s in storages])
@@ -143,72 +136,6 @@ def _virtual_size():
     return None
 
 
-class _Encoder:
-    """A read result → nested tuples of plain values (what marshal writes): ("d", ref, [(key, node)]),
-    ("l", ref, [node]), ("t", ref, [node]), ("f", ref, class name, args, state) for records, ("r", ref) for
-    a container met before, ("a", descr, shape, bytes) for arrays and numpy scalars, ("x", storage, dtype,
-    shape, stride, offset, requires_grad) for tensors (each storage sent once), ("o", type name) else."""
-
-    def __init__(self):
-        self.nodes = 0
-        self.storages: list[np.ndarray] = []  # uint8 views of the tensors' storages (no copy)
-        self._storage_ids: dict = {}
-        self._seen: dict = {}  # id(container) → its reference number
-
-    def node(self, obj: Any, depth: int):
-        self.nodes += 1
-        if self.nodes > MAX_NODES:
-            raise ValueError(f"it holds more than {MAX_NODES:,} objects and references; no checkpoint needs that many")
-        if depth > MAX_DEPTH:
-            raise ValueError(f"its objects are nested more than {MAX_DEPTH} levels deep")
-        if obj is None or type(obj) in (bool, int, float, complex, str, bytes):
-            return obj
-        # An object met again is sent as a reference to its first encoding: shared structure stays shared
-        # (readers of the result size shared lists once), and a cycle ends.
-        if id(obj) in self._seen:
-            return ("r", self._seen[id(obj)])
-        self._seen[id(obj)] = len(self._seen)
-        ref = self._seen[id(obj)]
-        if isinstance(obj, dict):
-            return ("d", ref, [(k, self.node(v, depth + 1)) for k, v in obj.items() if _plain_key(k)])
-        if isinstance(obj, (list, tuple)):
-            return ("l" if isinstance(obj, list) else "t", ref, [self.node(v, depth + 1) for v in obj])
-        if isinstance(obj, (set, frozenset)):
-            return ("s", [v for v in obj if _plain_key(v)])
-        if isinstance(obj, torch.Tensor):
-            return self._tensor(obj)
-        if isinstance(obj, np.ndarray):
-            if obj.dtype.hasobject:
-                raise ValueError("it holds a numpy array of dtype object")
-            return ("a", np.lib.format.dtype_to_descr(obj.dtype), obj.shape, np.ascontiguousarray(obj).tobytes())
-        if isinstance(obj, np.generic):
-            return ("a", np.lib.format.dtype_to_descr(obj.dtype), None, obj.tobytes())
-        if isinstance(obj, ForeignObject):
-            return ("f", ref, obj.class_name, self.node(obj.args, depth + 1), self.node(obj.state, depth + 1))
-        if isinstance(obj, (torch.dtype, torch.device)):
-            return ("y" if isinstance(obj, torch.dtype) else "v", str(obj))
-        return ("o", f"{type(obj).__module__}.{type(obj).__qualname__}")
-
-    def _tensor(self, t: torch.Tensor):
-        # Methods through the class: a file can set attributes on the instance (numel = ...) that shadow them.
-        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.__dict__:
-            raise ValueError("it holds a tensor rebuilt with a subclass or with attributes set by the file")
-        if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized:
-            raise ValueError(f"it holds a tensor of layout {t.layout} on {t.device}, not a plain CPU tensor")
-        storage = torch.Tensor.untyped_storage(t)
-        key = (storage.data_ptr(), storage.nbytes())
-        if key not in self._storage_ids:
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage)
-            self._storage_ids[key] = len(self.storages)
-            self.storages.append(raw.numpy())
-        return ("x", self._storage_ids[key], str(t.dtype).removeprefix("torch."), tuple(torch.Tensor.size(t)),
-                tuple(torch.Tensor.stride(t)), int(torch.Tensor.storage_offset(t)), bool(t.requires_grad))
-
-
-def _plain_key(key: Any) -> bool:
-    return key is None or type(key) in (bool, int, float, str, bytes)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The parent: run the child, rebuild its plain data
 # ---------------------------------------------------------------------------------------------------
@@ -237,9 +164,9 @@ def _forked(reader, path: Path, limits: Limits):
 
 
 def _spawned(reader, path: Path, limits: Limits):
-    """The fallback without fork: a fresh interpreter runs the same child code (python -m fusedvq.bounded)."""
+    """The fallback without fork: a fresh interpreter runs the same child code (python -m fusedvq.checkpoint.isolation)."""
     target = f"{reader.__module__}:{reader.__qualname__}"
-    command = [sys.executable, "-m", "fusedvq.bounded", target, os.fspath(path), repr(limits.seconds),
+    command = [sys.executable, "-m", "fusedvq.checkpoint.isolation", target, os.fspath(path), repr(limits.seconds),
                str(limits.memory)]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -323,63 +250,6 @@ def _reap(pid: int, proc, *, kill: bool) -> str:
         sig = os.WTERMSIG(status)
         return {signal.SIGXCPU: "its CPU-time limit", signal.SIGKILL: "a kill"}.get(sig, f"signal {sig}")
     return f"exit code {os.WEXITSTATUS(status)}" if os.WEXITSTATUS(status) else ""
-
-
-class _Decoder:
-    """Plain data → the objects a reader returned (tensors rebuilt over the storages read from the pipe)."""
-
-    def __init__(self, storages: list):
-        self.storages = storages
-        self._rebuilt: dict = {}
-        self._classes: dict = {}
-        self._refs: dict = {}
-
-    def value(self, node):
-        if type(node) is not tuple:
-            return node
-        tag = node[0]
-        if tag == "r":
-            return self._refs.get(node[1])  # (None only for a tuple that holds itself through a list)
-        if tag == "d":
-            out = self._refs[node[1]] = {}
-            out.update((k, self.value(v)) for k, v in node[2])
-            return out
-        if tag == "l":
-            out = self._refs[node[1]] = []
-            out.extend(self.value(v) for v in node[2])
-            return out
-        if tag == "t":
-            out = self._refs[node[1]] = tuple(self.value(v) for v in node[2])
-            return out
-        if tag == "s":
-            return set(node[1])
-        if tag == "a":
-            array = np.frombuffer(node[3], dtype=np.lib.format.descr_to_dtype(node[1]))
-            return array[0] if node[2] is None else array.reshape(node[2]).copy()
-        if tag == "x":
-            return self._tensor(*node[1:])
-        if tag == "f":
-            cls = self._classes.get(node[2]) or self._classes.setdefault(node[2], stand_in_class(node[2]))
-            record = self._refs[node[1]] = ForeignObject.__new__(cls)
-            args = self.value(node[3])
-            record.args = args if isinstance(args, tuple) else ()
-            record.__setstate__(self.value(node[4]))
-            return record
-        if tag == "y":
-            return getattr(torch, node[1].removeprefix("torch."))
-        if tag == "v":
-            return torch.device(node[1])
-        cls = self._classes.get(node[1]) or self._classes.setdefault(node[1], stand_in_class(node[1]))
-        return ForeignObject.__new__(cls)  # ("o", type name): an object of a type not carried back
-
-    def _tensor(self, index, dtype, shape, stride, offset, requires_grad):
-        if index not in self._rebuilt:
-            data = self.storages[index]  # a bytearray of its own: the tensors keep it alive
-            self._rebuilt[index] = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        kind = getattr(torch, dtype)
-        storage = self._rebuilt[index].untyped_storage()
-        tensor = torch.empty(0, dtype=kind).set_(storage, offset, shape, stride)
-        return tensor.requires_grad_() if requires_grad and tensor.is_floating_point() else tensor
 
 
 def _main(argv: list) -> None:  # pragma: no cover - run by _spawned in a fresh interpreter
