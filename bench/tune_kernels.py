@@ -1,4 +1,4 @@
-"""Time the launch shapes of the fused kernels on a GPU: how kernels/settings.py's TUNING was chosen.
+"""Time the launch shapes of the fused kernels on a GPU: how kernels/launch.py's TUNING was chosen.
 
     python bench/tune_kernels.py [--sizes 65536,262144]
 
@@ -18,9 +18,10 @@ import itertools
 import torch
 
 from fusedvq.tools import benchmark as fb
-from fusedvq.columns import build_column_map
+from fusedvq.arguments import build_column_map
 from fusedvq.kernels import launchers as mm
-from fusedvq.kernels import settings
+from fusedvq.kernels.plan import Mode
+from fusedvq.kernels import launch as settings
 
 WALK_TILES = (2048, 4096, 8192)
 PROGRAMS_PER_SM = (4, 8, 16, 64)
@@ -63,14 +64,14 @@ def main(argv=None) -> int:
         rows = []
         for tile, programs, per_warp in itertools.product(WALK_TILES, PROGRAMS_PER_SM, ELEMENTS_PER_WARP):
             _set(default, walk_tile=tile, programs_per_sm=programs, elements_per_warp=per_warp)
-            ms = triton.testing.do_bench(lambda: mm.masked_mse_forward(x, r, index, shift, scale, False, 1),
+            ms = triton.testing.do_bench(lambda: mm.masked_mse_forward(x, r, index, (shift, scale), Mode()),
                                          warmup=5, rep=25)
             rows.append((ms, f"forward  walk_tile={tile} programs_per_sm={programs} elements_per_warp={per_warp}",
                          fwd_bytes))
         for tile, per_warp in itertools.product(BACKWARD_TILES, ELEMENTS_PER_WARP):
             _set(default, backward_tile=tile, elements_per_warp=per_warp)
             ms = triton.testing.do_bench(
-                lambda: mm.masked_mse_backward(grad, x, r, columns.inv_ptr, columns.inv_k, shift, scale, False, 1),
+                lambda: mm.masked_mse_backward(grad, x, r, (columns.inv_ptr, columns.inv_k), (shift, scale), Mode()),
                 warmup=5, rep=25)
             rows.append((ms, f"backward backward_tile={tile} elements_per_warp={per_warp}", bwd_bytes))
         _set(default)

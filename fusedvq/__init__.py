@@ -8,8 +8,7 @@ from .clean import FeatureCleaner, clean_features
 from .checkpoint import (
     CheckpointError, FeatureSpec, StatsNotUsedWarning, UnsafeLoadWarning, diagnose, load_feature_spec,
 )
-from .functional import masked_mse
-from .module import MaskedMSELoss
+from .loss import MaskedMSELoss, masked_mse
 from .recon import VQReconLoss
 
 __version__ = "0.1.0"

@@ -13,57 +13,37 @@ two gradients as for any tensor.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .backend import use_triton_for
-from .calls import batch_clean_op, clean_op, masked_mse_op
-from .canonical import reduction_code
-from .checks import check_order, check_pair, check_widths
-from .columns import ColumnMap, build_column_map
-from .contract import NORM_BATCH
-from .functional import prepare_call
-from .module import PreparedColumns, check_gap
+from . import ops
+from .arguments import REDUCTIONS, ColumnMap, Plan, check_gap, option_code, prepare
+from .loss import Prepared
 from .reference import loss_columns
 
 
-def clean_features(
-    features: torch.Tensor,
-    index,
-    mean=None,
-    std=None,
-    *,
-    norm: str = "stats",
-    eps: float = 1e-8,
-    nan_to_num: bool = False,
-    backend: str = "auto",
-    stats_space: Optional[str] = None,
-    sync_stats: bool = False,
-    process_group=None,
-) -> torch.Tensor:
+def clean_features(features: torch.Tensor, index, mean=None, std=None, *, norm: str = "stats",
+                   **options) -> torch.Tensor:
     """The normalized kept columns of features, z [B, K] in the features' dtype.
 
     Args:
         features: x [B, D], float32 / float16 / bfloat16 (float64 on the reference backend), any strides.
         index: a bool mask [D] (True = kept) or integer column indices [K] (duplicates allowed): z's columns
             are the kept ones, in the index's order.
-        mean, std, norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group: as in
-            fusedvq.masked_mse. norm="batch" normalizes with this batch's own column mean and unbiased std
-            (σ < eps → 1) and passes z through nan_to_num; it needs B >= 2 (or sync_stats).
+        mean, std, norm, and the options eps, nan_to_num, backend, stats_space, sync_stats, process_group: as
+            in fusedvq.masked_mse. norm="batch" normalizes with this batch's own column mean and unbiased
+            std (σ < eps → 1) and passes z through nan_to_num; it needs B >= 2 (or sync_stats).
 
     Every call validates its arguments, values included, which costs one host synchronization on CUDA;
     FeatureCleaner validates once at construction instead.
     """
-    norm_id, eps, nan_to_num, use_triton, group, columns, shift, scale = prepare_call(
-        features, None, index, mean, std, norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group
-    )
-    if norm_id == NORM_BATCH:
-        return batch_clean_op(features, columns, eps, nan_to_num, use_triton, group)
-    return clean_op(features, columns, shift, scale, nan_to_num, use_triton)
+    synced = norm == "batch" and (options.get("sync_stats") or options.get("process_group") is not None)
+    ops.check_pair(features, None, allow_empty=bool(synced))
+    plan = prepare(index, mean, std, num_features=features.shape[1], norm=norm,
+                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32), **options)
+    return ops.call_clean(features, plan)
 
 
-class FeatureCleaner(PreparedColumns):
+class FeatureCleaner(Prepared):
     """clean_features with the index and statistics prepared once and held as buffers: a call checks only
     shapes, dtypes and devices (no host synchronization), so a step using it compiles with
     torch.compile(fullgraph=True) and is captured by CUDA graphs.
@@ -72,8 +52,8 @@ class FeatureCleaner(PreparedColumns):
         index: bool mask [D] (the VQ-VAE's feature_mask) or integer column indices [K] (then pass
             num_features=D).
         mean, std: μ, σ of length D or K; required for norm="stats".
-        num_features, norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group: as in
-            MaskedMSELoss.
+        num_features and the options norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group:
+            as in MaskedMSELoss.
 
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
@@ -81,11 +61,10 @@ class FeatureCleaner(PreparedColumns):
     def __init__(self, index, mean=None, std=None, **options):
         super().__init__(index, mean, std, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
-        # recon_loss compares z with the decoder's columns through the identity map on z's K columns.
-        identity = build_column_map(torch.arange(self.num_kept, device=self.index.device), self.num_kept)
-        self.register_buffer("_z_index", identity.index, persistent=False)
-        self.register_buffer("_z_inv_ptr", identity.inv_ptr, persistent=False)
-        self.register_buffer("_z_inv_k", identity.inv_k, persistent=False)
+        # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
+        K = self.num_kept
+        self._z_plan = prepare(torch.arange(K, device=self.index.device), num_features=K, norm="none",
+                               backend=self.backend)
 
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options) -> "FeatureCleaner":
@@ -95,14 +74,22 @@ class FeatureCleaner(PreparedColumns):
         others are the embeddings, left to the caller)."""
         cleaner = super().from_spec(spec, norm=norm, **options)
         if spec.hybrid is not None:
-            check_gap((spec.hybrid.first_embedding, spec.hybrid.num_embedding), cleaner.num_kept)
+            gap = check_gap((spec.hybrid.first_embedding, spec.hybrid.num_embedding), cleaner.num_kept)
+            cleaner._z_plan = cleaner._z_plan._replace(gap=gap)
         cleaner.hybrid = spec.hybrid
         return cleaner
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        z_columns = self._z_plan.columns
+        if z_columns.index.device != self.index.device:  # the identity plan follows the buffers' device
+            self._z_plan = self._z_plan._replace(columns=ColumnMap(*(t.to(self.index.device) for t in z_columns)))
+        return self
 
     @property
     def gap(self) -> tuple[int, int]:
         """(p, c): the decoder's c embedding columns start at column p ((0, 0) unless hybrid)."""
-        return (self.hybrid.first_embedding, self.hybrid.num_embedding) if self.hybrid is not None else (0, 0)
+        return self._z_plan.gap
 
     @property
     def recon_columns(self) -> torch.Tensor:
@@ -114,11 +101,10 @@ class FeatureCleaner(PreparedColumns):
         decoder's first embedding column (what the hybrid model does with its initial encoder's output)."""
         if self.hybrid is None:
             raise ValueError("combine() is for hybrid VQ-VAEs; this cleaner's VQ-VAE has no embedding columns")
-        p, c = self.gap
-        K = self.num_kept
+        (p, c), K = self.gap, self.num_kept
         if z.dim() != 2 or z.shape[1] != K:
-            raw = " (the raw features: pass z = cleaner(features))" if z.dim() == 2 and z.shape[1] == self.num_features \
-                else ""
+            raw = (" (the raw features: pass z = cleaner(features))"
+                   if z.dim() == 2 and z.shape[1] == self.num_features else "")
             raise ValueError(f"z must be [B, {K}] (the cleaned features, K = {K} kept columns), got "
                              f"{list(z.shape)}{raw}")
         if embeddings.dim() != 2 or embeddings.shape[1] != c or embeddings.shape[0] != z.shape[0]:
@@ -129,17 +115,15 @@ class FeatureCleaner(PreparedColumns):
     def recon_loss(self, recon: torch.Tensor, z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """F.mse_loss(recon[:, recon_columns], z) without the gather: recon [B, K] (hybrid: [B, K + c]) is
         read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z."""
-        columns = ColumnMap(self._z_index, self._z_inv_ptr, self._z_inv_k)
-        check_pair(z, recon)
-        check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
-        check_widths(z, recon, columns, "cleaner's z", self.gap[1])
-        return masked_mse_op(z, recon, columns, None, None, False, reduction_code(reduction),
-                             use_triton_for(self.backend, z), self.gap)
+        plan = self._z_plan._replace(reduction=option_code("reduction", reduction, REDUCTIONS))
+        ops.check_pair(z, recon)
+        ops.check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
+        return ops.call_loss(z, recon, plan._replace(selector="cleaner's z"), "recon_loss(z [B, {}], recon [B, {}])")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""
-        columns, use_triton, group = self._prepare_call(features, None)
-        if self.norm_id == NORM_BATCH:
-            return batch_clean_op(features, columns, self.eps, self.nan_to_num, use_triton, group)
-        shift, scale = self._stats_for(features)
-        return clean_op(features, columns, shift, scale, self.nan_to_num, use_triton)
+        # The plan with the buffers, read on every call: functional_call and DataParallel swap them (the dict
+        # rather than attribute access, and a Plan built directly: µs that count at B = 4).
+        b = self._buffers
+        plan = Plan(ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), b["shift"], b["scale"], *self.plan[3:])
+        return ops.call_clean(features, plan)

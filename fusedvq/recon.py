@@ -17,8 +17,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .checks import check_order
-from .module import MaskedMSELoss, load_spec
+from .loss import MaskedMSELoss, load_spec
+from .ops import check_order
 
 
 class VQReconLoss(nn.Module):
@@ -35,43 +35,20 @@ class VQReconLoss(nn.Module):
         mean, std: μ, σ per feature column (length D) or per kept column (length K); norm="stats" only.
         categories: optional {name: kept-column indices} (the checkpoint's group_indices), kept for
             reference (e.g. to log the error per category from a reduction="none" loss).
-        norm, reduction, nan_to_num, backend, eps, stats_space, num_features: as in MaskedMSELoss.
-        sync_stats, process_group: norm="batch" only, as in MaskedMSELoss (statistics over all ranks).
-        target_gap: (at, width): recon holds `width` embedding columns from column `at` on, which the loss
-            skips (a hybrid VQ-VAE; from_checkpoint derives it). recon is then [B, K + width].
+        options: norm, reduction, num_features, target_gap, nan_to_num, backend, eps, stats_space, and for
+            norm="batch" sync_stats, process_group: as in MaskedMSELoss. target_gap (at, width): recon holds
+            `width` embedding columns from column `at` on, which the loss skips (a hybrid VQ-VAE;
+            from_checkpoint derives it); recon is then [B, K + width].
 
     Gradients flow to features (zero in the dropped columns) and to recon. Buffers move with .to().
     """
 
-    def __init__(
-        self,
-        feature_mask,
-        mean=None,
-        std=None,
-        *,
-        categories: Optional[Mapping[str, Sequence[int]]] = None,
-        norm: str = "stats",
-        reduction: str = "mean",
-        nan_to_num: bool = False,
-        backend: str = "auto",
-        eps: float = 1e-8,
-        stats_space: Optional[str] = None,
-        num_features: Optional[int] = None,
-        sync_stats: bool = False,
-        process_group=None,
-        target_gap=(0, 0),
-    ):
+    def __init__(self, feature_mask, mean=None, std=None, *, categories: Optional[Mapping[str, Sequence[int]]] = None,
+                 **options):
         super().__init__()
         self.hybrid = None  # a hybrid VQ-VAE's layout (set by from_checkpoint / from_spec)
-        # norm="batch" only: pool the batch statistics across ranks (passed on only when asked for).
-        batch_options = {"sync_stats": sync_stats} if sync_stats else {}
-        if process_group is not None:
-            batch_options["process_group"] = process_group
-        self.loss = MaskedMSELoss(
-            feature_mask, mean, std, num_features=num_features, norm=norm, eps=eps, nan_to_num=nan_to_num,
-            reduction=reduction, backend=backend, stats_space=stats_space, target_gap=target_gap, **batch_options,
-        )  # fmt: skip
-        self.norm = norm
+        self.loss = MaskedMSELoss(feature_mask, mean, std, **options)
+        self.norm = self.loss.norm
         self.categories = {str(k): tuple(int(i) for i in v) for k, v in (categories or {}).items()}
         for name, idx in self.categories.items():
             bad = [i for i in idx if not 0 <= i < self.num_kept]

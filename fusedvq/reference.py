@@ -1,6 +1,6 @@
 """The math of fusedvq in plain torch ops: the readable statement every backend implements, differentiable
 by autograd to any order (so it also serves double backward and torch.func), and the float64-exact twin of
-the tests' oracle. The fast CPU implementation with hand-written gradients is cpu.py; the GPU one kernels/.
+the tests' oracle. The fast CPU implementation with hand-written gradients is cpu/; the GPU one kernels/.
 
     x [B, D] features, r [B, K] target, index [K] (values in [0, D)), shift [K] = μ, scale [K] = 1/σ
     (a hybrid decoder's target is [B, K + gap]: its columns gap_at .. gap_at + gap − 1 are skipped, r = the rest)
@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .contract import REDUCTIONS, compute_dtype
+from .kernels.plan import COMPUTE_DTYPE
+
+_REDUCTIONS = ("none", "mean", "sum")  # by code (kernels/plan.py)
 
 
 def normalized_kept(
@@ -37,7 +39,7 @@ def normalized_kept(
 ) -> torch.Tensor:
     """z [B, K] in the compute dtype: the cleaned features of norm "none"/"stats", differentiable. Widening x
     before the gather makes duplicate columns' gradients add in the compute dtype."""
-    cdt = compute_dtype(x.dtype)
+    cdt = COMPUTE_DTYPE[x.dtype]
     wide = x.to(cdt) if x.dtype != cdt else x  # (the no-op casts are skipped: at B = 4 each costs a share)
     # On CUDA, x[:, index]: its gradient adds duplicate columns in a fixed order (see cpu._add_columns).
     xk = wide[:, index] if x.is_cuda else wide.index_select(1, index)
@@ -86,8 +88,15 @@ def target_columns(target: torch.Tensor, gap_at: int, gap: int) -> torch.Tensor:
 
 
 def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
-    loss = F.mse_loss(z, target.to(z.dtype) if target.dtype != z.dtype else target, reduction=REDUCTIONS[reduction])
+    """F.mse_loss(z, target, reduction=("none", "mean", "sum")[reduction]) in z's dtype, cast to `dtype`. The
+    shapes are equal (checked before), so F.mse_loss's broadcasting checks are skipped: its aten op takes the
+    same reduction codes (a third of a B = 4 step's Python time is those checks otherwise)."""
+    loss = _MSE_LOSS(z, target.to(z.dtype) if target.dtype != z.dtype else target, reduction)
     return loss.to(dtype) if loss.dtype != dtype else loss
+
+
+_MSE_LOSS = getattr(torch._C._nn, "mse_loss", None) or (
+    lambda z, target, reduction: F.mse_loss(z, target, reduction=_REDUCTIONS[reduction]))
 
 
 def masked_mse_composed(
@@ -98,13 +107,12 @@ def masked_mse_composed(
     scale: Optional[torch.Tensor],  # [K] compute dtype, or None
     nan_to_num: bool,
     reduction: int,
-    gap_at: int = 0,
-    gap: int = 0,  # target [B, K + gap]: its columns gap_at .. gap_at + gap − 1 are skipped
+    gap: tuple = (0, 0),  # target [B, K + c]: its c columns from `at` on are skipped
 ) -> torch.Tensor:
     """The loss as differentiable torch ops on the K kept columns, gradients by autograd: for small batches,
     where per-op overhead is much of the cost (autograd's C++ backward has less of it than a Python one)."""
     z = normalized_kept(x, index, shift, scale, nan_to_num)
-    return _mse(z, target_columns(target, gap_at, gap), reduction, x.dtype)
+    return _mse(z, target_columns(target, *gap), reduction, x.dtype)
 
 
 # ------------------------------------------------------------------------------------ norm="batch"
@@ -126,52 +134,11 @@ def masked_mse_composed(
 # For reduction mean/sum g is one number, so S1 = 2g·A1 and S2 = 2g·A2 with column sums A = (Σ diff·mask,
 # Σ diff·mask·z) that the forward already computes: the backward then needs no reduction of its own.
 
-STAT_SHIFT, STAT_MEAN, STAT_RSTD, STAT_W, STAT_INV_N = range(5)
-NUM_STATS = 5
-
-
-def merge_moments(parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, c, m, M2) over several parts [(count, c, m, M2), ...] (e.g. one per rank), merged in float64 with
-    Chan's formula around the shift of the first part that has rows, so that a column constant over all
-    parts still has m = M2 = 0 exactly; every caller given the same parts in the same order gets the same
-    bits. Results in `dtype` (N as a 0-d tensor)."""
-    wide = [(torch.as_tensor(n, dtype=torch.float64), c.double(), m.double(), m2.double()) for n, c, m, m2 in parts]
-    counts = torch.stack([n for n, *_ in wide])
-    N = counts.sum()
-    has_rows = counts > 0
-    first = has_rows.to(torch.int8).argmax()  # the first part with rows (0 if none has): no host sync
-    shift = torch.stack([c for _, c, _, _ in wide])[first]
-    means = torch.stack([(c - shift) + m for _, c, m, _ in wide])  # [P, K] around the common shift
-    mean = (counts[:, None] * means).sum(0) / N.clamp_min(1)
-    spread = torch.where(has_rows[:, None], counts[:, None] * (means - mean).square(), torch.zeros_like(means))
-    m2 = torch.stack([m2 for *_, m2 in wide]).sum(0) + spread.sum(0)
-    return N.to(dtype), shift.to(dtype), mean.to(dtype), m2.to(dtype)
-
-
-def finalize_batch_stats(count, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
-                         eps: float) -> torch.Tensor:
-    """stats [5, K] = (c, m, 1/σ', w, 1/N) from N rows' (c, m, M2); count is an int or a 0-d tensor."""
-    if isinstance(count, int):  # this batch's own rows: the scalars on the host, fewer ops (small batches)
-        sigma = torch.sqrt(m2 / max(count - 1, 1))
-        flat = sigma < eps if count >= 2 else torch.ones_like(sigma, dtype=torch.bool)
-        rstd = sigma.reciprocal().masked_fill_(flat, 1.0)
-        # (a where() of two Python scalars would be float32 whatever sigma's dtype: 1e-8 off in float64)
-        w = torch.full_like(sigma, 1.0 / max(count - 1, 1)).masked_fill_(flat, 0.0)
-        return torch.stack([shift, mean, rstd, w, torch.full_like(sigma, 1.0 / max(count, 1))])
-    n = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
-    sigma = torch.sqrt(m2 / (n - 1).clamp_min(1))
-    flat = (sigma < eps) | (n < 2)  # σ' = 1 and no gradient through σ
-    rstd = torch.where(flat, torch.ones_like(sigma), sigma.reciprocal())
-    w = torch.where(flat, torch.zeros_like(sigma), (n - 1).clamp_min(1).reciprocal().expand_as(sigma))
-    inv_n = n.clamp_min(1).reciprocal().expand_as(sigma)
-    return torch.stack([shift, mean, rstd, w, inv_n])
-
-
 def batch_normalized_kept(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool) -> torch.Tensor:
     """z [B, K] in the compute dtype with this batch's own statistics, differentiable (through μ and σ): the
     same shifted moments as the implementations. The shift c is a constant (z does not depend on it), hence
     detached."""
-    cdt = compute_dtype(x.dtype)
+    cdt = COMPUTE_DTYPE[x.dtype]
     xk = (x.to(cdt) if x.dtype != cdt else x).index_select(1, index)
     if nan_to_num:
         xk = torch.nan_to_num(xk, nan=0.0, posinf=0.0, neginf=0.0)
@@ -200,10 +167,9 @@ def batch_mse_composed(
     eps: float,
     nan_to_num: bool,
     reduction: int,
-    gap_at: int = 0,
-    gap: int = 0,  # as in masked_mse_composed
+    gap: tuple = (0, 0),  # as in masked_mse_composed
 ) -> torch.Tensor:
     """The batch-statistics loss as differentiable torch ops, gradients by autograd (so to any order, and
     under torch.func)."""
     z = batch_normalized_kept(x, index, eps, nan_to_num)
-    return _mse(z, target_columns(target, gap_at, gap), reduction, x.dtype)
+    return _mse(z, target_columns(target, *gap), reduction, x.dtype)

@@ -28,11 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelLauncher, cdiv, device_guard
+from .launch import TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for, scratch
+from .launch import scratch_guard
 from .launchers import launch_backward, launch_forward
-from .settings import (NORM_BATCH, NORM_BATCH_C, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes, max_programs,
-                       num_warps_for, scratch, scratch_guard)
-from .tiles import FLT_MAX, column_stats, kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs
+from .masked_mse import (FLT_MAX, NORM_BATCH_C, column_stats, kept_columns, load_features, normalize,
+                         store_partial_pair, sum_partial_pairs)
+from .plan import NORM_BATCH, REDUCTION_MEAN, REDUCTION_NONE, Mode
 
 
 @triton.jit
@@ -219,20 +220,17 @@ def batch_stats(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None)
     return merge_and_finalize(x.shape[0], shift, mean, m2)
 
 
-def batch_mse_forward(x, target, index, eps: float, nan_to_num: bool, reduction: int, merge_and_finalize=None,
-                      gap=(0, 0)):
+def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None):
     """(loss, stats [5, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
     with g itself: no launch to fill them). merge_and_finalize(count, c, m, M2) -> stats [5, K]
     turns this batch's moments into statistics over all ranks; None: this batch's own."""
-    B, K = x.shape[0], index.shape[0]
-    stats = batch_stats(x, index, eps, nan_to_num, merge_and_finalize)
+    B, K, reduction = x.shape[0], index.shape[0], mode.reduction
+    stats = batch_stats(x, index, eps, mode.nan_to_num, merge_and_finalize)
     if B == 0:
         shape = (0, K) if reduction == REDUCTION_NONE else ()
         return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
-    loss, colsums = launch_forward(
-        x, target, index, stats[0], stats[2], NORM_BATCH, nan_to_num, reduction, colsums=reduction != REDUCTION_NONE,
-        center=stats[1], gap=gap,
-    )
+    loss, colsums = launch_forward(x, target, index, (stats[0], stats[1], stats[2]), mode._replace(norm=NORM_BATCH),
+                                   colsums=reduction != REDUCTION_NONE)
     return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
 
 
@@ -260,13 +258,15 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0)) ->
     return sums
 
 
-def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num: bool,
-                       reduction: int, sum_over_ranks=None, gap=(0, 0), needs=(True, True)):
-    """(grad_x [B, D], grad_target [B, K (+ gap)]); sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
-    B, K = x.shape[0], index.shape[0]
+def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode: Mode, sum_over_ranks=None):
+    """(grad_x [B, D], grad_target [B, K (+ gap)]); columns (index, inv_ptr, inv_k), saved (stats, colsums) of
+    the forward; sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
+    index, inv_ptr, inv_k = columns
+    stats, colsums = saved
+    B, K, reduction, needs = x.shape[0], index.shape[0], mode.reduction, mode.needs
     sums, sums_final = colsums, False
     if reduction == REDUCTION_NONE:
-        sums, sums_final = dz_sums(grad_loss, x, target, index, stats, nan_to_num, gap), True
+        sums, sums_final = dz_sums(grad_loss, x, target, index, stats, mode.nan_to_num, mode.gap), True
     elif sum_over_ranks is not None:
         scale = 2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0
         sums, sums_final = colsums * (grad_loss.float() * scale), True
@@ -274,26 +274,27 @@ def batch_mse_backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsu
         sums = sum_over_ranks(sums)
     if B == 0:
         return (x.new_zeros(x.shape) if needs[0] else None), (target.new_zeros(target.shape) if needs[1] else None)
-    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, NORM_BATCH, tuple(stats), nan_to_num, reduction,
-                           sums, sums_final, gap=gap, needs=needs)
+    return launch_backward(grad_loss, x, target, (inv_ptr, inv_k), tuple(stats), mode._replace(norm=NORM_BATCH), sums,
+                           sums_final)
 
 
-def batch_clean_forward(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None):
+def batch_clean_forward(x, index, eps: float, mode: Mode, merge_and_finalize=None):
     """clean_features, norm "batch": (z [B, K] in x.dtype, stats [5, K] fp32); two launches."""
-    stats = batch_stats(x, index, eps, nan_to_num, merge_and_finalize)
+    stats = batch_stats(x, index, eps, mode.nan_to_num, merge_and_finalize)
     if x.shape[0] == 0:
         return x.new_empty((0, index.shape[0])), stats
-    z, _ = launch_forward(x, None, index, stats[0], stats[2], NORM_BATCH, nan_to_num, REDUCTION_NONE,
-                          center=stats[1], clean=True)
+    mode = mode._replace(norm=NORM_BATCH, reduction=REDUCTION_NONE, clean=True)
+    z, _ = launch_forward(x, None, index, (stats[0], stats[1], stats[2]), mode)
     return z, stats
 
 
-def batch_clean_backward(grad_z, x, index, inv_ptr, inv_k, stats, nan_to_num: bool, sum_over_ranks=None):
+def batch_clean_backward(grad_z, x, columns: tuple, stats, mode: Mode, sum_over_ranks=None):
     """clean_features, norm "batch": grad_x [B, D]; two launches (the sums S, then the gradient)."""
-    sums = dz_sums(grad_z, x, None, index, stats, nan_to_num)
+    index, inv_ptr, inv_k = columns
+    sums = dz_sums(grad_z, x, None, index, stats, mode.nan_to_num)
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    return launch_backward(grad_z, x, None, inv_ptr, inv_k, NORM_BATCH, tuple(stats), nan_to_num, REDUCTION_NONE,
-                           sums, True, clean=True)
+    mode = mode._replace(norm=NORM_BATCH, reduction=REDUCTION_NONE, clean=True)
+    return launch_backward(grad_z, x, None, (inv_ptr, inv_k), tuple(stats), mode, sums, True)

@@ -4,32 +4,27 @@ clean_features) built on them; batch_stats.py builds norm="batch" on the same la
     launch_forward   grid (min(cdiv(B, BLOCK_B), programs),): the loss (a scalar or [B, K]), or z (clean)
     launch_backward  grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)): grad_x (and grad_r for the loss)
 Inputs are validated by the caller; every launch runs under the tensors' device and never synchronizes.
+stats: () for norm "none", (μ, 1/σ) for "stats", (c, m, 1/σ') forward / (c, m, 1/σ', w, 1/N) backward for
+"batch", each [K] fp32. mode: plan.Mode.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .launch import KernelLauncher, cdiv, device_guard
+from .launch import BLOCK_P, TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for
+from .launch import scratch, scratch_guard
 from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
-from .settings import (
-    BLOCK_P, NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_MEAN, REDUCTION_NONE, TUNING, block_sizes,
-    max_programs, num_warps_for, scratch, scratch_guard,
-)
+from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_MEAN, REDUCTION_NONE, Mode
+
 
 def launch_forward(
     x: torch.Tensor,  # [B, D], B >= 1
-    target: torch.Tensor,  # [B, K]
+    target,  # [B, K (+ c)], or None (clean)
     index: torch.Tensor,  # [K] int64, values in [0, D)
-    shift,  # [K] fp32 μ, or None (norm "none")
-    scale,  # [K] fp32 1/σ, or None
-    norm: int,  # 0 none, 1 stats, 2 batch
-    nan_to_num: bool,
-    reduction: int,  # 0 none, 1 mean, 2 sum
+    stats: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ') batch
+    mode: Mode,
     colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
-    center=None,  # norm "batch": [K] fp32 m, the batch mean around the shift passed as `shift`
-    clean: bool = False,  # clean_features: out = z [B, K] (target None, reduction none)
-    gap=(0, 0),  # (at, c): target is [B, K + c] and its c columns from `at` on are skipped
 ):
     """(loss [] or [B, K] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs validated by the
     caller."""
@@ -37,10 +32,12 @@ def launch_forward(
     K = index.shape[0]
     block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
     grid = (min(cdiv(B, block_b), max_programs(x)),)
-    if shift is None:
-        shift = scale = x  # never read: norm "none"
-    if center is None:
-        center = shift  # never read: norm "none" / "stats"
+    norm, nan_to_num, reduction, gap, _, clean = mode
+    if norm == NORM_BATCH:
+        shift, center, scale = stats
+    else:
+        shift, scale = stats if stats else (x, x)  # unused slots: any pointer, never read
+        center = shift
     if target is None:
         target = x  # never read: clean
     with device_guard(x), scratch_guard(x):
@@ -67,23 +64,19 @@ def launch_forward(
 
 
 def launch_backward(
-    grad_loss: torch.Tensor,  # [] or [B, K]
+    grad_loss: torch.Tensor,  # [] or [B, K]; clean: ∂L/∂z [B, K]
     x: torch.Tensor,  # [B, D], B >= 1
-    target: torch.Tensor,  # [B, K]
-    inv_ptr: torch.Tensor,  # [D+1] int32
-    inv_k: torch.Tensor,  # [K] int32
-    norm: int,  # NORM_NONE, NORM_STATS or NORM_BATCH
-    stats,  # tuple of [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', w, 1/N) batch
-    nan_to_num: bool,
-    reduction: int,
+    target,  # [B, K (+ c)], or None (clean)
+    inverse: tuple,  # (inv_ptr [D+1] int32, inv_k [K] int32)
+    stats: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', w, 1/N) batch
+    mode: Mode,
     sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
     sums_final: bool = False,
-    clean: bool = False,  # clean_features: grad_loss is ∂L/∂z [B, K], target None, reduction none
-    gap=(0, 0),  # the forward's (at, c): grad_target is [B, K + c], zero in the skipped columns
-    needs=(True, True),  # (grad_x, grad_target) wanted: the other is neither allocated nor written (None)
 ):
     """(grad_x [B, D] in x.dtype, grad_target [B, K (+ c)] in target.dtype), freshly allocated, None where not
     wanted; clean: grad_x."""
+    inv_ptr, inv_k = inverse
+    norm, nan_to_num, reduction, gap, needs, clean = mode
     B, D = x.shape
     K = inv_k.shape[0]
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
@@ -123,33 +116,27 @@ _FWD = KernelLauncher(_masked_mse_fwd_kernel)
 _BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 
-def masked_mse_forward(x, target, index, shift, scale, nan_to_num: bool, reduction: int, gap=(0, 0)) -> torch.Tensor:
-    """norm "none" (shift = scale = None) or "stats": the loss ([] or [B, K] in x.dtype)."""
-    norm = NORM_NONE if shift is None else NORM_STATS
-    loss, _ = launch_forward(x, target, index, shift, scale, norm, nan_to_num, reduction, gap=gap)
-    return loss
+def masked_mse_forward(x, target, index, stats: tuple, mode: Mode) -> torch.Tensor:
+    """norm "none" (stats ()) or "stats" ((μ, 1/σ)): the loss ([] or [B, K] in x.dtype)."""
+    return launch_forward(x, target, index, stats, mode._replace(norm=NORM_STATS if stats else NORM_NONE))[0]
 
 
-def masked_mse_backward(grad_loss, x, target, inv_ptr, inv_k, shift, scale, nan_to_num: bool, reduction: int,
-                        gap=(0, 0), needs=(True, True)):
+def masked_mse_backward(grad_loss, x, target, inverse: tuple, stats: tuple, mode: Mode):
     """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c]), None where not needed."""
-    norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
-    return launch_backward(grad_loss, x, target, inv_ptr, inv_k, norm, stats, nan_to_num, reduction, gap=gap,
-                           needs=needs)
+    return launch_backward(grad_loss, x, target, inverse, stats, mode._replace(norm=NORM_STATS if stats else NORM_NONE))
 
 
-def clean_forward(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
-    """clean_features, norm "none" (shift = scale = None) or "stats": z [B, K] in x.dtype, one launch."""
-    norm = NORM_NONE if shift is None else NORM_STATS
+def clean_forward(x, index, stats: tuple, mode: Mode) -> torch.Tensor:
+    """clean_features, norm "none" (stats ()) or "stats": z [B, K] in x.dtype, one launch."""
     if x.shape[0] == 0:
         return x.new_empty((0, index.shape[0]))
-    z, _ = launch_forward(x, None, index, shift, scale, norm, nan_to_num, REDUCTION_NONE, clean=True)
-    return z
+    mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE, reduction=REDUCTION_NONE, clean=True)
+    return launch_forward(x, None, index, stats, mode)[0]
 
 
-def clean_backward(grad_z, x, inv_ptr, inv_k, shift, scale, nan_to_num: bool) -> torch.Tensor:
+def clean_backward(grad_z, x, inverse: tuple, stats: tuple, mode: Mode) -> torch.Tensor:
     """clean_features, norm "none" / "stats": grad_x [B, D], one launch."""
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    norm, stats = (NORM_NONE, ()) if shift is None else (NORM_STATS, (shift, scale))
-    return launch_backward(grad_z, x, None, inv_ptr, inv_k, norm, stats, nan_to_num, REDUCTION_NONE, clean=True)
+    mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE, reduction=REDUCTION_NONE, clean=True)
+    return launch_backward(grad_z, x, None, inverse, stats, mode)

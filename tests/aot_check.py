@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 from fusedvq.kernels import batch_stats as bs
 from fusedvq.kernels import masked_mse as mm
-from fusedvq.kernels import settings
+from fusedvq.kernels import launch as settings
 
 ARCHS = (80, 90)
 FLOAT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}

@@ -152,18 +152,18 @@ def test_gradcheck_reference(reduction):
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_opcheck(use_triton, reduction):
     """Both registered ops of norm="batch", forward (with its autograd) and backward."""
-    from fusedvq.columns import build_column_map
+    from fusedvq.arguments import build_column_map
 
     g = torch.Generator().manual_seed(11)
     cmap = build_column_map(torch.tensor([1, 3, 3, 0]), 5)
     x = torch.randn(9, 5, generator=g, requires_grad=True)
     r = torch.randn(9, 4, generator=g, requires_grad=True)
-    args = (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, 1e-8, True, reduction, use_triton, "")
+    args = (x, r, list(cmap), 1e-8, "", [1, reduction, int(use_triton), 0, 0])
     torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, args)
     loss, stats, colsums = torch.ops.fusedvq.batch_mse_forward(*args)
     grad = torch.rand(loss.shape, generator=g) + 0.5
-    bwd_args = (grad, x.detach(), r.detach(), cmap.index, cmap.inv_ptr, cmap.inv_k, stats.detach(),
-                colsums.detach(), True, reduction, use_triton, "")
+    bwd_args = (grad, x.detach(), r.detach(), list(cmap), [stats.detach(), colsums.detach()], "",
+                [1, reduction, int(use_triton), 0, 0, 1, 1])
     torch.library.opcheck(torch.ops.fusedvq.batch_mse_backward.default, bwd_args)
 
 

@@ -19,7 +19,7 @@ from fusedvq.checkpoint import (
     load_feature_spec,
     read_checkpoint,
 )
-from fusedvq.module import MaskedMSELoss
+from fusedvq.loss import MaskedMSELoss
 
 FIXTURES = shared_dir() / "fixtures" / "spinlock"
 

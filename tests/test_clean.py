@@ -227,17 +227,17 @@ def test_compile_fullgraph_vq_led_step(backend, norm):
 
 
 def _op_args(norm, use_triton, nan_to_num=True):
-    from fusedvq.canonical import prepare
+    from fusedvq.arguments import prepare
 
     g = torch.Generator().manual_seed(4)
     columns, mean, std = random_case(9, 11, 7, mask=False, duplicates=True, generator=g)
-    norm_id = NORMS.index(norm)
-    cmap, _, shift, scale = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None,
-                                    11, 7, norm_id, None, torch.float32, "cpu")
+    plan = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None, num_features=11,
+                   norm=norm)
     x = torch.randn(9, 11, generator=g, requires_grad=True)
+    mode = [int(nan_to_num), 0, int(use_triton), 0, 0]
     if norm == "batch":
-        return (x, cmap.index, cmap.inv_ptr, cmap.inv_k, 1e-8, nan_to_num, use_triton, "")
-    return (x, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, nan_to_num, use_triton)
+        return (x, list(plan.columns), 1e-8, "", mode)
+    return (x, list(plan.columns), [plan.shift, plan.scale] if norm == "stats" else [], mode)
 
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
@@ -248,13 +248,13 @@ def test_opcheck(use_triton, norm):
     if norm == "batch":
         torch.library.opcheck(torch.ops.fusedvq.batch_clean_forward.default, args)
         z, stats = torch.ops.fusedvq.batch_clean_forward(*args)
-        bwd = (torch.randn_like(z), *(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:4]),
-               stats.detach(), *args[5:])
+        x, columns, _, group, mode = args
+        bwd = (torch.randn_like(z), x.detach(), columns, stats.detach(), group, mode)
         torch.library.opcheck(torch.ops.fusedvq.batch_clean_backward.default, bwd)
     else:
         torch.library.opcheck(torch.ops.fusedvq.clean_forward.default, args)
         z = torch.ops.fusedvq.clean_forward(*args)
-        bwd = (torch.randn_like(z), *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        bwd = (torch.randn_like(z), args[0].detach(), *args[1:])
         torch.library.opcheck(torch.ops.fusedvq.clean_backward.default, bwd)
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import fusedvq
-from fusedvq import cpu
+from fusedvq import ops as routing
+from fusedvq.arguments import prepare
+from fusedvq.cpu import stats as cpu
+from fusedvq.kernels.plan import COMPUTE_DTYPE
 from fusedvq.ops import loss as op
-from fusedvq.canonical import prepare
-from fusedvq.contract import NORMS, REDUCTIONS, compute_dtype
 from oracle import TOLERANCE, oracle, random_case, rel_err
 
 B, D, K = 37, 187, 171
@@ -38,13 +39,13 @@ def _case(dtype, selector, nan_to_num, seed):
 def _run(path, x, r, columns, mean, std, norm, nan_to_num, reduction, monkeypatch):
     """The loss of one path, with autograd attached to x and r."""
     if path == "registered-op":  # what torch.compile runs: cpu.masked_mse_forward / masked_mse_backward
-        cmap, _, shift, scale = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None,
-                                        D, r.shape[1], NORMS.index(norm), None, compute_dtype(x.dtype), x.device)
-        loss, _, _ = op.masked_mse_forward(x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, nan_to_num,
-                                           REDUCTIONS.index(reduction), False)
+        plan = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None, num_features=D,
+                       num_kept=r.shape[1], reduction=reduction, dtype=COMPUTE_DTYPE[x.dtype], norm=norm)
+        stats = [plan.shift, plan.scale] if norm == "stats" else []
+        loss, _, _ = op.masked_mse_forward(x, r, list(plan.columns), stats, [int(nan_to_num), plan.reduction, 0, 0, 0])
         return loss
     if path == "blocked":
-        monkeypatch.setattr(cpu, "_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
     stats = (mean, std) if norm == "stats" else (None, None)
     return fusedvq.masked_mse(x, r, columns, *stats, norm=norm, nan_to_num=nan_to_num, reduction=reduction,
                               backend="reference")
@@ -105,7 +106,7 @@ def test_target_without_grad(small_blocks, monkeypatch, path):
 def test_backward_twice_through_one_graph(small_blocks, monkeypatch):
     """The first backward spends the forward's diff (grad_target is written over it); a second one, with
     retain_graph, must compute it again and still be exact."""
-    monkeypatch.setattr(cpu, "_COMPOSED_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
     x, r, columns, mean, std = _case(torch.float32, "duplicates", False, seed=8)
     x.requires_grad_()
     r.requires_grad_()

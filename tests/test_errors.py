@@ -195,5 +195,5 @@ def test_integer_index_module_needs_num_features():
 def test_module_on_wrong_device():
     x, r, mask, mean, std = _case()
     loss = fusedvq.MaskedMSELoss(mask, mean, std).to("meta")
-    with raises(ValueError, "features are on cpu but the module's buffers are on meta: call .to('cpu') on the MaskedMSELoss"):
+    with raises(ValueError, "features are on cpu but the module's buffers are on meta: call .to('cpu') on the module"):
         loss(x, r)

@@ -95,7 +95,7 @@ def test_stats_loss_and_clean_float64(B, D, K):
 @pytest.mark.parametrize("count", [300, torch.tensor(300.0, dtype=torch.float64)])  # this batch, merged ranks
 def test_finalized_batch_statistics_stay_float64(count):
     """The weights of the batch-statistics backward, w = 1/(N − 1) and 1/N, are float64 for float64 moments."""
-    from fusedvq.reference import STAT_INV_N, STAT_W, finalize_batch_stats
+    from fusedvq.cpu.batch import STAT_INV_N, STAT_W, finalize_batch_stats
 
     m2 = torch.rand(5, dtype=torch.float64) + 1
     stats = finalize_batch_stats(count, torch.zeros_like(m2), torch.zeros_like(m2), m2, 1e-8)

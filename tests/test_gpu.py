@@ -186,15 +186,15 @@ def test_no_host_sync_in_feature_cleaner(norm):
 def test_reference_ops_on_cuda_do_not_sync(op):
     """The registered ops' reference implementation (what torch.compile runs for backend="reference" on CUDA
     tensors) asks no finiteness question of the device: no host synchronization, forward or backward."""
-    from fusedvq.canonical import prepare
+    from fusedvq.arguments import prepare
 
     x, r, mask, _, _ = _setup(B=64)
-    cmap, _, _, _ = prepare(mask, None, None, 187, 171, 2, None, torch.float32, torch.device("cuda"))
+    plan = prepare(mask.cuda(), num_features=187, norm="batch")
     x.requires_grad_()
     r.requires_grad_()
-    args = (cmap.index, cmap.inv_ptr, cmap.inv_k, 1e-8, True)
-    run = (lambda: torch.ops.fusedvq.batch_mse_forward(x, r, *args, 1, False, "")[0]) if op == "loss" else (
-        lambda: torch.ops.fusedvq.batch_clean_forward(x, *args, False, "")[0].square().mean())
+    columns, mode = list(plan.columns), [1, 1, 0, 0, 0]
+    run = (lambda: torch.ops.fusedvq.batch_mse_forward(x, r, columns, 1e-8, "", mode)[0]) if op == "loss" else (
+        lambda: torch.ops.fusedvq.batch_clean_forward(x, columns, 1e-8, "", mode)[0].square().mean())
     run().backward()  # warm-up
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedvq import cpu
-from fusedvq.columns import build_column_map
-from fusedvq.module import MaskedMSELoss
+from fusedvq import ops as routing
+from fusedvq.cpu import stats as cpu
+from fusedvq.arguments import build_column_map
+from fusedvq.loss import MaskedMSELoss
 from helpers import interpreting
 
 PATHS = ["composed", "blocked",
@@ -37,8 +38,8 @@ def _case(B, seed):
 @pytest.mark.parametrize("wants", ["x", "target"])
 def test_only_the_wanted_gradient(monkeypatch, path, norm, reduction, wants):
     if path == "blocked":
-        monkeypatch.setattr(cpu, "_COMPOSED_MAX_ELEMENTS", 0)
-        monkeypatch.setattr(cpu, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(routing, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
         monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
     index, mean, std, x, r = _case(33, seed=len(norm) + len(wants))
     stats = dict(mean=mean, std=std) if norm == "stats" else {}
@@ -70,18 +71,18 @@ def test_the_backward_op_allocates_only_what_is_wanted(use_triton, batch):
     cmap = build_column_map(index, D)
     ops = torch.ops.fusedvq
     if batch:
-        _, stats, colsums = ops.batch_mse_forward(x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, 1e-8, False, 1,
-                                                  use_triton, "", 0, 0)
+        mode = [0, 1, int(use_triton), 0, 0]
+        _, stats, colsums = ops.batch_mse_forward(x, r, list(cmap), 1e-8, "", mode)
         def backward(nx, nr):
-            return ops.batch_mse_backward(torch.tensor(1.0), x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, stats,
-                                          colsums, False, 1, use_triton, "", 0, 0, nx, nr)
+            return ops.batch_mse_backward(torch.tensor(1.0), x, r, list(cmap), [stats, colsums], "",
+                                          [*mode, int(nx), int(nr)])
     else:
         shift, scale = mean[index], std[index].reciprocal()
-        _, diff, finite = ops.masked_mse_forward(x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, False, 1,
-                                                 use_triton, 0, 0)
+        mode = [0, 1, int(use_triton), 0, 0]
+        _, diff, finite = ops.masked_mse_forward(x, r, list(cmap), [shift, scale], mode)
         def backward(nx, nr):
-            return ops.masked_mse_backward(torch.tensor(1.0), x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift,
-                                           scale, diff, finite, False, 1, use_triton, 0, 0, nx, nr)
+            return ops.masked_mse_backward(torch.tensor(1.0), x, r, list(cmap), [shift, scale], [diff, finite],
+                                           [*mode, int(nx), int(nr)])
     full_x, full_r = backward(True, True)
     only_x, none_r = backward(True, False)
     none_x, only_r = backward(False, True)

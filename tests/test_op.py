@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedvq
-from fusedvq.columns import build_column_map
+from fusedvq.arguments import build_column_map
 from helpers import interpreting
 from oracle import random_case, rel_err
 
@@ -31,9 +31,8 @@ def _op_args(use_triton, reduction, nan_to_num, norm="stats"):
     cmap = build_column_map(columns, 12)
     x = torch.randn(7, 12, generator=g, requires_grad=True)
     r = torch.randn(7, 9, generator=g, requires_grad=True)
-    shift = mean[columns] if norm == "stats" else None
-    scale = std[columns].reciprocal() if norm == "stats" else None
-    return (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, nan_to_num, reduction, use_triton)
+    stats = [mean[columns], std[columns].reciprocal()] if norm == "stats" else []
+    return (x, r, list(cmap), stats, [int(nan_to_num), reduction, int(use_triton), 0, 0])
 
 
 USE_TRITON = [False, pytest.param(True, marks=pytest.mark.skipif(not interpreting, reason="interpreter"))]
@@ -51,10 +50,10 @@ def test_opcheck(use_triton, reduction, nan_to_num):
 def test_opcheck_norm_none_and_backward_op(use_triton):
     args = _op_args(use_triton, 1, False, norm="none")
     torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
-    x, r, index, inv_ptr, inv_k, shift, scale, n2n, red, ut = _op_args(use_triton, 1, True)
-    _, diff, finite = torch.ops.fusedvq.masked_mse_forward(x, r, index, inv_ptr, inv_k, shift, scale, n2n, red, ut)
-    bwd_args = (torch.tensor(1.3), x.detach(), r.detach(), index, inv_ptr, inv_k, shift, scale, diff.detach(),
-                finite.detach(), n2n, red, ut)
+    x, r, columns, stats, mode = _op_args(use_triton, 1, True)
+    _, diff, finite = torch.ops.fusedvq.masked_mse_forward(x, r, columns, stats, mode)
+    bwd_args = (torch.tensor(1.3), x.detach(), r.detach(), columns, stats, [diff.detach(), finite.detach()],
+                [*mode, 1, 1])
     torch.library.opcheck(torch.ops.fusedvq.masked_mse_backward.default, bwd_args)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fusedvq
-from fusedvq import cpu
+from fusedvq import ops as routing
+from fusedvq.cpu import stats as cpu
 from helpers import BACKENDS
 from oracle import batch_oracle, oracle, random_case, rel_err
 
@@ -30,8 +31,8 @@ class _Offload:
 @pytest.fixture
 def blocked(monkeypatch):
     """The blocked CPU paths (not the small-batch composition), several row blocks."""
-    monkeypatch.setattr(cpu, "_COMPOSED_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(cpu, "_BATCH_COMPOSED_MAX_ELEMENTS", 0, raising=False)
+    monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(routing, "_BATCH_COMPOSED_MAX_ELEMENTS", 0, raising=False)
     monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 7 * K)
 
 

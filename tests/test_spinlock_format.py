@@ -445,7 +445,7 @@ def test_feature_names_of_the_original_columns_do_not_place_the_embeddings(tmp_p
 
 
 def test_an_inference_mode_call_does_not_poison_later_training(tmp_path):
-    from fusedvq.module import MaskedMSELoss
+    from fusedvq.loss import MaskedMSELoss
 
     loss_fn = MaskedMSELoss(torch.arange(5), num_features=7, norm="none", target_gap=(2, 3))
     with torch.inference_mode():

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedvq import cpu
-from fusedvq.columns import build_column_map
-from fusedvq.module import MaskedMSELoss
+from fusedvq import ops as routing
+from fusedvq.cpu import stats as cpu
+from fusedvq.arguments import build_column_map
+from fusedvq.loss import MaskedMSELoss
 from helpers import interpreting
 
 PATHS = [
@@ -64,8 +65,8 @@ def _oracle(x, r, index, mean, std, at, norm, reduction, nan_to_num, w):
 def test_gap_matches_the_oracle(monkeypatch, path, norm, reduction, at):
     B = 37
     if path == "blocked":
-        monkeypatch.setattr(cpu, "_COMPOSED_MAX_ELEMENTS", 0)
-        monkeypatch.setattr(cpu, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(routing, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
         monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)  # several row blocks
     index, mean, std, x, r, g = _case(B, at, seed=at + 3, nan=True, strided=at == 11)
     stats = dict(mean=mean.float(), std=std.float()) if norm == "stats" else {}
@@ -116,11 +117,11 @@ def test_opcheck_with_a_gap(use_triton, batch):
     cmap = build_column_map(index, D)
     x, r = x.requires_grad_(), r.requires_grad_()
     if batch:
-        args = (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, 1e-8, False, 1, use_triton, "", 12, C)
+        args = (x, r, list(cmap), 1e-8, "", [0, 1, int(use_triton), 12, C])
         torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, args)
     else:
         shift, scale = mean[index].float(), std[index].float().reciprocal()
-        args = (x, r, cmap.index, cmap.inv_ptr, cmap.inv_k, shift, scale, False, 1, use_triton, 12, C)
+        args = (x, r, list(cmap), [shift, scale], [0, 1, int(use_triton), 12, C])
         torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
 
 
@@ -129,7 +130,7 @@ def test_gap_with_float32_edge_columns(monkeypatch, path):
     # A column constant within the batch (σ → 1, z = 0 exactly), one at 1e4 ± 0.01,
     # one of 1e17 (its M2 near the float32 range).
     if path == "blocked":
-        monkeypatch.setattr(cpu, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(routing, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
         monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
     index, _, _, x, r, g = _case(40, 11, seed=9)
     x[:, index[0]] = 3.25

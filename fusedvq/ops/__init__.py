@@ -1,20 +1,319 @@
-"""The registered torch.library ops of fusedvq: a forward and a backward op per fused computation, and one
-autograd definition between them (definition.py), which eager calls share (calls.py).
+"""The routing point: every call of fusedvq's losses and cleaners passes through `call_loss` or `call_clean` here, which
+check the call's tensors against its Plan (arguments.py; shapes, dtypes, devices: free, no values read),
+choose the implementation, and attach autograd:
 
-    loss.py    fusedvq::masked_mse_forward / _backward     the loss, norm "none" / "stats"
-               fusedvq::batch_mse_forward / _backward      the loss, norm "batch"
-    clean.py   fusedvq::clean_forward / _backward          clean_features, norm "none" / "stats"
-               fusedvq::batch_clean_forward / _backward    clean_features, norm "batch"
+    traced (torch.compile, export)    the registered op (loss.py, clean.py), which the tracer needs
+    torch.func, or the CPU at small B the plain composition of reference.py, differentiated by autograd
+    eager otherwise                   the op's autograd Definition run by _Eager without the dispatcher:
+                                      the same implementations, saved tensors and backward, without the
+                                      ~190 µs of schema parsing and dispatch per forward+backward
 
-Every op takes use_triton: the implementation is chosen by the caller's backend ("auto": Triton for CUDA
-tensors) rather than by the tensors' device alone, because both other pairings are real uses: the
-reference path on CUDA (to compare against, or where Triton is missing) and the Triton kernels on CPU
-tensors under TRITON_INTERPRET=1 (how the kernels are tested without a GPU). The ops contain no host
-synchronization and have fake implementations, so torch.compile traces them and CUDA graphs capture them.
-Arguments are validated by the callers (functional.py, module.py, clean.py) before they reach these ops.
+The implementation is chosen by the call's backend, not by the tensors' device alone: "auto" is Triton for
+CUDA tensors (when triton imports) and the PyTorch path elsewhere, and both other pairings are real uses
+— backend="reference" on CUDA, and the Triton kernels on CPU tensors under TRITON_INTERPRET=1, which is
+how CI runs the kernels — so the op schemas carry use_triton in their integer `mode` list:
+    mode = [nan_to_num, reduction, use_triton, gap_at, gap] (+ [needs_x, needs_target] for backwards)
 """
 
-from .clean import BATCH_CLEAN, CLEAN
-from .loss import BATCH_MSE, MASKED_MSE
+from __future__ import annotations
 
-__all__ = ["MASKED_MSE", "BATCH_MSE", "CLEAN", "BATCH_CLEAN"]
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..kernels.plan import NORM_BATCH, Mode, COMPUTE_DTYPE
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once, without importing it
+
+
+def call_loss(features: Tensor, target: Tensor, plan, signature: str) -> Tensor:
+    """The loss of features [B, D] against target [B, K (+ gap)] under `plan` (arguments.Plan); signature:
+    the call in its right order, with {} for the two widths, to say when the arguments look swapped."""
+    check_pair(features, target, allow_empty=_synced(plan))
+    check_widths(features, target, plan, signature)
+    use_triton, group, mode = _route(features, plan)
+    columns, K, gap = list(plan.columns), plan.columns.index.shape[0], plan.gap
+    eager = not torch.compiler.is_compiling()
+    if plan.norm == NORM_BATCH:
+        if not eager:
+            return _op_loss.batch_mse_forward(features, target, columns, plan.eps, group, mode)[0]
+        if under_functorch() or (not use_triton and not group and use_composed(features, K, True, gap[1] > 0)):
+            refuse_synced_higher_order(group, "torch.func transforms")
+            return reference.batch_mse_composed(features, target, columns[0], plan.eps, plan.nan_to_num,
+                                                plan.reduction, gap)
+        return _Eager.apply(_op_loss.BATCH_MSE, features, target, columns, plan.eps, group, mode)
+    stats = _stats_for(plan, features)
+    if not eager:
+        return _op_loss.masked_mse_forward(features, target, columns, stats, mode)[0]
+    if under_functorch() or (not use_triton and use_composed(features, K, False, gap[1] > 0)):
+        shift, scale = stats if stats else (None, None)
+        return reference.masked_mse_composed(features, target, columns[0], shift, scale, plan.nan_to_num,
+                                             plan.reduction, gap)
+    return _Eager.apply(_op_loss.MASKED_MSE, features, target, columns, stats, mode)
+
+
+def call_clean(features: Tensor, plan) -> Tensor:
+    """clean_features of features [B, D] under `plan`: z [B, K]."""
+    check_pair(features, None, allow_empty=_synced(plan))
+    check_widths(features, None, plan)
+    use_triton, group, mode = _route(features, plan)
+    columns, K = list(plan.columns), plan.columns.index.shape[0]
+    eager = not torch.compiler.is_compiling()
+    if plan.norm == NORM_BATCH:
+        if not eager:
+            return _op_clean.batch_clean_forward(features, columns, plan.eps, group, mode)[0]
+        if under_functorch() or (not use_triton and not group and use_composed(features, K, True)):
+            refuse_synced_higher_order(group, "torch.func transforms")
+            return reference.batch_clean_composed(features, columns[0], plan.eps, plan.nan_to_num)
+        return _Eager.apply(_op_clean.BATCH_CLEAN, features, columns, plan.eps, group, mode)
+    stats = _stats_for(plan, features)
+    if not eager:
+        return _op_clean.clean_forward(features, columns, stats, mode)
+    if under_functorch() or (not use_triton and use_composed(features, K)):
+        shift, scale = stats if stats else (None, None)
+        return reference.clean_composed(features, columns[0], shift, scale, plan.nan_to_num)
+    return _Eager.apply(_op_clean.CLEAN, features, columns, stats, mode)
+
+
+def _synced(plan) -> bool:
+    return plan.sync[0] or plan.sync[1] is not None
+
+
+def _route(features: Tensor, plan) -> tuple[bool, str, list]:
+    """(use_triton, the statistics' group key, the op's mode list)."""
+    if plan.columns.index.device != features.device:
+        raise ValueError(f"features are on {features.device} but the module's buffers are on "
+                         f"{plan.columns.index.device}: call .to({str(features.device)!r}) on the module")
+    use_triton = use_triton_for(plan.backend, features)
+    group = ""
+    if plan.norm == NORM_BATCH:
+        if _synced(plan):
+            from .distributed import group_key
+
+            group = group_key(plan.sync[1])
+        elif features.shape[0] < 2:
+            raise ValueError(
+                f'norm="batch" needs at least 2 rows for the unbiased std, got a batch of {features.shape[0]}: use '
+                f'frozen statistics (norm="stats"), a larger batch, or sync_stats=True to pool rows across ranks')
+    return use_triton, group, [int(plan.nan_to_num), plan.reduction, int(use_triton), *plan.gap]
+
+
+def _stats_for(plan, features: Tensor) -> list:
+    """[shift, scale] in the features' compute dtype (float64 features widen float32 statistics), or []."""
+    if plan.shift is None:
+        return []
+    cdt = COMPUTE_DTYPE[features.dtype]
+    if plan.shift.dtype != cdt:
+        return [plan.shift.to(cdt), plan.scale.to(cdt)]
+    return [plan.shift, plan.scale]
+
+
+def kernel_mode(mode: list, norm: int = 0, needs=(True, True)) -> Mode:
+    """The kernels' and the CPU paths' Mode of an op's mode list."""
+    return Mode(norm, bool(mode[0]), mode[1], (mode[3], mode[4]), needs)
+
+
+# Up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++ backward win on the CPU;
+# above it its batch-sized temporaries cost more than the blocked path (measured at K = 171: composed ahead
+# at B = 1024 and 2048). norm "batch": composed ahead at B = 4 and 64, blocked from 256 on. A target with a
+# gap (K = 143, c = 28): composed ahead at B = 256, blocked from 1024 on.
+_COMPOSED_MAX_ELEMENTS, _BATCH_COMPOSED_MAX_ELEMENTS, _GAP_COMPOSED_MAX_ELEMENTS = 1 << 18, 1 << 14, 1 << 16
+
+
+def use_composed(x: Tensor, num_kept: int, batch: bool = False, gapped: bool = False) -> bool:
+    """Whether an eager PyTorch-path call takes reference.py's composition rather than cpu/'s blocked passes:
+    on the CPU up to the limits above, always elsewhere (backend="reference" on CUDA)."""
+    limit = _BATCH_COMPOSED_MAX_ELEMENTS if batch else _COMPOSED_MAX_ELEMENTS
+    if gapped:
+        limit = min(limit, _GAP_COMPOSED_MAX_ELEMENTS)
+    return x.device.type != "cpu" or x.shape[0] * num_kept <= limit
+
+
+def under_functorch() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is running: calls then take the plain composition."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def triton_importable() -> bool:
+    return _TRITON_INSTALLED
+
+
+def use_triton_for(backend: str, features: Tensor) -> bool:
+    """Resolve backend ("auto", "triton", "reference") for these features; errors say why Triton can't run."""
+    if backend == "reference":
+        if features.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"features dtype {features.dtype} is not supported")
+        return False
+    if backend == "auto":
+        return features.is_cuda and features.dtype in TRITON_DTYPES and _TRITON_INSTALLED
+    if features.dtype not in TRITON_DTYPES:
+        raise TypeError(f'backend="triton" supports float32, float16 and bfloat16, got {features.dtype} '
+                        f'(use backend="reference" for float64)')
+    if not _TRITON_INSTALLED:
+        raise RuntimeError('backend="triton" needs triton, which is not installed: pip install triton (CUDA '
+                           'builds of torch bring it)')
+    if not features.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(f'backend="triton" needs CUDA tensors (features are on {features.device}); to run the '
+                           f'kernels on the CPU, set TRITON_INTERPRET=1 before triton is imported')
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# The checks of a call's tensors: free (no values read, no host synchronization), naming the numbers
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_dense(t: Tensor, name: str, meta: bool = True) -> None:
+    """A dense (strided) tensor with data: sparse and nested tensors, and tensors on the meta device, are not
+    supported by the loss's kernels."""
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor, which fusedvq does not support: pass a dense [rows, columns] "
+                        f"tensor")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a sparse tensor ({str(t.layout).replace('torch.', '')}), which fusedvq does not "
+                        f"support: pass {name}.to_dense()")
+    if meta and t.device.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError(f"{name} is on the meta device (a shape without values): fusedvq needs real data")
+
+
+def check_pair(features: Tensor, target: Optional[Tensor], allow_empty: bool = False) -> None:
+    """Types, layouts, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (target None: x alone).
+    B = 0 only if allowed: a rank without rows still takes part in cross-rank statistics."""
+    for name, t in (("features", features), ("target", target)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_nested:
+            check_dense(t, name, meta=False)  # (meta after the device check: a device mismatch is said first)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, columns], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}")
+    if target is not None:
+        if features.dtype != target.dtype:
+            raise TypeError(f"features and target must share one dtype, got features {features.dtype} and target "
+                            f"{target.dtype}")
+        if features.device != target.device:
+            meta = " (the meta device holds shapes without values: fusedvq needs real data)" if "meta" in (
+                features.device.type, target.device.type) else ""
+            raise ValueError(f"features are on {features.device} but target is on {target.device}: put both on one "
+                             f"device{meta}")
+        if target.shape[0] != features.shape[0]:
+            raise ValueError(f"features have {features.shape[0]} rows but target has {target.shape[0]}: the batch "
+                             f"sizes must match")
+    if features.device.type == "meta":
+        check_dense(features, "features")
+    if features.shape[0] == 0 and not allow_empty:
+        raise ValueError("the batch is empty (0 rows): " + ("there is nothing to clean" if target is None else
+                                                            "the loss of no rows is undefined"))
+
+
+def check_order(first: Tensor, second: Optional[Tensor], want_first: int, want_second: int, signature: str) -> None:
+    """Refuse a pair given the other way round (as in F.mse_loss(recon, features)): `first` has the width
+    `second` should have and the other way round. signature: the right order, with {} for the widths."""
+    if second is None or want_first == want_second or first.dim() != 2 or second.dim() != 2:
+        return
+    if (first.shape[1], second.shape[1]) == (want_second, want_first):
+        raise ValueError(f"the arguments look swapped: got [B, {first.shape[1]}] then [B, {second.shape[1]}], but "
+                         f"the order is " + signature.format(want_first, want_second))
+
+
+def check_widths(features: Tensor, target: Optional[Tensor], plan, signature: Optional[str] = None) -> None:
+    """x has the D columns the plan was built for and r (when given) its K kept columns (the 171/187
+    mismatch), plus the gap's skipped columns of a hybrid decoder's output."""
+    D, K, skipped, selector = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0], plan.gap[1], plan.selector
+    if signature is not None:
+        check_order(features, target, D, K + skipped, signature)
+    if features.shape[1] != D:
+        raise ValueError(f"features have {features.shape[1]} columns but the {selector} was built for {D} feature "
+                         f"columns (it keeps {K} of {D})")
+    if target is not None and target.shape[1] != K + skipped:
+        raise ValueError(
+            f"target has {target.shape[1]} columns but must have {K + skipped}: the {K} kept columns and the "
+            f"{skipped} columns the loss skips (target_gap)" if skipped else
+            f"target has {target.shape[1]} columns but the {selector} keeps {K} of the {D} feature columns — pass "
+            f"the decoder's {K}-column reconstruction")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One autograd definition per op, registered once and run eagerly by _Eager
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Definition:
+    """The autograd of one forward op: forward(*inputs) -> outputs (outputs[0], or the one output, is the
+    result; the rest are saved); setup_context(ctx, inputs, outputs); backward(ctx, grad, needs, eager) -> the
+    gradients of all inputs (needs: which of the `differentiable` leading inputs want one; eager: called by
+    _Eager, whose ctx is private to one call); composed(ctx) -> (fn, tensors) with fn(*tensors) the result as
+    plain torch ops, for create_graph=True."""
+
+    name: str
+    forward: Callable
+    setup_context: Callable
+    backward: Callable
+    composed: Callable
+    differentiable: int  # leading inputs with gradients: 2 (features, target) or 1 (features)
+
+    def register(self) -> "Definition":
+        torch.library.register_autograd(self.name, self._registered_backward, setup_context=self._registered_setup)
+        return self
+
+    def _registered_setup(self, ctx, inputs, output):
+        self.setup_context(ctx, inputs, output)
+        # The registered backward returns a gradient per input in its structure: Nones for a list of tensors.
+        ctx.no_grads = tuple([None] * len(a) if isinstance(a, (list, tuple)) and all(
+            isinstance(t, Tensor) for t in a) else None for a in inputs[self.differentiable :])
+
+    def _registered_backward(self, ctx, grad, *_unused_output_grads):
+        grads = self.backward(ctx, grad, tuple(ctx.needs_input_grad[: self.differentiable]), False)
+        return (*grads[: self.differentiable], *ctx.no_grads)
+
+
+class _Eager(torch.autograd.Function):
+    """An op's Definition, run eagerly: forward = its implementation and setup_context, backward = its
+    backward (or, with create_graph=True, its composition's autograd)."""
+
+    @staticmethod
+    def forward(ctx, definition: Definition, *inputs):
+        outputs = definition.forward(*inputs)
+        definition.setup_context(ctx, inputs, outputs)
+        ctx.definition = definition
+        return outputs[0] if isinstance(outputs, tuple) else outputs
+
+    @staticmethod
+    def backward(ctx, grad):
+        definition = ctx.definition
+        needs = tuple(ctx.needs_input_grad[1 : 1 + definition.differentiable])
+        rest = (None,) * (len(ctx.needs_input_grad) - 1 - definition.differentiable)
+        if torch.is_grad_enabled():  # create_graph=True: the composition's own, differentiable gradients
+            fn, tensors = definition.composed(ctx)
+            inputs = [t for t, need in zip(tensors, needs) if need]
+            grads = iter(torch.autograd.grad(fn(*tensors), inputs, grad, create_graph=True, allow_unused=True))
+            return (None, *(next(grads) if need else None for need in needs), *rest)
+        return (None, *definition.backward(ctx, grad, needs, True)[: definition.differentiable], *rest)
+
+
+def refuse_synced_higher_order(group: str, what: str) -> None:
+    if group:
+        raise NotImplementedError(f'norm="batch" with sync_stats / process_group does not support {what}: the '
+                                  f"statistics come from collectives over all ranks. Use sync_stats=False here")
+
+
+def kernels():
+    """fusedvq.kernels' entry points (imported on first use: they import triton)."""
+    from .. import kernels as module
+
+    return module
+
+
+from . import clean as _op_clean  # noqa: E402  (the op modules build on the Definition above)
+from . import loss as _op_loss  # noqa: E402

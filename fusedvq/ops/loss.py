@@ -1,226 +1,212 @@
 """The loss as registered ops: norm "none" / "stats" and norm "batch", each a forward and a backward op with
-one autograd definition (definition.py).
+one autograd Definition (ops/__init__.py runs it eagerly, torch.library.register_autograd when traced).
 
-    fusedvq::masked_mse_forward(x, target, index, inv_ptr, inv_k, shift?, scale?, nan_to_num, reduction,
-                                use_triton, gap_at, gap) -> (loss, diff, finite)
-    fusedvq::masked_mse_backward(grad, x, target, index, inv_ptr, inv_k, shift?, scale?, diff, finite,
-                                 nan_to_num, reduction, use_triton, gap_at, gap, needs_x, needs_target)
-                                 -> (grad_x, grad_target)
-    fusedvq::batch_mse_forward(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton,
-                               group, gap_at, gap) -> (loss, stats [5, K], colsums [2, K], or [0, K] for none)
-    fusedvq::batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
-                                reduction, use_triton, group, gap_at, gap, needs_x, needs_target)
-                                -> (grad_x, grad_target)
+    fusedvq::masked_mse_forward(x, target, columns, stats, mode) -> (loss, diff, finite)
+    fusedvq::masked_mse_backward(grad, x, target, columns, stats, saved, mode) -> (grad_x, grad_target)
+    fusedvq::batch_mse_forward(x, target, columns, eps, group, mode) -> (loss, stats [5, K], colsums)
+    fusedvq::batch_mse_backward(grad, x, target, columns, saved, group, mode) -> (grad_x, grad_target)
 
-gap_at, gap: the target is [B, K + gap] and its columns gap_at .. gap_at + gap − 1 are skipped (a hybrid
-VQ-VAE's embedding columns), read and written in place; gap = 0 is the plain [B, K] target. needs_x / needs_target: which gradients autograd wants; the other is
-neither computed into memory nor written (the op returns a 0-element placeholder for it).
+columns = [index [K] int64, inv_ptr [D+1] int32, inv_k [K] int32] (kernels/plan.py's ColumnMap: inputs,
+so that autograd saves them for the backward, which writes grad_x as a gather through the inverse);
+stats = [] (norm "none") or [μ, 1/σ] [K] in the compute dtype; mode = [nan_to_num, reduction, use_triton,
+gap_at, gap] and, for backwards, [needs_x, needs_target]: the gradient not wanted is neither computed into
+memory nor written (a 0-element placeholder comes back). The target is [B, K + gap], its columns gap_at ..
+gap_at + gap − 1 skipped (a hybrid VQ-VAE's embedding columns), read and written in place.
 
-diff and finite are what the forward saves for the backward: the CPU implementation keeps diff [B, K] (and
-the finite mask with nan_to_num) to avoid a second gather; the Triton kernels recompute z in the backward,
-save nothing but the inputs and return both empty. inv_ptr / inv_k (the ColumnMap's inverse) are inputs
-so that autograd saves them for the backward, which writes grad_x as a gather through them.
-group: "" for this batch's own statistics, else a key from distributed.group_key (all ranks' rows).
+saved: norm "none"/"stats" [diff, finite] — the CPU path keeps diff [B, K] (and the finite mask with
+nan_to_num) to avoid a second gather, the kernels recompute z and return both empty; norm "batch"
+[stats [5, K], colsums [2, K] ([0, K] for reduction "none")]. group: "" for this batch's own statistics,
+else a key from ops/distributed.py (all ranks' rows).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import cpu, cpu_batch, reference
-from ..contract import REDUCTION_NONE, compute_dtype
-from .definition import Definition, empty, fresh_like, kernels, merge_fn, refuse_synced_higher_order, sum_fn
+from .. import reference
+from ..cpu import batch as cpu_batch
+from ..cpu import stats as cpu_stats
+from ..kernels.plan import NORM_BATCH, REDUCTION_NONE, COMPUTE_DTYPE
+from . import Definition, kernel_mode, kernels, refuse_synced_higher_order
+from .distributed import merged_stats_fn, sum_over_ranks_fn
 
 
-def placeholders(grads, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def empty(like: Tensor, dtype=None) -> Tensor:
+    """A 0-element placeholder output (what an implementation does not produce)."""
+    return like.new_empty(0, dtype=dtype)
+
+
+def grads_fake(x: Tensor, target, needs) -> tuple:
+    """The fake of a backward: fresh contiguous gradients, 0-element where not wanted."""
+    fresh = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
+    return fresh(x) if needs[0] else empty(x), fresh(target) if needs[1] else empty(target)
+
+
+def outputs(grads, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """An implementation's (grad_x, grad_target), None where not wanted, as op outputs (0-element there)."""
-    grad_x, grad_target = grads
-    return (empty(x) if grad_x is None else grad_x), (empty(target) if grad_target is None else grad_target)
+    return tuple(empty(like) if g is None else g for g, like in zip(grads, (x, target)))
 
 
-def wanted(grads, needs) -> tuple:
-    """A backward op's outputs as autograd's gradients: None where not wanted (a placeholder was returned)."""
-    return tuple(g if need else None for g, need in zip(grads, needs))
-
-
-def _loss_shape(x: Tensor, index: Tensor, reduction: int) -> tuple[int, ...]:
-    return (x.shape[0], index.shape[0]) if reduction == REDUCTION_NONE else ()
+def _loss_shape(x: Tensor, index: Tensor, mode) -> tuple[int, ...]:
+    return (x.shape[0], index.shape[0]) if mode[1] == REDUCTION_NONE else ()
 
 
 # ------------------------------------------------------------------------------ norm "none" / "stats"
 
 
-def _masked_forward_impl(
-    x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor, shift: Optional[Tensor],
-    scale: Optional[Tensor], nan_to_num: bool, reduction: int, use_triton: bool, gap_at: int = 0, gap: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton:
-        loss = kernels().masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction, (gap_at, gap))
-        return loss, empty(x), empty(x, torch.bool)
-    loss, diff, finite = cpu.masked_mse_forward(x, target, index, shift, scale, nan_to_num, reduction,
-                                                (gap_at, gap))
+def _masked_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
+                       mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    if mode[2]:
+        return kernels().masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode)), empty(x), \
+            empty(x, torch.bool)
+    loss, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode))
     return loss, diff, finite if finite is not None else empty(x, torch.bool)
 
 
-masked_mse_forward = torch.library.custom_op("fusedvq::masked_mse_forward", mutates_args=())(_masked_forward_impl)
+masked_mse_forward = torch.library.custom_op("fusedvq::masked_mse_forward", mutates_args=())(_masked_mse_forward)
 
 
 @masked_mse_forward.register_fake
-def _(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton, gap_at=0, gap=0):
-    loss = x.new_empty(_loss_shape(x, index, reduction))
-    if use_triton:
+def _(x, target, columns, stats, mode):
+    loss = x.new_empty(_loss_shape(x, columns[0], mode))
+    if mode[2]:
         return loss, empty(x), empty(x, torch.bool)
-    diff = x.new_empty((x.shape[0], index.shape[0]), dtype=compute_dtype(x.dtype))
-    return loss, diff, diff.new_empty(diff.shape if nan_to_num else (0,), dtype=torch.bool)
+    diff = x.new_empty((x.shape[0], columns[0].shape[0]), dtype=COMPUTE_DTYPE[x.dtype])
+    return loss, diff, diff.new_empty(diff.shape if mode[0] else (0,), dtype=torch.bool)
 
 
-def _masked_backward_impl(
-    grad: Tensor, x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor,
-    shift: Optional[Tensor], scale: Optional[Tensor], diff: Tensor, finite: Tensor, nan_to_num: bool,
-    reduction: int, use_triton: bool, gap_at: int = 0, gap: int = 0, needs_x: bool = True,
-    needs_target: bool = True,
-) -> tuple[Tensor, Tensor]:
-    needs = (needs_x, needs_target)
-    if use_triton:
-        grads = kernels().masked_mse_backward(grad, x, target, inv_ptr, inv_k, shift, scale, nan_to_num, reduction,
-                                              (gap_at, gap), needs)
+def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
+                        saved: list[Tensor], mode: list[int]) -> tuple[Tensor, Tensor]:
+    km = kernel_mode(mode, needs=(bool(mode[5]), bool(mode[6])))
+    if mode[2]:
+        grads = kernels().masked_mse_backward(grad, x, target, (columns[1], columns[2]), tuple(stats), km)
     else:
-        grads = cpu.masked_mse_backward(grad, diff, finite if nan_to_num else None, index, scale, x.shape[1],
-                                        reduction, x.dtype, target.dtype, needs=needs, gap=(gap_at, gap))
-    return placeholders(grads, x, target)
+        grads = cpu_stats.masked_mse_backward(grad, x, target, columns[0], tuple(stats),
+                                              (saved[0], saved[1] if mode[0] else None), km)
+    return outputs(grads, x, target)
 
 
-masked_mse_backward = torch.library.custom_op("fusedvq::masked_mse_backward", mutates_args=())(_masked_backward_impl)
+masked_mse_backward = torch.library.custom_op("fusedvq::masked_mse_backward", mutates_args=())(_masked_mse_backward)
 
 
 @masked_mse_backward.register_fake
-def _(grad, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite, nan_to_num, reduction, use_triton,
-      gap_at=0, gap=0, needs_x=True, needs_target=True):
-    return fresh_like(x) if needs_x else empty(x), fresh_like(target) if needs_target else empty(target)
+def _(grad, x, target, columns, stats, saved, mode):
+    return grads_fake(x, target, mode[5:7])
 
 
 def _masked_setup_context(ctx, inputs, output):
-    x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num, reduction, use_triton, gap_at, gap = inputs
-    _, diff, finite = output
-    ctx.save_for_backward(x, target, index, inv_ptr, inv_k, shift, scale, diff, finite)
-    ctx.options = (nan_to_num, reduction, use_triton, gap_at, gap)
-    ctx.diff_spent = False
+    x, target, columns, stats, mode = inputs
+    ctx.save_for_backward(x, target, *columns, *stats, *output[1:])
+    ctx.mode, ctx.num_stats, ctx.diff_spent = list(mode), len(stats), False
 
 
-def _masked_backward(ctx, grad_loss, needs, eager):
-    x, target, index, inv_ptr, inv_k, shift, scale, diff, finite = ctx.saved_tensors
-    nan_to_num, reduction, use_triton, gap_at, gap = ctx.options
-    if eager and not use_triton:
+def _masked_saved(ctx):
+    x, target, *rest = ctx.saved_tensors
+    return x, target, rest[:3], rest[3 : 3 + ctx.num_stats], rest[3 + ctx.num_stats :]
+
+
+def _masked_backward(ctx, grad, needs, eager):
+    x, target, columns, stats, saved = _masked_saved(ctx)
+    mode = ctx.mode
+    if eager and not mode[2]:
         # The eager CPU path writes grad_target over diff, a buffer of this call's own (saved for this
         # backward alone, never returned): one batch-sized first touch fewer, 20% of a B = 65536 step. The
         # write keeps diff's version (it is not an input's); a second backward through the same graph
         # (retain_graph=True) finds diff spent and computes it again.
         if ctx.diff_spent:
-            _, diff, finite = _masked_forward_impl(x, target, index, inv_ptr, inv_k, shift, scale, nan_to_num,
-                                                   reduction, False, gap_at, gap)
+            _, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode))
+            saved = [diff, finite]
         ctx.diff_spent = True
-        with torch.autograd._unsafe_preserve_version_counter(diff):
-            grads = cpu.masked_mse_backward(grad_loss, diff, finite if nan_to_num else None, index, scale,
-                                            x.shape[1], reduction, x.dtype, target.dtype, needs=needs,
-                                            overwrite_diff=True, gap=(gap_at, gap))
-        return (*grads,) + (None,) * 10
-    backward = _masked_backward_impl if eager else masked_mse_backward
-    grads = backward(grad_loss, x, target, index, inv_ptr, inv_k, shift, scale, diff, finite, nan_to_num,
-                     reduction, use_triton, gap_at, gap, *needs)
-    return wanted(grads, needs) + (None,) * 10
+        with torch.autograd._unsafe_preserve_version_counter(saved[0]):
+            grads = cpu_stats.masked_mse_backward(grad, x, target, columns[0], tuple(stats),
+                                                  (saved[0], saved[1] if mode[0] else None),
+                                                  kernel_mode(mode, needs=needs), overwrite_diff=True)
+        return (*grads, None, None, None)
+    backward = _masked_mse_backward if eager else masked_mse_backward
+    grads = backward(grad, x, target, columns, stats, saved, [*mode, *map(int, needs)])
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
 
 def _masked_composed(ctx):
-    x, target, index, _, _, shift, scale, _, _ = ctx.saved_tensors
-    nan_to_num, reduction, _, gap_at, gap = ctx.options
-    return functools.partial(reference.masked_mse_composed, index=index, shift=shift, scale=scale,
-                             nan_to_num=nan_to_num, reduction=reduction, gap_at=gap_at, gap=gap), (x, target)
+    x, target, columns, stats, _ = _masked_saved(ctx)
+    mode = ctx.mode
+    shift, scale = stats if stats else (None, None)
+    return functools.partial(reference.masked_mse_composed, index=columns[0], shift=shift, scale=scale,
+                             nan_to_num=bool(mode[0]), reduction=mode[1], gap=(mode[3], mode[4])), (x, target)
 
 
-MASKED_MSE = Definition("fusedvq::masked_mse_forward", _masked_forward_impl, _masked_setup_context,
+MASKED_MSE = Definition("fusedvq::masked_mse_forward", _masked_mse_forward, _masked_setup_context,
                         _masked_backward, _masked_composed, differentiable=2).register()
 
 
 # ------------------------------------------------------------------------------------ norm "batch"
 
 
-def _batch_forward_impl(
-    x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor, eps: float, nan_to_num: bool,
-    reduction: int, use_triton: bool, group: str, gap_at: int = 0, gap: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    merge = merge_fn(group, eps)
-    if use_triton:
-        return kernels().batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge, (gap_at, gap))
-    return cpu_batch.batch_mse_forward(x, target, index, eps, nan_to_num, reduction, merge, (gap_at, gap))
-
-
-batch_mse_forward = torch.library.custom_op("fusedvq::batch_mse_forward", mutates_args=())(_batch_forward_impl)
+def _batch_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], eps: float, group: str,
+                      mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    impl = kernels() if mode[2] else cpu_batch
+    merge = merged_stats_fn(group, eps) if group else None
+    return impl.batch_mse_forward(x, target, columns[0], eps, kernel_mode(mode, NORM_BATCH), merge)
 
 
 def batch_outputs_fake(x: Tensor, index: Tensor, use_triton: bool) -> Tensor:
     """The fake of stats [5, K]: float32 from the kernels, the compute dtype from the CPU implementation."""
-    cdt = torch.float32 if use_triton else compute_dtype(x.dtype)
-    return x.new_empty((reference.NUM_STATS, index.shape[0]), dtype=cdt)
+    return x.new_empty((5, index.shape[0]), dtype=torch.float32 if use_triton else COMPUTE_DTYPE[x.dtype])
+
+
+batch_mse_forward = torch.library.custom_op("fusedvq::batch_mse_forward", mutates_args=())(_batch_mse_forward)
 
 
 @batch_mse_forward.register_fake
-def _(x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, group, gap_at=0, gap=0):
-    stats = batch_outputs_fake(x, index, use_triton)
-    colsums = stats.new_empty((0 if reduction == REDUCTION_NONE else 2, index.shape[0]))  # none: the backward sums
-    return x.new_empty(_loss_shape(x, index, reduction)), stats, colsums
+def _(x, target, columns, eps, group, mode):
+    stats = batch_outputs_fake(x, columns[0], mode[2])
+    colsums = stats.new_empty((0 if mode[1] == REDUCTION_NONE else 2, columns[0].shape[0]))  # none: backward sums
+    return x.new_empty(_loss_shape(x, columns[0], mode)), stats, colsums
 
 
-def _batch_backward_impl(
-    grad: Tensor, x: Tensor, target: Tensor, index: Tensor, inv_ptr: Tensor, inv_k: Tensor, stats: Tensor,
-    colsums: Tensor, nan_to_num: bool, reduction: int, use_triton: bool, group: str, gap_at: int = 0, gap: int = 0,
-    needs_x: bool = True, needs_target: bool = True,
-) -> tuple[Tensor, Tensor]:
-    total, needs = sum_fn(group), (needs_x, needs_target)
-    if use_triton:
-        grads = kernels().batch_mse_backward(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num,
-                                             reduction, total, (gap_at, gap), needs)
+def _batch_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[Tensor], saved: list[Tensor],
+                       group: str, mode: list[int]) -> tuple[Tensor, Tensor]:
+    km = kernel_mode(mode, NORM_BATCH, needs=(bool(mode[5]), bool(mode[6])))
+    total = sum_over_ranks_fn(group) if group else None
+    if mode[2]:
+        grads = kernels().batch_mse_backward(grad, x, target, tuple(columns), tuple(saved), km, total)
     else:
-        grads = cpu_batch.batch_mse_backward(grad, x, target, index, stats, colsums, nan_to_num, reduction, total,
-                                             (gap_at, gap), needs)
-    return placeholders(grads, x, target)
+        grads = cpu_batch.batch_mse_backward(grad, x, target, columns[0], tuple(saved), km, total)
+    return outputs(grads, x, target)
 
 
-batch_mse_backward = torch.library.custom_op("fusedvq::batch_mse_backward", mutates_args=())(_batch_backward_impl)
+batch_mse_backward = torch.library.custom_op("fusedvq::batch_mse_backward", mutates_args=())(_batch_mse_backward)
 
 
 @batch_mse_backward.register_fake
-def _(grad, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction, use_triton, group,
-      gap_at=0, gap=0, needs_x=True, needs_target=True):
-    return fresh_like(x) if needs_x else empty(x), fresh_like(target) if needs_target else empty(target)
+def _(grad, x, target, columns, saved, group, mode):
+    return grads_fake(x, target, mode[5:7])
 
 
 def _batch_setup_context(ctx, inputs, output):
-    x, target, index, inv_ptr, inv_k, eps, nan_to_num, reduction, use_triton, group, gap_at, gap = inputs
-    _, stats, colsums = output
-    ctx.save_for_backward(x, target, index, inv_ptr, inv_k, stats, colsums)
-    ctx.options = (eps, nan_to_num, reduction, use_triton, group, gap_at, gap)
+    x, target, columns, eps, group, mode = inputs
+    ctx.save_for_backward(x, target, *columns, *output[1:])
+    ctx.options = (eps, group, list(mode))
 
 
-def _batch_backward(ctx, grad_loss, needs, eager):
-    x, target, index, inv_ptr, inv_k, stats, colsums = ctx.saved_tensors
-    _, nan_to_num, reduction, use_triton, group, gap_at, gap = ctx.options
-    backward = _batch_backward_impl if eager else batch_mse_backward
-    grads = backward(grad_loss, x, target, index, inv_ptr, inv_k, stats, colsums, nan_to_num, reduction,
-                     use_triton, group, gap_at, gap, *needs)
-    return wanted(grads, needs) + (None,) * 10
+def _batch_backward(ctx, grad, needs, eager):
+    x, target, *columns, stats, colsums = ctx.saved_tensors
+    _, group, mode = ctx.options
+    backward = _batch_mse_backward if eager else batch_mse_backward
+    grads = backward(grad, x, target, columns, [stats, colsums], group, [*mode, *map(int, needs)])
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 def _batch_composed(ctx):
     x, target, index = ctx.saved_tensors[:3]
-    eps, nan_to_num, reduction, _, group, gap_at, gap = ctx.options
+    eps, group, mode = ctx.options
     refuse_synced_higher_order(group, "double backward (create_graph=True)")
-    return functools.partial(reference.batch_mse_composed, index=index, eps=eps, nan_to_num=nan_to_num,
-                             reduction=reduction, gap_at=gap_at, gap=gap), (x, target)
+    return functools.partial(reference.batch_mse_composed, index=index, eps=eps, nan_to_num=bool(mode[0]),
+                             reduction=mode[1], gap=(mode[3], mode[4])), (x, target)
 
 
-BATCH_MSE = Definition("fusedvq::batch_mse_forward", _batch_forward_impl, _batch_setup_context, _batch_backward,
-                       _batch_composed, differentiable=2).register()
+BATCH_MSE = Definition("fusedvq::batch_mse_forward", _batch_mse_forward, _batch_setup_context,
+                       _batch_backward, _batch_composed, differentiable=2).register()

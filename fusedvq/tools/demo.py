@@ -134,7 +134,7 @@ def _step_loss(world: World, model, tokens, clean):
 def _train(args, world: World, cleaner, device: torch.device, source: str, say) -> int:
     from tqdm import tqdm
 
-    from ..backend import use_triton_for
+    from ..ops import use_triton_for
 
     D, K = cleaner.num_features, cleaner.num_kept
     world.extractor.to(device)

@@ -55,7 +55,7 @@ _compiled: dict[tuple, LossFn] = {}  # (norm, clean+mse, dtype, device, D, K) â†
 
 def make_loss(provider: str, case: Case, device: str) -> LossFn:
     """The provider's loss function for this case on this device; raises Unavailable if it cannot run."""
-    from fusedvq.backend import triton_importable
+    from fusedvq.ops import triton_importable
 
     mask, mean, std = make_statistics(device, case.D, case.K)
     if provider in ("fused", "reference"):

@@ -1,37 +1,92 @@
-"""Arguments → canonical form, with errors that name the numbers. Shared by functional.py, clean.py and
-module.py (the checks of the tensors themselves are checks.py's).
+"""Arguments → one record: every option, index and statistic of a call validated in one pass, with errors
+that name the numbers, shared by the functional forms (masked_mse, clean_features: once per call) and the
+modules (MaskedMSELoss, FeatureCleaner, VQReconLoss: once, at construction).
 
-Canonical form: features x [B, D] and target r [B, K] of one floating dtype on one device; a ColumnMap
-(index [K] int64 in [0, D) and its inverse); shift = μ [K] and scale = 1/σ [K] in the compute dtype, or
-None for norm="none". Checks of shapes, dtypes and devices cost nothing; checks of values (index range,
-mask count, σ > 0) need the values on the host, so they run once per MaskedMSELoss and once per
-masked_mse call in eager mode (skipped while torch.compile traces, where they would break the graph).
+The record, Plan: the column map (kernels/plan.py's ColumnMap: index [K] int64 in [0, D) and its inverse),
+shift = μ [K] and scale = 1/σ [K] (norm "stats"; else None), the norm and reduction codes, eps, nan_to_num,
+the backend, the cross-rank options, the target's gap. The checks of a call's tensors against it (shapes,
+dtypes, devices: free, no values read) are the routing point's (ops/__init__.py). Checks of values here
+(index range, mask count, σ > 0) read the values on the host, so they run once per module and once per
+functional call in eager mode (skipped while torch.compile traces, where they would break the graph).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .checks import _is_tracing, check_dense
-from .columns import build_column_map
-from .contract import NORM_STATS, NORMS, REDUCTIONS, STATS_SPACES
+from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
+from .ops import check_dense
+
+REDUCTIONS = ("none", "mean", "sum")  # code = position (kernels/plan.py's REDUCTION_*)
+NORMS = ("none", "stats", "batch")  # code = position (NORM_*)
+BACKENDS = ("auto", "triton", "reference")
+STATS_SPACES = ("raw", "masked")
+# Dtypes each backend accepts for features and target (both must share one).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
+# The keyword options of every form, and their defaults.
+OPTIONS = {"norm": "stats", "eps": 1e-8, "nan_to_num": False, "backend": "auto", "stats_space": None,
+           "sync_stats": False, "process_group": None}
+
+
+class Plan(NamedTuple):
+    """A call's validated arguments (the module forms swap in their buffers' tensors per call)."""
+
+    columns: ColumnMap
+    shift: Optional[torch.Tensor]  # [K] μ in the compute dtype (float32 in modules), or None
+    scale: Optional[torch.Tensor]  # [K] 1/σ, or None
+    norm: int
+    reduction: int
+    eps: float
+    nan_to_num: bool
+    backend: str
+    sync: tuple  # (sync_stats, process_group) of norm "batch"; (False, None) otherwise
+    gap: tuple  # (at, c): the target's c skipped columns from `at` on; (0, 0) for a [B, K] target
+    selector: str  # "mask" or "index", for messages
+
+
+def prepare(index, mean=None, std=None, *, num_features: Optional[int], num_kept: Optional[int] = None,
+            reduction: str = "mean", gap=(0, 0), dtype: torch.dtype = torch.float32, **options) -> Plan:
+    """The Plan of these arguments. num_features: D (None: the mask's length; integer indices then fail);
+    num_kept: the target's width, when known (sizes a traced mask's gather statically); dtype: the compute
+    dtype of the statistics; options: those of OPTIONS (unknown names are refused)."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}: the options are {', '.join(OPTIONS)}")
+    o = {**OPTIONS, **options}
+    reduction_id = option_code("reduction", reduction, REDUCTIONS)
+    norm = option_code("norm", o["norm"], NORMS)
+    eps, nan_to_num = check_eps(o["eps"]), check_flag("nan_to_num", o["nan_to_num"])
+    option_code("backend", o["backend"], BACKENDS)
+    sync = (check_flag("sync_stats", o["sync_stats"]), o["process_group"])
+    if norm != NORM_BATCH and (sync[0] or sync[1] is not None):
+        raise ValueError(f'sync_stats / process_group apply to norm="batch" only, not norm={o["norm"]!r}')
+    device = index.device if isinstance(index, torch.Tensor) else torch.device("cpu")
+    index_t = index_tensor(index, device, num_features)  # the one check of an index's kind
+    if index_t.dtype == torch.bool:
+        num_features = index_t.shape[0] if num_features is None else num_features  # (a mismatch: canonical_index)
+    elif num_features is None:
+        raise ValueError("integer indices need num_features=D (the features' width) to be validated")
+    idx, selector = canonical_index(index_t, num_features, device, num_kept)
+    columns = build_column_map(idx, num_features)
+    shift = scale = None
+    if norm == NORM_STATS:
+        shift, scale = canonical_stats(mean, std, idx, num_features, o["stats_space"], dtype, device)
+    else:
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None:
+                raise ValueError(f"{name} was given but norm={o['norm']!r} does not use it")
+    return Plan(columns, shift, scale, norm, reduction_id, eps, nan_to_num, o["backend"], sync,
+                check_gap(gap, columns.index.shape[0]), selector)
 
 
 def option_code(name: str, value: str, choices: tuple[str, ...]) -> int:
     if value not in choices:
         raise ValueError(f"unknown {name}={value!r}: expected one of {', '.join(map(repr, choices))}")
     return choices.index(value)
-
-
-def reduction_code(reduction: str) -> int:
-    return option_code("reduction", reduction, REDUCTIONS)
-
-
-def norm_code(norm: str) -> int:
-    return option_code("norm", norm, NORMS)
 
 
 def check_eps(eps) -> float:
@@ -49,6 +104,10 @@ def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return value
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling()
 
 
 def _as_tensor(value, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -208,7 +267,8 @@ def _check_stats_values(mu: torch.Tensor, sigma: torch.Tensor, index: torch.Tens
     count = f"{int(bad[which].sum())} of {K} bad"
     name = str(dtype).replace("torch.", "")
     if which == 0:
-        raise ValueError(f"std must be finite and > 0 in every kept column; {where} has std {float(sigma[k])} ({count})")
+        raise ValueError(f"std must be finite and > 0 in every kept column; {where} has std {float(sigma[k])} "
+                         f"({count})")
     if which == 1:
         raise ValueError(f"mean must be finite in every kept column; {where} has mean {float(mu[k])}")
     what, value = {2: ("mean", mu), 3: ("std", sigma), 4: ("1/std", sigma)}[which]
@@ -219,21 +279,20 @@ def _check_stats_values(mu: torch.Tensor, sigma: torch.Tensor, index: torch.Tens
     )
 
 
-def prepare(index, mean, std, num_features: int, num_kept: Optional[int], norm: int, stats_space: Optional[str],
-            dtype: torch.dtype, device: torch.device):
-    """(ColumnMap, selector, shift, scale) for the given arguments; shift/scale are None unless norm="stats"."""
-    idx, selector = canonical_index(index, num_features, device, num_kept)
-    columns = build_column_map(idx, num_features)
-    if norm == NORM_STATS:
-        shift, scale = canonical_stats(mean, std, idx, num_features, stats_space, dtype, device)
-        return columns, selector, shift, scale
-    for name, value in (("mean", mean), ("std", std)):
-        if value is not None:
-            raise ValueError(f"{name} was given but norm={NORMS[norm]!r} does not use it")
-    return columns, selector, None, None
+def check_gap(target_gap, num_kept: int) -> tuple[int, int]:
+    """(at, width) with 0 <= at <= K and width >= 0, or a ValueError naming them."""
+    ok = (isinstance(target_gap, (tuple, list)) and len(target_gap) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in target_gap))
+    if not ok or not 0 <= target_gap[0] <= num_kept or target_gap[1] < 0:
+        raise ValueError(f"target_gap must be (at, width) with 0 <= at <= {num_kept} (the kept columns) and "
+                         f"width >= 0, got {target_gap!r}")
+    return int(target_gap[0]), int(target_gap[1])
 
 
-__all__ = [
-    "canonical_index", "canonical_stats", "check_eps", "check_flag", "index_tensor", "norm_code", "option_code",
-    "prepare", "reduction_code",
-]
+def build_column_map(index: torch.Tensor, num_features: int) -> ColumnMap:
+    """The map of a 1-D int64 `index` [K] with values in [0, num_features)."""
+    sorted_cols, order = torch.sort(index, stable=True)
+    boundaries = torch.arange(num_features + 1, device=index.device, dtype=index.dtype)
+    # inv_ptr[d] = number of kept columns reading a feature column < d.
+    inv_ptr = torch.searchsorted(sorted_cols, boundaries, out_int32=True)
+    return ColumnMap(index=index, inv_ptr=inv_ptr, inv_k=order.to(torch.int32))

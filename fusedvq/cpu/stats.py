@@ -1,8 +1,10 @@
-"""The CPU implementation: the loss of reference.py with hand-written gradients, in blocked passes.
+"""The CPU implementation of norm "none" / "stats": the loss and clean_features of reference.py with
+hand-written gradients, in blocked passes (batch.py builds norm "batch" on the same blocks).
 
 Gradients are analytic, so training on the CPU never materializes the [B, D] normalized features that
 autograd through the plain composition would; small batches, where per-op overhead dominates, take the
-composition itself (use_composed). op.py registers these as the CPU kernels of the ops.
+composition itself (the routing point, ops/__init__.py, decides). stats: () or (μ, 1/σ) [K] in the compute
+dtype; mode: kernels/plan.py's Mode (nan_to_num, reduction, gap, needs), as the kernels take them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .contract import REDUCTION_MEAN, REDUCTION_NONE, compute_dtype
+from ..kernels.plan import NO_GAP, REDUCTION_MEAN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
 
 
 # How the CPU runs it. On the CPU a large batch costs memory traffic, and above all first touches: a fresh
@@ -36,7 +38,6 @@ def _block_rows(t: torch.Tensor, cols: int) -> int:
 
 # A hybrid decoder's target [B, K + c] holds c columns the loss skips (gap = (at, c)): the loss columns are
 # target[:, :at] and target[:, at + c:], read and written as those two views, never gathered into a copy.
-NO_GAP = (0, 0)
 
 
 def into_target(op, a: torch.Tensor, out: torch.Tensor, gap: tuple[int, int], target=None, on_target=False):
@@ -92,17 +93,16 @@ def _diff_rows(
 
 def masked_mse_forward(
     x: torch.Tensor,  # [B, D]
-    target: torch.Tensor,  # [B, K]
+    target: torch.Tensor,  # [B, K (+ c)]
     index: torch.Tensor,  # [K] int64
-    shift: Optional[torch.Tensor],  # [K] compute dtype, or None (norm="none")
-    scale: Optional[torch.Tensor],  # [K] compute dtype, or None (norm="none")
-    nan_to_num: bool,
-    reduction: int,
-    gap: tuple[int, int] = NO_GAP,  # target [B, K + c]: skip its c columns from `at` on
+    stats: tuple,  # () or (μ, 1/σ)
+    mode: Mode,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (loss, diff [B, K] in compute dtype, finite [B, K] bool or None), the last two for backward."""
+    shift, scale = stats if stats else (None, None)
+    nan_to_num, reduction, gap = mode.nan_to_num, mode.reduction, mode.gap
     B, K = x.shape[0], index.shape[0]
-    diff = torch.empty((B, K), dtype=compute_dtype(x.dtype), device=x.device)
+    diff = torch.empty((B, K), dtype=COMPUTE_DTYPE[x.dtype], device=x.device)
     finite = torch.empty((B, K), dtype=torch.bool, device=x.device) if nan_to_num else None
     step = _block_rows(x, K)
     scratch = torch.empty((min(step, B), K), dtype=diff.dtype, device=x.device)
@@ -140,32 +140,28 @@ def _dots(block: torch.Tensor) -> list[torch.Tensor]:
 
 def _total(parts: list[torch.Tensor], numel: int, reduction: int, like: torch.Tensor) -> torch.Tensor:
     if not parts:  # no rows
-        parts = [like.new_zeros((), dtype=compute_dtype(like.dtype))]
+        parts = [like.new_zeros((), dtype=COMPUTE_DTYPE[like.dtype])]
     total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
     return total / numel if reduction == REDUCTION_MEAN else total
 
 
 def masked_mse_backward(
     grad_loss: torch.Tensor,  # [] or [B, K] (reduction="none")
-    diff: torch.Tensor,  # [B, K] compute dtype, from the forward (overwritten when overwrite_diff)
-    finite: Optional[torch.Tensor],  # [B, K] bool or None
+    x: torch.Tensor,  # [B, D] (its width and dtype)
+    target: torch.Tensor,  # [B, K (+ c)] (its dtype)
     index: torch.Tensor,  # [K] int64
-    scale: Optional[torch.Tensor],  # [K] or None
-    num_features: int,
-    reduction: int,
-    x_dtype: torch.dtype,
-    target_dtype: torch.dtype,
-    needs: tuple[bool, bool] = (True, True),  # (grad_x, grad_target) wanted; the other comes back None
+    stats: tuple,  # () or (μ, 1/σ)
+    saved: tuple,  # (diff [B, K] compute dtype, finite [B, K] bool or None) from the forward
+    mode: Mode,  # the forward's; needs: (grad_x, grad_target) wanted, the other comes back None
     overwrite_diff: bool = False,
-    gap: tuple[int, int] = NO_GAP,  # the forward's: grad_target is [B, K + c], zero in the gap
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(grad_x [B, D] in x_dtype, grad_target [B, K] in target_dtype). With overwrite_diff, for a caller that
-    owns diff and needs it no more, grad_target is written over diff (when it has diff's dtype), so the
+    """(grad_x [B, D] in x's dtype, grad_target [B, K (+ c)] in target's). With overwrite_diff, for a caller
+    that owns diff and needs it no more, grad_target is written over diff (when it has diff's dtype), so the
     backward first-touches one fresh buffer (grad_x), not two."""
-    reuse = diff if overwrite_diff and needs[1] and target_dtype == diff.dtype and not gap[1] else None
-    blocks = _saved_blocks(diff, finite)
-    return _gradients(grad_loss, blocks, diff.shape, index, scale, num_features, reduction, x_dtype, target_dtype,
-                      needs, reuse, gap)
+    diff, finite = saved
+    reuse = diff if overwrite_diff and mode.needs[1] and target.dtype == diff.dtype and not mode.gap[1] else None
+    return _gradients(grad_loss, _saved_blocks(diff, finite), (x, target), index, stats[1] if stats else None,
+                      mode, reuse)
 
 
 def _saved_blocks(diff, finite):
@@ -176,13 +172,15 @@ def _saved_blocks(diff, finite):
         yield rows, diff[rows], None if finite is None else finite[rows]
 
 
-def _gradients(grad_loss, blocks, shape, index, scale, num_features, reduction, x_dtype, target_dtype,
-               needs=(True, True), grad_target=None, gap=NO_GAP):
+def _gradients(grad_loss, blocks, like: tuple, index, scale, mode: Mode, grad_target=None):
     """(grad_x, grad_target) from blocks of (rows, diff, finite): dz = ∂loss/∂z = 2·g·diff, grad_target = −dz,
-    grad_x = dz·scale scattered to the kept columns (0 where x was non-finite). grad_target, when given, is
-    the buffer to write it into (diff itself: each block is read before it is overwritten)."""
-    B, K = shape
-    cdt = compute_dtype(x_dtype)
+    grad_x = dz·scale scattered to the kept columns (0 where x was non-finite); like = (x, target), for
+    their widths and dtypes. grad_target, when given, is the buffer to write it into (diff itself: each
+    block is read before it is overwritten)."""
+    x, target = like
+    B, K, num_features, x_dtype, target_dtype = x.shape[0], index.shape[0], x.shape[1], x.dtype, target.dtype
+    reduction, needs, gap = mode.reduction, mode.needs, mode.gap
+    cdt = COMPUTE_DTYPE[x_dtype]
     device = grad_loss.device
     grad_x = torch.empty((B, num_features), dtype=x_dtype, device=device) if needs[0] else None
     if grad_target is None and needs[1]:
@@ -253,35 +251,15 @@ def scatter_columns(
     return grad_x
 
 
-# Up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++ backward win; above it
-# its batch-sized temporaries cost more (fresh memory, passes that miss the cache) than the blocked path.
-# Measured, forward+backward at K = 171: composed ahead at B = 1024, even at 2048, blocked ahead above.
-_COMPOSED_MAX_ELEMENTS = 1 << 18
-# norm="batch": its composition has more batch-sized temporaries; measured, composed ahead at B = 4 and 64,
-# blocked ahead from B = 256 on.
-_BATCH_COMPOSED_MAX_ELEMENTS = 1 << 14
-# A target with a gap (a hybrid decoder's output): the composition also gathers the target and scatters its
-# gradient; measured (K = 143, c = 28, norm "stats"), composed ahead at B = 256, blocked ahead from 1024 on.
-_GAP_COMPOSED_MAX_ELEMENTS = 1 << 16
-
-
-def use_composed(x: torch.Tensor, num_kept: int, batch: bool = False, gapped: bool = False) -> bool:
-    """Whether eager calls take reference.py's composition rather than the blocked path here, for x [B, D]:
-    on the CPU up to _COMPOSED_MAX_ELEMENTS (norm="batch": _BATCH_COMPOSED_MAX_ELEMENTS; a target with a
-    gap: at most _GAP_COMPOSED_MAX_ELEMENTS), always elsewhere."""
-    limit = _BATCH_COMPOSED_MAX_ELEMENTS if batch else _COMPOSED_MAX_ELEMENTS
-    if gapped:
-        limit = min(limit, _GAP_COMPOSED_MAX_ELEMENTS)
-    return x.device.type != "cpu" or x.shape[0] * num_kept <= limit
-
-
 # ------------------------------------------------------------------------------------ clean_features
 
 
-def clean_forward(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
+def clean_forward(x, index, stats: tuple, mode: Mode) -> torch.Tensor:
     """z [B, K] in x.dtype: the cleaned features of norm "none" / "stats" (reference.normalized_kept)."""
+    shift, scale = stats if stats else (None, None)
+    nan_to_num = mode.nan_to_num
     z = x.index_select(1, index)
-    z = z.to(compute_dtype(x.dtype)) if z.dtype != compute_dtype(x.dtype) else z
+    z = z.to(COMPUTE_DTYPE[x.dtype]) if z.dtype != COMPUTE_DTYPE[x.dtype] else z
     if nan_to_num:
         z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     if scale is not None:
@@ -289,9 +267,10 @@ def clean_forward(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
     return z.to(x.dtype) if z.dtype != x.dtype else z
 
 
-def clean_backward(grad_z, x, index, scale, nan_to_num: bool) -> torch.Tensor:
+def clean_backward(grad_z, x, index, stats: tuple, mode: Mode) -> torch.Tensor:
     """grad_x [B, D] in x.dtype: dz·(1/σ) added into the columns index names, 0 where x was non-finite."""
-    cdt = compute_dtype(x.dtype)
+    scale, nan_to_num = stats[1] if stats else None, mode.nan_to_num
+    cdt = COMPUTE_DTYPE[x.dtype]
     dz = grad_z.to(cdt) if scale is None else grad_z.to(cdt) * scale
     if nan_to_num:
         dz = dz * x.index_select(1, index).isfinite()

@@ -1,12 +1,12 @@
 """The CPU implementation of norm="batch", the loss and clean_features: reference.py's math with hand-written
-gradients (batch norm's VJP), in the blocked passes of cpu.py.
+gradients (batch norm's VJP), in the blocked passes of stats.py.
 
-Every pass walks the rows in blocks whose gather and normalization live in warm scratch (cpu.py says why:
+Every pass walks the rows in blocks whose gather and normalization live in warm scratch (stats.py says why:
 fresh batch-sized buffers cost page faults, several times the arithmetic), so a step first-touches only
 the buffers it returns: grad_x and grad_target, and z for clean_features. Nothing batch-sized is saved
 for the backward, which recomputes z from x block by block (as the kernels do).
     moments   one pass: each block's (m, M2) around the shift c (the batch's first row), merged across
-              blocks with Chan's formula (reference.merge_moments)
+              blocks with Chan's formula (merge_moments)
     forward   one pass: z, then the loss and its column sums A, or z itself (clean_features)
     backward  mean/sum: one pass (S = 2g·A); reduction "none" and clean_features: a pass for S, then one
               for the gradients
@@ -22,11 +22,53 @@ from typing import Optional
 
 import torch
 
-from .contract import REDUCTION_MEAN, REDUCTION_NONE, compute_dtype
-from .cpu import NO_GAP, _block_rows, _dots, _scatter_rows, _total, into_target, new_target_grad
-from .reference import (
-    STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, finalize_batch_stats, merge_moments,
-)
+from ..kernels.plan import REDUCTION_MEAN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
+from .stats import _block_rows, _dots, _scatter_rows, _total, into_target, new_target_grad
+
+# The statistics of a batch, stats [5, K] = (c, m, 1/σ', w, 1/N): the shift c (the batch's first row), the
+# mean m around it, 1/σ' (σ' = 1 where σ < eps), w = 1/(N − 1) (0 where σ' = 1: no gradient through σ),
+# 1/N. reference.py states the math; the kernels write the same rows.
+STAT_SHIFT, STAT_MEAN, STAT_RSTD, STAT_W, STAT_INV_N = range(5)
+NUM_STATS = 5
+
+
+def merge_moments(parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, c, m, M2) over several parts [(count, c, m, M2), ...] (e.g. one per rank), merged in float64 with
+    Chan's formula around the shift of the first part that has rows, so that a column constant over all
+    parts still has m = M2 = 0 exactly; every caller given the same parts in the same order gets the same
+    bits. Results in `dtype` (N as a 0-d tensor)."""
+    wide = [(torch.as_tensor(n, dtype=torch.float64), c.double(), m.double(), m2.double()) for n, c, m, m2 in parts]
+    counts = torch.stack([n for n, *_ in wide])
+    N = counts.sum()
+    has_rows = counts > 0
+    first = has_rows.to(torch.int8).argmax()  # the first part with rows (0 if none has): no host sync
+    shift = torch.stack([c for _, c, _, _ in wide])[first]
+    means = torch.stack([(c - shift) + m for _, c, m, _ in wide])  # [P, K] around the common shift
+    mean = (counts[:, None] * means).sum(0) / N.clamp_min(1)
+    spread = torch.where(has_rows[:, None], counts[:, None] * (means - mean).square(), torch.zeros_like(means))
+    m2 = torch.stack([m2 for *_, m2 in wide]).sum(0) + spread.sum(0)
+    return N.to(dtype), shift.to(dtype), mean.to(dtype), m2.to(dtype)
+
+
+def finalize_batch_stats(count, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """stats [5, K] = (c, m, 1/σ', w, 1/N) from N rows' (c, m, M2); count is an int or a 0-d tensor."""
+    if isinstance(count, int):  # this batch's own rows: the scalars on the host, fewer ops (small batches)
+        sigma = torch.sqrt(m2 / max(count - 1, 1))
+        flat = sigma < eps if count >= 2 else torch.ones_like(sigma, dtype=torch.bool)
+        rstd = sigma.reciprocal().masked_fill_(flat, 1.0)
+        # (a where() of two Python scalars would be float32 whatever sigma's dtype: 1e-8 off in float64)
+        w = torch.full_like(sigma, 1.0 / max(count - 1, 1)).masked_fill_(flat, 0.0)
+        return torch.stack([shift, mean, rstd, w, torch.full_like(sigma, 1.0 / max(count, 1))])
+    n = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
+    sigma = torch.sqrt(m2 / (n - 1).clamp_min(1))
+    flat = (sigma < eps) | (n < 2)  # σ' = 1 and no gradient through σ
+    rstd = torch.where(flat, torch.ones_like(sigma), sigma.reciprocal())
+    w = torch.where(flat, torch.zeros_like(sigma), (n - 1).clamp_min(1).reciprocal().expand_as(sigma))
+    inv_n = n.clamp_min(1).reciprocal().expand_as(sigma)
+    return torch.stack([shift, mean, rstd, w, inv_n])
+
+
 
 
 class _Blocks:
@@ -36,7 +78,7 @@ class _Blocks:
     def __init__(self, x: torch.Tensor, index: torch.Tensor, nan_to_num: bool):
         self.x, self.index, self.nan_to_num = x, index, nan_to_num
         self.B, self.K = x.shape[0], index.shape[0]
-        self.cdt = compute_dtype(x.dtype)
+        self.cdt = COMPUTE_DTYPE[x.dtype]
         self.step = _block_rows(x, self.K)
         self.buf = torch.empty((min(self.step, self.B), self.K), dtype=self.cdt, device=x.device)
 
@@ -115,17 +157,16 @@ def _finite_or_masked(z: torch.Tensor):
 
 def batch_mse_forward(
     x: torch.Tensor,  # [B, D]
-    target: torch.Tensor,  # [B, K]
+    target: torch.Tensor,  # [B, K (+ c)]
     index: torch.Tensor,  # [K] int64
     eps: float,
-    nan_to_num: bool,
-    reduction: int,
+    mode: Mode,  # nan_to_num, reduction, gap (the target's c skipped columns from `at` on)
     merge_and_finalize=None,  # (count, c, m, M2) -> stats [5, K] over all ranks; None: this batch only
-    gap: tuple[int, int] = NO_GAP,  # target [B, K + c]: skip its c columns from `at` on (cpu.into_target)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss in x.dtype, stats [5, K], column sums A [2, K] = (Σ diff·[z finite], Σ diff·z), or [0, K] for
     reduction "none", whose backward sums with g[b, k] itself), in the compute dtype."""
-    blocks = _Blocks(x, index, nan_to_num)
+    reduction, gap = mode.reduction, mode.gap
+    blocks = _Blocks(x, index, mode.nan_to_num)
     stats, centered = batch_stats(blocks, eps, merge_and_finalize)
     K = blocks.K
     none = reduction == REDUCTION_NONE
@@ -150,18 +191,16 @@ def batch_mse_forward(
 def batch_mse_backward(
     grad_loss: torch.Tensor,  # [] or [B, K]
     x: torch.Tensor,  # [B, D]
-    target: torch.Tensor,  # [B, K]
+    target: torch.Tensor,  # [B, K (+ c)]
     index: torch.Tensor,  # [K]
-    stats: torch.Tensor,  # [5, K] from the forward
-    colsums: torch.Tensor,  # [2, K] from the forward ([0, K] for reduction "none")
-    nan_to_num: bool,
-    reduction: int,
+    saved: tuple,  # (stats [5, K], colsums [2, K] ([0, K] for reduction "none")) from the forward
+    mode: Mode,  # the forward's; needs: (grad_x, grad_target) wanted, the other comes back None
     sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only
-    gap: tuple[int, int] = NO_GAP,  # the forward's: grad_target is [B, K + c], zero in the gap
-    needs: tuple[bool, bool] = (True, True),  # (grad_x, grad_target) wanted; the other comes back None
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_x [B, D] in x.dtype, grad_target [B, K] (or [B, K + c]) in target.dtype), None where not wanted."""
-    blocks = _Blocks(x, index, nan_to_num)
+    stats, colsums = saved
+    reduction, gap, needs = mode.reduction, mode.gap, mode.needs
+    blocks = _Blocks(x, index, mode.nan_to_num)
     B, K = blocks.B, blocks.K
     none = reduction == REDUCTION_NONE
     g = grad_loss.to(blocks.cdt) * (2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0)
@@ -232,11 +271,11 @@ def batch_clean_forward(
     x: torch.Tensor,  # [B, D]
     index: torch.Tensor,  # [K] int64
     eps: float,
-    nan_to_num: bool,
+    mode: Mode,
     merge_and_finalize=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z [B, K] in x.dtype, stats [5, K] in the compute dtype)."""
-    blocks = _Blocks(x, index, nan_to_num)
+    blocks = _Blocks(x, index, mode.nan_to_num)
     stats, centered = batch_stats(blocks, eps, merge_and_finalize)
     z_out = torch.empty((blocks.B, blocks.K), dtype=x.dtype, device=x.device)
     for rows, z, _ in _z_blocks(blocks, stats, centered):
@@ -249,11 +288,11 @@ def batch_clean_backward(
     x: torch.Tensor,  # [B, D]
     index: torch.Tensor,  # [K]
     stats: torch.Tensor,  # [5, K] from the forward
-    nan_to_num: bool,
+    mode: Mode,
     sum_over_ranks=None,
 ) -> torch.Tensor:
     """grad_x [B, D] in x.dtype: batch norm's VJP with dz = grad_z·[z finite]."""
-    blocks = _Blocks(x, index, nan_to_num)
+    blocks = _Blocks(x, index, mode.nan_to_num)
     mr = stats[STAT_MEAN] * stats[STAT_RSTD]
     dz_buf = torch.empty_like(blocks.buf)
 

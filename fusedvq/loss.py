@@ -1,0 +1,166 @@
+"""The loss's public surface: masked_mse (the functional form) and MaskedMSELoss (the index and statistics
+prepared once and held as buffers), on Prepared, the module base that FeatureCleaner (clean.py) and
+VQReconLoss (recon.py) share. Arguments become one Plan (arguments.py); a call goes through the routing
+point (ops/__init__.py), which checks its tensors and picks the implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .arguments import NORMS, REDUCTIONS, ColumnMap, Plan, _is_tracing, prepare
+from .checkpoint import FeatureSpec, load_feature_spec
+
+_SIGNATURE = "loss(features [B, {}], target [B, {}])"
+
+
+def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, std=None, *, norm: str = "stats",
+               reduction: str = "mean", **options) -> torch.Tensor:
+    """Squared error between normalized kept feature columns and a reconstruction of them.
+
+    Args:
+        features: x [B, D], float32 / float16 / bfloat16 (float64 on the reference backend), any strides.
+        target: r [B, K] (the decoder's reconstruction of the K kept columns), same dtype and device.
+        index: a bool mask [D] (True = kept) or integer column indices [K] (duplicates allowed; their
+            gradients accumulate). Moved to the features' device if it lives elsewhere.
+        mean, std: μ, σ per feature column (length D, "raw") or per kept column (length K, "masked"),
+            used by norm="stats". When D == K the length cannot tell: pass stats_space.
+        norm: "stats" — z = (x[:, index] − μ)/σ; "none" — z = x[:, index]; "batch" — μ, σ are the
+            column mean and unbiased std (correction 1) of the batch's kept columns, gradients flow
+            through them, and z passes through nan_to_num. Needs B >= 2 (or sync_stats).
+        reduction: "mean" (Σ/(B·K)), "sum", or "none" ([B, K]).
+        options (keywords):
+            eps=1e-8: batch-statistics columns with σ < eps use σ = 1, no gradient through σ (norm="batch").
+            nan_to_num=False: NaN and ±Inf in features become 0 before normalization, zero gradient there.
+            backend="auto": Triton for CUDA tensors when triton imports, else "reference"; or "triton".
+            stats_space=None: "raw" or "masked", the space of mean/std (required only when D == K).
+            sync_stats=False: norm="batch" statistics over the rows of all ranks of the default process
+                group (SyncBatchNorm's semantics; a rank may have 0 rows, then its loss is 0).
+            process_group=None: like sync_stats, over this torch.distributed process group.
+
+    Returns the loss in the features' dtype (accumulated in float32, or float64 for float64 inputs): a
+    scalar, or [B, K] for reduction="none". Gradients flow to features and target.
+
+    Every call validates its arguments, values included (index range, mask count, σ > 0), which costs one
+    host synchronization on CUDA; MaskedMSELoss validates once at construction instead. While torch.compile
+    traces, value checks are skipped (the kernels still never read out of bounds).
+    """
+    synced = norm == "batch" and (options.get("sync_stats") or options.get("process_group") is not None)
+    ops.check_pair(features, target, allow_empty=bool(synced))
+    _refuse_swapped(features, target, index)
+    plan = prepare(index, mean, std, num_features=features.shape[1], num_kept=target.shape[1], reduction=reduction,
+                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32), norm=norm, **options)
+    return ops.call_loss(features, target, plan, "masked_mse(features [B, {}], target [B, {}], index, ...)")
+
+
+class Prepared(nn.Module):
+    """The index and statistics of a fusedvq module, validated once (arguments.prepare) and held as buffers
+    (they move with .to()): a call checks only shapes, dtypes and devices, so it never synchronizes with the
+    GPU and compiles with torch.compile(fullgraph=True) or is captured in a CUDA graph. Statistics are held
+    in float32 (the compute dtype of every Triton path), also under .half() / .to(dtype)."""
+
+    def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, reduction: str = "mean",
+                 target_gap=(0, 0), **options):
+        super().__init__()
+        plan = prepare(index, mean, std, num_features=num_features, reduction=reduction, gap=target_gap,
+                       dtype=torch.float32, **options)
+        for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale)):
+            self.register_buffer(name, value, persistent=False)
+        self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
+
+    @classmethod
+    def from_checkpoint(cls, path, *, norm: str = "stats", num_features: Optional[int] = None, trust: bool = False,
+                        stats=None, **options):
+        """The module a VQ-VAE checkpoint (file or folder) describes: its mask, and its statistics for
+        norm="stats"; see fusedvq.load_feature_spec (num_features, trust, stats). options as in the
+        constructor."""
+        return cls.from_spec(load_spec(path, norm, num_features, trust, stats), norm=norm, **options)
+
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec, *, norm: str = "stats", **options):
+        """The module for a FeatureSpec (fusedvq.load_feature_spec): its mask, and its statistics for
+        norm="stats"."""
+        return cls(spec.feature_mask, **spec.stats_arguments(norm), norm=norm, **options)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the statistics; .half() / .to(dtype) on an enclosing model must not round μ and
+        # 1/σ to 16 bits (the result would be wrong for every input dtype), so they keep float32.
+        kept = {name: getattr(self, name) for name in ("shift", "scale") if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
+    norm = property(lambda self: NORMS[self.plan.norm])
+    reduction = property(lambda self: REDUCTIONS[self.plan.reduction])
+    eps = property(lambda self: self.plan.eps)
+    nan_to_num = property(lambda self: self.plan.nan_to_num)
+    backend = property(lambda self: self.plan.backend)
+    target_gap = property(lambda self: self.plan.gap)
+    sync_stats = property(lambda self: self.plan.sync[0])
+    process_group = property(lambda self: self.plan.sync[1])
+    num_features = property(lambda self: self.inv_ptr.shape[0] - 1, doc="D, the features' width")
+    num_kept = property(lambda self: self.index.shape[0], doc="K, the kept columns")
+
+    def extra_repr(self) -> str:
+        synced = ", sync_stats=True" if self.plan.sync[0] or self.plan.sync[1] is not None else ""
+        return (f"kept={self.num_kept} of {self.num_features} feature columns, norm={self.norm!r}{synced}, "
+                f"nan_to_num={self.nan_to_num}, backend={self.backend!r}")
+
+
+class MaskedMSELoss(Prepared):
+    """masked_mse with the index and statistics prepared once and held as buffers (Prepared).
+
+    Args:
+        index: bool mask [D] or integer column indices [K] (then pass num_features=D).
+        mean, std: μ, σ of length D or K (see masked_mse); required for norm="stats".
+        num_features: D; needed with integer indices, checked against the mask's length otherwise.
+        reduction, and the options norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group: as
+            in masked_mse (norm="batch" takes no mean/std; sync_stats pools its statistics across ranks).
+        target_gap: (at, width): the target holds `width` more columns, from column `at` on, that the loss
+            skips (a hybrid VQ-VAE decoder's embedding columns): target [B, K + width], read in place, its
+            gradient zero there. VQReconLoss.from_checkpoint sets it from the checkpoint.
+    """
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # The plan with the buffers, read on every call: functional_call and DataParallel swap them (the dict
+        # rather than attribute access, and a Plan built directly: µs that count at B = 4).
+        b = self._buffers
+        plan = Plan(ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), b["shift"], b["scale"], *self.plan[3:])
+        return ops.call_loss(features, target, plan, _SIGNATURE)
+
+    def extra_repr(self) -> str:
+        gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""
+        return super().extra_repr() + f", reduction={self.reduction!r}{gap}"
+
+
+def load_spec(path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
+    """The FeatureSpec a module with this `norm` needs from a checkpoint (statistics only for "stats")."""
+    return load_feature_spec(path, num_features=num_features, trust=trust, stats=stats, require_stats=norm == "stats")
+
+
+def _refuse_swapped(features: torch.Tensor, target: torch.Tensor, index) -> None:
+    """masked_mse(recon, features, index), in F.mse_loss's habit: said as such when the widths are exactly the
+    other way round (features as wide as the kept columns, target as wide as the mask, or for integer indices
+    as wide as their largest). Looks at values only when an error is coming anyway (eager, not traced)."""
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or _is_tracing():
+        return
+    wide, target_wide, n = features.shape[1], target.shape[1], index.shape[0]
+    if index.dtype == torch.bool and wide != n == target_wide:
+        D, K = n, int(index.sum())
+    elif index.dtype in (torch.int32, torch.int64) and n == wide < target_wide:
+        if not bool(((index >= 0) & (index < target_wide)).all()) or int(index.max()) < wide:
+            return  # indices that fit the features, or fit neither: not a swap
+        D, K = target_wide, n
+    else:
+        return
+    ops.check_order(features, target, D, K, "masked_mse(features [B, {}], target [B, {}], index, ...)")
+
+
+__all__ = ["masked_mse", "MaskedMSELoss", "Prepared"]
