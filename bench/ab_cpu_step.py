@@ -1,54 +1,107 @@
-"""Forward+backward time per step of MaskedMSELoss(backend="reference") on the CPU, for an A/B of two
-checkouts: run it alternately with each on PYTHONPATH (the checkout's root), a few times, and compare the
-minima (one line per run, labelled by the first argument):
+"""Forward+backward time per step on the CPU (backend="reference", float32, D = 187, K = 171), for an A/B of
+two checkouts in one run: MaskedMSELoss norm "stats" and "batch", and FeatureCleaner(norm="batch") +
+F.mse_loss, at B = 4, 1024 and 65536, with the plain fix beside each at B = 4.
 
-    for i in 1 2 3; do
-        (cd OLD && PYTHONPATH=$PWD python /path/to/bench/ab_cpu_step.py old)
-        python bench/ab_cpu_step.py new
-    done
+    python bench/ab_cpu_step.py --against OLD_CHECKOUT [--rounds 3]
 
-Minima of several rounds, because a shared 2-core machine adds noise of tens of percent to any one round.
+runs this script's measurement in fresh interpreters, alternating this checkout and OLD_CHECKOUT (each on
+PYTHONPATH), and prints the minimum per case over the rounds (a shared 2-core machine adds noise of tens
+of percent to any one round; minima of alternating rounds compare like with like).
 """
 
+import argparse
+import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-
-import fusedvq
+import torch.nn.functional as F
 
 D, K = 187, 171
-CASES = [(4, "stats"), (4, "batch"), (65536, "stats"), (65536, "batch")]
+SIZES = (4, 1024, 65536)
 
 
-def main(label: str) -> None:
+def _plain(x, r, mask, mean, std, norm):
+    if norm == "stats":
+        return F.mse_loss(((x - mean) / std)[:, mask], r)
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    s = x.std(0)
+    z = torch.nan_to_num((x - x.mean(0)) / torch.where(s < 1e-8, torch.ones_like(s), s), nan=0.0, posinf=0.0,
+                         neginf=0.0)
+    return F.mse_loss(z[:, mask], r)
+
+
+def measure() -> dict:
+    import fusedvq
+
     torch.manual_seed(0)
     mask = torch.zeros(D, dtype=torch.bool)
     mask[torch.randperm(D)[:K]] = True
     mean, std = torch.randn(D), torch.rand(D) + 0.5
-    results = []
-    for B, norm in CASES:
-        stats = dict(mean=mean, std=std) if norm == "stats" else {}
-        loss_fn = fusedvq.MaskedMSELoss(mask, norm=norm, backend="reference", **stats)
+    calls = {
+        "stats": fusedvq.MaskedMSELoss(mask, mean=mean, std=std, backend="reference"),
+        "batch": fusedvq.MaskedMSELoss(mask, norm="batch", nan_to_num=True, backend="reference"),
+        "cleaner": (lambda c: (lambda x, r: F.mse_loss(c(x), r)))(
+            fusedvq.FeatureCleaner(mask, norm="batch", nan_to_num=True, backend="reference")),
+    }
+    out = {}
+    for B in SIZES:
         x = torch.randn(B, D, requires_grad=True)
         r = torch.randn(B, K)
-
-        def step():
-            x.grad = None
-            loss_fn(x, r).backward()
-
-        steps = 400 if B == 4 else 8
-        for _ in range(max(3, steps // 10)):
-            step()
-        rounds = []
-        for _ in range(9 if B == 4 else 4):
-            start = time.perf_counter()
-            for _ in range(steps):
+        cases = dict(calls)
+        if B == 4:
+            cases.update({f"plain {n}": (lambda n: lambda x, r: _plain(x, r, mask, mean, std, n))(n)
+                          for n in ("stats", "batch")})
+        steps = {4: 400, 1024: 40, 65536: 3}[B]
+        for name, fn in cases.items():
+            def step():
+                x.grad = None
+                fn(x, r).backward()
+            for _ in range(max(3, steps // 10)):
                 step()
-            rounds.append((time.perf_counter() - start) / steps * 1e3)
-        results.append(f"B={B} {norm}: {min(rounds):.4f} ms")
-    print(label, " | ".join(results))
+            best = float("inf")
+            for _ in range(7 if B == 4 else 3):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                best = min(best, (time.perf_counter() - start) / steps * 1e6)
+            out[f"B={B} {name}"] = best
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", help="the other checkout's root")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure()))
+        return
+    here = str(Path(__file__).resolve().parents[1])
+    roots = {"new": here, "old": os.path.abspath(args.against)} if args.against else {"this": here}
+    best: dict = {label: {} for label in roots}
+    for _ in range(args.rounds):
+        for label, root in roots.items():
+            env = {**os.environ, "PYTHONPATH": root}
+            got = json.loads(subprocess.run([sys.executable, __file__, "--measure"], env=env, cwd=root,
+                                            capture_output=True, text=True, check=True).stdout)
+            for case, us in got.items():
+                best[label][case] = min(us, best[label].get(case, float("inf")))
+    labels = list(roots)
+    print("| case | " + " | ".join(f"{label} (µs)" for label in labels) + (" | new/old |" if args.against else " |"))
+    print("|---" * (len(labels) + 1 + bool(args.against)) + "|")
+    for case in best[labels[0]]:
+        cells = [f"{best[label].get(case, float('nan')):.1f}" for label in labels]
+        ratio = ""
+        if args.against and case in best["old"]:
+            ratio = f" | {best['old'][case] / best['new'][case]:.2f}× " + (
+                "faster" if best["old"][case] >= best["new"][case] else "slower")
+        print(f"| {case} | " + " | ".join(cells) + ratio + " |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "this checkout")
+    main()
