@@ -186,10 +186,10 @@ def check_dense(t: Tensor, name: str, meta: bool = True) -> None:
 def check_pair(features: Tensor, target: Optional[Tensor], allow_empty: bool = False) -> None:
     """Types, layouts, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (target None: x alone).
     B = 0 only if allowed: a rank without rows still takes part in cross-rank statistics."""
-    if (type(features) is Tensor and type(target) is Tensor and features.dim() == 2 == target.dim()
+    if (type(features) is Tensor and type(target) is Tensor and not features.is_nested and not target.is_nested
+            and features.layout == torch.strided == target.layout and features.dim() == 2 == target.dim()
             and features.dtype == target.dtype and features.is_floating_point() and features.shape[0] == target.shape[0]
-            and features.shape[0] and features.layout == torch.strided == target.layout and not features.is_nested
-            and features.device == target.device and features.device.type != "meta"):
+            and features.shape[0] and features.device == target.device and features.device.type != "meta"):
         return  # the common case, in one expression (µs count at B = 4); the checks below say what is wrong
     for name, t in (("features", features), ("target", target)):
         if t is None:
