@@ -48,15 +48,18 @@ class Plan(NamedTuple):
     selector: str  # "mask" or "index", for messages
 
 
-def prepare(index, mean=None, std=None, *, num_features: Optional[int], num_kept: Optional[int] = None,
-            reduction: str = "mean", gap=(0, 0), dtype: torch.dtype = torch.float32, **options) -> Plan:
-    """The Plan of these arguments. num_features: D (None: the mask's length; integer indices then fail);
-    num_kept: the target's width, when known (sizes a traced mask's gather statically); dtype: the compute
-    dtype of the statistics; options: those of OPTIONS (unknown names are refused)."""
-    unknown = sorted(set(options) - set(OPTIONS))
+def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_features: Optional[int],
+            num_kept: Optional[int] = None, reduction: str = "mean", gap=(0, 0), dtype: torch.dtype = torch.float32,
+            device: Optional[torch.device] = None) -> Plan:
+    """The Plan of these arguments. options: the caller's keyword options, those of OPTIONS (other names are
+    refused); num_features: D (None: the mask's length; integer indices then fail); num_kept: the target's
+    width, when known (sizes a traced mask's gather statically); dtype: the compute dtype of the statistics;
+    device: the features' (the functional forms: the index and statistics move there), or None (a module:
+    they stay where they are given)."""
+    unknown = sorted(set(options or {}) - set(OPTIONS))
     if unknown:
         raise TypeError(f"unknown option {unknown[0]!r}: the options are {', '.join(OPTIONS)}")
-    o = {**OPTIONS, **options}
+    o = {**OPTIONS, **(options or {})}
     reduction_id = option_code("reduction", reduction, REDUCTIONS)
     norm = option_code("norm", o["norm"], NORMS)
     eps, nan_to_num = check_eps(o["eps"]), check_flag("nan_to_num", o["nan_to_num"])
@@ -64,9 +67,14 @@ def prepare(index, mean=None, std=None, *, num_features: Optional[int], num_kept
     sync = (check_flag("sync_stats", o["sync_stats"]), o["process_group"])
     if norm != NORM_BATCH and (sync[0] or sync[1] is not None):
         raise ValueError(f'sync_stats / process_group apply to norm="batch" only, not norm={o["norm"]!r}')
-    device = index.device if isinstance(index, torch.Tensor) else torch.device("cpu")
+    module = device is None
+    if module:
+        device = index.device if isinstance(index, torch.Tensor) else torch.device("cpu")
     index_t = index_tensor(index, device, num_features)  # the one check of an index's kind
     if index_t.dtype == torch.bool:
+        if module and num_features is not None and num_features != index_t.shape[0]:
+            raise ValueError(f"feature_mask has {index_t.shape[0]} entries but num_features={num_features}: the "
+                             f"mask needs one entry per feature column")
         num_features = index_t.shape[0] if num_features is None else num_features  # (a mismatch: canonical_index)
     elif num_features is None:
         raise ValueError("integer indices need num_features=D (the features' width) to be validated")

@@ -38,8 +38,8 @@ def clean_features(features: torch.Tensor, index, mean=None, std=None, *, norm: 
     """
     synced = norm == "batch" and (options.get("sync_stats") or options.get("process_group") is not None)
     ops.check_pair(features, None, allow_empty=bool(synced))
-    plan = prepare(index, mean, std, num_features=features.shape[1], norm=norm,
-                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32), **options)
+    plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
+                   device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     return ops.call_clean(features, plan)
 
 
@@ -58,13 +58,17 @@ class FeatureCleaner(Prepared):
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
 
-    def __init__(self, index, mean=None, std=None, **options):
-        super().__init__(index, mean, std, **options)
+    def __init__(self, index, mean=None, std=None, *, num_features=None, **options):
+        for name in ("reduction", "target_gap"):  # the loss's, not the cleaner's (its recon_loss takes them)
+            if name in options:
+                raise TypeError(f"FeatureCleaner takes no {name}: it returns z; recon_loss(recon, z, reduction=...) "
+                                f"compares a reconstruction with it")
+        super().__init__(index, mean, std, num_features=num_features, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
         # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
         K = self.num_kept
-        self._z_plan = prepare(torch.arange(K, device=self.index.device), num_features=K, norm="none",
-                               backend=self.backend)
+        self._z_plan = prepare(torch.arange(K, device=self.index.device), options={"norm": "none",
+                               "backend": self.backend}, num_features=K)
 
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options) -> "FeatureCleaner":

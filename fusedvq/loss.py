@@ -52,8 +52,9 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     synced = norm == "batch" and (options.get("sync_stats") or options.get("process_group") is not None)
     ops.check_pair(features, target, allow_empty=bool(synced))
     _refuse_swapped(features, target, index)
-    plan = prepare(index, mean, std, num_features=features.shape[1], num_kept=target.shape[1], reduction=reduction,
-                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32), norm=norm, **options)
+    plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
+                   num_kept=target.shape[1], reduction=reduction, device=features.device,
+                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     return ops.call_loss(features, target, plan, "masked_mse(features [B, {}], target [B, {}], index, ...)")
 
 
@@ -66,8 +67,7 @@ class Prepared(nn.Module):
     def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, reduction: str = "mean",
                  target_gap=(0, 0), **options):
         super().__init__()
-        plan = prepare(index, mean, std, num_features=num_features, reduction=reduction, gap=target_gap,
-                       dtype=torch.float32, **options)
+        plan = prepare(index, mean, std, options, num_features=num_features, reduction=reduction, gap=target_gap)
         for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale)):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)

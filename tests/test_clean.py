@@ -231,8 +231,8 @@ def _op_args(norm, use_triton, nan_to_num=True):
 
     g = torch.Generator().manual_seed(4)
     columns, mean, std = random_case(9, 11, 7, mask=False, duplicates=True, generator=g)
-    plan = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None, num_features=11,
-                   norm=norm)
+    plan = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None, {"norm": norm},
+                   num_features=11)
     x = torch.randn(9, 11, generator=g, requires_grad=True)
     mode = [int(nan_to_num), 0, int(use_triton), 0, 0]
     if norm == "batch":

@@ -189,7 +189,7 @@ def test_reference_ops_on_cuda_do_not_sync(op):
     from fusedvq.arguments import prepare
 
     x, r, mask, _, _ = _setup(B=64)
-    plan = prepare(mask.cuda(), num_features=187, norm="batch")
+    plan = prepare(mask.cuda(), options={"norm": "batch"}, num_features=187)
     x.requires_grad_()
     r.requires_grad_()
     columns, mode = list(plan.columns), [1, 1, 0, 0, 0]

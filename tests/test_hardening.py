@@ -180,3 +180,51 @@ def test_agreeing_statistics_beside_give_no_note(tmp_path):
         load_feature_spec(path)
     rc, out, _ = run_check(path)
     assert rc == 0 and "note:" not in out
+
+
+# --- the regrouped call path: what a review of it found ---------------------------------------------
+
+
+def test_options_of_another_form_are_refused():
+    x, mask = torch.randn(8, 6), torch.tensor([1, 0, 1, 1, 0, 1]).bool()
+    with pytest.raises(TypeError, match="unknown option 'reduction'"):
+        fusedvq.clean_features(x, mask, norm="none", reduction="sum")
+    with pytest.raises(TypeError, match="unknown option 'gap'"):
+        fusedvq.masked_mse(x, torch.randn(8, 4), mask, norm="none", gap=(1, 2))
+    for name, value in (("target_gap", (1, 2)), ("reduction", "sum")):
+        with pytest.raises(TypeError, match=f"FeatureCleaner takes no {name}"):
+            FeatureCleaner(mask, norm="none", **{name: value})
+
+
+def test_a_module_mask_of_another_length_names_num_features():
+    with pytest.raises(ValueError, match="feature_mask has 6 entries but num_features=8"):
+        MaskedMSELoss(torch.ones(6, dtype=torch.bool), norm="none", num_features=8)
+
+
+class _ClaimsCuda(torch.Tensor):
+    """A CPU tensor that says it is on cuda:0: enough to see where the functional forms put the index."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test below runs instead")
+def test_the_functional_forms_move_the_index_to_the_features_device():
+    """masked_mse / clean_features take the index where it is given (a CPU mask, a list) and move it to the
+    features' device: here that move is what fails (no CUDA), not a complaint about a module's buffers."""
+    x, r = torch.randn(8, 6).as_subclass(_ClaimsCuda), torch.randn(8, 4).as_subclass(_ClaimsCuda)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1]).bool()
+    for call in (lambda: fusedvq.masked_mse(x, r, mask, norm="none", backend="reference"),
+                 lambda: fusedvq.clean_features(x, mask.tolist(), norm="none", backend="reference")):
+        with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+            call()
+
+
+@pytest.mark.gpu
+def test_a_cpu_mask_with_cuda_features():
+    x, r = torch.randn(8, 6, device="cuda"), torch.randn(8, 4, device="cuda")
+    mask = torch.tensor([1, 0, 1, 1, 0, 1]).bool()
+    want = torch.nn.functional.mse_loss(x[:, mask.cuda()], r)
+    assert torch.allclose(fusedvq.masked_mse(x, r, mask, norm="none"), want)
+    assert fusedvq.clean_features(x, mask.tolist(), norm="none").device.type == "cuda"

@@ -268,3 +268,48 @@ def test_loads_inside_a_process_that_initialized_cuda(tmp_path):
     finally:
         stop.set()
         worker.join()
+
+
+def test_an_interrupted_read_ends_its_child(tmp_path, monkeypatch):
+    """Ctrl-C (or MemoryError) while the parent reads the child's result: the child, blocked writing to a
+    full pipe, is killed and reaped, and the interrupt reaches the caller at once."""
+    from fusedvq.checkpoint import isolation
+
+    path = tmp_path / "model.pt"
+    torch.save({"feature_mask": torch.ones(3, dtype=torch.bool), "w": torch.randn(1 << 20)}, path)  # 4 MiB
+    real_read = isolation._Pipe.read
+
+    def interrupted(self, n):
+        if n >= 1 << 20:
+            raise KeyboardInterrupt
+        return real_read(self, n)
+
+    monkeypatch.setattr(isolation._Pipe, "read", interrupted)
+    box = {}
+
+    def run():
+        try:
+            read_checkpoint(path)
+        except BaseException as err:  # noqa: BLE001 - handed back to the test
+            box["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the read hung after the interrupt"
+    assert isinstance(box.get("error"), KeyboardInterrupt)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child left behind
+
+
+def test_a_parent_that_ignores_sigchld_still_reads(tmp_path):
+    import signal
+
+    path = tmp_path / "model.pt"
+    torch.save({"feature_mask": torch.ones(3, dtype=torch.bool)}, path)
+    before = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    try:
+        for _ in range(5):
+            assert read_checkpoint(path)["feature_mask"].all()
+    finally:
+        signal.signal(signal.SIGCHLD, before)

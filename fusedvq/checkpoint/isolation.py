@@ -183,7 +183,7 @@ def _receive(fd: int, limits: Limits, *, pid: int = 0, proc=None):
     """(status, storages) as _child_send wrote them to `fd`, within the limits; the child is reaped (killed
     if need be). Each storage is read straight into the buffer its tensors will use."""
     pipe = _Pipe(fd, time.monotonic() + limits.seconds)
-    why = None
+    why, done = None, False
     try:
         size = int.from_bytes(pipe.read(8), "little")
         if size > limits.memory:
@@ -194,14 +194,15 @@ def _receive(fd: int, limits: Limits, *, pid: int = 0, proc=None):
             if sum(status[2]) > limits.memory:
                 raise _Over(f"its tensors exceed the {limits.memory >> 20:,} MiB a file of its size may fill")
             storages = [pipe.read(n) for n in status[2]]
+        done = True
     except _Over as over:
         why = str(over)
     except EOFError:
         why = ""
     except TimeoutError:
         why = f"it did not finish reading within {limits.seconds:.1f} s"
-    finally:
-        ended = _reap(pid, proc, kill=why is not None)
+    finally:  # whatever ended the read (a limit, KeyboardInterrupt, MemoryError), the child ends with it
+        ended = _reap(pid, proc, kill=not done)
     if why == "":
         raise BoundExceeded(f"reading it {f'was stopped by {ended}' if ended else 'ended without a result'} "
                             f"(limits: {limits.seconds:.1f} s, {limits.memory >> 20:,} MiB more memory)")
@@ -243,9 +244,12 @@ def _reap(pid: int, proc, *, kill: bool) -> str:
             proc.kill()
         code = proc.wait()
         return f"exit code {code}" if code else ""
-    if kill:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
+    try:
+        if kill:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):  # reaped by the caller's own SIGCHLD handling
+        return ""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         return {signal.SIGXCPU: "its CPU-time limit", signal.SIGKILL: "a kill"}.get(sig, f"signal {sig}")
