@@ -7,6 +7,7 @@ import torch
 
 import fusedvq
 from fusedvq import ops as routing
+from fusedvq.cpu import small as cpu_small
 from fusedvq.cpu import stats as cpu
 from helpers import BACKENDS
 from oracle import batch_oracle, oracle, random_case, rel_err
@@ -32,7 +33,7 @@ class _Offload:
 def blocked(monkeypatch):
     """The blocked CPU paths (not the small-batch composition), several row blocks."""
     monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(routing, "_BATCH_COMPOSED_MAX_ELEMENTS", 0, raising=False)
+    monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 7 * K)
 
 

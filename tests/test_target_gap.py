@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedvq import ops as routing
+from fusedvq.cpu import small as cpu_small
 from fusedvq.cpu import stats as cpu
 from fusedvq.arguments import build_column_map
 from fusedvq.loss import MaskedMSELoss
@@ -66,7 +67,7 @@ def test_gap_matches_the_oracle(monkeypatch, path, norm, reduction, at):
     B = 37
     if path == "blocked":
         monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
-        monkeypatch.setattr(routing, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
         monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)  # several row blocks
     index, mean, std, x, r, g = _case(B, at, seed=at + 3, nan=True, strided=at == 11)
     stats = dict(mean=mean.float(), std=std.float()) if norm == "stats" else {}
@@ -130,7 +131,7 @@ def test_gap_with_float32_edge_columns(monkeypatch, path):
     # A column constant within the batch (σ → 1, z = 0 exactly), one at 1e4 ± 0.01,
     # one of 1e17 (its M2 near the float32 range).
     if path == "blocked":
-        monkeypatch.setattr(routing, "_BATCH_COMPOSED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
         monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
     index, _, _, x, r, g = _case(40, 11, seed=9)
     x[:, index[0]] = 3.25

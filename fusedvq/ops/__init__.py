@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..cpu import small as cpu_small
 from ..kernels.plan import NORM_BATCH, Mode, COMPUTE_DTYPE
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,7 +45,7 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str) -> Tensor:
     if plan.norm == NORM_BATCH:
         if not eager:
             return _op_loss.batch_mse_forward(features, target, columns, plan.eps, group, mode)[0]
-        if under_functorch() or (not use_triton and not group and use_composed(features, K, True, gap[1] > 0)):
+        if under_functorch() or (not use_triton and not group and features.device.type != "cpu"):
             refuse_synced_higher_order(group, "torch.func transforms")
             return reference.batch_mse_composed(features, target, columns[0], plan.eps, plan.nan_to_num,
                                                 plan.reduction, gap)
@@ -52,7 +53,7 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str) -> Tensor:
     stats = _stats_for(plan, features)
     if not eager:
         return _op_loss.masked_mse_forward(features, target, columns, stats, mode)[0]
-    if under_functorch() or (not use_triton and use_composed(features, K, False, gap[1] > 0)):
+    if under_functorch() or (not use_triton and use_composed(features, K, gap[1] > 0)):
         shift, scale = stats if stats else (None, None)
         return reference.masked_mse_composed(features, target, columns[0], shift, scale, plan.nan_to_num,
                                              plan.reduction, gap)
@@ -69,7 +70,7 @@ def call_clean(features: Tensor, plan) -> Tensor:
     if plan.norm == NORM_BATCH:
         if not eager:
             return _op_clean.batch_clean_forward(features, columns, plan.eps, group, mode)[0]
-        if under_functorch() or (not use_triton and not group and use_composed(features, K, True)):
+        if under_functorch() or (not use_triton and not group and features.device.type != "cpu"):
             refuse_synced_higher_order(group, "torch.func transforms")
             return reference.batch_clean_composed(features, columns[0], plan.eps, plan.nan_to_num)
         return _Eager.apply(_op_clean.BATCH_CLEAN, features, columns, plan.eps, group, mode)
@@ -120,20 +121,26 @@ def kernel_mode(mode: list, norm: int = 0, needs=(True, True)) -> Mode:
     return Mode(norm, bool(mode[0]), mode[1], (mode[3], mode[4]), needs)
 
 
-# Up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++ backward win on the CPU;
-# above it its batch-sized temporaries cost more than the blocked path (measured at K = 171: composed ahead
-# at B = 1024 and 2048). norm "batch": composed ahead at B = 4 and 64, blocked from 256 on. A target with a
-# gap (K = 143, c = 28): composed ahead at B = 256, blocked from 1024 on.
-_COMPOSED_MAX_ELEMENTS, _BATCH_COMPOSED_MAX_ELEMENTS, _GAP_COMPOSED_MAX_ELEMENTS = 1 << 18, 1 << 14, 1 << 16
+# norm "none" / "stats": up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++
+# backward win on the CPU; above it its batch-sized temporaries cost more than the blocked path (measured at
+# K = 171: composed ahead at B = 1024 and 2048). A target with a gap (K = 143, c = 28): composed ahead at
+# B = 256, blocked from 1024 on. (norm "batch" on the CPU takes no composition: its autograd graph is heavy,
+# and small batches have cpu/small.py.)
+_COMPOSED_MAX_ELEMENTS, _GAP_COMPOSED_MAX_ELEMENTS = 1 << 18, 1 << 16
 
 
-def use_composed(x: Tensor, num_kept: int, batch: bool = False, gapped: bool = False) -> bool:
-    """Whether an eager PyTorch-path call takes reference.py's composition rather than cpu/'s blocked passes:
-    on the CPU up to the limits above, always elsewhere (backend="reference" on CUDA)."""
-    limit = _BATCH_COMPOSED_MAX_ELEMENTS if batch else _COMPOSED_MAX_ELEMENTS
-    if gapped:
-        limit = min(limit, _GAP_COMPOSED_MAX_ELEMENTS)
+def use_composed(x: Tensor, num_kept: int, gapped: bool = False) -> bool:
+    """Whether an eager PyTorch-path call of norm "none" / "stats" takes reference.py's composition rather
+    than cpu/'s blocked passes: on the CPU up to the limits above, always elsewhere (backend="reference" on
+    CUDA)."""
+    limit = min(_COMPOSED_MAX_ELEMENTS, _GAP_COMPOSED_MAX_ELEMENTS) if gapped else _COMPOSED_MAX_ELEMENTS
     return x.device.type != "cpu" or x.shape[0] * num_kept <= limit
+
+
+def small_batch(x: Tensor, num_kept: int, group: str) -> bool:
+    """Whether a norm="batch" call on the PyTorch path takes cpu/small.py: the CPU, this batch's own
+    statistics, at most its SMALL_ELEMENTS (read here, so that other calls never run that file)."""
+    return not group and x.device.type == "cpu" and x.shape[0] * num_kept <= cpu_small.SMALL_ELEMENTS
 
 
 def under_functorch() -> bool:
