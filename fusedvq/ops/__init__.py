@@ -1,12 +1,14 @@
-"""The routing point: every call of fusedvq's losses and cleaners passes through `call_loss` or `call_clean` here, which
-check the call's tensors against its Plan (arguments.py; shapes, dtypes, devices: free, no values read),
-choose the implementation, and attach autograd:
+"""The routing point: every call of fusedvq's losses and cleaners passes through `call_loss` or `call_clean`
+here, which check the call's tensors against its Plan (arguments.py; shapes, dtypes, devices: free, no
+values read), choose the implementation, and attach autograd:
 
     traced (torch.compile, export)    the registered op (loss.py, clean.py), which the tracer needs
-    torch.func, or the CPU at small B the plain composition of reference.py, differentiated by autograd
+    torch.func; norm "none" / "stats" the plain composition of reference.py, differentiated by autograd
+      on the CPU at small B
     eager otherwise                   the op's autograd Definition run by _Eager without the dispatcher:
                                       the same implementations, saved tensors and backward, without the
-                                      ~190 µs of schema parsing and dispatch per forward+backward
+                                      ~190 µs of schema parsing and dispatch per forward+backward (norm
+                                      "batch" at small CPU batches: cpu/small.py)
 
 The implementation is chosen by the call's backend, not by the tensors' device alone: "auto" is Triton for
 CUDA tensors (when triton imports) and the PyTorch path elsewhere, and both other pairings are real uses
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from .. import reference
 from ..cpu import small as cpu_small
-from ..kernels.plan import NORM_BATCH, Mode, COMPUTE_DTYPE
+from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, Mode
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
