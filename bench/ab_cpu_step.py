@@ -9,16 +9,12 @@ PYTHONPATH), and prints the minimum per case over the rounds (a shared 2-core ma
 of percent to any one round; minima of alternating rounds compare like with like).
 """
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import checkouts
 
 D, K = 187, 171
 SIZES = (4, 1024, 65536)
@@ -73,31 +69,17 @@ def measure() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", help="the other checkout's root")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.measure:
-        print(json.dumps(measure()))
+    runs = checkouts.run(__doc__.splitlines()[0], __file__, measure)
+    if runs is None:
         return
-    here = str(Path(__file__).resolve().parents[1])
-    roots = {"new": here, "old": os.path.abspath(args.against)} if args.against else {"this": here}
-    best: dict = {label: {} for label in roots}
-    for _ in range(args.rounds):
-        for label, root in roots.items():
-            env = {**os.environ, "PYTHONPATH": root}
-            got = json.loads(subprocess.run([sys.executable, __file__, "--measure"], env=env, cwd=root,
-                                            capture_output=True, text=True, check=True).stdout)
-            for case, us in got.items():
-                best[label][case] = min(us, best[label].get(case, float("inf")))
-    labels = list(roots)
-    print("| case | " + " | ".join(f"{label} (µs)" for label in labels) + (" | new/old |" if args.against else " |"))
-    print("|---" * (len(labels) + 1 + bool(args.against)) + "|")
+    best = {label: {case: min(run[case] for run in results) for case in results[0]} for label, results in runs.items()}
+    labels = list(best)
+    print("| case | " + " | ".join(f"{label} (µs)" for label in labels) + (" | new/old |" if "old" in runs else " |"))
+    print("|---" * (len(labels) + 1 + ("old" in runs)) + "|")
     for case in best[labels[0]]:
         cells = [f"{best[label].get(case, float('nan')):.1f}" for label in labels]
         ratio = ""
-        if args.against and case in best["old"]:
+        if "old" in runs and case in best["old"]:
             ratio = f" | {best['old'][case] / best['new'][case]:.2f}× " + (
                 "faster" if best["old"][case] >= best["new"][case] else "slower")
         print(f"| {case} | " + " | ".join(cells) + ratio + " |")

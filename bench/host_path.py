@@ -13,20 +13,18 @@ checkout imports the kernels of the installed fusedvq.kernels: give it a fusedvq
 kernels/ folder).
 """
 
-import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import checkouts  # noqa: E402
 
 D, K, B = 187, 171, 4
 
@@ -95,25 +93,12 @@ def measure() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", help="another checkout's root")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.measure:
-        print(json.dumps(measure()))
+    labelled = checkouts.run(__doc__.splitlines()[0], __file__, measure)
+    if labelled is None:
         return
-    here = str(Path(__file__).resolve().parents[1])
-    roots = {"this": here, **({"other": os.path.abspath(args.against)} if args.against else {})}
-    results: dict = {label: {} for label in roots}
-    for _ in range(args.rounds):
-        for label, root in roots.items():
-            got = json.loads(subprocess.run([sys.executable, __file__, "--measure"], cwd=root, check=True,
-                                            env={**os.environ, "PYTHONPATH": root}, capture_output=True,
-                                            text=True).stdout)
-            for case, row in got.items():
-                best = results[label].setdefault(case, row)
-                best["us"] = min(best["us"], row["us"])
+    results = {}
+    for label, runs in labelled.items():
+        results[label] = {case: {**runs[0][case], "us": min(run[case]["us"] for run in runs)} for case in runs[0]}
     print("| checkout | step | µs | Python calls | dispatcher ops | allocations | launches |")
     print("|---|---|---|---|---|---|---|")
     for label, rows in results.items():

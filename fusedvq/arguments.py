@@ -13,7 +13,7 @@ functional call in eager mode (skipped while torch.compile traces, where they wo
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 

@@ -58,12 +58,8 @@ class FeatureCleaner(Prepared):
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
 
-    def __init__(self, index, mean=None, std=None, *, num_features=None, **options):
-        for name in ("reduction", "target_gap"):  # the loss's, not the cleaner's (its recon_loss takes them)
-            if name in options:
-                raise TypeError(f"FeatureCleaner takes no {name}: it returns z; recon_loss(recon, z, reduction=...) "
-                                f"compares a reconstruction with it")
-        super().__init__(index, mean, std, num_features=num_features, **options)
+    def __init__(self, index, mean=None, std=None, **options):
+        super().__init__(index, mean, std, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
         # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
         K = self.num_kept
@@ -119,10 +115,10 @@ class FeatureCleaner(Prepared):
     def recon_loss(self, recon: torch.Tensor, z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """F.mse_loss(recon[:, recon_columns], z) without the gather: recon [B, K] (hybrid: [B, K + c]) is
         read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z."""
-        plan = self._z_plan._replace(reduction=option_code("reduction", reduction, REDUCTIONS))
-        ops.check_pair(z, recon)
+        plan = self._z_plan._replace(reduction=option_code("reduction", reduction, REDUCTIONS), selector="cleaner's z")
+        # Said in this method's order (recon first), before the routing point's own checks run.
         ops.check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
-        return ops.call_loss(z, recon, plan._replace(selector="cleaner's z"), "recon_loss(z [B, {}], recon [B, {}])")
+        return ops.call_loss(z, recon, plan, "recon_loss(recon [B, {1}], z [B, {0}])")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""

@@ -64,10 +64,12 @@ class Prepared(nn.Module):
     GPU and compiles with torch.compile(fullgraph=True) or is captured in a CUDA graph. Statistics are held
     in float32 (the compute dtype of every Triton path), also under .half() / .to(dtype)."""
 
-    def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, reduction: str = "mean",
-                 target_gap=(0, 0), **options):
+    def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, _loss_form=None,
+                 **options):
+        # _loss_form: {"reduction", "gap"} of MaskedMSELoss; a cleaner has none (those names stay options there,
+        # which prepare refuses as unknown).
         super().__init__()
-        plan = prepare(index, mean, std, options, num_features=num_features, reduction=reduction, gap=target_gap)
+        plan = prepare(index, mean, std, options, num_features=num_features, **(_loss_form or {}))
         for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale)):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
@@ -127,6 +129,9 @@ class MaskedMSELoss(Prepared):
             skips (a hybrid VQ-VAE decoder's embedding columns): target [B, K + width], read in place, its
             gradient zero there. VQReconLoss.from_checkpoint sets it from the checkpoint.
     """
+
+    def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", target_gap=(0, 0), **options):
+        super().__init__(index, mean, std, _loss_form={"reduction": reduction, "gap": target_gap}, **options)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # The plan with the buffers, read on every call: functional_call and DataParallel swap them (the dict

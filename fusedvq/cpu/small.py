@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_MEAN, REDUCTION_NONE, Mode
-from .batch import STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, finalize_batch_stats
+from .batch import STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, _neg_cast, finalize_batch_stats
 from .stats import into_target, new_target_grad
 
 # Up to this many [B, K] elements the one-block path below wins over the blocked passes (measured: B = 4 to
@@ -121,7 +121,3 @@ def _grad_x(x, index, dz, z, x_ok, stats, sums) -> torch.Tensor:
     grad_x = grad.new_zeros((x.shape[0], x.shape[1]))
     grad_x.index_add_(1, index, grad)  # (in a fixed order on the CPU, duplicates adding up)
     return grad_x.to(x.dtype) if grad_x.dtype != x.dtype else grad_x
-
-
-def _neg_cast(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return out.copy_(a.neg())

@@ -323,10 +323,16 @@ def refuse_synced_higher_order(group: str, what: str) -> None:
 
 
 def kernels():
-    """fusedvq.kernels' entry points (imported on first use: they import triton)."""
-    from .. import kernels as module
+    """fusedvq.kernels' entry points (imported on first use: they import triton; looked up once)."""
+    global _kernels
+    if _kernels is None:
+        from .. import kernels as module
 
-    return module
+        _kernels = module
+    return _kernels
+
+
+_kernels = None
 
 
 from . import clean as _op_clean  # noqa: E402  (the op modules build on the Definition above)
