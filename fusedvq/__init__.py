@@ -2,8 +2,10 @@
 
     loss = fusedvq.masked_mse(features [B, D], reconstruction [B, K], feature_mask [D], mean, std)
     z = fusedvq.clean_features(features [B, D], feature_mask [D], norm="batch")    # the encoder's input
+    errors = loss_fn.category_errors(loss_fn(features, recon))    # reduction="column": one per category
 """
 
+from .categories import gini
 from .clean import FeatureCleaner, clean_features
 from .checkpoint import (
     CheckpointError, FeatureSpec, StatsNotUsedWarning, UnsafeLoadWarning, diagnose, load_feature_spec,
@@ -19,6 +21,7 @@ __all__ = [
     "VQReconLoss",
     "clean_features",
     "FeatureCleaner",
+    "gini",
     "load_feature_spec",
     "FeatureSpec",
     "diagnose",

@@ -20,7 +20,7 @@ import torch
 from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
 from .ops import check_dense
 
-REDUCTIONS = ("none", "mean", "sum")  # code = position (kernels/plan.py's REDUCTION_*)
+REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.py's REDUCTION_*)
 NORMS = ("none", "stats", "batch")  # code = position (NORM_*)
 BACKENDS = ("auto", "triton", "reference")
 STATS_SPACES = ("raw", "masked")
@@ -38,6 +38,7 @@ class Plan(NamedTuple):
     columns: ColumnMap
     shift: Optional[torch.Tensor]  # [K] μ in the compute dtype (float32 in modules), or None
     scale: Optional[torch.Tensor]  # [K] 1/σ, or None
+    weight: Optional[torch.Tensor]  # [K] w ≥ 0 per kept column of the loss (float32 in modules), or None
     norm: int
     reduction: int
     eps: float
@@ -49,11 +50,12 @@ class Plan(NamedTuple):
 
 
 def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_features: Optional[int],
-            num_kept: Optional[int] = None, reduction: str = "mean", gap=(0, 0), dtype: torch.dtype = torch.float32,
-            device: Optional[torch.device] = None) -> Plan:
+            num_kept: Optional[int] = None, reduction: str = "mean", gap=(0, 0), weight=None,
+            dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Plan:
     """The Plan of these arguments. options: the caller's keyword options, those of OPTIONS (other names are
     refused); num_features: D (None: the mask's length; integer indices then fail); num_kept: the target's
-    width, when known (sizes a traced mask's gather statically); dtype: the compute dtype of the statistics;
+    width, when known (sizes a traced mask's gather statically); weight: the loss's per-column weights
+    (check_weight), or None; dtype: the compute dtype of the statistics and weights;
     device: the features' (the functional forms: the index and statistics move there), or None (a module:
     they stay where they are given)."""
     unknown = sorted(set(options or {}) - set(OPTIONS))
@@ -87,8 +89,10 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
         for name, value in (("mean", mean), ("std", std)):
             if value is not None:
                 raise ValueError(f"{name} was given but norm={o['norm']!r} does not use it")
-    return Plan(columns, shift, scale, norm, reduction_id, eps, nan_to_num, o["backend"], sync,
-                check_gap(gap, columns.index.shape[0]), selector)
+    K = columns.index.shape[0]
+    weight = None if weight is None else check_weight(weight, K, dtype, columns.index.device)
+    return Plan(columns, shift, scale, weight, norm, reduction_id, eps, nan_to_num, o["backend"], sync,
+                check_gap(gap, K), selector)
 
 
 def option_code(name: str, value: str, choices: tuple[str, ...]) -> int:
@@ -285,6 +289,32 @@ def _check_stats_values(mu: torch.Tensor, sigma: torch.Tensor, index: torch.Tens
         f"{'mean' if what == 'mean' else 'std'} {float(value[k])} ({count}); rescale the features and "
         f"statistics, or use float64 features (reference backend)"
     )
+
+
+def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The loss's per-column weights as a [K] tensor in `dtype` on `device`: 1-D, one per kept column (in the
+    loss's column order), real, finite and >= 0 (checked on the host once: one synchronization on CUDA;
+    skipped while torch.compile traces, like the statistics' values)."""
+    if isinstance(weight, str):
+        raise ValueError(f"weight={weight!r} names categories: it needs the VQ-VAE's categories, which "
+                         f"from_checkpoint / from_spec (or VQReconLoss's categories=) provide")
+    if isinstance(weight, dict):
+        raise ValueError("weight given per category name needs the VQ-VAE's categories: build the module with "
+                         "from_checkpoint / from_spec (or VQReconLoss's categories=)")
+    t = _as_tensor(weight, "weight", device)
+    if t.dim() != 1 or t.shape[0] != num_kept:
+        raise ValueError(f"weight must be 1-D with one entry per kept column (K = {num_kept}), got shape "
+                         f"{tuple(t.shape)}")
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"weight must hold real numbers, got {t.dtype}")
+    wide = t.to(torch.float64)
+    if not _is_tracing():
+        bad = ~(torch.isfinite(wide) & (wide >= 0) & torch.isfinite(wide.to(dtype)))
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            raise ValueError(f"weight must be finite and >= 0 in every kept column (and fit {dtype}); kept column "
+                             f"{k} has weight {float(wide[k])} ({int(bad.sum())} of {num_kept} bad)")
+    return wide.to(dtype)
 
 
 def check_gap(target_gap, num_kept: int) -> tuple[int, int]:

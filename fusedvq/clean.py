@@ -54,17 +54,20 @@ class FeatureCleaner(Prepared):
         mean, std: μ, σ of length D or K; required for norm="stats".
         num_features and the options norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group:
             as in MaskedMSELoss.
+        weight, categories: recon_loss's per-column weights and the VQ-VAE's categories, as in MaskedMSELoss
+            (from_checkpoint / from_spec take the categories from the checkpoint).
 
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
 
-    def __init__(self, index, mean=None, std=None, **options):
-        super().__init__(index, mean, std, **options)
+    def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, **options):
+        super().__init__(index, mean, std, categories=categories, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
         # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
-        K = self.num_kept
-        self._z_plan = prepare(torch.arange(K, device=self.index.device), options={"norm": "none",
-                               "backend": self.backend}, num_features=K)
+        K, device = self.num_kept, self.index.device
+        self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
+                               num_features=K)._replace(weight=self._weight(weight, K, device))
+        self._set_categories(self._z_plan.weight)
 
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options) -> "FeatureCleaner":
@@ -81,9 +84,10 @@ class FeatureCleaner(Prepared):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        z_columns = self._z_plan.columns
-        if z_columns.index.device != self.index.device:  # the identity plan follows the buffers' device
-            self._z_plan = self._z_plan._replace(columns=ColumnMap(*(t.to(self.index.device) for t in z_columns)))
+        z_columns, weight, device = self._z_plan.columns, self._z_plan.weight, self.index.device
+        if z_columns.index.device != device:  # the identity plan follows the buffers' device
+            self._z_plan = self._z_plan._replace(columns=ColumnMap(*(t.to(device) for t in z_columns)),
+                                                 weight=None if weight is None else weight.to(device))
         return self
 
     @property
@@ -114,7 +118,9 @@ class FeatureCleaner(Prepared):
 
     def recon_loss(self, recon: torch.Tensor, z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """F.mse_loss(recon[:, recon_columns], z) without the gather: recon [B, K] (hybrid: [B, K + c]) is
-        read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z."""
+        read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z.
+        reduction: "mean", "sum", "none" [B, K], or "column" [K] (category_errors takes it); e = w·(z − r)²
+        with the cleaner's weight, the mean dividing by B·K."""
         plan = self._z_plan._replace(reduction=option_code("reduction", reduction, REDUCTIONS), selector="cleaner's z")
         # Said in this method's order (recon first), before the routing point's own checks run.
         ops.check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
@@ -125,5 +131,5 @@ class FeatureCleaner(Prepared):
         # The plan with the buffers, read on every call: functional_call and DataParallel swap them (the dict
         # rather than attribute access, and a Plan built directly: µs that count at B = 4).
         b = self._buffers
-        plan = Plan(ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), b["shift"], b["scale"], *self.plan[3:])
+        plan = Plan(ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), b["shift"], b["scale"], None, *self.plan[4:])
         return ops.call_clean(features, plan)

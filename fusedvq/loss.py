@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, REDUCTIONS, ColumnMap, Plan, _is_tracing, prepare
+from .arguments import NORMS, REDUCTIONS, ColumnMap, Plan, _is_tracing, check_weight, prepare
+from .categories import category_errors, category_layout, check_categories, resolve_weight
 from .checkpoint import FeatureSpec, load_feature_spec
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
 
 
 def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, std=None, *, norm: str = "stats",
-               reduction: str = "mean", **options) -> torch.Tensor:
+               reduction: str = "mean", weight=None, **options) -> torch.Tensor:
     """Squared error between normalized kept feature columns and a reconstruction of them.
 
     Args:
@@ -32,7 +33,10 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
         norm: "stats" — z = (x[:, index] − μ)/σ; "none" — z = x[:, index]; "batch" — μ, σ are the
             column mean and unbiased std (correction 1) of the batch's kept columns, gradients flow
             through them, and z passes through nan_to_num. Needs B >= 2 (or sync_stats).
-        reduction: "mean" (Σ/(B·K)), "sum", or "none" ([B, K]).
+        reduction: "mean" (Σe/(B·K)), "sum", "none" (e [B, K]), or "column" (Σ_b e/B [K]: each kept column's
+            error over the batch; its mean is the "mean" loss), with e = w[k]·(z − r)².
+        weight: per-column weights w [K] (finite, >= 0), or None (w = 1). The weighted mean divides by B·K
+            (as PyTorch's weighted losses do), not by Σw.
         options (keywords):
             eps=1e-8: batch-statistics columns with σ < eps use σ = 1, no gradient through σ (norm="batch").
             nan_to_num=False: NaN and ±Inf in features become 0 before normalization, zero gradient there.
@@ -43,7 +47,7 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
             process_group=None: like sync_stats, over this torch.distributed process group.
 
     Returns the loss in the features' dtype (accumulated in float32, or float64 for float64 inputs): a
-    scalar, or [B, K] for reduction="none". Gradients flow to features and target.
+    scalar, [B, K] for reduction="none", [K] for "column". Gradients flow to features and target.
 
     Every call validates its arguments, values included (index range, mask count, σ > 0), which costs one
     host synchronization on CUDA; MaskedMSELoss validates once at construction instead. While torch.compile
@@ -53,7 +57,7 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     ops.check_pair(features, target, allow_empty=bool(synced))
     _refuse_swapped(features, target, index)
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
-                   num_kept=target.shape[1], reduction=reduction, device=features.device,
+                   num_kept=target.shape[1], reduction=reduction, weight=weight, device=features.device,
                    dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     return ops.call_loss(features, target, plan, "masked_mse(features [B, {}], target [B, {}], index, ...)")
 
@@ -64,15 +68,49 @@ class Prepared(nn.Module):
     GPU and compiles with torch.compile(fullgraph=True) or is captured in a CUDA graph. Statistics are held
     in float32 (the compute dtype of every Triton path), also under .half() / .to(dtype)."""
 
-    def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, _loss_form=None,
-                 **options):
-        # _loss_form: {"reduction", "gap"} of MaskedMSELoss; a cleaner has none (those names stay options there,
-        # which prepare refuses as unknown).
+    def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, categories=None,
+                 _loss_form=None, **options):
+        # _loss_form: {"reduction", "gap", "weight"} of MaskedMSELoss; a cleaner has none (those names stay
+        # options there, which prepare refuses as unknown).
         super().__init__()
-        plan = prepare(index, mean, std, options, num_features=num_features, **(_loss_form or {}))
-        for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale)):
+        form = dict(_loss_form or {})
+        weight = form.pop("weight", None)
+        plan = prepare(index, mean, std, options, num_features=num_features, **form)
+        self.categories = check_categories(categories, plan.columns.index.shape[0])
+        plan = plan._replace(weight=self._weight(weight, plan.columns.index.shape[0], plan.columns.index.device))
+        for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale),
+                            ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
+        self._set_categories(plan.weight)
+
+    def _weight(self, weight, num_kept: int, device) -> Optional[torch.Tensor]:
+        """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
+        others weigh 1), or "balanced" (categories.py); None when not given."""
+        if weight is None:
+            return None
+        return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device)
+
+    def _set_categories(self, weight: Optional[torch.Tensor]) -> None:
+        """The buffers category_errors reads: each category's kept columns and 1/(their total weight)."""
+        members = coef = None
+        if self.categories:
+            members, coef = category_layout(self.categories, weight, self.index.shape[0], self.index.device)
+        self.register_buffer("category_members", members, persistent=False)
+        self.register_buffer("category_coef", coef, persistent=False)
+
+    @property
+    def category_names(self) -> tuple[str, ...]:
+        """The categories' names, in the checkpoint's order (the order of category_errors)."""
+        return tuple(self.categories)
+
+    def category_errors(self, column_errors: torch.Tensor) -> torch.Tensor:
+        """The per-category errors [C] (in category_names' order) of the column errors [K] of a
+        reduction="column" loss: each category's mean squared error (fusedvq/categories.py states it with
+        weights), on their device, differentiable, no host synchronization."""
+        members = self.category_members
+        layout = None if members is None else (members, self.category_coef)
+        return category_errors(column_errors, layout, self.num_kept)
 
     @classmethod
     def from_checkpoint(cls, path, *, norm: str = "stats", num_features: Optional[int] = None, trust: bool = False,
@@ -86,12 +124,13 @@ class Prepared(nn.Module):
     def from_spec(cls, spec: FeatureSpec, *, norm: str = "stats", **options):
         """The module for a FeatureSpec (fusedvq.load_feature_spec): its mask, and its statistics for
         norm="stats"."""
-        return cls(spec.feature_mask, **spec.stats_arguments(norm), norm=norm, **options)
+        return cls(spec.feature_mask, **spec.stats_arguments(norm), norm=norm, categories=spec.categories, **options)
 
     def _apply(self, fn, recurse=True):
-        # .to(device) moves the statistics; .half() / .to(dtype) on an enclosing model must not round μ and
-        # 1/σ to 16 bits (the result would be wrong for every input dtype), so they keep float32.
-        kept = {name: getattr(self, name) for name in ("shift", "scale") if getattr(self, name) is not None}
+        # .to(device) moves the statistics; .half() / .to(dtype) on an enclosing model must not round μ, 1/σ
+        # and the weights to 16 bits (the result would be wrong for every input dtype), so they keep float32.
+        kept = {name: getattr(self, name) for name in ("shift", "scale", "weight", "category_coef")
+                if getattr(self, name, None) is not None}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = getattr(self, name)
@@ -123,21 +162,28 @@ class MaskedMSELoss(Prepared):
         index: bool mask [D] or integer column indices [K] (then pass num_features=D).
         mean, std: μ, σ of length D or K (see masked_mse); required for norm="stats".
         num_features: D; needed with integer indices, checked against the mask's length otherwise.
-        reduction, and the options norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group: as
-            in masked_mse (norm="batch" takes no mean/std; sync_stats pools its statistics across ranks).
+        reduction, weight, and the options norm, eps, nan_to_num, backend, stats_space, sync_stats,
+            process_group: as in masked_mse (norm="batch" takes no mean/std; sync_stats pools its statistics
+            across ranks; with it the column errors are this rank's rows', as the loss is). weight may also
+            name categories ({name: w}, the others 1) or be "balanced" (every category the same total weight).
+        categories: {name: kept-column indices} (from_checkpoint / from_spec: the VQ-VAE's, in its order):
+            category_errors(column_errors) gives the per-category errors of a reduction="column" loss.
         target_gap: (at, width): the target holds `width` more columns, from column `at` on, that the loss
             skips (a hybrid VQ-VAE decoder's embedding columns): target [B, K + width], read in place, its
             gradient zero there. VQReconLoss.from_checkpoint sets it from the checkpoint.
     """
 
-    def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", target_gap=(0, 0), **options):
-        super().__init__(index, mean, std, _loss_form={"reduction": reduction, "gap": target_gap}, **options)
+    def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", target_gap=(0, 0), weight=None,
+                 **options):
+        super().__init__(index, mean, std, _loss_form={"reduction": reduction, "gap": target_gap, "weight": weight},
+                         **options)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # The plan with the buffers, read on every call: functional_call and DataParallel swap them (the dict
         # rather than attribute access, and a Plan built directly: µs that count at B = 4).
         b = self._buffers
-        plan = Plan(ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), b["shift"], b["scale"], *self.plan[3:])
+        plan = Plan(ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), b["shift"], b["scale"], b["weight"],
+                    *self.plan[4:])
         return ops.call_loss(features, target, plan, _SIGNATURE)
 
     def extra_repr(self) -> str:

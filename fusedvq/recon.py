@@ -33,9 +33,12 @@ class VQReconLoss(nn.Module):
         feature_mask: bool [D] (True = a column the decoder reconstructs) or kept-column indices [K]
             (then pass num_features=D).
         mean, std: μ, σ per feature column (length D) or per kept column (length K); norm="stats" only.
-        categories: optional {name: kept-column indices} (the checkpoint's group_indices), kept for
-            reference (e.g. to log the error per category from a reduction="none" loss).
-        options: norm, reduction, num_features, target_gap, nan_to_num, backend, eps, stats_space, and for
+        categories: optional {name: kept-column indices} (the checkpoint's group_indices): category_errors
+            turns the [K] errors of reduction="column" into one per category, and weight may name them.
+        weight: per-column loss weights: [K] numbers, {category name: weight} (others 1), or "balanced"
+            (every category weighs the same in all); e = w·(z − recon)², the mean dividing by B·K.
+        options: norm, reduction ("mean", "sum", "none" [B, K], "column" [K]), num_features, target_gap,
+            nan_to_num, backend, eps, stats_space, and for
             norm="batch" sync_stats, process_group: as in MaskedMSELoss. target_gap (at, width): recon holds
             `width` embedding columns from column `at` on, which the loss skips (a hybrid VQ-VAE;
             from_checkpoint derives it); recon is then [B, K + width].
@@ -47,15 +50,8 @@ class VQReconLoss(nn.Module):
                  **options):
         super().__init__()
         self.hybrid = None  # a hybrid VQ-VAE's layout (set by from_checkpoint / from_spec)
-        self.loss = MaskedMSELoss(feature_mask, mean, std, **options)
+        self.loss = MaskedMSELoss(feature_mask, mean, std, categories=categories, **options)
         self.norm = self.loss.norm
-        self.categories = {str(k): tuple(int(i) for i in v) for k, v in (categories or {}).items()}
-        for name, idx in self.categories.items():
-            bad = [i for i in idx if not 0 <= i < self.num_kept]
-            if bad:
-                raise ValueError(
-                    f"category {name!r} has kept-column index {bad[0]}, outside the {self.num_kept} kept columns"
-                )
         self.spec = None  # the FeatureSpec when built from a checkpoint
 
     @classmethod
@@ -82,6 +78,19 @@ class VQReconLoss(nn.Module):
                    target_gap=gap, **options)
         loss.spec, loss.hybrid = spec, layout
         return loss
+
+    @property
+    def categories(self) -> dict:
+        """{name: kept-column indices}, in the checkpoint's order."""
+        return self.loss.categories
+
+    @property
+    def category_names(self) -> tuple[str, ...]:
+        return self.loss.category_names
+
+    def category_errors(self, column_errors: torch.Tensor) -> torch.Tensor:
+        """Per-category errors [C] (category_names' order) of a reduction="column" loss's [K] errors."""
+        return self.loss.category_errors(column_errors)
 
     @property
     def embedding_columns(self) -> range:

@@ -6,10 +6,13 @@ the tests' oracle. The fast CPU implementation with hand-written gradients is cp
     (a hybrid decoder's target is [B, K + gap]: its columns gap_at .. gap_at + gap − 1 are skipped, r = the rest)
     x̃ = nan_to_num(x) if nan_to_num else x                         (NaN, ±Inf → 0)
     z[b, k] = (x̃[b, index[k]] − shift[k]) · scale[k]                 (norm="none": z = x̃[:, index])
-    diff = z − r;  e = diff²;  loss = Σe/(B·K) | Σe | e             (reduction mean | sum | none)
+    diff = z − r;  e = w[k]·diff² (w = 1 unweighted);  loss = Σe/(B·K) | Σe | e | Σ_b e/B
+                                                                    (reduction mean | sum | none | column [K])
+    ∂loss/∂r[b, k]        = −2·g[b, k]·w[k]·diff[b, k]      g = grad_out/(B·K) | grad_out | grad_out[b, k] | grad_out[k]/B
+    ∂loss/∂x[b, d]        = Σ_{k : index[k] = d} 2·g[b, k]·w[k]·diff[b, k]·scale[k]   (0 where x was non-finite)
 
-    ∂loss/∂r[b, k]        = −2·g[b, k]·diff[b, k]                   g = grad_out/(B·K) | grad_out | grad_out[b, k]
-    ∂loss/∂x[b, d]        = Σ_{k : index[k] = d} 2·g[b, k]·diff[b, k]·scale[k]   (0 where x was non-finite)
+The weighted mean divides by B·K, not by Σw, as PyTorch's weighted losses without a normalizing option do;
+the column reduction's mean over k is the mean loss (weighted or not).
 
 clean_features returns z itself; with dz = ∂L/∂z given, ∂L/∂x[b, d] = Σ_{k : index[k] = d} dz[b, k]·scale[k]
 (0 where x was non-finite): the loss's VJP with 2·g·diff replaced by dz.
@@ -25,9 +28,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels.plan import COMPUTE_DTYPE
+from .kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE
 
-_REDUCTIONS = ("none", "mean", "sum")  # by code (kernels/plan.py)
+_REDUCTIONS = ("none", "mean", "sum")  # by code (kernels/plan.py; REDUCTION_COLUMN = 3 is reduced here)
 
 
 def normalized_kept(
@@ -87,11 +90,19 @@ def target_columns(target: torch.Tensor, gap_at: int, gap: int) -> torch.Tensor:
     return target.index_select(1, cols)
 
 
-def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
-    """F.mse_loss(z, target, reduction=("none", "mean", "sum")[reduction]) in z's dtype, cast to `dtype`. The
-    shapes are equal (checked before), so F.mse_loss's broadcasting checks are skipped: its aten op takes the
-    same reduction codes (a third of a B = 4 step's Python time is those checks otherwise)."""
-    loss = _MSE_LOSS(z, target.to(z.dtype) if target.dtype != z.dtype else target, reduction)
+def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dtype, weight=None) -> torch.Tensor:
+    """F.mse_loss(z, target, reduction=("none", "mean", "sum")[reduction]) in z's dtype, cast to `dtype`; the
+    column reduction (3) and a weight [K] through reduction "none". The shapes are equal (checked before), so
+    F.mse_loss's broadcasting checks are skipped: its aten op takes the same reduction codes (a third of a
+    B = 4 step's Python time is those checks otherwise)."""
+    target = target.to(z.dtype) if target.dtype != z.dtype else target
+    if weight is None and reduction != REDUCTION_COLUMN:
+        loss = _MSE_LOSS(z, target, reduction)
+    else:
+        e = _MSE_LOSS(z, target, REDUCTION_NONE)
+        e = e * weight if weight is not None else e
+        loss = (e if reduction == REDUCTION_NONE else e.sum(0) / e.shape[0] if reduction == REDUCTION_COLUMN
+                else e.sum() / e.numel() if reduction == REDUCTION_MEAN else e.sum())
     return loss.to(dtype) if loss.dtype != dtype else loss
 
 
@@ -108,11 +119,12 @@ def masked_mse_composed(
     nan_to_num: bool,
     reduction: int,
     gap: tuple = (0, 0),  # target [B, K + c]: its c columns from `at` on are skipped
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> torch.Tensor:
     """The loss as differentiable torch ops on the K kept columns, gradients by autograd: for small batches,
     where per-op overhead is much of the cost (autograd's C++ backward has less of it than a Python one)."""
     z = normalized_kept(x, index, shift, scale, nan_to_num)
-    return _mse(z, target_columns(target, *gap), reduction, x.dtype)
+    return _mse(z, target_columns(target, *gap), reduction, x.dtype, weight)
 
 
 # ------------------------------------------------------------------------------------ norm="batch"
@@ -168,8 +180,9 @@ def batch_mse_composed(
     nan_to_num: bool,
     reduction: int,
     gap: tuple = (0, 0),  # as in masked_mse_composed
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> torch.Tensor:
     """The batch-statistics loss as differentiable torch ops, gradients by autograd (so to any order, and
     under torch.func)."""
     z = batch_normalized_kept(x, index, eps, nan_to_num)
-    return _mse(z, target_columns(target, *gap), reduction, x.dtype)
+    return _mse(z, target_columns(target, *gap), reduction, x.dtype, weight)

@@ -33,7 +33,7 @@ from .launch import scratch_guard
 from .launchers import launch_backward, launch_forward
 from .masked_mse import (FLT_MAX, NORM_BATCH_C, column_stats, kept_columns, load_features, normalize,
                          store_partial_pair, sum_partial_pairs)
-from .plan import NORM_BATCH, REDUCTION_MEAN, REDUCTION_NONE, Mode
+from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
 
 
 @triton.jit
@@ -136,8 +136,9 @@ def _dz_sums_kernel(
     shift_ptr,  # [K] fp32 c, the moments' shift
     center_ptr,  # [K] fp32 m, the batch mean around c
     scale_ptr,  # [K] fp32 1/σ'
+    w_ptr,  # [K] fp32: the loss's weights (WEIGHTED)
     partial_ptr,  # [num_programs, 2, K] fp32 workspace
-    sums_ptr,  # [2, K] fp32 out: S1 = Σ_b dz, S2 = Σ_b dz·z with dz = 2·g·diff·m (CLEAN: g·m)
+    sums_ptr,  # [2, K] fp32 out: S1 = Σ_b dz, S2 = Σ_b dz·z with dz = 2·g·w·diff·m (CLEAN: g·m)
     counter_ptr,  # [1] int32 ticket counter
     B,
     K,
@@ -152,6 +153,7 @@ def _dz_sums_kernel(
     gap,
     NAN_TO_NUM: tl.constexpr,
     CLEAN: tl.constexpr,  # 0/1: clean_features, g = ∂L/∂z (dz = g·m)
+    WEIGHTED: tl.constexpr,  # 0/1: the loss's e = w[k]·diff²
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -161,6 +163,8 @@ def _dz_sums_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM_BATCH_C)
+        if WEIGHTED:
+            wk = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
         s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for rb in range(pid, row_blocks, num_programs):
@@ -175,6 +179,8 @@ def _dz_sums_kernel(
                 rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)
                 rv = tl.load(r_ptr + rows[:, None] * stride_rb + rcols[None, :] * stride_rk, mask=ok, other=0.0)
                 dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
+                if WEIGHTED:
+                    dz = dz * wk[None, :]
             s1 += dz
             s2 += dz * z
         store_partial_pair(partial_ptr, pid, cols, col_ok, K, s1, s2)
@@ -220,21 +226,21 @@ def batch_stats(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None)
     return merge_and_finalize(x.shape[0], shift, mean, m2)
 
 
-def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None):
+def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None, weight=None):
     """(loss, stats [5, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
     with g itself: no launch to fill them). merge_and_finalize(count, c, m, M2) -> stats [5, K]
     turns this batch's moments into statistics over all ranks; None: this batch's own."""
     B, K, reduction = x.shape[0], index.shape[0], mode.reduction
     stats = batch_stats(x, index, eps, mode.nan_to_num, merge_and_finalize)
     if B == 0:
-        shape = (0, K) if reduction == REDUCTION_NONE else ()
+        shape = (0, K) if reduction == REDUCTION_NONE else (K,) if reduction == REDUCTION_COLUMN else ()
         return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
     loss, colsums = launch_forward(x, target, index, (stats[0], stats[1], stats[2]), mode._replace(norm=NORM_BATCH),
-                                   colsums=reduction != REDUCTION_NONE)
+                                   colsums=reduction != REDUCTION_NONE, weight=weight)
     return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
 
 
-def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0)) -> torch.Tensor:
+def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0), weight=None) -> torch.Tensor:
     """(S1, S2) [2, K] fp32 of reduction "none" (target None: of clean_features, grad_loss = ∂L/∂z): Σ_b dz
     and Σ_b dz·z over these B rows."""
     clean = target is None
@@ -249,16 +255,19 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0)) ->
     with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         _DZ_SUMS[grid](
-            grad_loss, x, target, index, stats[0], stats[1], stats[2], partial, sums, scratch(x, grid[0])[0],
+            grad_loss, x, target, index, stats[0], stats[1], stats[2], x if weight is None else weight, partial, sums,
+            scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
             target.stride(0), target.stride(1), gap[0], gap[1],
-            NAN_TO_NUM=int(nan_to_num), CLEAN=int(clean), BLOCK_B=block_b, BLOCK_K=block_k,
+            NAN_TO_NUM=int(nan_to_num), CLEAN=int(clean), WEIGHTED=int(weight is not None), BLOCK_B=block_b,
+            BLOCK_K=block_k,
             num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
     return sums
 
 
-def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode: Mode, sum_over_ranks=None):
+def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode: Mode, sum_over_ranks=None,
+                       weight=None):
     """(grad_x [B, D], grad_target [B, K (+ gap)]); columns (index, inv_ptr, inv_k), saved (stats, colsums) of
     the forward; sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
     index, inv_ptr, inv_k = columns
@@ -266,16 +275,18 @@ def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode:
     B, K, reduction, needs = x.shape[0], index.shape[0], mode.reduction, mode.needs
     sums, sums_final = colsums, False
     if reduction == REDUCTION_NONE:
-        sums, sums_final = dz_sums(grad_loss, x, target, index, stats, mode.nan_to_num, mode.gap), True
-    elif sum_over_ranks is not None:
-        scale = 2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0
-        sums, sums_final = colsums * (grad_loss.float() * scale), True
+        sums, sums_final = dz_sums(grad_loss, x, target, index, stats, mode.nan_to_num, mode.gap, weight), True
+    elif sum_over_ranks is not None:  # S = f·A, f the column's gradient factor (as the kernel forms it)
+        scale = 2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0 / max(B, 1) if (
+            reduction == REDUCTION_COLUMN) else 2.0
+        f = grad_loss.float() * scale
+        sums, sums_final = colsums * (f if weight is None else f * weight), True
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     if B == 0:
         return (x.new_zeros(x.shape) if needs[0] else None), (target.new_zeros(target.shape) if needs[1] else None)
     return launch_backward(grad_loss, x, target, (inv_ptr, inv_k), tuple(stats), mode._replace(norm=NORM_BATCH), sums,
-                           sums_final)
+                           sums_final, weight)
 
 
 def batch_clean_forward(x, index, eps: float, mode: Mode, merge_and_finalize=None):

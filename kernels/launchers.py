@@ -1,7 +1,7 @@
 """The launchers of masked_mse.py's two kernels, and the entry points of norm "none" / "stats" (the loss and
 clean_features) built on them; batch_stats.py builds norm="batch" on the same launchers.
 
-    launch_forward   grid (min(cdiv(B, BLOCK_B), programs),): the loss (a scalar or [B, K]), or z (clean)
+    launch_forward   grid (min(cdiv(B, BLOCK_B), programs),): the loss (a scalar, [K] or [B, K]), or z (clean)
     launch_backward  grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)): grad_x (and grad_r for the loss)
 Inputs are validated by the caller; every launch runs under the tensors' device and never synchronizes.
 stats: () for norm "none", (μ, 1/σ) for "stats", (c, m, 1/σ') forward / (c, m, 1/σ', w, 1/N) backward for
@@ -15,7 +15,7 @@ import torch
 from .launch import BLOCK_P, TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for
 from .launch import scratch, scratch_guard
 from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
-from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_MEAN, REDUCTION_NONE, Mode
+from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
 
 
 def launch_forward(
@@ -25,9 +25,10 @@ def launch_forward(
     stats: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ') batch
     mode: Mode,
     colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
+    weight=None,  # [K] fp32: the loss's per-column weights, or None
 ):
-    """(loss [] or [B, K] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs validated by the
-    caller."""
+    """(loss [] / [K] (column) / [B, K] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs
+    validated by the caller."""
     B, D = x.shape
     K = index.shape[0]
     block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
@@ -41,23 +42,28 @@ def launch_forward(
     if target is None:
         target = x  # never read: clean
     with device_guard(x), scratch_guard(x):
+        column_partial = x  # unused unless reduction "column"
         if reduction == REDUCTION_NONE:
             out = torch.empty((B, K), dtype=x.dtype, device=x.device)
             partial = counter = out  # unused
         else:
-            out = torch.empty((), dtype=x.dtype, device=x.device)
+            out = torch.empty((K,) if reduction == REDUCTION_COLUMN else (), dtype=x.dtype, device=x.device)
             counter, partial = scratch(x, grid[0])
+            if reduction == REDUCTION_COLUMN:
+                column_partial = torch.empty((grid[0], K), dtype=torch.float32, device=x.device)
         if colsums:
             sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
             sums_partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         else:
             sums = sums_partial = partial  # unused
         _FWD[grid](
-            x, target, index, shift, center, scale, out, partial, sums_partial, sums, counter,
+            x, target, index, shift, center, scale, x if weight is None else weight, out, partial, column_partial,
+            sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1],
-            1.0 / (B * K) if reduction == REDUCTION_MEAN else 1.0,
-            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, COLSUMS=int(colsums), CLEAN=int(clean),
+            1.0 / (B * K) if reduction == REDUCTION_MEAN else 1.0 / B if reduction == REDUCTION_COLUMN else 1.0,
+            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
+            COLSUMS=int(colsums), CLEAN=int(clean),
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
     return out, (sums if colsums else None)
@@ -72,6 +78,7 @@ def launch_backward(
     mode: Mode,
     sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
     sums_final: bool = False,
+    weight=None,  # [K] fp32: the loss's per-column weights, or None
 ):
     """(grad_x [B, D] in x.dtype, grad_target [B, K (+ c)] in target.dtype), freshly allocated, None where not
     wanted; clean: grad_x."""
@@ -87,7 +94,8 @@ def launch_backward(
         shift, scale = stats if stats else (x, x)  # unused slots: any pointer, never read
         center = w = inv_n = x
     sums = x if sums is None else sums
-    g_strides = (grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else (0, 0)
+    g_strides = ((grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else
+                 (0, grad_loss.stride(0)) if reduction == REDUCTION_COLUMN else (0, 0))
     want_x, want_r = needs[0], needs[1] and not clean
     with device_guard(x):
         grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device) if want_x else None
@@ -101,11 +109,14 @@ def launch_backward(
                 grad_target[:, at : at + width].zero_()
         _BWD[grid](
             grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums,
+            x if weight is None else weight,
             x if grad_x is None else grad_x, x if grad_target is None else grad_target,  # (x: never written)
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1], *g_strides,
-            1.0 if clean else 2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0,
-            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, SUMS_FINAL=int(sums_final),
+            1.0 if clean else 2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0 / B if (
+                reduction == REDUCTION_COLUMN) else 2.0,
+            NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
+            SUMS_FINAL=int(sums_final),
             CLEAN=int(clean), WRITE_X=int(want_x), WRITE_R=int(want_r), BLOCK_B=block_b, BLOCK_D=block_d,
             num_warps=num_warps_for(block_b, block_d),
         )  # fmt: skip
@@ -116,14 +127,16 @@ _FWD = KernelLauncher(_masked_mse_fwd_kernel)
 _BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 
-def masked_mse_forward(x, target, index, stats: tuple, mode: Mode) -> torch.Tensor:
-    """norm "none" (stats ()) or "stats" ((μ, 1/σ)): the loss ([] or [B, K] in x.dtype)."""
-    return launch_forward(x, target, index, stats, mode._replace(norm=NORM_STATS if stats else NORM_NONE))[0]
+def masked_mse_forward(x, target, index, stats: tuple, mode: Mode, weight=None) -> torch.Tensor:
+    """norm "none" (stats ()) or "stats" ((μ, 1/σ)): the loss ([], [K] or [B, K] in x.dtype)."""
+    mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE)
+    return launch_forward(x, target, index, stats, mode, weight=weight)[0]
 
 
-def masked_mse_backward(grad_loss, x, target, inverse: tuple, stats: tuple, mode: Mode):
+def masked_mse_backward(grad_loss, x, target, inverse: tuple, stats: tuple, mode: Mode, weight=None):
     """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c]), None where not needed."""
-    return launch_backward(grad_loss, x, target, inverse, stats, mode._replace(norm=NORM_STATS if stats else NORM_NONE))
+    mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE)
+    return launch_backward(grad_loss, x, target, inverse, stats, mode, weight=weight)
 
 
 def clean_forward(x, index, stats: tuple, mode: Mode) -> torch.Tensor:

@@ -3,8 +3,9 @@ B (launchers.py launches them; batch_stats.py adds norm="batch" around them).
 
 Math (reference.py states the same in torch ops), with x̃ = nan_to_num(x) when NAN_TO_NUM:
     forward   z[b, k] = (x̃[b, idx[k]] − μ[k]) · (1/σ[k])          (norm "none": z = x̃[b, idx[k]])
-              diff = z − r,  e = diff²,  loss = Σe/(B·K) | Σe | e  (reduction mean | sum | none)
-    VJP       g = grad_out/(B·K) | grad_out | grad_out[b, k],  dz = 2·g·diff
+              diff = z − r,  e = w[k]·diff² (w = 1 unless WEIGHTED),
+              loss = Σe/(B·K) | Σe | e | Σ_b e/B                  (reduction mean | sum | none | column [K])
+    VJP       g = grad_out/(B·K) | grad_out | grad_out[b, k] | grad_out[k]/B,  dz = 2·g·w·diff
               ∂L/∂r[b, k] = −dz[b, k]
               ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite)
     CLEAN     (clean_features) the forward writes z itself; the backward takes dz = ∂L/∂z as given:
@@ -15,9 +16,9 @@ Plan:
 
 forward   grid (cdiv(B, BLOCK_B),): each program owns BLOCK_B rows and walks the K kept columns in
           BLOCK_K chunks, gathering x through idx, so only the kept columns of x are ever read. For
-          mean/sum it writes one fp32 partial sum; the last program to finish (an int32 ticket counter,
-          not a float atomic) adds the partials in program order and writes the scalar: deterministic,
-          one launch, no host sync.
+          mean/sum it writes one fp32 partial sum (column: one per kept column, Σ diff² over its rows); the
+          last program to finish (an int32 ticket counter, not a float atomic) adds the partials in program
+          order and writes the scalar (or the K column errors): deterministic, one launch, no host sync.
 backward  grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)): a gather over the D output columns through the
           inverse map (inv_ptr, inv_k): column d sums the gradients of the kept columns that read it
           (duplicates accumulate without atomics), every grad_x element is written exactly once (zeros
@@ -31,13 +32,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_NONE
+from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE
 
 # The codes of plan.py as constexprs, which the kernels compare their NORM / REDUCTION arguments with.
 NORM_NONE_C = tl.constexpr(NORM_NONE)
 NORM_STATS_C = tl.constexpr(NORM_STATS)
 NORM_BATCH_C = tl.constexpr(NORM_BATCH)
 REDUCTION_NONE_C = tl.constexpr(REDUCTION_NONE)
+REDUCTION_COLUMN_C = tl.constexpr(REDUCTION_COLUMN)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,6 +86,23 @@ def sum_partial_pairs(partial_ptr, out_ptr, num_programs, K, BLOCK_K: tl.constex
         tl.store(out_ptr + K + cols, t1, mask=col_ok)
 
 
+
+
+@triton.jit
+def sum_partial_columns(partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, WEIGHTED: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """out [K] = out_scale·w·Σ_p partial[p] in program order (deterministic), cast to out's dtype; run by the
+    last program only (partial: [P, K] fp32)."""
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        total = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for p in range(0, num_programs):
+            total += tl.load(partial_ptr + p * K + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+        total = total * out_scale
+        if WEIGHTED:
+            total = total * tl.load(w_ptr + cols, mask=col_ok, other=0.0)
+        tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -136,8 +155,10 @@ def _masked_mse_fwd_kernel(
     shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
     center_ptr,  # [K] fp32: m, the batch mean around c (NORM 2): z = ((x − c) − m)·(1/σ')
     scale_ptr,  # [K] fp32: 1/σ (NORM >= 1)
-    out_ptr,  # REDUCTION 0: [B, K] contiguous; else []: dtype of x
+    w_ptr,  # [K] fp32: the loss's weights (WEIGHTED)
+    out_ptr,  # REDUCTION 0: [B, K] contiguous; 3: [K]; else []: dtype of x
     partial_ptr,  # [num_programs] fp32 workspace (mean/sum)
+    column_partial_ptr,  # [num_programs, K] fp32 workspace (column): each program's Σ diff² per column
     colsum_partial_ptr,  # [num_programs, 2, K] fp32 workspace (COLSUMS)
     colsum_ptr,  # [2, K] fp32 out: (Σ_b diff·m, Σ_b diff·m·z), m = finite-z mask (COLSUMS)
     counter_ptr,  # [1] int32 ticket counter, 0 before and after every launch (mean/sum)
@@ -150,10 +171,11 @@ def _masked_mse_fwd_kernel(
     stride_rk,
     gap_at,  # r's columns gap_at .. gap_at + gap − 1 are skipped (a hybrid decoder's embeddings): kept column
     gap,  # k is read from r's column k + (gap if k >= gap_at else 0); gap = 0: r is [B, K]
-    out_scale,  # 1/(B·K) for mean, 1 for sum
+    out_scale,  # 1/(B·K) for mean, 1/B for column, 1 for sum
     NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch (stats from the batch; z passes through nan_to_num)
     NAN_TO_NUM: tl.constexpr,  # 0/1
-    REDUCTION: tl.constexpr,  # 0 none, 1 mean, 2 sum
+    REDUCTION: tl.constexpr,  # 0 none, 1 mean, 2 sum, 3 column
+    WEIGHTED: tl.constexpr,  # 0/1: e = w[k]·diff²
     COLSUMS: tl.constexpr,  # 0/1: also the column sums the batch-norm backward needs (NORM 2, mean/sum)
     CLEAN: tl.constexpr,  # 0/1: clean_features, out = z itself (REDUCTION 0; r is not read)
     BLOCK_B: tl.constexpr,
@@ -167,6 +189,10 @@ def _masked_mse_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)  # [BLOCK_K] each
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM)
+        if WEIGHTED:
+            wk = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
+        if REDUCTION == REDUCTION_COLUMN_C:
+            squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         if COLSUMS:
             sum_m = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
             sum_mz = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -182,30 +208,41 @@ def _masked_mse_fwd_kernel(
                 rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)
                 rv = tl.load(r_ptr + rows[:, None] * stride_rb + rcols[None, :] * stride_rk, mask=ok, other=0.0)
                 diff = tl.where(ok, z - rv.to(tl.float32), 0.0)
-                if REDUCTION == REDUCTION_NONE_C:
-                    out_offs = rows[:, None] * K + cols[None, :]
-                    tl.store(out_ptr + out_offs, (diff * diff).to(out_ptr.dtype.element_ty), mask=ok)
+                if REDUCTION == REDUCTION_COLUMN_C:
+                    squares += diff * diff  # (weighted once per column, at the end)
                 else:
-                    acc += diff * diff
+                    e = diff * diff
+                    if WEIGHTED:
+                        e = e * wk[None, :]
+                    if REDUCTION == REDUCTION_NONE_C:
+                        tl.store(out_ptr + rows[:, None] * K + cols[None, :], e.to(out_ptr.dtype.element_ty), mask=ok)
+                    else:
+                        acc += e
                 if COLSUMS:
                     m = tl.where(z_ok, diff, 0.0)
                     sum_m += m
                     sum_mz += m * z
+        if REDUCTION == REDUCTION_COLUMN_C:
+            tl.store(column_partial_ptr + pid.to(tl.int64) * K + cols, tl.sum(squares, axis=0), mask=col_ok)
         if COLSUMS:
             store_partial_pair(colsum_partial_ptr, pid, cols, col_ok, K, sum_m, sum_mz)
     if REDUCTION != REDUCTION_NONE_C:
-        tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+        if REDUCTION != REDUCTION_COLUMN_C:
+            tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
         # Every thread's stores are issued before the ticket; acq_rel publishes them to the last program.
         tl.debug_barrier()
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
         if ticket == num_programs - 1:
-            total = tl.zeros([BLOCK_P], dtype=tl.float32)
-            for p0 in range(0, num_programs, BLOCK_P):
-                p = p0 + tl.arange(0, BLOCK_P)
-                # .cg: read through L2, where the other programs' partials are visible.
-                total += tl.load(partial_ptr + p, mask=p < num_programs, other=0.0, cache_modifier=".cg")
-            loss = tl.sum(total, axis=0) * out_scale
-            tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
+            if REDUCTION == REDUCTION_COLUMN_C:
+                sum_partial_columns(column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, WEIGHTED, BLOCK_K)
+            else:
+                total = tl.zeros([BLOCK_P], dtype=tl.float32)
+                for p0 in range(0, num_programs, BLOCK_P):
+                    p = p0 + tl.arange(0, BLOCK_P)
+                    # .cg: read through L2, where the other programs' partials are visible.
+                    total += tl.load(partial_ptr + p, mask=p < num_programs, other=0.0, cache_modifier=".cg")
+                loss = tl.sum(total, axis=0) * out_scale
+                tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
             if COLSUMS:
                 sum_partial_pairs(colsum_partial_ptr, colsum_ptr, num_programs, K, BLOCK_K)
             tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
@@ -213,7 +250,8 @@ def _masked_mse_fwd_kernel(
 
 @triton.jit
 def _masked_mse_bwd_kernel(
-    grad_ptr,  # ∂L/∂loss: [] (mean/sum) or [B, K] any strides (none); CLEAN: ∂L/∂z [B, K] any strides
+    grad_ptr,  # ∂L/∂loss: [] (mean/sum), [K] (column, stride stride_gk) or [B, K] any strides (none); CLEAN:
+    # ∂L/∂z [B, K] any strides
     x_ptr,  # [B, D] features, any strides
     r_ptr,  # [B, K] target, any strides (not read with CLEAN)
     col_start_ptr,  # [D+1] int32 inv_ptr (CSR): kept columns reading column d are inv_k[inv_ptr[d] : inv_ptr[d+1]]
@@ -224,6 +262,7 @@ def _masked_mse_bwd_kernel(
     w_ptr,  # [K] fp32: 1/(N − 1), or 0 where σ' = 1 (NORM 2; reference.py states the batch math)
     inv_n_ptr,  # [K] fp32: 1/N (NORM 2)
     sums_ptr,  # NORM 2: [2, K] fp32 column sums: (A1, A2) of the forward, or (S1, S2) when SUMS_FINAL
+    loss_w_ptr,  # [K] fp32: the loss's weights (WEIGHTED)
     grad_x_ptr,  # [B, D] contiguous, dtype of x: written everywhere, zeros included
     grad_r_ptr,  # [B, K + gap] contiguous, dtype of r, zero in the gap's columns already (not written with CLEAN)
     B,
@@ -237,10 +276,11 @@ def _masked_mse_bwd_kernel(
     gap,
     stride_gb,
     stride_gk,
-    grad_scale,  # 2/(B·K) for mean, 2 otherwise: ∂e/∂z = 2·diff folded in (CLEAN: 1)
+    grad_scale,  # 2/(B·K) for mean, 2/B for column, 2 otherwise: ∂e/∂z = 2·diff folded in (CLEAN: 1)
     NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch
     NAN_TO_NUM: tl.constexpr,
     REDUCTION: tl.constexpr,
+    WEIGHTED: tl.constexpr,  # 0/1: e = w[k]·diff², so dz carries w[k]
     SUMS_FINAL: tl.constexpr,  # NORM 2: sums are S1, S2 already (else A1, A2, scaled here by g)
     CLEAN: tl.constexpr,  # 0/1: clean_features, dz = ∂L/∂z given (REDUCTION 0, SUMS_FINAL with NORM 2)
     WRITE_X: tl.constexpr,  # 0/1: grad_x wanted (features require grad)
@@ -266,7 +306,7 @@ def _masked_mse_bwd_kernel(
     if NAN_TO_NUM:
         finite = tl.abs(xv) <= FLT_MAX
         xv = tl.where(finite, xv, 0.0)
-    if REDUCTION != REDUCTION_NONE_C:
+    if REDUCTION != REDUCTION_NONE_C and REDUCTION != REDUCTION_COLUMN_C:
         g = tl.load(grad_ptr).to(tl.float32) * grad_scale
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     for j in range(0, tl.max(count, axis=0)):  # 1 pass without duplicates
@@ -276,11 +316,22 @@ def _masked_mse_bwd_kernel(
         ok = row_ok[:, None] & has[None, :]
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, k, has, NORM)
         z, z_ok = normalize(xv, mu, center, inv_sigma, NORM)
+        # The gradient factor of each kept column (all but reduction "none": one per column, gcol).
+        if REDUCTION == REDUCTION_COLUMN_C:
+            gcol = tl.load(grad_ptr + k * stride_gk, mask=has, other=0.0).to(tl.float32) * grad_scale
+        elif REDUCTION != REDUCTION_NONE_C:
+            gcol = tl.zeros([BLOCK_D], dtype=tl.float32) + g
+        if WEIGHTED:
+            wk = tl.load(loss_w_ptr + k, mask=has, other=0.0)
         if REDUCTION == REDUCTION_NONE_C:
             gk = tl.load(grad_ptr + rows[:, None] * stride_gb + k[None, :] * stride_gk, mask=ok, other=0.0)
             gk = gk.to(tl.float32) * grad_scale
+            if WEIGHTED:
+                gk = gk * wk[None, :]
         else:
-            gk = g
+            if WEIGHTED:
+                gcol = gcol * wk
+            gk = gcol[None, :]
         if CLEAN:
             dzv = gk  # ∂L/∂z
         else:
@@ -303,8 +354,8 @@ def _masked_mse_bwd_kernel(
             s1 = tl.load(sums_ptr + k, mask=has, other=0.0)
             s2 = tl.load(sums_ptr + K + k, mask=has, other=0.0)
             if not SUMS_FINAL:
-                s1 = s1 * g
-                s2 = s2 * g
+                s1 = s1 * gcol
+                s2 = s2 * gcol
             dx = (dz - (s1 * inv_n)[None, :] - z * (s2 * w)[None, :]) * inv_sigma[None, :]
         acc += tl.where(ok, dx, 0.0)
     if NAN_TO_NUM:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2  # ([B, K], Σ/(B·K), Σ)
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM, REDUCTION_COLUMN = 0, 1, 2, 3  # ([B, K], Σ/(B·K), Σ, Σ_b/B [K])
 NORM_NONE, NORM_STATS, NORM_BATCH = 0, 1, 2  # (x̃, (x̃ − μ)/σ, the batch's own μ, σ)
 NO_GAP = (0, 0)
 

@@ -34,14 +34,15 @@ I64, I32, F32 = "i64", "i32", "fp32"
 
 
 def flag_grid():
-    """(dtype, NORM, NAN_TO_NUM, REDUCTION, shapes): every flag combination in fp32 at the motivating shape,
-    and every dtype at every block configuration with all features on (the most registers)."""
-    yield "*fp32", 1, 0, 1, SHAPES[1:2]
-    for norm, red in itertools.product((0, 1, 2), (0, 1, 2)):
-        yield "*fp32", norm, 1, red, SHAPES[1:2]
+    """(dtype, NORM, NAN_TO_NUM, REDUCTION, WEIGHTED, shapes): every flag combination in fp32 at the
+    motivating shape, and every dtype at every block configuration with all features on (the most
+    registers)."""
+    yield "*fp32", 1, 0, 1, 0, SHAPES[1:2]
+    for norm, red, weighted in itertools.product((0, 1, 2), (0, 1, 2, 3), (0, 1)):
+        yield "*fp32", norm, 1, red, weighted, SHAPES[1:2]
     for dtype in FLOAT_TYPES.values():
-        for norm, red in ((1, 0), (1, 1), (2, 0), (2, 1)):
-            yield dtype, norm, 1, red, SHAPES
+        for norm, red in ((1, 0), (1, 1), (1, 3), (2, 0), (2, 1), (2, 3)):
+            yield dtype, norm, 1, red, 1, SHAPES
 
 
 def _blocks(shapes, pick, tile):
@@ -50,25 +51,27 @@ def _blocks(shapes, pick, tile):
 
 def kernel_specs():
     """(name, fn, signature, constexprs) for the configurations the launchers produce."""
-    for dtype, norm, n2n, red, shapes in flag_grid():
+    for dtype, norm, n2n, red, weighted, shapes in flag_grid():
         for block_b, block_k in _blocks(shapes, lambda D, K: K, settings.TUNING.walk_tile):
             sig = {
                 "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32",
-                "out_ptr": dtype, "partial_ptr": "*fp32", "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
+                "w_ptr": "*fp32", "out_ptr": dtype, "partial_ptr": "*fp32", "column_partial_ptr": "*fp32",
+                "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
                 "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32,
                 "out_scale": F32,
             }
             # clean_features (reduction "none" only; fewer live values than the loss): at the motivating shape
             for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
-                consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, COLSUMS=int(norm == 2 and red != 0),
+                consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, WEIGHTED=weighted, COLSUMS=int(norm == 2 and red != 0),
                               CLEAN=clean, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=settings.BLOCK_P)
                 yield "fwd", mm._masked_mse_fwd_kernel, sig, consts
         for block_b, block_d in _blocks(shapes, lambda D, K: D, settings.TUNING.backward_tile):
             sig = {
                 "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "col_start_ptr": "*i32", "inv_k_ptr": "*i32",
                 "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "inv_n_ptr": "*fp32",
-                "sums_ptr": "*fp32", "grad_x_ptr": dtype, "grad_r_ptr": dtype, "B": I32, "K": I32, "D": I32,
+                "sums_ptr": "*fp32", "loss_w_ptr": "*fp32", "grad_x_ptr": dtype, "grad_r_ptr": dtype,
+                "B": I32, "K": I32, "D": I32,
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32,
                 "stride_gb": I64, "stride_gk": I64, "grad_scale": F32,
             }
@@ -77,10 +80,11 @@ def kernel_specs():
                 for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
                     writes = ((1, 1), (1, 0), (0, 1)) if not clean and shapes == SHAPES[1:2] else ((1, 1 - clean),)
                     for write_x, write_r in writes:  # (x, r) gradients wanted; one skipped: the motivating shape
-                        consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, SUMS_FINAL=sums_final, CLEAN=clean,
+                        consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, WEIGHTED=weighted * (1 - clean),
+                                      SUMS_FINAL=sums_final, CLEAN=clean,
                                       WRITE_X=write_x, WRITE_R=write_r, BLOCK_B=block_b, BLOCK_D=block_d)
                         yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
-        if norm != 2:
+        if norm != 2 or (weighted and red != 0):
             continue
         for block_b, block_k in _blocks(shapes, lambda D, K: K, settings.TUNING.walk_tile):
             blocks = dict(BLOCK_B=block_b, BLOCK_K=block_k)
@@ -91,11 +95,13 @@ def kernel_specs():
                 yield "moments", bs._column_moments_kernel, sig, dict(NAN_TO_NUM=n2n, FINALIZE=finalize, **blocks)
             if red == 0:
                 sig = {"grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32",
-                       "center_ptr": "*fp32", "scale_ptr": "*fp32", "partial_ptr": "*fp32", "sums_ptr": "*fp32", "counter_ptr": "*i32",
+                       "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "partial_ptr": "*fp32",
+                       "sums_ptr": "*fp32", "counter_ptr": "*i32",
                        "B": I32, "K": I32, "D": I32, "stride_gb": I64, "stride_gk": I64, "stride_xb": I64,
                        "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32}
                 for clean in (0, 1) if shapes == SHAPES[1:2] else (0,):
-                    yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, CLEAN=clean, **blocks)
+                    yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, CLEAN=clean,
+                                                                   WEIGHTED=weighted * (1 - clean), **blocks)
 
 
 def compile_one(fn, signature, constexprs, arch):

@@ -31,6 +31,10 @@ def problem(total_rows: int, seed: int = 0):
     return model, inputs, recon, index
 
 
+def column_weight(K: int) -> torch.Tensor:
+    return torch.linspace(0.5, 2.0, K)
+
+
 def main(rank: int, world: int, init_file: str, out_file: str, shards: str, backend: str, reduction: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -42,6 +46,11 @@ def main(rank: int, world: int, init_file: str, out_file: str, shards: str, back
     if reduction == "clean":  # the VQ-led form: clean_features over all ranks' rows, then F.mse_loss
         z = fusedvq.clean_features(ddp(inputs[rows]), index, norm="batch", sync_stats=True, backend=backend)
         loss = torch.nn.functional.mse_loss(z, recon[rows])
+    elif reduction == "column":  # this rank's per-column errors, weighted; back-propagated through their mean
+        cols = fusedvq.masked_mse(ddp(inputs[rows]), recon[rows], index, norm="batch", sync_stats=True,
+                                  reduction="column", weight=column_weight(recon.shape[1]), backend=backend)
+        assert cols.shape == (recon.shape[1],)
+        loss = cols.mean()
     else:
         loss = fusedvq.masked_mse(ddp(inputs[rows]), recon[rows], index, norm="batch", sync_stats=True,
                                   reduction=reduction, backend=backend)

@@ -30,6 +30,11 @@ def single_process_grads(sizes, reduction):
     z = ((feats - mean) / std)[:, index]
     losses, start = [], 0
     for n in sizes:
+        if reduction == "column":  # this rank's weighted column errors, then their mean
+            e = (z[start:start + n] - recon[start:start + n].double()).square() * dist_worker.column_weight(z.shape[1])
+            losses.append(e.mean(0).mean() if n else z.new_zeros(()))
+            start += n
+            continue
         part = F.mse_loss(z[start:start + n], recon[start:start + n].double(), reduction=reduction)
         losses.append(part.sum() if reduction == "none" else (part if n else z.new_zeros(())))
         start += n
@@ -63,7 +68,8 @@ BACKENDS = ["reference"] + (["triton"] if interpreting else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sizes,reduction", [((7, 4), "mean"), ((6, 0), "mean"), ((3, 9), "none"), ((5, 8), "clean")])
+@pytest.mark.parametrize("sizes,reduction", [((7, 4), "mean"), ((6, 0), "mean"), ((3, 9), "none"), ((5, 8), "clean"),
+                                             ((6, 5), "column"), ((0, 7), "column")])
 def test_two_ranks_match_single_process(tmp_path, backend, sizes, reduction):
     got, losses = run_ranks(tmp_path, sizes, backend, reduction)
     want, want_losses = single_process_grads(sizes, reduction)

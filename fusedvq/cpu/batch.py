@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from ..kernels.plan import REDUCTION_MEAN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
-from .stats import _block_rows, _dots, _scatter_rows, _total, into_target, new_target_grad
+from ..kernels.plan import REDUCTION_COLUMN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
+from .stats import _block_rows, _dots, _scatter_rows, _total, grad_factors, into_target, new_target_grad, reduce_columns
 
 # The statistics of a batch, stats [5, K] = (c, m, 1/σ', w, 1/N): the shift c (the batch's first row), the
 # mean m around it, 1/σ' (σ' = 1 where σ < eps), w = 1/(N − 1) (0 where σ' = 1: no gradient through σ),
@@ -162,6 +162,7 @@ def batch_mse_forward(
     eps: float,
     mode: Mode,  # nan_to_num, reduction, gap (the target's c skipped columns from `at` on)
     merge_and_finalize=None,  # (count, c, m, M2) -> stats [5, K] over all ranks; None: this batch only
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss in x.dtype, stats [5, K], column sums A [2, K] = (Σ diff·[z finite], Σ diff·z), or [0, K] for
     reduction "none", whose backward sums with g[b, k] itself), in the compute dtype."""
@@ -172,17 +173,23 @@ def batch_mse_forward(
     none = reduction == REDUCTION_NONE
     loss = torch.empty((blocks.B, K), dtype=x.dtype, device=x.device) if none else None
     colsums = stats.new_zeros((0 if none else 2, K))
-    parts, diff_buf = [], torch.empty_like(blocks.buf)
+    by_column = reduction == REDUCTION_COLUMN or (weight is not None and not none)
+    parts, columns, diff_buf = [], stats.new_zeros(K) if by_column else None, torch.empty_like(blocks.buf)
     for rows, z, z_ok in _z_blocks(blocks, stats, centered):
         diff = into_target(torch.sub, z, diff_buf[: z.shape[0]], gap, target[rows])
         if none:
-            loss[rows] = diff.square_()
+            loss[rows] = diff.square_() if weight is None else diff.square_().mul_(weight)
             continue
-        parts += _dots(diff)
+        if by_column:
+            columns += torch.linalg.vecdot(diff, diff, dim=0)
+        else:
+            parts += _dots(diff)
         colsums[1] += torch.linalg.vecdot(diff, z, dim=0)  # z = 0 where not finite: no mask needed
         colsums[0] += (diff if z_ok is None else diff.mul_(z_ok)).sum(0)
     if none:
         return loss, stats, colsums
+    if by_column:
+        return reduce_columns(columns, blocks.B, reduction, weight).to(x.dtype), stats, colsums
     if blocks.B == 0:
         return stats.new_zeros(()).to(x.dtype), stats, colsums
     return _total(parts, blocks.B * K, reduction, x).to(x.dtype), stats, colsums
@@ -196,6 +203,7 @@ def batch_mse_backward(
     saved: tuple,  # (stats [5, K], colsums [2, K] ([0, K] for reduction "none")) from the forward
     mode: Mode,  # the forward's; needs: (grad_x, grad_target) wanted, the other comes back None
     sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_x [B, D] in x.dtype, grad_target [B, K] (or [B, K + c]) in target.dtype), None where not wanted."""
     stats, colsums = saved
@@ -203,7 +211,7 @@ def batch_mse_backward(
     blocks = _Blocks(x, index, mode.nan_to_num)
     B, K = blocks.B, blocks.K
     none = reduction == REDUCTION_NONE
-    g = grad_loss.to(blocks.cdt) * (2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0)
+    g, f = grad_factors(grad_loss, reduction, B, K, weight, blocks.cdt)
     mr = stats[STAT_MEAN] * stats[STAT_RSTD]
     dz_buf = torch.empty_like(blocks.buf)
     grad_target = new_target_grad(B, K, gap, target.dtype, x.device) if needs[1] else None
@@ -211,7 +219,8 @@ def batch_mse_backward(
     def dz_of(rows, last_pass=True):
         """(dz, z, x_ok) of a block: dz = 2·g·diff·[z finite]; on the last pass also grad_target = −2·g·diff."""
         z, z_ok, x_ok = blocks.normalized(rows, stats, mr)
-        dz = into_target(torch.sub, z, dz_buf[: z.shape[0]], gap, target[rows]).mul_(g[rows] if none else g)
+        dz = into_target(torch.sub, z, dz_buf[: z.shape[0]], gap, target[rows])
+        dz = dz.mul_(g[rows]).mul_(f) if none else dz.mul_(f)
         if last_pass and grad_target is not None:  # before the mask: it applies to z's gradient only
             into_target(torch.neg if grad_target.dtype == dz.dtype else _neg_cast, dz, grad_target[rows], gap)
         return (dz if z_ok is None else dz.mul_(z_ok)), z, x_ok
@@ -219,7 +228,7 @@ def batch_mse_backward(
     if none:  # (its one block, when reused, writes grad_target here)
         sums, first = _dz_sums(blocks, functools.partial(dz_of, last_pass=blocks.B <= blocks.step))
     else:
-        sums, first = colsums * g, None
+        sums, first = colsums * f, None
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     if not needs[0]:

@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_MEAN, REDUCTION_NONE, Mode
+from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
 from .batch import STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, _neg_cast, finalize_batch_stats
-from .stats import into_target, new_target_grad
+from .stats import grad_factors, into_target, new_target_grad, reduce_columns
 
 # Up to this many [B, K] elements the one-block path below wins over the blocked passes (measured: B = 4 to
 # 64 at K = 171); above it, fresh batch-sized temporaries cost more than blocks in warm scratch.
@@ -62,29 +62,34 @@ def _finite(t: torch.Tensor):
     return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), ok
 
 
-def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None):
+def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None, weight=None):
     """(loss in x.dtype, stats [5, K], column sums A [2, K] ([0, K] for reduction "none")): batch.py's."""
     xk, _ = _features(x, index, mode.nan_to_num)
     stats, z = _stats(xk, eps)
     z, z_ok = _finite(z)
     diff = into_target(torch.sub, z, torch.empty_like(z), mode.gap, target)
     if mode.reduction == REDUCTION_NONE:
-        return diff.square().to(x.dtype), stats, stats.new_zeros((0, z.shape[1]))
+        e = diff.square() if weight is None else diff.square().mul_(weight)
+        return e.to(x.dtype), stats, stats.new_zeros((0, z.shape[1]))
     colsums = torch.stack([(diff if z_ok is None else diff * z_ok).sum(0), torch.linalg.vecdot(diff, z, dim=0)])
-    loss = torch.linalg.vecdot(diff.view(-1), diff.view(-1))
-    loss = loss / diff.numel() if mode.reduction == REDUCTION_MEAN else loss
+    if mode.reduction == REDUCTION_COLUMN or weight is not None:
+        loss = reduce_columns(torch.linalg.vecdot(diff, diff, dim=0), x.shape[0], mode.reduction, weight)
+    else:
+        loss = torch.linalg.vecdot(diff.view(-1), diff.view(-1))
+        loss = loss / diff.numel() if mode.reduction == REDUCTION_MEAN else loss
     return loss.to(x.dtype), stats, colsums
 
 
-def batch_mse_backward(grad_loss, x, target, index, saved: tuple, mode: Mode, sum_over_ranks=None):
+def batch_mse_backward(grad_loss, x, target, index, saved: tuple, mode: Mode, sum_over_ranks=None, weight=None):
     """(grad_x, grad_target), None where not wanted: batch.py's contract."""
     stats, colsums = saved
     B, K = x.shape[0], index.shape[0]
     xk, x_ok = _features(x, index, mode.nan_to_num)
     z, z_ok = _normalized(xk, stats)
     none = mode.reduction == REDUCTION_NONE
-    g = grad_loss.to(z.dtype) * (2.0 / (B * K) if mode.reduction == REDUCTION_MEAN else 2.0)
-    dz = into_target(torch.sub, z, torch.empty_like(z), mode.gap, target).mul_(g)  # 2·g·diff
+    g, f = grad_factors(grad_loss, mode.reduction, B, K, weight, z.dtype)
+    dz = into_target(torch.sub, z, torch.empty_like(z), mode.gap, target)
+    dz = dz.mul_(g).mul_(f) if none else dz.mul_(f)  # 2·g·w·diff
     grad_target = None
     if mode.needs[1]:
         grad_target = new_target_grad(B, K, mode.gap, target.dtype, x.device)
@@ -93,7 +98,7 @@ def batch_mse_backward(grad_loss, x, target, index, saved: tuple, mode: Mode, su
         return None, grad_target
     if z_ok is not None:
         dz.mul_(z_ok)
-    sums = torch.stack([dz.sum(0), torch.linalg.vecdot(dz, z, dim=0)]) if none else colsums * g
+    sums = torch.stack([dz.sum(0), torch.linalg.vecdot(dz, z, dim=0)]) if none else colsums * f
     return _grad_x(x, index, dz, z, x_ok, stats, sums), grad_target
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.plan import NO_GAP, REDUCTION_MEAN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
+from ..kernels.plan import NO_GAP, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
 
 
 # How the CPU runs it. On the CPU a large batch costs memory traffic, and above all first touches: a fresh
@@ -97,6 +97,7 @@ def masked_mse_forward(
     index: torch.Tensor,  # [K] int64
     stats: tuple,  # () or (μ, 1/σ)
     mode: Mode,
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (loss, diff [B, K] in compute dtype, finite [B, K] bool or None), the last two for backward."""
     shift, scale = stats if stats else (None, None)
@@ -106,15 +107,45 @@ def masked_mse_forward(
     finite = torch.empty((B, K), dtype=torch.bool, device=x.device) if nan_to_num else None
     step = _block_rows(x, K)
     scratch = torch.empty((min(step, B), K), dtype=diff.dtype, device=x.device)
-    parts = []
+    by_column = reduction == REDUCTION_COLUMN or (weight is not None and reduction != REDUCTION_NONE)
+    parts, columns = [], diff.new_zeros(K) if by_column else None
     for start in range(0, B, step):
         rows = slice(start, start + step)
         block = _diff_rows(diff[rows], x[rows], target[rows], index, shift, scale,
                            None if finite is None else finite[rows], scratch[: min(step, B - start)], gap)
-        if reduction != REDUCTION_NONE:
-            parts += _dots(block)  # while the block is in cache
-    loss = diff.square() if reduction == REDUCTION_NONE else _total(parts, B * K, reduction, x)
+        if by_column:  # while the block is in cache
+            columns += torch.linalg.vecdot(block, block, dim=0)
+        elif reduction != REDUCTION_NONE:
+            parts += _dots(block)
+    if reduction == REDUCTION_NONE:
+        loss = diff.square() if weight is None else diff.square().mul_(weight)
+    elif by_column:
+        loss = reduce_columns(columns, B, reduction, weight)
+    else:
+        loss = _total(parts, B * K, reduction, x)
     return loss.to(x.dtype), diff, finite
+
+
+def reduce_columns(columns: torch.Tensor, B: int, reduction: int, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """The loss from the column sums Σ_b diff² [K]: Σ_b e/B per column (column), or Σe/(B·K) | Σe with
+    e = w·diff²."""
+    if reduction == REDUCTION_COLUMN:
+        columns = columns / max(B, 1)
+        return columns.mul_(weight) if weight is not None else columns
+    total = torch.linalg.vecdot(columns, weight) if weight is not None else columns.sum()
+    return total / max(B * columns.shape[0], 1) if reduction == REDUCTION_MEAN else total
+
+
+def grad_factors(grad_loss: torch.Tensor, reduction: int, B: int, K: int, weight: Optional[torch.Tensor], cdt):
+    """(g [B, K] or None, f: a 0-d or [K] tensor, or a number) with ∂loss/∂z = 2·g·w·diff = g·f·diff: g is
+    grad_out itself for reduction "none"; f carries the 2, the reduction's scale, grad_out's value (mean,
+    sum: [], column: [K]) and the weights. A per-column f (never per row) keeps the batch-norm backward's
+    sums S = f·A of the forward's column sums A."""
+    if reduction == REDUCTION_NONE:
+        return grad_loss, (2.0 * weight if weight is not None else 2.0)
+    scale = 2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 2.0
+    f = grad_loss.to(cdt) * scale
+    return None, (f * weight if weight is not None else f)
 
 
 # A single fp32 dot keeps one running sum per SIMD lane, and its error grows with the terms per lane: over
@@ -146,7 +177,7 @@ def _total(parts: list[torch.Tensor], numel: int, reduction: int, like: torch.Te
 
 
 def masked_mse_backward(
-    grad_loss: torch.Tensor,  # [] or [B, K] (reduction="none")
+    grad_loss: torch.Tensor,  # [] (mean, sum), [K] (column) or [B, K] (none)
     x: torch.Tensor,  # [B, D] (its width and dtype)
     target: torch.Tensor,  # [B, K (+ c)] (its dtype)
     index: torch.Tensor,  # [K] int64
@@ -154,6 +185,7 @@ def masked_mse_backward(
     saved: tuple,  # (diff [B, K] compute dtype, finite [B, K] bool or None) from the forward
     mode: Mode,  # the forward's; needs: (grad_x, grad_target) wanted, the other comes back None
     overwrite_diff: bool = False,
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_x [B, D] in x's dtype, grad_target [B, K (+ c)] in target's). With overwrite_diff, for a caller
     that owns diff and needs it no more, grad_target is written over diff (when it has diff's dtype), so the
@@ -161,7 +193,7 @@ def masked_mse_backward(
     diff, finite = saved
     reuse = diff if overwrite_diff and mode.needs[1] and target.dtype == diff.dtype and not mode.gap[1] else None
     return _gradients(grad_loss, _saved_blocks(diff, finite), (x, target), index, stats[1] if stats else None,
-                      mode, reuse)
+                      mode, reuse, weight)
 
 
 def _saved_blocks(diff, finite):
@@ -172,38 +204,37 @@ def _saved_blocks(diff, finite):
         yield rows, diff[rows], None if finite is None else finite[rows]
 
 
-def _gradients(grad_loss, blocks, like: tuple, index, scale, mode: Mode, grad_target=None):
-    """(grad_x, grad_target) from blocks of (rows, diff, finite): dz = ∂loss/∂z = 2·g·diff, grad_target = −dz,
-    grad_x = dz·scale scattered to the kept columns (0 where x was non-finite); like = (x, target), for
-    their widths and dtypes. grad_target, when given, is the buffer to write it into (diff itself: each
-    block is read before it is overwritten)."""
+def _gradients(grad_loss, blocks, like: tuple, index, scale, mode: Mode, grad_target=None, weight=None):
+    """(grad_x, grad_target) from blocks of (rows, diff, finite): dz = ∂loss/∂z = g·f·diff (grad_factors),
+    grad_target = −dz, grad_x = dz·scale scattered to the kept columns (0 where x was non-finite); like =
+    (x, target), for their widths and dtypes. grad_target, when given, is the buffer to write it into (diff
+    itself: each block is read before it is overwritten)."""
     x, target = like
     B, K, num_features, x_dtype, target_dtype = x.shape[0], index.shape[0], x.shape[1], x.dtype, target.dtype
-    reduction, needs, gap = mode.reduction, mode.needs, mode.gap
+    needs, gap = mode.needs, mode.gap
     cdt = COMPUTE_DTYPE[x_dtype]
     device = grad_loss.device
     grad_x = torch.empty((B, num_features), dtype=x_dtype, device=device) if needs[0] else None
     if grad_target is None and needs[1]:
         grad_target = new_target_grad(B, K, gap, target_dtype, device)
-    if reduction != REDUCTION_NONE:
-        g = grad_loss.to(cdt) * (2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0)
-        neg_g = -g
-        g_scale = g * scale if scale is not None else g
+    g, f = grad_factors(grad_loss, mode.reduction, B, K, weight, cdt)
+    neg_f = -f
+    f_scale = f * scale if scale is not None else f
     dz_buf = scatter_buf = None
     for rows, diff, finite in blocks:
         if dz_buf is None:  # the first block is the largest
             dz_buf = torch.empty_like(diff)
         dz = dz_buf[: diff.shape[0]]
-        if reduction == REDUCTION_NONE:
-            torch.mul(grad_loss[rows], diff, out=dz).mul_(2.0)
+        if g is not None:  # reduction "none": g·f·diff, then ·scale
+            torch.mul(g[rows], diff, out=dz).mul_(f)
             if grad_target is not None:
                 into_target(functools.partial(torch.mul, other=-1.0), dz, grad_target[rows], gap)
             if scale is not None:
                 dz.mul_(scale)
         else:
-            torch.mul(diff, g_scale, out=dz)
+            torch.mul(diff, f_scale, out=dz)
             if grad_target is not None:
-                into_target(functools.partial(torch.mul, other=neg_g), diff, grad_target[rows], gap)
+                into_target(functools.partial(torch.mul, other=neg_f), diff, grad_target[rows], gap)
         if grad_x is not None:
             if finite is not None:
                 dz.mul_(finite)

@@ -7,7 +7,8 @@ one autograd Definition (ops/__init__.py runs it eagerly, torch.library.register
     fusedvq::batch_mse_backward(grad, x, target, columns, saved, group, mode) -> (grad_x, grad_target)
 
 columns = [index [K] int64, inv_ptr [D+1] int32, inv_k [K] int32] (kernels/plan.py's ColumnMap: inputs,
-so that autograd saves them for the backward, which writes grad_x as a gather through the inverse);
+so that autograd saves them for the backward, which writes grad_x as a gather through the inverse), and
+for a weighted loss a fourth, weight [K] in the compute dtype (`weight` below reads it);
 stats = [] (norm "none") or [μ, 1/σ] [K] in the compute dtype; mode = [nan_to_num, reduction, use_triton,
 gap_at, gap] and, for backwards, [needs_x, needs_target]: the gradient not wanted is neither computed into
 memory nor written (a 0-element placeholder comes back). The target is [B, K + gap], its columns gap_at ..
@@ -22,6 +23,7 @@ else a key from ops/distributed.py (all ranks' rows).
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +32,7 @@ from .. import reference
 from ..cpu import batch as cpu_batch
 from ..cpu import small as cpu_small
 from ..cpu import stats as cpu_stats
-from ..kernels.plan import NORM_BATCH, REDUCTION_NONE, COMPUTE_DTYPE
+from ..kernels.plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, COMPUTE_DTYPE
 from . import Definition, kernel_mode, kernels, refuse_synced_higher_order, small_batch
 from .distributed import merged_stats_fn, sum_over_ranks_fn
 
@@ -52,7 +54,13 @@ def outputs(grads, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _loss_shape(x: Tensor, index: Tensor, mode) -> tuple[int, ...]:
-    return (x.shape[0], index.shape[0]) if mode[1] == REDUCTION_NONE else ()
+    return (x.shape[0], index.shape[0]) if mode[1] == REDUCTION_NONE else (index.shape[0],) if (
+        mode[1] == REDUCTION_COLUMN) else ()
+
+
+def weight(columns) -> Optional[Tensor]:
+    """The loss's per-column weights [K] of a columns list, or None."""
+    return columns[3] if len(columns) > 3 else None
 
 
 # ------------------------------------------------------------------------------ norm "none" / "stats"
@@ -61,9 +69,10 @@ def _loss_shape(x: Tensor, index: Tensor, mode) -> tuple[int, ...]:
 def _masked_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
                        mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     if mode[2]:
-        return kernels().masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode)), empty(x), \
-            empty(x, torch.bool)
-    loss, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode))
+        return kernels().masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode),
+                                            weight(columns)), empty(x), empty(x, torch.bool)
+    loss, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode),
+                                                      weight(columns))
     return loss, diff, finite if finite is not None else empty(x, torch.bool)
 
 
@@ -83,10 +92,12 @@ def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[
                         saved: list[Tensor], mode: list[int]) -> tuple[Tensor, Tensor]:
     km = kernel_mode(mode, needs=(bool(mode[5]), bool(mode[6])))
     if mode[2]:
-        grads = kernels().masked_mse_backward(grad, x, target, (columns[1], columns[2]), tuple(stats), km)
+        grads = kernels().masked_mse_backward(grad, x, target, (columns[1], columns[2]), tuple(stats), km,
+                                              weight(columns))
     else:
         grads = cpu_stats.masked_mse_backward(grad, x, target, columns[0], tuple(stats),
-                                              (saved[0], saved[1] if mode[0] else None), km)
+                                              (saved[0], saved[1] if mode[0] else None), km,
+                                              weight=weight(columns))
     return outputs(grads, x, target)
 
 
@@ -101,12 +112,13 @@ def _(grad, x, target, columns, stats, saved, mode):
 def _masked_setup_context(ctx, inputs, output):
     x, target, columns, stats, mode = inputs
     ctx.save_for_backward(x, target, *columns, *stats, *output[1:])
-    ctx.mode, ctx.num_stats, ctx.diff_spent = list(mode), len(stats), False
+    ctx.mode, ctx.counts, ctx.diff_spent = list(mode), (len(columns), len(stats)), False
 
 
 def _masked_saved(ctx):
     x, target, *rest = ctx.saved_tensors
-    return x, target, rest[:3], rest[3 : 3 + ctx.num_stats], rest[3 + ctx.num_stats :]
+    c, s = ctx.counts
+    return x, target, rest[:c], rest[c : c + s], rest[c + s :]
 
 
 def _masked_backward(ctx, grad, needs, eager):
@@ -118,13 +130,15 @@ def _masked_backward(ctx, grad, needs, eager):
         # write keeps diff's version (it is not an input's); a second backward through the same graph
         # (retain_graph=True) finds diff spent and computes it again.
         if ctx.diff_spent:
-            _, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode))
+            _, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode),
+                                                           weight(columns))
             saved = [diff, finite]
         ctx.diff_spent = True
         with torch.autograd._unsafe_preserve_version_counter(saved[0]):
             grads = cpu_stats.masked_mse_backward(grad, x, target, columns[0], tuple(stats),
                                                   (saved[0], saved[1] if mode[0] else None),
-                                                  kernel_mode(mode, needs=needs), overwrite_diff=True)
+                                                  kernel_mode(mode, needs=needs), overwrite_diff=True,
+                                                  weight=weight(columns))
         return (*grads, None, None, None)
     backward = _masked_mse_backward if eager else masked_mse_backward
     grads = backward(grad, x, target, columns, stats, saved, [*mode, *map(int, needs)])
@@ -136,7 +150,8 @@ def _masked_composed(ctx):
     mode = ctx.mode
     shift, scale = stats if stats else (None, None)
     return functools.partial(reference.masked_mse_composed, index=columns[0], shift=shift, scale=scale,
-                             nan_to_num=bool(mode[0]), reduction=mode[1], gap=(mode[3], mode[4])), (x, target)
+                             nan_to_num=bool(mode[0]), reduction=mode[1], gap=(mode[3], mode[4]),
+                             weight=weight(columns)), (x, target)
 
 
 MASKED_MSE = Definition("fusedvq::masked_mse_forward", _masked_mse_forward, _masked_setup_context,
@@ -150,7 +165,7 @@ def _batch_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], eps: fl
                       mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     impl = kernels() if mode[2] else cpu_small if small_batch(x, columns[0].shape[0], group) else cpu_batch
     merge = merged_stats_fn(group, eps) if group else None
-    return impl.batch_mse_forward(x, target, columns[0], eps, kernel_mode(mode, NORM_BATCH), merge)
+    return impl.batch_mse_forward(x, target, columns[0], eps, kernel_mode(mode, NORM_BATCH), merge, weight(columns))
 
 
 def batch_outputs_fake(x: Tensor, index: Tensor, use_triton: bool) -> Tensor:
@@ -173,10 +188,11 @@ def _batch_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[T
     km = kernel_mode(mode, NORM_BATCH, needs=(bool(mode[5]), bool(mode[6])))
     total = sum_over_ranks_fn(group) if group else None
     if mode[2]:
-        grads = kernels().batch_mse_backward(grad, x, target, tuple(columns), tuple(saved), km, total)
+        grads = kernels().batch_mse_backward(grad, x, target, tuple(columns[:3]), tuple(saved), km, total,
+                                             weight(columns))
     else:
         impl = cpu_small if small_batch(x, columns[0].shape[0], group) else cpu_batch
-        grads = impl.batch_mse_backward(grad, x, target, columns[0], tuple(saved), km, total)
+        grads = impl.batch_mse_backward(grad, x, target, columns[0], tuple(saved), km, total, weight(columns))
     return outputs(grads, x, target)
 
 
@@ -207,7 +223,8 @@ def _batch_composed(ctx):
     eps, group, mode = ctx.options
     refuse_synced_higher_order(group, "double backward (create_graph=True)")
     return functools.partial(reference.batch_mse_composed, index=index, eps=eps, nan_to_num=bool(mode[0]),
-                             reduction=mode[1], gap=(mode[3], mode[4])), (x, target)
+                             reduction=mode[1], gap=(mode[3], mode[4]), weight=weight(ctx.saved_tensors[2:-2])
+                             ), (x, target)
 
 
 BATCH_MSE = Definition("fusedvq::batch_mse_forward", _batch_mse_forward, _batch_setup_context,

@@ -4,11 +4,14 @@
     z = cleaner(features)                               # FeatureCleaner: batch statistics, 171 kept columns
     recon, commitment = vq(z)                           # frozen grouped encoder → quantize → decoder
     loss = F.mse_loss(recon, z) + λ·commitment          # z is the encoder's input and the target
+                                                        # (as cleaner.recon_loss(recon, z, "column").mean():
+                                                        #  the per-category errors come from the same pass)
 
 The world (extractor, VQ-VAE, checkpoint) is world.py's. The demo first shows what goes wrong
 without fusedvq: the naive loss crashes on the widths, and an encoder fed the raw 187 features runs and
 reads the wrong columns. It then trains with a progress bar, prints the loss falling, checks the step
-against the plain fix in float64 and times the two steps side by side. With --checkpoint, the mask and
+against the plain fix in float64, times the two steps side by side, and ends with each category's
+reconstruction error from the last step's loss pass, which a mean over all columns hides. With --checkpoint, the mask and
 categories come from that file, with a stand-in extractor and VQ-VAE of its widths.
 """
 
@@ -124,11 +127,15 @@ def plain_clean(features: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)[:, mask]
 
 
-def _step_loss(world: World, model, tokens, clean):
+def _step_loss(world: World, model, tokens, clean, recon_loss=None):
+    """(loss, the per-column errors [K] when recon_loss (a FeatureCleaner's) is given, else None)."""
     features = world.extractor(model(tokens))  # [B, D]
     z = clean(features)  # [B, K]: the encoder's input and the loss's target
     recon, commitment = world.vq(z)
-    return F.mse_loss(recon, z) + COMMITMENT * commitment, features
+    if recon_loss is None:
+        return F.mse_loss(recon, z) + COMMITMENT * commitment, None
+    columns = recon_loss(recon, z, reduction="column")  # its mean is F.mse_loss(recon, z)
+    return columns.mean() + COMMITMENT * commitment, columns
 
 
 def _train(args, world: World, cleaner, device: torch.device, source: str, say) -> int:
@@ -164,7 +171,7 @@ def _train(args, world: World, cleaner, device: torch.device, source: str, say) 
     start = time.perf_counter()
     for step in bar:
         tokens = torch.randint(NUM_TOKENS, (args.batch_size,), generator=data_gen, device=device)
-        loss, _ = _step_loss(world, model, tokens, cleaner)
+        loss, columns = _step_loss(world, model, tokens, cleaner, cleaner.recon_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -187,7 +194,31 @@ def _train(args, world: World, cleaner, device: torch.device, source: str, say) 
         f"{elapsed / args.steps * 1e3:.2f} ms per step (model, FeatureCleaner, VQ-VAE, backward and Adam)")
     say(_parity_line(world, model, cleaner, tokens))
     say(_timing_line(world, model, cleaner, tokens, device))
+    for line in _category_lines(cleaner, columns.detach()):
+        say(line)
     return 0
+
+
+def _category_lines(cleaner, columns: torch.Tensor) -> list[str]:
+    """Each category's reconstruction error in the last step, from the loss's own per-column errors."""
+    from .. import gini
+
+    if not cleaner.categories:
+        return []
+    errors = cleaner.category_errors(columns).cpu()  # one small copy at the end, not per step
+    mean = float(columns.mean())
+    lines = [f"reconstruction error per category (the last step's loss pass, reduction=\"column\" → "
+             f"category_errors; F.mse_loss's one number is {mean:.4g}):"]
+    width = max(len(n) for n in cleaner.category_names)
+    for name, value in zip(cleaner.category_names, errors.tolist()):
+        n = len(set(cleaner.categories[name]))
+        lines.append(f"  {name:<{width}}  {n:3d} columns  {value:10.4g}  ({value / mean:.1f}× the mean)"
+                     if mean > 0 else f"  {name:<{width}}  {n:3d} columns  {value:10.4g}")
+    worst = int(errors.argmax())
+    if mean > 0:
+        lines.append(f"  the worst, {cleaner.category_names[worst]!r}, is {float(errors[worst]) / mean:.1f}× the mean "
+                     f"over all columns, which hides it; balance over categories (Gini) {float(gini(errors)):.2f}")
+    return lines
 
 
 def _pitfalls(world: World, cleaner, device: torch.device) -> list[str]:

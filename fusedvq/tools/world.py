@@ -8,7 +8,9 @@ motivating project's VQ-led training:
 
 The VQ-VAE is a per-category linear autoencoder with a codebook per category, fitted to the extractor: each
 category's encoder projects its kept columns onto the directions the extractor's features span there, so
-a model can drive the loss down by learning latents whose cleaned features the VQ-VAE reconstructs.
+a model can drive the loss down by learning latents whose cleaned features the VQ-VAE reconstructs. Like a
+real one it under-fits somewhere: the smallest category keeps one direction only, so its error stays high
+while the mean over all columns, dominated by the others, falls (the demo's per-category lines show it).
 """
 
 from __future__ import annotations
@@ -120,9 +122,10 @@ def build_world(mask, mean_k, std_k, categories: dict, gen: torch.Generator) -> 
         sample = extractor(torch.randn(SAMPLES, LATENT, generator=gen, dtype=torch.float64))[:, mask]
     z = (sample - sample.mean(0)) / sample.std(0).clamp_min(1e-8)
     bases, codebooks = [], []
-    for idx in categories.values():
+    smallest = min(categories, key=lambda name: len(categories[name]))
+    for name, idx in categories.items():
         _, _, vh = torch.linalg.svd(z[:, idx], full_matrices=False)
-        n = min(CODE_DIM, len(idx))
+        n = 1 if name == smallest and len(categories) > 1 else min(CODE_DIM, len(idx))  # the under-fitted one
         basis = torch.zeros(len(idx), CODE_DIM, dtype=torch.float64)
         basis[:, :n] = vh[:n].T
         bases.append(basis.float())

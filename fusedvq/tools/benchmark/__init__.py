@@ -9,9 +9,10 @@ Providers (one step = the loss of x [B, D] against r [B, K], then its backward i
                D columns, boolean-mask gather; norm="batch": the motivating project's normalization,
                nan_to_num → mean → unbiased std (σ < 1e-8 → 1) → normalize → nan_to_num (and fusedvq with
                nan_to_num=True, the same math)
-Modes: forward and forward+backward of the loss alone; clean+mse, the VQ-led step's loss: z = FeatureCleaner(x)
-(the plain fix: the normalized masked features) and F.mse_loss(recon, z), forward+backward.
     compiled   torch.compile(eager, dynamic=True), compiled once per norm, dtype and device
+Modes: forward and forward+backward of the loss alone; columns, forward+backward of its per-column errors
+(reduction="column") through their mean; clean+mse, the VQ-led step's loss: z = FeatureCleaner(x)
+(the plain fix: the normalized masked features) and F.mse_loss(recon, z), forward+backward.
 
 Timing: for each (B, dtype, norm, mode) the providers take turns, round after round, so the ratios between
 them come from the same minutes of the same machine. A round runs n back-to-back steps and then

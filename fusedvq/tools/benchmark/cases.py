@@ -13,8 +13,10 @@ QUICK_SIZES = (4, 64, 1024, 16384, 65536)
 DTYPES = ("float32", "bfloat16")
 NORMS = ("stats", "batch")
 # forward / forward+backward: the loss (masked_mse) alone; clean+mse: the VQ-led step's loss, z = the cleaned
-# features (FeatureCleaner) and F.mse_loss(recon, z), forward+backward.
-MODES = ("forward", "forward+backward", "clean+mse")
+# features (FeatureCleaner) and F.mse_loss(recon, z), forward+backward; columns: forward+backward of the
+# per-column errors (reduction="column", [K]) through their mean, the plain fix's being
+# F.mse_loss(z, r, reduction="none").mean(0).
+MODES = ("forward", "forward+backward", "clean+mse", "columns")
 VQ_STEP_SIZES = (4, 1024, 65536)  # the clean+mse cases that come right after the targets' in a run
 PROVIDERS = ("fused", "reference", "eager", "compiled")
 SEED = 0
@@ -48,7 +50,7 @@ def bytes_moved(case: Case) -> int:
     grad_x = case.B * case.D * e
     if case.mode == "clean+mse":
         return (passes * kept + kept) + 2 * kept + 4 * kept + (2 * passes * kept + grad_x)
-    forward = kept * passes + kept + e
+    forward = kept * passes + kept + (case.K * e if case.mode == "columns" else e)
     if case.mode == "forward":
         return forward
     return forward + 2 * kept + grad_x + kept

@@ -37,6 +37,8 @@ def eager_loss(mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, norm: 
 
     if mode == "clean+mse":
         return lambda x, r: F.mse_loss(r, clean(x))
+    if mode == "columns":
+        return lambda x, r: F.mse_loss(clean(x), r, reduction="none").mean(0).mean()
     return lambda x, r: F.mse_loss(clean(x), r)
 
 
@@ -47,6 +49,9 @@ def _fusedvq_loss(case: Case, mask, stats, backend: str) -> LossFn:
     if case.mode == "clean+mse":
         cleaner = fusedvq.FeatureCleaner(mask, *stats, norm=case.norm, backend=backend, **options)
         return lambda x, r: F.mse_loss(r, cleaner(x))
+    if case.mode == "columns":  # the [K] errors, back-propagated through their mean as a training loop does
+        columns = fusedvq.MaskedMSELoss(mask, *stats, norm=case.norm, reduction="column", backend=backend, **options)
+        return lambda x, r: columns(x, r).mean()
     return fusedvq.MaskedMSELoss(mask, *stats, norm=case.norm, backend=backend, **options)
 
 
@@ -77,7 +82,7 @@ def make_loss(provider: str, case: Case, device: str) -> LossFn:
     if provider == "eager":
         return eager_loss(mask, mean, std, case.norm, case.mode)
     if provider == "compiled":
-        key = (case.norm, case.mode == "clean+mse", case.dtype, device, case.D, case.K)
+        key = (case.norm, case.mode if case.mode in ("clean+mse", "columns") else "", case.dtype, device, case.D, case.K)
         if key not in _compiled:
             if not hasattr(torch, "compile"):
                 raise Unavailable("torch.compile is not available in this torch")

@@ -1,0 +1,375 @@
+"""Per-column errors (reduction="column"), per-column weights and per-category errors, against an
+independent float64 oracle: normalize all D columns, select, e = w·(z − r)², reduce by plain torch ops."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedvq
+from fusedvq.arguments import build_column_map
+from helpers import BACKENDS, interpreting
+from oracle import random_case, rel_err
+
+REDUCTIONS = ["column", "mean", "sum", "none"]
+
+
+def column_oracle(x, r, columns, mean, std, grad_out, *, norm, reduction, weight=None, nan_to_num=False,
+                  gap=(0, 0), eps=1e-8):
+    """(loss, grad_x, grad_r) in float64 by autograd through the plain composition."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    r64 = r.detach().double().cpu().requires_grad_()
+    xt = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
+    if norm == "stats":
+        z = (xt - mean.double()) / std.double()
+    elif norm == "batch":
+        mu = xt.mean(0)
+        var = (xt - mu).square().sum(0) / (xt.shape[0] - 1)
+        flat = var.detach().sqrt() < eps
+        sd = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
+        z = torch.nan_to_num((xt - mu) / sd, nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        z = xt
+    at, c = gap
+    rk = torch.cat([r64[:, :at], r64[:, at + c:]], 1)
+    e = F.mse_loss(z[:, columns], rk, reduction="none")
+    if weight is not None:
+        e = e * weight.double()
+    loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
+    loss.backward(grad_out.double())
+    return loss.detach(), x64.grad, r64.grad
+
+
+def _case(B, D=187, K=171, seed=0, duplicates=False, gap=(0, 0), dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    columns, mean, std = random_case(B, D, K, mask=not duplicates, duplicates=duplicates, generator=g)
+    x = (torch.randn(B, D, generator=g) * std + mean).to(dtype)
+    r = torch.randn(B, K + gap[1], generator=g).to(dtype)
+    weight = torch.rand(K, generator=g) * 2
+    weight[3] = 0.0  # a zero weight: its column neither counts nor gets a gradient
+    return x, r, columns, mean, std, weight
+
+
+def _check(backend, device, x, r, columns, mean, std, *, norm, reduction, weight=None, nan_to_num=False,
+           gap=(0, 0), tol=None):
+    module = fusedvq.MaskedMSELoss(columns, mean if norm == "stats" else None, std if norm == "stats" else None,
+                                   num_features=x.shape[1], norm=norm, reduction=reduction, weight=weight,
+                                   nan_to_num=nan_to_num, backend=backend, target_gap=gap).to(device)
+    xd, rd = x.to(device).requires_grad_(), r.to(device).requires_grad_()
+    loss = module(xd, rd)
+    grad_out = torch.rand(loss.shape, dtype=torch.float64) + 0.5
+    loss.backward(grad_out.to(loss.dtype).to(device))
+    # The module holds μ and 1/σ in float32: the oracle takes σ = 1/(its 1/σ), so float64 compares exactly.
+    idx = columns.nonzero().squeeze(1) if columns.dtype == torch.bool else columns
+    mean_d = std_d = None
+    if norm == "stats":
+        mean_d, std_d = torch.zeros(x.shape[1], dtype=torch.float64), torch.ones(x.shape[1], dtype=torch.float64)
+        mean_d[idx], std_d[idx] = module.shift.double().cpu(), module.scale.double().cpu().reciprocal()
+    ref = column_oracle(x, r, idx, mean_d, std_d, grad_out, norm=norm, reduction=reduction,
+                        weight=None if weight is None else weight.float(), nan_to_num=nan_to_num, gap=gap)
+    assert loss.shape == ref[0].shape and loss.dtype == x.dtype
+    tol = tol if tol is not None else 1e-12 if x.dtype == torch.float64 else 1e-5
+    errs = [rel_err(a, b) for a, b in zip((loss, xd.grad, rd.grad), ref)]
+    assert max(errs) <= tol, f"relative errors (loss, grad_x, grad_r) {errs} > {tol}"
+    return loss
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("norm", ["stats", "batch", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_columns_and_weights_against_oracle(backend_device, norm, reduction, weighted):
+    backend, device = backend_device
+    x, r, columns, mean, std, weight = _case(37, seed=1)
+    _check(backend, device, x, r, columns, mean, std, norm=norm, reduction=reduction,
+           weight=weight if weighted else None)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+@pytest.mark.parametrize("reduction", ["column", "mean", "none"])
+def test_target_gap_duplicates_and_non_finite(backend_device, norm, reduction):
+    backend, device = backend_device
+    x, r, columns, mean, std, weight = _case(21, D=60, K=40, seed=2, duplicates=True, gap=(17, 5))
+    x[3, columns[0]] = float("nan")
+    x[5, columns[1]] = float("inf")
+    x[7:, columns[2]] = 4.25  # nearly constant in the batch
+    _check(backend, device, x, r, columns, mean, std, norm=norm, reduction=reduction, weight=weight,
+           nan_to_num=True, gap=(17, 5))
+
+
+@pytest.mark.parametrize("B", [4, 1100, 3000])  # composed, one-block / blocked CPU passes
+@pytest.mark.parametrize("norm", ["stats", "batch", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float64_reference_paths_exact(B, norm, reduction):
+    x, r, columns, mean, std, weight = _case(B, seed=3, dtype=torch.float64)
+    _check("reference", "cpu", x, r, columns, mean, std, norm=norm, reduction=reduction, weight=weight)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not interpreting, reason="interpreter"))])
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+@pytest.mark.parametrize("B", [4, 3000])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mean_of_columns_is_the_mean_loss(backend, norm, B, weighted):
+    if backend == "triton" and B > 100:
+        B = 257  # (the interpreter's time)
+    x, r, columns, mean, std, weight = _case(B, seed=4)
+    kw = dict(mean=mean, std=std) if norm == "stats" else {}
+    w = weight if weighted else None
+    cols = fusedvq.MaskedMSELoss(columns, norm=norm, reduction="column", weight=w, backend=backend, **kw)(x, r)
+    loss = fusedvq.MaskedMSELoss(columns, norm=norm, weight=w, backend=backend, **kw)(x, r)
+    assert abs(cols.mean().item() - loss.item()) <= 1e-6 * loss.item()
+
+
+def test_column_backward_is_the_mean_backward():
+    # A training loop logs the columns and back-propagates their mean: the gradients are the mean loss's.
+    x, r, columns, mean, std, _ = _case(64, seed=5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fusedvq.masked_mse(x1, r, columns, mean, std, reduction="column").mean().backward()
+    fusedvq.masked_mse(x2, r, columns, mean, std).backward()
+    assert rel_err(x1.grad, x2.grad) <= 1e-6
+
+
+def test_unit_weight_is_unweighted_and_zero_weight_drops_a_column():
+    x, r, columns, mean, std, _ = _case(16, seed=6)
+    K = r.shape[1]
+    plain = fusedvq.masked_mse(x, r, columns, mean, std, reduction="column")
+    ones = fusedvq.masked_mse(x, r, columns, mean, std, reduction="column", weight=torch.ones(K))
+    assert torch.equal(plain, ones)
+    w = torch.ones(K)
+    w[:10] = 0
+    xg = x.clone().requires_grad_()
+    rg = r.clone().requires_grad_()
+    cols = fusedvq.masked_mse(xg, rg, columns, mean, std, reduction="column", weight=w)
+    assert torch.all(cols[:10] == 0) and torch.all(cols[10:] > 0)
+    cols.sum().backward()
+    assert torch.all(rg.grad[:, :10] == 0) and torch.all(rg.grad[:, 10:].abs().sum(0) > 0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.ones(170), "one entry per kept column \\(K = 171\\), got shape \\(170,\\)"),
+    (torch.ones(171, 1), "1-D with one entry per kept column"),
+    (torch.full((171,), -0.5), "kept column 0 has weight -0.5 \\(171 of 171 bad\\)"),
+    (torch.tensor([1.0] * 170 + [float("nan")]), "kept column 170 has weight nan"),
+    (torch.tensor([1.0] * 5 + [float("inf")] + [1.0] * 165), "kept column 5 has weight inf \\(1 of 171"),
+    (torch.tensor([1.0] * 170 + [1e39], dtype=torch.float64), "fit torch.float32.*kept column 170 has weight 1e\\+39"),
+    ("balanced", "needs the VQ-VAE's categories"),
+    ({"cluster_1": 2.0}, "needs the VQ-VAE's categories"),
+    (torch.ones(171, dtype=torch.complex64), "real numbers"),
+])
+def test_bad_weights_are_refused_with_the_numbers(bad, message):
+    x, r, columns, mean, std, _ = _case(4, seed=7)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fusedvq.MaskedMSELoss(columns, mean, std, weight=bad)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fusedvq.masked_mse(x, r, columns, mean, std, weight=bad)
+
+
+def test_weight_requiring_grad_is_refused():
+    _, _, columns, mean, std, _ = _case(4, seed=7)
+    with pytest.raises(ValueError, match="weight requires grad"):
+        fusedvq.MaskedMSELoss(columns, mean, std, weight=torch.ones(171, requires_grad=True))
+
+
+# ------------------------------------------------------------------------------------------ categories
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from ckpt_factory import make_parts, write_checkpoint
+
+    parts = make_parts(sizes=[60, 3, 40, 20, 12, 9, 17, 10])  # a 3-column category beside 60-column ones
+    return write_checkpoint(tmp_path, parts), parts
+
+
+def _category_oracle(column_errors, groups):
+    return torch.stack([column_errors.double()[list(idx)].mean() for idx in groups.values()])
+
+
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_category_errors_by_name_in_the_checkpoint_order(checkpoint, norm):
+    path, parts = checkpoint
+    loss_fn = fusedvq.VQReconLoss.from_checkpoint(path, norm=norm, reduction="column")
+    assert loss_fn.category_names == tuple(parts.groups)  # the checkpoint's group_indices order
+    assert loss_fn.category_names == tuple(f"cluster_{i}" for i in range(1, 9))
+    g = torch.Generator().manual_seed(8)
+    x, recon = torch.randn(32, parts.D, generator=g), torch.randn(32, parts.K, generator=g)
+    cols = loss_fn(x, recon)
+    errors = loss_fn.category_errors(cols)
+    assert errors.shape == (8,) and errors.dtype == torch.float32
+    assert rel_err(errors, _category_oracle(cols, parts.groups)) <= 1e-6
+    # and against per-category F.mse_loss of the plain fix, as the motivating trainer logs them
+    z = (x[:, torch.from_numpy(parts.mask)].double() - torch.from_numpy(parts.mean_k)) / torch.from_numpy(parts.std_k)
+    if norm == "batch":
+        xk = x[:, torch.from_numpy(parts.mask)].double()
+        z = (xk - xk.mean(0)) / xk.std(0)
+    plain = torch.stack([F.mse_loss(z[:, list(idx)], recon[:, list(idx)].double()) for idx in parts.groups.values()])
+    assert rel_err(errors, plain) <= 1e-5
+
+
+def test_a_category_a_plain_mean_hides(checkpoint):
+    path, parts = checkpoint
+    loss_fn = fusedvq.VQReconLoss.from_checkpoint(path, reduction="column")
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, parts.D, generator=g)
+    z = (x[:, torch.from_numpy(parts.mask)].double() - torch.from_numpy(parts.mean_k)) / torch.from_numpy(parts.std_k)
+    recon = (z + 0.01 * torch.randn(z.shape, generator=g, dtype=torch.float64)).float()
+    small = list(parts.groups["cluster_2"])  # 3 of 171 columns, reconstructed with an error of 1 each
+    recon[:, small] += 1.0
+    cols = loss_fn(x, recon)
+    errors = loss_fn.category_errors(cols)
+    assert cols.mean() < 0.05 and errors[1] > 0.5 and (errors[torch.arange(8) != 1] < 1e-3).all()
+    assert fusedvq.gini(errors) > 0.8
+
+
+def test_balanced_and_named_weights(checkpoint):
+    path, parts = checkpoint
+    K, names = parts.K, list(parts.groups)
+    g = torch.Generator().manual_seed(10)
+    x, recon = torch.randn(16, parts.D, generator=g), torch.randn(16, K, generator=g)
+    balanced = fusedvq.VQReconLoss.from_checkpoint(path, weight="balanced")
+    per_column = fusedvq.VQReconLoss.from_checkpoint(path, reduction="column", weight="balanced")
+    plain_cols = fusedvq.VQReconLoss.from_checkpoint(path, reduction="column")(x, recon)
+    category_mse = _category_oracle(plain_cols, parts.groups)
+    # every category weighs the same: the mean loss is the mean of the category errors
+    assert rel_err(balanced(x, recon), category_mse.mean()) <= 1e-6
+    assert rel_err(per_column.category_errors(per_column(x, recon)), category_mse) <= 1e-6  # still each one's MSE
+    w = balanced.loss.weight.double()
+    assert abs(w.sum().item() - K) < 1e-4 and len({round(float(w[list(i)].sum()), 4) for i in parts.groups.values()}) == 1
+    named = fusedvq.VQReconLoss.from_checkpoint(path, weight={names[1]: 5.0, names[4]: 0.0})
+    want = torch.ones(K, dtype=torch.float64)
+    want[list(parts.groups[names[1]])] = 5.0
+    want[list(parts.groups[names[4]])] = 0.0
+    assert torch.equal(named.loss.weight.double(), want)
+    assert rel_err(named(x, recon), (plain_cols.double() * want).mean()) <= 1e-6
+    zero = named.loss.category_errors(fusedvq.VQReconLoss.from_checkpoint(
+        path, reduction="column", weight={names[4]: 0.0})(x, recon))
+    assert torch.isnan(zero[4]) and torch.isfinite(zero[torch.arange(8) != 4]).all()
+    with pytest.raises(ValueError, match="'nope', which the VQ-VAE does not have: its categories are 'cluster_1'"):
+        fusedvq.VQReconLoss.from_checkpoint(path, weight={"nope": 1.0})
+    with pytest.raises(ValueError, match="weight of category 'cluster_1' must be a finite number >= 0, got -1"):
+        fusedvq.VQReconLoss.from_checkpoint(path, weight={"cluster_1": -1})
+
+
+def test_balanced_needs_a_partition():
+    mask = torch.ones(10, dtype=torch.bool)
+    with pytest.raises(ValueError, match="kept column 4 is in 0 of them"):
+        fusedvq.MaskedMSELoss(mask, norm="none", categories={"a": [0, 1, 2, 3], "b": [5, 6, 7, 8, 9]},
+                              weight="balanced")
+    with pytest.raises(ValueError, match="category 'a' has kept-column index 10, outside the 10 kept columns"):
+        fusedvq.MaskedMSELoss(mask, norm="none", categories={"a": [10]})
+
+
+def test_category_errors_refuse_what_is_not_columns(checkpoint):
+    path, parts = checkpoint
+    loss_fn = fusedvq.VQReconLoss.from_checkpoint(path)
+    with pytest.raises(ValueError, match='takes the \\[171\\] column errors of reduction="column", got \\[\\]'):
+        loss_fn.category_errors(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="has no categories"):
+        fusedvq.MaskedMSELoss(torch.ones(5, dtype=torch.bool), norm="none").category_errors(torch.ones(5))
+
+
+def test_category_errors_keep_a_nan_column_in_its_category(checkpoint):
+    path, parts = checkpoint
+    loss_fn = fusedvq.VQReconLoss.from_checkpoint(path, reduction="column")
+    cols = torch.rand(parts.K)
+    cols[parts.groups["cluster_3"][0]] = float("nan")
+    errors = loss_fn.category_errors(cols)
+    assert torch.isnan(errors[2]) and torch.isfinite(errors[torch.arange(8) != 2]).all()
+
+
+def test_gini():
+    assert fusedvq.gini(torch.ones(8)).item() == 0.0
+    assert abs(fusedvq.gini(torch.tensor([0.0, 0, 0, 1])).item() - 0.75) < 1e-7
+    assert fusedvq.gini(torch.zeros(3)).item() == 0.0
+    v = torch.rand(8, dtype=torch.float64)
+    pairs = (v[:, None] - v[None, :]).abs().sum() / (2 * 8 * v.sum())  # mean absolute difference form
+    assert abs(fusedvq.gini(v).item() - pairs.item()) < 1e-12
+
+
+# ------------------------------------------------------------------------------ the VQ-led step's form
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not interpreting, reason="interpreter"))])
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_cleaner_recon_loss_columns_weights_and_categories(backend, hybrid, tmp_path):
+    from ckpt_factory import make_parts, write_checkpoint
+
+    parts = make_parts(seed=11)
+    cleaner = fusedvq.FeatureCleaner.from_checkpoint(write_checkpoint(tmp_path, parts), norm="batch",
+                                                     nan_to_num=True, backend=backend, weight="balanced")
+    if hybrid:  # the decoder's output with 6 embedding columns from column 50 on
+        cleaner._z_plan = cleaner._z_plan._replace(gap=(50, 6))
+    K = parts.K
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(8, parts.D, generator=g, requires_grad=True)
+    recon = torch.randn(8, K + (6 if hybrid else 0), generator=g, requires_grad=True)
+    z = cleaner(x)
+    cols = cleaner.recon_loss(recon, z, reduction="column")
+    mean = cleaner.recon_loss(recon, z)
+    assert cols.shape == (K,) and abs(cols.mean().item() - mean.item()) <= 1e-6 * mean.item()
+    rk = torch.cat([recon[:, :50], recon[:, 56:]], 1) if hybrid else recon
+    w = cleaner._z_plan.weight
+    e = (z.double() - rk.double()).square() * w.double()
+    assert rel_err(cols, e.mean(0)) <= 1e-6
+    plain = ((z.double() - rk.double()).square()).mean(0)
+    assert rel_err(cleaner.category_errors(cols), _category_oracle(plain, parts.groups)) <= 1e-6
+    gx, gr = torch.autograd.grad(cols.mean(), (x, recon), retain_graph=True)
+    gx_ref, gr_ref = torch.autograd.grad(e.mean(), (x, recon))
+    assert rel_err(gx, gx_ref) <= 1e-5 and rel_err(gr, gr_ref) <= 1e-5
+
+
+# ------------------------------------------------------------------------ traced, registered, captured
+
+
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not interpreting, reason="interpreter"))])
+@pytest.mark.parametrize("reduction", [3, 1, 0])
+def test_opcheck_column_and_weights(use_triton, reduction):
+    g = torch.Generator().manual_seed(13)
+    columns, mean, std = random_case(7, 12, 9, mask=False, duplicates=True, generator=g)
+    cols = [*build_column_map(columns, 12), torch.rand(9, generator=g)]
+    x = torch.randn(7, 12, generator=g, requires_grad=True)
+    r = torch.randn(7, 9, generator=g, requires_grad=True)
+    stats = [mean[columns], std[columns].reciprocal()]
+    args = (x, r, cols, stats, [0, reduction, int(use_triton), 0, 0])
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
+    torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, (x, r, cols, 1e-8, "", args[-1]))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not interpreting, reason="interpreter"))])
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_compile_fullgraph_columns(backend, norm):
+    torch._dynamo.reset()
+    x, r, columns, mean, std, weight = _case(16, seed=14)
+    kw = dict(mean=mean, std=std) if norm == "stats" else {}
+    loss_fn = fusedvq.MaskedMSELoss(columns, norm=norm, reduction="column", weight=weight, backend=backend, **kw)
+
+    def step(x, r):
+        cols = loss_fn(x, r)
+        return cols.mean(), cols
+
+    compiled = torch.compile(step, fullgraph=True)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, got_cols = compiled(xc, r)
+    want, want_cols = step(xe, r)
+    got.backward()
+    want.backward()
+    assert rel_err(got_cols, want_cols) <= 1e-6 and rel_err(xc.grad, xe.grad) <= 1e-5
+
+
+def test_the_columns_are_deterministic():
+    x, r, columns, mean, std, weight = _case(3000, seed=15)
+    a = fusedvq.masked_mse(x, r, columns, mean, std, reduction="column", weight=weight)
+    b = fusedvq.masked_mse(x, r, columns, mean, std, reduction="column", weight=weight)
+    assert torch.equal(a, b)
+
+
+def test_module_weight_survives_half_and_moves_with_to():
+    _, _, columns, mean, std, weight = _case(4, seed=16)
+    m = fusedvq.MaskedMSELoss(columns, mean, std, weight=weight).half()
+    assert m.weight.dtype == torch.float32 and torch.equal(m.weight, weight.float())
+    assert np.isclose(float(m.weight.sum()), float(weight.sum()))
