@@ -100,9 +100,15 @@ def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dty
         loss = _MSE_LOSS(z, target, reduction)
     else:
         e = _MSE_LOSS(z, target, REDUCTION_NONE)
-        e = e * weight if weight is not None else e
-        loss = (e if reduction == REDUCTION_NONE else e.sum(0) / e.shape[0] if reduction == REDUCTION_COLUMN
-                else e.sum() / e.numel() if reduction == REDUCTION_MEAN else e.sum())
+        if reduction == REDUCTION_NONE:
+            loss = e * weight
+        else:  # the weights on the K column sums, not on the [B, K] elements: one batch-sized op fewer
+            columns = e.sum(0)
+            if reduction == REDUCTION_COLUMN:
+                loss = columns / e.shape[0] if weight is None else columns * (weight / e.shape[0])
+            else:
+                loss = torch.dot(columns, weight)
+                loss = loss / e.numel() if reduction == REDUCTION_MEAN else loss
     return loss.to(dtype) if loss.dtype != dtype else loss
 
 
