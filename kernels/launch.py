@@ -137,9 +137,24 @@ class Tuning:
     elements_per_warp: int = 128  # a warp per 128 tile elements (4 a thread), up to max_warps
     max_warps: int = 8
     programs_per_sm: int = 4  # persistent grid of the walks: enough to hide latency, few partials to merge
+    # The loss forward of norm "none" / "stats": "gather" (masked_mse.py: the kept columns gathered from
+    # global memory) or the candidate "rows" (row_loads.py: whole rows in 128-bit loads, gathered in the SM),
+    # with rows_per_chunk rows a chunk (rounded up to 16 bytes' worth of rows). FUSEDVQ_FORWARD_LOADS sets it.
+    forward_loads: str = "gather"
+    rows_per_chunk: int = 8
 
 
-TUNING = Tuning()
+FORWARD_LOADS = ("gather", "rows")
+
+
+def _tuning_from_environment() -> Tuning:
+    loads = os.environ.get("FUSEDVQ_FORWARD_LOADS", "gather")
+    if loads not in FORWARD_LOADS:
+        raise ValueError(f"FUSEDVQ_FORWARD_LOADS={loads!r}: expected one of {', '.join(FORWARD_LOADS)}")
+    return Tuning(forward_loads=loads)
+
+
+TUNING = _tuning_from_environment()
 _MAX_BLOCK_COLS = 256
 BLOCK_P = 1024  # partial sums the last program adds at a time
 _scratch_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -128,7 +128,13 @@ _BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 
 def masked_mse_forward(x, target, index, stats: tuple, mode: Mode, weight=None) -> torch.Tensor:
-    """norm "none" (stats ()) or "stats" ((μ, 1/σ)): the loss ([], [K] or [B, K] in x.dtype)."""
+    """norm "none" (stats ()) or "stats" ((μ, 1/σ)): the loss ([], [K] or [B, K] in x.dtype); by whole-row
+    loads (row_loads.py) when TUNING.forward_loads == "rows" and the rows fit."""
+    if TUNING.forward_loads == "rows":
+        from .row_loads import rows_fit, rows_forward
+
+        if rows_fit(x, target):
+            return rows_forward(x, target, index, stats, mode, weight)
     mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE)
     return launch_forward(x, target, index, stats, mode, weight=weight)[0]
 

@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 from fusedvq.kernels import batch_stats as bs
 from fusedvq.kernels import masked_mse as mm
 from fusedvq.kernels import launch as settings
+from fusedvq.kernels import row_loads as rl
 
 ARCHS = (80, 90)
 FLOAT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -84,6 +85,19 @@ def kernel_specs():
                                       SUMS_FINAL=sums_final, CLEAN=clean,
                                       WRITE_X=write_x, WRITE_R=write_r, BLOCK_B=block_b, BLOCK_D=block_d)
                         yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
+        if norm != 2 and shapes == SHAPES[1:2] and not (weighted and red == 2):
+            for size, vec in (("*fp32", 4), ("*bf16", 8), ("*fp16", 8)):
+                if size != dtype:
+                    continue
+                rows = -(-settings.TUNING.rows_per_chunk // vec) * vec
+                sig = {"x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
+                       "w_ptr": "*fp32", "out_ptr": dtype, "partial_ptr": "*fp32", "column_partial_ptr": "*fp32",
+                       "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "RW": I32, "gap_at": I32, "gap": I32,
+                       "out_scale": F32}
+                yield "rows_fwd", rl._rows_fwd_kernel, sig, dict(
+                    NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, WEIGHTED=weighted, ROWS=rows,
+                    FLAT_X=settings.next_power_of_2(rows * 187), FLAT_R=settings.next_power_of_2(rows * 171),
+                    BLOCK_K=256, BLOCK_P=settings.BLOCK_P, VEC=vec)
         if norm != 2 or (weighted and red != 0):
             continue
         for block_b, block_k in _blocks(shapes, lambda D, K: K, settings.TUNING.walk_tile):
@@ -110,7 +124,11 @@ def compile_one(fn, signature, constexprs, arch):
         signature[name] = "constexpr"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32)
-    warps = settings.num_warps_for(constexprs["BLOCK_B"], constexprs.get("BLOCK_K", constexprs.get("BLOCK_D")))
+    if "ROWS" in constexprs:  # the whole-row candidate (row_loads.rows_forward's warps)
+        warps = max(1, min(settings.TUNING.max_warps, constexprs["ROWS"] * constexprs["BLOCK_K"]
+                           // settings.TUNING.elements_per_warp))
+    else:
+        warps = settings.num_warps_for(constexprs["BLOCK_B"], constexprs.get("BLOCK_K", constexprs.get("BLOCK_D")))
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])
