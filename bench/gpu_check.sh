@@ -7,7 +7,9 @@
 #
 # Prints the GPU and the versions, measures the copy bandwidth, runs the gpu-marked tests (a failure is
 # recorded, not fatal), runs the benchmark matrix, and writes under $OUT (relative to the repository root)
-# env.txt, gpu_tests.txt, bench.json, bench.md (the loss alone, and the VQ-led step's clean+mse cases right
+# env.txt, gpu_tests.txt, ab_kernels.md (today's kernels against each candidate, kernel time, with the
+# winner per case as the TUNING edit that makes it the default: bench/ab_kernels.py), bench.json, bench.md
+# (the loss alone, and the VQ-led step's clean+mse cases right
 # after the targets'), captured.md (the loss step replayed from a CUDA graph, fused against the eager fix:
 # bench/captured_step.py), bench.png, profile.txt (where a step's time goes:
 # bench/profile_step.py) and report.md, the one to read (bench_log.txt too if the benchmark failed);
@@ -16,7 +18,8 @@
 # At most 8 minutes on an H100 with the default budgets, which the environment can shorten:
 #   TEST_SECONDS   the gpu-marked tests are cut after this long (default 180; run 4 at a time when
 #                  pytest-xdist is installed);
-#   BENCH_SECONDS  the benchmark starts no new case after this long (default 150; the cases the targets
+#   AB_SECONDS     the candidates' A/B is cut after this long (default 90);
+#   BENCH_SECONDS  the benchmark starts no new case after this long (default 110; the cases the targets
 #                  read come first) and is cut 90 s later;
 #   the profile is cut at 75 s.
 #
@@ -35,13 +38,16 @@ if [ "$DRY_RUN" = 1 ]; then
   bench_args=(--sizes 4,64 --seconds-per-case 0.05 --max-seconds "$bench_seconds")
   profile_args=(--sizes 4,64)
   test_seconds=${TEST_SECONDS:-120}
+  ab_args=(--dry-run)
 else
   device=cuda
-  bench_seconds=${BENCH_SECONDS:-150}
+  bench_seconds=${BENCH_SECONDS:-110}
   bench_args=(--seconds-per-case 0.5 --max-seconds "$bench_seconds")
   profile_args=()
   test_seconds=${TEST_SECONDS:-180}
+  ab_args=()
 fi
+ab_seconds=${AB_SECONDS:-90}
 parallel=()
 if "$PYTHON" -c "import xdist" 2>/dev/null && [ "$DRY_RUN" != 1 ]; then parallel=(-n 4); fi
 
@@ -94,6 +100,13 @@ case "$test_status" in
 esac
 tests_line="$tests_line: $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/gpu_tests.txt" | tail -n 1 || true)"
 
+echo "== candidates against today's kernels"
+set +e
+timeout "$ab_seconds" "$PYTHON" bench/ab_kernels.py "${ab_args[@]}" --out "$OUT/ab_kernels.md" >"$OUT/ab_log.txt" 2>&1
+ab_status=$?
+set -e
+sed -n '/^## Verdicts/,$p' "$OUT/ab_log.txt"
+
 echo "== benchmark"
 set +e
 timeout $(( bench_seconds + 90 )) "$PYTHON" -m fusedvq.tools.benchmark --device "$device" --out "$OUT" --no-progress "${bench_args[@]}" \
@@ -120,11 +133,13 @@ sed -n '/^## Summary/,$p' "$OUT/profile.txt"
   echo
   cat "$OUT/env.txt"
   echo "- gpu-marked tests: $tests_line (full log: gpu_tests.txt)"
-  echo "- benchmark exit status: $bench_status; profile exit status: $profile_status (profile.txt); whole check:" \
+  echo "- candidates' A/B exit status: $ab_status (ab_kernels.md; ab_log.txt); benchmark exit status: $bench_status;" \
+    "profile exit status: $profile_status (profile.txt); whole check:" \
     "$(( $(date +%s) - started )) s"
   echo
   if [ -f "$OUT/bench.md" ]; then sed 's/^#/##/' "$OUT/bench.md"; else echo "(no benchmark report: bench_log.txt)"; fi
   if [ -f "$OUT/captured.md" ]; then echo; cat "$OUT/captured.md"; fi
+  if [ -f "$OUT/ab_kernels.md" ]; then echo; sed 's/^#/##/' "$OUT/ab_kernels.md"; fi
 } >"$OUT/report.md"
 
 echo
@@ -134,3 +149,4 @@ if [ -f "$OUT/bench.md" ]; then
   awk '/^## /{p = ($0 ~ /^## norm=(stats, float32, forward\+backward|(stats|batch), float32, clean\+mse)/)} p' "$OUT/bench.md"
   sed -n '/^## Targets/,$p' "$OUT/bench.md"
 fi
+if [ -f "$OUT/ab_kernels.md" ]; then sed -n '/^## Verdicts/,$p' "$OUT/ab_kernels.md"; fi
