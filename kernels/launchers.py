@@ -135,13 +135,15 @@ def masked_mse_forward(x, target, index, stats: tuple, mode: Mode, weight=None) 
 
         if rows_fit(x, target):
             return rows_forward(x, target, index, stats, mode, weight)
-    mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE)
+    norm = NORM_STATS if stats else NORM_NONE
+    mode = mode if mode.norm == norm else mode._replace(norm=norm)  # (the host passes it right: µs at B = 4)
     return launch_forward(x, target, index, stats, mode, weight=weight)[0]
 
 
 def masked_mse_backward(grad_loss, x, target, inverse: tuple, stats: tuple, mode: Mode, weight=None):
     """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c]), None where not needed."""
-    mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE)
+    norm = NORM_STATS if stats else NORM_NONE
+    mode = mode if mode.norm == norm else mode._replace(norm=norm)
     return launch_backward(grad_loss, x, target, inverse, stats, mode, weight=weight)
 
 

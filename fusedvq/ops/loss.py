@@ -69,7 +69,7 @@ def weight(columns) -> Optional[Tensor]:
 def _masked_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
                        mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     if mode[2]:
-        return kernels().masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode),
+        return kernels().masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode, len(stats) // 2),
                                             weight(columns)), empty(x), empty(x, torch.bool)
     loss, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode),
                                                       weight(columns))
@@ -90,7 +90,7 @@ def _(x, target, columns, stats, mode):
 
 def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
                         saved: list[Tensor], mode: list[int]) -> tuple[Tensor, Tensor]:
-    km = kernel_mode(mode, needs=(bool(mode[5]), bool(mode[6])))
+    km = kernel_mode(mode, len(stats) // 2, needs=(bool(mode[5]), bool(mode[6])))  # NORM_NONE / NORM_STATS
     if mode[2]:
         grads = kernels().masked_mse_backward(grad, x, target, (columns[1], columns[2]), tuple(stats), km,
                                               weight(columns))
