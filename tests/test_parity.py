@@ -32,7 +32,9 @@ def test_shapes(backend_device, B, D, K):
 
 @pytest.mark.skipif(not interpreting, reason="interpreter only")
 def test_interpreter_large():
-    x, r, columns, mean, std = _inputs(4099, 1024, 1000, seed=7)
+    # B = 4099 at the motivating widths, which test_shapes leaves to this test (the interpreter's time);
+    # (1024, 1000) runs there at B up to 257.
+    x, r, columns, mean, std = _inputs(4099, 187, 171, seed=7)
     check_parity("triton", "cpu", x, r, columns, mean, std)
 
 
