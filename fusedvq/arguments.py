@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .categories import resolve_weight
 from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
 from .ops import check_dense
 
@@ -295,12 +296,7 @@ def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device
     """The loss's per-column weights as a [K] tensor in `dtype` on `device`: 1-D, one per kept column (in the
     loss's column order), real, finite and >= 0 (checked on the host once: one synchronization on CUDA;
     skipped while torch.compile traces, like the statistics' values)."""
-    if isinstance(weight, str):
-        raise ValueError(f"weight={weight!r} names categories: it needs the VQ-VAE's categories, which "
-                         f"from_checkpoint / from_spec (or VQReconLoss's categories=) provide")
-    if isinstance(weight, dict):
-        raise ValueError("weight given per category name needs the VQ-VAE's categories: build the module with "
-                         "from_checkpoint / from_spec (or VQReconLoss's categories=)")
+    weight = resolve_weight(weight, {}, num_kept)  # (a weight by category name, here without categories: refused)
     t = _as_tensor(weight, "weight", device)
     if t.dim() != 1 or t.shape[0] != num_kept:
         raise ValueError(f"weight must be 1-D with one entry per kept column (K = {num_kept}), got shape "

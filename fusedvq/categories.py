@@ -3,7 +3,7 @@ ones, per-column weights given per category, and the balance score over categori
 
     categories   {name: kept-column indices}, in the checkpoint's order (its group_indices)
     column errors  c[k] = Σ_b e[b, k] / B, e = w[k]·(z − r)²       (reduction="column"; w = 1 unweighted)
-    category errors  E[n] = Σ_{k ∈ n} c[k] / Σ_{k ∈ n} w[k]        = M @ c, M[n, k] = 1/W_n for k ∈ n
+    category errors  E[n] = Σ_{k ∈ n} c[k] / W_n,  W_n = Σ_{k ∈ n} w[k]    (a gather of each category's columns)
         unweighted: the category's mean squared error (the mean of its columns'); with weights that are
         constant within a category (a weight per category, "balanced"), still its plain mean squared error;
         with other weights, the weight-averaged one; NaN for a category whose weights are all 0
@@ -12,8 +12,8 @@ ones, per-column weights given per category, and the balance score over categori
     gini         the Gini coefficient of the category errors, Σ_i (2i − C − 1)·E_(i) / (C·ΣE), E sorted
                  ascending (0: all equal, → 1: one category holds all the error)
 
-Everything here runs once, at construction, except category_errors and gini: a matrix-vector product and
-a sort on the device (no host synchronization, no Python loop over categories).
+Everything here runs once, at construction, except category_errors and gini: a gather, a product and a sum,
+and a sort, on the device (no host synchronization, no Python loop over categories).
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ import triton.language as tl
 
 from .launch import TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for, scratch
 from .launch import scratch_guard
-from .launchers import launch_backward, launch_forward
+from .launchers import launch_backward, launch_forward, reduction_scale
 from .masked_mse import (FLT_MAX, NORM_BATCH_C, column_stats, kept_columns, load_features, normalize,
                          store_partial_pair, sum_partial_pairs)
-from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
+from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, Mode
 
 
 @triton.jit
@@ -277,9 +277,7 @@ def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode:
     if reduction == REDUCTION_NONE:
         sums, sums_final = dz_sums(grad_loss, x, target, index, stats, mode.nan_to_num, mode.gap, weight), True
     elif sum_over_ranks is not None:  # S = f·A, f the column's gradient factor (as the kernel forms it)
-        scale = 2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0 / max(B, 1) if (
-            reduction == REDUCTION_COLUMN) else 2.0
-        f = grad_loss.float() * scale
+        f = grad_loss.float() * (2.0 * reduction_scale(reduction, B, K))
         sums, sums_final = colsums * (f if weight is None else f * weight), True
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)

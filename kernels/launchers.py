@@ -18,6 +18,16 @@ from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
 from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
 
 
+def reduction_scale(reduction: int, B: int, K: int) -> float:
+    """What the reduction multiplies the sum of its terms by: 1/(B·K) for mean, 1/B for column (a column's
+    sum over the batch), 1 for sum and none; the gradient's factor is twice it. B = 0 (a rank without rows)
+    counts as 1. (fusedvq/cpu/stats.py has the CPU path's copy: kept beside each path that reads it, so
+    that neither runs one more file per call.)"""
+    if reduction == REDUCTION_MEAN:
+        return 1.0 / max(B * K, 1)
+    return 1.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 1.0
+
+
 def launch_forward(
     x: torch.Tensor,  # [B, D], B >= 1
     target,  # [B, K (+ c)], or None (clean)
@@ -61,7 +71,7 @@ def launch_forward(
             sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1],
-            1.0 / (B * K) if reduction == REDUCTION_MEAN else 1.0 / B if reduction == REDUCTION_COLUMN else 1.0,
+            reduction_scale(reduction, B, K),
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
             COLSUMS=int(colsums), CLEAN=int(clean),
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),
@@ -113,8 +123,7 @@ def launch_backward(
             x if grad_x is None else grad_x, x if grad_target is None else grad_target,  # (x: never written)
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1], *g_strides,
-            1.0 if clean else 2.0 / (B * K) if reduction == REDUCTION_MEAN else 2.0 / B if (
-                reduction == REDUCTION_COLUMN) else 2.0,
+            1.0 if clean else 2.0 * reduction_scale(reduction, B, K),
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
             SUMS_FINAL=int(sums_final),
             CLEAN=int(clean), WRITE_X=int(want_x), WRITE_R=int(want_r), BLOCK_B=block_b, BLOCK_D=block_d,

@@ -89,6 +89,22 @@ def sum_partial_pairs(partial_ptr, out_ptr, num_programs, K, BLOCK_K: tl.constex
 
 
 @triton.jit
+def write_reduction(partial_ptr, column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale,
+                    REDUCTION: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The last program's part of a loss reduction: out = out_scale·Σ_p partial[p] (mean, sum), or the K
+    column errors of reduction "column" (sum_partial_columns), adding in program order (deterministic)."""
+    if REDUCTION == REDUCTION_COLUMN_C:
+        sum_partial_columns(column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, WEIGHTED, BLOCK_K)
+    else:
+        total = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, num_programs, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            # .cg: read through L2, where the other programs' partials are visible.
+            total += tl.load(partial_ptr + p, mask=p < num_programs, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr, (tl.sum(total, axis=0) * out_scale).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def sum_partial_columns(partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, WEIGHTED: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     """out [K] = out_scale·w·Σ_p partial[p] in program order (deterministic), cast to out's dtype; run by the
@@ -233,16 +249,8 @@ def _masked_mse_fwd_kernel(
         tl.debug_barrier()
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
         if ticket == num_programs - 1:
-            if REDUCTION == REDUCTION_COLUMN_C:
-                sum_partial_columns(column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, WEIGHTED, BLOCK_K)
-            else:
-                total = tl.zeros([BLOCK_P], dtype=tl.float32)
-                for p0 in range(0, num_programs, BLOCK_P):
-                    p = p0 + tl.arange(0, BLOCK_P)
-                    # .cg: read through L2, where the other programs' partials are visible.
-                    total += tl.load(partial_ptr + p, mask=p < num_programs, other=0.0, cache_modifier=".cg")
-                loss = tl.sum(total, axis=0) * out_scale
-                tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
+            write_reduction(partial_ptr, column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, REDUCTION,
+                            WEIGHTED, BLOCK_K, BLOCK_P)
             if COLSUMS:
                 sum_partial_pairs(colsum_partial_ptr, colsum_ptr, num_programs, K, BLOCK_K)
             tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)

@@ -26,6 +26,7 @@ NORM_NONE, NORM_STATS, NORM_BATCH = 0, 1, 2  # (x̃, (x̃ − μ)/σ, the batch'
 NO_GAP = (0, 0)
 
 
+
 class Mode(NamedTuple):
     """What a launch computes: the norm and reduction codes, nan_to_num, the target's gap (at, c) (a hybrid
     decoder's c embedding columns from `at` on, skipped), which gradients are wanted (grad_x, grad_target),

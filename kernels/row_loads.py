@@ -23,10 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BLOCK_P, TUNING, KernelLauncher, cdiv, device_guard, max_programs, next_power_of_2, scratch
-from .launch import scratch_guard
-from .masked_mse import FLT_MAX, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, sum_partial_columns
-from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
+from .launch import BLOCK_P, TUNING, KernelLauncher, cdiv, device_guard, max_programs, next_power_of_2, num_warps_for
+from .launch import scratch, scratch_guard
+from .launchers import reduction_scale
+from .masked_mse import FLT_MAX, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, write_reduction
+from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode
 
 
 @triton.jit
@@ -143,14 +144,8 @@ def _rows_fwd_kernel(
         tl.debug_barrier()
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
         if ticket == num_programs - 1:
-            if REDUCTION == REDUCTION_COLUMN_C:
-                sum_partial_columns(column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, WEIGHTED, BLOCK_K)
-            else:
-                total = tl.zeros([BLOCK_P], dtype=tl.float32)
-                for p0 in range(0, num_programs, BLOCK_P):
-                    p = p0 + tl.arange(0, BLOCK_P)
-                    total += tl.load(partial_ptr + p, mask=p < num_programs, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr, (tl.sum(total, axis=0) * out_scale).to(out_ptr.dtype.element_ty))
+            write_reduction(partial_ptr, column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, REDUCTION,
+                            WEIGHTED, BLOCK_K, BLOCK_P)
             tl.atomic_xchg(counter_ptr, 0)
 
 
@@ -163,9 +158,9 @@ def rows_fit(x: torch.Tensor, target: torch.Tensor) -> bool:
             and target.stride(0) == target.shape[1] and x.data_ptr() % 16 == 0 and target.data_ptr() % 16 == 0)
 
 
-def chunk_rows(x: torch.Tensor) -> int:
+def chunk_rows(element_size: int) -> int:
     """Rows per chunk: TUNING.rows_per_chunk rounded up to a multiple of 16 bytes' worth of elements."""
-    vector = 16 // x.element_size()
+    vector = 16 // element_size
     return cdiv(max(TUNING.rows_per_chunk, 1), vector) * vector
 
 
@@ -175,7 +170,7 @@ def rows_forward(x, target, index, stats: tuple, mode: Mode, weight=None) -> tor
     B, D = x.shape
     K = index.shape[0]
     RW = target.shape[1]
-    rows = chunk_rows(x)
+    rows = chunk_rows(x.element_size())
     reduction = mode.reduction
     grid = (min(cdiv(B, rows), max_programs(x)),)
     shift, scale = stats if stats else (x, x)
@@ -193,10 +188,10 @@ def rows_forward(x, target, index, stats: tuple, mode: Mode, weight=None) -> tor
         _ROWS_FWD[grid](
             x, target, index, shift, scale, x if weight is None else weight, out, partial, column_partial, counter,
             B, K, D, RW, mode.gap[0], mode.gap[1],
-            1.0 / (B * K) if reduction == REDUCTION_MEAN else 1.0 / B if reduction == REDUCTION_COLUMN else 1.0,
+            reduction_scale(reduction, B, K),
             NORM=NORM_STATS if stats else 0, NAN_TO_NUM=int(mode.nan_to_num), REDUCTION=reduction,
             WEIGHTED=int(weight is not None), ROWS=rows, FLAT_X=next_power_of_2(rows * D),
             FLAT_R=next_power_of_2(rows * RW), BLOCK_K=block_k, BLOCK_P=BLOCK_P, VEC=16 // x.element_size(),
-            num_warps=max(1, min(TUNING.max_warps, rows * block_k // TUNING.elements_per_warp)),
+            num_warps=num_warps_for(rows, block_k),
         )  # fmt: skip
     return out

@@ -89,7 +89,7 @@ def kernel_specs():
             for size, vec in (("*fp32", 4), ("*bf16", 8), ("*fp16", 8)):
                 if size != dtype:
                     continue
-                rows = -(-settings.TUNING.rows_per_chunk // vec) * vec
+                rows = rl.chunk_rows(16 // vec)
                 sig = {"x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
                        "w_ptr": "*fp32", "out_ptr": dtype, "partial_ptr": "*fp32", "column_partial_ptr": "*fp32",
                        "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "RW": I32, "gap_at": I32, "gap": I32,
@@ -124,11 +124,8 @@ def compile_one(fn, signature, constexprs, arch):
         signature[name] = "constexpr"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32)
-    if "ROWS" in constexprs:  # the whole-row candidate (row_loads.rows_forward's warps)
-        warps = max(1, min(settings.TUNING.max_warps, constexprs["ROWS"] * constexprs["BLOCK_K"]
-                           // settings.TUNING.elements_per_warp))
-    else:
-        warps = settings.num_warps_for(constexprs["BLOCK_B"], constexprs.get("BLOCK_K", constexprs.get("BLOCK_D")))
+    rows = constexprs.get("ROWS", constexprs.get("BLOCK_B"))  # (ROWS: the whole-row candidate's)
+    warps = settings.num_warps_for(rows, constexprs.get("BLOCK_K", constexprs.get("BLOCK_D")))
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])

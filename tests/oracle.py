@@ -98,3 +98,21 @@ def batch_oracle(
     loss = F.mse_loss(z[:, columns.cpu()], r64, reduction=reduction)
     loss.backward(grad_out.to(dtype).cpu())
     return loss.detach(), x64.grad, r64.grad
+
+
+def oracle_z(x, columns, mean, std, norm, *, nan_to_num=False, eps=1e-8, dtype=torch.float64):
+    """z of the plain composition in `dtype` (float64: the oracle), on x's own autograd graph: nan_to_num →
+    normalize all D columns (given statistics, or the batch's mean and unbiased std with σ < eps → 1 and a
+    final nan_to_num) → keep the masked columns."""
+    xt = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x
+    if norm == "stats":
+        z = (xt - mean.to(dtype)) / std.to(dtype)
+    elif norm == "batch":
+        mu = xt.mean(0)
+        var = (xt - mu).square().sum(0) / (xt.shape[0] - 1)
+        flat = var.detach().sqrt() < eps
+        sd = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
+        z = torch.nan_to_num((xt - mu) / sd, nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        z = xt
+    return z[:, columns]

@@ -59,7 +59,7 @@ def specs(dtype: str):
     bwd = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, SUMS_FINAL=0, CLEAN=0, WRITE_X=1, WRITE_R=1,
                BLOCK_B=block_b, BLOCK_D=block_d)
     yield "backward (today)", mm._masked_mse_bwd_kernel, bwd_sig, bwd, settings.num_warps_for(block_b, block_d)
-    rows = -(-settings.TUNING.rows_per_chunk // (16 // size)) * (16 // size)
+    rows = rl.chunk_rows(size)
     rows_sig = {"x_ptr": t, "r_ptr": t, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
                 "w_ptr": "*fp32", "out_ptr": t, "partial_ptr": "*fp32", "column_partial_ptr": "*fp32",
                 "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "RW": I32, "gap_at": I32, "gap": I32,
@@ -67,7 +67,7 @@ def specs(dtype: str):
     block_k = settings.next_power_of_2(K)
     rows_c = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, ROWS=rows, FLAT_X=settings.next_power_of_2(rows * D),
                   FLAT_R=settings.next_power_of_2(rows * K), BLOCK_K=block_k, BLOCK_P=settings.BLOCK_P, VEC=16 // size)
-    warps = max(1, min(settings.TUNING.max_warps, rows * block_k // settings.TUNING.elements_per_warp))
+    warps = settings.num_warps_for(rows, block_k)
     yield f"forward (candidate: rows, {rows} a chunk)", rl._rows_fwd_kernel, rows_sig, rows_c, warps
 
 

@@ -19,7 +19,9 @@ from test_parity import (  # noqa: E402,F401
     test_norm_none, test_options, test_shapes, test_strides,
 )
 from test_target_gap import test_gap_matches_the_oracle, test_gap_with_float32_edge_columns  # noqa: E402,F401
-from test_columns import test_columns_and_weights_against_oracle, test_target_gap_duplicates_and_non_finite  # noqa: E402,F401,E501
+from test_columns import (  # noqa: E402,F401
+    test_columns_and_weights_against_oracle, test_float32_edge_columns, test_target_gap_duplicates_and_non_finite,
+)
 
 
 @pytest.fixture(autouse=True)

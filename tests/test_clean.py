@@ -9,28 +9,10 @@ import torch.nn.functional as F
 import fusedvq
 from ckpt_factory import make_parts, write_checkpoint
 from helpers import BACKENDS, interpreting
-from oracle import TOLERANCE, random_case, rel_err, strided
+from oracle import TOLERANCE, oracle_z, random_case, rel_err, strided
 
 D, K = 40, 29
 NORMS = ["none", "stats", "batch"]
-
-
-def oracle_z(x, columns, mean, std, norm, *, nan_to_num=False, eps=1e-8, dtype=torch.float64):
-    """z of the plain composition in `dtype` (float64: the oracle), on x's own autograd graph: nan_to_num →
-    normalize all D columns (given statistics, or the batch's mean and unbiased std with σ < eps → 1 and a
-    final nan_to_num) → keep the masked columns."""
-    xt = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x
-    if norm == "stats":
-        z = (xt - mean.to(dtype)) / std.to(dtype)
-    elif norm == "batch":
-        mu = xt.mean(0)
-        var = (xt - mu).square().sum(0) / (xt.shape[0] - 1)
-        flat = var.detach().sqrt() < eps
-        sd = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
-        z = torch.nan_to_num((xt - mu) / sd, nan=0.0, posinf=0.0, neginf=0.0)
-    else:
-        z = xt
-    return z[:, columns]
 
 
 def check_clean(backend, device, x, columns, mean, std, norm, *, nan_to_num=False, module=False, tol=None):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fusedvq
 from fusedvq.arguments import build_column_map
 from helpers import BACKENDS, interpreting
-from oracle import random_case, rel_err
+from oracle import oracle_z, random_case, rel_err
 
 REDUCTIONS = ["column", "mean", "sum", "none"]
 
@@ -19,20 +19,10 @@ def column_oracle(x, r, columns, mean, std, grad_out, *, norm, reduction, weight
     """(loss, grad_x, grad_r) in float64 by autograd through the plain composition."""
     x64 = x.detach().double().cpu().requires_grad_()
     r64 = r.detach().double().cpu().requires_grad_()
-    xt = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
-    if norm == "stats":
-        z = (xt - mean.double()) / std.double()
-    elif norm == "batch":
-        mu = xt.mean(0)
-        var = (xt - mu).square().sum(0) / (xt.shape[0] - 1)
-        flat = var.detach().sqrt() < eps
-        sd = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
-        z = torch.nan_to_num((xt - mu) / sd, nan=0.0, posinf=0.0, neginf=0.0)
-    else:
-        z = xt
+    z = oracle_z(x64, columns, mean, std, norm, nan_to_num=nan_to_num, eps=eps)
     at, c = gap
     rk = torch.cat([r64[:, :at], r64[:, at + c:]], 1)
-    e = F.mse_loss(z[:, columns], rk, reduction="none")
+    e = F.mse_loss(z, rk, reduction="none")
     if weight is not None:
         e = e * weight.double()
     loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
@@ -96,6 +86,32 @@ def test_target_gap_duplicates_and_non_finite(backend_device, norm, reduction):
     x[7:, columns[2]] = 4.25  # nearly constant in the batch
     _check(backend, device, x, r, columns, mean, std, norm=norm, reduction=reduction, weight=weight,
            nan_to_num=True, gap=(17, 5))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+@pytest.mark.parametrize("reduction", ["column", "mean", "none"])
+def test_float32_edge_columns(backend_device, norm, reduction):
+    # A column constant within the batch, one at an offset of 1e4 with σ = 0.01, one near the float32 range
+    # (norm="batch" takes the batch's own σ: 1e18, whose squares still fit), and a zero weight.
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(21)
+    B, D, K = 33, 40, 30
+    columns = torch.randperm(D, generator=g)[:K]
+    mean, std = torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5
+    x = torch.randn(B, D, generator=g) * std + mean
+    constant, offset, huge = columns[:3].tolist()
+    x[:, constant] = 7.25
+    mean[offset], std[offset] = 1e4, 0.01
+    x[:, offset] = 1e4 + 0.01 * torch.randn(B, generator=g)
+    big = 2e38 if norm == "stats" else 1e18
+    mean[huge], std[huge] = 0.0, big / 20
+    x[:, huge] = big * (torch.rand(B, generator=g) * 2 - 1)
+    r = torch.randn(B, K, generator=g)
+    weight = torch.rand(K, generator=g) + 0.5
+    weight[3] = 0.0
+    loss = _check(backend, device, x, r, columns, mean, std, norm=norm, reduction=reduction, weight=weight)
+    assert torch.isfinite(loss).all()
 
 
 @pytest.mark.parametrize("B", [4, 1100, 3000])  # composed, one-block / blocked CPU passes

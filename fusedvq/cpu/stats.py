@@ -126,14 +126,23 @@ def masked_mse_forward(
     return loss.to(x.dtype), diff, finite
 
 
+def reduction_scale(reduction: int, B: int, K: int) -> float:
+    """1/(B·K) for mean, 1/B for column, 1 for sum and none (B = 0 counts as 1): kernels/launchers.py's,
+    kept here too so that a CPU call runs no kernels/ file for it."""
+    if reduction == REDUCTION_MEAN:
+        return 1.0 / max(B * K, 1)
+    return 1.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 1.0
+
+
 def reduce_columns(columns: torch.Tensor, B: int, reduction: int, weight: Optional[torch.Tensor]) -> torch.Tensor:
     """The loss from the column sums Σ_b diff² [K]: Σ_b e/B per column (column), or Σe/(B·K) | Σe with
     e = w·diff²."""
+    scale = reduction_scale(reduction, B, columns.shape[0])
     if reduction == REDUCTION_COLUMN:
-        columns = columns / max(B, 1)
+        columns = columns * scale
         return columns.mul_(weight) if weight is not None else columns
     total = torch.linalg.vecdot(columns, weight) if weight is not None else columns.sum()
-    return total / max(B * columns.shape[0], 1) if reduction == REDUCTION_MEAN else total
+    return total * scale if reduction == REDUCTION_MEAN else total
 
 
 def grad_factors(grad_loss: torch.Tensor, reduction: int, B: int, K: int, weight: Optional[torch.Tensor], cdt):
@@ -143,8 +152,7 @@ def grad_factors(grad_loss: torch.Tensor, reduction: int, B: int, K: int, weight
     sums S = f·A of the forward's column sums A."""
     if reduction == REDUCTION_NONE:
         return grad_loss, (2.0 * weight if weight is not None else 2.0)
-    scale = 2.0 / max(B * K, 1) if reduction == REDUCTION_MEAN else 2.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 2.0
-    f = grad_loss.to(cdt) * scale
+    f = grad_loss.to(cdt) * (2.0 * reduction_scale(reduction, B, K))
     return None, (f * weight if weight is not None else f)
 
 

@@ -32,7 +32,7 @@ from .. import reference
 from ..cpu import batch as cpu_batch
 from ..cpu import small as cpu_small
 from ..cpu import stats as cpu_stats
-from ..kernels.plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, COMPUTE_DTYPE
+from ..kernels.plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, COMPUTE_DTYPE
 from . import Definition, kernel_mode, kernels, refuse_synced_higher_order, small_batch
 from .distributed import merged_stats_fn, sum_over_ranks_fn
 
@@ -58,6 +58,11 @@ def _loss_shape(x: Tensor, index: Tensor, mode) -> tuple[int, ...]:
         mode[1] == REDUCTION_COLUMN) else ()
 
 
+def _norm(stats: list) -> int:
+    """The norm code of a stats list: "stats" with (μ, 1/σ), "none" without."""
+    return NORM_STATS if stats else NORM_NONE
+
+
 def weight(columns) -> Optional[Tensor]:
     """The loss's per-column weights [K] of a columns list, or None."""
     return columns[3] if len(columns) > 3 else None
@@ -69,7 +74,7 @@ def weight(columns) -> Optional[Tensor]:
 def _masked_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
                        mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     if mode[2]:
-        return kernels().masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode, len(stats) // 2),
+        return kernels().masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode, _norm(stats)),
                                             weight(columns)), empty(x), empty(x, torch.bool)
     loss, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), kernel_mode(mode),
                                                       weight(columns))
@@ -90,7 +95,7 @@ def _(x, target, columns, stats, mode):
 
 def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
                         saved: list[Tensor], mode: list[int]) -> tuple[Tensor, Tensor]:
-    km = kernel_mode(mode, len(stats) // 2, needs=(bool(mode[5]), bool(mode[6])))  # NORM_NONE / NORM_STATS
+    km = kernel_mode(mode, _norm(stats), needs=(bool(mode[5]), bool(mode[6])))
     if mode[2]:
         grads = kernels().masked_mse_backward(grad, x, target, (columns[1], columns[2]), tuple(stats), km,
                                               weight(columns))
