@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .arguments import REDUCTIONS, ColumnMap, Plan, check_gap, option_code, prepare
+from .arguments import REDUCTIONS, ColumnMap, check_gap, option_code, prepare
 from .loss import Prepared
 from .reference import loss_columns
 
@@ -40,7 +40,7 @@ def clean_features(features: torch.Tensor, index, mean=None, std=None, *, norm: 
     ops.check_pair(features, None, allow_empty=bool(synced))
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
                    device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
-    return ops.call_clean(features, plan)
+    return ops.call_clean(features, plan, ops.small_route(plan))
 
 
 class FeatureCleaner(Prepared):
@@ -68,6 +68,7 @@ class FeatureCleaner(Prepared):
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
                                num_features=K)._replace(weight=self._weight(weight, K, device))
         self._set_categories(self._z_plan.weight)
+        self._z_held: dict = {}  # reduction code → (z plan, its plan with that reduction, their small route)
 
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options) -> "FeatureCleaner":
@@ -121,15 +122,16 @@ class FeatureCleaner(Prepared):
         read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z.
         reduction: "mean", "sum", "none" [B, K], or "column" [K] (category_errors takes it); e = w·(z − r)²
         with the cleaner's weight, the mean dividing by B·K."""
-        plan = self._z_plan._replace(reduction=option_code("reduction", reduction, REDUCTIONS), selector="cleaner's z")
+        code = option_code("reduction", reduction, REDUCTIONS)
+        held = self._z_held.get(code)
+        if held is None or held[0] is not self._z_plan:  # (the z plan changes with .to() and from_spec's gap)
+            plan = self._z_plan._replace(reduction=code, selector="cleaner's z")
+            held = self._z_held[code] = (self._z_plan, plan, ops.small_route(plan))
         # Said in this method's order (recon first), before the routing point's own checks run.
         ops.check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
-        return ops.call_loss(z, recon, plan, "recon_loss(recon [B, {1}], z [B, {0}])")
+        return ops.call_loss(z, recon, held[1], "recon_loss(recon [B, {1}], z [B, {0}])", held[2])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""
-        # The plan with the buffers, read on every call: functional_call and DataParallel swap them (the dict
-        # rather than attribute access, and a Plan built directly: µs that count at B = 4).
-        b = self._buffers
-        plan = Plan(ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), b["shift"], b["scale"], None, *self.plan[4:])
-        return ops.call_clean(features, plan)
+        held = ops.held_plan(self)
+        return ops.call_clean(features, held[0], held[1])

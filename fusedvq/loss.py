@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, REDUCTIONS, ColumnMap, Plan, _is_tracing, check_weight, prepare
+from .arguments import NORMS, REDUCTIONS, _is_tracing, check_weight, prepare
 from .categories import category_errors, category_layout, check_categories, resolve_weight
 from .checkpoint import FeatureSpec, load_feature_spec
 
@@ -59,7 +59,8 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
                    num_kept=target.shape[1], reduction=reduction, weight=weight, device=features.device,
                    dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
-    return ops.call_loss(features, target, plan, "masked_mse(features [B, {}], target [B, {}], index, ...)")
+    return ops.call_loss(features, target, plan, "masked_mse(features [B, {}], target [B, {}], index, ...)",
+                         ops.small_route(plan))
 
 
 class Prepared(nn.Module):
@@ -82,6 +83,7 @@ class Prepared(nn.Module):
                             ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
+        self._held = ()  # (plan, route, the buffers they hold): ops.held_plan's, kept between calls
         self._set_categories(plan.weight)
 
     def _weight(self, weight, num_kept: int, device) -> Optional[torch.Tensor]:
@@ -179,12 +181,8 @@ class MaskedMSELoss(Prepared):
                          **options)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # The plan with the buffers, read on every call: functional_call and DataParallel swap them (the dict
-        # rather than attribute access, and a Plan built directly: µs that count at B = 4).
-        b = self._buffers
-        plan = Plan(ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), b["shift"], b["scale"], b["weight"],
-                    *self.plan[4:])
-        return ops.call_loss(features, target, plan, _SIGNATURE)
+        held = ops.held_plan(self)
+        return ops.call_loss(features, target, held[0], _SIGNATURE, held[1])
 
     def extra_repr(self) -> str:
         gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""

@@ -116,6 +116,16 @@ _MSE_LOSS = getattr(torch._C._nn, "mse_loss", None) or (
     lambda z, target, reduction: F.mse_loss(z, target, reduction=_REDUCTIONS[reduction]))
 
 
+def masked_mse_plain(x: torch.Tensor, target: torch.Tensor, index: torch.Tensor, shift: Optional[torch.Tensor],
+                     scale: Optional[torch.Tensor], reduction: int) -> torch.Tensor:
+    """masked_mse_composed's common case — x and target in the compute dtype, on the CPU, no nan_to_num, no
+    gap, no weight, reduction mean / sum / none — as one expression of the same ops (the same bits): the
+    small-batch route (ops/__init__.py) calls it, where the general form's dtype and option checks cost a µs
+    of a B = 4 step."""
+    xk = x.index_select(1, index)
+    return _MSE_LOSS(xk if scale is None else (xk - shift) * scale, target, reduction)
+
+
 def masked_mse_composed(
     x: torch.Tensor,  # [B, D]
     target: torch.Tensor,  # [B, K]

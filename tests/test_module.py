@@ -104,3 +104,33 @@ def test_buffers_are_read_per_call_so_functional_call_can_swap_them():
     x, r = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
     doubled = torch.func.functional_call(loss, {"scale": torch.full((6,), 2.0)}, (x, r))
     assert torch.allclose(doubled, torch.nn.functional.mse_loss(2 * x, r))
+
+
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_a_copy_a_pickle_and_a_swap_each_use_their_own_buffers(norm):
+    """The module keeps its plan between calls (checked against the buffers by identity): deepcopy, torch.save /
+    load and functional_call each compute with the buffers they hold, and writing a buffer in place shows."""
+    import copy
+    import io
+
+    g = torch.Generator().manual_seed(5)
+    index = torch.tensor([4, 0, 2, 2])
+    stats = dict(mean=torch.randn(4, generator=g), std=torch.rand(4, generator=g) + 0.5) if norm == "stats" else {}
+    loss = fusedvq.MaskedMSELoss(index, num_features=6, norm=norm, backend="reference", **stats)
+    x, r = torch.randn(4, 6, generator=g), torch.randn(4, 4, generator=g)
+    want = loss(x, r)
+    buffer = io.BytesIO()
+    torch.save(loss, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(loss), torch.load(buffer, weights_only=False)):
+        assert torch.equal(other(x, r), want)
+    swapped = torch.func.functional_call(loss, {"index": torch.tensor([1, 3, 5, 5])}, (x, r))
+    moved = fusedvq.MaskedMSELoss(torch.tensor([1, 3, 5, 5]), num_features=6, norm=norm, backend="reference",
+                                  **stats)
+    assert torch.equal(swapped, moved(x, r)) and not torch.equal(swapped, want)
+    assert torch.equal(loss(x, r), want)  # the swap is undone after the call
+    if norm == "stats":
+        loss.scale.mul_(2.0)
+        assert torch.allclose(loss(x, r), torch.func.functional_call(moved, {"index": index, "scale": loss.scale},
+                                                                     (x, r)))
+        assert not torch.equal(loss(x, r), want)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fusedvq
+from fusedvq import reference
 from fusedvq.cpu import small as cpu_small
 from oracle import TOLERANCE, batch_oracle, rel_err
 
@@ -64,10 +65,61 @@ def test_clean_features_match_the_oracle(monkeypatch, path, dtype):
     assert max(rel_err(loss, want), rel_err(x.grad, want_gx)) <= TOLERANCE[dtype]
 
 
-def test_the_small_path_is_what_runs_at_small_batches(monkeypatch):
+@pytest.mark.parametrize("form", ["functional", "module", "cleaner"])
+def test_the_small_path_is_what_runs_at_small_batches(monkeypatch, form):
     calls = []
-    real = cpu_small.batch_mse_forward
-    monkeypatch.setattr(cpu_small, "batch_mse_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("loss", "clean"):
+        real = getattr(cpu_small, name)
+        monkeypatch.setattr(cpu_small, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     x, r, index = _case(4, torch.float32, seed=5)
-    fusedvq.masked_mse(x, r, index, norm="batch", backend="reference")
+    options = dict(num_features=D, norm="batch", backend="reference")
+    if form == "functional":
+        fusedvq.masked_mse(x, r, index, norm="batch", backend="reference")
+    elif form == "module":
+        fusedvq.MaskedMSELoss(index, **options)(x, r)
+    else:
+        fusedvq.FeatureCleaner(index, **options)(x)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("form", ["loss", "cleaner"])
+def test_double_backward_matches_the_composition(form):
+    """create_graph=True through the small path: the gradient's own gradient is the composition's."""
+    x, r, index = _case(5, torch.float64, seed=7)
+    options = dict(num_features=D, norm="batch", nan_to_num=True, backend="reference")
+
+    def second_order(fn):
+        xg = x.clone().requires_grad_()
+        out = fn(xg)
+        (gx,) = torch.autograd.grad(out, xg, create_graph=True)
+        (ggx,) = torch.autograd.grad((gx * torch.linspace(-1, 1, D, dtype=x.dtype)).sum(), xg)
+        return gx, ggx
+
+    if form == "loss":
+        small = fusedvq.MaskedMSELoss(index, **options)
+        got = second_order(lambda xg: small(xg, r))
+        want = second_order(lambda xg: reference.batch_mse_composed(xg, r, index, 1e-8, True, 1))
+    else:
+        small = fusedvq.FeatureCleaner(index, **options)
+        got = second_order(lambda xg: (small(xg) - r).square().sum())
+        want = second_order(lambda xg: (reference.batch_clean_composed(xg, index, 1e-8, True) - r).square().sum())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-12
+
+
+def test_saved_tensors_go_through_hooks_and_the_output_may_be_written():
+    """What the small path keeps for the backward goes through save_for_backward (offloading hooks see it),
+    and the cleaner's z is the caller's to write in place: the backward does not read it."""
+    x, r, index = _case(4, torch.float32, seed=11)
+    x.requires_grad_()
+    cleaner = fusedvq.FeatureCleaner(index, num_features=D, norm="batch", nan_to_num=True, backend="reference")
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t.clone(), lambda t: t):
+        z = cleaner(x)
+    assert (4, K) in packed
+    want_z = z.detach().clone()
+    z.mul_(1.0)  # in place on the output
+    torch.nn.functional.mse_loss(z, r, reduction="none").backward(torch.ones(4, K))
+    _, want_gx, _ = batch_oracle(x, r, index, torch.ones(4, K, dtype=torch.float64), nan_to_num=True,
+                                 reduction="none")
+    assert rel_err(z, want_z) == 0 and rel_err(x.grad, want_gx) <= TOLERANCE[torch.float32]

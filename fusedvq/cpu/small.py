@@ -1,128 +1,158 @@
-"""norm="batch" on the CPU for small batches (B·K up to SMALL_ELEMENTS, this batch's own statistics): batch.py's
-math and contract (stats [5, K] = (c, m, 1/σ', w, 1/N), column sums A [2, K]) in one block of plain tensor
-ops, none of the blocked passes' machinery (row blocks, warm scratch, finiteness probes), which at B = 4
-costs more than the arithmetic. Its backward is batch norm's VJP written out — about 20 small ops against
-the ~40 that autograd runs through the plain composition (var_mean, sqrt, masked_fill, two nan_to_num, ...),
-which is what makes the VQ-led step at B = 4 cheaper than the plain fix.
+"""norm="batch" on the CPU at small batches (B·K up to SMALL_ELEMENTS, this batch's own statistics, eager): the
+loss and clean_features as two torch.autograd.Functions of a few plain tensor ops each, batch norm's VJP
+written out. The routing point (ops/__init__.py) calls `loss` and `clean` directly: at B = 4 the registered
+op's machinery, the blocked passes (batch.py) and a backward that recomputes z would cost more than the
+arithmetic, and autograd through the plain composition runs about 40 small ops. Traced calls (torch.compile)
+take the registered op, whose CPU implementation is batch.py: the same math, contract and results.
 
-    forward   x̃ = nan_to_num(x[:, index]), c = x̃[0], (σ², m) = var_mean(x̃ − c), σ' = 1 where σ < eps,
-              z = nan_to_num((x̃ − c − m)/σ'), diff = z − r, loss = mse
-    backward  dz = 2·g·diff·[z finite],  S1 = Σ_b dz, S2 = Σ_b dz·z   (mean/sum: S = 2g·A of the forward)
-              ∂L/∂x̃ = (1/σ')·(dz − S1/N − z·S2·w)·[x finite],  ∂L/∂r = −2·g·diff
-The backward recomputes x̃ and z from x and the statistics (a few ops on [B, K]): nothing batch-sized is saved.
+    forward   x̃ = x[:, index] in the compute dtype (nan_to_num: NaN, ±Inf → 0), c = x̃[0] (a shift from the
+              data: a column constant within the batch gives m = M2 = 0 exactly, reference.py says why),
+              m = mean_b (x̃ − c), M2 = Σ_b (x̃ − c − m)², σ = sqrt(M2/(B − 1)), σ' = 1 where σ < eps,
+              z = nan_to_num((x̃ − c − m)/σ'), diff = z − r, loss = reduce(w·diff²)  (stats.py's reduce_columns)
+    backward  dz = ∂L/∂z·[z finite]  (the loss: 2·g·w·diff, stats.py's grad_factors),
+              S1 = Σ_b dz, S2 = Σ_b dz·z,
+              ∂L/∂x̃ = (1/σ')·(dz − S1/B − z·S2·w')·[x finite]   (w' = 1/(B − 1), 0 where σ' = 1: no gradient
+              through σ), added into the columns index names (duplicates add up),  ∂L/∂r = −2·g·w·diff
+The forward saves z, diff and the [K] statistics through save_for_backward (B·K is small), so the backward
+recomputes nothing; finite masks exist only when a sum says a tensor holds NaN or ±Inf (they propagate into
+it). With create_graph=True the backward differentiates reference.py's composition instead.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
-from .batch import STAT_INV_N, STAT_MEAN, STAT_RSTD, STAT_SHIFT, STAT_W, _neg_cast, finalize_batch_stats
+from .. import reference
+from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE
+from .batch import _neg_cast
 from .stats import grad_factors, into_target, new_target_grad, reduce_columns
 
-# Up to this many [B, K] elements the one-block path below wins over the blocked passes (measured: B = 4 to
-# 64 at K = 171); above it, fresh batch-sized temporaries cost more than blocks in warm scratch.
+# Up to this many [B, K] elements this path wins over the blocked passes (measured: B = 4 to 64 at K = 171);
+# above it, fresh batch-sized temporaries cost more than blocks in warm scratch.
 SMALL_ELEMENTS = 1 << 14
 
 
-def _features(x: torch.Tensor, index: torch.Tensor, nan_to_num: bool):
-    """(x̃ [B, K] in the compute dtype, its finite mask or None)."""
+def loss(x: torch.Tensor, target: torch.Tensor, plan) -> torch.Tensor:
+    """The norm="batch" loss of x [B, D] (B >= 2) against target [B, K (+ gap)] under `plan` (arguments.Plan),
+    checked by the caller; in x's dtype."""
+    return _BatchLoss.apply(x, target, plan)
+
+
+def clean(x: torch.Tensor, plan) -> torch.Tensor:
+    """clean_features with norm="batch": z [B, K] in x's dtype."""
+    return _BatchClean.apply(x, plan)
+
+
+def _normalize(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool):
+    """(z [B, K] in the compute dtype, 1/σ' [K], flat [K] (σ' = 1), x's finite mask or None, z's or None)."""
     xk = x.index_select(1, index)
     cdt = COMPUTE_DTYPE[x.dtype]
     xk = xk.to(cdt) if xk.dtype != cdt else xk
-    return _finite(xk) if nan_to_num else (xk, None)
+    x_ok = None
+    if nan_to_num and not _all_finite(xk):
+        x_ok = xk.isfinite()
+        xk.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    B = xk.shape[0]
+    centered = xk - xk[0]
+    centered.sub_(centered.sum(0).mul_(1.0 / B))
+    sigma = torch.linalg.vecdot(centered, centered, dim=0).mul_(1.0 / (B - 1)).sqrt_()
+    flat = sigma < eps
+    rstd = sigma.reciprocal_().masked_fill_(flat, 1.0)
+    z = centered.mul_(rstd)
+    z_ok = None
+    if not _all_finite(z):
+        z_ok = z.isfinite()
+        z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return z, rstd, flat, x_ok, z_ok
 
 
-def _normalized(xk: torch.Tensor, stats: torch.Tensor):
-    """(z, its finite mask): z = nan_to_num(((x̃ − c) − m)·(1/σ')), from the saved statistics."""
-    return _finite(xk.sub_(stats[STAT_SHIFT]).sub_(stats[STAT_MEAN]).mul_(stats[STAT_RSTD]))
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether t holds no NaN or ±Inf, by its sum (they propagate into it; an overflowing sum only takes the
+    exact path): on the CPU one op and one read, where isfinite().all() costs two."""
+    return math.isfinite(float(t.sum()))
 
 
-def _stats(xk: torch.Tensor, eps: float):
-    """(stats [5, K], z before nan_to_num): the moments around c = x̃[0] (m = mean(x̃ − c), M2 = Σ (x̃ − c − m)²,
-    as batch.py takes them; a sum, a dot and a few elementwise ops: var_mean costs as much as all of them at
-    B = 4), and z = (x̃ − c − m)·(1/σ') from the same centered values."""
-    c = xk[0]
-    dev = xk - c
-    m = dev.sum(0).mul_(1.0 / xk.shape[0])
-    centered = dev.sub_(m)
-    stats = finalize_batch_stats(xk.shape[0], c, m, torch.linalg.vecdot(centered, centered, dim=0), eps)
-    return stats, centered.mul_(stats[STAT_RSTD])
-
-
-def _finite(t: torch.Tensor):
-    """(nan_to_num(t) in place, its finite mask), or (t, None) when every entry is finite: NaN and ±Inf
-    propagate into a sum (an overflowing sum only takes the exact path), and on the CPU asking is cheap,
-    where isfinite costs three ops."""
-    if math.isfinite(float(t.sum())):
-        return t, None
-    ok = t.isfinite()
-    return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), ok
-
-
-def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None, weight=None):
-    """(loss in x.dtype, stats [5, K], column sums A [2, K] ([0, K] for reduction "none")): batch.py's."""
-    xk, _ = _features(x, index, mode.nan_to_num)
-    stats, z = _stats(xk, eps)
-    z, z_ok = _finite(z)
-    diff = into_target(torch.sub, z, torch.empty_like(z), mode.gap, target)
-    if mode.reduction == REDUCTION_NONE:
-        e = diff.square() if weight is None else diff.square().mul_(weight)
-        return e.to(x.dtype), stats, stats.new_zeros((0, z.shape[1]))
-    colsums = torch.stack([(diff if z_ok is None else diff * z_ok).sum(0), torch.linalg.vecdot(diff, z, dim=0)])
-    if mode.reduction == REDUCTION_COLUMN or weight is not None:
-        loss = reduce_columns(torch.linalg.vecdot(diff, diff, dim=0), x.shape[0], mode.reduction, weight)
-    else:
-        loss = torch.linalg.vecdot(diff.view(-1), diff.view(-1))
-        loss = loss / diff.numel() if mode.reduction == REDUCTION_MEAN else loss
-    return loss.to(x.dtype), stats, colsums
-
-
-def batch_mse_backward(grad_loss, x, target, index, saved: tuple, mode: Mode, sum_over_ranks=None, weight=None):
-    """(grad_x, grad_target), None where not wanted: batch.py's contract."""
-    stats, colsums = saved
-    B, K = x.shape[0], index.shape[0]
-    xk, x_ok = _features(x, index, mode.nan_to_num)
-    z, z_ok = _normalized(xk, stats)
-    none = mode.reduction == REDUCTION_NONE
-    g, f = grad_factors(grad_loss, mode.reduction, B, K, weight, z.dtype)
-    dz = into_target(torch.sub, z, torch.empty_like(z), mode.gap, target)
-    dz = dz.mul_(g).mul_(f) if none else dz.mul_(f)  # 2·g·w·diff
-    grad_target = None
-    if mode.needs[1]:
-        grad_target = new_target_grad(B, K, mode.gap, target.dtype, x.device)
-        into_target(torch.neg if grad_target.dtype == dz.dtype else _neg_cast, dz, grad_target, mode.gap)
-    if not mode.needs[0]:
-        return None, grad_target
+def _grad_x(x: torch.Tensor, index: torch.Tensor, dz: torch.Tensor, saved) -> torch.Tensor:
+    """grad_x [B, D] in x.dtype from dz = ∂L/∂z [B, K] (overwritten): batch norm's VJP, masked, added into
+    the columns index names."""
+    z, rstd, flat, x_ok, z_ok = saved
     if z_ok is not None:
         dz.mul_(z_ok)
-    sums = torch.stack([dz.sum(0), torch.linalg.vecdot(dz, z, dim=0)]) if none else colsums * f
-    return _grad_x(x, index, dz, z, x_ok, stats, sums), grad_target
-
-
-def batch_clean_forward(x, index, eps: float, mode: Mode, merge_and_finalize=None):
-    """(z [B, K] in x.dtype, stats [5, K])."""
-    xk, _ = _features(x, index, mode.nan_to_num)
-    stats, z = _stats(xk, eps)
-    return _finite(z)[0].to(x.dtype), stats
-
-
-def batch_clean_backward(grad_z, x, index, stats, mode: Mode, sum_over_ranks=None):
-    """grad_x [B, D]: batch norm's VJP with dz = grad_z·[z finite]."""
-    xk, x_ok = _features(x, index, mode.nan_to_num)
-    z, z_ok = _normalized(xk, stats)
-    dz = grad_z.to(z.dtype, copy=True) if z_ok is None else grad_z.to(z.dtype) * z_ok
-    sums = torch.stack([dz.sum(0), torch.linalg.vecdot(dz, z, dim=0)])
-    return _grad_x(x, index, dz, z, x_ok, stats, sums)
-
-
-def _grad_x(x, index, dz, z, x_ok, stats, sums) -> torch.Tensor:
-    """grad_x [B, D] in x.dtype: (1/σ')·(dz − S1/N − z·S2·w)·[x finite] added into the columns index names."""
-    grad = dz.sub_(sums[0] * stats[STAT_INV_N]).sub_(z.mul_(sums[1] * stats[STAT_W])).mul_(stats[STAT_RSTD])
+    B = dz.shape[0]
+    s1 = dz.sum(0).mul_(1.0 / B)
+    s2 = torch.linalg.vecdot(dz, z, dim=0).mul_(1.0 / (B - 1)).masked_fill_(flat, 0.0)
+    grad = dz.sub_(s1).sub_(z * s2).mul_(rstd)
     if x_ok is not None:
         grad.mul_(x_ok)
-    grad_x = grad.new_zeros((x.shape[0], x.shape[1]))
+    grad_x = grad.new_zeros((B, x.shape[1]))
     grad_x.index_add_(1, index, grad)  # (in a fixed order on the CPU, duplicates adding up)
     return grad_x.to(x.dtype) if grad_x.dtype != x.dtype else grad_x
+
+
+def _composed_grads(outputs: torch.Tensor, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
+    """create_graph=True: the gradients of the inputs that need one through the composition's own graph."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(outputs, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs]
+
+
+def _reduce(diff: torch.Tensor, reduction: int, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """The loss of diff [B, K] in its dtype: e = w·diff², reduced."""
+    if reduction == REDUCTION_NONE:
+        e = diff.square()
+        return e if weight is None else e.mul_(weight)
+    if weight is None and reduction != REDUCTION_COLUMN:
+        flat = diff.view(-1)
+        total = torch.linalg.vecdot(flat, flat)
+        return total.mul_(1.0 / flat.shape[0]) if reduction == REDUCTION_MEAN else total
+    return reduce_columns(torch.linalg.vecdot(diff, diff, dim=0), diff.shape[0], reduction, weight)
+
+
+class _BatchLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, target: torch.Tensor, plan) -> torch.Tensor:
+        z, rstd, flat, x_ok, z_ok = _normalize(x, plan.columns.index, plan.eps, plan.nan_to_num)
+        diff = into_target(torch.sub, z, torch.empty_like(z), plan.gap, target)
+        out = _reduce(diff, plan.reduction, plan.weight)
+        ctx.save_for_backward(x, target, z, diff, rstd, flat, x_ok, z_ok)
+        ctx.plan = plan
+        return out.to(x.dtype) if out.dtype != x.dtype else out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, target, z, diff, rstd, flat, x_ok, z_ok = ctx.saved_tensors
+        plan, needs = ctx.plan, ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True
+            composed = reference.batch_mse_composed(x, target, plan.columns.index, plan.eps, plan.nan_to_num,
+                                                    plan.reduction, plan.gap, plan.weight)
+            return (*_composed_grads(composed, (x, target), needs, grad), None)
+        B, K = diff.shape
+        g, f = grad_factors(grad, plan.reduction, B, K, plan.weight, diff.dtype)
+        dz = diff * f if g is None else diff * g.to(diff.dtype) * f  # 2·g·w·diff
+        grad_target = None
+        if needs[1]:
+            grad_target = new_target_grad(B, K, plan.gap, target.dtype, target.device)
+            into_target(torch.neg if grad_target.dtype == dz.dtype else _neg_cast, dz, grad_target, plan.gap)
+        grad_x = _grad_x(x, plan.columns.index, dz, (z, rstd, flat, x_ok, z_ok)) if needs[0] else None
+        return grad_x, grad_target, None
+
+
+class _BatchClean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan) -> torch.Tensor:
+        z, rstd, flat, x_ok, z_ok = _normalize(x, plan.columns.index, plan.eps, plan.nan_to_num)
+        ctx.save_for_backward(x, z, rstd, flat, x_ok, z_ok)
+        ctx.plan = plan
+        return z.to(x.dtype) if z.dtype != x.dtype else z.clone()  # (z itself is saved: the caller may write it)
+
+    @staticmethod
+    def backward(ctx, grad_z: torch.Tensor):
+        x, z, rstd, flat, x_ok, z_ok = ctx.saved_tensors
+        plan = ctx.plan
+        if torch.is_grad_enabled():  # create_graph=True
+            composed = reference.batch_clean_composed(x, plan.columns.index, plan.eps, plan.nan_to_num)
+            return (*_composed_grads(composed, (x,), (True,), grad_z), None)
+        return _grad_x(x, plan.columns.index, grad_z.to(z.dtype, copy=True), (z, rstd, flat, x_ok, z_ok)), None

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import reference
 from ..cpu import small as cpu_small
-from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, Mode
+from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap, Mode
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
@@ -37,13 +37,14 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up 
 _STRIDED = torch.strided
 
 
-def call_loss(features: Tensor, target: Tensor, plan, signature: str) -> Tensor:
+def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Optional["SmallRoute"] = None) -> Tensor:
     """The loss of features [B, D] against target [B, K (+ gap)] under `plan` (arguments.Plan); signature:
-    the call in its right order, with {} for the two widths, to say when the arguments look swapped."""
-    if plan.norm != NORM_BATCH and plan.backend != "triton" and _small_cpu_call(features, target, plan):
-        shift, scale = _stats_for(plan, features) or (None, None)
-        return reference.masked_mse_composed(features, target, plan.columns.index, shift, scale, plan.nan_to_num,
-                                             plan.reduction, plan.gap, _weight_for(plan, features))
+    the call in its right order, with {} for the two widths, to say when the arguments look swapped; route:
+    the plan's small_route (None: the plan has none)."""
+    if route is not None:
+        loss = route.loss(features, target)
+        if loss is not None:
+            return loss
     check_pair(features, target, allow_empty=_synced(plan))
     check_widths(features, target, plan, signature)
     use_triton, group, mode = _route(features, plan)
@@ -68,8 +69,12 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str) -> Tensor:
     return _Eager.apply(_op_loss.MASKED_MSE, features, target, columns, stats, mode)
 
 
-def call_clean(features: Tensor, plan) -> Tensor:
-    """clean_features of features [B, D] under `plan`: z [B, K]."""
+def call_clean(features: Tensor, plan, route: Optional["SmallRoute"] = None) -> Tensor:
+    """clean_features of features [B, D] under `plan`: z [B, K]. route: as in call_loss."""
+    if route is not None:
+        z = route.clean(features)
+        if z is not None:
+            return z
     check_pair(features, None, allow_empty=_synced(plan))
     check_widths(features, None, plan)
     use_triton, group, mode = _route(features, plan)
@@ -91,19 +96,86 @@ def call_clean(features: Tensor, plan) -> Tensor:
     return _Eager.apply(_op_clean.CLEAN, features, columns, stats, mode)
 
 
-def _small_cpu_call(x: Tensor, r: Tensor, plan) -> bool:
-    """Whether a norm "none" / "stats" call is an eager CPU call up to the composition's limit with every check
-    of check_pair and check_widths passed, asked in one expression: at B = 4 the separate checks and routing
-    cost a fifth of the step. Any other call (and every call that is wrong) takes the full path, which says
-    what is wrong."""
-    index = plan.columns.index
-    return (type(x) is Tensor and type(r) is Tensor and x.is_cpu and r.is_cpu and index.is_cpu
-            and x.layout is _STRIDED and r.layout is _STRIDED and not x.is_nested and not r.is_nested
-            and x.ndim == 2 == r.ndim and x.dtype is r.dtype and x.dtype in REFERENCE_DTYPES
-            and 0 < x.shape[0] == r.shape[0] and x.shape[1] == plan.columns.inv_ptr.shape[0] - 1
-            and r.shape[1] == index.shape[0] + plan.gap[1]
-            and x.shape[0] * index.shape[0] <= (_GAP_COMPOSED_MAX_ELEMENTS if plan.gap[1] else _COMPOSED_MAX_ELEMENTS)
-            and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None)
+class SmallRoute:
+    """The small-batch route of one plan whose tensors live on the CPU: an eager CPU call at a small batch,
+    recognized in one expression and run without the op machinery — norm "none" / "stats" by reference.py's
+    composition (its few ops, autograd's C++ backward), norm "batch" by cpu/small.py. At B = 4 the separate
+    checks, the routing and the registered op's machinery would cost a fifth of the step. Built once per
+    plan (a module: when its buffers change); `loss` and `clean` answer None for any other call (a wrong one
+    included), which then takes the full path, whose checks say what is wrong."""
+
+    __slots__ = ("plan", "width", "kept", "target_width", "dtypes", "min_rows", "batch", "gapped", "compose", "args")
+
+    def __init__(self, plan):
+        self.plan, self.batch = plan, plan.norm == NORM_BATCH
+        self.width, self.kept = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0]
+        self.target_width, self.gapped = self.kept + plan.gap[1], plan.gap[1] > 0
+        self.min_rows = 2 if self.batch else 1  # (norm="batch" needs two rows for its unbiased std)
+        # The features' dtypes whose compute dtype is the statistics' and weights' (no cast per call); the
+        # composition's common case (reference.masked_mse_plain) takes the compute dtypes themselves.
+        fixed = {t.dtype for t in (plan.shift, plan.weight) if t is not None}
+        plain = not (self.batch or plan.nan_to_num or self.gapped or plan.weight is not None
+                     or plan.reduction == REDUCTION_COLUMN)
+        self.dtypes = tuple(d for d in REFERENCE_DTYPES if (not fixed or {COMPUTE_DTYPE[d]} == fixed)
+                            and (not plain or COMPUTE_DTYPE[d] == d))
+        self.compose, self.args = (reference.masked_mse_plain, (plan.columns.index, plan.shift, plan.scale,
+                                                                 plan.reduction)) if plain else (
+            reference.masked_mse_composed, (plan.columns.index, plan.shift, plan.scale, plan.nan_to_num,
+                                            plan.reduction, plan.gap, plan.weight))
+
+    def loss(self, x: Tensor, r: Tensor) -> Optional[Tensor]:
+        if (type(x) is Tensor and type(r) is Tensor and x.is_cpu and r.is_cpu and x.layout is _STRIDED
+                and r.layout is _STRIDED and x.dtype in self.dtypes and r.dtype is x.dtype):
+            try:
+                xs, rs = x.shape, r.shape
+            except RuntimeError:  # a nested tensor (the full path says so)
+                return None
+            if (len(xs) == 2 == len(rs) and xs[1] == self.width and rs[1] == self.target_width and rs[0] == xs[0]
+                    and self.min_rows <= xs[0] and xs[0] * self.kept <= (cpu_small.SMALL_ELEMENTS if self.batch else (
+                        _GAP_COMPOSED_MAX_ELEMENTS if self.gapped else _COMPOSED_MAX_ELEMENTS))
+                    and not torch.compiler.is_compiling()):
+                if self.batch:
+                    return None if under_functorch() else cpu_small.loss(x, r, self.plan)
+                return self.compose(x, r, *self.args)  # (the composition is what torch.func transforms run too)
+        return None
+
+    def clean(self, x: Tensor) -> Optional[Tensor]:
+        if (type(x) is Tensor and x.is_cpu and x.layout is _STRIDED and not x.is_nested and x.dtype in self.dtypes
+                and x.ndim == 2 and x.shape[1] == self.width and self.min_rows <= x.shape[0]
+                and x.shape[0] * self.kept <= self.limit() and not torch.compiler.is_compiling()):
+            p = self.plan
+            if self.batch:
+                return None if under_functorch() else cpu_small.clean(x, p)
+            return reference.clean_composed(x, p.columns.index, p.shift, p.scale, p.nan_to_num)
+        return None
+
+    def limit(self) -> int:
+        """The most [B, K] elements this route takes (read per call: tests lower the limits)."""
+        return cpu_small.SMALL_ELEMENTS if self.batch else (
+            _GAP_COMPOSED_MAX_ELEMENTS if self.gapped else _COMPOSED_MAX_ELEMENTS)
+
+
+def held_plan(module) -> tuple:
+    """(plan, route, ...) of a fusedvq module (loss.Prepared): its Plan with the tensors its buffers hold now, and
+    that plan's small_route, kept between calls (in module._held) and rebuilt only when a buffer was swapped or
+    moved — functional_call, DataParallel replicas, .to() — which the buffers' identities tell (µs that count
+    at B = 4)."""
+    b, held = module._buffers, module._held
+    if (held and b["index"] is held[2] and b["shift"] is held[3] and b["scale"] is held[4] and b["weight"] is held[5]
+            and b["inv_ptr"] is held[6] and b["inv_k"] is held[7]):
+        return held
+    plan = module.plan._replace(columns=ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), shift=b["shift"],
+                                scale=b["scale"], weight=b["weight"])
+    held = (plan, small_route(plan), b["index"], b["shift"], b["scale"], b["weight"], b["inv_ptr"], b["inv_k"])
+    object.__setattr__(module, "_held", held)  # (not a submodule, parameter or buffer: nn.Module's own checks skipped)
+    return held
+
+
+def small_route(plan) -> Optional[SmallRoute]:
+    """The plan's SmallRoute, or None: tensors off the CPU, backend="triton", or cross-rank statistics."""
+    if plan.backend == "triton" or _synced(plan) or not plan.columns.index.is_cpu:
+        return None
+    return SmallRoute(plan)
 
 
 def _synced(plan) -> bool:
@@ -167,12 +239,6 @@ def use_composed(x: Tensor, num_kept: int, gapped: bool = False) -> bool:
     CUDA)."""
     limit = min(_COMPOSED_MAX_ELEMENTS, _GAP_COMPOSED_MAX_ELEMENTS) if gapped else _COMPOSED_MAX_ELEMENTS
     return x.device.type != "cpu" or x.shape[0] * num_kept <= limit
-
-
-def small_batch(x: Tensor, num_kept: int, group: str) -> bool:
-    """Whether a norm="batch" call on the PyTorch path takes cpu/small.py: the CPU, this batch's own
-    statistics, at most its SMALL_ELEMENTS (read here, so that other calls never run that file)."""
-    return not group and x.device.type == "cpu" and x.shape[0] * num_kept <= cpu_small.SMALL_ELEMENTS
 
 
 def under_functorch() -> bool:

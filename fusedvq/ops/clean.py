@@ -19,10 +19,9 @@ from torch import Tensor
 
 from .. import reference
 from ..cpu import batch as cpu_batch
-from ..cpu import small as cpu_small
 from ..cpu import stats as cpu_stats
 from ..kernels.plan import NORM_BATCH
-from . import Definition, kernel_mode, kernels, refuse_synced_higher_order, small_batch
+from . import Definition, kernel_mode, kernels, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
 from .loss import batch_outputs_fake
 
@@ -89,7 +88,7 @@ CLEAN = Definition("fusedvq::clean_forward", _clean_forward, _clean_setup_contex
 
 def _batch_clean_forward(x: Tensor, columns: list[Tensor], eps: float, group: str,
                          mode: list[int]) -> tuple[Tensor, Tensor]:
-    impl = kernels() if mode[2] else cpu_small if small_batch(x, columns[0].shape[0], group) else cpu_batch
+    impl = kernels() if mode[2] else cpu_batch
     merge = merged_stats_fn(group, eps) if group else None
     return impl.batch_clean_forward(x, columns[0], eps, kernel_mode(mode, NORM_BATCH), merge)
 
@@ -108,7 +107,7 @@ def _batch_clean_backward(grad_z: Tensor, x: Tensor, columns: list[Tensor], stat
     if mode[2]:
         impl, columns = kernels(), tuple(columns)
     else:
-        impl, columns = (cpu_small if small_batch(x, columns[0].shape[0], group) else cpu_batch), columns[0]
+        impl, columns = cpu_batch, columns[0]
     return impl.batch_clean_backward(grad_z, x, columns, stats, kernel_mode(mode, NORM_BATCH), total)
 
 

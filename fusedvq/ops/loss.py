@@ -30,10 +30,9 @@ from torch import Tensor
 
 from .. import reference
 from ..cpu import batch as cpu_batch
-from ..cpu import small as cpu_small
 from ..cpu import stats as cpu_stats
 from ..kernels.plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, COMPUTE_DTYPE
-from . import Definition, kernel_mode, kernels, refuse_synced_higher_order, small_batch
+from . import Definition, kernel_mode, kernels, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
 
 
@@ -168,7 +167,7 @@ MASKED_MSE = Definition("fusedvq::masked_mse_forward", _masked_mse_forward, _mas
 
 def _batch_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], eps: float, group: str,
                       mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    impl = kernels() if mode[2] else cpu_small if small_batch(x, columns[0].shape[0], group) else cpu_batch
+    impl = kernels() if mode[2] else cpu_batch
     merge = merged_stats_fn(group, eps) if group else None
     return impl.batch_mse_forward(x, target, columns[0], eps, kernel_mode(mode, NORM_BATCH), merge, weight(columns))
 
@@ -196,8 +195,7 @@ def _batch_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[T
         grads = kernels().batch_mse_backward(grad, x, target, tuple(columns[:3]), tuple(saved), km, total,
                                              weight(columns))
     else:
-        impl = cpu_small if small_batch(x, columns[0].shape[0], group) else cpu_batch
-        grads = impl.batch_mse_backward(grad, x, target, columns[0], tuple(saved), km, total, weight(columns))
+        grads = cpu_batch.batch_mse_backward(grad, x, target, columns[0], tuple(saved), km, total, weight(columns))
     return outputs(grads, x, target)
 
 
