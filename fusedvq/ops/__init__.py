@@ -2,13 +2,17 @@
 here, which check the call's tensors against its Plan (arguments.py; shapes, dtypes, devices: free, no
 values read), choose the implementation, and attach autograd:
 
+    eager, CPU, small B               the plan's SmallRoute, first: its checks in one expression, then
+                                      norm "none" / "stats": the plain composition of reference.py, whose
+                                      autograd is C++; norm "batch": cpu/small.py's two autograd.Functions
     traced (torch.compile, export)    the registered op (loss.py, clean.py), which the tracer needs
-    torch.func; norm "none" / "stats" the plain composition of reference.py, differentiated by autograd
-      on the CPU at small B
+    torch.func                        the plain composition of reference.py, differentiated by autograd
     eager otherwise                   the op's autograd Definition run by _Eager without the dispatcher:
                                       the same implementations, saved tensors and backward, without the
-                                      ~190 µs of schema parsing and dispatch per forward+backward (norm
-                                      "batch" at small CPU batches: cpu/small.py)
+                                      ~190 µs of schema parsing and dispatch per forward+backward
+
+A module keeps its Plan and SmallRoute between calls (held_plan), so that at B = 4 a call costs its checks,
+a few µs of Python, and the composition's ops.
 
 The implementation is chosen by the call's backend, not by the tensors' device alone: "auto" is Triton for
 CUDA tensors (when triton imports) and the PyTorch path elsewhere, and both other pairings are real uses
