@@ -106,7 +106,8 @@ class SmallRoute:
     composition (its few ops, autograd's C++ backward), norm "batch" by cpu/small.py. At B = 4 the separate
     checks, the routing and the registered op's machinery would cost a fifth of the step. Built once per
     plan (a module: when its buffers change); `loss` and `clean` answer None for any other call (a wrong one
-    included), which then takes the full path, whose checks say what is wrong."""
+    included), which then takes the full path, whose checks say what is wrong. Traced calls take the registered
+    op, and calls under torch.func transforms the plain composition, on the full path."""
 
     __slots__ = ("plan", "width", "kept", "target_width", "dtypes", "min_rows", "batch", "gapped", "compose", "args")
 
@@ -135,21 +136,21 @@ class SmallRoute:
             except RuntimeError:  # a nested tensor (the full path says so)
                 return None
             if (len(xs) == 2 == len(rs) and xs[1] == self.width and rs[1] == self.target_width and rs[0] == xs[0]
-                    and self.min_rows <= xs[0] and xs[0] * self.kept <= (cpu_small.SMALL_ELEMENTS if self.batch else (
-                        _GAP_COMPOSED_MAX_ELEMENTS if self.gapped else _COMPOSED_MAX_ELEMENTS))
-                    and not torch.compiler.is_compiling()):
-                if self.batch:
-                    return None if under_functorch() else cpu_small.loss(x, r, self.plan)
-                return self.compose(x, r, *self.args)  # (the composition is what torch.func transforms run too)
+                    and self.min_rows <= xs[0] and xs[0] * self.kept <= self.limit()
+                    and not torch.compiler.is_compiling() and not under_functorch()):
+                return cpu_small.loss(x, r, self.plan) if self.batch else self.compose(x, r, *self.args)
         return None
 
     def clean(self, x: Tensor) -> Optional[Tensor]:
         if (type(x) is Tensor and x.is_cpu and x.layout is _STRIDED and not x.is_nested and x.dtype in self.dtypes
                 and x.ndim == 2 and x.shape[1] == self.width and self.min_rows <= x.shape[0]
-                and x.shape[0] * self.kept <= self.limit() and not torch.compiler.is_compiling()):
+                and x.shape[0] * self.kept <= self.limit() and not torch.compiler.is_compiling()
+                and not under_functorch()):
             p = self.plan
             if self.batch:
-                return None if under_functorch() else cpu_small.clean(x, p)
+                return cpu_small.clean(x, p)
+            if self.compose is reference.masked_mse_plain:  # (x in the compute dtype, no nan_to_num)
+                return reference.kept_plain(x, p.columns.index, p.shift, p.scale)
             return reference.clean_composed(x, p.columns.index, p.shift, p.scale, p.nan_to_num)
         return None
 
