@@ -58,9 +58,12 @@ def test_module_half_keeps_float32_statistics():
 def test_bitwise_deterministic(backend_device):
     backend, device = backend_device
     g = torch.Generator().manual_seed(2)
-    columns, mean, std = random_case(1000, 187, 171, mask=False, duplicates=True, generator=g)
-    x = torch.randn(1000, 187, generator=g).to(device)
-    r = torch.randn(1000, 171, generator=g).to(device)
+    # The interpreter runs programs one after another, so it cannot show an order-dependent sum: several
+    # programs there, 1000 rows (enough for CUDA's programs to race) elsewhere. (13 s -> 4 s of the suite)
+    B = 257 if backend == "triton" and device == "cpu" else 1000
+    columns, mean, std = random_case(B, 187, 171, mask=False, duplicates=True, generator=g)
+    x = torch.randn(B, 187, generator=g).to(device)
+    r = torch.randn(B, 171, generator=g).to(device)
     loss_fn = fusedvq.MaskedMSELoss(columns, mean, std, num_features=187, backend=backend).to(device)
     results = []
     for _ in range(3):
