@@ -155,6 +155,14 @@ def masked_mse_composed(
     return _mse(z, target_columns(target, *gap), reduction, x.dtype, weight)
 
 
+def grads_through(outputs: torch.Tensor, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
+    """The gradients of `inputs` (None where needs says not) through the composition's graph of `outputs`,
+    themselves differentiable: what a hand-written backward returns under create_graph=True."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(outputs, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs]
+
+
 # ------------------------------------------------------------------------------------ norm="batch"
 #
 # Batch statistics of the kept columns (over all ranks when synchronized), N rows in all:

@@ -92,13 +92,6 @@ def _grad_x(x: torch.Tensor, index: torch.Tensor, dz: torch.Tensor, saved) -> to
     return grad_x.to(x.dtype) if grad_x.dtype != x.dtype else grad_x
 
 
-def _composed_grads(outputs: torch.Tensor, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
-    """create_graph=True: the gradients of the inputs that need one through the composition's own graph."""
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    grads = iter(torch.autograd.grad(outputs, wanted, grad, create_graph=True, allow_unused=True))
-    return [next(grads) if need else None for need in needs]
-
-
 def _reduce(diff: torch.Tensor, reduction: int, weight: Optional[torch.Tensor]) -> torch.Tensor:
     """The loss of diff [B, K] in its dtype: e = w·diff², reduced."""
     if reduction == REDUCTION_NONE:
@@ -128,7 +121,7 @@ class _BatchLoss(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             composed = reference.batch_mse_composed(x, target, plan.columns.index, plan.eps, plan.nan_to_num,
                                                     plan.reduction, plan.gap, plan.weight)
-            return (*_composed_grads(composed, (x, target), needs, grad), None)
+            return (*reference.grads_through(composed, (x, target), needs, grad), None)
         B, K = diff.shape
         g, f = grad_factors(grad, plan.reduction, B, K, plan.weight, diff.dtype)
         dz = diff * f if g is None else diff * g.to(diff.dtype) * f  # 2·g·w·diff
@@ -154,5 +147,5 @@ class _BatchClean(torch.autograd.Function):
         plan = ctx.plan
         if torch.is_grad_enabled():  # create_graph=True
             composed = reference.batch_clean_composed(x, plan.columns.index, plan.eps, plan.nan_to_num)
-            return (*_composed_grads(composed, (x,), (True,), grad_z), None)
+            return (*reference.grads_through(composed, (x,), (True,), grad_z), None)
         return _grad_x(x, plan.columns.index, grad_z.to(z.dtype, copy=True), (z, rstd, flat, x_ok, z_ok)), None

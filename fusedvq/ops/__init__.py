@@ -109,7 +109,8 @@ class SmallRoute:
     included), which then takes the full path, whose checks say what is wrong. Traced calls take the registered
     op, and calls under torch.func transforms the plain composition, on the full path."""
 
-    __slots__ = ("plan", "width", "kept", "target_width", "dtypes", "min_rows", "batch", "gapped", "compose", "args")
+    __slots__ = ("plan", "width", "kept", "target_width", "dtypes", "min_rows", "batch", "gapped", "plain", "compose",
+                 "args")
 
     def __init__(self, plan):
         self.plan, self.batch = plan, plan.norm == NORM_BATCH
@@ -119,8 +120,8 @@ class SmallRoute:
         # The features' dtypes whose compute dtype is the statistics' and weights' (no cast per call); the
         # composition's common case (reference.masked_mse_plain) takes the compute dtypes themselves.
         fixed = {t.dtype for t in (plan.shift, plan.weight) if t is not None}
-        plain = not (self.batch or plan.nan_to_num or self.gapped or plan.weight is not None
-                     or plan.reduction == REDUCTION_COLUMN)
+        self.plain = plain = not (self.batch or plan.nan_to_num or self.gapped or plan.weight is not None
+                                  or plan.reduction == REDUCTION_COLUMN)
         self.dtypes = tuple(d for d in REFERENCE_DTYPES if (not fixed or {COMPUTE_DTYPE[d]} == fixed)
                             and (not plain or COMPUTE_DTYPE[d] == d))
         self.compose, self.args = (reference.masked_mse_plain, (plan.columns.index, plan.shift, plan.scale,
@@ -149,7 +150,7 @@ class SmallRoute:
             p = self.plan
             if self.batch:
                 return cpu_small.clean(x, p)
-            if self.compose is reference.masked_mse_plain:  # (x in the compute dtype, no nan_to_num)
+            if self.plain:  # (x in the compute dtype, no nan_to_num)
                 return reference.kept_plain(x, p.columns.index, p.shift, p.scale)
             return reference.clean_composed(x, p.columns.index, p.shift, p.scale, p.nan_to_num)
         return None
@@ -411,9 +412,7 @@ class _Eager(torch.autograd.Function):
         rest = (None,) * (len(ctx.needs_input_grad) - 1 - definition.differentiable)
         if torch.is_grad_enabled():  # create_graph=True: the composition's own, differentiable gradients
             fn, tensors = definition.composed(ctx)
-            inputs = [t for t, need in zip(tensors, needs) if need]
-            grads = iter(torch.autograd.grad(fn(*tensors), inputs, grad, create_graph=True, allow_unused=True))
-            return (None, *(next(grads) if need else None for need in needs), *rest)
+            return (None, *reference.grads_through(fn(*tensors), tensors, needs, grad), *rest)
         return (None, *definition.backward(ctx, grad, needs, True)[: definition.differentiable], *rest)
 
 
