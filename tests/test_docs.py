@@ -10,10 +10,16 @@ How the pages are run (docs/testing.md says the same to whoever writes them):
 - Blocks in other languages (bash, text, an unlabelled fence) are not run; the README's two commands are
   checked against .ci/run below.
 A failing block shows in the traceback as PAGE:LINE, the line of the page it failed on.
+
+The blocks run as a reader pastes them into Python's interactive prompt, line by line
+(code.InteractiveConsole, the prompt's own rules): a blank line ends an indented block there, so a blank
+line inside a class body, or a `with` block followed by a statement without a blank line between them,
+fails here as it fails in the reader's REPL.
 """
 
 from __future__ import annotations
 
+import code
 import re
 import shlex
 from dataclasses import dataclass
@@ -63,12 +69,40 @@ def run_page(path: Path) -> int:
         if block.language != "python" or block.marker == "skip":
             continue
         if block.marker == "gpu" and not torch.cuda.is_available():
+            paste(block, namespace, run=False)  # (still pasted: the prompt must take every line)
             continue
-        # Padded so that a traceback's line number is the page's.
-        code = compile("\n" * (block.line - 1) + block.code, block.page, "exec")
-        exec(code, namespace)
+        paste(block, namespace)
         ran += 1
     return ran
+
+
+class _Prompt(code.InteractiveConsole):
+    """Python's interactive prompt, raising what it would print: a syntax error or an exception."""
+
+    def showsyntaxerror(self, filename=None, **kwargs):
+        raise SyntaxError(f"the prompt refuses this line: {self._line!r}")
+
+    def showtraceback(self):
+        raise
+
+    def runcode(self, code):
+        if self.run:
+            super().runcode(code)
+
+
+def paste(block: Block, namespace: dict, run: bool = True) -> None:
+    """Paste a block into the interactive prompt line by line, then a blank line, as a reader would; an error
+    names the page's line. run=False: the prompt compiles each statement without running it."""
+    prompt = _Prompt(namespace, filename=block.page)
+    prompt.run = run
+    lines = block.code.splitlines() + [""]
+    for offset, line in enumerate(lines):
+        prompt._line = line
+        try:
+            prompt.push(line)
+        except BaseException as err:
+            raise AssertionError(f"{block.page}:{block.line + offset}: pasted into Python's prompt, this line "
+                                 f"fails: {type(err).__name__}: {err}") from err
 
 
 @pytest.mark.parametrize("path", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -92,7 +126,7 @@ def test_readme_quick_start_runs_alone(tmp_path, monkeypatch):
     first = next(b for b in blocks(ROOT / "README.md") if b.language == "python")
     assert len(first.code.strip().splitlines()) <= 14, "the quick start stays about 10 lines"
     assert "cuda" not in first.code
-    exec(compile("\n" * (first.line - 1) + first.code, "README.md", "exec"), {"__name__": "quick_start"})
+    paste(first, {"__name__": "quick_start"})
     assert (tmp_path / "best_model.pt").exists()
     from fusedvq.tools.cli import main
 
