@@ -274,13 +274,48 @@ def test_noisy_cells_get_no_verdict():
     assert by[(4, "eager")]["verdict"] == fb.NOISY  # ours spread 3.3×: a pass it cannot claim
 
 
-def test_a_busy_machine_is_said_at_the_top_of_the_report():
-    rows = [vars(_timed("reference", 4, 0.1, 0.09, 0.11)), vars(_timed("eager", 4, 0.2, 0.19, 0.21))]
+def test_a_busy_machine_is_said_at_the_top_of_the_report_and_in_the_verdicts():
+    rows = [_row("reference", 65536, 10.0), _row("eager", 65536, 35.0), _row("compiled", 65536, 15.0),
+            _row("reference", 4, 0.2), _row("eager", 4, 0.1)]
     meta = fb.environment("cpu", None, "cmd")
-    busy = fb.markdown({"meta": {**meta, "load_average": 1.86, "cpus": 2}, "rows": rows, "targets": []})
-    assert "**Busy machine:** the 1-minute load average was 1.86 on 2 CPUs" in busy
-    assert busy.index("Busy machine") < busy.index("## norm=")
-    for quiet in ({"load_average": 0.3, "cpus": 2}, {"load_average": None, "cpus": 2}, {}):
-        assert "Busy machine" not in fb.markdown({"meta": {**meta, **quiet}, "rows": rows, "targets": []})
-    load = fb.machine_load()
-    assert load["cpus"] >= 1 and (load["load_average"] is None or load["load_average"] >= 0)
+    # One other process on one of two CPUs during the run, while torch used both: nothing is ranked.
+    busy_meta = {**meta, "load_average": 0.2, "load_average_after": 1.1, "cpus": 2, "threads": 2, "others_cpus": 1.0}
+    reason = fb.busy_reason(busy_meta)
+    assert "other processes kept 1.0 of its 2 CPUs busy" in reason and "OMP_NUM_THREADS=1" in reason
+    targets = fb.verdicts(rows, "cpu", reason)
+    assert {t["verdict"] for t in targets} == {fb.BUSY} and all(t["why"] == reason for t in targets)
+    assert [t["measured"] for t in targets] == [t["measured"] for t in fb.verdicts(rows, "cpu")]  # still recorded
+    busy = fb.markdown({"meta": busy_meta, "rows": [vars(r) for r in rows], "targets": targets})
+    assert busy.index("**Busy machine:**") < busy.index("## norm=") and "busy machine: not ranked —" in busy
+    # Without CPU counters, the load averages before and after stand in.
+    assert "load average was 1.86 on 2 CPUs" in fb.busy_reason({"load_average": 0.1, "load_average_after": 1.86,
+                                                                "cpus": 2, "threads": 2})
+    # Oversubscribed: 0.4 CPUs taken by others leave too few for torch's 2 threads.
+    assert fb.busy_reason({"cpus": 2, "threads": 2, "others_cpus": 0.4, "load_average": 0.4}) is None
+    assert "OMP_NUM_THREADS=1" in fb.busy_reason({"cpus": 2, "threads": 4, "others_cpus": 0.4})
+    for quiet in ({"load_average": 0.3, "cpus": 2}, {"load_average": None, "cpus": 2}, {},
+                  {"load_average": 1.5, "cpus": 2, "threads": 1, "others_cpus": 0.1}):
+        assert fb.busy_reason({**meta, **quiet}) is None
+        assert "Busy machine" not in fb.markdown({"meta": {**meta, **quiet}, "rows": [vars(r) for r in rows],
+                                                  "targets": []})
+
+
+def test_other_work_during_a_run_is_measured():
+    """A process spinning on a CPU beside the run shows as about one CPU kept busy by others."""
+    import subprocess
+    import sys
+    import time
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # (its start-up)
+        before = fb.snapshot()
+        time.sleep(1.0)
+        load = fb.machine_load(before, fb.snapshot())
+    finally:
+        spinner.kill()
+        spinner.wait()
+    if "others_cpus" not in load:
+        pytest.skip("no /proc/stat: the load averages stand in")
+    assert load["others_cpus"] >= 0.6 and load["cpus"] >= 1 and load["threads"] == torch.get_num_threads()
+    assert fb.busy_reason(load)

@@ -45,16 +45,17 @@ import torch
 # The package's public names (bench/, tests and `fusedvq bench` use them as fusedvq.tools.benchmark.NAME).
 from .cases import D, DTYPES, K, MODES, NORMS, PROVIDERS, QUICK_SIZES, SIZES, Case, Inputs, bytes_moved
 from .cases import make_inputs, make_statistics
-from .runs import NOISY, NOISY_SPREAD, Row, compare, is_noisy, matrix, run_case, speed_words, verdicts
+from .load import busy_reason, machine_load, snapshot
+from .runs import BUSY, NOISY, NOISY_SPREAD, Row, compare, is_noisy, matrix, run_case, speed_words, verdicts
 from .runs import _error  # noqa: F401  (the tests read it)
 from .providers import Unavailable, eager_loss, make_loss, make_step
-from .report import environment, machine_load, markdown, results_section, write_reports
+from .report import environment, markdown, results_section, write_reports
 from .timing import copy_bandwidth, kernel_seconds, kernel_totals, peak_bytes, saved_bytes, synchronize
 
 __all__ = [
-    "D", "K", "DTYPES", "MODES", "NORMS", "NOISY", "NOISY_SPREAD", "PROVIDERS", "QUICK_SIZES", "SIZES", "Case",
+    "BUSY", "D", "K", "DTYPES", "MODES", "NORMS", "NOISY", "NOISY_SPREAD", "PROVIDERS", "QUICK_SIZES", "SIZES", "Case",
     "Inputs", "Row", "Unavailable", "add_arguments", "bytes_moved", "compare", "copy_bandwidth", "eager_loss",
-    "environment", "is_noisy", "machine_load", "speed_words",
+    "busy_reason", "environment", "is_noisy", "machine_load", "snapshot", "speed_words",
     "kernel_seconds", "kernel_totals", "make_inputs", "make_loss", "make_statistics", "make_step", "markdown",
     "matrix", "peak_bytes", "results_section", "run", "run_case", "saved_bytes", "synchronize", "verdicts",
     "write_reports",
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "cuda":
         torch.cuda.init()
-    load = machine_load()  # before this run adds its own
+    before = snapshot()  # other work on the machine: counted from here to the end of the run
     copy_rate = copy_bandwidth(device, nbytes=1 << 30 if device == "cuda" else 1 << 26)
     cases = matrix(sizes, dtypes, norms, modes)
     from tqdm import tqdm
@@ -145,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
                      for p in providers]
             continue
         rows += run_case(case, providers, device, budget, copy_rate if device == "cuda" else None)
-    report = {"meta": {**environment(device, copy_rate, _command(args)), **load}, "rows": [asdict(r) for r in rows]}
-    report["targets"] = verdicts(rows, device)
+    meta = {**environment(device, copy_rate, _command(args)), **machine_load(before, snapshot())}
+    report = {"meta": meta, "rows": [asdict(r) for r in rows]}
+    report["targets"] = verdicts(rows, device, busy_reason(meta))
     paths = write_reports(report, args.out)
     print(markdown(report), end="")
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

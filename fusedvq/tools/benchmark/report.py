@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .cases import D, K, DTYPES, MODES, NORMS, PROVIDERS
+from .load import busy_reason
 from .runs import NOISY, NOISY_SPREAD, Row, compare, speed_words
 
 
@@ -38,32 +39,6 @@ def environment(device: str, copy_rate: Optional[float], command: str) -> dict:
     except Exception:
         meta["triton"] = None
     return meta
-
-
-def machine_load() -> dict:
-    """The 1-minute load average and the CPUs this process may use, taken before a run starts: other work
-    on the machine, which can slow one provider more than another (its parallel regions wait on cores
-    taken by other processes) while every round agrees, so that no spread reveals it."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    try:
-        return {"load_average": os.getloadavg()[0], "cpus": cpus}
-    except (AttributeError, OSError):  # no load average on this platform
-        return {"load_average": None, "cpus": cpus}
-
-
-BUSY_LOAD = 0.5  # load average per CPU at the start above which a run is called busy
-
-
-def _load_note(meta: dict) -> Optional[str]:
-    load, cpus = meta.get("load_average"), meta.get("cpus")
-    if load is None or not cpus or load <= BUSY_LOAD * cpus:
-        return None
-    return (f"**Busy machine:** the 1-minute load average was {load:.2f} on {cpus} CPUs when this run started. "
-            "Other work slows some providers more than others even where their rounds agree: re-run on a "
-            "quiet machine before trusting the ratios.")
 
 
 def _cpu_model() -> str:
@@ -132,8 +107,8 @@ def markdown(report: dict) -> str:
     ]
     if meta.get("copy_bandwidth_gbps"):
         lines.append(f"Device copy bandwidth (read + write): {meta['copy_bandwidth_gbps']:.0f} GB/s.")
-    if _load_note(meta):
-        lines += ["", _load_note(meta)]
+    if busy_reason(meta):
+        lines += ["", f"**Busy machine:** {busy_reason(meta)}"]
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault((row.norm, row.dtype, row.mode), []).append(row)

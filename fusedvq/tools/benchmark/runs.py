@@ -47,6 +47,7 @@ class Row:
 # not ranked: the report says NOISY instead of a ratio that a re-run could turn around.
 NOISY_SPREAD = 2.0
 NOISY = "noisy: re-run on a quiet machine"
+BUSY = "busy machine: not ranked"  # other processes took CPUs during the run (load.busy_reason)
 
 
 def spread(row: "Row") -> Optional[float]:
@@ -208,12 +209,13 @@ def _find(rows: list[Row], provider: str, B: int) -> Optional[Row]:
     return None
 
 
-def verdicts(rows: list[Row], device: str) -> list[dict]:
+def verdicts(rows: list[Row], device: str, busy: Optional[str] = None) -> list[dict]:
     """One entry per target of this device: the measured ratio, pass / miss (by how much), and for a miss
     why: the target's note, or on CUDA what the times say; NOISY instead of pass / miss when either cell's
     rounds spread too wide to rank them. The copy-bandwidth target is judged on the
     kernels' device time where it was measured (bandwidth is the kernels' property; the wall time also
-    holds the host's overhead, reported beside it), else on wall time."""
+    holds the host's overhead, reported beside it), else on wall time. busy: load.busy_reason of the run, when
+the machine was busy: BUSY instead of pass / miss, with that sentence as the why."""
     out = []
     for t in TARGETS.get(device, ()):
         ours = _find(rows, t.ours, t.B)
@@ -235,6 +237,8 @@ def verdicts(rows: list[Row], device: str) -> list[dict]:
             entry["verdict"] = "not measured"
         elif is_noisy(*(row for row in (ours, base) if row is not None)):
             entry["verdict"] = NOISY  # neither pass nor miss: the rounds cannot tell
+        elif busy:
+            entry["verdict"], entry["why"] = BUSY, busy  # neither: other work may have turned the ratio
         elif measured >= t.at_least:
             entry["verdict"] = "pass"
         else:
