@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import time
 from unittest import mock
 
@@ -88,13 +89,14 @@ def test_random_combinations():
         if not REPLAY and time.monotonic() - start > BUDGET_S:
             break
         case = draw(seed)
-        if case.backend == "triton" and not interpreting:
-            continue
+        left = BUDGET_S - (time.monotonic() - start)
+        if case.backend == "triton" and not interpreting or case.compiled and not REPLAY and left < 15:
+            continue  # (a compile takes seconds: not started at the end of the budget)
         tried += 1
         try:
             run(case)
         except Exception as err:  # grouped by the kind of failure, so one bug does not hide the others
-            first = str(err).split("\n")[0]
+            first = re.sub(r"\d[\d.e+-]*", "#", str(err).split("\n")[0])  # (numbers differ from case to case)
             kind = f"{type(err).__name__}: {first[:160]}"
             failures.setdefault(kind, []).append(case)
     if failures:
@@ -148,14 +150,15 @@ def _reference(case: Case, d, grad_out, through_stats=True):
 
 
 def _close(name: str, got, ref, tol: float, problems: list, floor: float = 0.0) -> None:
-    """got against ref: NaN in the same places, ‖got − ref‖ / max(‖ref‖, floor) <= tol for the rest."""
+    """got against ref: NaN (and, past got's dtype's range, ±Inf) in the same places, ‖got − ref‖ / max(‖ref‖,
+    floor) <= tol for the rest."""
     got64 = got.detach().double().cpu()
-    got_nan, ref_nan = torch.isnan(got64), torch.isnan(ref.double())
-    if got.shape != ref.shape or not torch.equal(got_nan, ref_nan):
-        problems.append(f"{name}: shape {tuple(got.shape)} / NaN at {got_nan.nonzero().flatten().tolist()[:6]}, "
-                        f"expected {tuple(ref.shape)} / NaN at {ref_nan.nonzero().flatten().tolist()[:6]}")
+    got_odd, ref_odd = ~torch.isfinite(got64), ~torch.isfinite(ref.to(got.dtype).double())
+    if got.shape != ref.shape or not torch.equal(got_odd, ref_odd):
+        problems.append(f"{name}: shape {tuple(got.shape)} / NaN or Inf at {got_odd.nonzero().flatten().tolist()[:6]}"
+                        f", expected {tuple(ref.shape)} / at {ref_odd.nonzero().flatten().tolist()[:6]}")
         return
-    a, b = got64[~got_nan], ref.double()[~ref_nan]
+    a, b = got64[~got_odd], ref.double()[~ref_odd]
     err = (a - b).norm().item() / max(b.norm().item(), floor, 1e-300)
     if not err <= tol:
         problems.append(f"{name}: relative error {err:.3g} > {tol:g}")
