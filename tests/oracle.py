@@ -100,10 +100,11 @@ def batch_oracle(
     return loss.detach(), x64.grad, r64.grad
 
 
-def oracle_z(x, columns, mean, std, norm, *, nan_to_num=False, eps=1e-8, dtype=torch.float64):
+def oracle_z(x, columns, mean, std, norm, *, nan_to_num=False, eps=1e-8, dtype=torch.float64, through_stats=True):
     """z of the plain composition in `dtype` (float64: the oracle), on x's own autograd graph: nan_to_num →
     normalize all D columns (given statistics, or the batch's mean and unbiased std with σ < eps → 1 and a
-    final nan_to_num) → keep the masked columns."""
+    final nan_to_num) → keep the masked columns. through_stats=False: the batch's statistics as constants
+    (the scale of norm="batch"'s gradient before its projections cancel, e.g. to 0 at B = 2)."""
     xt = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x
     if norm == "stats":
         z = (xt - mean.to(dtype)) / std.to(dtype)
@@ -112,7 +113,57 @@ def oracle_z(x, columns, mean, std, norm, *, nan_to_num=False, eps=1e-8, dtype=t
         var = (xt - mu).square().sum(0) / (xt.shape[0] - 1)
         flat = var.detach().sqrt() < eps
         sd = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
+        if not through_stats:
+            mu, sd = mu.detach(), sd.detach()
         z = torch.nan_to_num((xt - mu) / sd, nan=0.0, posinf=0.0, neginf=0.0)
     else:
         z = xt
     return z[:, columns]
+
+
+def kept_z(x64, idx, mean_k, std_k, norm, *, nan_to_num=False, eps=1e-8, through_stats=True):
+    """z [B, K] on x64's graph: oracle_z, with norm="stats" given μ, σ per kept column ([K], float64: one
+    value per entry of idx, duplicates included), applied after the gather."""
+    if norm != "stats":
+        return oracle_z(x64, idx, None, None, norm, nan_to_num=nan_to_num, eps=eps, through_stats=through_stats)
+    xt = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
+    return (xt[:, idx] - mean_k.double()) / std_k.double()
+
+
+def weighted_oracle(x, r, idx, mean_k, std_k, grad_out, *, norm, reduction="mean", weight=None, gap=(0, 0),
+                    nan_to_num=False, eps=1e-8, through_stats=True):
+    """(loss, grad_x, grad_r) in float64, by autograd through the plain composition: z (kept_z) against the
+    target's K columns outside the gap (at, c), e = w·(z − r)², reduced by "mean" (Σe/(B·K)), "sum",
+    "none" (e) or "column" (Σ_b e / B). grad_out: [] / [B, K] / [K]. through_stats: as in oracle_z."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    r64 = r.detach().double().cpu().requires_grad_()
+    z = kept_z(x64, idx.cpu(), mean_k, std_k, norm, nan_to_num=nan_to_num, eps=eps, through_stats=through_stats)
+    at, c = gap
+    e = F.mse_loss(z, torch.cat([r64[:, :at], r64[:, at + c:]], 1), reduction="none")
+    if weight is not None:
+        e = e * weight.double().cpu()
+    loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
+    gx, gr = torch.autograd.grad(loss, (x64, r64), grad_out.double().cpu())
+    return loss.detach(), gx, gr
+
+
+def category_weights(how, categories: dict, num_kept: int, named: Optional[dict] = None) -> torch.Tensor:
+    """[K] float64 per-column weights of a per-category weight: "balanced" (w = K/(C·n) on each category's
+    n distinct columns: every category weighs K/C) or "named" ({name: w}, the other columns 1)."""
+    w = torch.ones(num_kept, dtype=torch.float64)
+    for name, cols in categories.items():
+        cols = sorted(set(cols))
+        if how == "balanced":
+            w[cols] = num_kept / (len(categories) * len(cols))
+        elif name in named:
+            w[cols] = float(named[name])
+    return w
+
+
+def category_oracle(column_errors: torch.Tensor, categories: dict, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """[C] float64: each category's column errors (reduction="column", weighted) summed over its distinct
+    columns and divided by their total weight (their count unweighted)."""
+    c = column_errors.detach().double().cpu()
+    w = torch.ones_like(c) if weight is None else weight.detach().double().cpu()
+    out = [c[sorted(set(cols))].sum() / w[sorted(set(cols))].sum() for cols in categories.values()]
+    return torch.stack(out)

@@ -1,0 +1,219 @@
+"""The combinatorial differential test: cases drawn from the whole option space (tests/combinations.py) against
+the float64 oracle — first a fixed list of known-critical combinations, then random draws until the time
+budget is spent.
+
+    FUSEDVQ_COMBO_SECONDS=600 pytest tests/test_combinations.py     # draw for 10 minutes (default: 20 s)
+    FUSEDVQ_COMBO_SEED=1234 pytest tests/test_combinations.py -k random   # replay drawn cases (comma-separated)
+    FUSEDVQ_COMBO_BASE=77 ...                                      # the first seed of the draws (default: random)
+
+A failure names each failing case by its seed and its Case(...), which `run(Case(...))` below replays as it
+stands (a critical case's id names it too)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import time
+from unittest import mock
+
+import pytest
+import torch
+
+from combinations import Case, build, change, draw, make_data, route_limit_rows
+from fusedvq import ops
+from fusedvq.cpu import small as cpu_small
+from fusedvq.cpu import stats as cpu_stats
+from helpers import interpreting
+from oracle import TOLERANCE, category_oracle, kept_z, weighted_oracle
+
+BUDGET_S = float(os.environ.get("FUSEDVQ_COMBO_SECONDS", "20"))
+REPLAY = [int(s) for s in os.environ.get("FUSEDVQ_COMBO_SEED", "").split(",") if s.strip()]
+K_REAL = 171
+
+CRITICAL = {
+    # target_gap with per-column errors or weights: the blocked CPU path (limits lowered, several blocks) ...
+    "column-gap-blocked": Case(seed=11, reduction="column", gap=(9, 3), shape=(13, 40, 30), limit_rows=4,
+                               block_rows=2),
+    "weighted-mean-gap-blocked": Case(seed=12, reduction="mean", weight="tensor", gap=(0, 2), shape=(13, 40, 30),
+                                      limit_rows=4, block_rows=3),
+    "column-gap-batch-blocked": Case(seed=13, norm="batch", reduction="column", weight="balanced", gap=(30, 4),
+                                     shape=(13, 40, 30), limit_rows=4, block_rows=2),
+    # ... at the real limit (B·K just above 2^16), and under torch.compile at a small B
+    "column-gap-real-limit": Case(seed=14, form="recon", reduction="column", gap=(100, 16),
+                                  shape=(route_limit_rows("stats", True, K_REAL) + 1, 187, K_REAL)),
+    "column-gap-compiled": Case(seed=15, compiled="aot_eager", reduction="column", gap=(5, 3), shape=(4, 12, 7)),
+    # category errors after the weight buffer changed in place / was reassigned
+    "category-weights-in-place": Case(seed=21, reduction="column", weight="named", change="weight_inplace",
+                                      grads=(True, False)),
+    "category-weights-reassigned": Case(seed=22, form="recon", reduction="column", weight="tensor",
+                                        change="weight_reassign"),
+    "balanced-repeated-column": Case(seed=23, reduction="column", weight="balanced", repeats=True),
+    "stats-swapped": Case(seed=24, change="stats_swap", reduction="none"),
+    "index-swapped": Case(seed=25, form="recon", change="index_swap", selector="duplicates", stats_space="masked"),
+    # autocast: float32 compute and result, mixed dtypes accepted
+    "autocast-batch-float32": Case(seed=31, norm="batch", autocast=True, shape=(64, 187, K_REAL)),
+    "autocast-batch-blocked": Case(seed=32, norm="batch", autocast=True, reduction="column", shape=(9, 40, 30),
+                                   limit_rows=3, block_rows=2),
+    "autocast-bf16-inputs": Case(seed=33, form="functional", autocast=True, dtype="bfloat16"),
+    "autocast-mixed": Case(seed=34, autocast=True, dtype="bfloat16", target_dtype="float32"),
+    "autocast-clean-batch": Case(seed=35, form="clean_features", norm="batch", autocast=True, grads=(True, False)),
+    # each route on both sides of its limit, other forms, layouts and modes
+    "batch-small-route-edge": Case(seed=41, norm="batch", nan_to_num=True, shape=(4, 40, 30), limit_rows=4),
+    "batch-blocked-edge": Case(seed=42, norm="batch", nan_to_num=True, shape=(5, 40, 30), limit_rows=4,
+                               block_rows=2, selector="duplicates"),
+    "float64-cleaner-gap": Case(seed=43, form="cleaner", dtype="float64", reduction="column", weight="named",
+                                gap=(2, 3), layout=("transposed", "slice")),
+    "no-grad-bf16": Case(seed=44, form="functional", dtype="bfloat16", grad_mode="no_grad", reduction="sum"),
+    "triton-gap-column": pytest.param(
+        Case(seed=45, backend="triton", reduction="column", gap=(3, 2), weight="tensor", shape=(5, 12, 7),
+             layout=("slice", "transposed")), marks=pytest.mark.skipif(not interpreting, reason="no interpreter")),
+}
+
+
+@pytest.mark.parametrize("case", list(CRITICAL.values()), ids=list(CRITICAL))
+def test_critical_combinations(case):
+    try:
+        run(case)
+    except Exception as err:
+        raise AssertionError(f"{case!r}: {type(err).__name__}: {err}") from err
+
+
+def test_random_combinations():
+    """Draws until the budget is spent (or replays FUSEDVQ_COMBO_SEED); fails listing every failing seed."""
+    base = int(os.environ.get("FUSEDVQ_COMBO_BASE", random.randrange(1 << 30)))
+    seeds = REPLAY or range(base, base + (1 << 30))
+    start, tried, failures = time.monotonic(), 0, {}
+    for seed in seeds:
+        if not REPLAY and time.monotonic() - start > BUDGET_S:
+            break
+        case = draw(seed)
+        left = BUDGET_S - (time.monotonic() - start)
+        if case.backend == "triton" and not interpreting or case.compiled and not REPLAY and left < 15:
+            continue  # (a compile takes seconds: not started at the end of the budget)
+        tried += 1
+        try:
+            run(case)
+        except Exception as err:  # grouped by the kind of failure, so one bug does not hide the others
+            first = re.sub(r"\d[\d.e+-]*", "#", str(err).split("\n")[0])  # (numbers differ from case to case)
+            kind = f"{type(err).__name__}: {first[:160]}"
+            failures.setdefault(kind, []).append(case)
+    if failures:
+        total = sum(map(len, failures.values()))
+        lines = [f"{total} of {tried} drawn cases failed (seeds from {base}; replay one with FUSEDVQ_COMBO_SEED=<seed>):"]
+        for kind, cases in failures.items():
+            lines.append(f"- {len(cases)}x {kind}\n    first: {cases[0]!r}\n    seeds: "
+                         f"{','.join(str(c.seed) for c in cases[:12])}")
+        pytest.fail("\n".join(lines), pytrace=False)
+
+
+# ------------------------------------------------------------------------------------------------- one case
+
+
+@contextlib.contextmanager
+def _settings(case: Case):
+    """The route limits (lowered to case.limit_rows rows of K) and Triton's forward loads of the case."""
+    with contextlib.ExitStack() as stack:
+        rows, K = case.limit_rows, case.shape[2]
+        if rows:
+            for owner, name in ((ops, "_COMPOSED_MAX_ELEMENTS"), (ops, "_GAP_COMPOSED_MAX_ELEMENTS"),
+                                (cpu_small, "SMALL_ELEMENTS")):
+                stack.enter_context(mock.patch.object(owner, name, rows * K))
+        if case.block_rows:
+            stack.enter_context(mock.patch.object(cpu_stats, "_BLOCK_ELEMENTS", case.block_rows * K))
+        if case.loads != "gather":
+            from fusedvq.kernels import launch
+
+            stack.enter_context(mock.patch.object(launch.TUNING, "forward_loads", case.loads))
+        yield
+
+
+def _modes(case: Case) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context({"grad": contextlib.nullcontext(), "no_grad": torch.no_grad(),
+                         "inference": torch.inference_mode()}[case.grad_mode])
+    if case.autocast:
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    return stack
+
+
+def _reference(case: Case, d, grad_out, through_stats=True):
+    """(result, grad_x, grad_target or None) of the float64 oracle."""
+    mean_k, std_k = d.mean[d.idx], d.std[d.idx]
+    if case.form == "clean_features":
+        x64 = d.x.detach().double().requires_grad_()
+        z = kept_z(x64, d.idx, mean_k, std_k, case.norm, nan_to_num=case.nan_to_num, through_stats=through_stats)
+        return z.detach(), torch.autograd.grad(z, x64, grad_out)[0], None
+    return weighted_oracle(d.x, d.r, d.idx, mean_k, std_k, grad_out, norm=case.norm, reduction=case.reduction,
+                           weight=d.w, gap=case.gap, nan_to_num=case.nan_to_num, through_stats=through_stats)
+
+
+def _close(name: str, got, ref, tol: float, problems: list, floor: float = 0.0) -> None:
+    """got against ref: NaN (and, past got's dtype's range, ±Inf) in the same places, ‖got − ref‖ / max(‖ref‖,
+    floor) <= tol for the rest."""
+    got64 = got.detach().double().cpu()
+    got_odd, ref_odd = ~torch.isfinite(got64), ~torch.isfinite(ref.to(got.dtype).double())
+    if got.shape != ref.shape or not torch.equal(got_odd, ref_odd):
+        problems.append(f"{name}: shape {tuple(got.shape)} / NaN or Inf at {got_odd.nonzero().flatten().tolist()[:6]}"
+                        f", expected {tuple(ref.shape)} / at {ref_odd.nonzero().flatten().tolist()[:6]}")
+        return
+    a, b = got64[~got_odd], ref.double()[~ref_odd]
+    err = (a - b).norm().item() / max(b.norm().item(), floor, 1e-300)
+    if not err <= tol:
+        problems.append(f"{name}: relative error {err:.3g} > {tol:g}")
+
+
+def run(case: Case) -> None:
+    """Run one case against the oracle; AssertionError naming every difference."""
+    d = make_data(case)
+    x, r = (t.detach().clone().requires_grad_(want) for t, want in zip((d.x, d.r), case.grads))
+    x0, r0 = x.detach().clone(), r.detach().clone()
+    try:
+        call, module, owner = build(case, d)
+    except ValueError as err:  # categories listing a column twice cannot be balanced: refused, with a sentence
+        if case.weight == "balanced" and case.repeats and "balanced" in str(err):
+            return
+        raise
+    fn = torch.compile(call, backend=case.compiled, fullgraph=True) if case.compiled else call
+    with _settings(case):
+        if case.change != "none":
+            with _modes(case):
+                fn(x, r)
+            change(case, d, module)
+        with _modes(case):
+            out = fn(x, r)
+            cat = owner.category_errors(out) if owner is not None and case.reduction == "column" else None
+        grad_out = (torch.rand(out.shape, generator=torch.Generator().manual_seed(case.seed + 2),
+                               dtype=torch.float64) + 0.5) * 1.7  # ≠ 1
+        if out.requires_grad:
+            out.backward(grad_out.to(out.dtype))
+    ref, ref_gx, ref_gr = _reference(case, d, grad_out)
+    # norm="batch": grad_x is what is left of its terms after the projections on the batch's statistics (0 at
+    # B = 2): measured against the size of those terms.
+    floor = _reference(case, d, grad_out, False)[1].norm().item() if case.norm == "batch" else 0.0
+    problems = []
+    clean = case.form == "clean_features"
+    low = {torch.float64: torch.float64}.get(x.dtype, torch.float32)
+    want = ((low,) if not clean else (low, x.dtype)) if case.autocast else (x.dtype,)
+    if out.dtype not in want:
+        problems.append(f"result dtype {out.dtype}, expected {' or '.join(map(str, want))}")
+    _close("result", out, ref, TOLERANCE[out.dtype], problems)
+    if cat is not None:
+        _close("category errors", cat, category_oracle(ref, d.categories, d.w), TOLERANCE[out.dtype], problems)
+    wants_grad = case.grad_mode == "grad" and any(case.grads)
+    if out.requires_grad != wants_grad:
+        problems.append(f"result requires_grad={out.requires_grad}, expected {wants_grad}")
+    for name, t, ref_g, wanted, fl in (("grad_x", x, ref_gx, case.grads[0], floor),
+                                       ("grad_target", r, ref_gr, case.grads[1], 0.0)):
+        if not (wants_grad and wanted):
+            if t.grad is not None:
+                problems.append(f"{name} was set although not wanted")
+        elif t.grad is None or t.grad.dtype != t.dtype:
+            problems.append(f"{name} is {None if t.grad is None else t.grad.dtype}, expected {t.dtype}")
+        else:
+            _close(name, t.grad, ref_g, TOLERANCE[t.dtype], problems, fl)
+    for name, before, after in (("features", x0, x), ("target", r0, r)):
+        if not torch.equal(before.nan_to_num(7.0), after.detach().nan_to_num(7.0)):
+            problems.append(f"the call wrote into its {name}")
+    assert not problems, "; ".join(problems)
