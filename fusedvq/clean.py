@@ -67,7 +67,6 @@ class FeatureCleaner(Prepared):
         K, device = self.num_kept, self.index.device
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
                                num_features=K)._replace(weight=self._weight(weight, K, device))
-        self._set_categories(self._z_plan.weight)
         self._z_held: dict = {}  # reduction code → (z plan, its plan with that reduction, their small route)
 
     @classmethod
@@ -90,6 +89,9 @@ class FeatureCleaner(Prepared):
             self._z_plan = self._z_plan._replace(columns=ColumnMap(*(t.to(device) for t in z_columns)),
                                                  weight=None if weight is None else weight.to(device))
         return self
+
+    def _loss_weight(self):
+        return self._z_plan.weight  # (recon_loss's weights)
 
     @property
     def gap(self) -> tuple[int, int]:

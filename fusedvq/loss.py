@@ -13,7 +13,7 @@ from torch import nn
 
 from . import ops
 from .arguments import NORMS, REDUCTIONS, _is_tracing, check_weight, prepare
-from .categories import category_errors, category_layout, check_categories, resolve_weight
+from .categories import category_errors, category_members, check_categories, resolve_weight
 from .checkpoint import FeatureSpec, load_feature_spec
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
@@ -84,7 +84,7 @@ class Prepared(nn.Module):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
         self._held = ()  # (plan, route, the buffers they hold): ops.held_plan's, kept between calls
-        self._set_categories(plan.weight)
+        self._set_categories()
 
     def _weight(self, weight, num_kept: int, device) -> Optional[torch.Tensor]:
         """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
@@ -93,13 +93,14 @@ class Prepared(nn.Module):
             return None
         return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device)
 
-    def _set_categories(self, weight: Optional[torch.Tensor]) -> None:
-        """The buffers category_errors reads: each category's kept columns and 1/(their total weight)."""
-        members = coef = None
-        if self.categories:
-            members, coef = category_layout(self.categories, weight, self.index.shape[0], self.index.device)
+    def _set_categories(self) -> None:
+        """The buffer category_errors reads: each category's distinct kept columns (category_members)."""
+        members = category_members(self.categories, self.num_kept, self.index.device) if self.categories else None
         self.register_buffer("category_members", members, persistent=False)
-        self.register_buffer("category_coef", coef, persistent=False)
+
+    def _loss_weight(self) -> Optional[torch.Tensor]:
+        """The per-column weights the loss uses now (the weight buffer), for category_errors."""
+        return self.weight
 
     @property
     def category_names(self) -> tuple[str, ...]:
@@ -110,9 +111,7 @@ class Prepared(nn.Module):
         """The per-category errors [C] (in category_names' order) of the column errors [K] of a
         reduction="column" loss: each category's mean squared error (fusedvq/categories.py states it with
         weights), on their device, differentiable, no host synchronization."""
-        members = self.category_members
-        layout = None if members is None else (members, self.category_coef)
-        return category_errors(column_errors, layout, self.num_kept)
+        return category_errors(column_errors, self.category_members, self._loss_weight(), self.num_kept)
 
     @classmethod
     def from_checkpoint(cls, path, *, norm: str = "stats", num_features: Optional[int] = None, trust: bool = False,
@@ -131,7 +130,7 @@ class Prepared(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(device) moves the statistics; .half() / .to(dtype) on an enclosing model must not round μ, 1/σ
         # and the weights to 16 bits (the result would be wrong for every input dtype), so they keep float32.
-        kept = {name: getattr(self, name) for name in ("shift", "scale", "weight", "category_coef")
+        kept = {name: getattr(self, name) for name in ("shift", "scale", "weight")
                 if getattr(self, name, None) is not None}
         super()._apply(fn, recurse)
         for name, before in kept.items():
