@@ -20,7 +20,7 @@ import torch
 from .categories import resolve_weight
 from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
 from .ops import check_dense
-from .strict import check_count, check_eps, check_flag, check_gap, option_code, refuse_unknown
+from .strict import check_count, check_eps, check_flag, check_gap, not_numbers, option_code, refuse_unknown
 
 REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.py's REDUCTION_*)
 NORMS = ("none", "stats", "batch")  # code = position (NORM_*)
@@ -110,7 +110,7 @@ def _as_tensor(value, name: str, device: torch.device, dtype: Optional[torch.dty
     try:
         return torch.as_tensor(value, dtype=dtype, device=device)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{name} must be a tensor, array or sequence of numbers: {err}") from None
+        raise not_numbers(name, value, err) from None
 
 
 def canonical_index(index, num_features: int, device: torch.device, num_kept: Optional[int] = None,

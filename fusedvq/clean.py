@@ -20,7 +20,7 @@ from .arguments import OPTIONS, REDUCTIONS, ColumnMap, prepare
 from .strict import check_flag, check_gap, option_code, refuse_unknown
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
-from .loss import Prepared, refuse_spec
+from .loss import Prepared
 from .reference import loss_columns
 
 
@@ -40,7 +40,6 @@ def clean_features(features: torch.Tensor, index, mean=None, std=None, *, norm: 
     FeatureCleaner validates once at construction instead.
     """
     refuse_unknown(options, CLEAN_TAKES, "clean_features")
-    refuse_spec(index, "index", "FeatureCleaner.from_spec(spec)")
     synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
                                   or options.get("process_group") is not None)
     ops.check_pair(features, None, allow_empty=bool(synced))

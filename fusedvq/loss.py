@@ -59,7 +59,6 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     traces, value checks are skipped (the kernels still never read out of bounds).
     """
     refuse_unknown(options, MASKED_MSE_TAKES, "masked_mse")
-    refuse_spec(index, "index", "MaskedMSELoss.from_spec(spec)")
     if target is None:
         raise TypeError("target must be a torch.Tensor (the decoder's reconstruction [B, K]), got None")
     synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))

@@ -64,6 +64,18 @@ def refuse_unknown(given, valid: tuple[str, ...], form: str) -> None:
     raise TypeError(f"unknown option {name!r}{hint}: {form} takes {', '.join(valid)}")
 
 
+def not_numbers(name: str, value, err: Exception) -> TypeError:
+    """The error for a value that is not a tensor, array or sequence of numbers (said only when it fails): a
+    FeatureSpec given where a mask belongs says how to use it."""
+    from .checkpoint import FeatureSpec  # (the error path only: no call imports or runs it otherwise)
+
+    if isinstance(value, FeatureSpec):
+        return TypeError(f"{name} is a FeatureSpec (a checkpoint's whole description), not a mask or indices: build "
+                         f"the module with .from_spec(spec), or pass spec.feature_mask (and spec.mean, spec.std with "
+                         f"stats_space='masked')")
+    return TypeError(f"{name} must be a tensor, array or sequence of numbers: {err}")
+
+
 def check_gap(target_gap, num_kept: int) -> tuple[int, int]:
     """(at, width) with 0 <= at <= K and width >= 0 (Python or numpy integers), or a ValueError naming them."""
     ok = (isinstance(target_gap, (tuple, list)) and len(target_gap) == 2

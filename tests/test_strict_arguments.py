@@ -130,8 +130,10 @@ def test_a_feature_spec_goes_to_from_spec():
                                                      f"{cls.__name__}.from_spec(spec)")):
             cls.from_checkpoint(spec)
         assert cls.from_spec(spec, norm="none").num_kept == int(mask.sum())
-    with pytest.raises(TypeError, match=_message("index is a FeatureSpec", "spec.feature_mask")):
+    with pytest.raises(TypeError, match=_message("index is a FeatureSpec", ".from_spec(spec)", "spec.feature_mask")):
         fusedvq.masked_mse(torch.randn(2, 9), torch.randn(2, 5), spec, norm="none")
+    with pytest.raises(TypeError, match=_message("index is a FeatureSpec", ".from_spec(spec)", "spec.feature_mask")):
+        fusedvq.clean_features(torch.randn(2, 9), spec, norm="none")
 
 
 def _keywords(fn) -> set:
