@@ -8,11 +8,11 @@ the backend, the cross-rank options, the target's gap. The checks of a call's te
 dtypes, devices: free, no values read) are the routing point's (ops/__init__.py). Checks of values here
 (index range, mask count, σ > 0) read the values on the host, so they run once per module and once per
 functional call in eager mode (skipped while torch.compile traces, where they would break the graph).
+The kinds of the options (flags, counts, choices, keywords) are checked by strict.py, never coerced.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from .categories import resolve_weight
 from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
 from .ops import check_dense
+from .strict import check_count, check_eps, check_flag, check_gap, not_numbers, option_code, refuse_unknown
 
 REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.py's REDUCTION_*)
 NORMS = ("none", "stats", "batch")  # code = position (NORM_*)
@@ -59,9 +60,9 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
     (check_weight), or None; dtype: the compute dtype of the statistics and weights;
     device: the features' (the functional forms: the index and statistics move there), or None (a module:
     they stay where they are given)."""
-    unknown = sorted(set(options or {}) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown option {unknown[0]!r}: the options are {', '.join(OPTIONS)}")
+    refuse_unknown(options or {}, tuple(OPTIONS), "the loss")  # (the public forms list their own first)
+    if num_features is not None:
+        num_features = check_count("num_features", num_features, minimum=1)
     o = {**OPTIONS, **(options or {})}
     reduction_id = option_code("reduction", reduction, REDUCTIONS)
     norm = option_code("norm", o["norm"], NORMS)
@@ -96,29 +97,6 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
                 check_gap(gap, K), selector)
 
 
-def option_code(name: str, value: str, choices: tuple[str, ...]) -> int:
-    if value not in choices:
-        raise ValueError(f"unknown {name}={value!r}: expected one of {', '.join(map(repr, choices))}")
-    return choices.index(value)
-
-
-def check_eps(eps) -> float:
-    """eps as a float: a plain real number, finite and >= 0 (it is a kernel argument, so a string or a
-    tensor would fail inside a launch)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a number (a Python float such as 1e-8), got {type(eps).__name__} {eps!r}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return eps
-
-
-def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
@@ -132,7 +110,7 @@ def _as_tensor(value, name: str, device: torch.device, dtype: Optional[torch.dty
     try:
         return torch.as_tensor(value, dtype=dtype, device=device)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{name} must be a tensor, array or sequence of numbers: {err}") from None
+        raise not_numbers(name, value, err) from None
 
 
 def canonical_index(index, num_features: int, device: torch.device, num_kept: Optional[int] = None,
@@ -311,16 +289,6 @@ def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device
             raise ValueError(f"weight must be finite and >= 0 in every kept column (and fit {dtype}); kept column "
                              f"{k} has weight {float(wide[k])} ({int(bad.sum())} of {num_kept} bad)")
     return wide.to(dtype)
-
-
-def check_gap(target_gap, num_kept: int) -> tuple[int, int]:
-    """(at, width) with 0 <= at <= K and width >= 0, or a ValueError naming them."""
-    ok = (isinstance(target_gap, (tuple, list)) and len(target_gap) == 2
-          and all(isinstance(v, int) and not isinstance(v, bool) for v in target_gap))
-    if not ok or not 0 <= target_gap[0] <= num_kept or target_gap[1] < 0:
-        raise ValueError(f"target_gap must be (at, width) with 0 <= at <= {num_kept} (the kept columns) and "
-                         f"width >= 0, got {target_gap!r}")
-    return int(target_gap[0]), int(target_gap[1])
 
 
 def build_column_map(index: torch.Tensor, num_features: int) -> ColumnMap:

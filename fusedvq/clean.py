@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .arguments import REDUCTIONS, ColumnMap, check_gap, option_code, prepare
+from .arguments import OPTIONS, REDUCTIONS, ColumnMap, prepare
+from .strict import check_flag, check_gap, option_code, refuse_unknown
+
+CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
 from .loss import Prepared
 from .reference import loss_columns
 
@@ -36,7 +39,9 @@ def clean_features(features: torch.Tensor, index, mean=None, std=None, *, norm: 
     Every call validates its arguments, values included, which costs one host synchronization on CUDA;
     FeatureCleaner validates once at construction instead.
     """
-    synced = norm == "batch" and (options.get("sync_stats") or options.get("process_group") is not None)
+    refuse_unknown(options, CLEAN_TAKES, "clean_features")
+    synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
+                                  or options.get("process_group") is not None)
     ops.check_pair(features, None, allow_empty=bool(synced))
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
                    device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
@@ -60,6 +65,8 @@ class FeatureCleaner(Prepared):
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
 
+    _TAKES = ("index", "mean", "std", "num_features", "weight", "categories", *OPTIONS)
+
     def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, **options):
         super().__init__(index, mean, std, categories=categories, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
@@ -67,7 +74,6 @@ class FeatureCleaner(Prepared):
         K, device = self.num_kept, self.index.device
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
                                num_features=K)._replace(weight=self._weight(weight, K, device))
-        self._set_categories(self._z_plan.weight)
         self._z_held: dict = {}  # reduction code → (z plan, its plan with that reduction, their small route)
 
     @classmethod
@@ -90,6 +96,9 @@ class FeatureCleaner(Prepared):
             self._z_plan = self._z_plan._replace(columns=ColumnMap(*(t.to(device) for t in z_columns)),
                                                  weight=None if weight is None else weight.to(device))
         return self
+
+    def _loss_weight(self):
+        return self._z_plan.weight  # (recon_loss's weights)
 
     @property
     def gap(self) -> tuple[int, int]:
@@ -128,6 +137,9 @@ class FeatureCleaner(Prepared):
             plan = self._z_plan._replace(reduction=code, selector="cleaner's z")
             held = self._z_held[code] = (self._z_plan, plan, ops.small_route(plan))
         # Said in this method's order (recon first), before the routing point's own checks run.
+        for name, t in (("recon", recon), ("z", z)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}: recon_loss(recon, z)")
         ops.check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
         return ops.call_loss(z, recon, held[1], "recon_loss(recon [B, {1}], z [B, {0}])", held[2])
 

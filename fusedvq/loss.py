@@ -12,11 +12,16 @@ import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, REDUCTIONS, _is_tracing, check_weight, prepare
-from .categories import category_errors, category_layout, check_categories, resolve_weight
+from .arguments import NORMS, OPTIONS, REDUCTIONS, _is_tracing, check_weight, prepare
+from .categories import category_errors, category_members, check_categories, resolve_weight
 from .checkpoint import FeatureSpec, load_feature_spec
+from .strict import check_count, check_flag, refuse_unknown
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
+# Every keyword each form takes, as its unknown-option error lists them (the options of OPTIONS included).
+_STATS = ("mean", "std", "num_features")
+MASKED_MSE_TAKES = ("index", "mean", "std", "reduction", "weight", *OPTIONS)
+MODULE_TAKES = ("index", *_STATS, "reduction", "weight", "categories", "target_gap", *OPTIONS)
 
 
 def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, std=None, *, norm: str = "stats",
@@ -53,7 +58,11 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     host synchronization on CUDA; MaskedMSELoss validates once at construction instead. While torch.compile
     traces, value checks are skipped (the kernels still never read out of bounds).
     """
-    synced = norm == "batch" and (options.get("sync_stats") or options.get("process_group") is not None)
+    refuse_unknown(options, MASKED_MSE_TAKES, "masked_mse")
+    if target is None:
+        raise TypeError("target must be a torch.Tensor (the decoder's reconstruction [B, K]), got None")
+    synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
+                                  or options.get("process_group") is not None)
     ops.check_pair(features, target, allow_empty=bool(synced))
     _refuse_swapped(features, target, index)
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
@@ -69,10 +78,14 @@ class Prepared(nn.Module):
     GPU and compiles with torch.compile(fullgraph=True) or is captured in a CUDA graph. Statistics are held
     in float32 (the compute dtype of every Triton path), also under .half() / .to(dtype)."""
 
+    _TAKES = MODULE_TAKES  # every keyword the constructor takes (its unknown-option error lists them)
+
     def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, categories=None,
                  _loss_form=None, **options):
         # _loss_form: {"reduction", "gap", "weight"} of MaskedMSELoss; a cleaner has none (those names stay
-        # options there, which prepare refuses as unknown).
+        # options there, which are refused as unknown).
+        refuse_unknown(options, self._TAKES, type(self).__name__)
+        refuse_spec(index, "index", f"{type(self).__name__}.from_spec(spec)")
         super().__init__()
         form = dict(_loss_form or {})
         weight = form.pop("weight", None)
@@ -84,7 +97,7 @@ class Prepared(nn.Module):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
         self._held = ()  # (plan, route, the buffers they hold): ops.held_plan's, kept between calls
-        self._set_categories(plan.weight)
+        self._set_categories()
 
     def _weight(self, weight, num_kept: int, device) -> Optional[torch.Tensor]:
         """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
@@ -93,13 +106,14 @@ class Prepared(nn.Module):
             return None
         return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device)
 
-    def _set_categories(self, weight: Optional[torch.Tensor]) -> None:
-        """The buffers category_errors reads: each category's kept columns and 1/(their total weight)."""
-        members = coef = None
-        if self.categories:
-            members, coef = category_layout(self.categories, weight, self.index.shape[0], self.index.device)
+    def _set_categories(self) -> None:
+        """The buffer category_errors reads: each category's distinct kept columns (category_members)."""
+        members = category_members(self.categories, self.num_kept, self.index.device) if self.categories else None
         self.register_buffer("category_members", members, persistent=False)
-        self.register_buffer("category_coef", coef, persistent=False)
+
+    def _loss_weight(self) -> Optional[torch.Tensor]:
+        """The per-column weights the loss uses now (the weight buffer), for category_errors."""
+        return self.weight
 
     @property
     def category_names(self) -> tuple[str, ...]:
@@ -110,9 +124,7 @@ class Prepared(nn.Module):
         """The per-category errors [C] (in category_names' order) of the column errors [K] of a
         reduction="column" loss: each category's mean squared error (fusedvq/categories.py states it with
         weights), on their device, differentiable, no host synchronization."""
-        members = self.category_members
-        layout = None if members is None else (members, self.category_coef)
-        return category_errors(column_errors, layout, self.num_kept)
+        return category_errors(column_errors, self.category_members, self._loss_weight(), self.num_kept)
 
     @classmethod
     def from_checkpoint(cls, path, *, norm: str = "stats", num_features: Optional[int] = None, trust: bool = False,
@@ -120,18 +132,21 @@ class Prepared(nn.Module):
         """The module a VQ-VAE checkpoint (file or folder) describes: its mask, and its statistics for
         norm="stats"; see fusedvq.load_feature_spec (num_features, trust, stats). options as in the
         constructor."""
-        return cls.from_spec(load_spec(path, norm, num_features, trust, stats), norm=norm, **options)
+        return cls.from_spec(load_spec(cls, path, norm, num_features, trust, stats), norm=norm, **options)
 
     @classmethod
     def from_spec(cls, spec: FeatureSpec, *, norm: str = "stats", **options):
         """The module for a FeatureSpec (fusedvq.load_feature_spec): its mask, and its statistics for
         norm="stats"."""
-        return cls(spec.feature_mask, **spec.stats_arguments(norm), norm=norm, categories=spec.categories, **options)
+        check_spec(cls, spec)
+        module = cls(spec.feature_mask, **spec.stats_arguments(norm), norm=norm, categories=spec.categories, **options)
+        module.hybrid = spec.hybrid  # (a hybrid VQ-VAE's layout: its decoder's output is wider than K)
+        return module
 
     def _apply(self, fn, recurse=True):
         # .to(device) moves the statistics; .half() / .to(dtype) on an enclosing model must not round μ, 1/σ
         # and the weights to 16 bits (the result would be wrong for every input dtype), so they keep float32.
-        kept = {name: getattr(self, name) for name in ("shift", "scale", "weight", "category_coef")
+        kept = {name: getattr(self, name) for name in ("shift", "scale", "weight")
                 if getattr(self, name, None) is not None}
         super()._apply(fn, recurse)
         for name, before in kept.items():
@@ -179,19 +194,57 @@ class MaskedMSELoss(Prepared):
                  **options):
         super().__init__(index, mean, std, _loss_form={"reduction": reduction, "gap": target_gap, "weight": weight},
                          **options)
+        self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.hybrid is not None:
+            self._refuse_decoder_output(target)
         held = ops.held_plan(self)
         return ops.call_loss(features, target, held[0], _SIGNATURE, held[1])
+
+    def _refuse_decoder_output(self, target) -> None:
+        """Built from a hybrid VQ-VAE without target_gap, the loss compares a [B, K] target: a target of another
+        width (the decoder's whole [B, K + c] output) is refused naming the decoder's width and the fix."""
+        K, width, (p, c) = self.num_kept, self.target_gap[1], (self.hybrid.first_embedding, self.hybrid.num_embedding)
+        if width or not isinstance(target, torch.Tensor) or target.dim() != 2 or target.shape[1] == K:
+            return
+        whole = " (that is its whole output)" if target.shape[1] == K + c else ""
+        raise ValueError(
+            f"target has {target.shape[1]} columns but this MaskedMSELoss compares the {K} kept feature columns "
+            f"(target [B, {K}]); the hybrid VQ-VAE's decoder outputs {K + c} columns{whole}, its {c} embedding "
+            f"columns at {p}..{p + c - 1}: pass target_gap=({p}, {c}) to compare the decoder's output in place, or "
+            f"use VQReconLoss.from_checkpoint, which does")
 
     def extra_repr(self) -> str:
         gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""
         return super().extra_repr() + f", reduction={self.reduction!r}{gap}"
 
 
-def load_spec(path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
-    """The FeatureSpec a module with this `norm` needs from a checkpoint (statistics only for "stats")."""
+def load_spec(cls, path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
+    """The FeatureSpec a module `cls` with this `norm` needs from a checkpoint (statistics only for "stats"),
+    its flag and count checked before the file is touched."""
+    trust = check_flag("trust", trust)
+    if num_features is not None:
+        num_features = check_count("num_features", num_features, minimum=1)
+    if isinstance(path, FeatureSpec):
+        raise TypeError(f"{cls.__name__}.from_checkpoint takes a checkpoint path, got a FeatureSpec: pass it to "
+                        f"{cls.__name__}.from_spec(spec)")
     return load_feature_spec(path, num_features=num_features, trust=trust, stats=stats, require_stats=norm == "stats")
+
+
+def check_spec(cls, spec) -> None:
+    """from_spec's argument is a FeatureSpec, or a TypeError saying what to pass."""
+    if not isinstance(spec, FeatureSpec):
+        raise TypeError(f"{cls.__name__}.from_spec takes a FeatureSpec (from fusedvq.load_feature_spec), got "
+                        f"{type(spec).__name__}: for a checkpoint file use {cls.__name__}.from_checkpoint(path), for a "
+                        f"mask and statistics the constructor {cls.__name__}(feature_mask, mean, std, ...)")
+
+
+def refuse_spec(value, name: str, instead: str) -> None:
+    """A FeatureSpec given where a mask belongs: say to build the module from it."""
+    if isinstance(value, FeatureSpec):
+        raise TypeError(f"{name} is a FeatureSpec (a checkpoint's whole description), not a mask or indices: use "
+                        f"{instead}, or pass spec.feature_mask")
 
 
 def _refuse_swapped(features: torch.Tensor, target: torch.Tensor, index) -> None:

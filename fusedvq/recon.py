@@ -17,8 +17,11 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .loss import MaskedMSELoss, load_spec
+from .loss import MODULE_TAKES, MaskedMSELoss, check_spec, load_spec, refuse_spec
 from .ops import check_order
+from .strict import refuse_unknown
+
+_TAKES = ("feature_mask", *MODULE_TAKES[1:])  # every keyword the constructor takes
 
 
 class VQReconLoss(nn.Module):
@@ -48,6 +51,8 @@ class VQReconLoss(nn.Module):
 
     def __init__(self, feature_mask, mean=None, std=None, *, categories: Optional[Mapping[str, Sequence[int]]] = None,
                  **options):
+        refuse_unknown(options, _TAKES, "VQReconLoss")
+        refuse_spec(feature_mask, "feature_mask", "VQReconLoss.from_spec(spec)")
         super().__init__()
         self.hybrid = None  # a hybrid VQ-VAE's layout (set by from_checkpoint / from_spec)
         self.loss = MaskedMSELoss(feature_mask, mean, std, categories=categories, **options)
@@ -65,13 +70,14 @@ class VQReconLoss(nn.Module):
         pickled objects in the file (it can run code; warns). options: reduction, nan_to_num, backend, eps,
         and for norm="batch" sync_stats, process_group. norm="none" / "batch" read no statistics.
         """
-        return cls.from_spec(load_spec(path, norm, num_features, trust, stats), norm=norm, **options)
+        return cls.from_spec(load_spec(cls, path, norm, num_features, trust, stats), norm=norm, **options)
 
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options) -> "VQReconLoss":
         """The loss for a FeatureSpec (fusedvq.load_feature_spec). For a hybrid VQ-VAE (spec.hybrid) recon is
         the decoder's whole output, [B, K + c]: the loss compares its feature columns and leaves its c
         embedding columns (spec.embedding_columns) to the caller."""
+        check_spec(cls, spec)
         layout = spec.hybrid
         gap = (layout.first_embedding, layout.num_embedding) if layout is not None else (0, 0)
         loss = cls(spec.feature_mask, **spec.stats_arguments(norm), categories=spec.categories, norm=norm,
@@ -116,6 +122,10 @@ class VQReconLoss(nn.Module):
     def _check_widths(self, features: torch.Tensor, recon: torch.Tensor) -> None:
         # Shape-only checks (no host sync), worded for this use; MaskedMSELoss checks the rest.
         D, K = self.num_features, self.num_kept
+        for name, t in (("features", features), ("recon", recon)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}: loss(features [B, {D}], "
+                                f"recon [B, {self.recon_width}])")
         if isinstance(features, torch.Tensor) and isinstance(recon, torch.Tensor):
             check_order(features, recon, D, self.recon_width, "loss(features [B, {}], recon [B, {}])")
         if isinstance(features, torch.Tensor) and features.dim() == 2 and features.shape[1] != D:

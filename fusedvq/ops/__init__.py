@@ -49,6 +49,8 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
         loss = route.loss(features, target)
         if loss is not None:
             return loss
+    if target is None:  # (check_pair's None is a cleaner's call)
+        raise TypeError("target must be a torch.Tensor, got None")
     check_pair(features, target, allow_empty=_synced(plan))
     check_widths(features, target, plan, signature)
     use_triton, group, mode = _route(features, plan)
@@ -303,7 +305,7 @@ def check_pair(features: Tensor, target: Optional[Tensor], allow_empty: bool = F
             and features.shape[0] and features.device == target.device and features.device.type != "meta"):
         return  # the common case, in one expression (µs count at B = 4); the checks below say what is wrong
     for name, t in (("features", features), ("target", target)):
-        if t is None:
+        if t is None and name == "target":  # (a cleaner's call)
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -107,7 +107,11 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
     def say(line: str = "") -> None:
         print(printable(line), file=out)
 
-    if features is not None and features <= 0:
+    from ..strict import check_count, check_flag, option_code
+
+    trust = check_flag("trust", trust)  # (a string "False" must not unpickle the file)
+    option_code("norm", norm, ("stats", "batch", "none"))
+    if features is not None and check_count("features", features) <= 0:
         print(f"error: --features must be a positive width, got {features}", file=err)
         return 2
     try:

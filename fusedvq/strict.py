@@ -1,0 +1,86 @@
+"""The kinds of the public options, checked, never coerced: a flag is True or False, a count an integer, a
+choice one of its strings, a keyword one the form takes. Each refusal is a TypeError or ValueError naming
+the argument and the value it got (a string "False" read from a config file must not be truthy; 10.0 or
+"10" must not pass for a width).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import numpy as np
+
+# Keywords that other losses spell differently (F.mse_loss's legacy arguments, a mask's usual name).
+_SPELLED_ELSEWHERE = {"reduce": ("reduction",), "size_average": ("reduction",), "mask": ("index", "feature_mask"),
+                      "gap": ("target_gap",), "weights": ("weight",), "num_columns": ("num_features",),
+                      "sync": ("sync_stats",), "group": ("process_group",),
+                      "normalization": ("norm",), "normalize": ("norm",)}
+
+
+def check_flag(name: str, value) -> bool:
+    """value as a bool: True / False, or a numpy bool; anything else (1, "False", None) is a TypeError."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_count(name: str, value, minimum: int = 0) -> int:
+    """value as an int >= minimum: a Python or numpy integer (not a bool, a float such as 10.0, or a string)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer (a Python int such as 187), got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+def option_code(name: str, value, choices: tuple[str, ...]) -> int:
+    """The position of value among choices (its code), or a ValueError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+    return choices.index(value)
+
+
+def check_eps(eps) -> float:
+    """eps as a float: a plain real number, finite and >= 0 (it is a kernel argument, so a string or a
+    tensor would fail inside a launch)."""
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eps must be a number (a Python float such as 1e-8), got {type(eps).__name__} {eps!r}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def refuse_unknown(given, valid: tuple[str, ...], form: str) -> None:
+    """A TypeError for the first keyword of `given` that `form` does not take, listing all it takes and
+    pointing a near miss (reduce → reduction) at its name."""
+    unknown = [name for name in given if name not in valid]
+    if not unknown:
+        return
+    name = unknown[0]
+    near = [n for n in _SPELLED_ELSEWHERE.get(name, ()) if n in valid] or difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {near[0]}=?)" if near else ""
+    raise TypeError(f"unknown option {name!r}{hint}: {form} takes {', '.join(valid)}")
+
+
+def not_numbers(name: str, value, err: Exception) -> TypeError:
+    """The error for a value that is not a tensor, array or sequence of numbers (said only when it fails): a
+    FeatureSpec given where a mask belongs says how to use it."""
+    from .checkpoint import FeatureSpec  # (the error path only: no call imports or runs it otherwise)
+
+    if isinstance(value, FeatureSpec):
+        return TypeError(f"{name} is a FeatureSpec (a checkpoint's whole description), not a mask or indices: build "
+                         f"the module with .from_spec(spec), or pass spec.feature_mask (and spec.mean, spec.std with "
+                         f"stats_space='masked')")
+    return TypeError(f"{name} must be a tensor, array or sequence of numbers: {err}")
+
+
+def check_gap(target_gap, num_kept: int) -> tuple[int, int]:
+    """(at, width) with 0 <= at <= K and width >= 0 (Python or numpy integers), or a ValueError naming them."""
+    ok = (isinstance(target_gap, (tuple, list)) and len(target_gap) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in target_gap))
+    if not ok or not 0 <= target_gap[0] <= num_kept or target_gap[1] < 0:
+        raise ValueError(f"target_gap must be (at, width) with 0 <= at <= {num_kept} (the kept columns) and "
+                         f"width >= 0, got {target_gap!r}")
+    return int(target_gap[0]), int(target_gap[1])
