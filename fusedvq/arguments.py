@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from .categories import resolve_weight
 from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
@@ -215,19 +216,22 @@ def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_spa
             raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
         n = t.shape[0]
         space = stats_space
+        # (Traced, a mask's K is a size known on the device only: statistics not of length D are taken to be
+        # per kept column, and their length is checked on the device.)
         if space is None:
-            if D == K and n == D:
+            if guard_or_false(D == K) and n == D:
                 raise ValueError(
                     f"{name} has {n} entries and D == K == {n}, so it could be per feature column or per kept "
                     f"column: pass stats_space='raw' (length D, indexed by the mask) or 'masked' (length K)"
                 )
-            space = "raw" if n == D else "masked" if n == K else None
+            space = "raw" if n == D else "masked" if guard_or_true(n == K) else None
         expected = D if space == "raw" else K
-        if space is None or n != expected:
+        if space is None or guard_or_false(n != expected):
             raise ValueError(
                 f"{name} has {n} entries but must have one per feature column (D = {D}) or one per kept column "
                 f"(K = {K})" + (f"; stats_space={stats_space!r} expects {expected}" if stats_space else "")
             )
+        torch._check(n == expected)  # (traced: checked on the device)
         t = t.to(torch.float64)
         out.append(t.index_select(0, index) if space == "raw" else t)
     mu, sigma = out

@@ -205,6 +205,31 @@ def test_compile_fullgraph_vq_led_step(backend, norm):
         assert_grads_close(got, want)
 
 
+@pytest.mark.parametrize("space", ["raw", "masked"])
+def test_compile_fullgraph_functional_form_with_a_mask_and_statistics(space):
+    """clean_features(x, mask, mean, std) traced: the mask's K is known on the device only, so the statistics'
+    space is decided without reading it (length D: raw; otherwise per kept column, checked on the device)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    mask = torch.rand(D, generator=g) < 0.7
+    mean, std = torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5
+    if space == "masked":
+        mean, std = mean[mask], std[mask]
+    x = torch.randn(5, D, generator=g, requires_grad=True)
+    compiled = torch.compile(lambda x: fusedvq.clean_features(x, mask, mean, std), fullgraph=True, backend="aot_eager")
+    z = compiled(x)
+    want = oracle_z(x.detach(), mask, mean if space == "raw" else _raw(mean, mask), std if space == "raw" else
+                    _raw(std, mask), "stats", dtype=torch.float64)
+    assert rel_err(z, want) <= 1e-5
+
+
+def _raw(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Statistics per kept column spread to the feature columns (ones elsewhere)."""
+    out = torch.ones(mask.shape[0], dtype=kept.dtype)
+    out[mask] = kept
+    return out
+
+
 # ------------------------------------------------------------------------------- ops, errors, loading
 
 
