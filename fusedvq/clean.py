@@ -13,6 +13,8 @@ two gradients as for any tensor.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import ops
@@ -117,11 +119,15 @@ class FeatureCleaner(Prepared):
                              f"{list(embeddings.shape)}")
         return torch.cat([z[:, :p], embeddings.to(z.dtype), z[:, p:]], dim=1)
 
-    def recon_loss(self, recon: torch.Tensor, z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def recon_loss(self, recon: torch.Tensor, z: torch.Tensor, reduction: str = "mean",
+                   embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """F.mse_loss(recon[:, recon_columns], z) without the gather: recon [B, K] (hybrid: [B, K + c]) is
         read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z.
         reduction: "mean", "sum", "none" [B, K], or "column" [K] (category_errors takes it); e = w·(z − r)²
-        with the cleaner's weight, the mean dividing by B·K."""
+        with the cleaner's weight, the mean dividing by B·K.
+        embeddings [B, c] (hybrid): the trainer's objective instead, F.mse_loss(recon, combine(z, embeddings))
+        over all K + c decoder columns, read in place (no combined copy): [B, K + c] / [K + c] for "none" /
+        "column", gradients to recon, z and the embeddings."""
         code = option_code("reduction", reduction, REDUCTIONS)
         held = self._z_held.get(code)
         if held is None or held[0] is not self._z_plan:  # (the z plan changes with .to() and from_spec's gap)
@@ -129,7 +135,7 @@ class FeatureCleaner(Prepared):
             held = self._z_held[code] = (self._z_plan, plan, ops.small_route(plan))
         # Said in this method's order (recon first), before the routing point's own checks run.
         ops.check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
-        return ops.call_loss(z, recon, held[1], "recon_loss(recon [B, {1}], z [B, {0}])", held[2])
+        return ops.call_loss(z, recon, held[1], "recon_loss(recon [B, {1}], z [B, {0}])", held[2], embeddings)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""

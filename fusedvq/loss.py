@@ -15,6 +15,7 @@ from . import ops
 from .arguments import NORMS, REDUCTIONS, _is_tracing, check_weight, prepare
 from .categories import category_errors, category_layout, check_categories, resolve_weight
 from .checkpoint import FeatureSpec, load_feature_spec
+from .cpu.hybrid import around_gap
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
 
@@ -78,7 +79,8 @@ class Prepared(nn.Module):
         weight = form.pop("weight", None)
         plan = prepare(index, mean, std, options, num_features=num_features, **form)
         self.categories = check_categories(categories, plan.columns.index.shape[0])
-        plan = plan._replace(weight=self._weight(weight, plan.columns.index.shape[0], plan.columns.index.device))
+        plan = plan._replace(weight=self._weight(weight, plan.columns.index.shape[0], plan.columns.index.device,
+                                                 plan.gap))
         for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale),
                             ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
@@ -86,16 +88,20 @@ class Prepared(nn.Module):
         self._held = ()  # (plan, route, the buffers they hold): ops.held_plan's, kept between calls
         self._set_categories(plan.weight)
 
-    def _weight(self, weight, num_kept: int, device) -> Optional[torch.Tensor]:
+    def _weight(self, weight, num_kept: int, device, gap=(0, 0)) -> Optional[torch.Tensor]:
         """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
-        others weigh 1), or "balanced" (categories.py); None when not given."""
+        others weigh 1), or "balanced" (categories.py); with a gap (at, c), [K + c] numbers too (a hybrid's
+        objective, one weight per decoder column); None when not given."""
         if weight is None:
             return None
-        return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device)
+        return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device,
+                            gap[1])
 
     def _set_categories(self, weight: Optional[torch.Tensor]) -> None:
         """The buffers category_errors reads: each category's kept columns and 1/(their total weight)."""
         members = coef = None
+        if weight is not None and weight.shape[0] != self.index.shape[0]:  # [K + c]: the kept columns' [K]
+            weight = around_gap(weight, self.plan.gap)
         if self.categories:
             members, coef = category_layout(self.categories, weight, self.index.shape[0], self.index.device)
         self.register_buffer("category_members", members, persistent=False)
@@ -180,9 +186,15 @@ class MaskedMSELoss(Prepared):
         super().__init__(index, mean, std, _loss_form={"reduction": reduction, "gap": target_gap, "weight": weight},
                          **options)
 
-    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, target: torch.Tensor, embeddings: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """The loss of features [B, D] against target [B, K] ([B, K + c] with target_gap=(p, c)). embeddings
+        [B, c] (with a target_gap): the hybrid's objective instead, one MSE over all K + c target columns,
+        F.mse_loss(target, [z[:, :p], embeddings, z[:, p:]]) read in place; its reductions "none" and
+        "column" give [B, K + c] and [K + c], a weight then has K + c entries, and gradients flow to the
+        embeddings too (when they require one)."""
         held = ops.held_plan(self)
-        return ops.call_loss(features, target, held[0], _SIGNATURE, held[1])
+        return ops.call_loss(features, target, held[0], _SIGNATURE, held[1], embeddings)
 
     def extra_repr(self) -> str:
         gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""

@@ -133,3 +133,35 @@ def normalize(xv, mu, center, inv_sigma, NORM: tl.constexpr):
         z_ok = tl.abs(z) <= FLT_MAX
         z = tl.where(z_ok, z, 0.0)
     return z, z_ok
+
+
+@triton.jit
+def add_terms(diff, wk, acc, squares, out_ptr, rows, ocols, ok, width, REDUCTION: tl.constexpr,
+              WEIGHTED: tl.constexpr):
+    """The loss terms of a tile diff = z − r (0 where masked off) whose output columns are ocols of `width`:
+    squares += diff² (column: weighted once per column, at the end), else e = w·diff², stored (none) or
+    added into acc. Returns (acc, squares)."""
+    if REDUCTION == REDUCTION_COLUMN_C:
+        squares += diff * diff
+    else:
+        e = diff * diff
+        if WEIGHTED:
+            e = e * wk[None, :]
+        if REDUCTION == REDUCTION_NONE_C:
+            tl.store(out_ptr + rows[:, None] * width + ocols[None, :], e.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            acc += e
+    return acc, squares
+
+
+@triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries (counts are scalars, either may be 0). The cross term is
+    added only when both have rows, so a huge mean never meets a zero count (no inf·0 = NaN)."""
+    n = n_a + n_b
+    both = (n_a > 0) & (n_b > 0)
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = tl.where(both, mean_b - mean_a, 0.0)
+    mean = tl.where(n_a > 0, mean_a + delta * frac, mean_b)
+    m2 = m2_a + m2_b + tl.where(both, delta * delta * (n_a * frac), 0.0)
+    return n, mean, m2
