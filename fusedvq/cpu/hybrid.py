@@ -36,9 +36,10 @@ def _split_weight(weight: Optional[torch.Tensor], gap) -> tuple:
 
 
 def _embedding_diff(target: torch.Tensor, embeddings: torch.Tensor, gap, cdt) -> torch.Tensor:
-    """emb − r on the gap's columns, [B, c] in the compute dtype."""
+    """emb − r on the gap's columns, [B, c] contiguous in the compute dtype (whatever the inputs' strides)."""
     at, c = gap
-    return embeddings.to(cdt) - target[:, at : at + c].to(cdt)
+    out = torch.empty((embeddings.shape[0], c), dtype=cdt, device=embeddings.device)
+    return torch.sub(embeddings, target[:, at : at + c], out=out)
 
 
 def forward(features: Callable, target: torch.Tensor, embeddings: torch.Tensor, mode: Mode,
