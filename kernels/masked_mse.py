@@ -8,6 +8,8 @@ Math (reference.py states the same in torch ops), with x̃ = nan_to_num(x) when 
     VJP       g = grad_out/(B·K) | grad_out | grad_out[b, k] | grad_out[k]/B,  dz = 2·g·w·diff
               ∂L/∂r[b, k] = −dz[b, k]
               ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite)
+    EMBED     (a hybrid's objective) r [B, K + c] is compared on all its columns, the c from gap_at on with
+              emb [B, c] as given (diff = emb − r, ∂L/∂emb = −∂L/∂r there), over W = K + c loss columns
     CLEAN     (clean_features) the forward writes z itself; the backward takes dz = ∂L/∂z as given:
               ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite), no r
     norm "batch" reuses both kernels with NORM_BATCH: z = ((x̃ − c) − m)·(1/σ') and batch norm's VJP
