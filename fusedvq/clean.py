@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .arguments import REDUCTIONS, ColumnMap, check_gap, option_code, prepare
+from .arguments import REDUCTIONS, ColumnMap, option_code, prepare
 from .loss import Prepared
 from .reference import loss_columns
 
@@ -62,14 +62,16 @@ class FeatureCleaner(Prepared):
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
 
-    def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, **options):
+    def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, _gap=(0, 0), **options):
+        # (_gap: from_spec's hybrid layout (p, c), known before the weight is checked: [K + c] weights then fit)
         super().__init__(index, mean, std, categories=categories, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
         # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
         K, device = self.num_kept, self.index.device
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
-                               num_features=K)._replace(weight=self._weight(weight, K, device))
-        self._set_categories(self._z_plan.weight)
+                               num_features=K, gap=_gap)
+        self._z_plan = self._z_plan._replace(weight=self._weight(weight, K, device, self._z_plan.gap))
+        self._set_categories(self._z_plan.weight, self._z_plan.gap)
         self._z_held: dict = {}  # reduction code → (z plan, its plan with that reduction, their small route)
 
     @classmethod
@@ -78,10 +80,8 @@ class FeatureCleaner(Prepared):
         `combine(z, embeddings)` builds the encoder's K + c input, `recon_loss(recon, z)` compares the
         decoder's feature columns with z, and `recon_columns` says which decoder columns those are (the c
         others are the embeddings, left to the caller)."""
-        cleaner = super().from_spec(spec, norm=norm, **options)
-        if spec.hybrid is not None:
-            gap = check_gap((spec.hybrid.first_embedding, spec.hybrid.num_embedding), cleaner.num_kept)
-            cleaner._z_plan = cleaner._z_plan._replace(gap=gap)
+        gap = (0, 0) if spec.hybrid is None else (spec.hybrid.first_embedding, spec.hybrid.num_embedding)
+        cleaner = super().from_spec(spec, norm=norm, _gap=gap, **options)
         cleaner.hybrid = spec.hybrid
         return cleaner
 

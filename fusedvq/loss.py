@@ -86,7 +86,7 @@ class Prepared(nn.Module):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
         self._held = ()  # (plan, route, the buffers they hold): ops.held_plan's, kept between calls
-        self._set_categories(plan.weight)
+        self._set_categories(plan.weight, plan.gap)
 
     def _weight(self, weight, num_kept: int, device, gap=(0, 0)) -> Optional[torch.Tensor]:
         """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
@@ -97,11 +97,11 @@ class Prepared(nn.Module):
         return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device,
                             gap[1])
 
-    def _set_categories(self, weight: Optional[torch.Tensor]) -> None:
+    def _set_categories(self, weight: Optional[torch.Tensor], gap=(0, 0)) -> None:
         """The buffers category_errors reads: each category's kept columns and 1/(their total weight)."""
         members = coef = None
         if weight is not None and weight.shape[0] != self.index.shape[0]:  # [K + c]: the kept columns' [K]
-            weight = around_gap(weight, self.plan.gap)
+            weight = around_gap(weight, gap)
         if self.categories:
             members, coef = category_layout(self.categories, weight, self.index.shape[0], self.index.device)
         self.register_buffer("category_members", members, persistent=False)

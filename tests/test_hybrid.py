@@ -94,8 +94,9 @@ def test_the_vq_led_step_through_the_cleaner(tmp_path):
     from spinlock_format import make_run, write_run
 
     run = make_run(hybrid=True, seed=5, num_embedding=C)
+    w = torch.rand(run.K + C, generator=torch.Generator().manual_seed(5)) + 0.5  # one per decoder column
     cleaner = fusedvq.FeatureCleaner.from_checkpoint(write_run(tmp_path, run), norm="batch", nan_to_num=True,
-                                                     num_features=sum(run.families.values()))
+                                                     num_features=sum(run.families.values()), weight=w)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(8, cleaner.num_features, generator=g, requires_grad=True)
     emb = torch.randn(8, C, generator=g, requires_grad=True)
@@ -103,7 +104,7 @@ def test_the_vq_led_step_through_the_cleaner(tmp_path):
     z = cleaner(x)
     for reduction in ("mean", "column"):
         got = cleaner.recon_loss(recon, z, reduction=reduction, embeddings=emb)
-        want = F.mse_loss(recon.double(), cleaner.combine(z, emb).double(), reduction="none")
+        want = F.mse_loss(recon.double(), cleaner.combine(z, emb).double(), reduction="none") * w.double()
         want = want.mean() if reduction == "mean" else want.mean(0)
         assert got.shape == want.shape and rel_err(got, want) <= 1e-6
         grads = torch.autograd.grad(got.sum(), (x, emb, recon), retain_graph=True)
