@@ -93,9 +93,10 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
             if value is not None:
                 raise ValueError(f"{name} was given but norm={o['norm']!r} does not use it")
     K = columns.index.shape[0]
-    weight = None if weight is None else check_weight(weight, K, dtype, columns.index.device)
-    return Plan(columns, shift, scale, weight, norm, reduction_id, eps, nan_to_num, o["backend"], sync,
-                check_gap(gap, K), selector)
+    gap = check_gap(gap, K)
+    weight = None if weight is None else check_weight(weight, K, dtype, columns.index.device, gap[1])
+    return Plan(columns, shift, scale, weight, norm, reduction_id, eps, nan_to_num, o["backend"], sync, gap,
+                selector)
 
 
 def _is_tracing() -> bool:
@@ -274,15 +275,20 @@ def _check_stats_values(mu: torch.Tensor, sigma: torch.Tensor, index: torch.Tens
     )
 
 
-def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device,
+                 num_embedding: int = 0) -> torch.Tensor:
     """The loss's per-column weights as a [K] tensor in `dtype` on `device`: 1-D, one per kept column (in the
     loss's column order), real, finite and >= 0 (checked on the host once: one synchronization on CUDA;
-    skipped while torch.compile traces, like the statistics' values)."""
+    skipped while torch.compile traces, like the statistics' values). With a hybrid's num_embedding = c > 0,
+    [K + c] too: one per decoder column, for the objective over all K + c columns (calls with embeddings)."""
     weight = resolve_weight(weight, {}, num_kept)  # (a weight by category name, here without categories: refused)
     t = _as_tensor(weight, "weight", device)
-    if t.dim() != 1 or t.shape[0] != num_kept:
-        raise ValueError(f"weight must be 1-D with one entry per kept column (K = {num_kept}), got shape "
+    if t.dim() != 1 or t.shape[0] not in (num_kept, num_kept + num_embedding):
+        hybrid = (f", or one per decoder column (K + c = {num_kept + num_embedding}) for the objective with "
+                  f"embeddings" if num_embedding else "")
+        raise ValueError(f"weight must be 1-D with one entry per kept column (K = {num_kept}){hybrid}, got shape "
                          f"{tuple(t.shape)}")
+    num_kept = t.shape[0]
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"weight must hold real numbers, got {t.dtype}")
     wide = t.to(torch.float64)

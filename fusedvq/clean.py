@@ -13,6 +13,8 @@ two gradients as for any tensor.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import ops
@@ -20,7 +22,7 @@ from .arguments import OPTIONS, REDUCTIONS, ColumnMap, prepare
 from .strict import check_flag, check_gap, option_code, refuse_unknown
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
-from .loss import Prepared
+from .loss import Prepared, _kept_weight, check_spec
 from .reference import loss_columns
 
 
@@ -67,13 +69,15 @@ class FeatureCleaner(Prepared):
 
     _TAKES = ("index", "mean", "std", "num_features", "weight", "categories", *OPTIONS)
 
-    def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, **options):
+    def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, _gap=(0, 0), **options):
+        # (_gap: from_spec's hybrid layout (p, c), known before the weight is checked: [K + c] weights then fit)
         super().__init__(index, mean, std, categories=categories, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
         # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
         K, device = self.num_kept, self.index.device
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
-                               num_features=K)._replace(weight=self._weight(weight, K, device))
+                               num_features=K, gap=_gap)
+        self._z_plan = self._z_plan._replace(weight=self._weight(weight, K, device, self._z_plan.gap))
         self._z_held: dict = {}  # reduction code → (z plan, its plan with that reduction, their small route)
 
     @classmethod
@@ -82,10 +86,9 @@ class FeatureCleaner(Prepared):
         `combine(z, embeddings)` builds the encoder's K + c input, `recon_loss(recon, z)` compares the
         decoder's feature columns with z, and `recon_columns` says which decoder columns those are (the c
         others are the embeddings, left to the caller)."""
-        cleaner = super().from_spec(spec, norm=norm, **options)
-        if spec.hybrid is not None:
-            gap = check_gap((spec.hybrid.first_embedding, spec.hybrid.num_embedding), cleaner.num_kept)
-            cleaner._z_plan = cleaner._z_plan._replace(gap=gap)
+        check_spec(cls, spec)
+        gap = (0, 0) if spec.hybrid is None else (spec.hybrid.first_embedding, spec.hybrid.num_embedding)
+        cleaner = super().from_spec(spec, norm=norm, _gap=gap, **options)
         cleaner.hybrid = spec.hybrid
         return cleaner
 
@@ -98,7 +101,7 @@ class FeatureCleaner(Prepared):
         return self
 
     def _loss_weight(self):
-        return self._z_plan.weight  # (recon_loss's weights)
+        return _kept_weight(self._z_plan.weight, self.num_kept, self._z_plan.gap)  # (recon_loss's weights)
 
     @property
     def gap(self) -> tuple[int, int]:
@@ -126,11 +129,15 @@ class FeatureCleaner(Prepared):
                              f"{list(embeddings.shape)}")
         return torch.cat([z[:, :p], embeddings.to(z.dtype), z[:, p:]], dim=1)
 
-    def recon_loss(self, recon: torch.Tensor, z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def recon_loss(self, recon: torch.Tensor, z: torch.Tensor, reduction: str = "mean",
+                   embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """F.mse_loss(recon[:, recon_columns], z) without the gather: recon [B, K] (hybrid: [B, K + c]) is
         read in place, its embedding columns skipped (zero gradient); gradients flow to recon and z.
         reduction: "mean", "sum", "none" [B, K], or "column" [K] (category_errors takes it); e = w·(z − r)²
-        with the cleaner's weight, the mean dividing by B·K."""
+        with the cleaner's weight, the mean dividing by B·K.
+        embeddings [B, c] (hybrid): the trainer's objective instead, F.mse_loss(recon, combine(z, embeddings))
+        over all K + c decoder columns, read in place (no combined copy): [B, K + c] / [K + c] for "none" /
+        "column", gradients to recon, z and the embeddings."""
         code = option_code("reduction", reduction, REDUCTIONS)
         held = self._z_held.get(code)
         if held is None or held[0] is not self._z_plan:  # (the z plan changes with .to() and from_spec's gap)
@@ -141,7 +148,7 @@ class FeatureCleaner(Prepared):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}: recon_loss(recon, z)")
         ops.check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
-        return ops.call_loss(z, recon, held[1], "recon_loss(recon [B, {1}], z [B, {0}])", held[2])
+        return ops.call_loss(z, recon, held[1], "recon_loss(recon [B, {1}], z [B, {0}])", held[2], embeddings)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""

@@ -16,6 +16,7 @@ from .arguments import NORMS, OPTIONS, REDUCTIONS, _is_tracing, check_weight, pr
 from .categories import category_errors, category_members, check_categories, resolve_weight
 from .checkpoint import FeatureSpec, load_feature_spec
 from .strict import check_count, check_flag, refuse_unknown
+from .cpu.hybrid import around_gap
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
 # Every keyword each form takes, as its unknown-option error lists them (the options of OPTIONS included).
@@ -91,7 +92,8 @@ class Prepared(nn.Module):
         weight = form.pop("weight", None)
         plan = prepare(index, mean, std, options, num_features=num_features, **form)
         self.categories = check_categories(categories, plan.columns.index.shape[0])
-        plan = plan._replace(weight=self._weight(weight, plan.columns.index.shape[0], plan.columns.index.device))
+        plan = plan._replace(weight=self._weight(weight, plan.columns.index.shape[0], plan.columns.index.device,
+                                                 plan.gap))
         for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale),
                             ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
@@ -99,12 +101,14 @@ class Prepared(nn.Module):
         self._held = ()  # (plan, route, the buffers they hold): ops.held_plan's, kept between calls
         self._set_categories()
 
-    def _weight(self, weight, num_kept: int, device) -> Optional[torch.Tensor]:
+    def _weight(self, weight, num_kept: int, device, gap=(0, 0)) -> Optional[torch.Tensor]:
         """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
-        others weigh 1), or "balanced" (categories.py); None when not given."""
+        others weigh 1), or "balanced" (categories.py); with a gap (at, c), [K + c] numbers too (a hybrid's
+        objective, one weight per decoder column); None when not given."""
         if weight is None:
             return None
-        return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device)
+        return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device,
+                            gap[1])
 
     def _set_categories(self) -> None:
         """The buffer category_errors reads: each category's distinct kept columns (category_members)."""
@@ -112,8 +116,9 @@ class Prepared(nn.Module):
         self.register_buffer("category_members", members, persistent=False)
 
     def _loss_weight(self) -> Optional[torch.Tensor]:
-        """The per-column weights the loss uses now (the weight buffer), for category_errors."""
-        return self.weight
+        """The per-kept-column weights [K] the loss uses now (the weight buffer; a hybrid objective's [K + c]
+        weights without their embedding columns), for category_errors."""
+        return _kept_weight(self.weight, self.num_kept, self.plan.gap)
 
     @property
     def category_names(self) -> tuple[str, ...]:
@@ -196,11 +201,17 @@ class MaskedMSELoss(Prepared):
                          **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
 
-    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, target: torch.Tensor, embeddings: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """The loss of features [B, D] against target [B, K] ([B, K + c] with target_gap=(p, c)). embeddings
+        [B, c] (with a target_gap): the hybrid's objective instead, one MSE over all K + c target columns,
+        F.mse_loss(target, [z[:, :p], embeddings, z[:, p:]]) read in place; its reductions "none" and
+        "column" give [B, K + c] and [K + c], a weight then has K + c entries, and gradients flow to the
+        embeddings too (when they require one)."""
         if self.hybrid is not None:
             self._refuse_decoder_output(target)
         held = ops.held_plan(self)
-        return ops.call_loss(features, target, held[0], _SIGNATURE, held[1])
+        return ops.call_loss(features, target, held[0], _SIGNATURE, held[1], embeddings)
 
     def _refuse_decoder_output(self, target) -> None:
         """Built from a hybrid VQ-VAE without target_gap, the loss compares a [B, K] target: a target of another
@@ -266,3 +277,8 @@ def _refuse_swapped(features: torch.Tensor, target: torch.Tensor, index) -> None
 
 
 __all__ = ["masked_mse", "MaskedMSELoss", "Prepared"]
+
+
+def _kept_weight(weight: Optional[torch.Tensor], num_kept: int, gap) -> Optional[torch.Tensor]:
+    """weight [K], or [K + c] per decoder column (a hybrid's objective) without its c embedding columns."""
+    return weight if weight is None or weight.shape[0] == num_kept else around_gap(weight, gap)

@@ -142,11 +142,15 @@ class VQReconLoss(nn.Module):
                 f"columns of {D}{extra}, {width} in all: pass the decoder's output"
             )
 
-    def forward(self, features: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """features [B, D], recon [B, K] (hybrid: [B, K + c]) → the loss (scalar, or [B, K] with
-        reduction="none"), over the kept feature columns."""
+    def forward(self, features: torch.Tensor, recon: torch.Tensor, embeddings: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """features [B, D], recon [B, K] (hybrid: [B, K + c]) → the loss (scalar, [B, K] with reduction="none",
+        [K] with "column"), over the kept feature columns. A hybrid with embeddings [B, c] (the initial
+        encoder's output): the trainer's objective, one MSE over all K + c decoder columns,
+        F.mse_loss(recon, combined) with combined = the normalized kept columns and the embeddings at their
+        decoder columns, read in place (no combined copy); [B, K + c] / [K + c] for "none" / "column"."""
         self._check_widths(features, recon)
-        return self.loss(features, recon)
+        return self.loss(features, recon, embeddings)
 
     def extra_repr(self) -> str:
         cats = f", {len(self.categories)} categories" if self.categories else ""

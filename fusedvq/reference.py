@@ -14,6 +14,10 @@ the tests' oracle. The fast CPU implementation with hand-written gradients is cp
 The weighted mean divides by B·K, not by Σw, as PyTorch's weighted losses without a normalizing option do;
 the column reduction's mean over k is the mean loss (weighted or not).
 
+A hybrid's objective (embeddings e [B, c] given, target [B, K + c]): one MSE over all K + c decoder columns
+against combined = [z[:, :at], e, z[:, at:]] (the embeddings compared as given), e = w[j]·(combined − r)²
+with w [K + c], the mean dividing by B·(K + c): exactly F.mse_loss(r, combined) (combined below states it).
+
 clean_features returns z itself; with dz = ∂L/∂z given, ∂L/∂x[b, d] = Σ_{k : index[k] = d} dz[b, k]·scale[k]
 (0 where x was non-finite): the loss's VJP with 2·g·diff replaced by dz.
 
@@ -146,13 +150,28 @@ def masked_mse_composed(
     scale: Optional[torch.Tensor],  # [K] compute dtype, or None
     nan_to_num: bool,
     reduction: int,
-    gap: tuple = (0, 0),  # target [B, K + c]: its c columns from `at` on are skipped
-    weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
+    gap: tuple = (0, 0),  # target [B, K + c]: its c columns from `at` on are skipped (compared with embeddings)
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype ([K + c] with embeddings), or None
+    embeddings: Optional[torch.Tensor] = None,  # [B, c]: a hybrid's objective over all K + c columns
 ) -> torch.Tensor:
     """The loss as differentiable torch ops on the K kept columns, gradients by autograd: for small batches,
     where per-op overhead is much of the cost (autograd's C++ backward has less of it than a Python one)."""
     z = normalized_kept(x, index, shift, scale, nan_to_num)
-    return _mse(z, target_columns(target, *gap), reduction, x.dtype, weight)
+    return _hybrid_or_gapped_mse(z, target, gap, reduction, x.dtype, weight, embeddings)
+
+
+def combined(z: torch.Tensor, embeddings: torch.Tensor, at: int) -> torch.Tensor:
+    """A hybrid's compared input [B, K + c]: z's columns with the embeddings inserted at column `at` (what
+    FeatureCleaner.combine builds for the encoder; the composition's statement of the objective)."""
+    return torch.cat([z[:, :at], embeddings.to(z.dtype), z[:, at:]], dim=1)
+
+
+def _hybrid_or_gapped_mse(z, target, gap, reduction: int, dtype, weight, embeddings) -> torch.Tensor:
+    """_mse of z against the target's K loss columns, or (embeddings given) of combined(z, embeddings)
+    against the whole target."""
+    if embeddings is None:
+        return _mse(z, target_columns(target, *gap), reduction, dtype, weight)
+    return _mse(combined(z, embeddings, gap[0]), target, reduction, dtype, weight)
 
 
 def grads_through(outputs: torch.Tensor, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
@@ -216,9 +235,10 @@ def batch_mse_composed(
     nan_to_num: bool,
     reduction: int,
     gap: tuple = (0, 0),  # as in masked_mse_composed
-    weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype ([K + c] with embeddings), or None
+    embeddings: Optional[torch.Tensor] = None,  # [B, c], as in masked_mse_composed (not in the statistics)
 ) -> torch.Tensor:
     """The batch-statistics loss as differentiable torch ops, gradients by autograd (so to any order, and
     under torch.func)."""
     z = batch_normalized_kept(x, index, eps, nan_to_num)
-    return _mse(z, target_columns(target, *gap), reduction, x.dtype, weight)
+    return _hybrid_or_gapped_mse(z, target, gap, reduction, x.dtype, weight, embeddings)

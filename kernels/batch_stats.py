@@ -31,22 +31,9 @@ import triton.language as tl
 from .launch import TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for, scratch
 from .launch import scratch_guard
 from .launchers import launch_backward, launch_forward, reduction_scale
-from .masked_mse import (FLT_MAX, NORM_BATCH_C, column_stats, kept_columns, load_features, normalize,
-                         store_partial_pair, sum_partial_pairs)
+from .tiles import (FLT_MAX, NORM_BATCH_C, chan_merge, column_stats, kept_columns, load_features, normalize,
+                    store_partial_pair, sum_partial_pairs)
 from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, Mode
-
-
-@triton.jit
-def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, M2) summaries (counts are scalars, either may be 0). The cross term is
-    added only when both have rows, so a huge mean never meets a zero count (no inf·0 = NaN)."""
-    n = n_a + n_b
-    both = (n_a > 0) & (n_b > 0)
-    frac = n_b / tl.maximum(n, 1.0)
-    delta = tl.where(both, mean_b - mean_a, 0.0)
-    mean = tl.where(n_a > 0, mean_a + delta * frac, mean_b)
-    m2 = m2_a + m2_b + tl.where(both, delta * delta * (n_a * frac), 0.0)
-    return n, mean, m2
 
 
 @triton.jit
@@ -90,7 +77,7 @@ def _column_moments_kernel(
             n_tile = tl.sum(row_ok.to(tl.float32), axis=0)
             tile_mean = tl.sum(dv, axis=0) / n_tile
             dev = tl.where(ok, dv - tile_mean[None, :], 0.0)
-            n, mean, m2 = _chan_merge(n, mean, m2, n_tile, tile_mean, tl.sum(dev * dev, axis=0))
+            n, mean, m2 = chan_merge(n, mean, m2, n_tile, tile_mean, tl.sum(dev * dev, axis=0))
         base = partial_ptr + pid.to(tl.int64) * 2 * K + cols
         tl.store(base, mean, mask=col_ok)
         tl.store(base + K, m2, mask=col_ok)
@@ -111,7 +98,7 @@ def _column_moments_kernel(
                 n_p = tl.load(count_ptr + p, cache_modifier=".cg")
                 mean_p = tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
                 m2_p = tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
-                n, mean, m2 = _chan_merge(n, mean, m2, n_p, mean_p, m2_p)
+                n, mean, m2 = chan_merge(n, mean, m2, n_p, mean_p, m2_p)
             tl.store(stats_ptr + K + cols, mean, mask=col_ok)
             if FINALIZE:  # reference.finalize_batch_stats, per column
                 n_k = tl.zeros([BLOCK_K], dtype=tl.float32) + n
@@ -129,14 +116,14 @@ def _column_moments_kernel(
 
 @triton.jit
 def _dz_sums_kernel(
-    grad_ptr,  # [B, K] ∂L/∂loss (reduction "none"), any strides
+    grad_ptr,  # [B, W] ∂L/∂loss (reduction "none"), any strides; W = K + gap with EMBED, else K
     x_ptr,  # [B, D] features, any strides
     r_ptr,  # [B, K] target, any strides (not read with CLEAN)
     idx_ptr,  # [K] int64
     shift_ptr,  # [K] fp32 c, the moments' shift
     center_ptr,  # [K] fp32 m, the batch mean around c
     scale_ptr,  # [K] fp32 1/σ'
-    w_ptr,  # [K] fp32: the loss's weights (WEIGHTED)
+    w_ptr,  # [W] fp32: the loss's weights (WEIGHTED)
     partial_ptr,  # [num_programs, 2, K] fp32 workspace
     sums_ptr,  # [2, K] fp32 out: S1 = Σ_b dz, S2 = Σ_b dz·z with dz = 2·g·w·diff·m (CLEAN: g·m)
     counter_ptr,  # [1] int32 ticket counter
@@ -154,6 +141,7 @@ def _dz_sums_kernel(
     NAN_TO_NUM: tl.constexpr,
     CLEAN: tl.constexpr,  # 0/1: clean_features, g = ∂L/∂z (dz = g·m)
     WEIGHTED: tl.constexpr,  # 0/1: the loss's e = w[k]·diff²
+    EMBED: tl.constexpr,  # 0/1: a hybrid's objective: grad and w in r's column order (the gap's columns too)
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -163,8 +151,10 @@ def _dz_sums_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM_BATCH_C)
+        rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)  # r's columns
+        gcols = rcols if EMBED else cols.to(tl.int64)  # grad's and the weights'
         if WEIGHTED:
-            wk = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
+            wk = tl.load(w_ptr + gcols, mask=col_ok, other=0.0)
         s1 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for rb in range(pid, row_blocks, num_programs):
@@ -172,11 +162,10 @@ def _dz_sums_kernel(
             ok = (rows < B)[:, None] & col_ok[None, :]
             xv = load_features(x_ptr, rows, d, ok, stride_xb, stride_xd, NAN_TO_NUM)
             z, z_ok = normalize(xv, mu, center, inv_sigma, NORM_BATCH_C)
-            gv = tl.load(grad_ptr + rows[:, None] * stride_gb + cols.to(tl.int64)[None, :] * stride_gk, mask=ok, other=0.0)
+            gv = tl.load(grad_ptr + rows[:, None] * stride_gb + gcols[None, :] * stride_gk, mask=ok, other=0.0)
             if CLEAN:
                 dz = tl.where(ok & z_ok, gv.to(tl.float32), 0.0)
             else:
-                rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)
                 rv = tl.load(r_ptr + rows[:, None] * stride_rb + rcols[None, :] * stride_rk, mask=ok, other=0.0)
                 dz = tl.where(ok & z_ok, 2.0 * gv.to(tl.float32) * (z - rv.to(tl.float32)), 0.0)
                 if WEIGHTED:
@@ -226,21 +215,24 @@ def batch_stats(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None)
     return merge_and_finalize(x.shape[0], shift, mean, m2)
 
 
-def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None, weight=None):
+def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None, weight=None,
+                      embeddings=None):
     """(loss, stats [5, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
     with g itself: no launch to fill them). merge_and_finalize(count, c, m, M2) -> stats [5, K]
-    turns this batch's moments into statistics over all ranks; None: this batch's own."""
+    turns this batch's moments into statistics over all ranks; None: this batch's own. embeddings [B, c]:
+    a hybrid's objective over K + c columns (the statistics stay the K feature columns')."""
     B, K, reduction = x.shape[0], index.shape[0], mode.reduction
     stats = batch_stats(x, index, eps, mode.nan_to_num, merge_and_finalize)
     if B == 0:
-        shape = (0, K) if reduction == REDUCTION_NONE else (K,) if reduction == REDUCTION_COLUMN else ()
+        W = K + mode.gap[1] if embeddings is not None else K
+        shape = (0, W) if reduction == REDUCTION_NONE else (W,) if reduction == REDUCTION_COLUMN else ()
         return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
     loss, colsums = launch_forward(x, target, index, (stats[0], stats[1], stats[2]), mode._replace(norm=NORM_BATCH),
-                                   colsums=reduction != REDUCTION_NONE, weight=weight)
+                                   colsums=reduction != REDUCTION_NONE, weight=weight, embeddings=embeddings)
     return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
 
 
-def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0), weight=None) -> torch.Tensor:
+def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0), weight=None, embed=False):
     """(S1, S2) [2, K] fp32 of reduction "none" (target None: of clean_features, grad_loss = ∂L/∂z): Σ_b dz
     and Σ_b dz·z over these B rows."""
     clean = target is None
@@ -259,32 +251,37 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0), we
             scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
             target.stride(0), target.stride(1), gap[0], gap[1],
-            NAN_TO_NUM=int(nan_to_num), CLEAN=int(clean), WEIGHTED=int(weight is not None), BLOCK_B=block_b,
-            BLOCK_K=block_k,
+            NAN_TO_NUM=int(nan_to_num), CLEAN=int(clean), WEIGHTED=int(weight is not None), EMBED=int(embed),
+            BLOCK_B=block_b, BLOCK_K=block_k,
             num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
     return sums
 
 
 def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode: Mode, sum_over_ranks=None,
-                       weight=None):
-    """(grad_x [B, D], grad_target [B, K (+ gap)]); columns (index, inv_ptr, inv_k), saved (stats, colsums) of
-    the forward; sum_over_ranks([2, K]) -> [2, K] sums S over all ranks."""
+                       weight=None, embeddings=None):
+    """(grad_x [B, D], grad_target [B, K (+ gap)]), and with embeddings grad_embeddings [B, c] third; columns
+    (index, inv_ptr, inv_k), saved (stats, colsums) of the forward; sum_over_ranks([2, K]) -> [2, K] sums S
+    over all ranks."""
     index, inv_ptr, inv_k = columns
     stats, colsums = saved
-    B, K, reduction, needs = x.shape[0], index.shape[0], mode.reduction, mode.needs
+    B, K, reduction, needs, embed = x.shape[0], index.shape[0], mode.reduction, mode.needs, embeddings is not None
     sums, sums_final = colsums, False
     if reduction == REDUCTION_NONE:
-        sums, sums_final = dz_sums(grad_loss, x, target, index, stats, mode.nan_to_num, mode.gap, weight), True
+        sums = dz_sums(grad_loss, x, target, index, stats, mode.nan_to_num, mode.gap, weight, embed)
+        sums_final = True
     elif sum_over_ranks is not None:  # S = f·A, f the column's gradient factor (as the kernel forms it)
-        f = grad_loss.float() * (2.0 * reduction_scale(reduction, B, K))
-        sums, sums_final = colsums * (f if weight is None else f * weight), True
+        f = grad_loss.float() * (2.0 * reduction_scale(reduction, B, K + mode.gap[1] if embed else K))
+        if weight is not None:  # (with embeddings: [K + c], the feature columns' around the gap)
+            f = f * (torch.cat([weight[: mode.gap[0]], weight[sum(mode.gap) :]]) if embed else weight)
+        sums, sums_final = colsums * f, True
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     if B == 0:
-        return (x.new_zeros(x.shape) if needs[0] else None), (target.new_zeros(target.shape) if needs[1] else None)
+        grads = (x.new_zeros(x.shape) if needs[0] else None), (target.new_zeros(target.shape) if needs[1] else None)
+        return (*grads, embeddings.new_zeros(embeddings.shape) if needs[2] else None) if embed else grads
     return launch_backward(grad_loss, x, target, (inv_ptr, inv_k), tuple(stats), mode._replace(norm=NORM_BATCH), sums,
-                           sums_final, weight)
+                           sums_final, weight, embeddings)
 
 
 def batch_clean_forward(x, index, eps: float, mode: Mode, merge_and_finalize=None):

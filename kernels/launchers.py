@@ -35,12 +35,14 @@ def launch_forward(
     stats: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ') batch
     mode: Mode,
     colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
-    weight=None,  # [K] fp32: the loss's per-column weights, or None
+    weight=None,  # [W] fp32: the loss's per-column weights, or None
+    embeddings=None,  # [B, c] (c = mode.gap[1]): a hybrid's objective, over W = K + c columns; None: W = K
 ):
-    """(loss [] / [K] (column) / [B, K] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs
+    """(loss [] / [W] (column) / [B, W] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs
     validated by the caller."""
     B, D = x.shape
     K = index.shape[0]
+    W = K + mode.gap[1] if embeddings is not None else K
     block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
     grid = (min(cdiv(B, block_b), max_programs(x)),)
     norm, nan_to_num, reduction, gap, _, clean = mode
@@ -54,26 +56,27 @@ def launch_forward(
     with device_guard(x), scratch_guard(x):
         column_partial = x  # unused unless reduction "column"
         if reduction == REDUCTION_NONE:
-            out = torch.empty((B, K), dtype=x.dtype, device=x.device)
+            out = torch.empty((B, W), dtype=x.dtype, device=x.device)
             partial = counter = out  # unused
         else:
-            out = torch.empty((K,) if reduction == REDUCTION_COLUMN else (), dtype=x.dtype, device=x.device)
+            out = torch.empty((W,) if reduction == REDUCTION_COLUMN else (), dtype=x.dtype, device=x.device)
             counter, partial = scratch(x, grid[0])
             if reduction == REDUCTION_COLUMN:
-                column_partial = torch.empty((grid[0], K), dtype=torch.float32, device=x.device)
+                column_partial = torch.empty((grid[0], W), dtype=torch.float32, device=x.device)
         if colsums:
             sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
             sums_partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         else:
             sums = sums_partial = partial  # unused
+        emb = x if embeddings is None else embeddings  # (x: never read)
         _FWD[grid](
-            x, target, index, shift, center, scale, x if weight is None else weight, out, partial, column_partial,
-            sums_partial, sums, counter,
+            x, target, emb, index, shift, center, scale, x if weight is None else weight, out, partial,
+            column_partial, sums_partial, sums, counter,
             B, K, D,
-            x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1],
-            reduction_scale(reduction, B, K),
+            x.stride(0), x.stride(1), target.stride(0), target.stride(1), emb.stride(0), emb.stride(1),
+            gap[0], gap[1], reduction_scale(reduction, B, W),
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
-            COLSUMS=int(colsums), CLEAN=int(clean),
+            COLSUMS=int(colsums), CLEAN=int(clean), EMBED=int(embeddings is not None),
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),
         )  # fmt: skip
     return out, (sums if colsums else None)
@@ -88,16 +91,18 @@ def launch_backward(
     mode: Mode,
     sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
     sums_final: bool = False,
-    weight=None,  # [K] fp32: the loss's per-column weights, or None
+    weight=None,  # [W] fp32: the loss's per-column weights, or None
+    embeddings=None,  # [B, c]: a hybrid's objective (launch_forward's)
 ):
     """(grad_x [B, D] in x.dtype, grad_target [B, K (+ c)] in target.dtype), freshly allocated, None where not
-    wanted; clean: grad_x."""
+    wanted, and with embeddings grad_embeddings [B, c] (mode.needs[2]) third; clean: grad_x."""
     inv_ptr, inv_k = inverse
     norm, nan_to_num, reduction, gap, needs, clean = mode
     B, D = x.shape
     K = inv_k.shape[0]
+    embed = embeddings is not None
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
-    grid = (cdiv(B, block_b), cdiv(D, block_d))
+    grid = (cdiv(B, block_b), cdiv(D, block_d) + (cdiv(gap[1], block_d) if embed else 0))
     if norm == NORM_BATCH:
         shift, center, scale, w, inv_n = stats
     else:
@@ -106,54 +111,64 @@ def launch_backward(
     sums = x if sums is None else sums
     g_strides = ((grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else
                  (0, grad_loss.stride(0)) if reduction == REDUCTION_COLUMN else (0, 0))
-    want_x, want_r = needs[0], needs[1] and not clean
+    want_x, want_r, want_e = needs[0], needs[1] and not clean, embed and needs[2]
     with device_guard(x):
         grad_x = torch.empty((B, D), dtype=x.dtype, device=x.device) if want_x else None
-        grad_target = None
+        grad_target = grad_e = None
         if clean:
             target = x  # never read
         elif want_r:
             at, width = gap
             grad_target = torch.empty((B, K + width), dtype=target.dtype, device=x.device)
-            if width:  # the kernel writes the K loss columns; the skipped ones get zeros here
+            if width and not embed:  # the kernel writes the K loss columns; the skipped ones get zeros here
                 grad_target[:, at : at + width].zero_()
+        if want_e:
+            grad_e = torch.empty((B, gap[1]), dtype=embeddings.dtype, device=x.device)
+        emb = embeddings if embed else x  # (x: never read)
         _BWD[grid](
-            grad_loss, x, target, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums,
+            grad_loss, x, target, emb, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums,
             x if weight is None else weight,
             x if grad_x is None else grad_x, x if grad_target is None else grad_target,  # (x: never written)
+            x if grad_e is None else grad_e,
             B, K, D,
-            x.stride(0), x.stride(1), target.stride(0), target.stride(1), gap[0], gap[1], *g_strides,
-            1.0 if clean else 2.0 * reduction_scale(reduction, B, K),
+            x.stride(0), x.stride(1), target.stride(0), target.stride(1), emb.stride(0), emb.stride(1),
+            gap[0], gap[1], *g_strides,
+            1.0 if clean else 2.0 * reduction_scale(reduction, B, K + gap[1] if embed else K),
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
-            SUMS_FINAL=int(sums_final),
-            CLEAN=int(clean), WRITE_X=int(want_x), WRITE_R=int(want_r), BLOCK_B=block_b, BLOCK_D=block_d,
+            SUMS_FINAL=int(sums_final), CLEAN=int(clean), WRITE_X=int(want_x), WRITE_R=int(want_r),
+            EMBED=int(embed), WRITE_E=int(want_e), BLOCK_B=block_b, BLOCK_D=block_d,
             num_warps=num_warps_for(block_b, block_d),
         )  # fmt: skip
-    return grad_x if clean else (grad_x, grad_target)
+    if clean:
+        return grad_x
+    return (grad_x, grad_target, grad_e) if embed else (grad_x, grad_target)
 
 
 _FWD = KernelLauncher(_masked_mse_fwd_kernel)
 _BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 
-def masked_mse_forward(x, target, index, stats: tuple, mode: Mode, weight=None) -> torch.Tensor:
-    """norm "none" (stats ()) or "stats" ((μ, 1/σ)): the loss ([], [K] or [B, K] in x.dtype); by whole-row
-    loads (row_loads.py) when TUNING.forward_loads == "rows" and the rows fit."""
-    if TUNING.forward_loads == "rows":
+def masked_mse_forward(x, target, index, stats: tuple, mode: Mode, weight=None, embeddings=None) -> torch.Tensor:
+    """norm "none" (stats ()) or "stats" ((μ, 1/σ)): the loss ([], [W] or [B, W] in x.dtype, W = K, or K + c
+    with embeddings [B, c]); by whole-row loads (row_loads.py) when TUNING.forward_loads == "rows", the rows
+    fit and no embeddings are compared."""
+    if TUNING.forward_loads == "rows" and embeddings is None:
         from .row_loads import rows_fit, rows_forward
 
         if rows_fit(x, target):
             return rows_forward(x, target, index, stats, mode, weight)
     norm = NORM_STATS if stats else NORM_NONE
     mode = mode if mode.norm == norm else mode._replace(norm=norm)  # (the host passes it right: µs at B = 4)
-    return launch_forward(x, target, index, stats, mode, weight=weight)[0]
+    return launch_forward(x, target, index, stats, mode, weight=weight, embeddings=embeddings)[0]
 
 
-def masked_mse_backward(grad_loss, x, target, inverse: tuple, stats: tuple, mode: Mode, weight=None):
-    """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c]), None where not needed."""
+def masked_mse_backward(grad_loss, x, target, inverse: tuple, stats: tuple, mode: Mode, weight=None,
+                        embeddings=None):
+    """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c]), None where not needed, and
+    with embeddings grad_embeddings [B, c] third."""
     norm = NORM_STATS if stats else NORM_NONE
     mode = mode if mode.norm == norm else mode._replace(norm=norm)
-    return launch_backward(grad_loss, x, target, inverse, stats, mode, weight=weight)
+    return launch_backward(grad_loss, x, target, inverse, stats, mode, weight=weight, embeddings=embeddings)
 
 
 def clean_forward(x, index, stats: tuple, mode: Mode) -> torch.Tensor:

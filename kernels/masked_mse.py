@@ -8,6 +8,8 @@ Math (reference.py states the same in torch ops), with x̃ = nan_to_num(x) when 
     VJP       g = grad_out/(B·K) | grad_out | grad_out[b, k] | grad_out[k]/B,  dz = 2·g·w·diff
               ∂L/∂r[b, k] = −dz[b, k]
               ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite)
+    EMBED     (a hybrid's objective) r [B, K + c] is compared on all its columns, the c from gap_at on with
+              emb [B, c] as given (diff = emb − r, ∂L/∂emb = −∂L/∂r there), over W = K + c loss columns
     CLEAN     (clean_features) the forward writes z itself; the backward takes dz = ∂L/∂z as given:
               ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite), no r
     norm "batch" reuses both kernels with NORM_BATCH: z = ((x̃ − c) − m)·(1/σ') and batch norm's VJP
@@ -32,131 +34,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE
-
-# The codes of plan.py as constexprs, which the kernels compare their NORM / REDUCTION arguments with.
-NORM_NONE_C = tl.constexpr(NORM_NONE)
-NORM_STATS_C = tl.constexpr(NORM_STATS)
-NORM_BATCH_C = tl.constexpr(NORM_BATCH)
-REDUCTION_NONE_C = tl.constexpr(REDUCTION_NONE)
-REDUCTION_COLUMN_C = tl.constexpr(REDUCTION_COLUMN)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tile pieces every kernel shares (batch_stats.py's too): the finite test, the walk over kept columns, the
-# normalization of a row tile, the per-program column sums of a last-program reduction. @triton.jit
-# helpers, inlined.
-# ---------------------------------------------------------------------------------------------------
-
-FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |v| <= FLT_MAX  ⇔  v is finite (false for NaN and ±Inf)
-
-
-@triton.jit
-def kept_columns(idx_ptr, k0, K, D, BLOCK_K: tl.constexpr):
-    """Kept columns k0 .. k0 + BLOCK_K: (ids [BLOCK_K], their feature columns d, in-range mask)."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    d = tl.load(idx_ptr + cols, mask=col_ok, other=0)
-    col_ok = col_ok & (d >= 0) & (d < D)  # validated before launch; never read out of bounds
-    return cols, d, col_ok
-
-
-@triton.jit
-def store_partial_pair(partial_ptr, pid, cols, col_ok, K, a, b):
-    """Program pid's column sums a, b [BLOCK_B, BLOCK_K] → partial[pid, 0 | 1, cols] ([P, 2, K] fp32)."""
-    base = partial_ptr + pid.to(tl.int64) * 2 * K + cols
-    tl.store(base, tl.sum(a, axis=0), mask=col_ok)
-    tl.store(base + K, tl.sum(b, axis=0), mask=col_ok)
-
-
-@triton.jit
-def sum_partial_pairs(partial_ptr, out_ptr, num_programs, K, BLOCK_K: tl.constexpr):
-    """out [2, K] = Σ_p partial[p] in program order (deterministic); run by the last program only."""
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        t0 = tl.zeros([BLOCK_K], dtype=tl.float32)
-        t1 = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for p in range(0, num_programs):
-            base = partial_ptr + p * 2 * K + cols
-            # .cg: read through L2, where the other programs' partials are visible.
-            t0 += tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
-            t1 += tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + cols, t0, mask=col_ok)
-        tl.store(out_ptr + K + cols, t1, mask=col_ok)
-
-
-
-
-@triton.jit
-def write_reduction(partial_ptr, column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale,
-                    REDUCTION: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The last program's part of a loss reduction: out = out_scale·Σ_p partial[p] (mean, sum), or the K
-    column errors of reduction "column" (sum_partial_columns), adding in program order (deterministic)."""
-    if REDUCTION == REDUCTION_COLUMN_C:
-        sum_partial_columns(column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, WEIGHTED, BLOCK_K)
-    else:
-        total = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for p0 in range(0, num_programs, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            # .cg: read through L2, where the other programs' partials are visible.
-            total += tl.load(partial_ptr + p, mask=p < num_programs, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr, (tl.sum(total, axis=0) * out_scale).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def sum_partial_columns(partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, WEIGHTED: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """out [K] = out_scale·w·Σ_p partial[p] in program order (deterministic), cast to out's dtype; run by the
-    last program only (partial: [P, K] fp32)."""
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        total = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for p in range(0, num_programs):
-            total += tl.load(partial_ptr + p * K + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-        total = total * out_scale
-        if WEIGHTED:
-            total = total * tl.load(w_ptr + cols, mask=col_ok, other=0.0)
-        tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def load_features(x_ptr, rows, d, ok, stride_xb, stride_xd, NAN_TO_NUM: tl.constexpr):
-    """x̃ of a [rows, d] tile in fp32 (0 where masked off; nan_to_num'd when NAN_TO_NUM)."""
-    xv = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
-    if NAN_TO_NUM:
-        xv = tl.where(tl.abs(xv) <= FLT_MAX, xv, 0.0)
-    return xv
-
-
-@triton.jit
-def column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM: tl.constexpr):
-    """(μ or c, m, 1/σ) of the columns `cols` for NORM; zeros (never used) where NORM does not read them."""
-    mu = tl.zeros(cols.shape, dtype=tl.float32)
-    center = tl.zeros(cols.shape, dtype=tl.float32)
-    inv_sigma = tl.zeros(cols.shape, dtype=tl.float32)
-    if NORM != NORM_NONE_C:
-        mu = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-        inv_sigma = tl.load(scale_ptr + cols, mask=col_ok, other=1.0)
-    if NORM == NORM_BATCH_C:
-        center = tl.load(center_ptr + cols, mask=col_ok, other=0.0)
-    return mu, center, inv_sigma
-
-
-@triton.jit
-def normalize(xv, mu, center, inv_sigma, NORM: tl.constexpr):
-    """(z, z_ok) of a tile: stats (x̃ − μ)·(1/σ); batch ((x̃ − c) − m)·(1/σ') then nan_to_num, z_ok marking
-    the finite z; none z = x̃. μ, c, m, 1/σ are [cols] vectors (unused ones may be anything)."""
-    z = xv
-    if NORM == NORM_STATS_C:
-        z = (xv - mu[None, :]) * inv_sigma[None, :]
-    z_ok = tl.abs(z) <= FLT_MAX
-    if NORM == NORM_BATCH_C:
-        z = ((xv - mu[None, :]) - center[None, :]) * inv_sigma[None, :]
-        z_ok = tl.abs(z) <= FLT_MAX
-        z = tl.where(z_ok, z, 0.0)
-    return z, z_ok
+from .tiles import (FLT_MAX, NORM_BATCH_C, NORM_NONE_C, NORM_STATS_C, REDUCTION_COLUMN_C,  # noqa: F401 (shared)
+                    REDUCTION_NONE_C, add_terms, column_stats, kept_columns, load_features, normalize,
+                    store_partial_pair, sum_partial_columns, sum_partial_pairs, write_reduction)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,14 +47,15 @@ def normalize(xv, mu, center, inv_sigma, NORM: tl.constexpr):
 def _masked_mse_fwd_kernel(
     x_ptr,  # [B, D] features, any strides, fp32/fp16/bf16
     r_ptr,  # [B, K] target, any strides, dtype of x
+    emb_ptr,  # [B, gap] embeddings, any strides, dtype of x (EMBED)
     idx_ptr,  # [K] int64: feature column read by kept column k
     shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
     center_ptr,  # [K] fp32: m, the batch mean around c (NORM 2): z = ((x − c) − m)·(1/σ')
     scale_ptr,  # [K] fp32: 1/σ (NORM >= 1)
-    w_ptr,  # [K] fp32: the loss's weights (WEIGHTED)
-    out_ptr,  # REDUCTION 0: [B, K] contiguous; 3: [K]; else []: dtype of x
+    w_ptr,  # [W] fp32: the loss's weights (WEIGHTED); W = K + gap with EMBED, else K
+    out_ptr,  # REDUCTION 0: [B, W] contiguous; 3: [W]; else []: dtype of x
     partial_ptr,  # [num_programs] fp32 workspace (mean/sum)
-    column_partial_ptr,  # [num_programs, K] fp32 workspace (column): each program's Σ diff² per column
+    column_partial_ptr,  # [num_programs, W] fp32 workspace (column): each program's Σ diff² per column
     colsum_partial_ptr,  # [num_programs, 2, K] fp32 workspace (COLSUMS)
     colsum_ptr,  # [2, K] fp32 out: (Σ_b diff·m, Σ_b diff·m·z), m = finite-z mask (COLSUMS)
     counter_ptr,  # [1] int32 ticket counter, 0 before and after every launch (mean/sum)
@@ -185,15 +66,18 @@ def _masked_mse_fwd_kernel(
     stride_xd,
     stride_rb,
     stride_rk,
-    gap_at,  # r's columns gap_at .. gap_at + gap − 1 are skipped (a hybrid decoder's embeddings): kept column
-    gap,  # k is read from r's column k + (gap if k >= gap_at else 0); gap = 0: r is [B, K]
-    out_scale,  # 1/(B·K) for mean, 1/B for column, 1 for sum
+    stride_eb,
+    stride_ec,
+    gap_at,  # r's columns gap_at .. gap_at + gap − 1 hold a hybrid decoder's embeddings, skipped unless EMBED:
+    gap,  # kept column k is r's column k + (gap if k >= gap_at else 0); gap = 0: r is [B, K]
+    out_scale,  # 1/(B·W) for mean, 1/B for column, 1 for sum
     NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch (stats from the batch; z passes through nan_to_num)
     NAN_TO_NUM: tl.constexpr,  # 0/1
     REDUCTION: tl.constexpr,  # 0 none, 1 mean, 2 sum, 3 column
     WEIGHTED: tl.constexpr,  # 0/1: e = w[k]·diff²
     COLSUMS: tl.constexpr,  # 0/1: also the column sums the batch-norm backward needs (NORM 2, mean/sum)
     CLEAN: tl.constexpr,  # 0/1: clean_features, out = z itself (REDUCTION 0; r is not read)
+    EMBED: tl.constexpr,  # 0/1: a hybrid's objective: r's gap columns compared with emb, outputs in r's order
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,  # chunk of partials the last program adds at a time
@@ -201,14 +85,17 @@ def _masked_mse_fwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     row_blocks = tl.cdiv(B, BLOCK_B)
+    W = K + gap if EMBED else K  # the loss's columns
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)  # [BLOCK_K] each
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM)
+        rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)  # r's columns
+        ocols = rcols if EMBED else cols.to(tl.int64)  # the outputs' and weights' columns
+        wk = tl.zeros([BLOCK_K], dtype=tl.float32)
         if WEIGHTED:
-            wk = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
-        if REDUCTION == REDUCTION_COLUMN_C:
-            squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            wk = tl.load(w_ptr + ocols, mask=col_ok, other=0.0)
+        squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)  # (column)
         if COLSUMS:
             sum_m = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
             sum_mz = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
@@ -221,27 +108,36 @@ def _masked_mse_fwd_kernel(
             if CLEAN:
                 tl.store(out_ptr + rows[:, None] * K + cols[None, :], z.to(out_ptr.dtype.element_ty), mask=ok)
             else:
-                rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)
                 rv = tl.load(r_ptr + rows[:, None] * stride_rb + rcols[None, :] * stride_rk, mask=ok, other=0.0)
                 diff = tl.where(ok, z - rv.to(tl.float32), 0.0)
-                if REDUCTION == REDUCTION_COLUMN_C:
-                    squares += diff * diff  # (weighted once per column, at the end)
-                else:
-                    e = diff * diff
-                    if WEIGHTED:
-                        e = e * wk[None, :]
-                    if REDUCTION == REDUCTION_NONE_C:
-                        tl.store(out_ptr + rows[:, None] * K + cols[None, :], e.to(out_ptr.dtype.element_ty), mask=ok)
-                    else:
-                        acc += e
+                acc, squares = add_terms(diff, wk, acc, squares, out_ptr, rows, ocols, ok, W, REDUCTION, WEIGHTED)
                 if COLSUMS:
                     m = tl.where(z_ok, diff, 0.0)
                     sum_m += m
                     sum_mz += m * z
         if REDUCTION == REDUCTION_COLUMN_C:
-            tl.store(column_partial_ptr + pid.to(tl.int64) * K + cols, tl.sum(squares, axis=0), mask=col_ok)
+            tl.store(column_partial_ptr + pid.to(tl.int64) * W + ocols, tl.sum(squares, axis=0), mask=col_ok)
         if COLSUMS:
             store_partial_pair(colsum_partial_ptr, pid, cols, col_ok, K, sum_m, sum_mz)
+    if EMBED:  # the gap's columns against the embeddings, as given: diff = emb − r (no norm, no statistics)
+        for j0 in range(0, gap, BLOCK_K):
+            jcols = j0 + tl.arange(0, BLOCK_K)
+            j_ok = jcols < gap
+            ecols = (gap_at + jcols).to(tl.int64)  # r's (and the outputs') columns
+            we = tl.zeros([BLOCK_K], dtype=tl.float32)
+            if WEIGHTED:
+                we = tl.load(w_ptr + ecols, mask=j_ok, other=0.0)
+            esq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            for rb in range(pid, row_blocks, num_programs):
+                rows = tl.arange(0, BLOCK_B).to(tl.int64) + rb * BLOCK_B
+                ok = (rows < B)[:, None] & j_ok[None, :]
+                ev = tl.load(emb_ptr + rows[:, None] * stride_eb + jcols.to(tl.int64)[None, :] * stride_ec, mask=ok,
+                             other=0.0)
+                rv = tl.load(r_ptr + rows[:, None] * stride_rb + ecols[None, :] * stride_rk, mask=ok, other=0.0)
+                diff = tl.where(ok, ev.to(tl.float32) - rv.to(tl.float32), 0.0)
+                acc, esq = add_terms(diff, we, acc, esq, out_ptr, rows, ecols, ok, W, REDUCTION, WEIGHTED)
+            if REDUCTION == REDUCTION_COLUMN_C:
+                tl.store(column_partial_ptr + pid.to(tl.int64) * W + ecols, tl.sum(esq, axis=0), mask=j_ok)
     if REDUCTION != REDUCTION_NONE_C:
         if REDUCTION != REDUCTION_COLUMN_C:
             tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
@@ -249,7 +145,7 @@ def _masked_mse_fwd_kernel(
         tl.debug_barrier()
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
         if ticket == num_programs - 1:
-            write_reduction(partial_ptr, column_partial_ptr, w_ptr, out_ptr, num_programs, K, out_scale, REDUCTION,
+            write_reduction(partial_ptr, column_partial_ptr, w_ptr, out_ptr, num_programs, W, out_scale, REDUCTION,
                             WEIGHTED, BLOCK_K, BLOCK_P)
             if COLSUMS:
                 sum_partial_pairs(colsum_partial_ptr, colsum_ptr, num_programs, K, BLOCK_K)
@@ -258,10 +154,11 @@ def _masked_mse_fwd_kernel(
 
 @triton.jit
 def _masked_mse_bwd_kernel(
-    grad_ptr,  # ∂L/∂loss: [] (mean/sum), [K] (column, stride stride_gk) or [B, K] any strides (none); CLEAN:
-    # ∂L/∂z [B, K] any strides
+    grad_ptr,  # ∂L/∂loss: [] (mean/sum), [W] (column, stride stride_gk) or [B, W] any strides (none); CLEAN:
+    # ∂L/∂z [B, K] any strides. W = K + gap with EMBED (r's column order), else K
     x_ptr,  # [B, D] features, any strides
     r_ptr,  # [B, K] target, any strides (not read with CLEAN)
+    emb_ptr,  # [B, gap] embeddings, any strides (EMBED)
     col_start_ptr,  # [D+1] int32 inv_ptr (CSR): kept columns reading column d are inv_k[inv_ptr[d] : inv_ptr[d+1]]
     inv_k_ptr,  # [K] int32
     shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
@@ -270,9 +167,11 @@ def _masked_mse_bwd_kernel(
     w_ptr,  # [K] fp32: 1/(N − 1), or 0 where σ' = 1 (NORM 2; reference.py states the batch math)
     inv_n_ptr,  # [K] fp32: 1/N (NORM 2)
     sums_ptr,  # NORM 2: [2, K] fp32 column sums: (A1, A2) of the forward, or (S1, S2) when SUMS_FINAL
-    loss_w_ptr,  # [K] fp32: the loss's weights (WEIGHTED)
+    loss_w_ptr,  # [W] fp32: the loss's weights (WEIGHTED)
     grad_x_ptr,  # [B, D] contiguous, dtype of x: written everywhere, zeros included
-    grad_r_ptr,  # [B, K + gap] contiguous, dtype of r, zero in the gap's columns already (not written with CLEAN)
+    grad_r_ptr,  # [B, K + gap] contiguous, dtype of r, zero in the gap's columns already unless EMBED (not
+    # written with CLEAN)
+    grad_e_ptr,  # [B, gap] contiguous, dtype of emb (EMBED and WRITE_E)
     B,
     K,
     D,
@@ -280,11 +179,13 @@ def _masked_mse_bwd_kernel(
     stride_xd,
     stride_rb,
     stride_rk,
+    stride_eb,
+    stride_ec,
     gap_at,  # as in the forward: kept column k is r's column k + (gap if k >= gap_at else 0)
     gap,
     stride_gb,
     stride_gk,
-    grad_scale,  # 2/(B·K) for mean, 2/B for column, 2 otherwise: ∂e/∂z = 2·diff folded in (CLEAN: 1)
+    grad_scale,  # 2/(B·W) for mean, 2/B for column, 2 otherwise: ∂e/∂z = 2·diff folded in (CLEAN: 1)
     NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch
     NAN_TO_NUM: tl.constexpr,
     REDUCTION: tl.constexpr,
@@ -293,6 +194,9 @@ def _masked_mse_bwd_kernel(
     CLEAN: tl.constexpr,  # 0/1: clean_features, dz = ∂L/∂z given (REDUCTION 0, SUMS_FINAL with NORM 2)
     WRITE_X: tl.constexpr,  # 0/1: grad_x wanted (features require grad)
     WRITE_R: tl.constexpr,  # 0/1: grad_r wanted (the target requires grad; never with CLEAN)
+    EMBED: tl.constexpr,  # 0/1: a hybrid's objective (the forward's); the grid's programs past cdiv(D, BLOCK_D)
+    # on axis 1 own the gap's columns: ∂L/∂emb = 2·g·w·(emb − r) = −∂L/∂r there
+    WRITE_E: tl.constexpr,  # 0/1: grad_e wanted (EMBED)
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -324,15 +228,17 @@ def _masked_mse_bwd_kernel(
         ok = row_ok[:, None] & has[None, :]
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, k, has, NORM)
         z, z_ok = normalize(xv, mu, center, inv_sigma, NORM)
+        rk = k + tl.where(k >= gap_at, gap, 0)  # r's column
+        ok_col = rk if EMBED else k  # the loss's column: of grad_output and the weights
         # The gradient factor of each kept column (all but reduction "none": one per column, gcol).
         if REDUCTION == REDUCTION_COLUMN_C:
-            gcol = tl.load(grad_ptr + k * stride_gk, mask=has, other=0.0).to(tl.float32) * grad_scale
+            gcol = tl.load(grad_ptr + ok_col * stride_gk, mask=has, other=0.0).to(tl.float32) * grad_scale
         elif REDUCTION != REDUCTION_NONE_C:
             gcol = tl.zeros([BLOCK_D], dtype=tl.float32) + g
         if WEIGHTED:
-            wk = tl.load(loss_w_ptr + k, mask=has, other=0.0)
+            wk = tl.load(loss_w_ptr + ok_col, mask=has, other=0.0)
         if REDUCTION == REDUCTION_NONE_C:
-            gk = tl.load(grad_ptr + rows[:, None] * stride_gb + k[None, :] * stride_gk, mask=ok, other=0.0)
+            gk = tl.load(grad_ptr + rows[:, None] * stride_gb + ok_col[None, :] * stride_gk, mask=ok, other=0.0)
             gk = gk.to(tl.float32) * grad_scale
             if WEIGHTED:
                 gk = gk * wk[None, :]
@@ -343,7 +249,6 @@ def _masked_mse_bwd_kernel(
         if CLEAN:
             dzv = gk  # ∂L/∂z
         else:
-            rk = k + tl.where(k >= gap_at, gap, 0)
             rv = tl.load(r_ptr + rows[:, None] * stride_rb + rk[None, :] * stride_rk, mask=ok, other=0.0)
             diff = z - rv.to(tl.float32)
             dzv = diff * gk
@@ -371,3 +276,26 @@ def _masked_mse_bwd_kernel(
     if WRITE_X:
         out_ok = row_ok[:, None] & d_ok[None, :]
         tl.store(grad_x_ptr + rows[:, None] * D + dcols[None, :], acc.to(grad_x_ptr.dtype.element_ty), mask=out_ok)
+    if EMBED:  # the gap's columns (programs past the D columns'; masked off in the others)
+        jcols = (pid_d - tl.cdiv(D, BLOCK_D)) * BLOCK_D + tl.arange(0, BLOCK_D)
+        j_ok = (jcols >= 0) & (jcols < gap)
+        jcols = tl.where(j_ok, jcols, 0).to(tl.int64)
+        ecols = gap_at + jcols  # r's columns, and the loss's
+        ok = row_ok[:, None] & j_ok[None, :]
+        ev = tl.load(emb_ptr + rows[:, None] * stride_eb + jcols[None, :] * stride_ec, mask=ok, other=0.0)
+        rv = tl.load(r_ptr + rows[:, None] * stride_rb + ecols[None, :] * stride_rk, mask=ok, other=0.0)
+        if REDUCTION == REDUCTION_NONE_C:
+            ge = tl.load(grad_ptr + rows[:, None] * stride_gb + ecols[None, :] * stride_gk, mask=ok, other=0.0)
+            ge = ge.to(tl.float32) * grad_scale
+        elif REDUCTION == REDUCTION_COLUMN_C:
+            ge = (tl.load(grad_ptr + ecols * stride_gk, mask=j_ok, other=0.0).to(tl.float32) * grad_scale)[None, :]
+        else:
+            ge = tl.zeros([1, BLOCK_D], dtype=tl.float32) + g
+        if WEIGHTED:
+            ge = ge * tl.load(loss_w_ptr + ecols, mask=j_ok, other=0.0)[None, :]
+        dze = (ev.to(tl.float32) - rv.to(tl.float32)) * ge
+        if WRITE_R:
+            tl.store(grad_r_ptr + rows[:, None] * (K + gap) + ecols[None, :], (-dze).to(grad_r_ptr.dtype.element_ty),
+                     mask=ok)
+        if WRITE_E:
+            tl.store(grad_e_ptr + rows[:, None] * gap + jcols[None, :], dze.to(grad_e_ptr.dtype.element_ty), mask=ok)

@@ -55,35 +55,41 @@ def kernel_specs():
     for dtype, norm, n2n, red, weighted, shapes in flag_grid():
         for block_b, block_k in _blocks(shapes, lambda D, K: K, settings.TUNING.walk_tile):
             sig = {
-                "x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32",
+                "x_ptr": dtype, "r_ptr": dtype, "emb_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32",
+                "center_ptr": "*fp32", "scale_ptr": "*fp32",
                 "w_ptr": "*fp32", "out_ptr": dtype, "partial_ptr": "*fp32", "column_partial_ptr": "*fp32",
                 "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
                 "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
-                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32,
-                "out_scale": F32,
+                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "stride_eb": I64,
+                "stride_ec": I64, "gap_at": I32, "gap": I32, "out_scale": F32,
             }
             # clean_features (reduction "none" only; fewer live values than the loss): at the motivating shape
-            for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
+            # a hybrid's objective (EMBED: the embedding columns too): weighted, at the motivating shape
+            hybrid = weighted and shapes == SHAPES[1:2]
+            for clean, embed in ((0, 0), *([(1, 0)] if red == 0 and shapes == SHAPES[1:2] else []),
+                                 *([(0, 1)] if hybrid else [])):
                 consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, WEIGHTED=weighted, COLSUMS=int(norm == 2 and red != 0),
-                              CLEAN=clean, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=settings.BLOCK_P)
+                              CLEAN=clean, EMBED=embed, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=settings.BLOCK_P)
                 yield "fwd", mm._masked_mse_fwd_kernel, sig, consts
         for block_b, block_d in _blocks(shapes, lambda D, K: D, settings.TUNING.backward_tile):
             sig = {
-                "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "col_start_ptr": "*i32", "inv_k_ptr": "*i32",
-                "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "inv_n_ptr": "*fp32",
-                "sums_ptr": "*fp32", "loss_w_ptr": "*fp32", "grad_x_ptr": dtype, "grad_r_ptr": dtype,
-                "B": I32, "K": I32, "D": I32,
-                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32,
+                "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "emb_ptr": dtype, "col_start_ptr": "*i32",
+                "inv_k_ptr": "*i32", "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32",
+                "inv_n_ptr": "*fp32", "sums_ptr": "*fp32", "loss_w_ptr": "*fp32", "grad_x_ptr": dtype,
+                "grad_r_ptr": dtype, "grad_e_ptr": dtype, "B": I32, "K": I32, "D": I32,
+                "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "stride_eb": I64,
+                "stride_ec": I64, "gap_at": I32, "gap": I32,
                 "stride_gb": I64, "stride_gk": I64, "grad_scale": F32,
             }
             # Batch norm with reduction "none" always gets final sums (S1, S2) from _dz_sums_kernel.
             for sums_final in ((1,) if red == 0 else (0, 1)) if norm == 2 else (0,):
                 for clean in (0, 1) if red == 0 and shapes == SHAPES[1:2] else (0,):
                     writes = ((1, 1), (1, 0), (0, 1)) if not clean and shapes == SHAPES[1:2] else ((1, 1 - clean),)
-                    for write_x, write_r in writes:  # (x, r) gradients wanted; one skipped: the motivating shape
+                    hybrid = ((1, 1, 1),) if not clean and weighted and shapes == SHAPES[1:2] else ()
+                    for write_x, write_r, embed in (*((*w, 0) for w in writes), *hybrid):  # (EMBED: hybrid)
                         consts = dict(NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, WEIGHTED=weighted * (1 - clean),
-                                      SUMS_FINAL=sums_final, CLEAN=clean,
-                                      WRITE_X=write_x, WRITE_R=write_r, BLOCK_B=block_b, BLOCK_D=block_d)
+                                      SUMS_FINAL=sums_final, CLEAN=clean, WRITE_X=write_x, WRITE_R=write_r,
+                                      EMBED=embed, WRITE_E=embed, BLOCK_B=block_b, BLOCK_D=block_d)
                         yield "bwd", mm._masked_mse_bwd_kernel, sig, consts
         if norm != 2 and shapes == SHAPES[1:2] and not (weighted and red == 2):
             for size, vec in (("*fp32", 4), ("*bf16", 8), ("*fp16", 8)):
@@ -114,8 +120,9 @@ def kernel_specs():
                        "B": I32, "K": I32, "D": I32, "stride_gb": I64, "stride_gk": I64, "stride_xb": I64,
                        "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32}
                 for clean in (0, 1) if shapes == SHAPES[1:2] else (0,):
-                    yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, CLEAN=clean,
-                                                                   WEIGHTED=weighted * (1 - clean), **blocks)
+                    for embed in (0, 1) if shapes == SHAPES[1:2] and weighted and not clean else (0,):
+                        yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, CLEAN=clean, EMBED=embed,
+                                                                       WEIGHTED=weighted * (1 - clean), **blocks)
 
 
 def compile_one(fn, signature, constexprs, arch):

@@ -167,3 +167,39 @@ def category_oracle(column_errors: torch.Tensor, categories: dict, weight: Optio
     w = torch.ones_like(c) if weight is None else weight.detach().double().cpu()
     out = [c[sorted(set(cols))].sum() / w[sorted(set(cols))].sum() for cols in categories.values()]
     return torch.stack(out)
+
+
+def column_oracle(x, r, columns, mean, std, grad_out, *, norm, reduction, weight=None, nan_to_num=False,
+                  gap=(0, 0), eps=1e-8):
+    """(loss, grad_x, grad_r) in float64 by autograd through the plain composition: z of oracle_z, the
+    target's loss columns (all but the gap's c columns from `at` on), e = w·(z − r)², reduced by plain sums
+    ("column": Σ_b e/B [K]); grad_out [] or the loss's shape."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    r64 = r.detach().double().cpu().requires_grad_()
+    z = oracle_z(x64, columns, mean, std, norm, nan_to_num=nan_to_num, eps=eps)
+    at, c = gap
+    rk = torch.cat([r64[:, :at], r64[:, at + c:]], 1)
+    e = F.mse_loss(z, rk, reduction="none")
+    if weight is not None:
+        e = e * weight.double()
+    loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
+    loss.backward(grad_out.double())
+    return loss.detach(), x64.grad, r64.grad
+
+
+def hybrid_oracle(x, r, embeddings, columns, mean, std, grad_out, *, at, norm, reduction, weight=None,
+                  nan_to_num=False, eps=1e-8):
+    """(loss, grad_x, grad_r, grad_embeddings) in float64 of a hybrid's objective, as its trainer writes it:
+    combined = z (oracle_z) with the embeddings [B, c] inserted at column `at` (torch.cat), then
+    F.mse_loss(combined, r) over all K + c columns of r [B, K + c]; with weights w [K + c], e = w·(combined −
+    r)² reduced by plain sums (the mean dividing by B·(K + c); "column": Σ_b e/B [K + c])."""
+    x64, r64, e64 = (t.detach().double().cpu().requires_grad_() for t in (x, r, embeddings))
+    z = oracle_z(x64, columns, mean, std, norm, nan_to_num=nan_to_num, eps=eps)
+    combined = torch.cat([z[:, :at], e64, z[:, at:]], 1)
+    if weight is None and reduction != "column":
+        loss = F.mse_loss(combined, r64, reduction=reduction)
+    else:
+        e = F.mse_loss(combined, r64, reduction="none") * (1.0 if weight is None else weight.double())
+        loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
+    loss.backward(grad_out.double())
+    return loss.detach(), x64.grad, r64.grad, e64.grad

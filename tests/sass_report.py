@@ -42,22 +42,23 @@ def specs(dtype: str):
     """(name, fn, signature, constexprs, num_warps) of each kernel, as the launchers configure them."""
     t, size = DTYPES[dtype]
     block_b, block_k = settings.block_sizes(B, K, settings.TUNING.walk_tile)
-    fwd_sig = {"x_ptr": t, "r_ptr": t, "idx_ptr": "*i64", "shift_ptr": "*fp32", "center_ptr": "*fp32",
+    fwd_sig = {"x_ptr": t, "r_ptr": t, "emb_ptr": t, "idx_ptr": "*i64", "shift_ptr": "*fp32", "center_ptr": "*fp32",
                "scale_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": t, "partial_ptr": "*fp32",
                "column_partial_ptr": "*fp32", "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
                "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "stride_xb": I64, "stride_xd": I64,
-               "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32, "out_scale": F32}
-    fwd = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, COLSUMS=0, CLEAN=0, BLOCK_B=block_b, BLOCK_K=block_k,
+               "stride_rb": I64, "stride_rk": I64, "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap": I32,
+               "out_scale": F32}
+    fwd = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, COLSUMS=0, CLEAN=0, EMBED=0, BLOCK_B=block_b, BLOCK_K=block_k,
                BLOCK_P=settings.BLOCK_P)
     yield "forward (today: gather)", mm._masked_mse_fwd_kernel, fwd_sig, fwd, settings.num_warps_for(block_b, block_k)
     block_b, block_d = settings.block_sizes(B, D, settings.TUNING.backward_tile)
-    bwd_sig = {"grad_ptr": t, "x_ptr": t, "r_ptr": t, "col_start_ptr": "*i32", "inv_k_ptr": "*i32",
+    bwd_sig = {"grad_ptr": t, "x_ptr": t, "r_ptr": t, "emb_ptr": t, "col_start_ptr": "*i32", "inv_k_ptr": "*i32",
                "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32",
                "inv_n_ptr": "*fp32", "sums_ptr": "*fp32", "loss_w_ptr": "*fp32", "grad_x_ptr": t, "grad_r_ptr": t,
-               "B": I32, "K": I32, "D": I32, "stride_xb": I64, "stride_xd": I64, "stride_rb": I64,
-               "stride_rk": I64, "gap_at": I32, "gap": I32, "stride_gb": I64, "stride_gk": I64, "grad_scale": F32}
-    bwd = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, SUMS_FINAL=0, CLEAN=0, WRITE_X=1, WRITE_R=1,
-               BLOCK_B=block_b, BLOCK_D=block_d)
+               "grad_e_ptr": t, "B": I32, "K": I32, "D": I32, "stride_xb": I64, "stride_xd": I64, "stride_rb": I64,
+               "stride_rk": I64, "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap": I32, "stride_gb": I64, "stride_gk": I64, "grad_scale": F32}
+    bwd = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, SUMS_FINAL=0, CLEAN=0, WRITE_X=1, WRITE_R=1, EMBED=0,
+               WRITE_E=0, BLOCK_B=block_b, BLOCK_D=block_d)
     yield "backward (today)", mm._masked_mse_bwd_kernel, bwd_sig, bwd, settings.num_warps_for(block_b, block_d)
     rows = rl.chunk_rows(size)
     rows_sig = {"x_ptr": t, "r_ptr": t, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
@@ -96,7 +97,7 @@ def sass_counts(sass: str) -> dict:
 # The integer arguments' values at the motivating shape (contiguous x [B, D] and r [B, K], no gap): Triton
 # specializes a launch on them as below, and so does this compile.
 VALUES = {"B": B, "K": K, "D": D, "RW": K, "stride_xb": D, "stride_xd": 1, "stride_rb": K, "stride_rk": 1,
-          "gap_at": K, "gap": 0, "stride_gb": 0, "stride_gk": 0}
+          "stride_eb": D, "stride_ec": 1, "gap_at": K, "gap": 0, "stride_gb": 0, "stride_gk": 0}
 
 
 def specialize(signature: dict, constexprs: dict) -> tuple[dict, dict, dict]:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .. import reference
 from ..cpu import small as cpu_small
+from .hybrid import check_embeddings
 from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap, Mode
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,11 +42,13 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up 
 _STRIDED = torch.strided
 
 
-def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Optional["SmallRoute"] = None) -> Tensor:
+def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Optional["SmallRoute"] = None,
+              embeddings: Optional[Tensor] = None) -> Tensor:
     """The loss of features [B, D] against target [B, K (+ gap)] under `plan` (arguments.Plan); signature:
     the call in its right order, with {} for the two widths, to say when the arguments look swapped; route:
-    the plan's small_route (None: the plan has none)."""
-    if route is not None:
+    the plan's small_route (None: the plan has none); embeddings [B, gap]: a hybrid's objective, one MSE
+    over all K + gap target columns with the embeddings compared on the gap's (cpu/hybrid.py states it)."""
+    if route is not None and embeddings is None:
         loss = route.loss(features, target)
         if loss is not None:
             return loss
@@ -53,26 +56,28 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
         raise TypeError("target must be a torch.Tensor, got None")
     check_pair(features, target, allow_empty=_synced(plan))
     check_widths(features, target, plan, signature)
+    if embeddings is not None or (plan.weight is not None and plan.weight.shape[0] != plan.columns.index.shape[0]):
+        check_embeddings(embeddings, features, target, plan)
     use_triton, group, mode = _route(features, plan)
     weight = _weight_for(plan, features)
     columns, K, gap = [*plan.columns, *([] if weight is None else [weight])], plan.columns.index.shape[0], plan.gap
     eager = not torch.compiler.is_compiling()
     if plan.norm == NORM_BATCH:
         if not eager:
-            return _op_loss.batch_mse_forward(features, target, columns, plan.eps, group, mode)[0]
+            return _op_loss.batch_mse_forward(features, target, columns, plan.eps, group, mode, embeddings)[0]
         if under_functorch() or (not use_triton and not group and features.device.type != "cpu"):
             refuse_synced_higher_order(group, "torch.func transforms")
             return reference.batch_mse_composed(features, target, columns[0], plan.eps, plan.nan_to_num,
-                                                plan.reduction, gap, weight)
-        return _Eager.apply(_op_loss.BATCH_MSE, features, target, columns, plan.eps, group, mode)
+                                                plan.reduction, gap, weight, embeddings)
+        return _Eager.apply(_op_loss.BATCH_MSE, features, target, columns, plan.eps, group, mode, embeddings)
     stats = _stats_for(plan, features)
     if not eager:
-        return _op_loss.masked_mse_forward(features, target, columns, stats, mode)[0]
+        return _op_loss.masked_mse_forward(features, target, columns, stats, mode, embeddings)[0]
     if under_functorch() or (not use_triton and use_composed(features, K, gap[1] > 0)):
         shift, scale = stats if stats else (None, None)
         return reference.masked_mse_composed(features, target, columns[0], shift, scale, plan.nan_to_num,
-                                             plan.reduction, gap, weight)
-    return _Eager.apply(_op_loss.MASKED_MSE, features, target, columns, stats, mode)
+                                             plan.reduction, gap, weight, embeddings)
+    return _Eager.apply(_op_loss.MASKED_MSE, features, target, columns, stats, mode, embeddings)
 
 
 def call_clean(features: Tensor, plan, route: Optional["SmallRoute"] = None) -> Tensor:
@@ -180,8 +185,10 @@ def held_plan(module) -> tuple:
 
 
 def small_route(plan) -> Optional[SmallRoute]:
-    """The plan's SmallRoute, or None: tensors off the CPU, backend="triton", or cross-rank statistics."""
-    if plan.backend == "triton" or _synced(plan) or not plan.columns.index.is_cpu:
+    """The plan's SmallRoute, or None: tensors off the CPU, backend="triton", cross-rank statistics, or
+    weights over a hybrid's K + c columns (its calls take embeddings, which the route does not)."""
+    if (plan.backend == "triton" or _synced(plan) or not plan.columns.index.is_cpu
+            or (plan.weight is not None and plan.weight.shape[0] != plan.columns.index.shape[0])):
         return None
     return SmallRoute(plan)
 
@@ -380,6 +387,11 @@ class Definition:
     backward: Callable
     composed: Callable
     differentiable: int  # leading inputs with gradients: 2 (features, target) or 1 (features)
+    later: tuple = ()  # positions of later inputs with gradients (the hybrid's optional embeddings, last)
+
+    def grad_positions(self, num_inputs: int) -> tuple:
+        """The positions of the inputs with gradients, of a call with num_inputs inputs."""
+        return (*range(self.differentiable), *(i for i in self.later if i < num_inputs))
 
     def register(self) -> "Definition":
         torch.library.register_autograd(self.name, self._registered_backward, setup_context=self._registered_setup)
@@ -392,8 +404,13 @@ class Definition:
             isinstance(t, Tensor) for t in a) else None for a in inputs[self.differentiable :])
 
     def _registered_backward(self, ctx, grad, *_unused_output_grads):
-        grads = self.backward(ctx, grad, tuple(ctx.needs_input_grad[: self.differentiable]), False)
-        return (*grads[: self.differentiable], *ctx.no_grads)
+        positions = self.grad_positions(len(ctx.needs_input_grad))
+        grads = self.backward(ctx, grad, tuple(ctx.needs_input_grad[i] for i in positions), False)
+        # (as many as the call gave: the dispatcher drops trailing arguments equal to their defaults)
+        out = [*grads[: self.differentiable], *ctx.no_grads][: len(ctx.needs_input_grad)]
+        for i in positions[self.differentiable :]:
+            out[i] = grads[i] if i < len(grads) else None
+        return tuple(out)
 
 
 class _Eager(torch.autograd.Function):
@@ -410,12 +427,19 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         definition = ctx.definition
-        needs = tuple(ctx.needs_input_grad[1 : 1 + definition.differentiable])
-        rest = (None,) * (len(ctx.needs_input_grad) - 1 - definition.differentiable)
+        num_inputs = len(ctx.needs_input_grad) - 1
+        positions = definition.grad_positions(num_inputs)
+        needs = tuple(ctx.needs_input_grad[1 + i] for i in positions)
         if torch.is_grad_enabled():  # create_graph=True: the composition's own, differentiable gradients
             fn, tensors = definition.composed(ctx)
-            return (None, *reference.grads_through(fn(*tensors), tensors, needs, grad), *rest)
-        return (None, *definition.backward(ctx, grad, needs, True)[: definition.differentiable], *rest)
+            grads = reference.grads_through(fn(*tensors), tensors[: len(positions)], needs, grad)
+        else:
+            every = definition.backward(ctx, grad, needs, True)
+            grads = [every[i] if i < len(every) else None for i in positions]
+        out = [None] * num_inputs
+        for i, g in zip(positions, grads):
+            out[i] = g
+        return (None, *out)
 
 
 def refuse_synced_higher_order(group: str, what: str) -> None:

@@ -1,0 +1,44 @@
+"""The checks of a hybrid's objective (the routing point's, ops/__init__.py): the caller's embeddings
+[B, c] against the features, the target [B, K + c] and the plan's gap (at, c) and weights — shapes,
+dtypes and devices only (free: no values read), each error naming the numbers."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def check_embeddings(embeddings: Optional[Tensor], features: Tensor, target: Tensor, plan) -> None:
+    """embeddings [B, c] fit this call (None: the plan's weights must then be the K feature columns')."""
+    (at, c), K = plan.gap, plan.columns.index.shape[0]
+    weight = plan.weight
+    if embeddings is None:  # (only called then when the weights are not [K])
+        raise ValueError(f"weight has {weight.shape[0]} entries, one per decoder column (K + c = {K} + {c}): the "
+                         f"objective over all K + c columns, which needs embeddings=[B, {c}]; without them the "
+                         f"loss compares the {K} feature columns and takes {K} weights")
+    if c == 0:
+        raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): the "
+                         f"target's {K} columns are all feature columns. A hybrid's objective needs target_gap=(p, c) "
+                         f"(from_checkpoint sets it from a hybrid checkpoint)")
+    if not isinstance(embeddings, Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor [B, {c}], got {type(embeddings).__name__}")
+    if embeddings.is_nested or embeddings.layout != torch.strided:
+        raise TypeError("embeddings must be a dense (strided) tensor, got a "
+                        + ("nested" if embeddings.is_nested else str(embeddings.layout).replace("torch.", "")) + " one")
+    if embeddings.dim() != 2 or embeddings.shape[1] != c:
+        raise ValueError(f"embeddings must be [B, {c}] (the c = {c} embedding columns, decoder columns {at}.."
+                         f"{at + c - 1}), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] != features.shape[0]:
+        raise ValueError(f"embeddings have {embeddings.shape[0]} rows but features have {features.shape[0]}: the "
+                         f"batch sizes must match")
+    if embeddings.dtype != target.dtype:
+        raise TypeError(f"embeddings are {embeddings.dtype} but the target is {target.dtype}: pass them in one dtype "
+                        f"(e.g. embeddings.to({target.dtype}))")
+    if embeddings.device != target.device:
+        raise ValueError(f"embeddings are on {embeddings.device} but the target is on {target.device}: put both on "
+                         f"one device")
+    if weight is not None and weight.shape[0] != K + c:
+        raise ValueError(f"weight has {weight.shape[0]} entries but the objective over the decoder's K + c = {K + c} "
+                         f"columns (with embeddings) takes one per decoder column: pass {K + c} weights")
