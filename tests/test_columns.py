@@ -9,25 +9,9 @@ import torch.nn.functional as F
 import fusedvq
 from fusedvq.arguments import build_column_map
 from helpers import BACKENDS, interpreting
-from oracle import oracle_z, random_case, rel_err
+from oracle import column_oracle, random_case, rel_err
 
 REDUCTIONS = ["column", "mean", "sum", "none"]
-
-
-def column_oracle(x, r, columns, mean, std, grad_out, *, norm, reduction, weight=None, nan_to_num=False,
-                  gap=(0, 0), eps=1e-8):
-    """(loss, grad_x, grad_r) in float64 by autograd through the plain composition."""
-    x64 = x.detach().double().cpu().requires_grad_()
-    r64 = r.detach().double().cpu().requires_grad_()
-    z = oracle_z(x64, columns, mean, std, norm, nan_to_num=nan_to_num, eps=eps)
-    at, c = gap
-    rk = torch.cat([r64[:, :at], r64[:, at + c:]], 1)
-    e = F.mse_loss(z, rk, reduction="none")
-    if weight is not None:
-        e = e * weight.double()
-    loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
-    loss.backward(grad_out.double())
-    return loss.detach(), x64.grad, r64.grad
 
 
 def _case(B, D=187, K=171, seed=0, duplicates=False, gap=(0, 0), dtype=torch.float32):

@@ -14,6 +14,7 @@ from fusedvq.cpu import stats as cpu
 from fusedvq.arguments import build_column_map
 from fusedvq.loss import MaskedMSELoss
 from helpers import interpreting
+from oracle import column_oracle
 
 PATHS = [
     "composed",
@@ -66,9 +67,7 @@ def _oracle(x, r, index, mean, std, at, norm, reduction, nan_to_num, w):
 def test_gap_matches_the_oracle(monkeypatch, path, norm, reduction, at):
     B = 37
     if path == "blocked":
-        monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
-        monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
-        monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)  # several row blocks
+        _force_blocked(monkeypatch)
     index, mean, std, x, r, g = _case(B, at, seed=at + 3, nan=True, strided=at == 11)
     stats = dict(mean=mean.float(), std=std.float()) if norm == "stats" else {}
     loss_fn = MaskedMSELoss(index, **stats, num_features=D, norm=norm, reduction=reduction, nan_to_num=True,
@@ -82,6 +81,56 @@ def test_gap_matches_the_oracle(monkeypatch, path, norm, reduction, at):
     assert rel_err(got.detach(), ref) <= 1e-5
     assert rel_err(x.grad, gx) <= 1e-5 and rel_err(r.grad, gr) <= 1e-5
     assert r.grad.shape == (B, K + C) and float(r.grad[:, at : at + C].abs().max()) == 0.0
+
+
+def _force_blocked(monkeypatch):
+    """The CPU blocked passes at any B, in several row blocks (no composition, no small-batch route)."""
+    monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(routing, "_GAP_COMPOSED_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
+
+
+def _check_columns_with_gap(path, norm, reduction, weighted, seed, compiled=False):
+    """Per-column errors or a weighted mean / sum against a gapped target, values and both gradients
+    (grad_output ≠ 1) against the float64 oracle."""
+    index, mean, std, x, r, g = _case(23, 11, seed=seed, nan=True, strided=True)
+    weight = torch.rand(K, generator=g) + 0.25 if weighted else None
+    stats = dict(mean=mean.float(), std=std.float()) if norm == "stats" else {}
+    loss_fn = MaskedMSELoss(index, **stats, num_features=D, norm=norm, reduction=reduction, weight=weight,
+                            nan_to_num=True, backend="triton" if path == "triton" else "reference",
+                            target_gap=(11, C))
+    x, r = x.requires_grad_(), r.requires_grad_()
+    got = (torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn)(x, r)
+    grad_out = torch.rand(got.shape, generator=g, dtype=torch.float64) + 0.5
+    got.backward(grad_out.float())
+    ref = column_oracle(x, r, index, mean if norm == "stats" else None, std if norm == "stats" else None, grad_out,
+                        norm=norm, reduction=reduction, weight=weight, nan_to_num=True, gap=(11, C))
+    assert got.shape == ref[0].shape and got.dtype == torch.float32
+    errs = [rel_err(a, b) for a, b in zip((got.detach(), x.grad, r.grad), ref)]
+    assert max(errs) <= 1e-5, f"relative errors (loss, grad_x, grad_r) {errs}"
+    assert float(r.grad[:, 11 : 11 + C].abs().max()) == 0.0
+
+
+COLUMNS_AND_WEIGHTS = [("column", False), ("column", True), ("mean", True), ("sum", True)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("norm", ["stats", "batch", "none"])
+@pytest.mark.parametrize("reduction,weighted", COLUMNS_AND_WEIGHTS)
+def test_gap_with_columns_and_weights(monkeypatch, path, norm, reduction, weighted):
+    if path == "blocked":
+        _force_blocked(monkeypatch)
+    _check_columns_with_gap(path, norm, reduction, weighted, seed=len(norm) + 7 * weighted)
+
+
+@pytest.mark.parametrize("path", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not interpreting, reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("norm,reduction,weighted", [("stats", "column", True), ("none", "mean", True),
+                                                     ("batch", "column", False)])
+def test_gap_with_columns_and_weights_compiled(path, norm, reduction, weighted):
+    torch._dynamo.reset()
+    _check_columns_with_gap(path, norm, reduction, weighted, seed=5, compiled=True)
 
 
 def test_gap_width_errors_name_the_numbers():

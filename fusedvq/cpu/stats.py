@@ -9,8 +9,6 @@ dtype; mode: kernels/plan.py's Mode (nan_to_num, reduction, gap, needs), as the 
 
 from __future__ import annotations
 
-import functools
-
 from typing import Optional
 
 import torch
@@ -40,18 +38,25 @@ def _block_rows(t: torch.Tensor, cols: int) -> int:
 # target[:, :at] and target[:, at + c:], read and written as those two views, never gathered into a copy.
 
 
-def into_target(op, a: torch.Tensor, out: torch.Tensor, gap: tuple[int, int], target=None, on_target=False):
-    """op(a, target's loss columns, out=out) (target given) or op(a, *extra, out=out's loss columns)
-    (on_target: `out` is target-shaped), over the target's loss columns in their two runs around the gap."""
+def into_target(op, a: torch.Tensor, out: torch.Tensor, gap: tuple[int, int], target=None, factor=None):
+    """Over the target's loss columns, in their two runs around the gap: op(a, target's loss columns, out=out)
+    (target given; out [n, K]), or op(a, factor, out=out's loss columns) (out target-shaped; factor a number,
+    a 0-d tensor, or [K] per loss column, split with a's columns), or op(a, out=out's loss columns)."""
     at, width = gap
+    second = target if target is not None else factor
     if not width:
-        return op(a, target, out=out) if target is not None else op(a, out=out)
+        return op(a, out=out) if second is None else op(a, second, out=out)
     if target is not None:
-        op(a[:, :at], target[:, :at], out=out[:, :at])
-        op(a[:, at:], target[:, at + width :], out=out[:, at:])
+        runs = ((a[:, :at], target[:, :at], out[:, :at]), (a[:, at:], target[:, at + width :], out[:, at:]))
     else:
-        op(a[:, :at], out=out[:, :at])
-        op(a[:, at:], out=out[:, at + width :])
+        split = isinstance(factor, torch.Tensor) and factor.dim() > 0  # [K]: split with a's columns
+        runs = ((a[:, :at], factor[:at] if split else factor, out[:, :at]),
+                (a[:, at:], factor[at:] if split else factor, out[:, at + width :]))
+    for part, other, into in runs:
+        if other is None:
+            op(part, out=into)
+        else:
+            op(part, other, out=into)
     return out
 
 
@@ -236,13 +241,13 @@ def _gradients(grad_loss, blocks, like: tuple, index, scale, mode: Mode, grad_ta
         if g is not None:  # reduction "none": g·f·diff, then ·scale
             torch.mul(g[rows], diff, out=dz).mul_(f)
             if grad_target is not None:
-                into_target(functools.partial(torch.mul, other=-1.0), dz, grad_target[rows], gap)
+                into_target(torch.mul, dz, grad_target[rows], gap, factor=-1.0)
             if scale is not None:
                 dz.mul_(scale)
         else:
             torch.mul(diff, f_scale, out=dz)
             if grad_target is not None:
-                into_target(functools.partial(torch.mul, other=neg_f), diff, grad_target[rows], gap)
+                into_target(torch.mul, diff, grad_target[rows], gap, factor=neg_f)
         if grad_x is not None:
             if finite is not None:
                 dz.mul_(finite)
