@@ -33,7 +33,8 @@ from torch import Tensor
 
 from .. import reference
 from ..cpu import small as cpu_small
-from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap, Mode
+from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap
+from . import autocast
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
@@ -45,6 +46,8 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
     """The loss of features [B, D] against target [B, K (+ gap)] under `plan` (arguments.Plan); signature:
     the call in its right order, with {} for the two widths, to say when the arguments look swapped; route:
     the plan's small_route (None: the plan has none)."""
+    if autocast.enabled() and autocast.active(features):  # F.mse_loss's behaviour (ops/autocast.py)
+        return autocast.call(call_loss, (features, target), plan, signature, route)
     if route is not None:
         loss = route.loss(features, target)
         if loss is not None:
@@ -75,6 +78,8 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
 
 def call_clean(features: Tensor, plan, route: Optional["SmallRoute"] = None) -> Tensor:
     """clean_features of features [B, D] under `plan`: z [B, K]. route: as in call_loss."""
+    if autocast.enabled() and autocast.active(features):
+        return autocast.call(call_clean, (features,), plan, route)
     if route is not None:
         z = route.clean(features)
         if z is not None:
@@ -226,11 +231,6 @@ def _weight_for(plan, features: Tensor):
     return w if w.dtype == cdt else w.to(cdt)
 
 
-def kernel_mode(mode: list, norm: int = 0, needs=(True, True)) -> Mode:
-    """The kernels' and the CPU paths' Mode of an op's mode list."""
-    return Mode(norm, bool(mode[0]), mode[1], (mode[3], mode[4]), needs)
-
-
 # norm "none" / "stats": up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++
 # backward win on the CPU; above it its batch-sized temporaries cost more than the blocked path (measured at
 # K = 171: composed ahead at B = 1024 and 2048). A target with a gap (K = 143, c = 28): composed ahead at
@@ -314,7 +314,7 @@ def check_pair(features: Tensor, target: Optional[Tensor], allow_empty: bool = F
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}")
     if target is not None:
-        if features.dtype != target.dtype:
+        if features.dtype != target.dtype and not autocast.active(features):  # (autocast casts, as for F.mse_loss)
             raise TypeError(f"features and target must share one dtype, got features {features.dtype} and target "
                             f"{target.dtype}")
         if features.device != target.device:

@@ -29,10 +29,11 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..cpu import autocast_off
 from ..cpu import batch as cpu_batch
 from ..cpu import stats as cpu_stats
-from ..kernels.plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, COMPUTE_DTYPE
-from . import Definition, kernel_mode, kernels, refuse_synced_higher_order
+from ..kernels.plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, COMPUTE_DTYPE, Mode
+from . import Definition, kernels, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
 
 
@@ -50,6 +51,11 @@ def grads_fake(x: Tensor, target, needs) -> tuple:
 def outputs(grads, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """An implementation's (grad_x, grad_target), None where not wanted, as op outputs (0-element there)."""
     return tuple(empty(like) if g is None else g for g, like in zip(grads, (x, target)))
+
+
+def kernel_mode(mode: list, norm: int = 0, needs=(True, True)) -> Mode:
+    """The kernels' and the CPU paths' Mode of an op's mode list."""
+    return Mode(norm, bool(mode[0]), mode[1], (mode[3], mode[4]), needs)
 
 
 def _loss_shape(x: Tensor, index: Tensor, mode) -> tuple[int, ...]:
@@ -70,6 +76,7 @@ def weight(columns) -> Optional[Tensor]:
 # ------------------------------------------------------------------------------ norm "none" / "stats"
 
 
+@autocast_off
 def _masked_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
                        mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     if mode[2]:
@@ -92,6 +99,7 @@ def _(x, target, columns, stats, mode):
     return loss, diff, diff.new_empty(diff.shape if mode[0] else (0,), dtype=torch.bool)
 
 
+@autocast_off
 def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[Tensor], stats: list[Tensor],
                         saved: list[Tensor], mode: list[int]) -> tuple[Tensor, Tensor]:
     km = kernel_mode(mode, _norm(stats), needs=(bool(mode[5]), bool(mode[6])))
@@ -165,6 +173,7 @@ MASKED_MSE = Definition("fusedvq::masked_mse_forward", _masked_mse_forward, _mas
 # ------------------------------------------------------------------------------------ norm "batch"
 
 
+@autocast_off
 def _batch_mse_forward(x: Tensor, target: Tensor, columns: list[Tensor], eps: float, group: str,
                       mode: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     impl = kernels() if mode[2] else cpu_batch
@@ -187,6 +196,7 @@ def _(x, target, columns, eps, group, mode):
     return x.new_empty(_loss_shape(x, columns[0], mode)), stats, colsums
 
 
+@autocast_off
 def _batch_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list[Tensor], saved: list[Tensor],
                        group: str, mode: list[int]) -> tuple[Tensor, Tensor]:
     km = kernel_mode(mode, NORM_BATCH, needs=(bool(mode[5]), bool(mode[6])))
