@@ -12,7 +12,7 @@ and the Triton kernels) sees inputs of one dtype and computes in float32 with no
 lower-precision list), and the result is float32 (float64 where an input is). What runs again outside this
 region — a backward called inside the autocast region, a compiled graph run inside one — turns autocast
 off itself where it matters: the registered ops' implementations and cpu/small.py's backwards
-(cpu/__init__.py's autocast_off); the Triton launchers run no op that autocast changes. Outside autocast,
+(cpu.without_autocast); the Triton launchers run no op that autocast changes. Outside autocast,
 features and a target of two dtypes remain an error (ops.check_pair), and a call pays one C call
 (`enabled`) for all this."""
 

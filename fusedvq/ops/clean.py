@@ -18,13 +18,12 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..cpu import autocast_off
 from ..cpu import batch as cpu_batch
 from ..cpu import stats as cpu_stats
 from ..kernels.plan import NORM_BATCH
 from . import Definition, kernels, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
-from .loss import batch_outputs_fake, kernel_mode
+from .loss import autocast_off, batch_outputs_fake, kernel_mode
 
 
 def _fresh(x: Tensor) -> Tensor:
