@@ -283,7 +283,8 @@ def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device
     [K + c] too: one per decoder column, for the objective over all K + c columns (calls with embeddings)."""
     weight = resolve_weight(weight, {}, num_kept)  # (a weight by category name, here without categories: refused)
     t = _as_tensor(weight, "weight", device)
-    if t.dim() != 1 or t.shape[0] not in (num_kept, num_kept + num_embedding):
+    if t.dim() != 1 or (t.shape[0] != num_kept and t.shape[0] != num_kept + num_embedding):  # (not `in`: sizes
+        # may be symbolic while torch.compile traces, and a tuple's `in` does not compare them)
         hybrid = (f", or one per decoder column (K + c = {num_kept + num_embedding}) for the objective with "
                   f"embeddings" if num_embedding else "")
         raise ValueError(f"weight must be 1-D with one entry per kept column (K = {num_kept}){hybrid}, got shape "

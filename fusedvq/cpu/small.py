@@ -27,6 +27,7 @@ import torch
 
 from .. import reference
 from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE
+from . import autocast_enabled, without_autocast
 from .batch import _neg_cast
 from .stats import grad_factors, into_target, new_target_grad, reduce_columns
 
@@ -116,6 +117,8 @@ class _BatchLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if autocast_enabled() and torch.is_autocast_enabled("cpu"):  # inside an autocast region: sums in float32
+            return without_autocast(_BatchLoss.backward, ctx, grad)
         x, target, z, diff, rstd, flat, x_ok, z_ok = ctx.saved_tensors
         plan, needs = ctx.plan, ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True
@@ -143,6 +146,8 @@ class _BatchClean(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z: torch.Tensor):
+        if autocast_enabled() and torch.is_autocast_enabled("cpu"):
+            return without_autocast(_BatchClean.backward, ctx, grad_z)
         x, z, rstd, flat, x_ok, z_ok = ctx.saved_tensors
         plan = ctx.plan
         if torch.is_grad_enabled():  # create_graph=True

@@ -53,10 +53,7 @@ def into_target(op, a: torch.Tensor, out: torch.Tensor, gap: tuple[int, int], ta
         runs = ((a[:, :at], factor[:at] if split else factor, out[:, :at]),
                 (a[:, at:], factor[at:] if split else factor, out[:, at + width :]))
     for part, other, into in runs:
-        if other is None:
-            op(part, out=into)
-        else:
-            op(part, other, out=into)
+        op(part, out=into) if other is None else op(part, other, out=into)
     return out
 
 

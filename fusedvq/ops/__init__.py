@@ -33,8 +33,9 @@ from torch import Tensor
 
 from .. import reference
 from ..cpu import small as cpu_small
+from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap
+from . import autocast
 from .hybrid import check_embeddings
-from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap, Mode
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
@@ -48,6 +49,8 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
     the call in its right order, with {} for the two widths, to say when the arguments look swapped; route:
     the plan's small_route (None: the plan has none); embeddings [B, gap]: a hybrid's objective, one MSE
     over all K + gap target columns with the embeddings compared on the gap's (cpu/hybrid.py states it)."""
+    if autocast.enabled() and autocast.active(features):  # F.mse_loss's behaviour (ops/autocast.py)
+        return autocast.call(call_loss, (features, target), plan, signature, route, embeddings=embeddings)
     if route is not None and embeddings is None:
         loss = route.loss(features, target)
         if loss is not None:
@@ -82,6 +85,8 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
 
 def call_clean(features: Tensor, plan, route: Optional["SmallRoute"] = None) -> Tensor:
     """clean_features of features [B, D] under `plan`: z [B, K]. route: as in call_loss."""
+    if autocast.enabled() and autocast.active(features):
+        return autocast.call(call_clean, (features,), plan, route)
     if route is not None:
         z = route.clean(features)
         if z is not None:
@@ -150,10 +155,10 @@ class SmallRoute:
         return None
 
     def clean(self, x: Tensor) -> Optional[Tensor]:
-        if (type(x) is Tensor and x.is_cpu and x.layout is _STRIDED and not x.is_nested and x.dtype in self.dtypes
-                and x.ndim == 2 and x.shape[1] == self.width and self.min_rows <= x.shape[0]
-                and x.shape[0] * self.kept <= self.limit() and not torch.compiler.is_compiling()
-                and not under_functorch()):
+        # (traced first: a traced mask's K is a size known on the device only, which the size checks would guard on)
+        if (not torch.compiler.is_compiling() and type(x) is Tensor and x.is_cpu and x.layout is _STRIDED
+                and not x.is_nested and x.dtype in self.dtypes and x.ndim == 2 and x.shape[1] == self.width
+                and self.min_rows <= x.shape[0] and x.shape[0] * self.kept <= self.limit() and not under_functorch()):
             p = self.plan
             if self.batch:
                 return cpu_small.clean(x, p)
@@ -233,11 +238,6 @@ def _weight_for(plan, features: Tensor):
         return None
     cdt = COMPUTE_DTYPE[features.dtype]
     return w if w.dtype == cdt else w.to(cdt)
-
-
-def kernel_mode(mode: list, norm: int = 0, needs=(True, True)) -> Mode:
-    """The kernels' and the CPU paths' Mode of an op's mode list."""
-    return Mode(norm, bool(mode[0]), mode[1], (mode[3], mode[4]), needs)
 
 
 # norm "none" / "stats": up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++
@@ -323,7 +323,7 @@ def check_pair(features: Tensor, target: Optional[Tensor], allow_empty: bool = F
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}")
     if target is not None:
-        if features.dtype != target.dtype:
+        if features.dtype != target.dtype and not autocast.active(features):  # (autocast casts, as for F.mse_loss)
             raise TypeError(f"features and target must share one dtype, got features {features.dtype} and target "
                             f"{target.dtype}")
         if features.device != target.device:

@@ -21,9 +21,9 @@ from .. import reference
 from ..cpu import batch as cpu_batch
 from ..cpu import stats as cpu_stats
 from ..kernels.plan import NORM_BATCH
-from . import Definition, kernel_mode, kernels, refuse_synced_higher_order
+from . import Definition, kernels, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
-from .loss import batch_outputs_fake
+from .loss import autocast_off, batch_outputs_fake, kernel_mode
 
 
 def _fresh(x: Tensor) -> Tensor:
@@ -33,6 +33,7 @@ def _fresh(x: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------ norm "none" / "stats"
 
 
+@autocast_off
 def _clean_forward(x: Tensor, columns: list[Tensor], stats: list[Tensor], mode: list[int]) -> Tensor:
     impl = kernels() if mode[2] else cpu_stats
     return impl.clean_forward(x, columns[0], tuple(stats), kernel_mode(mode))
@@ -46,6 +47,7 @@ def _(x, columns, stats, mode):
     return x.new_empty((x.shape[0], columns[0].shape[0]))
 
 
+@autocast_off
 def _clean_backward(grad_z: Tensor, x: Tensor, columns: list[Tensor], stats: list[Tensor], mode: list[int]) -> Tensor:
     if mode[2]:
         return kernels().clean_backward(grad_z, x, (columns[1], columns[2]), tuple(stats), kernel_mode(mode))
@@ -86,6 +88,7 @@ CLEAN = Definition("fusedvq::clean_forward", _clean_forward, _clean_setup_contex
 # ------------------------------------------------------------------------------------ norm "batch"
 
 
+@autocast_off
 def _batch_clean_forward(x: Tensor, columns: list[Tensor], eps: float, group: str,
                          mode: list[int]) -> tuple[Tensor, Tensor]:
     impl = kernels() if mode[2] else cpu_batch
@@ -101,6 +104,7 @@ def _(x, columns, eps, group, mode):
     return x.new_empty((x.shape[0], columns[0].shape[0])), batch_outputs_fake(x, columns[0], mode[2])
 
 
+@autocast_off
 def _batch_clean_backward(grad_z: Tensor, x: Tensor, columns: list[Tensor], stats: Tensor, group: str,
                           mode: list[int]) -> Tensor:
     total = sum_over_ranks_fn(group) if group else None
