@@ -72,6 +72,33 @@ CRITICAL = {
 }
 
 
+# Sequences the sweep found, each case fine alone: the later one is a recompile of the same compiled call.
+CRITICAL_SEQUENCES = {
+    # the recompile traces symbolic widths: the weight's length was compared with a tuple's `in`
+    "recompiled-weighted-autocast": [
+        Case(seed=8685401, form="functional", compiled="aot_eager", reduction="none", weight="tensor",
+             dtype="float64", layout=("transposed", "contiguous"), grads=(False, True), shape=(6, 12, 7),
+             limit_rows=6, block_rows=3),
+        Case(seed=8685576, form="functional", compiled="aot_eager", norm="none", reduction="none", weight="tensor",
+             target_dtype="bfloat16", autocast=True, layout=("transposed", "contiguous"), grads=(False, True),
+             shape=(6, 12, 7), selector="index", limit_rows=6, block_rows=2)],
+    # a traced mask's K is known on the device only: the small-batch route's size checks guarded on it
+    "compiled-clean-mask-past-the-route": [
+        Case(seed=8685513, form="clean_features", compiled="inductor", norm="batch", reduction="none",
+             dtype="bfloat16", layout=("slice", "contiguous"), grads=(True, False), shape=(96, 187, 171))],
+}
+
+
+@pytest.mark.parametrize("cases", list(CRITICAL_SEQUENCES.values()), ids=list(CRITICAL_SEQUENCES))
+def test_critical_sequences(cases):
+    torch._dynamo.reset()
+    for case in cases:
+        try:
+            run(case)
+        except Exception as err:
+            raise AssertionError(f"{case!r}: {type(err).__name__}: {err}") from err
+
+
 @pytest.mark.parametrize("case", list(CRITICAL.values()), ids=list(CRITICAL))
 def test_critical_combinations(case):
     try:
