@@ -1,0 +1,117 @@
+"""The CPU implementation of P partial reconstructions against one target (reference.partials_composed states
+the math): z [B, K] against partials r [P, B, K + c], with hand-written gradients, in blocked passes.
+
+The eager loop it replaces runs, per partial, F.mse_loss forward, its backward (grad_input and a negated
+grad_target) and the addition of that grad_target into z's gradient: about eight [B, K] passes a partial,
+and ~10 small ops a partial at B = 4. Here a block of rows (all P partials, at most _BLOCK_ELEMENTS
+elements: it stays in the core's cache) takes two ops forward (difference, squared sum) and three backward
+(difference written into grad_partials, scaling, the sum over p into grad_z): each partial is read once
+each way and its gradient written once. The gap's c columns are passed over as two column runs, never
+gathered into a copy; their gradient is written as zeros.
+
+grad: the reduction's upstream gradient, a 0-d tensor (mean) or [P, K] (column), read as a tensor (no
+host synchronization). Everything accumulates in the compute dtype (float64 for float64, else float32).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE
+
+# Elements of one block of all P partials' rows (1 MiB of fp32): small enough to stay in a core's L2 between
+# an op and the next, large enough that each op's parallel region is worth its start.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+_MSE_LOSS = torch._C._nn.mse_loss  # (aten's ops without F.mse_loss's Python checks: shapes are checked before)
+_MSE_BACKWARD = torch.ops.aten.mse_loss_backward.default
+
+
+def column_runs(K: int, gap: tuple) -> list[tuple[int, int, int]]:
+    """(k0, k1, w0): z's columns k0 .. k1 − 1 are the partials' columns w0 .. w0 + k1 − k0 − 1 (two runs
+    around a gap (at, c), one without)."""
+    at, width = gap
+    if not width:
+        return [(0, K, 0)]
+    return [run for run in ((0, at, 0), (at, K, at + width)) if run[1] > run[0]]
+
+
+def _blocks(P: int, B: int, W: int):
+    rows = max(1, _BLOCK_ELEMENTS // max(P * W, 1))
+    return [(b0, min(B, b0 + rows)) for b0 in range(0, B, rows)]
+
+
+def _whole(z: torch.Tensor, partials: torch.Tensor, gap: tuple) -> bool:
+    """Whether one block takes it all, in aten's own MSE ops: no gap, the compute dtype, a small batch (the
+    ops are few, which is what counts at B = 4)."""
+    return not gap[1] and z.dtype is partials.dtype is COMPUTE_DTYPE[z.dtype] and partials.numel() <= _BLOCK_ELEMENTS
+
+
+def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple) -> torch.Tensor:
+    """The loss in z's dtype: a 0-d mean, or the [P, K] column errors."""
+    P, B, W = partials.shape
+    K = z.shape[1]
+    cdt = COMPUTE_DTYPE[z.dtype]
+    column = reduction == REDUCTION_COLUMN
+    if _whole(z, partials, gap):
+        if column:
+            return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_NONE).sum(1).div_(B)
+        return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_MEAN)
+    sums = torch.zeros((P, K) if column else (), dtype=cdt)
+    runs = column_runs(K, gap)
+    for b0, b1 in _blocks(P, B, W):
+        for k0, k1, w0 in runs:
+            r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
+            if r.dtype != cdt:
+                r, t = r.to(cdt), t.to(cdt)
+            diff = torch.sub(r, t)  # [P, rows, k1 − k0]
+            if column:
+                sums[:, k0:k1] += diff.square_().sum(1)
+            else:
+                sums += torch.vdot(diff.view(-1), diff.view(-1))
+    loss = sums / B if column else sums / (P * B * K)
+    return loss.to(z.dtype) if loss.dtype != z.dtype else loss
+
+
+def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
+                      needs: tuple) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_z [B, K], grad_partials [P, B, K + c], contiguous, zero in the gap's columns), None where needs
+    (needs_z, needs_partials) says not."""
+    P, B, W = partials.shape
+    K = z.shape[1]
+    cdt = COMPUTE_DTYPE[z.dtype]
+    if _whole(z, partials, gap):
+        # aten's MSE backward with z and r swapped gives 2·g·(z − r) = −∂/∂r: summed over p, it is ∂/∂z.
+        zx = z.expand(P, B, K)
+        if reduction == REDUCTION_COLUMN:
+            neg = _MSE_BACKWARD(grad[:, None, :] * (1.0 / B), zx, partials, REDUCTION_NONE)
+        else:
+            neg = _MSE_BACKWARD(grad, zx, partials, REDUCTION_MEAN)
+        return neg.sum(0) if needs[0] else None, neg.neg_() if needs[1] else None
+    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))  # [P, K] or []
+    grad_z = torch.empty((B, K), dtype=z.dtype) if needs[0] else None
+    grad_p = torch.empty((P, B, W), dtype=partials.dtype) if needs[1] else None
+    if grad_p is not None and gap[1]:
+        grad_p[:, :, gap[0] : gap[0] + gap[1]] = 0
+    runs = column_runs(K, gap)
+    direct = partials.dtype == cdt  # differences written straight into grad_partials
+    for b0, b1 in _blocks(P, B, W):
+        for k0, k1, w0 in runs:
+            r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
+            if direct and grad_p is not None:
+                d = torch.sub(r, t, out=grad_p[:, b0:b1, w0 : w0 + k1 - k0])
+            else:
+                d = torch.sub(r.to(cdt), t.to(cdt))
+            d.mul_(g[:, None, k0:k1] if g.dim() else g)  # 2·g·(r − z)
+            if grad_p is not None and not direct:
+                grad_p[:, b0:b1, w0 : w0 + k1 - k0] = d
+            if grad_z is not None:
+                gz = grad_z[b0:b1, k0:k1]
+                if gz.dtype == cdt:
+                    torch.sum(d, 0, out=gz).neg_()
+                else:
+                    gz.copy_(d.sum(0).neg_())
+    return grad_z, grad_p
