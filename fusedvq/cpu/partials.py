@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE
+from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
 
 # Elements of one block of all P partials' rows (1 MiB of fp32): small enough to stay in a core's L2 between
 # an op and the next, large enough that each op's parallel region is worth its start.
@@ -61,19 +61,32 @@ def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, ga
             return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_NONE).sum(1).div_(B)
         return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_MEAN)
     sums = torch.zeros((P, K) if column else (), dtype=cdt)
-    runs = column_runs(K, gap)
-    for b0, b1 in _blocks(P, B, W):
+    runs, blocks = column_runs(K, gap), _blocks(P, B, W)
+    scratch = torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt) if column else None
+    for b0, b1 in blocks:
         for k0, k1, w0 in runs:
             r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
             if r.dtype != cdt:
                 r, t = r.to(cdt), t.to(cdt)
-            diff = torch.sub(r, t)  # [P, rows, k1 − k0]
-            if column:
-                sums[:, k0:k1] += diff.square_().sum(1)
+            t = t.expand(r.shape)
+            if column:  # (the squares in one warm scratch block, not a fresh one per block)
+                e = scratch[: r.numel()].view(r.shape)
+                torch._C._nn.mse_loss(r, t, REDUCTION_NONE, out=e)
+                sums[:, k0:k1] += e.sum(1)
             else:
-                sums += torch.vdot(diff.view(-1), diff.view(-1))
+                sums += _MSE_LOSS(r, t, REDUCTION_SUM)
     loss = sums / B if column else sums / (P * B * K)
     return loss.to(z.dtype) if loss.dtype != z.dtype else loss
+
+
+def _neg_sum_over_partials(d: torch.Tensor, out: torch.Tensor, minus_ones: torch.Tensor) -> None:
+    """out [rows, k] = −Σ_p d[p] (d [P, rows, k] in the compute dtype): a matrix-vector product where the
+    layouts allow (measured 2 to 4× faster than a sum over the leading dimension right after d is written)."""
+    flat = out.view(-1) if out.is_contiguous() and out.dtype == d.dtype else None
+    if flat is not None and d[0].is_contiguous():
+        torch.mv(d.reshape(d.shape[0], -1).t(), minus_ones, out=flat)
+    else:
+        out.copy_(d.sum(0).neg_())
 
 
 def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
@@ -91,27 +104,28 @@ def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tenso
         else:
             neg = _MSE_BACKWARD(grad, zx, partials, REDUCTION_MEAN)
         return neg.sum(0) if needs[0] else None, neg.neg_() if needs[1] else None
-    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))  # [P, K] or []
+    # Per block, 2·g·(r − z) written straight into grad_partials (g = grad/(P·B·K) for the mean, grad[p, k]/B
+    # for the column errors), and grad_z = −Σ_p of it while the block is in cache. (aten's MSE backward does
+    # the first in one op, but the sum over p after it ran 2 to 4× slower in measurements.)
+    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))
     grad_z = torch.empty((B, K), dtype=z.dtype) if needs[0] else None
     grad_p = torch.empty((P, B, W), dtype=partials.dtype) if needs[1] else None
     if grad_p is not None and gap[1]:
         grad_p[:, :, gap[0] : gap[0] + gap[1]] = 0
-    runs = column_runs(K, gap)
-    direct = partials.dtype == cdt  # differences written straight into grad_partials
-    for b0, b1 in _blocks(P, B, W):
+    runs, blocks = column_runs(K, gap), _blocks(P, B, W)
+    minus_ones = torch.full((P,), -1.0, dtype=cdt)
+    direct = partials.dtype == cdt and grad_p is not None  # written straight into grad_partials
+    scratch = None if direct else torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt)
+    for b0, b1 in blocks:
         for k0, k1, w0 in runs:
             r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
-            if direct and grad_p is not None:
-                d = torch.sub(r, t, out=grad_p[:, b0:b1, w0 : w0 + k1 - k0])
-            else:
-                d = torch.sub(r.to(cdt), t.to(cdt))
-            d.mul_(g[:, None, k0:k1] if g.dim() else g)  # 2·g·(r − z)
+            if r.dtype != cdt:
+                r, t = r.to(cdt), t.to(cdt)
+            gk = g[:, None, k0:k1] if g.dim() else g
+            d = grad_p[:, b0:b1, w0 : w0 + k1 - k0] if direct else scratch[: r.numel()].view(r.shape)
+            torch.sub(r, t, out=d).mul_(gk)  # 2·g·(r − z)
             if grad_p is not None and not direct:
                 grad_p[:, b0:b1, w0 : w0 + k1 - k0] = d
             if grad_z is not None:
-                gz = grad_z[b0:b1, k0:k1]
-                if gz.dtype == cdt:
-                    torch.sum(d, 0, out=gz).neg_()
-                else:
-                    gz.copy_(d.sum(0).neg_())
+                _neg_sum_over_partials(d, grad_z[b0:b1, k0:k1], minus_ones)
     return grad_z, grad_p
