@@ -165,7 +165,7 @@ class PartialsMSELoss(Prepared):
     def _apply(self, fn, recurse=True):
         coef = getattr(self, "gather_coef", None)
         super()._apply(fn, recurse)
-        if coef is not None and self.gather_coef.dtype != coef.dtype:  # (kept float32, as Prepared keeps μ, 1/σ)
+        if coef is not None and self.gather_coef.dtype != coef.dtype:  # (kept float64: .half() and .float() would round it)
             self.gather_coef = coef.to(self.gather_coef.device)
         return self
 
@@ -182,7 +182,7 @@ class PartialCategories(NamedTuple):
     num_columns: int  # K
     partials: torch.Tensor  # [C, Lp] int64: category n's partials, padded with P (a zero row)
     columns: torch.Tensor  # [C, Lc] int64: its columns, repeats kept (as x[:, cols] counts them), padded with K
-    coef: torch.Tensor  # [C, Lp, Lc] float32: 1/(L_n·|cols_n|) at real (partial, column) pairs, 0 at pads
+    coef: torch.Tensor  # [C, Lp, Lc] float64 (cast to the errors' dtype on use): 1/(L_n·|cols_n|) at real (partial, column) pairs, 0 at pads
 
 
 def partial_category_layout(categories: dict, num_columns: int, *, levels: Optional[int] = None,
@@ -225,7 +225,7 @@ def partial_category_layout(categories: dict, num_columns: int, *, levels: Optio
         pt[n, : len(own)] = torch.tensor(own)
         ct[n, : len(c)] = torch.tensor(c)
         coef[n, : len(own), : len(c)] = 1.0 / (len(own) * len(c))
-    return PartialCategories(names, P, num_columns, pt.to(device), ct.to(device), coef.to(device, torch.float32))
+    return PartialCategories(names, P, num_columns, pt.to(device), ct.to(device), coef.to(device))
 
 
 def category_errors_of(errors: torch.Tensor, layout: PartialCategories) -> torch.Tensor:
