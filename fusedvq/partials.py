@@ -35,9 +35,10 @@ def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *
     Args:
         features: x [B, D], as in fusedvq.masked_mse (float64 on the reference backend).
         partials: r [P, B, K (+ c)] in the features' dtype, any strides, or a list of P [B, K (+ c)] tensors
-            (what a model's partial decoders return). A list is stacked once: one copy of its P·B·(K + c)
-            elements forward (about a partial's forward pass worth of memory traffic), and its backward hands
-            each partial a view of one gradient buffer (no copy).
+            (what a model's partial decoders return). On the CPU (eager) a list is read in place and each
+            partial gets a gradient of its own; on the Triton path and while torch.compile traces it is
+            stacked once: one copy of its P·B·(K + c) elements forward (about as much memory traffic as the
+            loss's own forward), its backward handing each partial a view of one gradient buffer.
         index, mean, std, norm and the options eps, nan_to_num, backend, stats_space, sync_stats,
             process_group: the target's, as in fusedvq.clean_features (z = clean_features(features, ...)).
         reduction: "mean": Σ (r − z)² / (P·B·K), a scalar (= the mean over p of F.mse_loss(r[p], z));
@@ -66,16 +67,18 @@ def _call(features, partials, embeddings, plan, route, mode: PartialsMode) -> to
     if embeddings is not None:
         raise NotImplementedError("embeddings= (a hybrid decoder's embedding columns compared at the gap) is not "
                                   "supported yet: pass target_gap=(at, c) alone to skip those columns")
-    partials = stack_partials(partials)
+    partials = partials_form(partials)
     if torch.is_autocast_enabled(features.device.type):  # as F.mse_loss: float32 compute and result
-        features, partials = features.float(), partials.float()
+        features = features.float()
+        partials = partials.float() if isinstance(partials, torch.Tensor) else [p.float() for p in partials]
     check_partials(features, partials, plan.columns.index.shape[0], mode.gap)
     z = ops.call_clean(features, plan, route)
     return call_partials(z, partials, mode._replace(use_triton=ops.use_triton_for(plan.backend, features)))
 
 
-def stack_partials(partials) -> torch.Tensor:
-    """The partials as one [P, B, W] tensor: a tensor as given, a list or tuple of [B, W] tensors stacked."""
+def partials_form(partials):
+    """The partials as given, checked: a [P, B, W] tensor, or a list of P [B, W] tensors of one shape, dtype and
+    device (a tuple becomes a list)."""
     if isinstance(partials, torch.Tensor):
         ops.check_dense(partials, "partials")
         if partials.dim() != 3:
@@ -96,19 +99,20 @@ def stack_partials(partials) -> torch.Tensor:
             raise ValueError(f"partials[{p}] is {t.dtype} {tuple(t.shape)} on {t.device}, but partials[0] is "
                              f"{first.dtype} {tuple(first.shape)} on {first.device}: every partial must be [B, W] "
                              f"with one dtype and device")
-    return torch.stack(partials)
+    return list(partials)
 
 
-def check_partials(features: torch.Tensor, partials: torch.Tensor, num_kept: int, gap: int) -> None:
-    """partials [P, B, K + gap] matching the features [B, D] in dtype, device and batch size."""
-    P, B, W = partials.shape
+def check_partials(features: torch.Tensor, partials, num_kept: int, gap: int) -> None:
+    """partials (partials_form's) [P, B, K + gap] matching the features [B, D] in dtype, device and batch size."""
+    one = partials if isinstance(partials, torch.Tensor) else partials[0]
+    P, (B, W) = (one.shape[0], one.shape[1:]) if one is partials else (len(partials), one.shape)
     if P == 0:
         raise ValueError("partials holds no partial reconstruction (P = 0)")
-    if partials.dtype != features.dtype:
+    if one.dtype != features.dtype:
         raise TypeError(f"features and partials must share one dtype, got features {features.dtype} and partials "
-                        f"{partials.dtype}")
-    if partials.device != features.device:
-        raise ValueError(f"features are on {features.device} but partials are on {partials.device}")
+                        f"{one.dtype}")
+    if one.device != features.device:
+        raise ValueError(f"features are on {features.device} but partials are on {one.device}")
     if B != features.shape[0]:
         raise ValueError(f"features have {features.shape[0]} rows but the partials have {B}: the batch sizes must "
                          f"match")

@@ -73,11 +73,26 @@ def test_float32_blocked_gap_strided(norm, reduction, monkeypatch):
     check(x, partials, columns, mean, std, norm, reduction=reduction, gap=(4, 3), module=True)
 
 
-def test_list_equals_stacked():
-    columns, mean, std, x, partials = case(6, dtype=torch.float32, seed=2)
-    listed = check(x, list(partials), columns, mean, std, "stats", as_list=True, reduction="column")
-    stacked = check(x, partials, columns, mean, std, "stats", reduction="column")
-    assert all(torch.equal(a, b) for a, b in zip(listed, stacked))
+@pytest.mark.parametrize("reduction", ["mean", "column"])
+def test_list_against_oracle_and_stacked(reduction, monkeypatch):
+    """A list of partials (read in place on the CPU: row blocks forced small, a gap, non-contiguous members)
+    against the oracle, and the same numbers as the stacked tensor."""
+    monkeypatch.setattr(cpu_partials, "_LIST_BLOCK_ELEMENTS", 3 * K)
+    monkeypatch.setattr(cpu_partials, "_BLOCK_ELEMENTS", 4 * P * (K + 2))  # in place above 4 rows
+    columns, mean, std, x, partials = case(8, dtype=torch.float32, gap=(6, 2), seed=2)
+    listed = [strided(p, "transposed") for p in partials]
+    got = check(x, listed, columns, mean, std, "stats", as_list=True, reduction=reduction, gap=(6, 2))
+    stacked = check(x, partials, columns, mean, std, "stats", reduction=reduction, gap=(6, 2))
+    assert all(rel_err(a, b) <= 1e-6 for a, b in zip(got, stacked))
+
+
+def test_list_float64_double_backward(monkeypatch):
+    monkeypatch.setattr(cpu_partials, "_BLOCK_ELEMENTS", 1)  # in place
+    columns, mean, std, x, partials = case(3, seed=13, P=2)
+    check(x, list(partials), columns, mean, std, "none", as_list=True)
+    r = [p.clone().requires_grad_() for p in partials]
+    f = lambda a, *b: fusedvq.partials_mse(a, list(b), columns, norm="none", reduction="column")  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (x.clone().requires_grad_(), *r))
 
 
 def test_autocast_float32_result():

@@ -129,3 +129,82 @@ def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tenso
             if grad_z is not None:
                 _neg_sum_over_partials(d, grad_z[b0:b1, k0:k1], minus_ones)
     return grad_z, grad_p
+
+
+# ------------------------------------------------------------------------- partials given as a list
+#
+# A model's partial decoders return a list of P [B, W] tensors. Stacking them costs a copy, and a stacked
+# input's gradient is one fresh [P, B, W] buffer: at B = 1024 17 MB that the allocator maps anew each step
+# and page-faults in on its first write (measured: most of the step). Taken as a list, the partials are read
+# in place and each gets a [B, W] gradient of its own, the size the eager loop allocates, which the allocator
+# recycles warm. Rows go in blocks whose slice of z stays in cache while all P partials pass over it.
+
+_LIST_BLOCK_ELEMENTS = 1 << 18  # elements of z per row block (1 MiB of fp32)
+
+
+def read_in_place(z: torch.Tensor, partials: list) -> bool:
+    """Whether a list goes in place: above one block of all partials (below it, stacking them and aten's few
+    MSE ops cost less than P ops each way)."""
+    return len(partials) * partials[0].numel() > _BLOCK_ELEMENTS
+
+
+def _list_blocks(B: int, K: int):
+    rows = max(1, _LIST_BLOCK_ELEMENTS // max(K, 1))
+    return [(b0, min(B, b0 + rows)) for b0 in range(0, B, rows)]
+
+
+def list_forward(z: torch.Tensor, partials: list, reduction: int, gap: tuple) -> torch.Tensor:
+    """partials_forward of P [B, W] tensors, read in place."""
+    P, (B, K) = len(partials), z.shape
+    cdt = COMPUTE_DTYPE[z.dtype]
+    column = reduction == REDUCTION_COLUMN
+    sums = torch.zeros((P, K) if column else (), dtype=cdt)
+    for b0, b1 in _list_blocks(B, K):
+        for k0, k1, w0 in column_runs(K, gap):
+            t = z[b0:b1, k0:k1]
+            t = t if t.dtype == cdt else t.to(cdt)
+            for p, partial in enumerate(partials):
+                r = partial[b0:b1, w0 : w0 + k1 - k0]
+                r = r if r.dtype == cdt else r.to(cdt)
+                if column:
+                    sums[p, k0:k1] += _MSE_LOSS(r, t, REDUCTION_NONE).sum(0)
+                else:
+                    sums += _MSE_LOSS(r, t, REDUCTION_SUM)
+    loss = sums / B if column else sums / (P * B * K)
+    return loss.to(z.dtype) if loss.dtype != z.dtype else loss
+
+
+def list_backward(grad: torch.Tensor, z: torch.Tensor, partials: list, reduction: int, gap: tuple,
+                  needs: tuple) -> tuple:
+    """(grad_z [B, K] or None, [grad_partial [B, W]] * P or None): partials_backward of P [B, W] tensors."""
+    P, (B, K), W = len(partials), z.shape, partials[0].shape[1]
+    cdt = COMPUTE_DTYPE[z.dtype]
+    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))  # [P, K] or []
+    grad_z = torch.empty((B, K), dtype=cdt) if needs[0] else None
+    grads = [torch.empty((B, W), dtype=partials[0].dtype) for _ in range(P)] if needs[1] else None
+    if grads is not None and gap[1]:
+        for gp in grads:
+            gp[:, gap[0] : gap[0] + gap[1]] = 0
+    direct = grads is not None and partials[0].dtype == cdt
+    for b0, b1 in _list_blocks(B, K):
+        for k0, k1, w0 in column_runs(K, gap):
+            t = z[b0:b1, k0:k1]
+            t = t if t.dtype == cdt else t.to(cdt)
+            shift = None if g.dim() else t * -g  # −2g·z, once per block for the mean
+            for p, partial in enumerate(partials):
+                r = partial[b0:b1, w0 : w0 + k1 - k0]
+                gk = g[p, k0:k1] if g.dim() else g
+                # 2g·(r − z) = r·2g − 2g·z in one pass over r
+                if direct:
+                    d = torch.addcmul(t * -gk if shift is None else shift, r, gk,
+                                      out=grads[p][b0:b1, w0 : w0 + k1 - k0])
+                else:
+                    d = torch.addcmul(t * -gk if shift is None else shift, r.to(cdt), gk)
+                if grads is not None and not direct:
+                    grads[p][b0:b1, w0 : w0 + k1 - k0] = d
+                if grad_z is not None:
+                    gz = grad_z[b0:b1, k0:k1]
+                    torch.neg(d, out=gz) if p == 0 else gz.sub_(d)
+    if grad_z is not None and grad_z.dtype != z.dtype:
+        grad_z = grad_z.to(z.dtype)
+    return grad_z, grads

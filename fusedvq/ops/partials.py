@@ -40,13 +40,43 @@ class PartialsMode(NamedTuple):
     use_triton: bool
 
 
-def call_partials(z: Tensor, partials: Tensor, mode: PartialsMode) -> Tensor:
-    """The loss of z [B, K] against partials [P, B, K + gap] (checked by the caller)."""
+def call_partials(z: Tensor, partials, mode: PartialsMode) -> Tensor:
+    """The loss of z [B, K] against partials [P, B, K + gap], or a list of P [B, K + gap] (checked by the
+    caller). A list is read in place by eager CPU calls above a small batch (_ListPartials); else stacked."""
+    if not isinstance(partials, Tensor):
+        if not (mode.use_triton or torch.compiler.is_compiling() or under_functorch() or z.device.type != "cpu"
+                ) and cpu_partials.read_in_place(z, partials):
+            return _ListPartials.apply(z, mode, *partials)
+        partials = torch.stack(partials)
     if torch.compiler.is_compiling():
         return partials_mse_forward(z, partials, **mode._asdict())
     if under_functorch():
         return reference.partials_composed(z, partials, mode.reduction, (mode.gap_at, mode.gap))
     return _Eager.apply(PARTIALS_MSE, z, partials, mode)
+
+
+class _ListPartials(torch.autograd.Function):
+    """The CPU implementation on a list of partials, read in place (cpu/partials.py's list_forward and
+    list_backward): each partial gets a gradient of its own; create_graph=True differentiates the
+    composition of the stacked partials."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, mode: PartialsMode, *partials: Tensor) -> Tensor:
+        ctx.save_for_backward(z, *partials)
+        ctx.mode = mode
+        return cpu_partials.list_forward(z, list(partials), mode.reduction, (mode.gap_at, mode.gap))
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, *partials = ctx.saved_tensors
+        mode, needs = ctx.mode, (ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:]))
+        if torch.is_grad_enabled():  # create_graph=True
+            wanted = (z, *partials)
+            loss = reference.partials_composed(z, torch.stack(partials), mode.reduction, (mode.gap_at, mode.gap))
+            grads = reference.grads_through(loss, wanted, (needs[0], *ctx.needs_input_grad[2:]), grad)
+            return (grads[0], None, *grads[1:])
+        grad_z, grads = cpu_partials.list_backward(grad, z, partials, mode.reduction, (mode.gap_at, mode.gap), needs)
+        return (grad_z, None, *(grads if grads is not None else [None] * len(partials)))
 
 
 def _kernels():
