@@ -2,14 +2,18 @@
 against the eager loop the motivating project runs (the target cleaned once, then one F.mse_loss per partial,
 summed and divided by P), both with gradients for the features and every partial, in the same run.
 
-    python bench/partials_cpu.py [--partials 24] [--batches 4 1024 16384] [--seconds 2]
+    python bench/partials_cpu.py [--partials 24] [--batches 4 1024 16384] [--seconds 0.5] [--rounds 7] [--stacked]
 
-Prints the median of alternating rounds per provider and the loop/fused ratio (> 1: fused faster).
+Rounds alternate between the providers (both see the same machine state); each round's time is the median
+step, each round gives a loop/fused ratio (> 1: fused faster), and the table shows the median ratio over the
+rounds with its range, and the load average before and after (a busy machine spreads the rounds: rerun with
+OMP_NUM_THREADS=1 there, which keeps the ops out of parallel regions that wait for a descheduled thread).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -31,7 +35,14 @@ def make(B: int, P: int, seed: int = 0):
     return mask, mean, std, x, partials
 
 
+def zero_grads(*tensors):
+    """optimizer.zero_grad()'s default: every gradient set to None before the step."""
+    for t in tensors:
+        t.grad = None
+
+
 def loop_step(x, partials, mask, mean, std):
+    zero_grads(x, *partials)
     target = ((x - mean) / std)[:, mask]
     loss = sum(F.mse_loss(p, target) for p in partials) / len(partials)
     loss.backward()
@@ -39,6 +50,7 @@ def loop_step(x, partials, mask, mean, std):
 
 
 def fused_step(loss_fn, x, partials):
+    zero_grads(x, *(partials if isinstance(partials, list) else [partials]))
     loss = loss_fn(x, partials)
     loss.backward()
     return loss
@@ -58,11 +70,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--partials", type=int, default=24)
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 1024, 16384])
-    parser.add_argument("--seconds", type=float, default=2.0, help="per round; 3 rounds per provider")
+    parser.add_argument("--seconds", type=float, default=0.5, help="per round and provider")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--stacked", action="store_true", help="give the fused op one [P, B, K] tensor")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, P = {args.partials}, D = {D}, K = {K}")
-    print(f"{'B':>6} {'loop ms':>9} {'fused ms':>9} {'ratio':>7}")
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, P = {args.partials}, D = {D}, K = {K}, "
+          f"partials given as {'one [P, B, K] tensor' if args.stacked else 'a list'}, load {load:.1f}")
+    print(f"{'B':>6} {'loop ms':>9} {'fused ms':>9} {'ratio':>7}  {'range':>13}")
     for B in args.batches:
         mask, mean, std, x, partials = make(B, args.partials)
         loss_fn = fusedvq.PartialsMSELoss(mask, mean, std)
@@ -72,14 +87,14 @@ def main(argv=None) -> None:
             ref = sum(F.mse_loss(p, target) for p in partials) / len(partials)
             got = loss_fn(x, given)
         assert torch.allclose(got, ref, rtol=1e-5), (got, ref)
-        rounds = {"loop": [], "fused": []}
-        for _ in range(3):  # alternating rounds: both providers see the same machine state
-            rounds["loop"].append(time_round(lambda: loop_step(x, partials, mask, mean, std), args.seconds))
-            rounds["fused"].append(time_round(lambda: fused_step(loss_fn, x, given), args.seconds))
-            for t in (x, *partials) + ((given,) if args.stacked else ()):
-                t.grad = None
-        loop, fused = (statistics.median(v) for v in rounds.values())
-        print(f"{B:>6} {loop * 1e3:>9.3f} {fused * 1e3:>9.3f} {loop / fused:>6.2f}x")
+        loops, fuseds = [], []
+        for _ in range(args.rounds):
+            loops.append(time_round(lambda: loop_step(x, partials, mask, mean, std), args.seconds))
+            fuseds.append(time_round(lambda: fused_step(loss_fn, x, given), args.seconds))
+        ratios = sorted(a / b for a, b in zip(loops, fuseds))
+        print(f"{B:>6} {statistics.median(loops) * 1e3:>9.3f} {statistics.median(fuseds) * 1e3:>9.3f} "
+              f"{statistics.median(ratios):>6.2f}x  {ratios[0]:>5.2f}-{ratios[-1]:.2f}x")
+    print(f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
 
 
 if __name__ == "__main__":
