@@ -42,10 +42,9 @@ class PartialsMode(NamedTuple):
 
 def call_partials(z: Tensor, partials, mode: PartialsMode) -> Tensor:
     """The loss of z [B, K] against partials [P, B, K + gap], or a list of P [B, K + gap] (checked by the
-    caller). A list is read in place by eager CPU calls above a small batch (_ListPartials); else stacked."""
+    caller). Eager CPU calls take a list as it is (_ListPartials); elsewhere it is stacked."""
     if not isinstance(partials, Tensor):
-        if not (mode.use_triton or torch.compiler.is_compiling() or under_functorch() or z.device.type != "cpu"
-                ) and cpu_partials.read_in_place(z, partials):
+        if not (mode.use_triton or torch.compiler.is_compiling() or under_functorch() or z.device.type != "cpu"):
             return _ListPartials.apply(z, mode, *partials)
         partials = torch.stack(partials)
     if torch.compiler.is_compiling():
@@ -56,27 +55,39 @@ def call_partials(z: Tensor, partials, mode: PartialsMode) -> Tensor:
 
 
 class _ListPartials(torch.autograd.Function):
-    """The CPU implementation on a list of partials, read in place (cpu/partials.py's list_forward and
-    list_backward): each partial gets a gradient of its own; create_graph=True differentiates the
-    composition of the stacked partials."""
+    """The CPU implementation on a list of partials: above a small batch read in place (cpu/partials.py's
+    list_forward and list_backward), each partial with a gradient of its own; create_graph=True
+    differentiates the composition of the stacked partials."""
 
     @staticmethod
     def forward(ctx, z: Tensor, mode: PartialsMode, *partials: Tensor) -> Tensor:
-        ctx.save_for_backward(z, *partials)
-        ctx.mode = mode
-        return cpu_partials.list_forward(z, list(partials), mode.reduction, (mode.gap_at, mode.gap))
+        gap = (mode.gap_at, mode.gap)
+        ctx.mode, ctx.in_place = mode, cpu_partials.read_in_place(z, partials)
+        if ctx.in_place:
+            ctx.save_for_backward(z, *partials)
+            return cpu_partials.list_forward(z, list(partials), mode.reduction, gap)
+        # A small batch: stacked here, outside autograd (one node, not a stack node beside this one), then
+        # aten's few MSE ops; the backward hands each partial a view of one gradient.
+        stacked = torch.stack(partials)
+        ctx.save_for_backward(z, stacked)
+        return cpu_partials.partials_forward(z, stacked, mode.reduction, gap)
 
     @staticmethod
     def backward(ctx, grad):
         z, *partials = ctx.saved_tensors
         mode, needs = ctx.mode, (ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:]))
-        if torch.is_grad_enabled():  # create_graph=True
-            wanted = (z, *partials)
-            loss = reference.partials_composed(z, torch.stack(partials), mode.reduction, (mode.gap_at, mode.gap))
-            grads = reference.grads_through(loss, wanted, (needs[0], *ctx.needs_input_grad[2:]), grad)
-            return (grads[0], None, *grads[1:])
-        grad_z, grads = cpu_partials.list_backward(grad, z, partials, mode.reduction, (mode.gap_at, mode.gap), needs)
-        return (grad_z, None, *(grads if grads is not None else [None] * len(partials)))
+        gap, count = (mode.gap_at, mode.gap), len(ctx.needs_input_grad) - 2
+        if torch.is_grad_enabled():  # create_graph=True: the composition's own gradients
+            stacked = torch.stack(partials) if ctx.in_place else partials[0]
+            loss = reference.partials_composed(z, stacked, mode.reduction, gap)
+            grad_z, grad_p = reference.grads_through(loss, (z, stacked), needs, grad)
+            return (grad_z, None, *(grad_p.unbind(0) if grad_p is not None else [None] * count))
+        if ctx.in_place:
+            grad_z, grads = cpu_partials.list_backward(grad, z, partials, mode.reduction, gap, needs)
+        else:
+            grad_z, grad_p = cpu_partials.partials_backward(grad, z, partials[0], mode.reduction, gap, needs)
+            grads = None if grad_p is None else grad_p.unbind(0)
+        return (grad_z, None, *(grads if grads is not None else [None] * count))
 
 
 def _kernels():
