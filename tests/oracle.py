@@ -126,6 +126,7 @@ def partials_oracle(x, partials, columns, mean, std, norm, grad_out, *, reductio
     F.mse_loss, [P, K]. partials: [P, B, K + c] or a list of [B, K + c]."""
     x64 = x.detach().double().cpu().requires_grad_()
     r64 = torch.stack(list(partials)).detach().double().cpu().requires_grad_()
+    mean, std = (None, None) if mean is None else (mean.cpu(), std.cpu())
     target = oracle_z(x64, columns.cpu(), mean, std, norm, nan_to_num=nan_to_num, eps=eps)
     at, width = gap
     kept = [r64[p][:, [*range(at), *range(at + width, r64.shape[2])]] for p in range(r64.shape[0])]

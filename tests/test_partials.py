@@ -41,7 +41,7 @@ def check(x, partials, columns, mean, std, norm, *, reduction="mean", gap=(0, 0)
         loss = fusedvq.partials_mse(xg, given, columns, *stats, norm=norm, reduction=reduction, target_gap=gap,
                                     backend=backend)
     grad_out = (torch.rand(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) + 0.5) * 1.7
-    loss.backward(grad_out.to(loss.dtype))
+    loss.backward(grad_out.to(loss.device, loss.dtype))
     ref, ref_x, ref_p = partials_oracle(x, partials, columns, mean, std, norm, grad_out, reduction=reduction, gap=gap)
     got_p = torch.stack([p.grad for p in leaves]) if as_list else leaves[0].grad
     tol = tol or TOLERANCE[x.dtype]
@@ -164,6 +164,24 @@ def test_triton_one_gradient():
     xg = x.clone().requires_grad_()
     fusedvq.partials_mse(xg, partials, columns, mean, std, backend="triton").backward()
     assert rel_err(xg.grad, partials_oracle(x, partials, columns, mean, std, "stats", torch.tensor(1.0))[1]) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "column"])
+@pytest.mark.parametrize("B", [4, 257, 4099])
+def test_cuda(backend, reduction, B):
+    """On CUDA: the kernels (and the PyTorch path there) against the oracle, stacked and as a list, with a
+    gap and batch-major partials; the kernels bitwise repeatable."""
+    columns, mean, std, x, partials = case(B, dtype=torch.float32, gap=(5, 2), seed=14, P=24)
+    cuda = [t.cuda() for t in (columns, mean, std, x, partials.transpose(0, 1).contiguous().transpose(0, 1))]
+    columns, mean, std, x, partials = cuda
+    got = check(x, partials, columns, mean, std, "stats", reduction=reduction, gap=(5, 2), backend=backend)
+    check(x, list(partials), columns, mean, std, "batch", reduction=reduction, gap=(5, 2), backend=backend,
+          as_list=True)
+    again = check(x, partials, columns, mean, std, "stats", reduction=reduction, gap=(5, 2), backend=backend)
+    if backend == "triton":
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 # ------------------------------------------------------------------------------- ops, autograd, errors

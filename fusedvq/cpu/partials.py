@@ -39,15 +39,17 @@ def column_runs(K: int, gap: tuple) -> list[tuple[int, int, int]]:
     return [run for run in ((0, at, 0), (at, K, at + width)) if run[1] > run[0]]
 
 
-def _blocks(P: int, B: int, W: int):
-    rows = max(1, _BLOCK_ELEMENTS // max(P * W, 1))
+def _blocks(P: int, B: int, W: int, device: torch.device):
+    """Row blocks of the CPU (cache-sized); one block elsewhere (backend="reference" on CUDA)."""
+    rows = max(1, _BLOCK_ELEMENTS // max(P * W, 1)) if device.type == "cpu" else max(B, 1)
     return [(b0, min(B, b0 + rows)) for b0 in range(0, B, rows)]
 
 
 def _whole(z: torch.Tensor, partials: torch.Tensor, gap: tuple) -> bool:
     """Whether one block takes it all, in aten's own MSE ops: no gap, the compute dtype, a small batch (the
     ops are few, which is what counts at B = 4)."""
-    return not gap[1] and z.dtype is partials.dtype is COMPUTE_DTYPE[z.dtype] and partials.numel() <= _BLOCK_ELEMENTS
+    return not gap[1] and z.dtype is partials.dtype is COMPUTE_DTYPE[z.dtype] and (
+        partials.numel() <= _BLOCK_ELEMENTS or not z.is_cpu)
 
 
 def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple) -> torch.Tensor:
@@ -60,9 +62,9 @@ def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, ga
         if column:
             return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_NONE).sum(1).div_(B)
         return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_MEAN)
-    sums = torch.zeros((P, K) if column else (), dtype=cdt)
-    runs, blocks = column_runs(K, gap), _blocks(P, B, W)
-    scratch = torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt) if column else None
+    sums = torch.zeros((P, K) if column else (), dtype=cdt, device=z.device)
+    runs, blocks = column_runs(K, gap), _blocks(P, B, W, z.device)
+    scratch = torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt, device=z.device) if column else None
     for b0, b1 in blocks:
         for k0, k1, w0 in runs:
             r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
@@ -108,14 +110,14 @@ def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tenso
     # for the column errors), and grad_z = −Σ_p of it while the block is in cache. (aten's MSE backward does
     # the first in one op, but the sum over p after it ran 2 to 4× slower in measurements.)
     g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))
-    grad_z = torch.empty((B, K), dtype=z.dtype) if needs[0] else None
-    grad_p = torch.empty((P, B, W), dtype=partials.dtype) if needs[1] else None
+    grad_z = torch.empty((B, K), dtype=z.dtype, device=z.device) if needs[0] else None
+    grad_p = torch.empty((P, B, W), dtype=partials.dtype, device=z.device) if needs[1] else None
     if grad_p is not None and gap[1]:
         grad_p[:, :, gap[0] : gap[0] + gap[1]] = 0
-    runs, blocks = column_runs(K, gap), _blocks(P, B, W)
-    minus_ones = torch.full((P,), -1.0, dtype=cdt)
+    runs, blocks = column_runs(K, gap), _blocks(P, B, W, z.device)
+    minus_ones = torch.full((P,), -1.0, dtype=cdt, device=z.device)
     direct = partials.dtype == cdt and grad_p is not None  # written straight into grad_partials
-    scratch = None if direct else torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt)
+    scratch = None if direct else torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt, device=z.device)
     for b0, b1 in blocks:
         for k0, k1, w0 in runs:
             r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
@@ -158,7 +160,7 @@ def list_forward(z: torch.Tensor, partials: list, reduction: int, gap: tuple) ->
     P, (B, K) = len(partials), z.shape
     cdt = COMPUTE_DTYPE[z.dtype]
     column = reduction == REDUCTION_COLUMN
-    sums = torch.zeros((P, K) if column else (), dtype=cdt)
+    sums = torch.zeros((P, K) if column else (), dtype=cdt, device=z.device)
     for b0, b1 in _list_blocks(B, K):
         for k0, k1, w0 in column_runs(K, gap):
             t = z[b0:b1, k0:k1]
@@ -180,8 +182,8 @@ def list_backward(grad: torch.Tensor, z: torch.Tensor, partials: list, reduction
     P, (B, K), W = len(partials), z.shape, partials[0].shape[1]
     cdt = COMPUTE_DTYPE[z.dtype]
     g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))  # [P, K] or []
-    grad_z = torch.empty((B, K), dtype=cdt) if needs[0] else None
-    grads = [torch.empty((B, W), dtype=partials[0].dtype) for _ in range(P)] if needs[1] else None
+    grad_z = torch.empty((B, K), dtype=cdt, device=z.device) if needs[0] else None
+    grads = [torch.empty((B, W), dtype=partials[0].dtype, device=z.device) for _ in range(P)] if needs[1] else None
     if grads is not None and gap[1]:
         for gp in grads:
             gp[:, gap[0] : gap[0] + gap[1]] = 0
