@@ -38,6 +38,7 @@ if [ "$DRY_RUN" = 1 ]; then
   bench_seconds=${BENCH_SECONDS:-60}
   bench_args=(--sizes 4,64 --seconds-per-case 0.05 --max-seconds "$bench_seconds")
   profile_args=(--sizes 4,64)
+  partials_args=(--sizes 4)
   test_seconds=${TEST_SECONDS:-120}
   ab_args=(--dry-run)
 else
@@ -45,6 +46,7 @@ else
   bench_seconds=${BENCH_SECONDS:-110}
   bench_args=(--seconds-per-case 0.5 --max-seconds "$bench_seconds")
   profile_args=()
+  partials_args=()
   test_seconds=${TEST_SECONDS:-180}
   ab_args=()
 fi
@@ -124,7 +126,8 @@ set -e
 
 echo "== P partials against one target"
 set +e
-timeout 90 "$PYTHON" bench/partials_gpu.py --device "$device" --out "$OUT/partials.md" 2>&1 | tail -n 12
+timeout 90 "$PYTHON" bench/partials_gpu.py --device "$device" "${partials_args[@]}" --out "$OUT/partials.md" 2>&1 \
+  | tail -n 12
 partials_status=${PIPESTATUS[0]}
 set -e
 

@@ -9,7 +9,7 @@ triton.testing.do_bench medians with GB/s from an explicit byte count (forward: 
 backward: those read again, grad_partials and grad_z written). Steps: "fused [P, B, K]" takes the partials as
 one tensor, "fused list" as the list a model returns (stacked inside), "loop" is
 sum(F.mse_loss(p, target) for p in partials) / P on target = ((x − μ)/σ)[:, kept]. --device cpu (the GPU
-check's dry run) times a few rounds with perf_counter at the sizes given, through the PyTorch path.
+check's dry run: --sizes 4) times a few rounds with perf_counter, through the PyTorch path.
 """
 
 from __future__ import annotations
