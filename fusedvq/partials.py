@@ -25,6 +25,7 @@ from .loss import Prepared
 from .ops.partials import PartialsMode, call_partials
 
 PARTIALS_REDUCTIONS = {"mean": REDUCTION_MEAN, "column": REDUCTION_COLUMN}
+_REDUCTION_NAMES = {code: name for name, code in PARTIALS_REDUCTIONS.items()}
 _STRIDED = torch.strided
 
 
@@ -180,9 +181,15 @@ class PartialsMSELoss(Prepared):
             self.gather_coef = coef.to(self.gather_coef.device)
         return self
 
-    reduction = property(lambda self: [n for n, c in PARTIALS_REDUCTIONS.items() if c == self.partials_mode.reduction][0])
+    reduction = property(lambda self: _REDUCTION_NAMES[self.partials_mode.reduction])
     target_gap = property(lambda self: (self.partials_mode.gap_at, self.partials_mode.gap))
-    num_partials = property(lambda self: None if self.layout is None else self.layout.num_partials)
+    num_partials = property(lambda self: None if self.layout is None else self.layout.num_partials,
+                            doc="P of the categories' layout (None without one)")
+
+    def extra_repr(self) -> str:
+        gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""
+        layout = f", partials={self.num_partials} over {len(self.layout.names)} categories" if self.layout else ""
+        return super().extra_repr() + f", reduction={self.reduction!r}{gap}{layout}"
 
 
 class PartialCategories(NamedTuple):
