@@ -50,8 +50,8 @@ def _partials_fwd_kernel(
     z_ptr,  # [B, K] the cleaned target, any strides, fp32/fp16/bf16
     r_ptr,  # [P, B, W] the partials, any strides, dtype of z
     out_ptr,  # [] (mean) or [P, K] contiguous (column), dtype of z
-    partial_ptr,  # [P·n] fp32 workspace (mean): each program's Σ (r − z)²
-    column_partial_ptr,  # [P·n, K] fp32 workspace (column): each program's Σ_b (r − z)² per column
+    workspace_ptr,  # [P·n] fp32 workspace (mean): each program's Σ (r − z)²
+    column_workspace_ptr,  # [P·n, K] fp32 workspace (column): each program's Σ_b (r − z)² per column
     counter_ptr,  # [1] int32 ticket counter, 0 before and after every launch
     B,
     K,
@@ -87,21 +87,21 @@ def _partials_fwd_kernel(
             diff = rv.to(tl.float32) - zv.to(tl.float32)
             squares += diff * diff
         if REDUCTION == REDUCTION_COLUMN_C:
-            tl.store(column_partial_ptr + slot.to(tl.int64) * K + k, tl.sum(squares, axis=0), mask=compared)
+            tl.store(column_workspace_ptr + slot.to(tl.int64) * K + k, tl.sum(squares, axis=0), mask=compared)
         else:
             total += squares
     if REDUCTION != REDUCTION_COLUMN_C:
-        tl.store(partial_ptr + slot, tl.sum(tl.sum(total, axis=1), axis=0))
+        tl.store(workspace_ptr + slot, tl.sum(tl.sum(total, axis=1), axis=0))
     # Every thread's stores are issued before the ticket; acq_rel publishes them to the last program.
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) * n - 1:
         if REDUCTION == REDUCTION_COLUMN_C:
             for q in range(0, tl.num_programs(0)):  # out[q, :] = Σ_i workspace[q·n + i, :], in order
-                sum_partial_columns(column_partial_ptr + q * n * K, out_ptr, out_ptr + q * K, n, K,
+                sum_partial_columns(column_workspace_ptr + q * n * K, out_ptr, out_ptr + q * K, n, K,
                                     out_scale, False, BLOCK_W)
         else:
-            write_reduction(partial_ptr, column_partial_ptr, out_ptr, out_ptr, tl.num_programs(0) * n, K, out_scale,
+            write_reduction(workspace_ptr, column_workspace_ptr, out_ptr, out_ptr, tl.num_programs(0) * n, K, out_scale,
                             REDUCTION, False, BLOCK_W, BLOCK_P)
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (and for CUDA-graph replays)
 
@@ -172,10 +172,10 @@ def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, ga
     column = reduction == REDUCTION_COLUMN
     with device_guard(z), scratch_guard(z):
         out = torch.empty((P, K) if column else (), dtype=z.dtype, device=z.device)
-        counter, partial = scratch(z, P * n)
-        column_partial = torch.empty((P * n, K), dtype=torch.float32, device=z.device) if column else partial
+        counter, workspace = scratch(z, P * n)
+        column_workspace = torch.empty((P * n, K), dtype=torch.float32, device=z.device) if column else workspace
         _FWD[(P, n)](
-            z, partials, out, partial, column_partial, counter,
+            z, partials, out, workspace, column_workspace, counter,
             B, K, W, z.stride(0), z.stride(1), partials.stride(0), partials.stride(1), partials.stride(2),
             gap[0], gap[1], 1.0 / B if column else 1.0 / (P * B * K),
             REDUCTION=REDUCTION_COLUMN if column else REDUCTION_MEAN, BLOCK_B=block_b, BLOCK_W=block_w,

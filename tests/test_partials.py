@@ -25,8 +25,10 @@ def case(B, *, dtype=torch.float64, gap=(0, 0), seed=0, P=P, mask=True):
 
 
 def check(x, partials, columns, mean, std, norm, *, reduction="mean", gap=(0, 0), backend="reference",
-          as_list=False, module=False, tol=None):
-    """fusedvq's loss and both gradients for a random grad_output (≠ 1) against partials_oracle."""
+          form="tensor"):
+    """fusedvq's loss and both gradients for a random grad_output (≠ 1) against partials_oracle. form: the
+    partials as one "tensor" or as a "list" to partials_mse, or a "tensor" to PartialsMSELoss ("module")."""
+    as_list, module = form == "list", form == "module"
     stats = (mean, std) if norm == "stats" else (None, None)
     num = {} if columns.dtype == torch.bool else {"num_features": x.shape[1]}
     xg = x.detach().clone().requires_grad_()
@@ -44,7 +46,7 @@ def check(x, partials, columns, mean, std, norm, *, reduction="mean", gap=(0, 0)
     loss.backward(grad_out.to(loss.device, loss.dtype))
     ref, ref_x, ref_p = partials_oracle(x, partials, columns, mean, std, norm, grad_out, reduction=reduction, gap=gap)
     got_p = torch.stack([p.grad for p in leaves]) if as_list else leaves[0].grad
-    tol = tol or TOLERANCE[x.dtype]
+    tol = TOLERANCE[x.dtype]
     assert loss.dtype == x.dtype and loss.shape == ref.shape
     errors = {"loss": rel_err(loss, ref), "grad_x": rel_err(xg.grad, ref_x), "grad_partials": rel_err(got_p, ref_p)}
     assert all(e <= tol for e in errors.values()), f"relative errors {errors} exceed {tol}"
@@ -70,7 +72,7 @@ def test_float32_blocked_gap_strided(norm, reduction, monkeypatch):
     columns, mean, std, x, partials = case(17, dtype=torch.float32, gap=(4, 3), seed=5, mask=False)
     x = strided(x, "transposed")
     partials = partials.transpose(0, 1).contiguous().transpose(0, 1)  # [P, B, W] stored batch-major
-    check(x, partials, columns, mean, std, norm, reduction=reduction, gap=(4, 3), module=True)
+    check(x, partials, columns, mean, std, norm, reduction=reduction, gap=(4, 3), form="module")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "column"])
@@ -81,7 +83,7 @@ def test_list_against_oracle_and_stacked(reduction, monkeypatch):
     monkeypatch.setattr(cpu_partials, "_BLOCK_ELEMENTS", 4 * P * (K + 2))  # in place above 4 rows
     columns, mean, std, x, partials = case(8, dtype=torch.float32, gap=(6, 2), seed=2)
     listed = [strided(p, "transposed") for p in partials]
-    got = check(x, listed, columns, mean, std, "stats", as_list=True, reduction=reduction, gap=(6, 2))
+    got = check(x, listed, columns, mean, std, "stats", form="list", reduction=reduction, gap=(6, 2))
     stacked = check(x, partials, columns, mean, std, "stats", reduction=reduction, gap=(6, 2))
     assert all(rel_err(a, b) <= 1e-6 for a, b in zip(got, stacked))
 
@@ -89,7 +91,7 @@ def test_list_against_oracle_and_stacked(reduction, monkeypatch):
 def test_list_float64_double_backward(monkeypatch):
     monkeypatch.setattr(cpu_partials, "_BLOCK_ELEMENTS", 1)  # in place
     columns, mean, std, x, partials = case(3, seed=13, P=2)
-    check(x, list(partials), columns, mean, std, "none", as_list=True)
+    check(x, list(partials), columns, mean, std, "none", form="list")
     r = [p.clone().requires_grad_() for p in partials]
     f = lambda a, *b: fusedvq.partials_mse(a, list(b), columns, norm="none", reduction="column")  # noqa: E731
     assert torch.autograd.gradgradcheck(f, (x.clone().requires_grad_(), *r))
@@ -178,7 +180,7 @@ def test_cuda(backend, reduction, B):
     columns, mean, std, x, partials = cuda
     got = check(x, partials, columns, mean, std, "stats", reduction=reduction, gap=(5, 2), backend=backend)
     check(x, list(partials), columns, mean, std, "batch", reduction=reduction, gap=(5, 2), backend=backend,
-          as_list=True)
+          form="list")
     again = check(x, partials, columns, mean, std, "stats", reduction=reduction, gap=(5, 2), backend=backend)
     if backend == "triton":
         assert all(torch.equal(a, b) for a, b in zip(got, again))
