@@ -97,6 +97,21 @@ def test_list_float64_double_backward(monkeypatch):
     assert torch.autograd.gradgradcheck(f, (x.clone().requires_grad_(), *r))
 
 
+@pytest.mark.parametrize("norm", ["stats", "batch"])
+def test_nan_to_num(norm):
+    """Non-finite features become 0 before the normalization (zero gradient there), as for the loss."""
+    columns, mean, std, x, partials = case(5, seed=15)
+    x[1, 3], x[4, 0] = float("nan"), float("inf")
+    stats = (mean, std) if norm == "stats" else (None, None)
+    xg, r = x.clone().requires_grad_(), partials.clone().requires_grad_()
+    loss = fusedvq.partials_mse(xg, r, columns, *stats, norm=norm, reduction="column", nan_to_num=True)
+    grad_out = torch.rand(loss.shape, dtype=torch.float64) + 0.5
+    loss.backward(grad_out)
+    ref, ref_x, ref_p = partials_oracle(x, partials, columns, *stats, norm, grad_out, reduction="column",
+                                        nan_to_num=True)
+    assert max(rel_err(loss, ref), rel_err(xg.grad, ref_x), rel_err(r.grad, ref_p)) <= 1e-12
+
+
 def test_autocast_float32_result():
     columns, mean, std, x, partials = case(4, dtype=torch.float32, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
