@@ -88,8 +88,10 @@ def test_list_against_oracle_and_stacked(reduction, monkeypatch):
     assert all(rel_err(a, b) <= 1e-6 for a, b in zip(got, stacked))
 
 
-def test_list_float64_double_backward(monkeypatch):
-    monkeypatch.setattr(cpu_partials, "_BLOCK_ELEMENTS", 1)  # in place
+@pytest.mark.parametrize("in_place", [True, False])
+def test_list_float64_double_backward(in_place, monkeypatch):
+    if in_place:
+        monkeypatch.setattr(cpu_partials, "_BLOCK_ELEMENTS", 1)
     columns, mean, std, x, partials = case(3, seed=13, P=2)
     check(x, list(partials), columns, mean, std, "none", form="list")
     r = [p.clone().requires_grad_() for p in partials]

@@ -69,23 +69,24 @@ class _ListPartials(torch.autograd.Function):
         # A small batch: stacked here, outside autograd (one node, not a stack node beside this one), then
         # aten's few MSE ops; the backward hands each partial a view of one gradient.
         stacked = torch.stack(partials)
-        ctx.save_for_backward(z, stacked)
+        ctx.save_for_backward(z, stacked, *partials)  # (the partials themselves for create_graph=True)
         return cpu_partials.partials_forward(z, stacked, mode.reduction, gap)
 
     @staticmethod
     def backward(ctx, grad):
-        z, *partials = ctx.saved_tensors
+        z, *saved = ctx.saved_tensors
+        partials = saved if ctx.in_place else saved[1:]
         mode, needs = ctx.mode, (ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:]))
-        gap, count = (mode.gap_at, mode.gap), len(ctx.needs_input_grad) - 2
-        if torch.is_grad_enabled():  # create_graph=True: the composition's own gradients
-            stacked = torch.stack(partials) if ctx.in_place else partials[0]
+        gap, count = (mode.gap_at, mode.gap), len(partials)
+        if torch.is_grad_enabled():  # create_graph=True: the composition's own gradients, stacked anew
+            stacked = torch.stack(partials)  # (on the partials' graph, so the gradients are differentiable)
             loss = reference.partials_composed(z, stacked, mode.reduction, gap)
             grad_z, grad_p = reference.grads_through(loss, (z, stacked), needs, grad)
             return (grad_z, None, *(grad_p.unbind(0) if grad_p is not None else [None] * count))
         if ctx.in_place:
             grad_z, grads = cpu_partials.list_backward(grad, z, partials, mode.reduction, gap, needs)
         else:
-            grad_z, grad_p = cpu_partials.partials_backward(grad, z, partials[0], mode.reduction, gap, needs)
+            grad_z, grad_p = cpu_partials.partials_backward(grad, z, saved[0], mode.reduction, gap, needs)
             grads = None if grad_p is None else grad_p.unbind(0)
         return (grad_z, None, *(grads if grads is not None else [None] * count))
 
