@@ -8,6 +8,7 @@ import torch
 import fusedvq
 import fusedvq.cpu.partials as cpu_partials
 from fusedvq.partials import partial_category_errors
+from ckpt_factory import make_parts, write_checkpoint
 from helpers import interpreting
 from oracle import TOLERANCE, oracle_z, partials_oracle, project_category_metric, random_case, rel_err, strided
 
@@ -140,6 +141,22 @@ def test_category_metric_matches_project_loop():
         assert rel_err(fn.category_errors(errors), want) <= TOLERANCE[dtype]
         info = sum(torch.nn.functional.mse_loss(p, target) for p in partials.double()) / len(partials)
         assert rel_err(errors.mean(), info) <= TOLERANCE[dtype]
+
+
+def test_from_checkpoint_metric(tmp_path):
+    """A VQ-VAE checkpoint's mask, statistics and categories (8 × 3 = 24 partials): the metric in the
+    checkpoint's category order against the project's loop, to float32 rounding."""
+    parts = make_parts(seed=5)
+    fn = fusedvq.PartialsMSELoss.from_checkpoint(write_checkpoint(tmp_path, parts), num_features=parts.D,
+                                                 reduction="column", levels=3)
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(6, parts.D, generator=g)
+    partials = [torch.randn(6, parts.K, generator=g) for _ in range(24)]
+    metric = fn.category_errors(fn(x, partials))
+    mask = torch.from_numpy(parts.mask)
+    target = (x.double()[:, mask] - torch.from_numpy(parts.mean_k)) / torch.from_numpy(parts.std_k)
+    want = project_category_metric([p.double() for p in partials], target, parts.groups, 3)
+    assert fn.category_names == tuple(parts.groups) and rel_err(metric, want) <= 1e-5
 
 
 def test_category_metric_by_partial_map():
