@@ -177,7 +177,8 @@ class PartialsMSELoss(Prepared):
     def _apply(self, fn, recurse=True):
         coef = getattr(self, "gather_coef", None)
         super()._apply(fn, recurse)
-        if coef is not None and self.gather_coef.dtype != coef.dtype:  # (kept float64: .half() and .float() would round it)
+        # kept float64: .half() and .float() would round it
+        if coef is not None and self.gather_coef.dtype != coef.dtype:
             self.gather_coef = coef.to(self.gather_coef.device)
         return self
 
@@ -200,7 +201,9 @@ class PartialCategories(NamedTuple):
     num_columns: int  # K
     partials: torch.Tensor  # [C, Lp] int64: category n's partials, padded with P (a zero row)
     columns: torch.Tensor  # [C, Lc] int64: its columns, repeats kept (as x[:, cols] counts them), padded with K
-    coef: torch.Tensor  # [C, Lp, Lc] float64 (cast to the errors' dtype on use): 1/(L_n·|cols_n|) at real (partial, column) pairs, 0 at pads
+    # [C, Lp, Lc] float64 (cast to the errors' dtype on use): 1/(L_n·|cols_n|) at real (partial, column) pairs,
+    # 0 at the pads
+    coef: torch.Tensor
 
 
 def partial_category_layout(categories: dict, num_columns: int, *, levels: Optional[int] = None,

@@ -258,7 +258,8 @@ def test_double_backward_gradcheck():
     """Through the composition (create_graph=True), norm="batch" (the gradient through μ, σ), with a gap."""
     columns, _, _, x, _ = case(3, seed=11)
     r = torch.randn(2, 3, K + 1, dtype=torch.float64, requires_grad=True)
-    f = lambda a, b: fusedvq.partials_mse(a, b, columns, norm="batch", reduction="column", target_gap=(3, 1))  # noqa: E731
+    def f(a, b):
+        return fusedvq.partials_mse(a, b, columns, norm="batch", reduction="column", target_gap=(3, 1))
     assert torch.autograd.gradgradcheck(f, (x.clone().requires_grad_(), r))
 
 
