@@ -11,7 +11,8 @@
 # winner per case as the TUNING edit that makes it the default: bench/ab_kernels.py), bench.json, bench.md
 # (the loss alone, and the VQ-led step's clean+mse cases right
 # after the targets'), captured.md (the loss step replayed from a CUDA graph, fused against the eager fix:
-# bench/captured_step.py), bench.png, profile.txt (where a step's time goes:
+# bench/captured_step.py), partials.md (P = 24 partial reconstructions: kernel time, and the step against the
+# project's loop at B = 4, 1024, 65536: bench/partials_gpu.py), bench.png, profile.txt (where a step's time goes:
 # bench/profile_step.py) and report.md, the one to read (bench_log.txt too if the benchmark failed);
 # bench/results/README.md says how to commit a run. Ends with a short table.
 #
@@ -21,7 +22,7 @@
 #   AB_SECONDS     the candidates' A/B is cut after this long (default 90);
 #   BENCH_SECONDS  the benchmark starts no new case after this long (default 110; the cases the targets
 #                  read come first) and is cut 90 s later;
-#   the profile is cut at 75 s.
+#   the P partials' timings are cut at 90 s, the profile at 75 s.
 #
 # DRY_RUN=1 walks the same steps on the CPU at tiny sizes and installs nothing: a check of the script.
 set -euo pipefail
@@ -37,6 +38,7 @@ if [ "$DRY_RUN" = 1 ]; then
   bench_seconds=${BENCH_SECONDS:-60}
   bench_args=(--sizes 4,64 --seconds-per-case 0.05 --max-seconds "$bench_seconds")
   profile_args=(--sizes 4,64)
+  partials_args=(--sizes 4)
   test_seconds=${TEST_SECONDS:-120}
   ab_args=(--dry-run)
 else
@@ -44,6 +46,7 @@ else
   bench_seconds=${BENCH_SECONDS:-110}
   bench_args=(--seconds-per-case 0.5 --max-seconds "$bench_seconds")
   profile_args=()
+  partials_args=()
   test_seconds=${TEST_SECONDS:-180}
   ab_args=()
 fi
@@ -121,6 +124,13 @@ set +e
 timeout 60 "$PYTHON" bench/captured_step.py --out "$OUT/captured.md" 2>&1 | tail -n 8
 set -e
 
+echo "== P partials against one target"
+set +e
+timeout 90 "$PYTHON" bench/partials_gpu.py --device "$device" "${partials_args[@]}" --out "$OUT/partials.md" 2>&1 \
+  | tail -n 12
+partials_status=${PIPESTATUS[0]}
+set -e
+
 echo "== profile"
 set +e
 timeout 75 "$PYTHON" bench/profile_step.py --device "$device" "${profile_args[@]}" >"$OUT/profile.txt" 2>&1
@@ -134,11 +144,13 @@ sed -n '/^## Summary/,$p' "$OUT/profile.txt"
   cat "$OUT/env.txt"
   echo "- gpu-marked tests: $tests_line (full log: gpu_tests.txt)"
   echo "- candidates' A/B exit status: $ab_status (ab_kernels.md; ab_log.txt); benchmark exit status: $bench_status;" \
-    "profile exit status: $profile_status (profile.txt); whole check:" \
+    "profile exit status: $profile_status (profile.txt); P partials exit status: $partials_status" \
+    "(partials.md); whole check:" \
     "$(( $(date +%s) - started )) s"
   echo
   if [ -f "$OUT/bench.md" ]; then sed 's/^#/##/' "$OUT/bench.md"; else echo "(no benchmark report: bench_log.txt)"; fi
   if [ -f "$OUT/captured.md" ]; then echo; cat "$OUT/captured.md"; fi
+  if [ -f "$OUT/partials.md" ]; then echo; cat "$OUT/partials.md"; fi
   if [ -f "$OUT/ab_kernels.md" ]; then echo; sed 's/^#/##/' "$OUT/ab_kernels.md"; fi
 } >"$OUT/report.md"
 

@@ -11,6 +11,7 @@ from .checkpoint import (
     CheckpointError, FeatureSpec, StatsNotUsedWarning, UnsafeLoadWarning, diagnose, load_feature_spec,
 )
 from .loss import MaskedMSELoss, masked_mse
+from .partials import PartialsMSELoss, partial_category_errors, partials_mse
 from .recon import VQReconLoss
 
 __version__ = "0.1.0"
@@ -19,6 +20,9 @@ __all__ = [
     "masked_mse",
     "MaskedMSELoss",
     "VQReconLoss",
+    "partials_mse",
+    "PartialsMSELoss",
+    "partial_category_errors",
     "clean_features",
     "FeatureCleaner",
     "gini",

@@ -242,3 +242,28 @@ def batch_mse_composed(
     under torch.func)."""
     z = batch_normalized_kept(x, index, eps, nan_to_num)
     return _hybrid_or_gapped_mse(z, target, gap, reduction, x.dtype, weight, embeddings)
+
+
+# ------------------------------------------------------------------ P partial reconstructions, one target
+#
+# A categorical VQ-VAE's P partial decoders each reconstruct the whole input: partials r [P, B, K + c]
+# against one cleaned target z [B, K] (normalized and gathered once, by clean_features; a hybrid's c gap
+# columns from `at` on skipped, as target_columns does for one reconstruction):
+#     E[p, k] = Σ_b (r[p, b, k] − z[b, k])² / B        reduction "column": [P, K], each partial's column errors
+#     loss = Σ_{p, b, k} (r − z)² / (P·B·K)              reduction "mean": the mean over p of each partial's MSE
+#                                                       (= E.mean(); the informativeness loss)
+#     ∂loss/∂r[p, b, k] = 2·g[p, k]·(r − z),   ∂loss/∂z[b, k] = −Σ_p 2·g[p, k]·(r − z)
+#                                                       g = grad_out/(P·B·K) | grad_out[p, k]/B
+
+def partials_composed(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple = (0, 0)) -> torch.Tensor:
+    """The partials' loss of z [B, K] against partials [P, B, K + c] as differentiable torch ops, in z's dtype
+    (computed in the compute dtype)."""
+    cdt = COMPUTE_DTYPE[z.dtype]
+    K = z.shape[1]
+    r = partials if gap[1] == 0 else partials.index_select(2, loss_columns(K, gap[0], gap[1], partials.device))
+    diff = r.to(cdt) - z.to(cdt)  # [P, B, K]: z broadcast over the partials
+    if reduction == REDUCTION_COLUMN:
+        loss = diff.square().sum(1) / z.shape[0]
+    else:
+        loss = diff.square().mean()
+    return loss.to(z.dtype)

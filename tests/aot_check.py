@@ -23,6 +23,7 @@ from triton.compiler import ASTSource
 
 from fusedvq.kernels import batch_stats as bs
 from fusedvq.kernels import masked_mse as mm
+from fusedvq.kernels import partials as pt
 from fusedvq.kernels import launch as settings
 from fusedvq.kernels import row_loads as rl
 
@@ -123,6 +124,30 @@ def kernel_specs():
                     for embed in (0, 1) if shapes == SHAPES[1:2] and weighted and not clean else (0,):
                         yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, CLEAN=clean, EMBED=embed,
                                                                        WEIGHTED=weighted * (1 - clean), **blocks)
+    yield from partials_specs()
+
+
+def partials_specs():
+    """The P partials' kernels (kernels/partials.py): fp32 and bf16, both reductions, the block shapes of
+    B = 4 and 65536 at W = 171 (bf16: the larger); one gradient alone in fp32."""
+    for dtype, red in itertools.product(("*fp32", "*bf16"), (1, 3)):
+        sig = {"z_ptr": dtype, "r_ptr": dtype, "out_ptr": dtype, "workspace_ptr": "*fp32",
+               "column_workspace_ptr": "*fp32", "counter_ptr": "*i32", "B": I32, "K": I32, "W": I32,
+               "stride_zb": I64, "stride_zk": I64, "stride_rp": I64, "stride_rb": I64, "stride_rw": I64,
+               "gap_at": I32, "gap": I32, "out_scale": F32}
+        for block_b, block_w in sorted({settings.block_sizes(B, 171, settings.TUNING.walk_tile)
+                                         for B in ((4, 65536) if dtype == "*fp32" else (65536,))}):
+            yield "partials_fwd", pt._partials_fwd_kernel, sig, dict(REDUCTION=red, BLOCK_B=block_b, BLOCK_W=block_w,
+                                                                     BLOCK_P=settings.BLOCK_P)
+        sig = {"grad_ptr": dtype, "z_ptr": dtype, "r_ptr": dtype, "grad_z_ptr": dtype, "grad_r_ptr": dtype,
+               "P": I32, "B": I32, "K": I32, "W": I32, "stride_zb": I64, "stride_zk": I64, "stride_rp": I64,
+               "stride_rb": I64, "stride_rw": I64, "stride_gp": I64, "stride_gk": I64, "gap_at": I32, "gap": I32,
+               "grad_scale": F32}
+        for block_b, block_w in sorted({settings.block_sizes(B, 171, settings.TUNING.backward_tile) for B in (4, 65536)}):
+            for write_z, write_r in ((1, 1), (1, 0), (0, 1)) if dtype == "*fp32" and red == 1 else ((1, 1),):
+                yield "partials_bwd", pt._partials_bwd_kernel, sig, dict(REDUCTION=red, WRITE_Z=write_z,
+                                                                         WRITE_R=write_r, BLOCK_B=block_b,
+                                                                         BLOCK_W=block_w)
 
 
 def compile_one(fn, signature, constexprs, arch):
@@ -132,7 +157,7 @@ def compile_one(fn, signature, constexprs, arch):
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32)
     rows = constexprs.get("ROWS", constexprs.get("BLOCK_B"))  # (ROWS: the whole-row candidate's)
-    warps = settings.num_warps_for(rows, constexprs.get("BLOCK_K", constexprs.get("BLOCK_D")))
+    warps = settings.num_warps_for(rows, constexprs.get("BLOCK_K", constexprs.get("BLOCK_D", constexprs.get("BLOCK_W"))))
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])

@@ -203,3 +203,36 @@ def hybrid_oracle(x, r, embeddings, columns, mean, std, grad_out, *, at, norm, r
         loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
     loss.backward(grad_out.double())
     return loss.detach(), x64.grad, r64.grad, e64.grad
+def partials_oracle(x, partials, columns, mean, std, norm, grad_out, *, reduction="mean", gap=(0, 0),
+                    nan_to_num=False, eps=1e-8):
+    """(loss, grad_x, grad_partials) in float64 of the motivating project's informativeness loss on the cleaned
+    features: target = oracle_z(x), then sum(F.mse_loss(partial, target) for partial in partials) / P over
+    each partial's compared columns (a gap's columns dropped); reduction="column": each partial's per-column
+    F.mse_loss, [P, K]. partials: [P, B, K + c] or a list of [B, K + c]."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    r64 = torch.stack(list(partials)).detach().double().cpu().requires_grad_()
+    mean, std = (None, None) if mean is None else (mean.cpu(), std.cpu())
+    target = oracle_z(x64, columns.cpu(), mean, std, norm, nan_to_num=nan_to_num, eps=eps)
+    at, width = gap
+    kept = [r64[p][:, [*range(at), *range(at + width, r64.shape[2])]] for p in range(r64.shape[0])]
+    if reduction == "column":
+        loss = torch.stack([F.mse_loss(r, target, reduction="none").mean(0) for r in kept])
+    else:
+        loss = sum(F.mse_loss(r, target) for r in kept) / len(kept)
+    loss.backward(grad_out.double().cpu())
+    return loss.detach(), x64.grad, r64.grad
+
+
+def project_category_metric(partials, target, categories: dict, levels: int) -> torch.Tensor:
+    """The motivating project's per-category metric of one batch, as its evaluation loop computes it: for
+    each category in order, its `levels` partial reconstructions in turn, F.mse_loss of the partial's and the
+    target's category columns as a Python float (.item()), summed and divided by the number of levels.
+    partials: P = N·levels tensors [B, W]; target [B, W]; categories {name: column indices}."""
+    metric, idx = [], 0
+    for name, cols in categories.items():
+        total = 0.0
+        for _ in range(levels):
+            total += F.mse_loss(partials[idx][:, list(cols)], target[:, list(cols)]).item()
+            idx += 1
+        metric.append(total / levels)
+    return torch.tensor(metric, dtype=torch.float64)

@@ -17,6 +17,7 @@ def test_dry_run_walks_every_step(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     assert "candidates' A/B exit status: 0" in report and "benchmark exit status: 0" in report
+    assert "P partials exit status: 0" in report and "| loop / fused [P, B, K] |" in report
     ab = (tmp_path / "ab_kernels.md").read_text()
     # both settings of the switch ran, gave the same loss (a difference is listed as a failure), and a winner
     # line in TUNING's form came out for every case the candidate covers

@@ -1,0 +1,212 @@
+"""The CPU implementation of P partial reconstructions against one target (reference.partials_composed states
+the math): z [B, K] against partials r [P, B, K + c], with hand-written gradients, in blocked passes.
+
+The eager loop it replaces runs, per partial, F.mse_loss forward, its backward (grad_input and a negated
+grad_target) and the addition of that grad_target into z's gradient: about eight [B, K] passes a partial,
+and ~10 small ops a partial at B = 4. Here a block of rows (all P partials, at most _BLOCK_ELEMENTS
+elements: it stays in the core's cache) takes two ops forward (difference, squared sum) and three backward
+(difference written into grad_partials, scaling, the sum over p into grad_z): each partial is read once
+each way and its gradient written once. The gap's c columns are passed over as two column runs, never
+gathered into a copy; their gradient is written as zeros.
+
+grad: the reduction's upstream gradient, a 0-d tensor (mean) or [P, K] (column), read as a tensor (no
+host synchronization). Everything accumulates in the compute dtype (float64 for float64, else float32).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
+
+# Elements of one block of all P partials' rows (1 MiB of fp32): small enough to stay in a core's L2 between
+# an op and the next, large enough that each op's parallel region is worth its start.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+_MSE_LOSS = torch._C._nn.mse_loss  # (aten's ops without F.mse_loss's Python checks: shapes are checked before)
+_MSE_BACKWARD = torch.ops.aten.mse_loss_backward.default
+
+
+def column_runs(K: int, gap: tuple) -> list[tuple[int, int, int]]:
+    """(k0, k1, w0): z's columns k0 .. k1 − 1 are the partials' columns w0 .. w0 + k1 − k0 − 1 (two runs
+    around a gap (at, c), one without)."""
+    at, width = gap
+    if not width:
+        return [(0, K, 0)]
+    return [run for run in ((0, at, 0), (at, K, at + width)) if run[1] > run[0]]
+
+
+def _blocks(P: int, B: int, W: int, device: torch.device):
+    """Row blocks of the CPU (cache-sized); one block elsewhere (backend="reference" on CUDA)."""
+    rows = max(1, _BLOCK_ELEMENTS // max(P * W, 1)) if device.type == "cpu" else max(B, 1)
+    return [(b0, min(B, b0 + rows)) for b0 in range(0, B, rows)]
+
+
+def _whole(z: torch.Tensor, partials: torch.Tensor, gap: tuple) -> bool:
+    """Whether one block takes it all, in aten's own MSE ops: no gap, the compute dtype, a small batch (the
+    ops are few, which is what counts at B = 4)."""
+    return not gap[1] and z.dtype is partials.dtype is COMPUTE_DTYPE[z.dtype] and (
+        partials.numel() <= _BLOCK_ELEMENTS or not z.is_cpu)
+
+
+def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple) -> torch.Tensor:
+    """The loss in z's dtype: a 0-d mean, or the [P, K] column errors."""
+    P, B, W = partials.shape
+    K = z.shape[1]
+    cdt = COMPUTE_DTYPE[z.dtype]
+    column = reduction == REDUCTION_COLUMN
+    if _whole(z, partials, gap):
+        if column:
+            return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_NONE).sum(1).div_(B)
+        return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_MEAN)
+    sums = torch.zeros((P, K) if column else (), dtype=cdt, device=z.device)
+    runs, blocks = column_runs(K, gap), _blocks(P, B, W, z.device)
+    scratch = torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt, device=z.device) if column else None
+    for b0, b1 in blocks:
+        for k0, k1, w0 in runs:
+            r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
+            if r.dtype != cdt:
+                r, t = r.to(cdt), t.to(cdt)
+            t = t.expand(r.shape)
+            if column:  # (the squares in one warm scratch block, not a fresh one per block)
+                e = scratch[: r.numel()].view(r.shape)
+                torch._C._nn.mse_loss(r, t, REDUCTION_NONE, out=e)
+                sums[:, k0:k1] += e.sum(1)
+            else:
+                sums += _MSE_LOSS(r, t, REDUCTION_SUM)
+    loss = sums / B if column else sums / (P * B * K)
+    return loss.to(z.dtype) if loss.dtype != z.dtype else loss
+
+
+def _neg_sum_over_partials(d: torch.Tensor, out: torch.Tensor, minus_ones: torch.Tensor) -> None:
+    """out [rows, k] = −Σ_p d[p] (d [P, rows, k] in the compute dtype): a matrix-vector product where the
+    layouts allow (measured 2 to 4× faster than a sum over the leading dimension right after d is written)."""
+    flat = out.view(-1) if out.is_contiguous() and out.dtype == d.dtype else None
+    if flat is not None and d[0].is_contiguous():
+        torch.mv(d.reshape(d.shape[0], -1).t(), minus_ones, out=flat)
+    else:
+        out.copy_(d.sum(0).neg_())
+
+
+def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
+                      needs: tuple) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_z [B, K], grad_partials [P, B, K + c], contiguous, zero in the gap's columns), None where needs
+    (needs_z, needs_partials) says not."""
+    P, B, W = partials.shape
+    K = z.shape[1]
+    cdt = COMPUTE_DTYPE[z.dtype]
+    if _whole(z, partials, gap):
+        # aten's MSE backward with z and r swapped gives 2·g·(z − r) = −∂/∂r: summed over p, it is ∂/∂z.
+        zx = z.expand(P, B, K)
+        if reduction == REDUCTION_COLUMN:
+            neg = _MSE_BACKWARD(grad[:, None, :] * (1.0 / B), zx, partials, REDUCTION_NONE)
+        else:
+            neg = _MSE_BACKWARD(grad, zx, partials, REDUCTION_MEAN)
+        return neg.sum(0) if needs[0] else None, neg.neg_() if needs[1] else None
+    # Per block, 2·g·(r − z) written straight into grad_partials (g = grad/(P·B·K) for the mean, grad[p, k]/B
+    # for the column errors), and grad_z = −Σ_p of it while the block is in cache. (aten's MSE backward does
+    # the first in one op, but the sum over p after it ran 2 to 4× slower in measurements.)
+    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))
+    grad_z = torch.empty((B, K), dtype=z.dtype, device=z.device) if needs[0] else None
+    grad_p = torch.empty((P, B, W), dtype=partials.dtype, device=z.device) if needs[1] else None
+    if grad_p is not None and gap[1]:
+        grad_p[:, :, gap[0] : gap[0] + gap[1]] = 0
+    runs, blocks = column_runs(K, gap), _blocks(P, B, W, z.device)
+    minus_ones = torch.full((P,), -1.0, dtype=cdt, device=z.device)
+    direct = partials.dtype == cdt and grad_p is not None  # written straight into grad_partials
+    scratch = None if direct else torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt, device=z.device)
+    for b0, b1 in blocks:
+        for k0, k1, w0 in runs:
+            r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
+            if r.dtype != cdt:
+                r, t = r.to(cdt), t.to(cdt)
+            gk = g[:, None, k0:k1] if g.dim() else g
+            d = grad_p[:, b0:b1, w0 : w0 + k1 - k0] if direct else scratch[: r.numel()].view(r.shape)
+            torch.sub(r, t, out=d).mul_(gk)  # 2·g·(r − z)
+            if grad_p is not None and not direct:
+                grad_p[:, b0:b1, w0 : w0 + k1 - k0] = d
+            if grad_z is not None:
+                _neg_sum_over_partials(d, grad_z[b0:b1, k0:k1], minus_ones)
+    return grad_z, grad_p
+
+
+# ------------------------------------------------------------------------- partials given as a list
+#
+# A model's partial decoders return a list of P [B, W] tensors. Stacking them costs a copy, and a stacked
+# input's gradient is one fresh [P, B, W] buffer: at B = 1024 17 MB that the allocator maps anew each step
+# and page-faults in on its first write (measured: most of the step). Taken as a list, the partials are read
+# in place and each gets a [B, W] gradient of its own, the size the eager loop allocates, which the allocator
+# recycles warm. Rows go in blocks whose slice of z stays in cache while all P partials pass over it.
+
+_LIST_BLOCK_ELEMENTS = 1 << 18  # elements of z per row block (1 MiB of fp32)
+
+
+def read_in_place(z: torch.Tensor, partials: list) -> bool:
+    """Whether a list goes in place: above one block of all partials (below it, stacking them and aten's few
+    MSE ops cost less than P ops each way)."""
+    return len(partials) * partials[0].numel() > _BLOCK_ELEMENTS
+
+
+def _list_blocks(B: int, K: int):
+    rows = max(1, _LIST_BLOCK_ELEMENTS // max(K, 1))
+    return [(b0, min(B, b0 + rows)) for b0 in range(0, B, rows)]
+
+
+def list_forward(z: torch.Tensor, partials: list, reduction: int, gap: tuple) -> torch.Tensor:
+    """partials_forward of P [B, W] tensors, read in place."""
+    P, (B, K) = len(partials), z.shape
+    cdt = COMPUTE_DTYPE[z.dtype]
+    column = reduction == REDUCTION_COLUMN
+    sums = torch.zeros((P, K) if column else (), dtype=cdt, device=z.device)
+    for b0, b1 in _list_blocks(B, K):
+        for k0, k1, w0 in column_runs(K, gap):
+            t = z[b0:b1, k0:k1]
+            t = t if t.dtype == cdt else t.to(cdt)
+            for p, partial in enumerate(partials):
+                r = partial[b0:b1, w0 : w0 + k1 - k0]
+                r = r if r.dtype == cdt else r.to(cdt)
+                if column:
+                    sums[p, k0:k1] += _MSE_LOSS(r, t, REDUCTION_NONE).sum(0)
+                else:
+                    sums += _MSE_LOSS(r, t, REDUCTION_SUM)
+    loss = sums / B if column else sums / (P * B * K)
+    return loss.to(z.dtype) if loss.dtype != z.dtype else loss
+
+
+def list_backward(grad: torch.Tensor, z: torch.Tensor, partials: list, reduction: int, gap: tuple,
+                  needs: tuple) -> tuple:
+    """(grad_z [B, K] or None, [grad_partial [B, W]] * P or None): partials_backward of P [B, W] tensors."""
+    P, (B, K), W = len(partials), z.shape, partials[0].shape[1]
+    cdt = COMPUTE_DTYPE[z.dtype]
+    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))  # [P, K] or []
+    grad_z = torch.empty((B, K), dtype=cdt, device=z.device) if needs[0] else None
+    grads = [torch.empty((B, W), dtype=partials[0].dtype, device=z.device) for _ in range(P)] if needs[1] else None
+    if grads is not None and gap[1]:
+        for gp in grads:
+            gp[:, gap[0] : gap[0] + gap[1]] = 0
+    direct = grads is not None and partials[0].dtype == cdt
+    for b0, b1 in _list_blocks(B, K):
+        for k0, k1, w0 in column_runs(K, gap):
+            t = z[b0:b1, k0:k1]
+            t = t if t.dtype == cdt else t.to(cdt)
+            shift = None if g.dim() else t * -g  # −2g·z, once per block for the mean
+            for p, partial in enumerate(partials):
+                r = partial[b0:b1, w0 : w0 + k1 - k0]
+                gk = g[p, k0:k1] if g.dim() else g
+                # 2g·(r − z) = r·2g − 2g·z in one pass over r
+                if direct:
+                    d = torch.addcmul(t * -gk if shift is None else shift, r, gk,
+                                      out=grads[p][b0:b1, w0 : w0 + k1 - k0])
+                else:
+                    d = torch.addcmul(t * -gk if shift is None else shift, r.to(cdt), gk)
+                if grads is not None and not direct:
+                    grads[p][b0:b1, w0 : w0 + k1 - k0] = d
+                if grad_z is not None:
+                    gz = grad_z[b0:b1, k0:k1]
+                    torch.neg(d, out=gz) if p == 0 else gz.sub_(d)
+    if grad_z is not None and grad_z.dtype != z.dtype:
+        grad_z = grad_z.to(z.dtype)
+    return grad_z, grads

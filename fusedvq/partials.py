@@ -1,0 +1,277 @@
+"""P partial reconstructions against one target: a categorical, hierarchical VQ-VAE's N×L partial decoders
+each reconstruct the whole input, and its training adds the informativeness loss
+
+    sum(F.mse_loss(partial, target) for partial in partials) / P
+
+Here the target is the cleaned features z = clean_features(features) [B, K] (any norm; normalized and
+gathered once), the P partials come as one [P, B, K (+ c)] tensor or the list a model returns, and one pass
+each way gives the loss ("mean"), or each partial's column errors ("column", [P, K]) whose mean is that loss
+and from which category_errors gives the per-category metric as the project computes it (each category's
+error averaged over its own partials, on its own columns), all on the device without a host
+synchronization. reference.py (partials_composed) states the math; ops/partials.py routes and registers it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .arguments import check_gap, option_code, prepare
+from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN
+from .loss import Prepared
+from .ops.partials import PartialsMode, call_partials
+
+PARTIALS_REDUCTIONS = {"mean": REDUCTION_MEAN, "column": REDUCTION_COLUMN}
+_REDUCTION_NAMES = {code: name for name, code in PARTIALS_REDUCTIONS.items()}
+_STRIDED = torch.strided
+
+
+def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *, norm: str = "stats",
+                 reduction: str = "mean", target_gap=(0, 0), embeddings=None, **options) -> torch.Tensor:
+    """The mean over P of each partial reconstruction's MSE against the cleaned features (the informativeness
+    loss), or each partial's column errors.
+
+    Args:
+        features: x [B, D], as in fusedvq.masked_mse (float64 on the reference backend).
+        partials: r [P, B, K (+ c)] in the features' dtype, any strides, or a list of P [B, K (+ c)] tensors
+            (what a model's partial decoders return). On the CPU (eager) a list is read in place and each
+            partial gets a gradient of its own; on the Triton path and while torch.compile traces it is
+            stacked once: one copy of its P·B·(K + c) elements forward (about as much memory traffic as the
+            loss's own forward), its backward handing each partial a view of one gradient buffer.
+        index, mean, std, norm and the options eps, nan_to_num, backend, stats_space, sync_stats,
+            process_group: the target's, as in fusedvq.clean_features (z = clean_features(features, ...)).
+        reduction: "mean": Σ (r − z)² / (P·B·K), a scalar (= the mean over p of F.mse_loss(r[p], z));
+            "column": E[p, k] = Σ_b (r[p, b, k] − z[b, k])² / B, [P, K] (E.mean() is the "mean" loss).
+        target_gap: (at, c): each partial holds c more columns from `at` on (a hybrid decoder's embedding
+            columns), skipped as masked_mse skips them (zero gradient there).
+        embeddings: reserved for a hybrid's [B, c] embeddings compared at the gap's columns; not supported yet.
+
+    Returns the loss in the features' dtype (float32 under autocast); gradients flow to the features (through
+    the normalization, norm="batch" included) and to the partials.
+    """
+    ops.check_pair(features, None)
+    plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
+                   device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
+    mode = _mode(reduction, check_gap(target_gap, plan.columns.index.shape[0]))
+    return _call(features, partials, embeddings, plan, ops.small_route(plan), mode)
+
+
+def _mode(reduction: str, gap: tuple) -> PartialsMode:
+    """The op's mode without its backend (the call's features choose it)."""
+    option_code("reduction", reduction, tuple(PARTIALS_REDUCTIONS))
+    return PartialsMode(PARTIALS_REDUCTIONS[reduction], gap[0], gap[1], False)
+
+
+def _call(features, partials, embeddings, plan, route, mode: PartialsMode) -> torch.Tensor:
+    if embeddings is not None:
+        raise NotImplementedError("embeddings= (a hybrid decoder's embedding columns compared at the gap) is not "
+                                  "supported yet: pass target_gap=(at, c) alone to skip those columns")
+    partials = partials_form(partials)
+    if torch.is_autocast_enabled(features.device.type):  # as F.mse_loss: float32 compute and result
+        features = features.float()
+        partials = partials.float() if isinstance(partials, torch.Tensor) else [p.float() for p in partials]
+    check_partials(features, partials, plan.columns.index.shape[0], mode.gap)
+    z = ops.call_clean(features, plan, route)
+    return call_partials(z, partials, mode._replace(use_triton=ops.use_triton_for(plan.backend, features)))
+
+
+def partials_form(partials):
+    """The partials as given, checked: a [P, B, W] tensor, or a list of P [B, W] tensors of one shape, dtype and
+    device (a tuple becomes a list)."""
+    if isinstance(partials, torch.Tensor):
+        ops.check_dense(partials, "partials")
+        if partials.dim() != 3:
+            raise ValueError(f"partials must be [P, B, W] (or a list of P [B, W] tensors), got shape "
+                             f"{tuple(partials.shape)}")
+        return partials
+    if not isinstance(partials, (list, tuple)):
+        raise TypeError(f"partials must be a [P, B, W] tensor or a list of [B, W] tensors, got "
+                        f"{type(partials).__name__}")
+    if not partials:
+        raise ValueError("partials is an empty list: give at least one partial reconstruction")
+    first = partials[0]
+    if type(first) is torch.Tensor and first.layout is _STRIDED and first.dim() == 2 and first.device.type != "meta":
+        # the common case in one pass (µs count at B = 4, 24 partials); the loop below says what is wrong
+        shape, dtype, device = first.shape, first.dtype, first.device
+        if all(type(t) is torch.Tensor and t.layout is _STRIDED and not t.is_nested and t.shape == shape
+               and t.dtype is dtype and t.device == device for t in partials):
+            return list(partials)
+    for p, t in enumerate(partials):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"partials[{p}] must be a torch.Tensor, got {type(t).__name__}")
+        ops.check_dense(t, f"partials[{p}]")
+        if t.dim() != 2 or t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"partials[{p}] is {t.dtype} {tuple(t.shape)} on {t.device}, but partials[0] is "
+                             f"{first.dtype} {tuple(first.shape)} on {first.device}: every partial must be [B, W] "
+                             f"with one dtype and device")
+    return list(partials)
+
+
+def check_partials(features: torch.Tensor, partials, num_kept: int, gap: int) -> None:
+    """partials (partials_form's) [P, B, K + gap] matching the features [B, D] in dtype, device and batch size."""
+    one = partials if isinstance(partials, torch.Tensor) else partials[0]
+    P, (B, W) = (one.shape[0], one.shape[1:]) if one is partials else (len(partials), one.shape)
+    if P == 0:
+        raise ValueError("partials holds no partial reconstruction (P = 0)")
+    if one.dtype != features.dtype:
+        raise TypeError(f"features and partials must share one dtype, got features {features.dtype} and partials "
+                        f"{one.dtype}")
+    if one.device != features.device:
+        raise ValueError(f"features are on {features.device} but partials are on {one.device}")
+    if B != features.shape[0]:
+        raise ValueError(f"features have {features.shape[0]} rows but the partials have {B}: the batch sizes must "
+                         f"match")
+    if W != num_kept + gap:
+        skipped = f" and the {gap} columns the loss skips (target_gap)" if gap else ""
+        raise ValueError(f"partials have {W} columns but must have {num_kept + gap}: the {num_kept} kept "
+                         f"columns{skipped}")
+
+
+class PartialsMSELoss(Prepared):
+    """partials_mse with the index and statistics prepared once and held as buffers (as MaskedMSELoss), and
+    the categories' layout for the per-category metric.
+
+    Args:
+        index, mean, std, num_features, reduction, target_gap and the options: as in partials_mse and
+            MaskedMSELoss (from_checkpoint / from_spec build it from a VQ-VAE checkpoint, categories included).
+        categories: {name: kept-column indices}, in the VQ-VAE's order (its group_indices).
+        levels: L, for the N×L layout of a categorical hierarchical VQ-VAE: P = N·L partials, category n's
+            are n·L .. n·L + L − 1 (its decode_partial order).
+        partial_categories: instead of levels, the category (name or position) of each of the P partials.
+
+    category_errors(errors [P, K]) (the "column" output) gives [C]: category n's MSE on its own columns,
+    averaged over its own partials — the project's `{category}/reconstruction_mse` of one batch.
+    """
+
+    def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", target_gap=(0, 0),
+                 levels: Optional[int] = None, partial_categories: Optional[Sequence] = None, **options):
+        super().__init__(index, mean, std, **options)
+        self.partials_mode = _mode(reduction, check_gap(target_gap, self.num_kept))
+        self.layout = None
+        if self.categories and (levels is not None or partial_categories is not None):
+            self.layout = partial_category_layout(self.categories, self.num_kept, levels=levels,
+                                                  partial_categories=partial_categories, device=self.index.device)
+            self.register_buffer("partial_gather", self.layout.partials, persistent=False)
+            self.register_buffer("column_gather", self.layout.columns, persistent=False)
+            self.register_buffer("gather_coef", self.layout.coef, persistent=False)
+        elif levels is not None or partial_categories is not None:
+            raise ValueError("levels / partial_categories need the VQ-VAE's categories: pass categories= (or build the "
+                             "module with from_checkpoint / from_spec)")
+
+    def forward(self, features: torch.Tensor, partials, embeddings=None) -> torch.Tensor:
+        held = ops.held_plan(self)
+        return _call(features, partials, embeddings, held[0], held[1], self.partials_mode)
+
+    def category_errors(self, errors: torch.Tensor) -> torch.Tensor:
+        """E [C] from the [P, K] errors of reduction="column", in errors' dtype, on their device,
+        differentiable, no host synchronization."""
+        if self.layout is None:
+            raise ValueError("this module has no partials' categories: pass categories= and levels= (or "
+                             "partial_categories=)")
+        return category_errors_of(errors, self.layout._replace(partials=self.partial_gather,
+                                                                columns=self.column_gather, coef=self.gather_coef))
+
+    def _apply(self, fn, recurse=True):
+        coef = getattr(self, "gather_coef", None)
+        super()._apply(fn, recurse)
+        # kept float64: .half() and .float() would round it
+        if coef is not None and self.gather_coef.dtype != coef.dtype:
+            self.gather_coef = coef.to(self.gather_coef.device)
+        return self
+
+    reduction = property(lambda self: _REDUCTION_NAMES[self.partials_mode.reduction])
+    target_gap = property(lambda self: (self.partials_mode.gap_at, self.partials_mode.gap))
+    num_partials = property(lambda self: None if self.layout is None else self.layout.num_partials,
+                            doc="P of the categories' layout (None without one)")
+
+    def extra_repr(self) -> str:
+        gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""
+        layout = f", partials={self.num_partials} over {len(self.layout.names)} categories" if self.layout else ""
+        return super().extra_repr() + f", reduction={self.reduction!r}{gap}{layout}"
+
+
+class PartialCategories(NamedTuple):
+    """Which partials and columns each category's metric averages (partial_category_layout)."""
+
+    names: tuple
+    num_partials: int  # P
+    num_columns: int  # K
+    partials: torch.Tensor  # [C, Lp] int64: category n's partials, padded with P (a zero row)
+    columns: torch.Tensor  # [C, Lc] int64: its columns, repeats kept (as x[:, cols] counts them), padded with K
+    # [C, Lp, Lc] float64 (cast to the errors' dtype on use): 1/(L_n·|cols_n|) at real (partial, column) pairs,
+    # 0 at the pads
+    coef: torch.Tensor
+
+
+def partial_category_layout(categories: dict, num_columns: int, *, levels: Optional[int] = None,
+                            partial_categories: Optional[Sequence] = None, device=None) -> PartialCategories:
+    """The layout of categories {name: column indices in [0, K)} over P partials given as N×L (levels) or
+    by each partial's category (a name or a position in categories' order)."""
+    names = tuple(categories)
+    if (levels is None) == (partial_categories is None):
+        raise ValueError("give exactly one of levels= (P = N·L partials in category order) and partial_categories= "
+                         "(each partial's category)")
+    if levels is not None:
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise TypeError(f"levels must be an int >= 1, got {type(levels).__name__} {levels!r}")
+        owner = [n for n in range(len(names)) for _ in range(levels)]
+    else:
+        owner = []
+        for p, c in enumerate(partial_categories):
+            if isinstance(c, str) and c in names:
+                owner.append(names.index(c))
+            elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(names):
+                owner.append(c)
+            else:
+                raise ValueError(f"partial_categories[{p}] = {c!r} is neither a category name nor a position in "
+                                 f"[0, {len(names)}): the categories are {', '.join(map(repr, names))}")
+    P = len(owner)
+    parts = [[p for p in range(P) if owner[p] == n] for n in range(len(names))]
+    for n, own in enumerate(parts):
+        if not own:
+            raise ValueError(f"category {names[n]!r} has no partial reconstruction among the {P} partials")
+    cols = [list(categories[name]) for name in names]
+    for name, c in zip(names, cols):
+        bad = [k for k in c if not 0 <= k < num_columns]
+        if bad or not c:
+            raise ValueError(f"category {name!r} must name columns in [0, {num_columns}), got {bad[:1] or 'none'}")
+    lp, lc = max(map(len, parts)), max(map(len, cols))
+    pt = torch.full((len(names), lp), P, dtype=torch.int64)
+    ct = torch.full((len(names), lc), num_columns, dtype=torch.int64)
+    coef = torch.zeros((len(names), lp, lc), dtype=torch.float64)
+    for n, (own, c) in enumerate(zip(parts, cols)):
+        pt[n, : len(own)] = torch.tensor(own)
+        ct[n, : len(c)] = torch.tensor(c)
+        coef[n, : len(own), : len(c)] = 1.0 / (len(own) * len(c))
+    return PartialCategories(names, P, num_columns, pt.to(device), ct.to(device), coef.to(device))
+
+
+def category_errors_of(errors: torch.Tensor, layout: PartialCategories) -> torch.Tensor:
+    """E[n] = (1/L_n) Σ_{p ∈ n} (1/|cols_n|) Σ_{k ∈ cols_n} errors[p, k], [C], as a gather (a NaN stays in
+    its own categories)."""
+    P, K = layout.num_partials, layout.num_columns
+    if not isinstance(errors, torch.Tensor) or tuple(errors.shape) != (P, K):
+        shape = list(errors.shape) if isinstance(errors, torch.Tensor) else type(errors).__name__
+        raise ValueError(f'category_errors takes the [{P}, {K}] errors of reduction="column" (P = {P} partials, '
+                         f"K = {K} columns), got {shape}")
+    wide = errors.float() if errors.dtype in (torch.float16, torch.bfloat16) else errors
+    padded = F.pad(wide, (0, 1, 0, 1))  # [P + 1, K + 1]: the pads read 0
+    coef = layout.coef.to(wide.device, wide.dtype)
+    out = (padded[layout.partials[:, :, None], layout.columns[:, None, :]] * coef).sum((1, 2))
+    return out.to(errors.dtype) if out.dtype != errors.dtype else out
+
+
+def partial_category_errors(errors: torch.Tensor, categories: dict, *, levels: Optional[int] = None,
+                            partial_categories: Optional[Sequence] = None) -> torch.Tensor:
+    """The per-category metric [C] (categories' order) of the [P, K] errors of reduction="column": category
+    n's MSE on its own columns averaged over its own partials (levels= for N×L, or partial_categories=).
+    Builds the layout on each call: a module (PartialsMSELoss) builds it once."""
+    layout = partial_category_layout(categories, errors.shape[-1], levels=levels,
+                                     partial_categories=partial_categories, device=errors.device)
+    return category_errors_of(errors, layout)
+
+
+__all__ = ["partials_mse", "PartialsMSELoss", "partial_category_errors"]
