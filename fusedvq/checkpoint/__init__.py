@@ -52,7 +52,10 @@ from typing import Optional
 import torch
 
 from .declared import Declared, declare, declare_parts
-from .errors import CheckpointError, PathLike, StatsNotUsedWarning, UnsafeLoadWarning, printable
+from .errors import (
+    CheckpointError, PathLike, StatsNotUsedWarning, UnsafeLoadWarning, printable, require_count, require_flag,
+    require_path,
+)
 from .hybrid import HybridLayout
 from .diagnosis import diagnose, find_notes, find_problems
 from .reading import read_checkpoint, read_stats_file, resolve_checkpoint
@@ -123,8 +126,14 @@ def load_feature_spec(path: Optional[PathLike] = None, *, num_features: Optional
     statistics (for norm="none" / "batch").
     feature_mask, group_indices: without a path, the spec is built from them and `stats` (e.g. a
     normalization_stats.npz on its own): mask [D] bool, {category: kept-column indices}.
-    Raises CheckpointError listing every problem (the same sentences `fusedvq check` prints).
+    Raises CheckpointError listing every problem (the same sentences `fusedvq check` prints); TypeError for
+    an argument of the wrong kind (trust and require_stats are True or False, never a string; num_features
+    is a positive int).
     """
+    trust, require_stats = require_flag("trust", trust), require_flag("require_stats", require_stats)
+    num_features = require_count("num_features", num_features, "the extractor's width")
+    if path is not None:
+        require_path("path", path, "a checkpoint file or folder")
     if path is None:
         decl = declare_parts(feature_mask, group_indices, stats, need_stats=require_stats)
     elif feature_mask is not None or group_indices is not None:

@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .errors import CheckpointError, PathLike, _Problem
+from .errors import CheckpointError, PathLike, _Problem, require_flag, require_path
 from .hybrid import HybridClues, HybridLayout, declare_hybrid, hybrid_clues
 from .reading import _not_regular, read_checkpoint, resolve_checkpoint
 from .values import (
@@ -75,9 +75,14 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
 
     stats: None (the checkpoint's own normalization_stats, else a normalization_stats.npz beside it),
     "checkpoint" (only the checkpoint's own), or the path of an .npz to use instead. Never raises for a
-    bad file; a file that cannot be read at all gives a Declared with one problem.
+    bad file; a file that cannot be read at all gives a Declared with one problem. Arguments of the wrong
+    kind are a TypeError.
     """
-    decl = Declared(path=Path(path))
+    path = require_path("path", path, "a checkpoint file or folder")
+    trust, need_stats = require_flag("trust", trust), require_flag("need_stats", need_stats)
+    if stats is not None and not (isinstance(stats, str) and stats == "checkpoint"):
+        require_path("stats", stats, 'a statistics .npz (or "checkpoint", or None)')
+    decl = Declared(path=path)
     attempt = _attempt(decl)
     try:
         decl.path = resolve_checkpoint(path)
@@ -218,6 +223,7 @@ def declare_parts(feature_mask, group_indices=None, stats=None, *, need_stats: b
     """Declared from the pieces themselves: a mask [D] (bool, or 0/1), {category: kept-column indices}, and
     statistics (an .npz path, or {category: {"mean","std"} / {"median","mad"}}, or {"mean","std"} over all
     columns). The decoder's width is the kept count."""
+    need_stats = require_flag("need_stats", need_stats)
     is_path = isinstance(stats, (str, Path))
     decl = Declared(path=Path(stats) if is_path else Path("(given arrays)"))
     attempt = _attempt(decl)

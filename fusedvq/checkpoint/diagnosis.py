@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from .declared import Declared, declare
-from .errors import PathLike
+from .errors import PathLike, require_count, require_flag
 from .values import CategoryStats, assemble_stats
 
 
@@ -28,6 +28,8 @@ def find_problems(decl: Declared, num_features: Optional[int] = None, *, need_st
     num_features: the extractor's width D (what the features tensor will have), checked against the
     mask's length. need_stats=False skips group_indices and statistics (norm="none" / "batch").
     """
+    num_features = require_count("num_features", num_features, "the extractor's width")
+    need_stats = require_flag("need_stats", need_stats)
     problems = list(decl.problems)
     mask = decl.feature_mask
     if mask is not None:
@@ -227,5 +229,6 @@ def _disagreement(decl: Declared) -> Optional[str]:
 def diagnose(path: PathLike, num_features: Optional[int] = None, *, trust: bool = False,
              stats: Optional[PathLike] = None, need_stats: bool = True) -> list[str]:
     """One sentence per problem that keeps the checkpoint from fitting a num_features-wide extractor."""
+    num_features = require_count("num_features", num_features, "the extractor's width")
     decl = declare(path, trust=trust, stats=stats, need_stats=need_stats)
     return find_problems(decl, num_features, need_stats=need_stats)

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .errors import CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem
+from .errors import CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem, require_flag, require_path
 from .isolation import BoundExceeded, ChildRefused, Limits, read_bounded
 from .pickles import _RESAVE, LEGACY_PICKLES, _inert_load
 
@@ -76,7 +76,7 @@ def check_archive_sizes(path: Path, member_limit: Optional[int] = None, members=
 
 def resolve_checkpoint(path: PathLike) -> Path:
     """The checkpoint file for `path`: the file itself, or the checkpoint inside a folder."""
-    path = Path(path)
+    path = require_path("path", path, "a checkpoint file or folder")
     if not path.exists():
         raise CheckpointError([f"no checkpoint at {path}: the path does not exist"])
     if not path.is_dir():
@@ -112,6 +112,7 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
 
     Raises CheckpointError with a sentence that says what is wrong (missing, unreadable, refused).
     """
+    trust = require_flag("trust", trust)
     file = resolve_checkpoint(path)
     _check_checkpoint_file(file, trust)
     if trust:
@@ -231,7 +232,7 @@ def read_stats_file(path: PathLike) -> tuple[dict[str, Any], Optional[str]]:
     Keys are `{category}_{mean|std|median|mad}`; bare `mean`/`std` (or `median`/`mad`) are statistics over
     all columns and come back under the category "".
     """
-    path = Path(path)
+    path = require_path("path", path, "a statistics .npz")
     why = _not_regular(path)
     if why:
         raise _Problem(f"{path.name} could not be read: {why}")
