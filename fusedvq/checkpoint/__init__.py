@@ -31,7 +31,8 @@ Layers, imported one way (each imports only those before it):
     records.py    inert stand-ins for the classes a file pickles (nothing of theirs imported or run)
     wire.py       a read result as plain data across the pipe from the bounded child, and back
     isolation.py  the bounded child: a reader run under a wall clock and a memory limit
-    pickles.py    a file's pickles scanned without running them, and the inert load
+    pickles.py    a file's pickles scanned without running them
+    inert.py      the inert load (run in the bounded child)
     reading.py    path → dict: the file found and checked, then read in the bounded child; .npz statistics
     values.py     dict values → bounded arrays (mask, width, categories, statistics); statistics placed
     hybrid.py     a hybrid VQ-VAE's embedding columns among the decoder's

@@ -22,7 +22,8 @@ import torch
 
 from .errors import CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem, require_flag, require_path
 from .isolation import BoundExceeded, ChildRefused, Limits, read_bounded
-from .pickles import _RESAVE, LEGACY_PICKLES, _inert_load
+from .inert import _RESAVE, _inert_load
+from .pickles import LEGACY_PICKLES
 
 # Looked for, in this order, when a folder is given instead of a file (trainer layouts: the checkpoint
 # folder itself, or the run folder with checkpoints/ below it).
