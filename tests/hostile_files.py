@@ -99,3 +99,46 @@ HOSTILE = {
     "tensor with attributes": tensor_with_attributes,
     "legacy with foreign names": legacy_with_foreign_names,
 }
+
+
+# --- files that are cheap to unpickle but expand in the caller, or fill its messages ------------------
+
+
+def _stride0(value, entries: int, dtype) -> torch.Tensor:
+    return torch.full((1,), value, dtype=dtype).expand(entries)  # torch.save writes the one entry
+
+
+def stride0_categories(path: Path, categories: int = 40, entries: int = 4_000_000) -> Path:
+    """Each category's indices a stride-0 view of `entries` (under the 4M one value may hold): 8 bytes each in
+    the file, 32 MB each once expanded."""
+    groups = {f"c{i}": _stride0(0, entries, torch.int64) for i in range(categories)}
+    torch.save({"feature_mask": torch.ones(8, dtype=torch.bool),
+                "model_config": {"input_dim": 8, "group_indices": groups}}, path)
+    return path
+
+
+def stride0_statistics(path: Path, categories: int = 40, entries: int = 4_000_000) -> Path:
+    """The same through normalization_stats: each category's mean and std a stride-0 view."""
+    stats = {f"c{i}": {"mean": _stride0(0.0, entries, torch.float32), "std": _stride0(1.0, entries, torch.float32)}
+             for i in range(categories)}
+    torch.save({"feature_mask": torch.ones(8, dtype=torch.bool), "normalization_stats": stats,
+                "model_config": {"input_dim": 8, "group_indices": {"c0": list(range(8))}}}, path)
+    return path
+
+
+def long_names(path: Path, names: int = 6, length: int = 50_000, strays: int = 3_000) -> Path:
+    """Categories with 50,000-character names, and statistics for `strays` categories group_indices does not
+    declare: each problem sentence about a stray would quote every declared name."""
+    groups = {f"{i}" + "n" * length: [i] for i in range(names)}
+    stats = {f"s{j}": {"mean": [0.0], "std": [1.0]} for j in range(strays)}
+    torch.save({"feature_mask": torch.ones(names, dtype=torch.bool), "normalization_stats": stats,
+                "model_config": {"input_dim": names, "group_indices": groups}}, path)
+    return path
+
+
+HOSTILE.update({
+    "stride-0 categories": stride0_categories,
+    "stride-0 statistics": stride0_statistics,
+    "long names": long_names,
+})
+READ_WITH_STATISTICS = {"stride-0 categories", "stride-0 statistics", "long names"}  # (the others: without)

@@ -16,7 +16,7 @@ from .hybrid import HybridClues, HybridLayout, declare_hybrid, hybrid_clues
 from .reading import _not_regular, read_checkpoint, resolve_checkpoint
 from .values import (
     CategoryStats, _method_of, _parse_categories, _parse_input_dim, _parse_mask, _parse_stats, _read_npz_stats,
-    describe_stats, is_stats_file,
+    describe_stats, entry_budget, is_stats_file,
 )
 
 STATS_FILE = "normalization_stats.npz"
@@ -96,7 +96,13 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
             decl.path = lone[0]
             declare_stats_only(decl, attempt)
         return decl
+    with entry_budget(decl.path.stat().st_size):
+        _declare_checkpoint(decl, data, attempt, stats, need_stats)
+    return decl
 
+
+def _declare_checkpoint(decl: Declared, data: dict, attempt, stats: Optional[PathLike], need_stats: bool) -> None:
+    """decl filled from a checkpoint's dict (declare)."""
     if "feature_mask" in data and data["feature_mask"] is not None:
         decl.feature_mask = attempt(_parse_mask, data["feature_mask"])
     else:
@@ -129,7 +135,6 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
         declare_hybrid(decl, data, attempt, need_stats)
     if need_stats:
         _declare_stats(decl, data, stats, attempt)
-    return decl
 
 
 def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attempt) -> None:
@@ -204,7 +209,8 @@ def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attemp
 def declare_stats_only(decl: Declared, attempt) -> Declared:
     """A statistics file given where a checkpoint was expected: what it holds, and what else is needed."""
     decl.stats_only = True
-    read = attempt(_read_npz_stats, decl.path, decl.path.name)
+    with entry_budget(decl.path.stat().st_size):
+        read = attempt(_read_npz_stats, decl.path, decl.path.name)
     if read is None:
         return decl
     decl.stats, decl.stats_source = read[0], decl.path.name

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from .declared import Declared, declare
-from .errors import PathLike, require_count, require_flag
+from .errors import PathLike, listed, quoted, require_count, require_flag
 from .values import CategoryStats, assemble_stats
 
 
@@ -85,13 +85,13 @@ def _group_problems(groups: dict[str, np.ndarray], K: int) -> list[str]:
         bad = (idx < 0) | (idx >= K)
         if bad.any():
             problems.append(
-                f"category {name!r} has column index {int(idx[bad][0])}, outside the {K} kept columns "
+                f"category {quoted(name)} has column index {int(idx[bad][0])}, outside the {K} kept columns "
                 f"(valid: 0..{K - 1}); {int(bad.sum())} of its {idx.size} indices out of range"
             )
         uniq, counts = np.unique(idx[~bad], return_counts=True)
         if (counts > 1).any():
             problems.append(
-                f"category {name!r} lists {_count(int((counts > 1).sum()), 'kept column')} more than once "
+                f"category {quoted(name)} lists {_count(int((counts > 1).sum()), 'kept column')} more than once "
                 f"(first: {int(uniq[counts > 1][0])})"
             )
         claims.append(np.stack([uniq, np.full(uniq.size, g, dtype=np.int64)], axis=1))
@@ -105,7 +105,8 @@ def _group_problems(groups: dict[str, np.ndarray], K: int) -> list[str]:
         overlaps.setdefault((first, g), []).append(col)
     for (a, b), cols in list(overlaps.items())[:5]:
         problems.append(
-            f"categories {names[a]!r} and {names[b]!r} overlap: both claim {_count(len(cols), 'kept column')} "
+            f"categories {quoted(names[a])} and {quoted(names[b])} overlap: both claim "
+            f"{_count(len(cols), 'kept column')} "
             f"(first: {cols[0]})"
         )
     if len(overlaps) > 5:
@@ -148,15 +149,16 @@ def _stats_problems(stats: dict[str, CategoryStats], groups: Optional[dict[str, 
         return problems + _value_problems("", s, None, source)
     if groups is None:
         return problems
+    declared = listed(list(groups), 6)
     for name in stats:
         if name not in groups:
             problems.append(
-                f"{source} has statistics for category {name!r}, which group_indices does not declare "
-                f"(declared: {', '.join(map(repr, list(groups)[:6]))}{', ...' if len(groups) > 6 else ''})"
+                f"{source} has statistics for category {quoted(name)}, which group_indices does not declare "
+                f"(declared: {declared})"
             )
     for name, idx in groups.items():
         if name not in stats:
-            problems.append(f"{source} has no statistics for category {name!r} ({idx.size} columns)")
+            problems.append(f"{source} has no statistics for category {quoted(name)} ({idx.size} columns)")
             continue
         s = stats[name]
         sized = True
@@ -164,7 +166,8 @@ def _stats_problems(stats: dict[str, CategoryStats], groups: Optional[dict[str, 
             if arr.size != idx.size:
                 sized = False
                 problems.append(
-                    f"{what} for category {name!r} has {arr.size} entries but the category covers {idx.size} columns"
+                    f"{what} for category {quoted(name)} has {arr.size} entries but the category covers "
+                    f"{idx.size} columns"
                 )
         if sized:
             problems += _value_problems(name, s, idx if K is None or ((idx >= 0) & (idx < K)).all() else None, source)
@@ -173,7 +176,7 @@ def _stats_problems(stats: dict[str, CategoryStats], groups: Optional[dict[str, 
 
 def _value_problems(name: str, s: CategoryStats, idx: Optional[np.ndarray], source: str) -> list[str]:
     """σ finite and > 0, μ finite; positions named by entry and kept column."""
-    label = f"for category {name!r}" if name else f"in {source}"
+    label = f"for category {quoted(name)}" if name else f"in {source}"
     problems = []
     checks = (
         (s.scale_name, s.scale, ~(np.isfinite(s.scale) & (s.scale > 0)), "must be finite and > 0"),

@@ -20,7 +20,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .errors import CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem, require_flag, require_path
+from .errors import (
+    CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem, quoted, require_flag, require_path,
+)
 from .isolation import BoundExceeded, ChildRefused, Limits, read_bounded
 from .inert import _RESAVE, _inert_load
 from .pickles import LEGACY_PICKLES
@@ -69,7 +71,7 @@ def check_archive_sizes(path: Path, member_limit: Optional[int] = None, members=
         too_big = member_limit is not None and info.file_size > member_limit
         if inflates or too_big:
             raise _Problem(
-                f"{path.name} was not read: its member {info.filename!r} declares {info.file_size:,} bytes "
+                f"{path.name} was not read: its member {quoted(info.filename)} declares {info.file_size:,} bytes "
                 f"from {info.compress_size:,} stored" + (" (a decompression bomb?)" if inflates else
                                                         f", more than the {member_limit:,} that statistics need")
             )
@@ -127,7 +129,8 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
             data = torch.load(file, map_location="cpu", weights_only=False)
         except ModuleNotFoundError as err:
             raise CheckpointError([
-                f"{file} could not be loaded with trust=True: it pickles objects of the module {err.name!r}, which "
+                f"{file} could not be loaded with trust=True: it pickles objects of the module {quoted(err.name)}, "
+                f"which "
                 f"is not installed; without trust=True they are read as records of their state instead"
             ]) from None
         except Exception as err:

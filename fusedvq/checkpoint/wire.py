@@ -3,12 +3,12 @@
 The child encodes what the reader returned as nested tuples of plain values (what marshal writes) plus the
 raw bytes of each tensor storage, sent once; the parent rebuilds the objects from them. What comes back:
 dicts (keys that are str, int, float, bool or None), lists, tuples, sets, numbers, strings, bytes, numpy
-arrays (in their memory order) and scalars of plain dtypes, tensors (their storage bytes and view geometry, rebuilt as plain tensors: no
-subclass, no attribute a file set), torch dtypes and devices, and the records of foreign objects
-(records.py), shared and cyclic references kept as such: an object (a tensor, an array, a container)
-referenced twice comes back as one object referenced twice, as torch.load returns it. Anything else (a
-quantized or sparse tensor among them) becomes a record naming what it is. At
-most MAX_NODES objects and references, MAX_DEPTH levels: a result past that is refused.
+arrays (in their memory order) and scalars of plain dtypes, tensors (their storage bytes and view geometry,
+rebuilt as plain tensors: no subclass, no attribute a file set), torch dtypes and devices, and the records
+of foreign objects (records.py). Shared and cyclic references are kept as such: an object (a tensor, an
+array, a container) referenced twice comes back as one object referenced twice, as torch.load returns it.
+Anything else (a quantized or sparse tensor among them) becomes a record naming what it is. At most
+MAX_NODES objects and references, MAX_DEPTH levels: a result past that is refused.
 """
 
 from __future__ import annotations
