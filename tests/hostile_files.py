@@ -142,3 +142,62 @@ HOSTILE.update({
     "long names": long_names,
 })
 READ_WITH_STATISTICS = {"stride-0 categories", "stride-0 statistics", "long names"}  # (the others: without)
+
+
+# --- zip archives whose directory is the attack ------------------------------------------------------
+
+
+def raw_zip(path: Path, members: list) -> Path:
+    """A zip of `members` [(name, bytes)], stored, written field by field (zip64 end records: any count)."""
+    import zlib
+
+    body, directory = bytearray(), bytearray()
+    for name, data in members:
+        name = name.encode()
+        crc = zlib.crc32(data)
+        directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 20, 0, 0, 0, 0, crc, len(data), len(data),
+                                 len(name), 0, 0, 0, 0, 0, len(body)) + name
+        body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0)
+        body += name + data
+    start, end = len(body), len(body) + len(directory)
+    n = len(members)
+    tail = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, len(directory), start)
+    tail += struct.pack("<IIQI", 0x07064B50, 0, end, 1)
+    tail += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path.write_bytes(bytes(body + directory + tail))
+    return path
+
+
+def _checkpoint_members(data: dict) -> list:
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as archive:
+        return [(info.filename, archive.read(info)) for info in archive.infolist()]
+
+
+def many_members(path: Path, members: int = 300_000) -> Path:
+    """A checkpoint whose zip directory lists 300,000 more (empty) members: 18 MB of directory to parse."""
+    real = _checkpoint_members({"feature_mask": torch.ones(4, dtype=torch.bool), "model_config": {"input_dim": 4}})
+    prefix = real[0][0].split("/")[0]
+    return raw_zip(path, real + [(f"{prefix}/extra/{i}", b"") for i in range(members)])
+
+
+def two_data_records(path: Path) -> Path:
+    """A checkpoint with two members named .../data.pkl: the first calls the punycode codec (refused by the
+    scan, had it read that one), the last is a plain dict. zipfile reads the last, torch the first."""
+    real = _checkpoint_members({"feature_mask": [True] * 3})
+    prefix = real[0][0].split("/")[0]
+    hidden = (PROTO2 + b"}(" + text("feature_mask") + b"](" + b"\x88" * 3 + b"e" + text("x")
+              + global_("_codecs", "encode") + text("abc") + text("punycode") + b"\x86Ru.")
+    records = [member for member in real if not member[0].endswith("/data.pkl")]
+    plain = [member for member in real if member[0].endswith("/data.pkl")]
+    return raw_zip(path, [(f"{prefix}/data.pkl", hidden)] + records + plain)  # (torch's lookup finds the first)
+
+
+def many_arrays(path: Path, members: int = 300_000) -> Path:
+    """A statistics .npz whose directory lists 300,000 arrays (numpy parses it in the caller)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    array = buffer.getvalue()
+    return raw_zip(path, [("c_mean.npy", array), ("c_std.npy", array)] + [(f"x{i}.npy", b"") for i in range(members)])

@@ -17,6 +17,8 @@ from typing import Optional
 
 import numpy as np
 
+from .archives import archive_hazard, directory_problem
+
 
 def _numpy_safe_globals() -> list:
     """The numpy callables and types a checkpoint with numpy arrays, scalars and dtypes needs."""
@@ -111,7 +113,14 @@ def scan_pickles(path: Path) -> PickleScan:
     scan = PickleScan()
     try:
         if zipfile.is_zipfile(path):
+            scan.hazard = directory_problem(path)  # (the directory is parsed only when its size allows)
+            if scan.hazard is not None:
+                return scan
             with zipfile.ZipFile(path) as archive:
+                # Two members of one name would let the scan read other bytes than torch's reader loads.
+                scan.hazard = archive_hazard(archive.infolist())
+                if scan.hazard is not None:
+                    return scan
                 blobs = [(archive.read(n), 1) for n in archive.namelist() if n.endswith(".pkl")]
         else:
             blobs = [(path.read_bytes(), LEGACY_PICKLES)]

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
+from .archives import STATS_MEMBERS, directory_problem, zip_directory
 from .errors import _Problem, listed, quoted
 from .reading import read_stats_file
 from .records import ForeignObject
@@ -251,6 +252,8 @@ def is_stats_file(path: Path) -> bool:
     """An .npz of arrays (what np.savez writes: a zip of .npy members), not a torch checkpoint."""
     if path.suffix == ".npz":
         return True
+    if zip_directory(path) is None or directory_problem(path, STATS_MEMBERS) is not None:
+        return False  # (not parsed here: a checkpoint's directory is parsed in the bounded child)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
