@@ -152,8 +152,11 @@ def test_loads_while_other_threads_compute(tmp_path):
 
 
 def test_without_fork_a_fresh_interpreter_reads_under_the_same_wall_clock(tmp_path, monkeypatch):
+    """(Its interpreter prints as it starts, as a sitecustomize may: that is not read as the result.)"""
     monkeypatch.setenv("FUSEDVQ_LOAD_ISOLATION", "spawn")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(HERE.parent)]))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("print('hello from sitecustomize' * 100)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), str(HERE), str(HERE.parent)]))
     (tmp_path / "note.txt").write_text("hello")
     got = read_bounded(_reads, tmp_path / "note.txt", LIMITS)
     assert got["text"] == "hello" and torch.equal(got["tensor"], torch.arange(6.0).view(2, 3).t())

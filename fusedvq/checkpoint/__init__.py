@@ -30,7 +30,9 @@ Layers, imported one way (each imports only those before it):
     errors.py     CheckpointError, the warnings, printable
     records.py    inert stand-ins for the classes a file pickles (nothing of theirs imported or run)
     wire.py       a read result as plain data across the pipe from the bounded child, and back
+    limits.py     how long and how much memory a read may take; the overrides, checked
     isolation.py  the bounded child: a reader run under a wall clock and a memory limit
+    archives.py   zip directories sized before they are parsed, duplicate members refused
     pickles.py    a file's pickles scanned without running them
     inert.py      the inert load (run in the bounded child)
     reading.py    path → dict: the file found and checked, then read in the bounded child; .npz statistics

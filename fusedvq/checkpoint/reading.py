@@ -23,7 +23,8 @@ import torch
 from .errors import (
     CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem, quoted, require_flag, require_path,
 )
-from .isolation import BoundExceeded, ChildRefused, Limits, read_bounded
+from .isolation import BoundExceeded, ChildRefused, read_bounded
+from .limits import Limits
 from .archives import MAX_STATS_BYTES, STATS_MEMBERS, archive_hazard, directory_problem
 from .inert import _RESAVE, _inert_load
 from .pickles import LEGACY_PICKLES
