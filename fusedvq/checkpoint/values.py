@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .archives import STATS_MEMBERS, directory_problem, zip_directory
-from .errors import _Problem, listed, quoted
+from .errors import MAX_NAME, _Problem, listed, quoted
 from .reading import read_stats_file
 from .records import ForeignObject
 
@@ -268,9 +268,10 @@ def describe_stats(stats: dict[str, CategoryStats], method: Optional[str]) -> st
     sizes = {name: s.center.size for name, s in stats.items()}
     if "" in stats:
         return f"{pair} over all columns ({sizes['']} columns, method {method or 'not declared'})"
-    listed = ", ".join(f"{name}: {n}" for name, n in list(sizes.items())[:6]) + (", ..." if len(sizes) > 6 else "")
+    shown = ", ".join(f"{quoted(name)[1:-1] if len(name) <= MAX_NAME else quoted(name)}: {n}"
+                      for name, n in list(sizes.items())[:6]) + (", ..." if len(sizes) > 6 else "")
     return (f"per-category {pair} (method {method or 'not declared'}): {len(sizes)} categories, "
-            f"{sum(sizes.values())} columns ({listed})")
+            f"{sum(sizes.values())} columns ({shown})")
 
 
 def assemble_stats(stats: dict[str, CategoryStats], categories: Optional[dict[str, np.ndarray]], num_kept: int,
