@@ -109,7 +109,9 @@ class ResultDecoder:
             return node
         tag, ref = node[0], node[1]
         if tag == "r":
-            return self._refs.get(ref)  # (None only for a tuple that holds itself through a list)
+            # (None only for a tuple that holds itself through a list, which needs the POP opcodes torch's
+            # weights-only unpickler does not read: it never comes from a file)
+            return self._refs.get(ref)
         if tag == "d":
             out = self._refs[ref] = {}
             out.update((k, self.value(v)) for k, v in node[2])
