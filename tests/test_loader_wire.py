@@ -4,8 +4,8 @@ two names, comes back as one object referenced twice). Values a weights-only rea
 
 from __future__ import annotations
 
-import pickle
 import warnings
+from collections import Counter, OrderedDict
 
 import numpy as np
 import pytest
@@ -42,7 +42,7 @@ def assert_same_graph(got, ref, seen=None, storages=None, where="root"):
     elif isinstance(ref, np.generic):
         assert type(got) is type(ref) and got == ref, where
     elif isinstance(ref, dict):
-        assert type(got) is dict and list(got) == list(ref), where
+        assert type(got) is type(ref) and list(got) == list(ref), where
         for key in ref:
             assert_same_graph(got[key], ref[key], seen, storages, f"{where}[{key!r}]")
     elif isinstance(ref, (list, tuple)):
@@ -60,8 +60,8 @@ def shared_checkpoint() -> dict:
     parts = make_parts(D=30, K=20, num_categories=2, sizes=[10, 10])
     ckpt = checkpoint_dict(parts)
     weight = torch.randn(20, 16)
-    ckpt["model_state_dict"] = {"encoder.weight": weight, "decoder.weight": weight,  # tied weights
-                                "decoder.weight_t": weight.t(), "bias": torch.zeros(20)[::2]}
+    ckpt["model_state_dict"] = OrderedDict({"encoder.weight": weight, "decoder.weight": weight,  # tied weights
+                                            "decoder.weight_t": weight.t(), "bias": torch.zeros(20)[::2]})
     ckpt["feature_mask"] = torch.from_numpy(parts.mask)
     ckpt["mask_again"] = ckpt["feature_mask"]  # a mask stored twice
     stats = ckpt["normalization_stats"]
@@ -86,7 +86,8 @@ def test_a_checkpoint_with_shared_references_reads_back_as_torch_load_reads_it(t
 def test_tensors_only_read_back_as_weights_only_reads_them(tmp_path):
     base = torch.randn(6, 4, dtype=torch.float64)
     data = {"a": base, "b": base, "t": base.t(), "row": base[2], "zero stride": torch.ones(1).expand(5),
-            "pair": (base, base[1:]), "param": torch.nn.Parameter(torch.ones(3)), "c": 1 + 2j, "s": {1, 2}}
+            "pair": (base, base[1:]), "param": torch.nn.Parameter(torch.ones(3)), "c": 1 + 2j, "s": {1, 2},
+            "state": torch.nn.Linear(2, 3).state_dict(), "counts": Counter("abca")}
     torch.save(data, tmp_path / "t.pt")
     ref = torch.load(tmp_path / "t.pt", weights_only=True)
     got = read_checkpoint(tmp_path / "t.pt")

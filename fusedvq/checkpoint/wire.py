@@ -13,6 +13,7 @@ MAX_NODES objects and references, MAX_DEPTH levels: a result past that is refuse
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from .records import ForeignObject, stand_in_class
 
 MAX_NODES = 2_000_000  # objects and references in the read result
 MAX_DEPTH = 200  # nesting levels
+_DICTS = {"dict": dict, "OrderedDict": OrderedDict, "Counter": Counter}
 
 
 class ResultEncoder:
@@ -50,8 +52,9 @@ class ResultEncoder:
         if id(obj) in self._seen:
             return ("r", self._seen[id(obj)])
         ref = self._seen[id(obj)] = len(self._seen)
-        if isinstance(obj, dict):
-            return ("d", ref, [(k, self.node(v, depth + 1)) for k, v in obj.items() if _plain_key(k)])
+        if isinstance(obj, dict):  # (an OrderedDict, as state_dict() gives, or a Counter, stays one)
+            kind = type(obj).__name__ if type(obj) in (OrderedDict, Counter) else "dict"
+            return ("d", ref, [(k, self.node(v, depth + 1)) for k, v in obj.items() if _plain_key(k)], kind)
         if isinstance(obj, (list, tuple, set)):
             tag = "l" if isinstance(obj, list) else "t" if isinstance(obj, tuple) else "s"
             return (tag, ref, [self.node(v, depth + 1) for v in obj])
@@ -113,8 +116,9 @@ class ResultDecoder:
             # weights-only unpickler does not read: it never comes from a file)
             return self._refs.get(ref)
         if tag == "d":
-            out = self._refs[ref] = {}
-            out.update((k, self.value(v)) for k, v in node[2])
+            out = self._refs[ref] = _DICTS.get(node[3], dict)()
+            for key, value in node[2]:  # (item by item: Counter.update would count the pairs)
+                out[key] = self.value(value)
             return out
         if tag == "l":
             out = self._refs[ref] = []
@@ -159,7 +163,8 @@ class ResultDecoder:
     def _tensor(self, index, dtype, shape, stride, offset, requires_grad):
         if index not in self._rebuilt:
             data = self.storages[index]  # a bytearray of its own: the tensors keep it alive
-            self._rebuilt[index] = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+            empty = torch.empty(0, dtype=torch.uint8)
+            self._rebuilt[index] = torch.frombuffer(data, dtype=torch.uint8) if data else empty
         kind = getattr(torch, dtype)
         storage = self._rebuilt[index].untyped_storage()
         tensor = torch.empty(0, dtype=kind).set_(storage, offset, shape, stride)
