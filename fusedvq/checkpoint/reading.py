@@ -11,6 +11,7 @@ unpickling and warns. Statistics `.npz` files are read with `allow_pickle=False`
 
 from __future__ import annotations
 
+import math
 import stat
 import warnings
 import zipfile
@@ -200,6 +201,23 @@ def _is_stats_key(key: str) -> bool:
     return key == "_normalization_method" or any(key == sfx or key.endswith("_" + sfx) for sfx in _STATS_SUFFIXES)
 
 
+def _declared_beyond_held(archive: zipfile.ZipFile, keys: list) -> Optional[str]:
+    """Why an array's .npy header is not believed (it declares more bytes than its member holds: numpy would
+    allocate what it declares before reading), or None. Reads the headers only."""
+    for key in keys:
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        declared = math.prod(shape) * dtype.itemsize
+        if declared > info.file_size:
+            return (f"has an array {quoted(key)} whose header declares shape {shape[:8]} of {dtype} ({declared:,} "
+                    f"bytes) but whose member holds {info.file_size:,} bytes")
+    return None
+
+
 def read_stats_file(path: PathLike) -> tuple[dict[str, Any], Optional[str]]:
     """({category or "": {key: array}}, declared method) from a normalization_stats .npz (no pickles).
 
@@ -219,6 +237,7 @@ def read_stats_file(path: PathLike) -> tuple[dict[str, Any], Optional[str]]:
         with np.load(path, allow_pickle=False) as npz:
             wanted = [key for key in npz.files if _is_stats_key(key)]  # other arrays are never read
             why = archive_hazard(npz.zip.infolist(), MAX_STATS_BYTES, {f"{key}.npy" for key in wanted})
+            why = why or _declared_beyond_held(npz.zip, wanted)
             if why:
                 raise _Problem(f"{path.name} was not read: it {why}")
             arrays = {key: npz[key] for key in wanted}
