@@ -27,7 +27,7 @@ pieces themselves, build a FeatureSpec too (declared.py). `.npz` files are read 
 
 Layers, imported one way (each imports only those before it):
 
-    errors.py     CheckpointError, the warnings, printable
+    errors.py     CheckpointError, the warnings, printable; names quoted short; the arguments checked
     records.py    inert stand-ins for the classes a file pickles (nothing of theirs imported or run)
     wire.py       a read result as plain data across the pipe from the bounded child, and back
     limits.py     how long and how much memory a read may take; the overrides, checked
@@ -36,7 +36,8 @@ Layers, imported one way (each imports only those before it):
     pickles.py    a file's pickles scanned without running them
     inert.py      the inert load (run in the bounded child)
     reading.py    path → dict: the file found and checked, then read in the bounded child; .npz statistics
-    values.py     dict values → bounded arrays (mask, width, categories, statistics); statistics placed
+    values.py     dict values → bounded arrays (mask, width, categories, statistics; one entry budget per
+                  file, so that views repeating memory cannot expand); statistics placed
     hybrid.py     a hybrid VQ-VAE's embedding columns among the decoder's
     declared.py   dict → Declared (lenient: what cannot be read becomes a problem sentence)
     diagnosis.py  Declared → one sentence per problem, naming the numbers (diagnose)

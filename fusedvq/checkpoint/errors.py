@@ -105,7 +105,7 @@ def _brief(err: BaseException) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value) if isinstance(value, (str, bytes, int, float, complex, np.generic)) else ""
+    text = repr(value) if isinstance(value, (str, bytes, int, float, complex, np.generic, type(None))) else ""
     text = text if text and len(text) <= MAX_NAME else f"a {type(value).__name__}"
     return f"{type(value).__name__} {text}" if not text.startswith("a ") else text
 
