@@ -136,12 +136,21 @@ def long_names(path: Path, names: int = 6, length: int = 50_000, strays: int = 3
     return path
 
 
+def many_categories(path: Path, categories: int = 30_000) -> Path:
+    """30,000 categories that all list the same two columns (one list, referenced 30,000 times: 530 KB)."""
+    shared = [0, 1]
+    torch.save({"feature_mask": torch.ones(4, dtype=torch.bool),
+                "model_config": {"input_dim": 4, "group_indices": {f"c{i}": shared for i in range(categories)}}}, path)
+    return path
+
+
 HOSTILE.update({
     "stride-0 categories": stride0_categories,
     "stride-0 statistics": stride0_statistics,
     "long names": long_names,
+    "many categories": many_categories,
 })
-READ_WITH_STATISTICS = {"stride-0 categories", "stride-0 statistics", "long names"}  # (the others: without)
+READ_WITH_STATISTICS = {"stride-0 categories", "stride-0 statistics", "long names", "many categories"}  # (others: without)
 
 
 # --- zip archives whose directory is the attack ------------------------------------------------------
