@@ -210,3 +210,9 @@ def many_arrays(path: Path, members: int = 300_000) -> Path:
     np.save(buffer, np.zeros(3))
     array = buffer.getvalue()
     return raw_zip(path, [("c_mean.npy", array), ("c_std.npy", array)] + [(f"x{i}.npy", b"") for i in range(members)])
+
+
+HOSTILE.update({
+    "many members": lambda path: many_members(path, members=70_000),  # (past the 65,536 a directory may list)
+    "two data records": two_data_records,
+})
