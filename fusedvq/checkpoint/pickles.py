@@ -104,6 +104,7 @@ class _Value:
 
 
 _MARK = None
+_PLAIN = _Value()  # one entry of size 1 that names nothing (never changed: shared by every such push)
 _BYTEARRAY = "builds a bytearray, whose size the file states, not its contents; no checkpoint holds one"
 
 
@@ -194,13 +195,13 @@ def _scan_one(stream, scan: PickleScan) -> None:
                 scan.hazard = (f"decodes text with the codec {codec[:40]!r}; torch writes only latin1, and other "
                                f"codecs can take quadratic time")
                 return
-            stack.append(_Value())
+            stack.append(_PLAIN)
         elif name == "MEMOIZE":
             memo[len(memo)] = stack[-1]
         elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
             memo[arg] = stack[-1]
         elif name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo.get(arg, _Value()))
+            stack.append(memo.get(arg, _PLAIN))
         elif name == "MARK":
             stack.append(_MARK)
         elif name == "PROTO":
@@ -217,4 +218,4 @@ def _scan_one(stream, scan: PickleScan) -> None:
             if before:
                 del stack[len(stack) - len(before) :]
             is_text = isinstance(arg, str) and ("UNICODE" in name or "STRING" in name)
-            stack.extend(_Value(text=arg if is_text else None) for _ in op.stack_after)
+            stack.extend([_Value(text=arg)] if is_text else [_PLAIN] * len(op.stack_after))
