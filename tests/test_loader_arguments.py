@@ -5,6 +5,7 @@ and the value, before any file is read (so trust="False" never unpickles fully).
 from __future__ import annotations
 
 import io
+import pickle
 
 import numpy as np
 import pytest
@@ -95,3 +96,5 @@ def test_one_problem_given_as_a_string_is_one_problem():
     err = CheckpointError("one problem")
     assert err.problems == ["one problem"] and str(err) == "one problem"
     assert str(CheckpointError("one problem", "a.pt")) == "a.pt: one problem"
+    two = pickle.loads(pickle.dumps(CheckpointError(["one", "two"], "a.pt")))
+    assert two.problems == ["one", "two"] and two.path == "a.pt" and str(two) == "a.pt: 2 problems:\n  - one\n  - two"

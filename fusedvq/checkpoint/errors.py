@@ -43,6 +43,9 @@ class CheckpointError(ValueError):
             lines = "\n".join(f"  - {p}" for p in self.problems)
             super().__init__(f"{where}{len(problems)} problems:\n{lines}")
 
+    def __reduce__(self):  # (pickled, e.g. across processes: the same problems and path, not one long text)
+        return type(self), (self.problems, self.path)
+
 
 def capped(problems: list[str], total: Optional[int] = None) -> list[str]:
     """At most MAX_PROBLEMS sentences; past that, the last one says how many more there are (`total`: how
