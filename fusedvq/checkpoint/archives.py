@@ -4,8 +4,8 @@ A zip's central directory lists its members; a file chooses how many, how large 
 names. So:
 
     zip_directory   the end record only (a few bytes at the end of the file, O(1)): how many members the
-                    directory lists and how many bytes it spans. A directory past MAX_MEMBERS members or
-                    MAX_DIRECTORY_BYTES is refused before it is parsed (parsing 300,000 entries takes seconds).
+                    directory lists and how many bytes it spans. A directory past MAX_MEMBERS members (or
+                    ENTRY_BYTES each) is refused before it is parsed (parsing 300,000 entries takes seconds).
     archive_hazard  the parsed directory: a member whose declared size is a decompression bomb, members
                     past a byte limit, and two members of one name (zipfile reads the last of them, torch's
                     reader the first: the scan and the load must read the same bytes).
@@ -33,7 +33,8 @@ MAX_STATS_BYTES = 64 << 20
 # A checkpoint holds one member per storage and a few more; a statistics file two per category.
 MAX_MEMBERS = 1 << 16
 STATS_MEMBERS = 1 << 12
-MAX_DIRECTORY_BYTES = 128 * MAX_MEMBERS  # (an entry is 46 bytes and its name)
+# A directory entry is 46 bytes and its name (torch's: the file's stem, /data/, the storage's number).
+ENTRY_BYTES = 256
 
 
 def zip_directory(path: Path) -> Optional[tuple[int, int]]:
@@ -56,9 +57,9 @@ def directory_problem(path: Path, members: int = MAX_MEMBERS) -> Optional[str]:
     if listed is None:
         return None
     count, size = listed
-    if count > members or size > members * 128:
+    if count > members or size > members * ENTRY_BYTES:
         return (f"has a zip directory of {count:,} members in {size:,} bytes, more than the {members:,} members "
-                f"({members * 128:,} bytes) such a file holds")
+                f"({members * ENTRY_BYTES:,} bytes) such a file holds")
     return None
 
 
