@@ -1,7 +1,8 @@
 """The reader's settings and how its child ends, said in words: the overrides FUSEDVQ_LOAD_SECONDS,
 FUSEDVQ_LOAD_MEMORY_MB and FUSEDVQ_LOAD_ISOLATION are checked (a value they do not take is a CheckpointError
 naming the variable and what it takes); a caller under a hard address-space limit (ulimit -v) still reads a
-legitimate file, the child's budget fitted under it; a child stopped by its CPU-time limit says so."""
+legitimate file, the child's budget fitted under it; a child stopped by its CPU-time or memory limit says
+which."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckpt_factory import make_parts, write_checkpoint
 from fusedvq.checkpoint import CheckpointError, diagnose, load_feature_spec
-from fusedvq.checkpoint.isolation import _reap
+from fusedvq.checkpoint.isolation import BoundExceeded, _reap, read_bounded
+from fusedvq.checkpoint.limits import Limits
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,3 +88,12 @@ def test_a_child_stopped_by_its_cpu_time_limit_says_so():
     proc = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGXCPU)"])
     assert proc.wait(timeout=60) == -signal.SIGXCPU
     assert _reap(0, proc, kill=False) == "its CPU-time limit"
+
+
+def _allocates_a_tensor(path):
+    return torch.empty(1 << 32, dtype=torch.uint8)  # (torch's allocator raises RuntimeError, not MemoryError)
+
+
+def test_a_child_out_of_memory_says_so_whoever_allocated(tmp_path):
+    with pytest.raises(BoundExceeded, match=r"ran out of memory under its limits \(2.0 s, 256 MiB more memory\)"):
+        read_bounded(_allocates_a_tensor, tmp_path, Limits(seconds=2.0, memory=256 << 20))

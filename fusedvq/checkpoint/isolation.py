@@ -43,6 +43,8 @@ from .limits import Limits, isolation, limit_child
 from .wire import ResultDecoder, ResultEncoder
 
 OUT_OF_MEMORY = 3  # the exit code of a child that ran out of memory outside the reader (status unsent)
+# What torch's CPU allocator raises (as RuntimeError) when the address-space limit refuses it memory.
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "bad_alloc")
 
 
 class BoundExceeded(Exception):
@@ -93,7 +95,7 @@ def _child_send(reader: Callable[[Path], Any], path: Path, fd: int) -> None:
     except MemoryError:
         status = ("error", "MemoryError", "")
     except BaseException as err:  # noqa: BLE001 - everything goes back as text
-        if isinstance(err, RuntimeError) and "alloc" in str(err)[:4000]:  # torch's allocator, out of room
+        if isinstance(err, RuntimeError) and any(why in str(err)[:4000] for why in _OUT_OF_MEMORY_TEXTS):
             status = ("error", "MemoryError", "")
         else:
             problems = getattr(err, "problems", None)
