@@ -99,3 +99,120 @@ HOSTILE = {
     "tensor with attributes": tensor_with_attributes,
     "legacy with foreign names": legacy_with_foreign_names,
 }
+
+
+# --- files that are cheap to unpickle but expand in the caller, or fill its messages ------------------
+
+
+def _stride0(value, entries: int, dtype) -> torch.Tensor:
+    return torch.full((1,), value, dtype=dtype).expand(entries)  # torch.save writes the one entry
+
+
+def stride0_categories(path: Path, categories: int = 40, entries: int = 4_000_000) -> Path:
+    """Each category's indices a stride-0 view of `entries` (under the 4M one value may hold): 8 bytes each in
+    the file, 32 MB each once expanded."""
+    groups = {f"c{i}": _stride0(0, entries, torch.int64) for i in range(categories)}
+    torch.save({"feature_mask": torch.ones(8, dtype=torch.bool),
+                "model_config": {"input_dim": 8, "group_indices": groups}}, path)
+    return path
+
+
+def stride0_statistics(path: Path, categories: int = 40, entries: int = 4_000_000) -> Path:
+    """The same through normalization_stats: each category's mean and std a stride-0 view."""
+    stats = {f"c{i}": {"mean": _stride0(0.0, entries, torch.float32), "std": _stride0(1.0, entries, torch.float32)}
+             for i in range(categories)}
+    torch.save({"feature_mask": torch.ones(8, dtype=torch.bool), "normalization_stats": stats,
+                "model_config": {"input_dim": 8, "group_indices": {"c0": list(range(8))}}}, path)
+    return path
+
+
+def long_names(path: Path, names: int = 6, length: int = 50_000, strays: int = 3_000) -> Path:
+    """Categories with 50,000-character names, and statistics for `strays` categories group_indices does not
+    declare: each problem sentence about a stray would quote every declared name."""
+    groups = {f"{i}" + "n" * length: [i] for i in range(names)}
+    stats = {f"s{j}": {"mean": [0.0], "std": [1.0]} for j in range(strays)}
+    torch.save({"feature_mask": torch.ones(names, dtype=torch.bool), "normalization_stats": stats,
+                "model_config": {"input_dim": names, "group_indices": groups}}, path)
+    return path
+
+
+def many_categories(path: Path, categories: int = 30_000) -> Path:
+    """30,000 categories that all list the same two columns (one list, referenced 30,000 times: 530 KB)."""
+    shared = [0, 1]
+    torch.save({"feature_mask": torch.ones(4, dtype=torch.bool),
+                "model_config": {"input_dim": 4, "group_indices": {f"c{i}": shared for i in range(categories)}}}, path)
+    return path
+
+
+HOSTILE.update({
+    "stride-0 categories": stride0_categories,
+    "stride-0 statistics": stride0_statistics,
+    "long names": long_names,
+    "many categories": many_categories,
+})
+READ_WITH_STATISTICS = {"stride-0 categories", "stride-0 statistics", "long names", "many categories"}  # (others: without)
+
+
+# --- zip archives whose directory is the attack ------------------------------------------------------
+
+
+def raw_zip(path: Path, members: list) -> Path:
+    """A zip of `members` [(name, bytes)], stored, written field by field (zip64 end records: any count)."""
+    import zlib
+
+    body, directory = bytearray(), bytearray()
+    for name, data in members:
+        name = name.encode()
+        crc = zlib.crc32(data)
+        directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 20, 0, 0, 0, 0, crc, len(data), len(data),
+                                 len(name), 0, 0, 0, 0, 0, len(body)) + name
+        body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0)
+        body += name + data
+    start, end = len(body), len(body) + len(directory)
+    n = len(members)
+    tail = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, len(directory), start)
+    tail += struct.pack("<IIQI", 0x07064B50, 0, end, 1)
+    tail += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path.write_bytes(bytes(body + directory + tail))
+    return path
+
+
+def _checkpoint_members(data: dict) -> list:
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as archive:
+        return [(info.filename, archive.read(info)) for info in archive.infolist()]
+
+
+def many_members(path: Path, members: int = 300_000) -> Path:
+    """A checkpoint whose zip directory lists 300,000 more (empty) members: 18 MB of directory to parse."""
+    real = _checkpoint_members({"feature_mask": torch.ones(4, dtype=torch.bool), "model_config": {"input_dim": 4}})
+    prefix = real[0][0].split("/")[0]
+    return raw_zip(path, real + [(f"{prefix}/extra/{i}", b"") for i in range(members)])
+
+
+def two_data_records(path: Path) -> Path:
+    """A checkpoint with two members named .../data.pkl: the first calls the punycode codec (refused by the
+    scan, had it read that one), the last is a plain dict. zipfile reads the last, torch the first."""
+    real = _checkpoint_members({"feature_mask": [True] * 3})
+    prefix = real[0][0].split("/")[0]
+    hidden = (PROTO2 + b"}(" + text("feature_mask") + b"](" + b"\x88" * 3 + b"e" + text("x")
+              + global_("_codecs", "encode") + text("abc") + text("punycode") + b"\x86Ru.")
+    records = [member for member in real if not member[0].endswith("/data.pkl")]
+    plain = [member for member in real if member[0].endswith("/data.pkl")]
+    return raw_zip(path, [(f"{prefix}/data.pkl", hidden)] + records + plain)  # (torch's lookup finds the first)
+
+
+def many_arrays(path: Path, members: int = 300_000) -> Path:
+    """A statistics .npz whose directory lists 300,000 arrays (numpy parses it in the caller)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    array = buffer.getvalue()
+    return raw_zip(path, [("c_mean.npy", array), ("c_std.npy", array)] + [(f"x{i}.npy", b"") for i in range(members)])
+
+
+HOSTILE.update({
+    "many members": lambda path: many_members(path, members=70_000),  # (past the 65,536 a directory may list)
+    "two data records": two_data_records,
+})

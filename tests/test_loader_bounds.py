@@ -4,10 +4,7 @@ cheap scans refuse the known tricks first, and what comes back is the file's dat
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -18,55 +15,11 @@ import pytest
 import torch
 
 from ckpt_factory import checkpoint_dict, make_parts
-from hostile_files import HOSTILE, as_checkpoint, global_, rehashed_tuple
+from hostile_files import as_checkpoint, global_, rehashed_tuple
 from fusedvq.checkpoint.isolation import BoundExceeded, ChildRefused, Limits, read_bounded
 from fusedvq.checkpoint import CheckpointError, load_feature_spec, read_checkpoint
 
 HERE = Path(__file__).resolve().parent
-
-_PROBE = r"""
-import json, resource, sys, time
-resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
-sys.path.insert(0, sys.argv[1])
-import hostile_files
-from pathlib import Path
-from fusedvq.checkpoint import CheckpointError, load_feature_spec
-for name, make in hostile_files.HOSTILE.items():
-    path = make(Path(sys.argv[2]) / (name.replace(" ", "_") + ".pt"))
-    start = time.monotonic()
-    try:
-        load_feature_spec(path, require_stats=False)
-        kind, text = "loaded", ""
-    except CheckpointError as err:
-        kind, text = "CheckpointError", str(err)
-    except BaseException as err:
-        kind, text = type(err).__name__, str(err)
-    print(json.dumps({"name": name, "kind": kind, "seconds": time.monotonic() - start, "text": text[:300]}))
-usage = {who: resource.getrusage(getattr(resource, who)).ru_maxrss << 10 for who in ("RUSAGE_SELF", "RUSAGE_CHILDREN")}
-print(json.dumps(usage))
-"""
-
-
-def test_small_hostile_files_end_within_seconds_and_1_gb(tmp_path):
-    """Each file of hostile_files (a quadratic codec, a huge tuple hashed again and again, thousands of
-    foreign class names, a tensor whose file-set numel hides 2^36 entries, a legacy file naming 33 foreign
-    classes) ends as a load or a CheckpointError in under 5 s, under 1 GB of peak RSS in every process,
-    in a fresh interpreter under a 6 GB address-space limit."""
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(HERE), str(tmp_path)], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    *results, usage = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [r["name"] for r in results] == list(HOSTILE)
-    for r in results:
-        assert r["kind"] in ("loaded", "CheckpointError") and r["seconds"] < 5, r
-    kinds = {r["name"]: r for r in results}
-    assert "codec 'punycode'" in kinds["quadratic codec"]["text"]
-    assert "did not finish reading within" in kinds["rehashed tuple"]["text"]
-    assert "4,000 classes" in kinds["many foreign names"]["text"]
-    assert "attributes chosen by the file" in kinds["tensor with attributes"]["text"]
-    assert kinds["legacy with foreign names"]["kind"] == "loaded"
-    assert max(usage.values()) < 1 << 30, usage
-
 
 # --- the bound itself, where no scan finds anything ----------------------------------------------
 
@@ -148,8 +101,11 @@ def test_loads_while_other_threads_compute(tmp_path):
 
 
 def test_without_fork_a_fresh_interpreter_reads_under_the_same_wall_clock(tmp_path, monkeypatch):
+    """(Its interpreter prints as it starts, as a sitecustomize may: that is not read as the result.)"""
     monkeypatch.setenv("FUSEDVQ_LOAD_ISOLATION", "spawn")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(HERE.parent)]))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("print('hello from sitecustomize' * 100)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), str(HERE), str(HERE.parent)]))
     (tmp_path / "note.txt").write_text("hello")
     got = read_bounded(_reads, tmp_path / "note.txt", LIMITS)
     assert got["text"] == "hello" and torch.equal(got["tensor"], torch.arange(6.0).view(2, 3).t())

@@ -81,6 +81,18 @@ def test_npz_statistics_member_that_inflates_is_refused(tmp_path):
     assert any("bomb_mean.npy" in p and "declares" in p for p in box["value"]), box["value"]
 
 
+def test_npz_array_whose_header_declares_more_than_it_holds_is_refused(tmp_path):
+    """numpy allocates what an .npy header declares before it reads: a header that declares 80 GB over 80
+    bytes of data is refused from the header (a sentence, not a MemoryError)."""
+    path = tmp_path / "normalization_stats.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("c_mean.npy", "c_std.npy"):
+            archive.writestr(name, _npy_header((10**10,)) + bytes(80))
+    with pytest.raises(CheckpointError, match=r"'c_mean' whose header declares shape \(10000000000,\)") as info:
+        load_feature_spec(stats=str(path), feature_mask=np.ones(3, bool), group_indices={"c": [0, 1, 2]})
+    assert "MemoryError" not in str(info.value)
+
+
 def test_pt_record_that_inflates_is_refused(tmp_path):
     """A .pt whose storage record inflates far beyond the file: refused from the zip directory alone."""
     good = tmp_path / "good.pt"

@@ -27,13 +27,17 @@ pieces themselves, build a FeatureSpec too (declared.py). `.npz` files are read 
 
 Layers, imported one way (each imports only those before it):
 
-    errors.py     CheckpointError, the warnings, printable
+    errors.py     CheckpointError, the warnings, printable; names quoted short; the arguments checked
     records.py    inert stand-ins for the classes a file pickles (nothing of theirs imported or run)
     wire.py       a read result as plain data across the pipe from the bounded child, and back
+    limits.py     how long and how much memory a read may take; the overrides, checked
     isolation.py  the bounded child: a reader run under a wall clock and a memory limit
-    pickles.py    a file's pickles scanned without running them, and the inert load
+    archives.py   zip directories sized before they are parsed, duplicate members refused
+    pickles.py    a file's pickles scanned without running them
+    inert.py      the inert load (run in the bounded child)
     reading.py    path → dict: the file found and checked, then read in the bounded child; .npz statistics
-    values.py     dict values → bounded arrays (mask, width, categories, statistics); statistics placed
+    values.py     dict values → bounded arrays (mask, width, categories, statistics; one entry budget per
+                  file, so that views repeating memory cannot expand); statistics placed
     hybrid.py     a hybrid VQ-VAE's embedding columns among the decoder's
     declared.py   dict → Declared (lenient: what cannot be read becomes a problem sentence)
     diagnosis.py  Declared → one sentence per problem, naming the numbers (diagnose)
@@ -52,7 +56,10 @@ from typing import Optional
 import torch
 
 from .declared import Declared, declare, declare_parts
-from .errors import CheckpointError, PathLike, StatsNotUsedWarning, UnsafeLoadWarning, printable
+from .errors import (
+    CheckpointError, PathLike, StatsNotUsedWarning, UnsafeLoadWarning, printable, require_count, require_flag,
+    require_path,
+)
 from .hybrid import HybridLayout
 from .diagnosis import diagnose, find_notes, find_problems
 from .reading import read_checkpoint, read_stats_file, resolve_checkpoint
@@ -123,8 +130,14 @@ def load_feature_spec(path: Optional[PathLike] = None, *, num_features: Optional
     statistics (for norm="none" / "batch").
     feature_mask, group_indices: without a path, the spec is built from them and `stats` (e.g. a
     normalization_stats.npz on its own): mask [D] bool, {category: kept-column indices}.
-    Raises CheckpointError listing every problem (the same sentences `fusedvq check` prints).
+    Raises CheckpointError listing every problem (the same sentences `fusedvq check` prints); TypeError for
+    an argument of the wrong kind (trust and require_stats are True or False, never a string; num_features
+    is a positive int).
     """
+    trust, require_stats = require_flag("trust", trust), require_flag("require_stats", require_stats)
+    num_features = require_count("num_features", num_features, "the extractor's width")
+    if path is not None:
+        require_path("path", path, "a checkpoint file or folder")
     if path is None:
         decl = declare_parts(feature_mask, group_indices, stats, need_stats=require_stats)
     elif feature_mask is not None or group_indices is not None:

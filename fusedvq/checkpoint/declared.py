@@ -11,12 +11,12 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .errors import CheckpointError, PathLike, _Problem
+from .errors import CheckpointError, PathLike, _Problem, require_flag, require_path
 from .hybrid import HybridClues, HybridLayout, declare_hybrid, hybrid_clues
 from .reading import _not_regular, read_checkpoint, resolve_checkpoint
 from .values import (
     CategoryStats, _method_of, _parse_categories, _parse_input_dim, _parse_mask, _parse_stats, _read_npz_stats,
-    describe_stats, is_stats_file,
+    describe_stats, entry_budget, is_stats_file,
 )
 
 STATS_FILE = "normalization_stats.npz"
@@ -75,9 +75,14 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
 
     stats: None (the checkpoint's own normalization_stats, else a normalization_stats.npz beside it),
     "checkpoint" (only the checkpoint's own), or the path of an .npz to use instead. Never raises for a
-    bad file; a file that cannot be read at all gives a Declared with one problem.
+    bad file; a file that cannot be read at all gives a Declared with one problem. Arguments of the wrong
+    kind are a TypeError.
     """
-    decl = Declared(path=Path(path))
+    path = require_path("path", path, "a checkpoint file or folder")
+    trust, need_stats = require_flag("trust", trust), require_flag("need_stats", need_stats)
+    if stats is not None and not (isinstance(stats, str) and stats == "checkpoint"):
+        require_path("stats", stats, 'a statistics .npz (or "checkpoint", or None)')
+    decl = Declared(path=path)
     attempt = _attempt(decl)
     try:
         decl.path = resolve_checkpoint(path)
@@ -91,7 +96,13 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
             decl.path = lone[0]
             declare_stats_only(decl, attempt)
         return decl
+    with entry_budget(decl.path.stat().st_size):
+        _declare_checkpoint(decl, data, attempt, stats, need_stats)
+    return decl
 
+
+def _declare_checkpoint(decl: Declared, data: dict, attempt, stats: Optional[PathLike], need_stats: bool) -> None:
+    """decl filled from a checkpoint's dict (declare)."""
     if "feature_mask" in data and data["feature_mask"] is not None:
         decl.feature_mask = attempt(_parse_mask, data["feature_mask"])
     else:
@@ -124,7 +135,6 @@ def declare(path: PathLike, *, trust: bool = False, stats: Optional[PathLike] = 
         declare_hybrid(decl, data, attempt, need_stats)
     if need_stats:
         _declare_stats(decl, data, stats, attempt)
-    return decl
 
 
 def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attempt) -> None:
@@ -199,7 +209,8 @@ def _declare_stats(decl: Declared, data: dict, stats: Optional[PathLike], attemp
 def declare_stats_only(decl: Declared, attempt) -> Declared:
     """A statistics file given where a checkpoint was expected: what it holds, and what else is needed."""
     decl.stats_only = True
-    read = attempt(_read_npz_stats, decl.path, decl.path.name)
+    with entry_budget(decl.path.stat().st_size):
+        read = attempt(_read_npz_stats, decl.path, decl.path.name)
     if read is None:
         return decl
     decl.stats, decl.stats_source = read[0], decl.path.name
@@ -218,6 +229,7 @@ def declare_parts(feature_mask, group_indices=None, stats=None, *, need_stats: b
     """Declared from the pieces themselves: a mask [D] (bool, or 0/1), {category: kept-column indices}, and
     statistics (an .npz path, or {category: {"mean","std"} / {"median","mad"}}, or {"mean","std"} over all
     columns). The decoder's width is the kept count."""
+    need_stats = require_flag("need_stats", need_stats)
     is_path = isinstance(stats, (str, Path))
     decl = Declared(path=Path(stats) if is_path else Path("(given arrays)"))
     attempt = _attempt(decl)

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from .declared import Declared, declare
-from .errors import PathLike
+from .errors import PathLike, listed, quoted, require_count, require_flag
 from .values import CategoryStats, assemble_stats
 
 
@@ -28,6 +28,8 @@ def find_problems(decl: Declared, num_features: Optional[int] = None, *, need_st
     num_features: the extractor's width D (what the features tensor will have), checked against the
     mask's length. need_stats=False skips group_indices and statistics (norm="none" / "batch").
     """
+    num_features = require_count("num_features", num_features, "the extractor's width")
+    need_stats = require_flag("need_stats", need_stats)
     problems = list(decl.problems)
     mask = decl.feature_mask
     if mask is not None:
@@ -75,39 +77,53 @@ def _width_problem(mask: np.ndarray, num_features: int) -> str:
 
 def _group_problems(groups: dict[str, np.ndarray], K: int) -> list[str]:
     """Out-of-range, repeated, overlapping and missing kept columns of the categories. Work and memory grow
-    with the indices listed, never with K (a checkpoint may declare any input_dim)."""
+    with the indices listed, never with K (a checkpoint may declare any input_dim), and the numpy work is
+    done once over all categories (a file may declare tens of thousands of them)."""
     problems = []
     names = list(groups)
-    claims = []  # (kept column, category) for every in-range column of every category, once per category
-    for g, (name, idx) in enumerate(groups.items()):
-        bad = (idx < 0) | (idx >= K)
-        if bad.any():
+    G = len(names)
+    sizes = np.array([idx.size for idx in groups.values()], dtype=np.int64)
+    idx = np.concatenate(list(groups.values())).astype(np.int64) if G else np.zeros(0, dtype=np.int64)
+    cat = np.repeat(np.arange(G, dtype=np.int64), sizes)  # each listed index's category
+    bad = (idx < 0) | (idx >= K)
+    bad_count = np.bincount(cat[bad], minlength=G)
+    with_bad, at = np.unique(cat[bad], return_index=True)
+    first_bad = dict(zip(with_bad.tolist(), idx[bad][at].tolist()))  # the first out of range, as listed
+    # Each category's distinct in-range columns (pairs sorted by category, then column), and how often listed.
+    order = np.lexsort((idx[~bad], cat[~bad]))
+    pair_cat, pair_col = cat[~bad][order], idx[~bad][order]
+    new = np.ones(pair_cat.size, dtype=bool)
+    new[1:] = (pair_cat[1:] != pair_cat[:-1]) | (pair_col[1:] != pair_col[:-1])
+    starts = np.flatnonzero(new)
+    repeated = np.diff(np.append(starts, pair_cat.size)) > 1
+    pair_cat, pair_col = pair_cat[starts], pair_col[starts]
+    repeat_count = np.bincount(pair_cat[repeated], minlength=G)
+    with_repeats, at = np.unique(pair_cat[repeated], return_index=True)
+    first_repeat = dict(zip(with_repeats.tolist(), pair_col[repeated][at].tolist()))  # the smallest repeated
+    for g in sorted(set(first_bad) | set(first_repeat)):
+        if g in first_bad:
             problems.append(
-                f"category {name!r} has column index {int(idx[bad][0])}, outside the {K} kept columns "
-                f"(valid: 0..{K - 1}); {int(bad.sum())} of its {idx.size} indices out of range"
+                f"category {quoted(names[g])} has column index {first_bad[g]}, outside the {K} kept columns "
+                f"(valid: 0..{K - 1}); {int(bad_count[g])} of its {int(sizes[g])} indices out of range"
             )
-        uniq, counts = np.unique(idx[~bad], return_counts=True)
-        if (counts > 1).any():
+        if g in first_repeat:
             problems.append(
-                f"category {name!r} lists {_count(int((counts > 1).sum()), 'kept column')} more than once "
-                f"(first: {int(uniq[counts > 1][0])})"
+                f"category {quoted(names[g])} lists {_count(int(repeat_count[g]), 'kept column')} more than once "
+                f"(first: {first_repeat[g]})"
             )
-        claims.append(np.stack([uniq, np.full(uniq.size, g, dtype=np.int64)], axis=1))
-    claimed = np.concatenate(claims) if claims else np.zeros((0, 2), dtype=np.int64)
+    claimed = np.stack([pair_col, pair_cat], axis=1)  # (kept column, category), once per category
     claimed = claimed[np.lexsort((claimed[:, 1], claimed[:, 0]))]  # by column, then category
     later = np.flatnonzero(claimed[1:, 0] == claimed[:-1, 0]) + 1  # a column claimed again
-    overlaps: dict[tuple[int, int], list[int]] = {}
-    for row in later:
-        col, g = int(claimed[row, 0]), int(claimed[row, 1])
-        first = int(claimed[np.searchsorted(claimed[:, 0], col), 1])
-        overlaps.setdefault((first, g), []).append(col)
-    for (a, b), cols in list(overlaps.items())[:5]:
+    firsts = claimed[np.searchsorted(claimed[:, 0], claimed[later, 0]), 1]  # the column's first claimant
+    pairs, at, shared = np.unique(firsts * max(G, 1) + claimed[later, 1], return_index=True, return_counts=True)
+    for k in np.argsort(at, kind="stable")[:5]:  # the pairs in the order their first shared column comes
+        a, b = divmod(int(pairs[k]), max(G, 1))
         problems.append(
-            f"categories {names[a]!r} and {names[b]!r} overlap: both claim {_count(len(cols), 'kept column')} "
-            f"(first: {cols[0]})"
+            f"categories {quoted(names[a])} and {quoted(names[b])} overlap: both claim "
+            f"{_count(int(shared[k]), 'kept column')} (first: {int(claimed[later[at[k]], 0])})"
         )
-    if len(overlaps) > 5:
-        problems.append(f"... and {len(overlaps) - 5} more overlapping pairs of categories")
+    if pairs.size > 5:
+        problems.append(f"... and {pairs.size - 5} more overlapping pairs of categories")
     covered = np.unique(claimed[:, 0])
     missing = K - covered.size
     if missing:
@@ -146,15 +162,16 @@ def _stats_problems(stats: dict[str, CategoryStats], groups: Optional[dict[str, 
         return problems + _value_problems("", s, None, source)
     if groups is None:
         return problems
+    declared = listed(list(groups), 6)
     for name in stats:
         if name not in groups:
             problems.append(
-                f"{source} has statistics for category {name!r}, which group_indices does not declare "
-                f"(declared: {', '.join(map(repr, list(groups)[:6]))}{', ...' if len(groups) > 6 else ''})"
+                f"{source} has statistics for category {quoted(name)}, which group_indices does not declare "
+                f"(declared: {declared})"
             )
     for name, idx in groups.items():
         if name not in stats:
-            problems.append(f"{source} has no statistics for category {name!r} ({idx.size} columns)")
+            problems.append(f"{source} has no statistics for category {quoted(name)} ({idx.size} columns)")
             continue
         s = stats[name]
         sized = True
@@ -162,7 +179,8 @@ def _stats_problems(stats: dict[str, CategoryStats], groups: Optional[dict[str, 
             if arr.size != idx.size:
                 sized = False
                 problems.append(
-                    f"{what} for category {name!r} has {arr.size} entries but the category covers {idx.size} columns"
+                    f"{what} for category {quoted(name)} has {arr.size} entries but the category covers "
+                    f"{idx.size} columns"
                 )
         if sized:
             problems += _value_problems(name, s, idx if K is None or ((idx >= 0) & (idx < K)).all() else None, source)
@@ -171,7 +189,7 @@ def _stats_problems(stats: dict[str, CategoryStats], groups: Optional[dict[str, 
 
 def _value_problems(name: str, s: CategoryStats, idx: Optional[np.ndarray], source: str) -> list[str]:
     """σ finite and > 0, μ finite; positions named by entry and kept column."""
-    label = f"for category {name!r}" if name else f"in {source}"
+    label = f"for category {quoted(name)}" if name else f"in {source}"
     problems = []
     checks = (
         (s.scale_name, s.scale, ~(np.isfinite(s.scale) & (s.scale > 0)), "must be finite and > 0"),
@@ -227,5 +245,6 @@ def _disagreement(decl: Declared) -> Optional[str]:
 def diagnose(path: PathLike, num_features: Optional[int] = None, *, trust: bool = False,
              stats: Optional[PathLike] = None, need_stats: bool = True) -> list[str]:
     """One sentence per problem that keeps the checkpoint from fitting a num_features-wide extractor."""
+    num_features = require_count("num_features", num_features, "the extractor's width")
     decl = declare(path, trust=trust, stats=stats, need_stats=need_stats)
     return find_problems(decl, num_features, need_stats=need_stats)

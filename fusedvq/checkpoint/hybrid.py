@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from .errors import quoted
 from .values import MAX_LIST_ENTRIES as MAX_EMBEDDING
 from .values import _parse_categories
 
@@ -92,7 +93,7 @@ class HybridClues:
         if len(self.families) > 1:
             said.append(f"the families {_names(self.families)} encoded by {HYBRID_ENCODERS[0]}")
         elif self.family is not None:
-            said.append(f"the family {self.family!r} encoded by {HYBRID_ENCODERS[0]}")
+            said.append(f"the family {quoted(self.family)} encoded by {HYBRID_ENCODERS[0]}")
         return " and ".join(said)
 
     def ambiguity(self) -> Optional[str]:
@@ -106,8 +107,9 @@ class HybridClues:
 
 
 def _names(names, shown: int = 4) -> str:
-    listed = " and ".join(map(repr, names[:shown])) if len(names) <= 2 else ", ".join(map(repr, names[:shown]))
-    return listed + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+    if len(names) <= 2:
+        return " and ".join(map(quoted, names))
+    return ", ".join(map(quoted, names[:shown])) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def _positive_int(value: Any) -> Optional[int]:
@@ -258,13 +260,13 @@ def declare_hybrid(decl, data: dict, attempt, need_stats: bool) -> None:
     if len(candidates) == 1 and by_names is not None and by_names != candidates[0]:
         decl.problems.append(
             f"{what}: its group indices put the {c} embedding columns at decoder column {candidates[0]}, but its "
-            f"feature_names end the {clues.family!r} family's columns at {by_names}; the layout is ambiguous"
+            f"feature_names end the {quoted(clues.family)} family's columns at {by_names}; the layout is ambiguous"
         )
         return
     if len(candidates) == 1:
         p, source = candidates[0], "pre_model_group_indices against model_config's group_indices"
     elif by_names is not None and (not candidates or by_names in candidates):
-        p, source = by_names, f"feature_names (the {clues.family!r} family's columns)"
+        p, source = by_names, f"feature_names (the {quoted(clues.family)} family's columns)"
     else:
         have = []
         if kept_groups is None:
@@ -290,7 +292,7 @@ def declare_hybrid(decl, data: dict, attempt, need_stats: bool) -> None:
         initial = next((n for n, idx in decl.decoder_categories.items() if ((idx >= lo) & (idx < hi)).any()), None)
         if need_stats and initial is not None:
             decl.problems.append(
-                f"the statistics of category {initial!r} cannot be placed: the checkpoint has no "
+                f"the statistics of category {quoted(initial)} cannot be placed: the checkpoint has no "
                 f"pre_model_group_indices, and model_config lists that category's columns sorted with the "
                 f"embedding columns, not in the order of its statistics"
             )

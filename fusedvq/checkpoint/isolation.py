@@ -5,8 +5,9 @@ Why: torch's weights-only unpickler runs no code a file names, but a small file 
 reads its result) spend unbounded time or memory — a quadratic codec, a huge tuple hashed again and
 again, a tensor whose view declares 2^36 entries. Refusing each trick as it is found is not a bound. So:
 
-    parent ── fork ──► child: address-space limit = its size at the fork + `memory` bytes, CPU-time limit,
-       │                       torch on one thread; runs `reader(path)` (the inert load, pickles.py), then
+    parent ── fork ──► child: address-space limit = its size at the fork + `memory` bytes (within the
+       │                       caller's own limit: limits.py), CPU-time limit, torch on one thread; runs
+       │                       `reader(path)` (the inert load, inert.py), then
        │                       encodes the result as plain data (wire.py) and writes it to a pipe
        └── waits at most `seconds`, reads at most `memory` bytes, kills the child otherwise
 
@@ -15,7 +16,9 @@ a fork raises instead of hanging), no lock another thread held at the fork (the 
 it ever waited on one, the wall clock ends it: the bound never depends on the child behaving). Where
 there is no fork (Windows), or `FUSEDVQ_LOAD_ISOLATION=spawn`, a fresh interpreter is started instead
 (`python -m fusedvq.checkpoint.isolation`, slower: it imports torch) under the same wall clock, and under
-the memory limit where the `resource` module exists.
+the memory limit where the `resource` module exists; it sends its result through a pipe of its own, so
+that what the interpreter prints as it starts is never read as one. A child that ends otherwise is said to
+have been stopped by its CPU-time limit, its memory limit or a signal, in words.
 
 What comes back is plain data (wire.py): containers, numbers, strings, arrays, tensors rebuilt as plain
 tensors, records of foreign objects; a result of more than MAX_NODES objects or MAX_DEPTH levels is refused.
@@ -31,31 +34,17 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .limits import Limits, isolation, limit_child
 from .wire import ResultDecoder, ResultEncoder
 
-
-@dataclass(frozen=True)
-class Limits:
-    """How long and how much memory reading a file may take: `seconds` of wall clock, `memory` bytes more
-    than the process held before (address space in the child; also the most the child may send back)."""
-
-    seconds: float
-    memory: int
-
-    @classmethod
-    def for_file(cls, size: int) -> "Limits":
-        """2 s and 384 MiB, plus 1 s per 32 MiB and 6 bytes per byte of the file: a few hundred KB ends in
-        about 2 s and well under 1 GB whatever it holds; an honest checkpoint reads at hundreds of MB/s.
-        FUSEDVQ_LOAD_SECONDS / FUSEDVQ_LOAD_MEMORY_MB replace the base amounts."""
-        seconds = float(os.environ.get("FUSEDVQ_LOAD_SECONDS", 2.0)) + size / (32 << 20)
-        memory = int(float(os.environ.get("FUSEDVQ_LOAD_MEMORY_MB", 384)) * (1 << 20)) + 6 * size
-        return cls(seconds, memory)
+OUT_OF_MEMORY = 3  # the exit code of a child that ran out of memory outside the reader (status unsent)
+# What torch's CPU allocator raises (as RuntimeError) when the address-space limit refuses it memory.
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "bad_alloc")
 
 
 class BoundExceeded(Exception):
@@ -73,12 +62,17 @@ class ChildRefused(Exception):
 
 def read_bounded(reader: Callable[[Path], Any], path: Path, limits: Limits):
     """`reader(path)`'s result, computed in a child process within `limits` and rebuilt from plain data.
-    Raises ChildRefused (the reader's own exception, as kind and text) or BoundExceeded."""
-    if hasattr(os, "fork") and os.environ.get("FUSEDVQ_LOAD_ISOLATION", "fork") != "spawn":
+    Raises ChildRefused (the reader's own exception, as kind and text), BoundExceeded, or CheckpointError for
+    a FUSEDVQ_LOAD_ISOLATION it does not accept."""
+    if isolation() == "fork":
         status, storages = _forked(reader, path, limits)
     else:
         status, storages = _spawned(reader, path, limits)
     if status[0] != "ok":
+        if status[1] == "MemoryError":
+            raise BoundExceeded(f"it ran out of memory under its limits ({limits.words()})")
+        if status[1] == "LimitError":
+            raise BoundExceeded(f"the child that reads it could not set its limits ({status[2]})")
         raise ChildRefused(*status[1:])
     return ResultDecoder(storages).value(status[1])
 
@@ -99,41 +93,23 @@ def _child_send(reader: Callable[[Path], Any], path: Path, fd: int) -> None:
         storages = encoder.storages
         status = ("ok", tree, [s.nbytes for s in storages])
     except MemoryError:
-        status = ("error", "MemoryError", "it needs more memory than the file could honestly fill")
+        status = ("error", "MemoryError", "")
     except BaseException as err:  # noqa: BLE001 - everything goes back as text
-        problems = getattr(err, "problems", None)
-        problems = [str(p)[:4000] for p in problems[:64]] if isinstance(problems, list) else None
-        status = ("error", type(err).__name__, str(err)[:4000], problems)
+        if isinstance(err, RuntimeError) and any(why in str(err)[:4000] for why in _OUT_OF_MEMORY_TEXTS):
+            status = ("error", "MemoryError", "")
+        else:
+            problems = getattr(err, "problems", None)
+            problems = [str(p)[:4000] for p in problems[:64]] if isinstance(problems, list) else None
+            status = ("error", type(err).__name__, str(err)[:4000], problems)
+    _write(fd, status, storages)
+
+
+def _write(fd: int, status: tuple, storages: list) -> None:
     blob = marshal.dumps(status)
     for chunk in (len(blob).to_bytes(8, "little"), blob, *storages):
         view = memoryview(chunk).cast("B")
         while view:
             view = view[os.write(fd, view):]
-
-
-def _limit_child(limits: Limits) -> None:
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows: the wall clock is the bound
-        return
-    vm = _virtual_size()
-    if vm is not None:
-        cap = vm + limits.memory
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    used = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = int(used.ru_utime + used.ru_stime + limits.seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-
-
-def _virtual_size():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - no procfs (macOS): only the wall clock bounds the child
-        return None
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,9 +127,9 @@ def _forked(reader, path: Path, limits: Limits):
         try:
             os.close(read_end)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            _limit_child(limits)
-            _child_send(reader, path, write_end)
-            code = 0
+            code = _child_run(reader, path, limits, write_end)
+        except MemoryError:
+            code = OUT_OF_MEMORY
         finally:
             os._exit(code)
     os.close(write_end)
@@ -163,17 +139,40 @@ def _forked(reader, path: Path, limits: Limits):
         os.close(read_end)
 
 
+def _child_run(reader, path: Path, limits: Limits, fd: int) -> int:
+    """The child's work: its limits set (or the reason they could not be, sent back), then the read."""
+    try:
+        limit_child(limits)
+    except (ValueError, OSError) as err:
+        _write(fd, ("error", "LimitError", f"{type(err).__name__}: {err}"), [])
+        return 0
+    _child_send(reader, path, fd)
+    return 0
+
+
 def _spawned(reader, path: Path, limits: Limits):
-    """The fallback without fork: a fresh interpreter runs the same child code (python -m fusedvq.checkpoint.isolation)."""
+    """The fallback without fork: a fresh interpreter runs the same child code (python -m
+    fusedvq.checkpoint.isolation). The result comes back through a pipe of its own, not stdout: whatever the
+    interpreter prints as it starts (a sitecustomize, a debugger hook) is not read as the result."""
     target = f"{reader.__module__}:{reader.__qualname__}"
+    read_end, write_end = os.pipe() if os.name == "posix" else (None, None)
     command = [sys.executable, "-m", "fusedvq.checkpoint.isolation", target, os.fspath(path), repr(limits.seconds),
-               str(limits.memory)]
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+               str(limits.memory), str(write_end if write_end is not None else 1)]
+    if write_end is not None:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, pass_fds=(write_end,))
+        os.close(write_end)
+    else:  # pragma: no cover - Windows: stdout it is
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        read_end = proc.stdout.fileno()
     try:
         # Starting Python and importing torch is not the file's doing: it gets its own minute.
-        return _receive(proc.stdout.fileno(), Limits(limits.seconds + 60.0, limits.memory), proc=proc)
+        return _receive(read_end, Limits(limits.seconds + 60.0, limits.memory, limits.requested), proc=proc)
     finally:
-        proc.stdout.close()
+        if write_end is not None:
+            os.close(read_end)
+        else:  # pragma: no cover
+            proc.stdout.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
@@ -187,12 +186,12 @@ def _receive(fd: int, limits: Limits, *, pid: int = 0, proc=None):
     try:
         size = int.from_bytes(pipe.read(8), "little")
         if size > limits.memory:
-            raise _Over(f"what it holds exceeds the {limits.memory >> 20:,} MiB a file of its size may fill")
+            raise _Over(f"what it holds exceeds the memory a file of its size may fill ({limits.words()})")
         status = marshal.loads(pipe.read(size))
         storages = []
         if status[0] == "ok":
             if sum(status[2]) > limits.memory:
-                raise _Over(f"its tensors exceed the {limits.memory >> 20:,} MiB a file of its size may fill")
+                raise _Over(f"its tensors exceed the memory a file of its size may fill ({limits.words()})")
             storages = [pipe.read(n) for n in status[2]]
         done = True
     except _Over as over:
@@ -205,7 +204,7 @@ def _receive(fd: int, limits: Limits, *, pid: int = 0, proc=None):
         ended = _reap(pid, proc, kill=not done)
     if why == "":
         raise BoundExceeded(f"reading it {f'was stopped by {ended}' if ended else 'ended without a result'} "
-                            f"(limits: {limits.seconds:.1f} s, {limits.memory >> 20:,} MiB more memory)")
+                            f"(limits: {limits.words()})")
     if why is not None:
         raise BoundExceeded(why)
     return status, storages
@@ -243,7 +242,7 @@ def _reap(pid: int, proc, *, kill: bool) -> str:
         if kill:
             proc.kill()
         code = proc.wait()
-        return f"exit code {code}" if code else ""
+        return _ending(-code if code < 0 else None, code if code > 0 else 0)
     try:
         if kill:
             os.kill(pid, signal.SIGKILL)
@@ -251,18 +250,34 @@ def _reap(pid: int, proc, *, kill: bool) -> str:
     except (ChildProcessError, ProcessLookupError):  # reaped by the caller's own SIGCHLD handling
         return ""
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return {signal.SIGXCPU: "its CPU-time limit", signal.SIGKILL: "a kill"}.get(sig, f"signal {sig}")
-    return f"exit code {os.WEXITSTATUS(status)}" if os.WEXITSTATUS(status) else ""
+        return _ending(os.WTERMSIG(status), 0)
+    return _ending(None, os.WEXITSTATUS(status))
+
+
+def _ending(sig, code: int) -> str:
+    """How a child ended, in words ("" for a normal end)."""
+    if sig is not None:
+        return {signal.SIGXCPU: "its CPU-time limit",
+                signal.SIGKILL: "a kill (its CPU-time limit's hard end, or the system running out of memory)"}.get(
+                    sig, f"signal {sig}")
+    if code == OUT_OF_MEMORY:
+        return "its memory limit (it ran out of memory)"
+    return f"exit code {code}" if code else ""
 
 
 def _main(argv: list) -> None:  # pragma: no cover - run by _spawned in a fresh interpreter
     import importlib
 
     module, _, name = argv[0].partition(":")
+    fd = int(argv[4])
+    if fd == 1:  # (Windows: the result goes to stdout; what the reader prints goes to stderr instead)
+        fd, sys.stdout = os.dup(1), sys.stderr
     reader = getattr(importlib.import_module(module), name)
-    _limit_child(Limits(float(argv[2]), int(argv[3])))
-    _child_send(reader, Path(argv[1]), sys.stdout.fileno())
+    try:
+        code = _child_run(reader, Path(argv[1]), Limits(float(argv[2]), int(argv[3])), fd)
+    except MemoryError:
+        code = OUT_OF_MEMORY
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

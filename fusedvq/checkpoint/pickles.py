@@ -1,30 +1,23 @@
 """A checkpoint's pickles, read without running them.
 
 scan_pickles parses a file's pickles (pickletools only parses) for the globals they name and for what would
-make loading them unbounded (huge tuples, bytearrays, codecs other than latin1, tensors rebuilt with
-attributes). _inert_load, which runs in the bounded child (isolation.py, started by reading.py), refuses
-what the scan finds, then loads the file with `torch.load(weights_only=True)`, the numpy types such files
-contain and, for the classes a trainer pickles of its own, inert stand-ins (records.py); a global no
-stand-in is made for (a function, a builtin, os, ...) and a call of a stand-in class are refused, naming
-them, before any of it runs.
+make loading them unbounded (huge tuples, bytearrays, calls of bytes with a size, codecs other than latin1,
+tensors rebuilt with attributes); unsafe_names says which globals neither torch nor the numpy list allows.
+The load itself is inert.py's.
 """
 
 from __future__ import annotations
 
 import io
 import pickletools
-import re
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
-from .errors import CheckpointError, _brief
-from .records import ForeignCallRefused, refusal, stand_ins
+from .archives import archive_hazard, directory_problem
 
 
 def _numpy_safe_globals() -> list:
@@ -43,16 +36,10 @@ def _numpy_safe_globals() -> list:
     codes = "?bhilqBHILQefdgFDGUSMm"
     allowed += sorted({type(np.dtype(c)) for c in codes}, key=str)  # dtype classes, for BUILD
     allowed += sorted({np.dtype(c).type for c in codes}, key=str)  # scalar types (np.float32, ...)
+    # An empty array's data is `bytes()` in a protocol-2 pickle; the scan refuses any other call of bytes
+    # (whose argument would be a size the file states).
+    allowed.append((bytes, "builtins.bytes"))
     return allowed
-
-
-def _pickled_globals(path: Path, error: Optional[BaseException] = None) -> list[str]:
-    """Names of the globals a file references that neither torch nor the numpy list allows, found without
-    running any of it (scan_pickles), and those the loader's error names."""
-    names = list(scan_pickles(path).globals)
-    if error is not None:
-        names += re.findall(r"GLOBAL ([\w.]+)", str(error))
-    return unsafe_names(names)
 
 
 def unsafe_names(names) -> list[str]:
@@ -84,6 +71,12 @@ PLAIN_CODECS = ("latin1", "latin-1")
 # torch's allowed rebuilders that set attributes chosen by the file on a tensor (`numel = ...` would hide
 # its size): plain tensors and parameters never need them.
 STATEFUL_REBUILDS = ("torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_parameter_with_state")
+try:  # how torch's unpickler maps Python 2 names (the scan must name what torch will look up)
+    from torch._utils import IMPORT_MAPPING as _IMPORT_MAPPING
+    from torch._utils import NAME_MAPPING as _NAME_MAPPING
+except ImportError:  # pragma: no cover - an older torch: Python's own table
+    from _compat_pickle import IMPORT_MAPPING as _IMPORT_MAPPING
+    from _compat_pickle import NAME_MAPPING as _NAME_MAPPING
 # The legacy (non-zip) torch format is five pickles (magic number, protocol, system info, the object, the
 # storage keys) followed by raw storage bytes, which are not read as opcodes.
 LEGACY_PICKLES = 5
@@ -111,6 +104,7 @@ class _Value:
 
 
 _MARK = None
+_PLAIN = _Value()  # one entry of size 1 that names nothing (never changed: shared by every such push)
 _BYTEARRAY = "builds a bytearray, whose size the file states, not its contents; no checkpoint holds one"
 
 
@@ -120,7 +114,14 @@ def scan_pickles(path: Path) -> PickleScan:
     scan = PickleScan()
     try:
         if zipfile.is_zipfile(path):
+            scan.hazard = directory_problem(path)  # (the directory is parsed only when its size allows)
+            if scan.hazard is not None:
+                return scan
             with zipfile.ZipFile(path) as archive:
+                # Two members of one name would let the scan read other bytes than torch's reader loads.
+                scan.hazard = archive_hazard(archive.infolist())
+                if scan.hazard is not None:
+                    return scan
                 blobs = [(archive.read(n), 1) for n in archive.namelist() if n.endswith(".pkl")]
         else:
             blobs = [(path.read_bytes(), LEGACY_PICKLES)]
@@ -142,6 +143,17 @@ def scan_pickles(path: Path) -> PickleScan:
     return scan
 
 
+def _global_name(arg: str) -> str:
+    """A GLOBAL's "module name" as torch's unpickler resolves it (Python 2 spellings mapped: __builtin__.set
+    is builtins.set)."""
+    module, _, name = str(arg).partition(" ")
+    if (module, name) in _NAME_MAPPING:
+        module, name = _NAME_MAPPING[(module, name)]
+    elif module in _IMPORT_MAPPING:
+        module = _IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
 def _scan_one(stream, scan: PickleScan) -> None:
     stack: list = []
     memo: dict = {}
@@ -149,7 +161,7 @@ def _scan_one(stream, scan: PickleScan) -> None:
         name = op.name
         if name == "GLOBAL" or name == "STACK_GLOBAL":
             if name == "GLOBAL":
-                found = str(arg).replace(" ", ".")
+                found = _global_name(arg)
             else:
                 short, module = stack.pop(), stack.pop()
                 found = f"{module.text}.{short.text}"
@@ -172,21 +184,24 @@ def _scan_one(stream, scan: PickleScan) -> None:
                                f"take unbounded time to read; no checkpoint holds one")
                 return
             stack.append(_Value(size=size, items=tuple(v.text for v in items) if len(items) <= 4 else None))
-        elif name == "REDUCE":
+        elif name in ("REDUCE", "NEWOBJ"):
             args, fn = stack.pop(), stack.pop()
+            if fn.name == "builtins.bytes" and args.items != ():
+                scan.hazard = "calls bytes(...) with arguments (a size the file states); numpy writes only bytes()"
+                return
             if fn.name == "_codecs.encode" and (args.items is None or len(args.items) != 2
                                                 or args.items[1] not in PLAIN_CODECS):
                 codec = args.items[1] if args.items and len(args.items) == 2 and args.items[1] else "?"
                 scan.hazard = (f"decodes text with the codec {codec[:40]!r}; torch writes only latin1, and other "
                                f"codecs can take quadratic time")
                 return
-            stack.append(_Value())
+            stack.append(_PLAIN)
         elif name == "MEMOIZE":
             memo[len(memo)] = stack[-1]
         elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
             memo[arg] = stack[-1]
         elif name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo.get(arg, _Value()))
+            stack.append(memo.get(arg, _PLAIN))
         elif name == "MARK":
             stack.append(_MARK)
         elif name == "PROTO":
@@ -203,89 +218,4 @@ def _scan_one(stream, scan: PickleScan) -> None:
             if before:
                 del stack[len(stack) - len(before) :]
             is_text = isinstance(arg, str) and ("UNICODE" in name or "STRING" in name)
-            stack.extend(_Value(text=arg if is_text else None) for _ in op.stack_after)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The inert load (run in the bounded child)
-# ---------------------------------------------------------------------------------------------------
-
-# A legacy-format file may name globals the scan missed one refusal at a time; more rounds than this is not
-# a checkpoint. A file naming more foreign classes than MAX_FOREIGN_NAMES is not one either (each name is a
-# stand-in torch's allow-list checks on every object).
-_MAX_LOAD_ROUNDS = 8
-MAX_FOREIGN_NAMES = 64
-
-
-def _inert_load(file: Path):
-    """torch.load(weights_only=True) with numpy's types and, for each foreign class the file names, a
-    stand-in that reads its objects as records (records.py). Refuses, naming them, the globals no stand-in
-    is made for, a file that calls a stand-in class, and what scan_pickles finds unbounded; nothing stored
-    in the file runs. Runs in the bounded child (reading._load_inertly)."""
-    scan = scan_pickles(file)
-    if scan.hazard is not None:
-        raise CheckpointError([f"{file} was not loaded: it {scan.hazard}"])
-    names = set(unsafe_names(scan.globals))
-    for _ in range(_MAX_LOAD_ROUNDS):
-        if any("ObjectDType" in name for name in names):
-            raise _object_arrays(file)
-        refused = [why for why in map(refusal, sorted(names)) if why]
-        if refused:
-            raise _refused(file, refused)
-        if len(names) > MAX_FOREIGN_NAMES:
-            raise CheckpointError([
-                f"{file} was not loaded: it names {len(names):,} classes fusedvq does not have, more than the "
-                f"{MAX_FOREIGN_NAMES} a checkpoint's own records need; if you trust the file's source, pass "
-                f"trust=True (CLI: --trust)"
-            ])
-        try:
-            with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals() + stand_ins(names)):
-                warnings.simplefilter("ignore")  # torch's notes about pickle protocols are noise here
-                return torch.load(file, map_location="cpu", weights_only=True)
-        except ForeignCallRefused as err:
-            raise CheckpointError([
-                f"{file} was not loaded: {err}; classes fusedvq does not have are read only as records of "
-                f"their state. If you trust the file's source, pass trust=True (CLI: --trust)"
-            ]) from None
-        except Exception as err:
-            if "ObjectDType" in str(err):
-                raise _object_arrays(file) from None
-            protocol_error = _unreadable_protocol(file, err, scan)
-            if protocol_error is not None:
-                raise protocol_error from None
-            more = set(_pickled_globals(file, err)) - names
-            if not more:
-                raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint ({_brief(err)})"]) from None
-            names |= more
-    raise CheckpointError([f"{file} could not be read: it names more than {_MAX_LOAD_ROUNDS} rounds of objects"])
-
-
-def _object_arrays(file: Path) -> CheckpointError:
-    return CheckpointError([
-        f"{file} was not loaded: it holds a numpy array of dtype object, whose elements are arbitrary pickled "
-        f"Python objects that could run code when loaded; save numeric arrays instead, or pass trust=True "
-        f"(CLI: --trust) if you trust the file's source"
-    ])
-
-
-def _refused(file: Path, reasons: list[str]) -> CheckpointError:
-    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
-    return CheckpointError([
-        f"{file} was not loaded: it contains pickled Python objects that could run code when loaded ({shown}). "
-        f"Tensors, numbers, strings, containers, numpy arrays, paths and records of other classes' state are "
-        f"read by default; if you trust the file's source, pass trust=True (CLI: --trust)"
-    ])
-
-
-_RESAVE = ("re-save it with torch.save's defaults (torch.save(torch.load(path, weights_only=False), path)) where "
-           "you trust it, or pass trust=True (CLI: --trust) if you trust the file's source")
-
-
-def _unreadable_protocol(file: Path, err: BaseException, scan) -> Optional[CheckpointError]:
-    """The error for a pickle whose protocol torch's safe loader does not read (4 and 5: FRAME, ...)."""
-    if "Unsupported operand" not in str(err) or scan.protocol < 4:
-        return None
-    return CheckpointError([
-        f"{file} was pickled with protocol {scan.protocol} (torch.save(..., pickle_protocol={scan.protocol})), "
-        f"which torch's safe loader does not read (it reads protocols 2 and 3): " + _RESAVE
-    ])
+            stack.extend([_Value(text=arg)] if is_text else [_PLAIN] * len(op.stack_after))

@@ -2,7 +2,7 @@
 
 resolve_checkpoint finds the file (a folder's best_model.pt, ...); what can be told before anything is
 unpickled is checked first (a FIFO or device is never opened; an empty file, a format no safe loader reads, a
-zip archive whose members declare more than they could hold are refused with a sentence). read_checkpoint
+zip directory longer than any checkpoint's are refused with a sentence; archives.py). read_checkpoint
 then loads it in a child process within time and memory limits (isolation.py) with the inert load
 (pickles.py: `torch.load(weights_only=True)`, numpy's types, records for foreign classes); anything that
 would run code is refused with a message naming it, before any of it runs. `trust=True` loads it with full
@@ -11,6 +11,7 @@ unpickling and warns. Statistics `.npz` files are read with `allow_pickle=False`
 
 from __future__ import annotations
 
+import math
 import stat
 import warnings
 import zipfile
@@ -20,22 +21,18 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .errors import CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem
-from .isolation import BoundExceeded, ChildRefused, Limits, read_bounded
-from .pickles import _RESAVE, LEGACY_PICKLES, _inert_load
+from .errors import (
+    CheckpointError, PathLike, UnsafeLoadWarning, _brief, _Problem, quoted, require_flag, require_path,
+)
+from .isolation import BoundExceeded, ChildRefused, read_bounded
+from .limits import Limits
+from .archives import MAX_STATS_BYTES, STATS_MEMBERS, archive_hazard, directory_problem
+from .inert import _RESAVE, _inert_load
+from .pickles import LEGACY_PICKLES
 
 # Looked for, in this order, when a folder is given instead of a file (trainer layouts: the checkpoint
 # folder itself, or the run folder with checkpoints/ below it).
 CHECKPOINT_NAMES = ("best_model.pt", "final_model.pt", "checkpoints/best_model.pt", "checkpoints/final_model.pt")
-
-
-# What a loader may inflate: a member of a zip archive (a .pt record, an .npz array) whose declared size
-# exceeds both of these is refused before it is read. torch.save stores records uncompressed, so a large
-# record means a large file; a small file that declares gigabytes is a decompression bomb.
-MAX_INFLATION = 16  # declared size / compressed size
-MAX_INFLATED_BYTES = 64 << 20
-# Statistics arrays hold one number per column: an .npz member larger than this is not statistics.
-MAX_STATS_MEMBER_BYTES = 64 << 20
 
 
 def _not_regular(path: Path) -> Optional[str]:
@@ -52,31 +49,9 @@ def _not_regular(path: Path) -> Optional[str]:
     return f"it is {kind}, not a regular file"
 
 
-def check_archive_sizes(path: Path, member_limit: Optional[int] = None, members=None) -> None:
-    """Refuse a zip archive whose members (or the named ones) declare more than they could honestly hold:
-    raises _Problem naming the member and both sizes. Reads only the central directory."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise _Problem(f"{path.name} is a damaged zip archive ({_brief(err)})") from None
-    for info in infos:
-        if members is not None and info.filename not in members:
-            continue
-        inflates = info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
-            MAX_INFLATED_BYTES, MAX_INFLATION * max(info.compress_size, 1))
-        too_big = member_limit is not None and info.file_size > member_limit
-        if inflates or too_big:
-            raise _Problem(
-                f"{path.name} was not read: its member {info.filename!r} declares {info.file_size:,} bytes "
-                f"from {info.compress_size:,} stored" + (" (a decompression bomb?)" if inflates else
-                                                        f", more than the {member_limit:,} that statistics need")
-            )
-
-
 def resolve_checkpoint(path: PathLike) -> Path:
     """The checkpoint file for `path`: the file itself, or the checkpoint inside a folder."""
-    path = Path(path)
+    path = require_path("path", path, "a checkpoint file or folder")
     if not path.exists():
         raise CheckpointError([f"no checkpoint at {path}: the path does not exist"])
     if not path.is_dir():
@@ -112,6 +87,7 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
 
     Raises CheckpointError with a sentence that says what is wrong (missing, unreadable, refused).
     """
+    trust = require_flag("trust", trust)
     file = resolve_checkpoint(path)
     _check_checkpoint_file(file, trust)
     if trust:
@@ -125,7 +101,8 @@ def read_checkpoint(path: PathLike, *, trust: bool = False) -> dict:
             data = torch.load(file, map_location="cpu", weights_only=False)
         except ModuleNotFoundError as err:
             raise CheckpointError([
-                f"{file} could not be loaded with trust=True: it pickles objects of the module {err.name!r}, which "
+                f"{file} could not be loaded with trust=True: it pickles objects of the module {quoted(err.name)}, "
+                f"which "
                 f"is not installed; without trust=True they are read as records of their state instead"
             ]) from None
         except Exception as err:
@@ -163,10 +140,9 @@ def _check_checkpoint_file(file: Path, trust: bool = False) -> None:
     if size == 0:
         raise CheckpointError([f"{file} could not be read as a PyTorch checkpoint: it is empty (0 bytes)"])
     if zipfile.is_zipfile(file) and not _is_tar(file):  # (a tar that holds a zip ends like one)
-        try:
-            check_archive_sizes(file)
-        except _Problem as p:
-            raise CheckpointError([str(p)]) from None
+        why = None if trust else directory_problem(file)  # (its members are checked in the bounded child)
+        if why:
+            raise CheckpointError([f"{file} was not loaded: it {why}"])
         return
     with open(file, "rb") as f:
         head = f.read(8)
@@ -225,22 +201,45 @@ def _is_stats_key(key: str) -> bool:
     return key == "_normalization_method" or any(key == sfx or key.endswith("_" + sfx) for sfx in _STATS_SUFFIXES)
 
 
+def _declared_beyond_held(archive: zipfile.ZipFile, keys: list) -> Optional[str]:
+    """Why an array's .npy header is not believed (it declares more bytes than its member holds: numpy would
+    allocate what it declares before reading), or None. Reads the headers only."""
+    for key in keys:
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        declared = math.prod(shape) * dtype.itemsize
+        if declared > info.file_size:
+            return (f"has an array {quoted(key)} whose header declares shape {shape[:8]} of {dtype} ({declared:,} "
+                    f"bytes) but whose member holds {info.file_size:,} bytes")
+    return None
+
+
 def read_stats_file(path: PathLike) -> tuple[dict[str, Any], Optional[str]]:
     """({category or "": {key: array}}, declared method) from a normalization_stats .npz (no pickles).
 
     Keys are `{category}_{mean|std|median|mad}`; bare `mean`/`std` (or `median`/`mad`) are statistics over
     all columns and come back under the category "".
     """
-    path = Path(path)
+    path = require_path("path", path, "a statistics .npz")
     why = _not_regular(path)
     if why:
         raise _Problem(f"{path.name} could not be read: {why}")
     if not zipfile.is_zipfile(path):  # np.load would try other formats (pickle among them) next
         raise _Problem(f"{path.name} could not be read: it is not an .npz archive")
+    why = directory_problem(path, STATS_MEMBERS)  # (numpy parses it here, in the caller)
+    if why:
+        raise _Problem(f"{path.name} was not read: it {why}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             wanted = [key for key in npz.files if _is_stats_key(key)]  # other arrays are never read
-            check_archive_sizes(path, MAX_STATS_MEMBER_BYTES, {f"{key}.npy" for key in wanted})
+            why = archive_hazard(npz.zip.infolist(), MAX_STATS_BYTES, {f"{key}.npy" for key in wanted})
+            why = why or _declared_beyond_held(npz.zip, wanted)
+            if why:
+                raise _Problem(f"{path.name} was not read: it {why}")
             arrays = {key: npz[key] for key in wanted}
     except _Problem:
         raise

@@ -40,6 +40,11 @@ _REFUSED_MODULES = frozenset({
     "commands", "cPickle", "popen2", "urllib2", "SocketServer", "exceptions",
 })
 
+# Builtin data types torch's weights-only reader does not build (it builds set, complex, bytearray): refused
+# for that reason, not because they could act.
+_DATA_TYPES = frozenset({"frozenset", "range", "slice", "memoryview", "list", "dict", "tuple", "str", "int", "float",
+                         "bool"})
+
 _POSIX_PATHS = ("PosixPath", "PurePosixPath", "Path", "PurePath")
 _WINDOWS_PATHS = ("WindowsPath", "PureWindowsPath")
 
@@ -120,6 +125,8 @@ def refusal(name: str) -> Optional[str]:
     top = module.split(".", 1)[0]
     if not module:
         return f"{name} is a builtin"
+    if module == "builtins" and short in _DATA_TYPES:
+        return f"{name} is a container type that torch.load(weights_only=True) does not build either"
     if top in _REFUSED_MODULES:
         return f"{name} belongs to {top}, whose objects can act"
     if not all(part.isidentifier() for part in name.split(".")):

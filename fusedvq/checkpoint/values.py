@@ -7,6 +7,8 @@ uses them."""
 from __future__ import annotations
 
 import zipfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -14,7 +16,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .errors import _Problem
+from .archives import STATS_MEMBERS, directory_problem, zip_directory
+from .errors import MAX_NAME, _Problem, listed, quoted
 from .reading import read_stats_file
 from .records import ForeignObject
 
@@ -38,6 +41,34 @@ class CategoryStats:
 MAX_LIST_ENTRIES = 1 << 22
 
 
+# What all the values read from one file may expand to, in entries: a view whose strides repeat memory (stride
+# 0) declares entries the file does not hold, so a few bytes can stand for millions; each value is counted
+# against the reading's budget before it is materialized (entry_budget: set by declare for one file).
+_BUDGET: ContextVar[Optional[list]] = ContextVar("fusedvq_entry_budget", default=None)
+
+
+@contextmanager
+def entry_budget(file_size: int):
+    """While open, the values parsed here may hold MAX_LIST_ENTRIES + file_size entries in all (an honest
+    file stores each entry in at least a byte)."""
+    token = _BUDGET.set([MAX_LIST_ENTRIES + file_size, 0])
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def _spend(entries: int, what: str) -> None:
+    budget = _BUDGET.get()
+    if budget is None:
+        return
+    limit, used = budget
+    if used + entries > limit:
+        raise _Problem(f"{what} has {entries:,} entries, and with the {used:,} read before that is more than the "
+                       f"{limit:,} entries a file of its size can hold (it repeats memory through a view); not read")
+    budget[1] = used + entries
+
+
 def _list_entries(value: Any, limit: int, sizes: Optional[dict] = None) -> int:
     """Leaf entries of nested lists/tuples, each distinct list sized once (shared ones are not walked
     again), stopping early once past `limit`."""
@@ -55,6 +86,7 @@ def _list_entries(value: Any, limit: int, sizes: Optional[dict] = None) -> int:
 
 
 def _to_numpy(value: Any, what: str) -> np.ndarray:
+    entries = 1
     if isinstance(value, (list, tuple)):
         try:
             entries = _list_entries(value, MAX_LIST_ENTRIES)
@@ -63,12 +95,14 @@ def _to_numpy(value: Any, what: str) -> np.ndarray:
         if entries > MAX_LIST_ENTRIES:
             raise _Problem(f"{what} is a nested list of more than {MAX_LIST_ENTRIES:,} entries, not one entry per "
                            f"column")
-    # An array or tensor whose strides repeat memory (stride 0) can declare far more entries than the file
-    # holds: sized before anything is converted.
-    numel = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 0)
-    if isinstance(value, (torch.Tensor, np.ndarray)) and numel > MAX_LIST_ENTRIES:
-        raise _Problem(f"{what} has {numel:,} entries, more than the {MAX_LIST_ENTRIES:,} one entry per column "
-                       f"could need")
+    elif isinstance(value, (torch.Tensor, np.ndarray)):
+        # An array or tensor whose strides repeat memory (stride 0) can declare far more entries than the file
+        # holds: sized before anything is converted.
+        entries = int(torch.Tensor.numel(value) if isinstance(value, torch.Tensor) else value.size)
+        if entries > MAX_LIST_ENTRIES:
+            raise _Problem(f"{what} has {entries:,} entries, more than the {MAX_LIST_ENTRIES:,} one entry per column "
+                           f"could need")
+    _spend(entries, what)
     try:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu()
@@ -131,9 +165,10 @@ def _parse_categories(value: Any) -> dict[str, np.ndarray]:
     groups = {}
     for name, indices in value.items():
         name = category_name(name, "group_indices")
-        array = _to_numpy(indices, f"group_indices[{name!r}]").reshape(-1)
+        array = _to_numpy(indices, f"group_indices[{quoted(name)}]").reshape(-1)
         if array.size and array.dtype.kind not in "iu":
-            raise _Problem(f"category {name!r} lists non-integer column indices ({array.dtype}, e.g. {array[0]!r})")
+            raise _Problem(f"category {quoted(name)} lists non-integer column indices ({array.dtype}, e.g. "
+                           f"{array[0]!r:.40})")
         groups[name] = array.astype(np.int64)
     return groups
 
@@ -151,8 +186,8 @@ def _pick_pair(entry: Mapping, what: str, method: Optional[str]) -> CategoryStat
         if has_c != has_s:
             missing, present = (scale_key, center_key) if has_c else (center_key, scale_key)
             raise _Problem(f"{what} have {present} but no {missing}")
-    keys = ", ".join(k if isinstance(k, str) else f"<{type(k).__name__}>" for k in list(entry)[:8])
-    raise _Problem(f"{what} have neither mean/std nor median/mad (keys: {keys or 'none'})")
+    keys = listed(entry, 8) if len(entry) else "none"
+    raise _Problem(f"{what} have neither mean/std nor median/mad (keys: {keys})")
 
 
 def _parse_stats(value: Any, source: str, method: Optional[str]) -> dict[str, CategoryStats]:
@@ -166,7 +201,7 @@ def _parse_stats(value: Any, source: str, method: Optional[str]) -> dict[str, Ca
     out = {}
     for name, entry in value.items():
         name = category_name(name, source)
-        what = f"the statistics for category {name!r} in {source}"
+        what = f"the statistics for category {quoted(name)} in {source}"
         if isinstance(entry, ForeignObject):  # e.g. NormalizationStats, read as a record of its state
             entry = entry.attributes
         elif not isinstance(entry, Mapping):  # the real object, loaded with trust=True
@@ -189,6 +224,9 @@ def _method_of(stats: dict[str, CategoryStats], declared: Optional[str]) -> Opti
 
 
 def _read_npz_stats(path: Path, where: str) -> tuple[dict[str, CategoryStats], Optional[str]]:
+    budget = _BUDGET.get()
+    if budget is not None:  # its arrays are the file's own bytes: the budget grows by them
+        budget[0] += path.stat().st_size
     raw, method = read_stats_file(path)
     if not raw:
         raise _Problem(f"{path.name} holds no statistics: {_arrays_named(path)}")
@@ -214,6 +252,8 @@ def is_stats_file(path: Path) -> bool:
     """An .npz of arrays (what np.savez writes: a zip of .npy members), not a torch checkpoint."""
     if path.suffix == ".npz":
         return True
+    if zip_directory(path) is None or directory_problem(path, STATS_MEMBERS) is not None:
+        return False  # (not parsed here: a checkpoint's directory is parsed in the bounded child)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -228,9 +268,10 @@ def describe_stats(stats: dict[str, CategoryStats], method: Optional[str]) -> st
     sizes = {name: s.center.size for name, s in stats.items()}
     if "" in stats:
         return f"{pair} over all columns ({sizes['']} columns, method {method or 'not declared'})"
-    listed = ", ".join(f"{name}: {n}" for name, n in list(sizes.items())[:6]) + (", ..." if len(sizes) > 6 else "")
+    shown = ", ".join(f"{quoted(name)[1:-1] if len(name) <= MAX_NAME else quoted(name)}: {n}"
+                      for name, n in list(sizes.items())[:6]) + (", ..." if len(sizes) > 6 else "")
     return (f"per-category {pair} (method {method or 'not declared'}): {len(sizes)} categories, "
-            f"{sum(sizes.values())} columns ({listed})")
+            f"{sum(sizes.values())} columns ({shown})")
 
 
 def assemble_stats(stats: dict[str, CategoryStats], categories: Optional[dict[str, np.ndarray]], num_kept: int,

@@ -96,11 +96,18 @@ class _warnings_to:
         return False
 
 
+MAX_LISTED = 40  # categories listed one per line
+MAX_LINE = 4_000  # characters of one printed sentence
+
+
 def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = None, trust: bool = False,
           norm: str = "stats", out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """Print what the checkpoint declares (to out) and one sentence per problem (to err); 0 when it fits."""
     # printable: names taken from a file must not drive the terminal they are printed to
     from ..checkpoint import declare, find_notes, find_problems, printable
+    from ..checkpoint.errors import capped, require_flag
+
+    trust = require_flag("trust", trust)
 
     out, err = out or sys.stdout, err or sys.stderr
 
@@ -128,8 +135,8 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
     for note in notes:
         say(f"note: {note}")
     if problems:
-        for problem in problems:
-            print(printable(f"error: {problem}"), file=err)
+        for problem in capped(problems):  # (a file chooses how many there are: the rest are counted)
+            print(printable(f"error: {problem[:MAX_LINE]}"), file=err)
         print(printable(_summary(decl, problems, features)), file=err)
         return 1
     kept = decl.num_kept
@@ -188,9 +195,12 @@ def _describe(decl, features: Optional[int], norm: str, say, other: str = "") ->
     if decl.categories is not None:
         total = sum(idx.size for idx in decl.categories.values())
         say(f"categories      {len(decl.categories)}, listing {total} kept columns")
-        width = max((len(name) for name in decl.categories), default=0)
-        for name, idx in decl.categories.items():
+        names = [name if len(name) <= 40 else name[:37] + "..." for name in list(decl.categories)[:MAX_LISTED]]
+        width = max(map(len, names), default=0)
+        for name, idx in zip(names, decl.categories.values()):
             say(f"  {name:<{width}}  {idx.size:4d} columns")
+        if len(decl.categories) > MAX_LISTED:
+            say(f"  ... and {len(decl.categories) - MAX_LISTED:,} more")
     else:
         say("categories      (none declared)")
     if decl.stats is not None:
