@@ -25,6 +25,30 @@ BACKENDS = [
     pytest.param(("reference", "cuda"), id="reference-cuda", marks=pytest.mark.gpu),
 ]
 
+# Rows of the interpreter's cases: 9 tiles of 8 rows (forward; 17 of 4 backward) over its 8 programs, so a
+# program walks two tiles and the last tile is a one-row tail. Larger batches only repeat those loops, one
+# program after another: they run as sweeps (--sweeps), on the PyTorch path in the default suite.
+INTERPRETER_ROWS = 65
+
+
+def interpreted(backend_device) -> bool:
+    """Whether (backend, device) runs the Triton kernels through the interpreter."""
+    return tuple(backend_device) == ("triton", "cpu")
+
+
+def backend_cases(rows, *, sweep=lambda backend_device, *row: False, exists=lambda backend_device, *row: True):
+    """Parameters (backend_device, *row) for each backend of BACKENDS and each row (a tuple of values) where
+    `exists` holds, ids "ROW-BACKEND"; the cases `sweep` picks carry the sweep mark (not in the default suite)."""
+    cases = []
+    for backend in BACKENDS:
+        for row in rows:
+            if not exists(backend.values[0], *row):
+                continue
+            marks = [*backend.marks, *([pytest.mark.sweep] if sweep(backend.values[0], *row) else [])]
+            cases.append(pytest.param(backend.values[0], *row, marks=marks,
+                                      id="-".join([*map(str, row), backend.id])))
+    return cases
+
 
 def check_parity(backend, device, x, r, columns, mean_raw, std_raw, *, stats="raw", nan_to_num=False,
                  reduction="mean", norm="stats", dtype=None, call=None):
