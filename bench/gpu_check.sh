@@ -23,7 +23,8 @@
 #                  read come first) and is cut 90 s later;
 #   the profile is cut at 75 s.
 #
-# DRY_RUN=1 walks the same steps on the CPU at tiny sizes and installs nothing: a check of the script.
+# DRY_RUN=1 walks the same steps on the CPU at tiny sizes, each once, and installs nothing: a check of the
+# script (tests/test_gpu_check.py), in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -33,11 +34,15 @@ mkdir -p "$OUT"
 started=$(date +%s)
 
 if [ "$DRY_RUN" = 1 ]; then
+  # Each step once, in seconds: one benchmark case and one profiled size, without the compiled provider
+  # (torch.compile's warm-up; the suite's bench/ smoke tests run it), and one file of gpu-marked tests.
   device=cpu
   bench_seconds=${BENCH_SECONDS:-60}
-  bench_args=(--sizes 4,64 --seconds-per-case 0.05 --max-seconds "$bench_seconds")
-  profile_args=(--sizes 4,64)
+  bench_args=(--sizes 4 --dtypes float32 --norms stats --modes forward --providers reference,eager
+              --seconds-per-case 0.05 --max-seconds "$bench_seconds")
+  profile_args=(--sizes 4 --providers reference,eager)
   test_seconds=${TEST_SECONDS:-120}
+  test_paths=(tests/test_gpu.py)
   ab_args=(--dry-run)
 else
   device=cuda
@@ -45,6 +50,7 @@ else
   bench_args=(--seconds-per-case 0.5 --max-seconds "$bench_seconds")
   profile_args=()
   test_seconds=${TEST_SECONDS:-180}
+  test_paths=(tests)
   ab_args=()
 fi
 ab_seconds=${AB_SECONDS:-90}
@@ -88,7 +94,7 @@ EOF
 
 echo "== gpu-marked tests"
 set +e
-timeout "$test_seconds" "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider "${parallel[@]}" 2>&1 \
+timeout "$test_seconds" "$PYTHON" -m pytest -q -m gpu "${test_paths[@]}" -p no:cacheprovider "${parallel[@]}" 2>&1 \
   | tee "$OUT/gpu_tests.txt"
 test_status=${PIPESTATUS[0]}
 set -e
