@@ -35,13 +35,14 @@ SWITCHES = {"forward_loads": ("gather", "rows")}
 GOAL_OF_COPY = 0.85
 
 
-def _timer(device: str):
+def _timer(device: str, repeat: int = 3):
     if device == "cuda":
         import triton.testing
 
         return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)  # ms, median
-    def cpu(fn, repeat=3):
-        fn()
+    def cpu(fn):
+        if repeat > 1:
+            fn()  # warm-up
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
@@ -75,11 +76,11 @@ def _case(B: int, dtype: str, norm: str, device: str):
     return forward, step, bytes_fwd, bytes_step
 
 
-def run(device: str, sizes, out=None) -> int:
+def run(device: str, sizes, out=None, repeat: int = 3) -> int:
     from fusedvq.kernels import launch
     from fusedvq.tools import benchmark as fb
 
-    timer = _timer(device)
+    timer = _timer(device, repeat)
     copy = fb.copy_bandwidth(device, nbytes=1 << 30 if device == "cuda" else 1 << 24)
     default = dataclasses.replace(launch.TUNING)
     lines = [f"copy bandwidth (read + write): {copy / 1e9:.0f} GB/s", "",
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         import os
 
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-        return run("cpu", DRY_SIZES, args.out)
+        return run("cpu", DRY_SIZES, args.out, repeat=1)  # each path once: the dry run's times mean nothing
     if not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run to check the script on the CPU")
         return 0

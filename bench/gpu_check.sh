@@ -24,7 +24,8 @@
 #                  read come first) and is cut 90 s later;
 #   the P partials' timings are cut at 90 s, the profile at 75 s.
 #
-# DRY_RUN=1 walks the same steps on the CPU at tiny sizes and installs nothing: a check of the script.
+# DRY_RUN=1 walks the same steps on the CPU at tiny sizes, each once, and installs nothing: a check of the
+# script (tests/test_gpu_check.py), in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
@@ -34,12 +35,16 @@ mkdir -p "$OUT"
 started=$(date +%s)
 
 if [ "$DRY_RUN" = 1 ]; then
+  # Each step once, in seconds: one benchmark case and one profiled size, without the compiled provider
+  # (torch.compile's warm-up; the suite's bench/ smoke tests run it), and one file of gpu-marked tests.
   device=cpu
   bench_seconds=${BENCH_SECONDS:-60}
-  bench_args=(--sizes 4,64 --seconds-per-case 0.05 --max-seconds "$bench_seconds")
-  profile_args=(--sizes 4,64)
+  bench_args=(--sizes 4 --dtypes float32 --norms stats --modes forward --providers reference,eager
+              --seconds-per-case 0.05 --max-seconds "$bench_seconds")
+  profile_args=(--sizes 4 --providers reference,eager)
   partials_args=(--sizes 4)
   test_seconds=${TEST_SECONDS:-120}
+  test_paths=(tests/test_gpu.py)
   ab_args=(--dry-run)
 else
   device=cuda
@@ -48,6 +53,7 @@ else
   profile_args=()
   partials_args=()
   test_seconds=${TEST_SECONDS:-180}
+  test_paths=(tests)
   ab_args=()
 fi
 ab_seconds=${AB_SECONDS:-90}
@@ -91,7 +97,7 @@ EOF
 
 echo "== gpu-marked tests"
 set +e
-timeout "$test_seconds" "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider "${parallel[@]}" 2>&1 \
+timeout "$test_seconds" "$PYTHON" -m pytest -q -m gpu "${test_paths[@]}" -p no:cacheprovider "${parallel[@]}" 2>&1 \
   | tee "$OUT/gpu_tests.txt"
 test_status=${PIPESTATUS[0]}
 set -e

@@ -32,7 +32,11 @@ def case_id(case) -> str:
     return f"B{case.B}-{case.dtype}-{case.norm}-{case.mode.replace('+', '_')}"
 
 
-@pytest.mark.parametrize("provider", fb.PROVIDERS)
+# "fused" is the Triton kernels on CUDA tensors: a gpu case (tests/ run them through the interpreter).
+PROVIDERS = [pytest.param(p, marks=pytest.mark.gpu) if p == "fused" else p for p in fb.PROVIDERS]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_loss_step(benchmark, device, copy_rate, provider, case):
     try:

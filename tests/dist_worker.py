@@ -35,9 +35,14 @@ def column_weight(K: int) -> torch.Tensor:
     return torch.linspace(0.5, 2.0, K)
 
 
-def main(rank: int, world: int, init_file: str, out_file: str, shards: str, backend: str, reduction: str) -> None:
+def _init(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+
+
+def train_step(rank: int, out_file: str, shards: str, backend: str, reduction: str) -> None:
+    """One DDP step on this rank's shard; rank 0 saves the parameter gradients to out_file, every rank its
+    loss to out_file.loss{rank}."""
     sizes = [int(s) for s in shards.split(",")]
     model, inputs, recon, index = problem(sum(sizes))
     start = sum(sizes[:rank])
@@ -59,14 +64,11 @@ def main(rank: int, world: int, init_file: str, out_file: str, shards: str, back
     if rank == 0:
         torch.save({"weight": model.weight.grad, "bias": model.bias.grad}, out_file)
     torch.save({"loss": loss.detach()}, f"{out_file}.loss{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
-def mismatch(rank: int, world: int, init_file: str, out_file: str, what: str, backend: str) -> None:
-    """Rank 1 differs from rank 0 in `what` (K, dtype or eps): every rank must get a clear error."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+def disagree(rank: int, out_file: str, what: str, backend: str) -> None:
+    """Rank 1 differs from rank 0 in `what` (K, dtype or eps): every rank must get a clear error, written to
+    out_file.{rank}."""
     K = 6 if (what == "K" and rank == 1) else 5
     dtype = torch.float64 if (what == "dtype" and rank == 1) else torch.float32
     eps = 1e-3 if (what == "eps" and rank == 1) else 1e-8
@@ -79,14 +81,39 @@ def mismatch(rank: int, world: int, init_file: str, out_file: str, what: str, ba
         message = str(err)
     with open(f"{out_file}.{rank}", "w") as f:
         f.write(message)
+
+
+def session(rank: int, world: int, init_file: str, cases_file: str) -> None:
+    """Every case of cases_file (JSON: a list of {"out": path, "step": [shards, backend, reduction]} or
+    {"out": path, "disagree": [what, backend]}) in one process group, one after another: the processes and
+    the group are set up once. A case that raises writes its traceback to out.error{rank}."""
+    import json
+    import traceback
+
+    _init(rank, world, init_file)
+    with open(cases_file) as f:
+        cases = json.load(f)
+    for case in cases:
+        try:
+            if "step" in case:
+                train_step(rank, case["out"], *case["step"])
+            else:
+                disagree(rank, case["out"], *case["disagree"])
+        except Exception:
+            with open(f"{case['out']}.error{rank}", "w") as f:
+                f.write(traceback.format_exc())
+        dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "mismatch":
-        mismatch(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
-    else:
-        main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])
+    if sys.argv[1] == "session":
+        session(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
+    else:  # one step: RANK WORLD INIT_FILE OUT_FILE SHARDS BACKEND REDUCTION
+        _init(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+        train_step(int(sys.argv[1]), *sys.argv[4:])
+        dist.barrier()
+        dist.destroy_process_group()
     # Every file is written and the group destroyed: leave without the interpreter's teardown, where a
     # thread of gloo's occasionally outlives its owner and aborts the process ("terminate called without an
     # active exception"), failing a run whose results were all in.

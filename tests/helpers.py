@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,30 @@ BACKENDS = [
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
     pytest.param(("reference", "cuda"), id="reference-cuda", marks=pytest.mark.gpu),
 ]
+
+# Rows of the interpreter's cases: 9 tiles of 8 rows (forward; 17 of 4 backward) over its 8 programs, so a
+# program walks two tiles and the last tile is a one-row tail. Larger batches only repeat those loops, one
+# program after another: they run as sweeps (--sweeps), on the PyTorch path in the default suite.
+INTERPRETER_ROWS = 65
+
+
+def interpreted(backend_device) -> bool:
+    """Whether (backend, device) runs the Triton kernels through the interpreter."""
+    return tuple(backend_device) == ("triton", "cpu")
+
+
+def backend_cases(rows, *, sweep=lambda backend_device, *row: False, exists=lambda backend_device, *row: True):
+    """Parameters (backend_device, *row) for each backend of BACKENDS and each row (a tuple of values) where
+    `exists` holds, ids "ROW-BACKEND"; the cases `sweep` picks carry the sweep mark (not in the default suite)."""
+    cases = []
+    for backend in BACKENDS:
+        for row in rows:
+            if not exists(backend.values[0], *row):
+                continue
+            marks = [*backend.marks, *([pytest.mark.sweep] if sweep(backend.values[0], *row) else [])]
+            cases.append(pytest.param(backend.values[0], *row, marks=marks,
+                                      id="-".join([*map(str, row), backend.id])))
+    return cases
 
 
 def check_parity(backend, device, x, r, columns, mean_raw, std_raw, *, stats="raw", nan_to_num=False,
@@ -69,10 +95,35 @@ def check_parity(backend, device, x, r, columns, mean_raw, std_raw, *, stats="ra
 
 def run_compiler_check(script: str) -> list[dict]:
     """Run tests/<script> in a fresh process without TRITON_INTERPRET (which would replace the kernels by
-    interpreted functions) and return the JSON records it prints, one per line."""
+    interpreted functions) and return the JSON records it prints, one per line.
+
+    A compile takes half a minute, so its records are kept in the temporary folder under a hash of what
+    decides them (the script, the kernels' sources, triton's version, which bundles ptxas, the FUSEDVQ_
+    settings): a run with the same sources reads them back; any change to them compiles afresh."""
     here = Path(__file__).resolve().parent
+    cache = Path(tempfile.gettempdir()) / f"fusedvq-aot-{_compiler_check_key(here / script)}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, str(here / script)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    partial = cache.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(records))
+    partial.replace(cache)  # atomic: a concurrent run reads the whole file or none
+    return records
+
+
+def _compiler_check_key(script: Path) -> str:
+    import importlib.util
+
+    import triton
+
+    kernels = Path(importlib.util.find_spec("fusedvq.kernels").origin).resolve().parent  # (not imported here)
+    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("FUSEDVQ_"))  # e.g. the TUNING switches
+    digest = hashlib.sha256(f"{triton.__version__}\n{sys.version}\n{settings}".encode())
+    for path in [script, *sorted(kernels.glob("*.py"))]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
