@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ckpt_factory import make_parts, write_checkpoint, write_npz
@@ -125,3 +126,43 @@ def test_demo_shows_the_crash_it_prevents(capsys):
     assert 0 < wrong <= 171
     assert "FeatureCleaner given 171-column features -> ValueError: features have 171 columns but the mask " \
            "was built for 187" in out
+
+
+def write_hybrid(path: Path, c: int = 3) -> Path:
+    """docs/hybrid.md's minimal hybrid checkpoint: 20 extractor columns, 16 kept, c embedding columns after
+    the 'initial' family's (decoder columns 8 .. 8 + c - 1, in the 'initial' category)."""
+    mask = np.ones(20, dtype=bool)
+    mask[[1, 3, 12, 15]] = False
+    kept = {"summary": [0, 1, 2, 3], "initial": [4, 5, 6, 7], "temporal": list(range(8, 16))}
+    decoder = {"summary": [0, 1, 2, 3], "initial": list(range(4, 8 + c)), "temporal": [k + c for k in range(8, 16)]}
+    names = [f"{family}::{family}_{i}" for family, n in (("summary", 4), ("initial", 4), ("temporal", 8))
+             for i in range(n)]
+    torch.save({
+        "feature_mask": mask, "feature_names": names, "pre_model_group_indices": kept,
+        "model_config": {"input_dim": 16 + c, "group_indices": decoder},
+        "model_state_dict": {"initial_encoder.fc.weight": torch.zeros(c, 8), "initial_encoder.fc.bias": torch.zeros(c)},
+        "config": {"families": {"initial": {"encoder": "initial_hybrid", "encoder_params": {"cnn_embedding_dim": c}}}},
+        "normalization_stats": {n: {"mean": np.zeros(len(i)), "std": np.ones(len(i))} for n, i in kept.items()},
+    }, path)  # fmt: skip
+    return path
+
+
+def category_table(out: str) -> dict[str, tuple[int, float]]:
+    """The demo's closing lines: {category: (its columns, its error)}."""
+    return {m[1]: (int(m[2]), float(m[3]))
+            for m in re.finditer(r"^  (\S+)\s+(\d+) columns\s+([0-9.e+-]+)", out, re.M)}
+
+
+def test_with_a_hybrid_checkpoint(tmp_path, capsys):
+    """A hybrid checkpoint that `fusedvq check` calls consistent: the demo trains the hybrid step (the
+    objective over all K + c decoder columns) and reports its categories in decoder space."""
+    path = write_hybrid(tmp_path / "hybrid.pt")
+    assert main(["check", str(path), "--features", "20"]) == 0 and "ok: consistent" in capsys.readouterr().out
+    code, out, err = run_demo(capsys, "--steps", 20, "--batch-size", 16, "--checkpoint", path)
+    assert code == 0, out + err
+    assert "keeps 16 of 20" in out and "decoder of 19 columns" in out and "3 embedding columns" in out
+    assert "F.mse_loss(recon, combine(z, embeddings))" in out
+    table = loss_table(out)
+    assert table[0][0] == 1 and table[-1][0] == 20 and table[-1][1] < table[0][1], out
+    # decoder space: the 'initial' category holds its 4 feature columns and the 3 embedding columns
+    assert {n: k for n, (k, _) in category_table(out).items()} == {"summary": 4, "initial": 7, "temporal": 8}

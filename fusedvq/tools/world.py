@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ SEED = 20240607
 FEATURES, KEPT = 187, 171
 CATEGORY_SIZES = (24, 18, 30, 12, 27, 21, 15, 24)  # sums to 171, like a clustering of the kept columns
 NUM_TOKENS, LATENT, CODE_DIM, NUM_CODES, SAMPLES = 256, 8, 8, 64, 4096
+COMMITMENT = 0.25  # λ, the commitment term's weight in the step's loss
 
 
 class FeatureExtractor(nn.Module):
@@ -89,7 +91,8 @@ class World:
     std_k: torch.Tensor  # [K] float64
     categories: dict[str, list[int]]
     extractor: FeatureExtractor
-    vq: GroupedVQ
+    vq: GroupedVQ  # over the decoder's columns (hybrid: K + c, grouped by the decoder's categories)
+    initial: Optional[nn.Module] = None  # a hybrid's stand-in initial encoder (hybrid_step.py), else None
 
 
 def default_spec(gen: torch.Generator):
