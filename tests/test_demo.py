@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from ckpt_factory import make_parts, write_checkpoint, write_npz
 
 from fusedvq.tools.cli import main
@@ -166,3 +167,49 @@ def test_with_a_hybrid_checkpoint(tmp_path, capsys):
     assert table[0][0] == 1 and table[-1][0] == 20 and table[-1][1] < table[0][1], out
     # decoder space: the 'initial' category holds its 4 feature columns and the 3 embedding columns
     assert {n: k for n, (k, _) in category_table(out).items()} == {"summary": 4, "initial": 7, "temporal": 8}
+
+
+def test_hybrid_category_errors_are_the_trainers(tmp_path, capsys):
+    """The printed errors are the trainer's: F.mse_loss(recon, combined) and, per category, F.mse_loss over
+    its decoder columns (model_config's group_indices, the INITIAL category with the embedding columns),
+    computed here from a float64 replay of the demo's one step: the oracle's z, torch.cat's combined input."""
+    from oracle import oracle_z
+    from spinlock_format import make_run, write_run
+
+    from fusedvq import load_feature_spec
+    from fusedvq.tools.hybrid_step import hybrid_world
+    from fusedvq.tools.world import NUM_TOKENS, SEED, make_model
+
+    run = make_run(hybrid=True, seed=7, families={"summary": 40, "initial": 14, "temporal": 40}, num_embedding=6,
+                   num_categories=4)
+    path = write_run(tmp_path / "run", run)
+    B = 24
+    code, out, err = run_demo(capsys, "--steps", 1, "--batch-size", B, "--checkpoint", path)
+    assert code == 0, out + err
+    printed = category_table(out)
+
+    # the step replayed: the demo's stand-in world and model (seeded as the demo seeds them), its first batch
+    spec, groups, p, c = load_feature_spec(path), run.decoder_groups(), run.first_embedding, run.num_embedding
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        world = hybrid_world(spec, spec.mean, spec.std, groups, torch.Generator().manual_seed(SEED))
+        model = make_model()
+    tokens = torch.randint(NUM_TOKENS, (B,), generator=torch.Generator().manual_seed(SEED + 1))
+    with torch.no_grad():
+        u = model(tokens)
+        z = oracle_z(world.extractor(u).double(), spec.index, None, None, "batch", nan_to_num=True)
+        combined = torch.cat([z[:, :p], world.initial(u).double(), z[:, p:]], 1)
+        recon = world.vq(combined.float())[0].double()
+    assert recon.shape[1] == run.K + c
+    objective = float(re.search(r"F\.mse_loss's one number is ([0-9.e+-]+)", out)[1])
+    assert objective == pytest.approx(F.mse_loss(recon, combined).item(), rel=1e-3)
+    expected = {name: F.mse_loss(recon[:, cols], combined[:, cols]).item() for name, cols in groups.items()}
+    assert list(printed) == list(groups) and {n: k for n, (k, _) in printed.items()} == {
+        n: len(cols) for n, cols in groups.items()}
+    for name, (_, value) in printed.items():
+        assert value == pytest.approx(expected[name], rel=1e-3), (name, out)
+    # the INITIAL category counts its embedding columns: its feature columns alone give another number
+    initial = next(n for n, cols in groups.items() if p in cols)
+    features_only = [k for k in groups[initial] if not p <= k < p + c]
+    alone = F.mse_loss(recon[:, features_only], combined[:, features_only]).item()
+    assert abs(alone - printed[initial][1]) > 0.01 * alone
