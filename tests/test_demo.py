@@ -64,13 +64,18 @@ def test_deterministic(capsys):
 
 
 def test_with_a_checkpoint(tmp_path, capsys):
-    path = write_checkpoint(tmp_path / "ck", make_parts(D=270, K=143, method="mad", seed=3), stats_in_file=False,
-                            stats_beside=True)
+    parts = make_parts(D=270, K=143, method="mad", seed=3)
+    path = write_checkpoint(tmp_path / "ck", parts, stats_in_file=False, stats_beside=True)
     code, out, _ = run_demo(capsys, "--steps", 20, "--batch-size", 32, "--checkpoint", tmp_path / "ck")
     assert code == 0
     assert str(path) in out and "keeps 143 of 270" in out and "over 8 categories" in out
+    assert "decoder of 143 columns" in out and "hybrid" not in out and "decoder space" not in out
     table = loss_table(out)
     assert table[-1][1] < table[0][1], out
+    # not hybrid: the categories are the kept columns' (group_indices), in the checkpoint's order
+    printed = category_table(out)
+    assert list(printed) == list(parts.groups) and [k for k, _ in printed.values()] == [
+        len(g) for g in parts.groups.values()]
 
 
 def test_saved_default_checkpoint_passes_check(tmp_path, capsys):
