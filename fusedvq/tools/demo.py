@@ -12,7 +12,9 @@ without fusedvq: the naive loss crashes on the widths, and an encoder fed the ra
 reads the wrong columns. It then trains with a progress bar, prints the loss falling, checks the step
 against the plain fix in float64, times the two steps side by side, and ends with each category's
 reconstruction error from the last step's loss pass, which a mean over all columns hides. With --checkpoint, the mask and
-categories come from that file, with a stand-in extractor and VQ-VAE of its widths.
+categories come from that file, with a stand-in extractor and VQ-VAE of its widths; a hybrid VQ-VAE's
+checkpoint runs the hybrid step (hybrid_step.py: the objective over all K + c decoder columns, the
+categories in decoder space). demo_checks.py holds what the demo shows beside training.
 """
 
 from __future__ import annotations
