@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from ckpt_factory import make_parts, write_checkpoint, write_npz
 
 from fusedvq.tools.cli import main
@@ -62,13 +64,18 @@ def test_deterministic(capsys):
 
 
 def test_with_a_checkpoint(tmp_path, capsys):
-    path = write_checkpoint(tmp_path / "ck", make_parts(D=270, K=143, method="mad", seed=3), stats_in_file=False,
-                            stats_beside=True)
+    parts = make_parts(D=270, K=143, method="mad", seed=3)
+    path = write_checkpoint(tmp_path / "ck", parts, stats_in_file=False, stats_beside=True)
     code, out, _ = run_demo(capsys, "--steps", 20, "--batch-size", 32, "--checkpoint", tmp_path / "ck")
     assert code == 0
     assert str(path) in out and "keeps 143 of 270" in out and "over 8 categories" in out
+    assert "decoder of 143 columns" in out and "hybrid" not in out and "decoder space" not in out
     table = loss_table(out)
     assert table[-1][1] < table[0][1], out
+    # not hybrid: the categories are the kept columns' (group_indices), in the checkpoint's order
+    printed = category_table(out)
+    assert list(printed) == list(parts.groups) and [k for k, _ in printed.values()] == [
+        len(g) for g in parts.groups.values()]
 
 
 def test_saved_default_checkpoint_passes_check(tmp_path, capsys):
@@ -125,3 +132,89 @@ def test_demo_shows_the_crash_it_prevents(capsys):
     assert 0 < wrong <= 171
     assert "FeatureCleaner given 171-column features -> ValueError: features have 171 columns but the mask " \
            "was built for 187" in out
+
+
+def write_hybrid(path: Path, c: int = 3) -> Path:
+    """docs/hybrid.md's minimal hybrid checkpoint: 20 extractor columns, 16 kept, c embedding columns after
+    the 'initial' family's (decoder columns 8 .. 8 + c - 1, in the 'initial' category)."""
+    mask = np.ones(20, dtype=bool)
+    mask[[1, 3, 12, 15]] = False
+    kept = {"summary": [0, 1, 2, 3], "initial": [4, 5, 6, 7], "temporal": list(range(8, 16))}
+    decoder = {"summary": [0, 1, 2, 3], "initial": list(range(4, 8 + c)), "temporal": [k + c for k in range(8, 16)]}
+    names = [f"{family}::{family}_{i}" for family, n in (("summary", 4), ("initial", 4), ("temporal", 8))
+             for i in range(n)]
+    torch.save({
+        "feature_mask": mask, "feature_names": names, "pre_model_group_indices": kept,
+        "model_config": {"input_dim": 16 + c, "group_indices": decoder},
+        "model_state_dict": {"initial_encoder.fc.weight": torch.zeros(c, 8), "initial_encoder.fc.bias": torch.zeros(c)},
+        "config": {"families": {"initial": {"encoder": "initial_hybrid", "encoder_params": {"cnn_embedding_dim": c}}}},
+        "normalization_stats": {n: {"mean": np.zeros(len(i)), "std": np.ones(len(i))} for n, i in kept.items()},
+    }, path)  # fmt: skip
+    return path
+
+
+def category_table(out: str) -> dict[str, tuple[int, float]]:
+    """The demo's closing lines: {category: (its columns, its error)}."""
+    return {m[1]: (int(m[2]), float(m[3]))
+            for m in re.finditer(r"^  (\S+)\s+(\d+) columns\s+([0-9.e+-]+)", out, re.M)}
+
+
+def test_with_a_hybrid_checkpoint(tmp_path, capsys):
+    """A hybrid checkpoint that `fusedvq check` calls consistent: the demo trains the hybrid step (the
+    objective over all K + c decoder columns) and reports its categories in decoder space."""
+    path = write_hybrid(tmp_path / "hybrid.pt")
+    assert main(["check", str(path), "--features", "20"]) == 0 and "ok: consistent" in capsys.readouterr().out
+    code, out, err = run_demo(capsys, "--steps", 20, "--batch-size", 16, "--checkpoint", path)
+    assert code == 0, out + err
+    assert "keeps 16 of 20" in out and "decoder of 19 columns" in out and "3 embedding columns" in out
+    assert "F.mse_loss(recon, combine(z, embeddings))" in out
+    table = loss_table(out)
+    assert table[0][0] == 1 and table[-1][0] == 20 and table[-1][1] < table[0][1], out
+    # decoder space: the 'initial' category holds its 4 feature columns and the 3 embedding columns
+    assert {n: k for n, (k, _) in category_table(out).items()} == {"summary": 4, "initial": 7, "temporal": 8}
+
+
+def test_hybrid_category_errors_are_the_trainers(tmp_path, capsys):
+    """The printed errors are the trainer's: F.mse_loss(recon, combined) and, per category, F.mse_loss over
+    its decoder columns (model_config's group_indices, the INITIAL category with the embedding columns),
+    computed here from a float64 replay of the demo's one step: the oracle's z, torch.cat's combined input."""
+    from oracle import oracle_z
+    from spinlock_format import make_run, write_run
+
+    from fusedvq import load_feature_spec
+    from fusedvq.tools.hybrid_step import hybrid_world
+    from fusedvq.tools.world import NUM_TOKENS, SEED, make_model
+
+    run = make_run(hybrid=True, seed=7, families={"summary": 40, "initial": 14, "temporal": 40}, num_embedding=6,
+                   num_categories=4)
+    path = write_run(tmp_path / "run", run)
+    B = 24
+    code, out, err = run_demo(capsys, "--steps", 1, "--batch-size", B, "--checkpoint", path)
+    assert code == 0, out + err
+    printed = category_table(out)
+
+    # the step replayed: the demo's stand-in world and model (seeded as the demo seeds them), its first batch
+    spec, groups, p, c = load_feature_spec(path), run.decoder_groups(), run.first_embedding, run.num_embedding
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        world = hybrid_world(spec, spec.mean, spec.std, groups, torch.Generator().manual_seed(SEED))
+        model = make_model()
+    tokens = torch.randint(NUM_TOKENS, (B,), generator=torch.Generator().manual_seed(SEED + 1))
+    with torch.no_grad():
+        u = model(tokens)
+        z = oracle_z(world.extractor(u).double(), spec.index, None, None, "batch", nan_to_num=True)
+        combined = torch.cat([z[:, :p], world.initial(u).double(), z[:, p:]], 1)
+        recon = world.vq(combined.float())[0].double()
+    assert recon.shape[1] == run.K + c
+    objective = float(re.search(r"F\.mse_loss's one number is ([0-9.e+-]+)", out)[1])
+    assert objective == pytest.approx(F.mse_loss(recon, combined).item(), rel=1e-3)
+    expected = {name: F.mse_loss(recon[:, cols], combined[:, cols]).item() for name, cols in groups.items()}
+    assert list(printed) == list(groups) and {n: k for n, (k, _) in printed.items()} == {
+        n: len(cols) for n, cols in groups.items()}
+    for name, (_, value) in printed.items():
+        assert value == pytest.approx(expected[name], rel=1e-3), (name, out)
+    # the INITIAL category counts its embedding columns: its feature columns alone give another number
+    initial = next(n for n, cols in groups.items() if p in cols)
+    features_only = [k for k in groups[initial] if not p <= k < p + c]
+    alone = F.mse_loss(recon[:, features_only], combined[:, features_only]).item()
+    assert abs(alone - printed[initial][1]) > 0.01 * alone

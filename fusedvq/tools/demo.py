@@ -12,7 +12,9 @@ without fusedvq: the naive loss crashes on the widths, and an encoder fed the ra
 reads the wrong columns. It then trains with a progress bar, prints the loss falling, checks the step
 against the plain fix in float64, times the two steps side by side, and ends with each category's
 reconstruction error from the last step's loss pass, which a mean over all columns hides. With --checkpoint, the mask and
-categories come from that file, with a stand-in extractor and VQ-VAE of its widths.
+categories come from that file, with a stand-in extractor and VQ-VAE of its widths; a hybrid VQ-VAE's
+checkpoint runs the hybrid step (hybrid_step.py: the objective over all K + c decoder columns, the
+categories in decoder space). demo_checks.py holds what the demo shows beside training.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .world import FEATURES, SEED, NUM_TOKENS, World, build_world, default_spec, make_model, write_checkpoint
-
-COMMITMENT = 0.25  # λ
+from .demo_checks import parity_lines, pitfalls, sync, timing_line
+from .hybrid_step import category_errors, decoder_categories, hybrid_loss, hybrid_world
+from .world import (
+    COMMITMENT, FEATURES, SEED, NUM_TOKENS, World, build_world, default_spec, make_model, write_checkpoint,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,11 +57,6 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(args: argparse.Namespace, out=None) -> int:
@@ -87,7 +85,7 @@ def run(args: argparse.Namespace, out=None) -> int:
             try:
                 if args.checkpoint:
                     spec = load_feature_spec(args.checkpoint, trust=args.trust)
-                    world = _world_of(spec, gen)
+                    world = _world_of(spec, gen, args.trust)
                     source = f"{spec.path} (stand-in extractor and VQ-VAE of its widths)"
                 else:
                     world = build_world(*default_spec(gen), gen)
@@ -111,30 +109,28 @@ def run(args: argparse.Namespace, out=None) -> int:
             torch.set_num_threads(threads)
 
 
-def _world_of(spec, gen: torch.Generator) -> World:
+def _world_of(spec, gen: torch.Generator, trust: bool) -> World:
     K = spec.num_kept
     mean = spec.mean if spec.mean is not None else torch.zeros(K, dtype=torch.float64)
     std = spec.std if spec.std is not None else torch.ones(K, dtype=torch.float64)
+    if spec.hybrid is not None:
+        return hybrid_world(spec, mean, std, decoder_categories(spec, trust), gen)
     categories = {k: list(v) for k, v in spec.categories.items()} or {"all": list(range(K))}
     return build_world(spec.feature_mask, mean, std, categories, gen)
 
 
-def plain_clean(features: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The plain fix: nan_to_num → mean → unbiased std (σ < eps → 1) → normalize → nan_to_num → x[:, mask]."""
-    x = torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
-    std = x.std(0)
-    z = (x - x.mean(0)) / torch.where(std < eps, torch.ones_like(std), std)
-    return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)[:, mask]
-
-
-def _step_loss(world: World, model, tokens, clean, recon_loss=None):
-    """(loss, the per-column errors [K] when recon_loss (a FeatureCleaner's) is given, else None)."""
-    features = world.extractor(model(tokens))  # [B, D]
+def _step_loss(world: World, model, tokens, clean, cleaner=None):
+    """(loss, the per-column errors [K] (hybrid: [K + c]) when cleaner (a FeatureCleaner, whose recon_loss
+    computes the loss) is given, else None)."""
+    u = model(tokens)
+    features = world.extractor(u)  # [B, D]
     z = clean(features)  # [B, K]: the encoder's input and the loss's target
+    if world.initial is not None:  # hybrid: hybrid_step.py
+        return hybrid_loss(world, u, z, cleaner)
     recon, commitment = world.vq(z)
-    if recon_loss is None:
+    if cleaner is None:
         return F.mse_loss(recon, z) + COMMITMENT * commitment, None
-    columns = recon_loss(recon, z, reduction="column")  # its mean is F.mse_loss(recon, z)
+    columns = cleaner.recon_loss(recon, z, reduction="column")  # its mean is F.mse_loss(recon, z)
     return columns.mean() + COMMITMENT * commitment, columns
 
 
@@ -144,8 +140,9 @@ def _train(args, world: World, cleaner, device: torch.device, source: str, say) 
     from ..ops import use_triton_for
 
     D, K = cleaner.num_features, cleaner.num_kept
-    world.extractor.to(device)
-    world.vq.to(device)
+    for part in (world.extractor, world.vq, world.initial):
+        if part is not None:
+            part.to(device)
     cleaner = cleaner.to(device)
     model = make_model().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -155,13 +152,20 @@ def _train(args, world: World, cleaner, device: torch.device, source: str, say) 
     say("fusedvq demo: the VQ-led training step with FeatureCleaner (batch statistics, nan_to_num)")
     say(f"  checkpoint  {source}")
     say(f"  features    {D} columns from the feature extractor")
-    say(f"  VQ-VAE      feature_mask keeps {K} of {D}, grouped encoder over {len(world.categories)} categories, "
-        f"straight-through quantizer, decoder of {K} columns")
+    W = world.vq.num_kept  # the decoder's width: K, or K + c for a hybrid
+    (p, c), objective = cleaner.gap, "F.mse_loss(recon, z)"
+    hybrid = "" if world.initial is None else (
+        f"hybrid: a stand-in initial encoder adds {c} embedding columns (decoder columns {p}..{p + c - 1}), ")
+    say(f"  VQ-VAE      feature_mask keeps {K} of {D}, {hybrid}grouped encoder over {len(world.vq.names)} "
+        f"categories, straight-through quantizer, decoder of {W} columns")
     say(f"  device      {device}, backend {backend}")
-    for line in _pitfalls(world, cleaner, device):
+    for line in pitfalls(world, cleaner, device):
         say(line)
+    if world.initial is not None:
+        objective = (f"F.mse_loss(recon, combine(z, embeddings)) over all {W} decoder columns (cleaner.recon_loss "
+                     f"with embeddings=)")
     say(f"  training    {args.steps} steps, batch {args.batch_size}, Adam lr {args.lr:g}, "
-        f"loss = F.mse_loss(recon, z) + {COMMITMENT:g}·commitment")
+        f"loss = {objective} + {COMMITMENT:g}·commitment")
 
     data_gen = torch.Generator(device=device).manual_seed(SEED + 1)
     log_every = max(1, args.steps // 10)
@@ -171,7 +175,7 @@ def _train(args, world: World, cleaner, device: torch.device, source: str, say) 
     start = time.perf_counter()
     for step in bar:
         tokens = torch.randint(NUM_TOKENS, (args.batch_size,), generator=data_gen, device=device)
-        loss, columns = _step_loss(world, model, tokens, cleaner, cleaner.recon_loss)
+        loss, columns = _step_loss(world, model, tokens, cleaner, cleaner)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -179,7 +183,7 @@ def _train(args, world: World, cleaner, device: torch.device, source: str, say) 
             value = loss.item()  # a host sync only at the log points
             history.append((step, value))
             bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     bar.close()
 
@@ -192,112 +196,48 @@ def _train(args, world: World, cleaner, device: torch.device, source: str, say) 
         if last < first else f"loss went from {first:.4g} to {last:.4g} in {args.steps} steps")
     say(f"training time: {elapsed:.2f} s of wall time for the {args.steps} steps above, "
         f"{elapsed / args.steps * 1e3:.2f} ms per step (model, FeatureCleaner, VQ-VAE, backward and Adam)")
-    say(_parity_line(world, model, cleaner, tokens))
-    say(_timing_line(world, model, cleaner, tokens, device))
-    for line in _category_lines(cleaner, columns.detach()):
+    for line in parity_lines(world, model, cleaner, tokens):
+        say(line)
+    hybrid = world.initial is not None  # (its fused step times the hybrid objective; the built-in's, the cleaning)
+    say(timing_line(lambda clean, fused: _step_loss(world, model, tokens, clean, cleaner if fused and hybrid
+                                                    else None)[0], model, cleaner, tokens, device))
+    for line in _category_lines(world, cleaner, columns.detach()):
         say(line)
     return 0
 
 
-def _category_lines(cleaner, columns: torch.Tensor) -> list[str]:
-    """Each category's reconstruction error in the last step, from the loss's own per-column errors."""
+def _category_lines(world: World, cleaner, columns: torch.Tensor) -> list[str]:
+    """Each category's reconstruction error in the last step, from the loss's own per-column errors: the
+    kept columns' categories, or a hybrid's in decoder space (the INITIAL category with its embeddings)."""
     from .. import gini
 
-    if not cleaner.categories:
-        return []
-    errors = cleaner.category_errors(columns).cpu()  # one small copy at the end, not per step
     mean = float(columns.mean())
-    lines = [f"reconstruction error per category (the last step's loss pass, reduction=\"column\" → "
-             f"category_errors; F.mse_loss's one number is {mean:.4g}):"]
-    width = max(len(n) for n in cleaner.category_names)
-    for name, value in zip(cleaner.category_names, errors.tolist()):
-        n = len(set(cleaner.categories[name]))
+    if world.initial is None:
+        if not cleaner.categories:
+            return []
+        categories = cleaner.categories
+        errors = cleaner.category_errors(columns).cpu()  # one small copy at the end, not per step
+        lines = [f"reconstruction error per category (the last step's loss pass, reduction=\"column\" → "
+                 f"category_errors; F.mse_loss's one number is {mean:.4g}):"]
+    else:
+        (p, c), categories = cleaner.gap, world.categories
+        if not categories:
+            return [f"no per-category errors: the checkpoint declares no decoder categories "
+                    f"(model_config's group_indices)"]
+        errors = category_errors(columns, categories).cpu()
+        initial = [n for n, idx in categories.items() if set(idx) & set(range(p, p + c))]
+        lines = [f"reconstruction error per category in decoder space (the last step's loss pass, reduction="
+                 f"\"column\" → [{columns.numel()}] errors averaged over each category's decoder columns, "
+                 f"{' and '.join(map(repr, initial))} with the {c} embedding columns; F.mse_loss's one number "
+                 f"is {mean:.4g}):"]
+    names = list(categories)
+    width = max(len(n) for n in names)
+    for name, value in zip(names, errors.tolist()):
+        n = len(set(categories[name]))
         lines.append(f"  {name:<{width}}  {n:3d} columns  {value:10.4g}  ({value / mean:.1f}× the mean)"
                      if mean > 0 else f"  {name:<{width}}  {n:3d} columns  {value:10.4g}")
     worst = int(errors.argmax())
     if mean > 0:
-        lines.append(f"  the worst, {cleaner.category_names[worst]!r}, is {float(errors[worst]) / mean:.1f}× the mean "
+        lines.append(f"  the worst, {names[worst]!r}, is {float(errors[worst]) / mean:.1f}× the mean "
                      f"over all columns, which hides it; balance over categories (Gini) {float(gini(errors)):.2f}")
     return lines
-
-
-def _pitfalls(world: World, cleaner, device: torch.device) -> list[str]:
-    """What goes wrong without fusedvq at these widths, and what fusedvq says instead."""
-    D, K = cleaner.num_features, cleaner.num_kept
-    mask = cleaner_mask(cleaner)
-    features = torch.randn(8, D, device=device)
-    recon = torch.randn(8, K, device=device)
-    lines = []
-    try:
-        with warnings.catch_warnings():  # its broadcasting warning is beside the point: it is about to fail
-            warnings.simplefilter("ignore")
-            F.mse_loss(recon, features)  # the naive loss: the reconstruction against all D feature columns
-        lines.append("  naive loss  F.mse_loss(recon, normalize(features)) ran: D == K here")
-    except RuntimeError as err:
-        lines.append(f"  naive loss  F.mse_loss(recon, normalize(features)) -> RuntimeError: {str(err).splitlines()[0]}")
-    if D > K:
-        world.vq(features)  # runs: the grouped encoder reads by index and never checks the width
-        kept = mask.nonzero().squeeze(1).cpu()
-        right = int((kept == torch.arange(K)).sum())
-        lines.append(f"  encoder     fed the raw [B, {D}] features, it ran without an error and read the wrong "
-                     f"column at {K - right} of its {K} inputs")
-    try:
-        cleaner(torch.randn(8, K, device=device))
-    except ValueError as err:
-        lines.append(f"  fusedvq     FeatureCleaner given {K}-column features -> ValueError: {err}")
-    return lines
-
-
-def cleaner_mask(cleaner) -> torch.Tensor:
-    """The bool mask [D] of a FeatureCleaner built from a mask."""
-    mask = torch.zeros(cleaner.num_features, dtype=torch.bool, device=cleaner.index.device)
-    mask[cleaner.index] = True
-    return mask
-
-
-def _parity_line(world: World, model, cleaner, tokens) -> str:
-    """The last batch's cleaned features, FeatureCleaner against the plain fix, both in float64."""
-    with torch.no_grad():
-        features = world.extractor(model(tokens)).double().cpu()
-    mask = cleaner_mask(cleaner).cpu()
-    z_fused = cleaner.cpu()(features)  # (float64: the reference path)
-    cleaner.to(tokens.device)
-    z_plain = plain_clean(features, mask)
-    rel = float((z_fused - z_plain).norm() / z_plain.norm().clamp_min(1e-30))
-    return (f"check: FeatureCleaner's z vs the plain fix (nan_to_num, mean, std, σ<eps→1, normalize, "
-            f"nan_to_num, x[:, mask]) in float64: relative difference {rel:.1e}")
-
-
-def _timing_line(world: World, model, cleaner, tokens, device: torch.device, rounds: int = 5) -> str:
-    """The whole training step (forward + backward) on the last batch: FeatureCleaner against the plain
-    fix, in alternating rounds (the same minutes of the same machine): the median per step, the fastest and
-    slowest rounds, and which is faster, or that the rounds spread too wide to say (as `fusedvq bench`)."""
-    from .benchmark import NOISY, NOISY_SPREAD, speed_words
-
-    mask = cleaner_mask(cleaner)
-    params = list(model.parameters())
-
-    def step(clean):
-        loss, _ = _step_loss(world, model, tokens, clean)
-        torch.autograd.grad(loss, params)
-
-    steps = {"fusedvq": lambda: step(cleaner), "plain": lambda: step(lambda f: plain_clean(f, mask))}
-    times = {name: [] for name in steps}
-    repeats = 20
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            fn()
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) / repeats * 1e3)
-    fused, plain = (sorted(times[n])[rounds // 2] for n in steps)
-    spread = {n: f"{min(times[n]):.3f}–{max(times[n]):.3f}" for n in steps}
-    noisy = any(max(t) > NOISY_SPREAD * min(t) for t in times.values())
-    verdict = NOISY if noisy else f"fusedvq is {speed_words(plain / fused)}"
-    return (f"time per training step (forward + backward without the optimizer, last batch of {tokens.shape[0]}; "
-            f"median of {rounds} rounds of {repeats} steps, fastest–slowest round in parentheses): "
-            f"fusedvq {fused:.3f} ms ({spread['fusedvq']}), the plain fix {plain:.3f} ms ({spread['plain']}): "
-            f"{verdict}")

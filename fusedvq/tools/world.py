@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ SEED = 20240607
 FEATURES, KEPT = 187, 171
 CATEGORY_SIZES = (24, 18, 30, 12, 27, 21, 15, 24)  # sums to 171, like a clustering of the kept columns
 NUM_TOKENS, LATENT, CODE_DIM, NUM_CODES, SAMPLES = 256, 8, 8, 64, 4096
+COMMITMENT = 0.25  # λ, the commitment term's weight in the step's loss
 
 
 class FeatureExtractor(nn.Module):
@@ -89,7 +91,8 @@ class World:
     std_k: torch.Tensor  # [K] float64
     categories: dict[str, list[int]]
     extractor: FeatureExtractor
-    vq: GroupedVQ
+    vq: GroupedVQ  # over the decoder's columns (hybrid: K + c, grouped by the decoder's categories)
+    initial: Optional[nn.Module] = None  # a hybrid's stand-in initial encoder (hybrid_step.py), else None
 
 
 def default_spec(gen: torch.Generator):
@@ -108,30 +111,44 @@ def default_spec(gen: torch.Generator):
 
 def build_world(mask, mean_k, std_k, categories: dict, gen: torch.Generator) -> World:
     """An extractor matched to the statistics, and a VQ-VAE fitted to what it produces."""
-    D, K = mask.shape[0], int(mask.sum())
+    extractor = build_extractor(mask, mean_k, std_k, gen)
+    # The VQ-VAE "trained" on the extractor's output: the cleaned features of SAMPLES random latents.
+    with torch.no_grad():
+        z = clean_sample(extractor(torch.randn(SAMPLES, LATENT, generator=gen, dtype=torch.float64))[:, mask])
+    vq = fit_vq(z, categories)
+    return World(mask, mean_k, std_k, categories, extractor.float(), vq)
+
+
+def build_extractor(mask, mean_k, std_k, gen: torch.Generator) -> FeatureExtractor:
+    """A float64 extractor whose kept columns have the statistics' means and scales (dropped: constants)."""
+    D = mask.shape[0]
     A = torch.randn(LATENT, D, generator=gen, dtype=torch.float64) / math.sqrt(LATENT)
     A[:, ~mask] = 0.0
     offset = torch.randn(D, generator=gen, dtype=torch.float64)  # dropped columns: constants
     scale = torch.zeros(D, dtype=torch.float64)
     offset[mask], scale[mask] = mean_k, std_k / 0.63  # tanh of a unit normal has std ≈ 0.63
-    extractor = FeatureExtractor(A, offset, scale)
-    # The VQ-VAE "trained" on the extractor's output: cleaned features of SAMPLES random latents; per
-    # category the top CODE_DIM principal directions, and as codes the projections of NUM_CODES of the
-    # samples (all categories from the same latents, so a latent exists that every category reconstructs).
-    with torch.no_grad():
-        sample = extractor(torch.randn(SAMPLES, LATENT, generator=gen, dtype=torch.float64))[:, mask]
-    z = (sample - sample.mean(0)) / sample.std(0).clamp_min(1e-8)
+    return FeatureExtractor(A, offset, scale)
+
+
+def clean_sample(kept: torch.Tensor) -> torch.Tensor:
+    """A sample's kept columns normalized by its own statistics (what the VQ-VAE was trained on)."""
+    return (kept - kept.mean(0)) / kept.std(0).clamp_min(1e-8)
+
+
+def fit_vq(sample: torch.Tensor, categories: dict) -> GroupedVQ:
+    """The VQ-VAE fitted to a float64 sample of its input [SAMPLES, W] (W columns, grouped by categories):
+    per category the top CODE_DIM principal directions, and as codes the projections of NUM_CODES of the
+    samples (all categories from the same latents, so a latent exists that every category reconstructs)."""
     bases, codebooks = [], []
     smallest = min(categories, key=lambda name: len(categories[name]))
     for name, idx in categories.items():
-        _, _, vh = torch.linalg.svd(z[:, idx], full_matrices=False)
+        _, _, vh = torch.linalg.svd(sample[:, idx], full_matrices=False)
         n = 1 if name == smallest and len(categories) > 1 else min(CODE_DIM, len(idx))  # the under-fitted one
         basis = torch.zeros(len(idx), CODE_DIM, dtype=torch.float64)
         basis[:, :n] = vh[:n].T
         bases.append(basis.float())
-        codebooks.append((z[:NUM_CODES, idx] @ basis).float())
-    vq = GroupedVQ(categories, bases, codebooks, K)
-    return World(mask, mean_k, std_k, categories, extractor.float(), vq)
+        codebooks.append((sample[:NUM_CODES, idx] @ basis).float())
+    return GroupedVQ(categories, bases, codebooks, sample.shape[1])
 
 
 def write_checkpoint(world: World, folder: Path) -> Path:

@@ -1,0 +1,106 @@
+"""The hybrid VQ-led step of `fusedvq demo --checkpoint PATH` when PATH is a hybrid VQ-VAE (docs/hybrid.md):
+
+    u = model(tokens)                                    # the latent
+    features, emb = extractor(u), initial_encoder(u)     # [B, D]; [B, c]: the stand-in initial encoder
+    z = cleaner(features)                                # [B, K]
+    recon, commitment = vq(cleaner.combine(z, emb))      # [B, K + c]: embeddings at decoder columns p..p+c-1
+    columns = cleaner.recon_loss(recon, z, "column", embeddings=emb)   # [K + c], decoder order
+    loss = columns.mean() + λ·commitment                 # = F.mse_loss(recon, combine(z, emb)) + λ·commitment
+
+The VQ-VAE is fitted to the combined input, grouped by the decoder's categories (model_config's
+group_indices: the INITIAL category holds its embedding columns), and the per-category errors are the
+means of the [K + c] column errors over those decoder columns, as the trainer's
+`{category}/reconstruction_mse` counts them: computed here, on the device, from the column errors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .world import COMMITMENT, LATENT, SAMPLES, World, build_extractor, clean_sample, fit_vq
+
+
+class InitialEncoder(nn.Module):
+    """Fixed stand-in for a hybrid VQ-VAE's initial encoder: latent u [B, LATENT] → embeddings [B, c] =
+    tanh(u @ W), inserted at decoder column `first_embedding` (p)."""
+
+    def __init__(self, W: torch.Tensor, first_embedding: int):
+        super().__init__()
+        self.register_buffer("W", W)  # [LATENT, c]
+        self.first_embedding = first_embedding
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(u @ self.W)
+
+
+def decoder_categories(spec, trust: bool) -> Optional[dict[str, list[int]]]:
+    """A hybrid checkpoint's categories in decoder columns (its model_config's group_indices, the INITIAL
+    category with the embedding columns), or None when it declares none. FeatureSpec holds the kept-column
+    ones only, so they are read from what the checkpoint declares."""
+    from ..checkpoint import declare
+
+    groups = declare(spec.path, trust=trust, need_stats=False).decoder_categories
+    return None if groups is None else {name: [int(i) for i in idx] for name, idx in groups.items()}
+
+
+def hybrid_world(spec, mean: torch.Tensor, std: torch.Tensor, categories: Optional[dict],
+                 gen: torch.Generator) -> World:
+    """An extractor of the spec's widths, a stand-in initial encoder of its c embedding columns, and a
+    VQ-VAE over the K + c decoder columns fitted to their combination."""
+    K, p, c = spec.num_kept, spec.hybrid.first_embedding, spec.hybrid.num_embedding
+    mask = spec.feature_mask
+    extractor = build_extractor(mask, mean, std, gen)
+    initial = InitialEncoder(torch.randn(LATENT, c, generator=gen, dtype=torch.float64) / math.sqrt(LATENT), p)
+    with torch.no_grad():
+        u = torch.randn(SAMPLES, LATENT, generator=gen, dtype=torch.float64)
+        z = clean_sample(extractor(u)[:, mask])
+        sample = torch.cat([z[:, :p], initial(u), z[:, p:]], 1)
+    vq = fit_vq(sample, categories or {"all": list(range(K + c))})
+    return World(mask, mean, std, categories or {}, extractor.float(), vq, initial.float())
+
+
+def hybrid_loss(world: World, u: torch.Tensor, z: torch.Tensor, cleaner=None):
+    """(loss, the per-column errors [K + c] when cleaner is given, else None). Without a cleaner, the plain
+    fix: the combined input by torch.cat and F.mse_loss over it."""
+    emb = world.initial(u)
+    if cleaner is None:
+        p = world.initial.first_embedding
+        combined = torch.cat([z[:, :p], emb, z[:, p:]], 1)
+        recon, commitment = world.vq(combined)
+        return F.mse_loss(recon, combined) + COMMITMENT * commitment, None
+    recon, commitment = world.vq(cleaner.combine(z, emb))
+    columns = cleaner.recon_loss(recon, z, reduction="column", embeddings=emb)  # its mean: the objective
+    return columns.mean() + COMMITMENT * commitment, columns
+
+
+def category_errors(columns: torch.Tensor, categories: dict) -> torch.Tensor:
+    """[C] in the categories' order: each category's mean of the [K + c] column errors over its decoder
+    columns (on the columns' device, no host synchronization)."""
+    index = torch.cat([torch.as_tensor(idx, dtype=torch.long) for idx in categories.values()]).to(columns.device)
+    owner = torch.repeat_interleave(torch.tensor([len(idx) for idx in categories.values()])).to(columns.device)
+    sums = torch.zeros(len(categories), dtype=columns.dtype, device=columns.device)
+    sums = sums.index_add(0, owner, columns[index])
+    return sums / torch.bincount(owner, minlength=len(categories)).to(columns.dtype)
+
+
+def objective_check(world: World, cleaner, u64: torch.Tensor, z_fused: torch.Tensor, z_plain: torch.Tensor) -> str:
+    """The hybrid objective, recon_loss with the embeddings, against F.mse_loss over torch.cat's combined
+    input (the trainer's), in float64 on the CPU with the same reconstruction."""
+    import copy
+
+    initial, vq = (copy.deepcopy(m).double().cpu() for m in (world.initial, world.vq))
+    with torch.no_grad():
+        emb = initial(u64)
+        recon, _ = vq(cleaner.combine(z_fused, emb))
+        fused = cleaner.recon_loss(recon, z_fused, embeddings=emb)
+        p = initial.first_embedding
+        plain = F.mse_loss(recon, torch.cat([z_plain[:, :p], emb, z_plain[:, p:]], 1))
+    rel = float((fused - plain).abs() / plain.abs().clamp_min(1e-30))
+    return (f"check: the hybrid objective recon_loss(recon, z, embeddings=emb) vs F.mse_loss(recon, "
+            f"torch.cat([z[:, :p], emb, z[:, p:]], 1)) over all {recon.shape[1]} decoder columns in float64: "
+            f"relative difference {rel:.1e}")
