@@ -15,17 +15,7 @@ import torch
 from .launch import BLOCK_P, TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for
 from .launch import scratch, scratch_guard
 from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
-from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
-
-
-def reduction_scale(reduction: int, B: int, K: int) -> float:
-    """What the reduction multiplies the sum of its terms by: 1/(B·K) for mean, 1/B for column (a column's
-    sum over the batch), 1 for sum and none; the gradient's factor is twice it. B = 0 (a rank without rows)
-    counts as 1. (fusedvq/cpu/stats.py has the CPU path's copy: kept beside each path that reads it, so
-    that neither runs one more file per call.)"""
-    if reduction == REDUCTION_MEAN:
-        return 1.0 / max(B * K, 1)
-    return 1.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 1.0
+from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode, reduction_scale
 
 
 def launch_forward(

@@ -25,9 +25,8 @@ import triton.language as tl
 
 from .launch import BLOCK_P, TUNING, KernelLauncher, cdiv, device_guard, max_programs, next_power_of_2, num_warps_for
 from .launch import scratch, scratch_guard
-from .launchers import reduction_scale
 from .masked_mse import FLT_MAX, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, write_reduction
-from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode
+from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode, reduction_scale
 
 
 @triton.jit
