@@ -166,3 +166,16 @@ def test_decoder_category_errors_follow_the_weight_buffer(change):
     want = torch.stack([(errors[:5]).sum() / w[:5].sum(), errors[5:].sum() / w[5:].sum()])
     assert rel_err(loss_fn.category_errors(errors), want) <= 1e-6
 
+
+def test_check_says_which_space(hybrid):
+    from fusedvq.tools.cli import check
+
+    run, path = hybrid
+    out, err = io.StringIO(), io.StringIO()
+    rc = check(str(path), features=sum(FAMILIES.values()), out=out, err=err)
+    out, err = out.getvalue(), err.getvalue()
+    assert rc == 0, err
+    assert f"listing {run.K} kept feature columns (pre_model_group_indices) and {run.K + C} decoder columns" in out
+    name, cols = next(iter(run.kept_groups.items()))
+    assert any(line.split()[:6] == [name, str(len(cols)), "kept", "feature", "columns,", str(len(cols))]
+               for line in out.splitlines())
