@@ -1,23 +1,18 @@
 """A categorical VQ-VAE's categories: per-category errors from the per-column ones, per-column weights
 given per category, and the balance score over categories.
 
-    two spaces, one order (the checkpoint's), one name per category:
-      categories          {name: kept-column indices in [0, K)}: the K kept feature columns (the statistics',
-                          the weights' and the feature-only loss's; a hybrid's pre_model_group_indices)
-      decoder_categories  {name: decoder-column indices in [0, K + c)}: a hybrid's decoder columns
-                          (model_config's group_indices: the INITIAL category also holds the c embedding
-                          columns); the same as categories when c = 0
-    both checked, never coerced: string names, integer indices in range, each listed once
-    column errors  c[j] = Σ_b e[b, j] / B, e = w[j]·(z − r)²       (reduction="column"; w = 1 unweighted)
-    category errors  E[n] = Σ_{j ∈ n} c[j] / W_n,  W_n = Σ_{j ∈ n} w[j]    (a gather of each category's columns)
-        unweighted: the category's mean squared error (the mean of its columns'); with weights that are
-        constant within a category (a weight per category, "balanced"), still its plain mean squared error;
-        with other weights, the weight-averaged one; NaN for a category whose weights are all 0
-      category_errors          decoder space: the [K + c] errors of a hybrid's objective (reduction="column"
-                               with embeddings=), each category over its decoder columns, embeddings
-                               included: the trainer's `{category}/reconstruction_mse`
-      feature_category_errors  kept space: the [K] errors of the feature columns alone (no embeddings=)
-      (the same numbers when c = 0)
+    categories          {name: kept-column indices in [0, K)}: over the K kept feature columns (the
+                        statistics', the weights' and the feature-only loss's; a hybrid's pre_model_group_indices)
+    decoder_categories  the same names over the decoder's K + c columns (a hybrid's model_config group_indices:
+                        the INITIAL category also holds the c embedding columns); = categories when c = 0
+        one order (the checkpoint's); checked, never coerced: string names, integers in range, each once
+    column errors     c[j] = Σ_b e[b, j] / B, e = w[j]·(z − r)²      (reduction="column"; w = 1 unweighted)
+    category errors   E[n] = Σ_{j ∈ n} c[j] / W_n,  W_n = Σ_{j ∈ n} w[j]   (a gather of each category's columns)
+        unweighted: the category's mean squared error; with weights constant within a category (a weight
+        per category, "balanced"), still that; with others, the weight-averaged one; NaN for a category
+        whose weights are all 0. category_errors: over decoder columns, from a hybrid objective's [K + c]
+        errors (with embeddings=), the trainer's `{category}/reconstruction_mse`; feature_category_errors:
+        over kept feature columns, from the [K] errors of the feature columns alone (the same when c = 0)
     "balanced"   w[k] = K / (C·n_c) for k in category c of n_c columns: every category weighs K/C in all,
                  the mean loss is the mean over categories of their errors
     gini         the Gini coefficient of the category errors, Σ_i (2i − C − 1)·E_(i) / (C·ΣE), E sorted
@@ -204,17 +199,16 @@ class CategoryErrors:
         read: each category's distinct columns in each space (category_members)."""
         K, device = self.num_kept, self.index.device
         self.decoder_categories = check_decoder_categories(decoder_categories, self.categories, K, num_embedding)
-        self.decoder_width = K + num_embedding  # K + c: the hybrid objective's column errors
+        W = self._decoder_width = K + num_embedding  # K + c: the hybrid objective's column errors
         kept = category_members(self.categories, K, device) if self.categories else None
-        wide = category_members(self.decoder_categories, K + num_embedding, device) if self.decoder_categories else None
+        wide = category_members(self.decoder_categories, W, device) if self.decoder_categories else None
         self.register_buffer("category_members", kept, persistent=False)
         self.register_buffer("decoder_category_members", wide, persistent=False)
 
     @property
     def category_names(self) -> tuple[str, ...]:
-        """The categories' names, in the checkpoint's order: the order of category_errors and
-        feature_category_errors alike (each name is one category, in decoder columns for the one, in kept
-        feature columns for the other)."""
+        """The categories' names, in the checkpoint's order: the order of category_errors (over decoder
+        columns) and of feature_category_errors (over kept feature columns) alike."""
         return tuple(self.categories or self.decoder_categories)
 
     def category_errors(self, column_errors: torch.Tensor) -> torch.Tensor:
@@ -224,7 +218,7 @@ class CategoryErrors:
         category over its decoder columns (decoder_categories: the INITIAL category's embedding columns
         included). Weighted, each divides by its columns' total weight (fusedvq/categories.py). On the
         errors' device, differentiable, no host synchronization."""
-        K, W = self.num_kept, self.decoder_width
+        K, W = self.num_kept, self._decoder_width
         if W == K:
             return self._by_category(column_errors, self.category_members, self._loss_weight(), K, "category_errors")
         if self.decoder_category_members is None:
@@ -246,7 +240,7 @@ class CategoryErrors:
         a hybrid's pre_model_group_indices), from the [K] column errors of reduction="column" without
         embeddings (the feature columns alone: a different objective for a hybrid, docs/hybrid.md). The same
         as category_errors when the decoder has no embedding columns."""
-        K, W = self.num_kept, self.decoder_width
+        K, W = self.num_kept, self._decoder_width
         _refuse_width(column_errors, K, W, feature_columns=True)
         return self._by_category(column_errors, self.category_members, self._loss_weight(), K,
                                  "feature_category_errors")

@@ -224,15 +224,16 @@ def _describe_categories(decl, say) -> None:
     else:
         wide = sum(decoder[name].size for name in decl.categories)
         say(f"categories      {len(decl.categories)}, listing {total} kept feature columns "
-            f"(pre_model_group_indices) and {wide} decoder columns (model_config's group_indices, with the "
-            f"{decl.hybrid.num_embedding} embedding columns); per-category errors are in decoder columns")
+            f"(pre_model_group_indices) and {wide} decoder columns (model_config's group_indices)")
+        say("  (category_errors: over decoder columns, as the trainer counts them; feature_category_errors: over "
+            "kept feature columns)")
     names = [name if len(name) <= 40 else name[:37] + "..." for name in list(decl.categories)[:MAX_LISTED]]
     width = max(map(len, names), default=0)
     for name, (key, idx) in zip(names, decl.categories.items()):
         if decoder is None or key not in decoder:
             say(f"  {name:<{width}}  {idx.size:4d} columns")
         else:
-            say(f"  {name:<{width}}  {idx.size:4d} kept feature columns, {decoder[key].size:4d} decoder columns")
+            say(f"  {name:<{width}}  {idx.size:4d} kept feature columns, {decoder[key].size} decoder columns")
 
 
 def _describe_hybrid(decl, say) -> None:
