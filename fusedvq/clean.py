@@ -61,17 +61,18 @@ class FeatureCleaner(Prepared):
         mean, std: μ, σ of length D or K; required for norm="stats".
         num_features and the options norm, eps, nan_to_num, backend, stats_space, sync_stats, process_group:
             as in MaskedMSELoss.
-        weight, categories: recon_loss's per-column weights and the VQ-VAE's categories, as in MaskedMSELoss
-            (from_checkpoint / from_spec take the categories from the checkpoint).
+        weight, categories, decoder_categories: recon_loss's per-column weights and the VQ-VAE's categories
+            (in kept feature columns, and for a hybrid in decoder columns), as in MaskedMSELoss (from_checkpoint
+            / from_spec take both from the checkpoint).
 
     from_checkpoint(path, norm=..., ...) builds it from a VQ-VAE checkpoint, as the losses do.
     """
 
-    _TAKES = ("index", "mean", "std", "num_features", "weight", "categories", *OPTIONS)
+    _TAKES = ("index", "mean", "std", "num_features", "weight", "categories", "decoder_categories", *OPTIONS)
 
     def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, _gap=(0, 0), **options):
         # (_gap: from_spec's hybrid layout (p, c), known before the weight is checked: [K + c] weights then fit)
-        super().__init__(index, mean, std, categories=categories, **options)
+        super().__init__(index, mean, std, categories=categories, _decoder_gap=_gap, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
         # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
         K, device = self.num_kept, self.index.device
@@ -88,6 +89,8 @@ class FeatureCleaner(Prepared):
         others are the embeddings, left to the caller)."""
         check_spec(cls, spec)
         gap = (0, 0) if spec.hybrid is None else (spec.hybrid.first_embedding, spec.hybrid.num_embedding)
+        if spec.hybrid is not None:
+            options.setdefault("decoder_categories", spec.decoder_categories or None)
         cleaner = super().from_spec(spec, norm=norm, _gap=gap, **options)
         cleaner.hybrid = spec.hybrid
         return cleaner
@@ -102,6 +105,9 @@ class FeatureCleaner(Prepared):
 
     def _loss_weight(self):
         return _kept_weight(self._z_plan.weight, self.num_kept, self._z_plan.gap)  # (recon_loss's weights)
+
+    def _objective_weight(self):
+        return self._z_plan.weight  # (recon_loss's weights as given: [K], or [K + c] per decoder column)
 
     @property
     def gap(self) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import ops
 from .arguments import NORMS, OPTIONS, REDUCTIONS, _is_tracing, check_weight, prepare
-from .categories import category_errors, category_members, check_categories, resolve_weight
+from .categories import CategoryErrors, check_categories, resolve_weight
 from .checkpoint import FeatureSpec, load_feature_spec
 from .strict import check_count, check_flag, refuse_unknown
 from .cpu.hybrid import around_gap
@@ -22,7 +22,7 @@ _SIGNATURE = "loss(features [B, {}], target [B, {}])"
 # Every keyword each form takes, as its unknown-option error lists them (the options of OPTIONS included).
 _STATS = ("mean", "std", "num_features")
 MASKED_MSE_TAKES = ("index", "mean", "std", "reduction", "weight", *OPTIONS)
-MODULE_TAKES = ("index", *_STATS, "reduction", "weight", "categories", "target_gap", *OPTIONS)
+MODULE_TAKES = ("index", *_STATS, "reduction", "weight", "categories", "decoder_categories", "target_gap", *OPTIONS)
 
 
 def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, std=None, *, norm: str = "stats",
@@ -73,7 +73,7 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
                          ops.small_route(plan))
 
 
-class Prepared(nn.Module):
+class Prepared(CategoryErrors, nn.Module):
     """The index and statistics of a fusedvq module, validated once (arguments.prepare) and held as buffers
     (they move with .to()): a call checks only shapes, dtypes and devices, so it never synchronizes with the
     GPU and compiles with torch.compile(fullgraph=True) or is captured in a CUDA graph. Statistics are held
@@ -82,9 +82,10 @@ class Prepared(nn.Module):
     _TAKES = MODULE_TAKES  # every keyword the constructor takes (its unknown-option error lists them)
 
     def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, categories=None,
-                 _loss_form=None, **options):
+                 decoder_categories=None, _loss_form=None, _decoder_gap=None, **options):
         # _loss_form: {"reduction", "gap", "weight"} of MaskedMSELoss; a cleaner has none (those names stay
-        # options there, which are refused as unknown).
+        # options there, which are refused as unknown). _decoder_gap: the decoder's (p, c) when not the plan's
+        # (a cleaner's recon_loss).
         refuse_unknown(options, self._TAKES, type(self).__name__)
         refuse_spec(index, "index", f"{type(self).__name__}.from_spec(spec)")
         super().__init__()
@@ -99,7 +100,7 @@ class Prepared(nn.Module):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
         self._held = ()  # (plan, route, the buffers they hold): ops.held_plan's, kept between calls
-        self._set_categories()
+        self._set_categories(decoder_categories, (plan.gap if _decoder_gap is None else _decoder_gap)[1])
 
     def _weight(self, weight, num_kept: int, device, gap=(0, 0)) -> Optional[torch.Tensor]:
         """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
@@ -110,26 +111,14 @@ class Prepared(nn.Module):
         return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device,
                             gap[1])
 
-    def _set_categories(self) -> None:
-        """The buffer category_errors reads: each category's distinct kept columns (category_members)."""
-        members = category_members(self.categories, self.num_kept, self.index.device) if self.categories else None
-        self.register_buffer("category_members", members, persistent=False)
-
     def _loss_weight(self) -> Optional[torch.Tensor]:
         """The per-kept-column weights [K] the loss uses now (the weight buffer; a hybrid objective's [K + c]
-        weights without their embedding columns), for category_errors."""
+        weights without their embedding columns), for feature_category_errors."""
         return _kept_weight(self.weight, self.num_kept, self.plan.gap)
 
-    @property
-    def category_names(self) -> tuple[str, ...]:
-        """The categories' names, in the checkpoint's order (the order of category_errors)."""
-        return tuple(self.categories)
-
-    def category_errors(self, column_errors: torch.Tensor) -> torch.Tensor:
-        """The per-category errors [C] (in category_names' order) of the column errors [K] of a
-        reduction="column" loss: each category's mean squared error (fusedvq/categories.py states it with
-        weights), on their device, differentiable, no host synchronization."""
-        return category_errors(column_errors, self.category_members, self._loss_weight(), self.num_kept)
+    def _objective_weight(self) -> Optional[torch.Tensor]:
+        """The weights the loss uses now, as given ([K], or [K + c] per decoder column), for category_errors."""
+        return self.weight
 
     @classmethod
     def from_checkpoint(cls, path, *, norm: str = "stats", num_features: Optional[int] = None, trust: bool = False,
@@ -144,6 +133,9 @@ class Prepared(nn.Module):
         """The module for a FeatureSpec (fusedvq.load_feature_spec): its mask, and its statistics for
         norm="stats"."""
         check_spec(cls, spec)
+        if spec.hybrid is not None and issubclass(cls, MaskedMSELoss) and "target_gap" in options:
+            # (a loss given the decoder's whole output: its category errors are in decoder columns)
+            options.setdefault("decoder_categories", spec.decoder_categories or None)
         module = cls(spec.feature_mask, **spec.stats_arguments(norm), norm=norm, categories=spec.categories, **options)
         module.hybrid = spec.hybrid  # (a hybrid VQ-VAE's layout: its decoder's output is wider than K)
         return module
@@ -190,6 +182,9 @@ class MaskedMSELoss(Prepared):
             name categories ({name: w}, the others 1) or be "balanced" (every category the same total weight).
         categories: {name: kept-column indices} (from_checkpoint / from_spec: the VQ-VAE's, in its order):
             category_errors(column_errors) gives the per-category errors of a reduction="column" loss.
+        decoder_categories: with a target_gap (p, c), the same categories in the decoder's K + c columns (a
+            hybrid's model_config group_indices: the INITIAL category holds the c embedding columns), which
+            category_errors averages over; feature_category_errors uses categories (categories.py).
         target_gap: (at, width): the target holds `width` more columns, from column `at` on, that the loss
             skips (a hybrid VQ-VAE decoder's embedding columns): target [B, K + width], read in place, its
             gradient zero there. VQReconLoss.from_checkpoint sets it from the checkpoint.

@@ -38,6 +38,9 @@ class VQReconLoss(nn.Module):
         mean, std: μ, σ per feature column (length D) or per kept column (length K); norm="stats" only.
         categories: optional {name: kept-column indices} (the checkpoint's group_indices): category_errors
             turns the [K] errors of reduction="column" into one per category, and weight may name them.
+        decoder_categories: with target_gap, the same categories in decoder columns (a hybrid's model_config
+            group_indices; from_checkpoint reads them): category_errors of the [K + c] errors with embeddings=
+            averages over them, as the trainer does; feature_category_errors keeps the kept feature columns.
         weight: per-column loss weights: [K] numbers, {category name: weight} (others 1), or "balanced"
             (every category weighs the same in all); e = w·(z − recon)², the mean dividing by B·K.
         options: norm, reduction ("mean", "sum", "none" [B, K], "column" [K]), num_features, target_gap,
@@ -80,6 +83,8 @@ class VQReconLoss(nn.Module):
         check_spec(cls, spec)
         layout = spec.hybrid
         gap = (layout.first_embedding, layout.num_embedding) if layout is not None else (0, 0)
+        if layout is not None:
+            options.setdefault("decoder_categories", spec.decoder_categories or None)
         loss = cls(spec.feature_mask, **spec.stats_arguments(norm), categories=spec.categories, norm=norm,
                    target_gap=gap, **options)
         loss.spec, loss.hybrid = spec, layout
@@ -87,16 +92,32 @@ class VQReconLoss(nn.Module):
 
     @property
     def categories(self) -> dict:
-        """{name: kept-column indices}, in the checkpoint's order."""
+        """{name: kept-column indices}, in the checkpoint's order: the categories over the K kept feature
+        columns (a hybrid's pre_model_group_indices)."""
         return self.loss.categories
 
     @property
+    def decoder_categories(self) -> dict:
+        """{name: decoder-column indices}, in category_names' order: the categories over the decoder's
+        columns (a hybrid's model_config group_indices, the INITIAL category holding the embedding columns;
+        the same as categories unless hybrid; {} for a hybrid built without them)."""
+        return self.loss.decoder_categories
+
+    @property
     def category_names(self) -> tuple[str, ...]:
+        """The categories' names, in the checkpoint's order (of category_errors and feature_category_errors)."""
         return self.loss.category_names
 
     def category_errors(self, column_errors: torch.Tensor) -> torch.Tensor:
-        """Per-category errors [C] (category_names' order) of a reduction="column" loss's [K] errors."""
+        """Per-category errors [C] (category_names' order) in decoder columns, the trainer's
+        `{category}/reconstruction_mse`: from a reduction="column" loss's [K] errors, or a hybrid's [K + c]
+        errors with embeddings= (each category over its decoder columns, embedding columns included)."""
         return self.loss.category_errors(column_errors)
+
+    def feature_category_errors(self, column_errors: torch.Tensor) -> torch.Tensor:
+        """Per-category errors [C] over the kept feature columns alone, from the [K] errors of a
+        reduction="column" loss without embeddings (the same as category_errors unless hybrid)."""
+        return self.loss.feature_category_errors(column_errors)
 
     @property
     def embedding_columns(self) -> range:

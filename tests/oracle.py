@@ -236,3 +236,24 @@ def project_category_metric(partials, target, categories: dict, levels: int) -> 
             idx += 1
         metric.append(total / levels)
     return torch.tensor(metric, dtype=torch.float64)
+
+
+def project_decoder_category_metric(x, recon, embeddings, idx, mean_k, std_k, *, at, norm, decoder_categories: dict,
+                                    weight=None) -> torch.Tensor:
+    """[C] float64: the motivating project's `{category}/reconstruction_mse` of a hybrid's reconstruction
+    (categories' order): combined = z (kept_z: μ, σ per kept column) with the embeddings inserted at column
+    `at` (torch.cat), then for each category F.mse_loss(recon[:, cols], combined[:, cols]) over its decoder
+    columns (model_config's group_indices); with weights w [K + c], Σ w·(recon − combined)² over the
+    category's columns divided by B·Σ w there."""
+    z = kept_z(x.detach().double().cpu(), idx, mean_k, std_k, norm)
+    combined = torch.cat([z[:, :at], embeddings.detach().double().cpu(), z[:, at:]], 1)
+    r = recon.detach().double().cpu()
+    out = []
+    for cols in decoder_categories.values():
+        cols = list(cols)
+        if weight is None:
+            out.append(F.mse_loss(r[:, cols], combined[:, cols]))
+        else:
+            w = weight.detach().double().cpu()[cols]
+            out.append((F.mse_loss(r[:, cols], combined[:, cols], reduction="none") * w).sum() / (r.shape[0] * w.sum()))
+    return torch.stack(out)

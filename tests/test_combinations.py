@@ -210,7 +210,7 @@ def run(case: Case) -> None:
             change(case, d, module)
         with _modes(case):
             out = fn(x, r)
-            cat = owner.category_errors(out) if owner is not None and case.reduction == "column" else None
+            cat = owner.feature_category_errors(out) if owner is not None and case.reduction == "column" else None
         grad_out = (torch.rand(out.shape, generator=torch.Generator().manual_seed(case.seed + 2),
                                dtype=torch.float64) + 0.5) * 1.7  # ≠ 1
         if out.requires_grad:

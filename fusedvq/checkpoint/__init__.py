@@ -49,7 +49,7 @@ Nothing here imports loss code.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -71,13 +71,20 @@ class FeatureSpec:
     """What the loss needs from a checkpoint, checked consistent.
 
     feature_mask [D] bool over the extractor's columns; index [K] int64 = the kept columns in order;
-    mean, std [K] float64 in the masked space (the decoder's columns), or None when not loaded.
+    mean, std [K] float64 in the masked space (the kept feature columns), or None when not loaded.
+
+    The categories in two spaces, one order (the checkpoint's): `categories` lists each category's kept
+    feature columns (in [0, K): what the statistics and the feature-only loss use; a hybrid's
+    pre_model_group_indices), `decoder_categories` its decoder columns (in [0, input_dim): model_config's
+    group_indices, where a hybrid's INITIAL category also holds its c embedding columns; what the trainer's
+    `{category}/reconstruction_mse` averages over). They are the same unless hybrid; decoder_categories is
+    empty when the checkpoint does not declare them (a hybrid with only pre_model_group_indices).
     """
 
     path: Path
     feature_mask: torch.Tensor  # [D] bool
     index: torch.Tensor  # [K] int64
-    input_dim: int  # the decoder's width (== K)
+    input_dim: int  # the decoder's width (K, or K + c for a hybrid)
     categories: dict[str, tuple[int, ...]]  # category → kept-column indices (empty when not declared)
     mean: Optional[torch.Tensor]  # [K] float64
     std: Optional[torch.Tensor]  # [K] float64
@@ -85,6 +92,7 @@ class FeatureSpec:
     stats_source: Optional[str]
     feature_names: Optional[list] = None
     hybrid: Optional[HybridLayout] = None  # a hybrid VQ-VAE's embedding columns among the decoder's
+    decoder_categories: dict = field(default_factory=dict)  # category → decoder-column indices (see above)
 
     @property
     def recon_columns(self) -> torch.Tensor:
@@ -105,7 +113,7 @@ class FeatureSpec:
 
     @property
     def num_kept(self) -> int:
-        """K, the decoder's width."""
+        """K, the kept feature columns (the decoder's width unless hybrid)."""
         return int(self.index.shape[0])
 
     def stats_arguments(self, norm: str) -> dict:
@@ -155,11 +163,14 @@ def load_feature_spec(path: Optional[PathLike] = None, *, num_features: Optional
         mu, sigma = assemble_stats(decl.stats, decl.categories, decl.num_kept, decl.feature_mask)
         mean, std = torch.from_numpy(mu), torch.from_numpy(sigma)
     categories = {name: tuple(int(i) for i in idx) for name, idx in (decl.categories or {}).items()}
+    decoder = decl.decoder_categories if decl.hybrid is not None else decl.categories
+    decoder_categories = {name: tuple(int(i) for i in decoder[name]) for name in categories if name in decoder
+                          } if decoder and set(decoder) == set(categories) else {}
     return FeatureSpec(
         path=decl.path, feature_mask=mask, index=mask.nonzero().squeeze(1), input_dim=decl.input_dim,
         categories=categories, mean=mean, std=std, method=decl.method if require_stats else None,
         stats_source=decl.stats_source if require_stats else None, feature_names=decl.feature_names,
-        hybrid=decl.hybrid,
+        hybrid=decl.hybrid, decoder_categories=decoder_categories,
     )  # fmt: skip
 
 

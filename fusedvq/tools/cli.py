@@ -193,12 +193,7 @@ def _describe(decl, features: Optional[int], norm: str, say, other: str = "") ->
     say(f"decoder         input_dim {decl.input_dim if decl.input_dim is not None else 'unknown'}")
     _describe_hybrid(decl, say)
     if decl.categories is not None:
-        total = sum(idx.size for idx in decl.categories.values())
-        say(f"categories      {len(decl.categories)}, listing {total} kept columns")
-        names = [name if len(name) <= 40 else name[:37] + "..." for name in list(decl.categories)[:MAX_LISTED]]
-        width = max(map(len, names), default=0)
-        for name, idx in zip(names, decl.categories.values()):
-            say(f"  {name:<{width}}  {idx.size:4d} columns")
+        _describe_categories(decl, say)
         if len(decl.categories) > MAX_LISTED:
             say(f"  ... and {len(decl.categories) - MAX_LISTED:,} more")
     else:
@@ -217,6 +212,28 @@ def _describe(decl, features: Optional[int], norm: str, say, other: str = "") ->
         say(f"feature_names   {len(decl.feature_names)}")
     say(f"extractor       {features} columns (--features)" if features is not None
         else "extractor       width not given (--features D)")
+
+
+def _describe_categories(decl, say) -> None:
+    """The categories and their sizes; for a hybrid in both spaces: kept feature columns (the statistics'
+    and the feature-only loss's) and decoder columns (the hybrid objective's and the trainer's metric's)."""
+    total = sum(idx.size for idx in decl.categories.values())
+    decoder = decl.decoder_categories if decl.hybrid is not None else None
+    if decoder is None or set(decoder) != set(decl.categories):
+        say(f"categories      {len(decl.categories)}, listing {total} kept columns")
+    else:
+        wide = sum(decoder[name].size for name in decl.categories)
+        say(f"categories      {len(decl.categories)}, listing {total} kept feature columns "
+            f"(pre_model_group_indices) and {wide} decoder columns (model_config's group_indices)")
+        say("  (category_errors: over decoder columns, as the trainer counts them; feature_category_errors: over "
+            "kept feature columns)")
+    names = [name if len(name) <= 40 else name[:37] + "..." for name in list(decl.categories)[:MAX_LISTED]]
+    width = max(map(len, names), default=0)
+    for name, (key, idx) in zip(names, decl.categories.items()):
+        if decoder is None or key not in decoder:
+            say(f"  {name:<{width}}  {idx.size:4d} columns")
+        else:
+            say(f"  {name:<{width}}  {idx.size:4d} kept feature columns, {decoder[key].size} decoder columns")
 
 
 def _describe_hybrid(decl, say) -> None:
