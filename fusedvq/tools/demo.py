@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .demo_checks import parity_lines, pitfalls, sync, timing_line
-from .hybrid_step import category_errors, decoder_categories, hybrid_loss, hybrid_world
+from .hybrid_step import hybrid_loss, hybrid_world
 from .world import (
     COMMITMENT, FEATURES, SEED, NUM_TOKENS, World, build_world, default_spec, make_model, write_checkpoint,
 )
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, out=None) -> int:
             try:
                 if args.checkpoint:
                     spec = load_feature_spec(args.checkpoint, trust=args.trust)
-                    world = _world_of(spec, gen, args.trust)
+                    world = _world_of(spec, gen)
                     source = f"{spec.path} (stand-in extractor and VQ-VAE of its widths)"
                 else:
                     world = build_world(*default_spec(gen), gen)
@@ -109,12 +109,13 @@ def run(args: argparse.Namespace, out=None) -> int:
             torch.set_num_threads(threads)
 
 
-def _world_of(spec, gen: torch.Generator, trust: bool) -> World:
+def _world_of(spec, gen: torch.Generator) -> World:
     K = spec.num_kept
     mean = spec.mean if spec.mean is not None else torch.zeros(K, dtype=torch.float64)
     std = spec.std if spec.std is not None else torch.ones(K, dtype=torch.float64)
     if spec.hybrid is not None:
-        return hybrid_world(spec, mean, std, decoder_categories(spec, trust), gen)
+        decoder = {k: list(v) for k, v in spec.decoder_categories.items()} or None
+        return hybrid_world(spec, mean, std, decoder, gen)
     categories = {k: list(v) for k, v in spec.categories.items()} or {"all": list(range(K))}
     return build_world(spec.feature_mask, mean, std, categories, gen)
 
@@ -224,7 +225,7 @@ def _category_lines(world: World, cleaner, columns: torch.Tensor) -> list[str]:
         if not categories:
             return [f"no per-category errors: the checkpoint declares no decoder categories "
                     f"(model_config's group_indices)"]
-        errors = category_errors(columns, categories).cpu()
+        errors = cleaner.category_errors(columns).cpu()  # (the cleaner's decoder_categories)
         initial = [n for n, idx in categories.items() if set(idx) & set(range(p, p + c))]
         lines = [f"reconstruction error per category in decoder space (the last step's loss pass, reduction="
                  f"\"column\" → [{columns.numel()}] errors averaged over each category's decoder columns, "

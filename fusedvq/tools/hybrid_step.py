@@ -38,16 +38,6 @@ class InitialEncoder(nn.Module):
         return torch.tanh(u @ self.W)
 
 
-def decoder_categories(spec, trust: bool) -> Optional[dict[str, list[int]]]:
-    """A hybrid checkpoint's categories in decoder columns (its model_config's group_indices, the INITIAL
-    category with the embedding columns), or None when it declares none. FeatureSpec holds the kept-column
-    ones only, so they are read from what the checkpoint declares."""
-    from ..checkpoint import declare
-
-    groups = declare(spec.path, trust=trust, need_stats=False).decoder_categories
-    return None if groups is None else {name: [int(i) for i in idx] for name, idx in groups.items()}
-
-
 def hybrid_world(spec, mean: torch.Tensor, std: torch.Tensor, categories: Optional[dict],
                  gen: torch.Generator) -> World:
     """An extractor of the spec's widths, a stand-in initial encoder of its c embedding columns, and a
@@ -76,16 +66,6 @@ def hybrid_loss(world: World, u: torch.Tensor, z: torch.Tensor, cleaner=None):
     recon, commitment = world.vq(cleaner.combine(z, emb))
     columns = cleaner.recon_loss(recon, z, reduction="column", embeddings=emb)  # its mean: the objective
     return columns.mean() + COMMITMENT * commitment, columns
-
-
-def category_errors(columns: torch.Tensor, categories: dict) -> torch.Tensor:
-    """[C] in the categories' order: each category's mean of the [K + c] column errors over its decoder
-    columns (on the columns' device, no host synchronization)."""
-    index = torch.cat([torch.as_tensor(idx, dtype=torch.long) for idx in categories.values()]).to(columns.device)
-    owner = torch.repeat_interleave(torch.tensor([len(idx) for idx in categories.values()])).to(columns.device)
-    sums = torch.zeros(len(categories), dtype=columns.dtype, device=columns.device)
-    sums = sums.index_add(0, owner, columns[index])
-    return sums / torch.bincount(owner, minlength=len(categories)).to(columns.dtype)
 
 
 def objective_check(world: World, cleaner, u64: torch.Tensor, z_fused: torch.Tensor, z_plain: torch.Tensor) -> str:
