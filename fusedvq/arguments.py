@@ -20,8 +20,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from .categories import resolve_weight
 from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
-from .ops import check_dense
-from .strict import check_count, check_eps, check_flag, check_gap, not_numbers, option_code, refuse_unknown
+from .strict import check_count, check_dense, check_eps, check_flag, check_gap, not_numbers, option_code, refuse_unknown
 
 REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.py's REDUCTION_*)
 NORMS = ("none", "stats", "batch")  # code = position (NORM_*)

@@ -10,6 +10,7 @@ import difflib
 import math
 
 import numpy as np
+import torch
 
 # Keywords that other losses spell differently (F.mse_loss's legacy arguments, a mask's usual name).
 _SPELLED_ELSEWHERE = {"reduce": ("reduction",), "size_average": ("reduction",), "mask": ("index", "feature_mask"),
@@ -84,3 +85,16 @@ def check_gap(target_gap, num_kept: int) -> tuple[int, int]:
         raise ValueError(f"target_gap must be (at, width) with 0 <= at <= {num_kept} (the kept columns) and "
                          f"width >= 0, got {target_gap!r}")
     return int(target_gap[0]), int(target_gap[1])
+
+
+def check_dense(t: torch.Tensor, name: str, meta: bool = True) -> None:
+    """A dense (strided) tensor with data: sparse and nested tensors, and tensors on the meta device, are not
+    supported by the loss's kernels."""
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor, which fusedvq does not support: pass a dense [rows, columns] "
+                        f"tensor")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a sparse tensor ({str(t.layout).replace('torch.', '')}), which fusedvq does not "
+                        f"support: pass {name}.to_dense()")
+    if meta and t.device.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError(f"{name} is on the meta device (a shape without values): fusedvq needs real data")

@@ -23,7 +23,9 @@ how CI runs the kernels — so the op schemas carry use_triton in their integer 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -32,10 +34,12 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..cpu import autocast_enabled, without_autocast
 from ..cpu import small as cpu_small
-from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap
+from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap, Mode
 from . import autocast
 from .hybrid import check_embeddings
+from ..strict import check_dense  # noqa: F401  (also ops.check_dense)
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
@@ -290,19 +294,6 @@ def use_triton_for(backend: str, features: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_dense(t: Tensor, name: str, meta: bool = True) -> None:
-    """A dense (strided) tensor with data: sparse and nested tensors, and tensors on the meta device, are not
-    supported by the loss's kernels."""
-    if t.is_nested:
-        raise TypeError(f"{name} is a nested tensor, which fusedvq does not support: pass a dense [rows, columns] "
-                        f"tensor")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} is a sparse tensor ({str(t.layout).replace('torch.', '')}), which fusedvq does not "
-                        f"support: pass {name}.to_dense()")
-    if meta and t.device.type == "meta" and not torch.compiler.is_compiling():
-        raise ValueError(f"{name} is on the meta device (a shape without values): fusedvq needs real data")
-
-
 def check_pair(features: Tensor, target: Optional[Tensor], allow_empty: bool = False) -> None:
     """Types, layouts, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (target None: x alone).
     B = 0 only if allowed: a rank without rows still takes part in cross-rank statistics."""
@@ -459,6 +450,24 @@ def kernels():
 
 
 _kernels = None
+
+
+def autocast_off(fn):
+    """fn run with autocast off (cpu.without_autocast) where it is on; outside autocast, one C call. Here, beside the
+    routing, rather than in cpu/ or an op module, so that an eager call of either op runs no extra file for it."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        return without_autocast(fn, *args) if autocast_enabled() else fn(*args)
+
+    # Its annotations resolved: torch.library infers the registered ops' schemas from a wrapped body's signature.
+    run.__signature__ = inspect.signature(fn, eval_str=True)
+    return run
+
+
+def kernel_mode(mode: list, norm: int = 0, needs=(True, True)) -> Mode:
+    """The kernels' and the CPU paths' Mode of an op's mode list."""
+    return Mode(norm, bool(mode[0]), mode[1], (mode[3], mode[4]), needs)
 
 
 from . import clean as _op_clean  # noqa: E402  (the op modules build on the Definition above)

@@ -23,7 +23,8 @@ from ..cpu import stats as cpu_stats
 from ..kernels.plan import NORM_BATCH
 from . import Definition, kernels, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
-from .loss import autocast_off, batch_outputs_fake, kernel_mode
+from . import autocast_off, kernel_mode
+from .loss import batch_outputs_fake
 
 
 def _fresh(x: Tensor) -> Tensor:

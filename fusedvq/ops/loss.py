@@ -29,33 +29,18 @@ else a key from ops/distributed.py (all ranks' rows).
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..cpu import autocast_enabled, without_autocast
 from ..cpu import batch as cpu_batch
 from ..cpu import hybrid as cpu_hybrid
 from ..cpu import stats as cpu_stats
 from ..kernels.plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, COMPUTE_DTYPE, Mode
-from . import Definition, kernels, refuse_synced_higher_order
+from . import Definition, autocast_off, kernel_mode, kernels, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
-
-
-def autocast_off(fn):
-    """fn run with autocast off (cpu.without_autocast) where it is on; outside autocast, one C call. Here
-    rather than in cpu/, so that an eager call runs no extra file for it."""
-
-    @functools.wraps(fn)
-    def run(*args):
-        return without_autocast(fn, *args) if autocast_enabled() else fn(*args)
-
-    # Its annotations resolved: torch.library infers the registered ops' schemas from a wrapped body's signature.
-    run.__signature__ = inspect.signature(fn, eval_str=True)
-    return run
 
 
 def empty(like: Tensor, dtype=None) -> Tensor:
@@ -72,11 +57,6 @@ def grads_fake(x: Tensor, target, needs) -> tuple:
 def outputs(grads, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """An implementation's (grad_x, grad_target), None where not wanted, as op outputs (0-element there)."""
     return tuple(empty(like) if g is None else g for g, like in zip(grads, (x, target)))
-
-
-def kernel_mode(mode: list, norm: int = 0, needs=(True, True)) -> Mode:
-    """The kernels' and the CPU paths' Mode of an op's mode list."""
-    return Mode(norm, bool(mode[0]), mode[1], (mode[3], mode[4]), needs)
 
 
 def _loss_shape(x: Tensor, index: Tensor, mode, embeddings=None) -> tuple[int, ...]:
