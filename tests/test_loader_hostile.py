@@ -30,7 +30,7 @@ for name, make in hostile_files.HOSTILE.items():
         kind, text = "CheckpointError", str(err)
     except BaseException as err:
         kind, text = type(err).__name__, str(err)
-    print(json.dumps({"name": name, "kind": kind, "seconds": time.monotonic() - start, "text": text[:300],
+    print(json.dumps({"name": name, "kind": kind, "seconds": time.monotonic() - start, "text": text[:1000],
                       "tail": text[-300:], "length": len(text)}))
 usage = {who: resource.getrusage(getattr(resource, who)).ru_maxrss << 10 for who in ("RUSAGE_SELF", "RUSAGE_CHILDREN")}
 print(json.dumps(usage))
