@@ -28,8 +28,8 @@ def case(B, *, dtype=torch.float64, gap=(0, 0), seed=0, P=P, mask=True):
 def check(x, partials, columns, mean, std, norm, *, reduction="mean", gap=(0, 0), backend="reference",
           form="tensor"):
     """fusedvq's loss and both gradients for a random grad_output (≠ 1) against partials_oracle. form: the
-    partials as one "tensor" or as a "list" to partials_mse, or a "tensor" to PartialsMSELoss ("module")."""
-    as_list, module = form == "list", form == "module"
+    partials as one "tensor" or as a "list" to partials_mse, or to PartialsMSELoss ("module", "module-list")."""
+    as_list, module = form.endswith("list"), form.startswith("module")
     stats = (mean, std) if norm == "stats" else (None, None)
     num = {} if columns.dtype == torch.bool else {"num_features": x.shape[1]}
     xg = x.detach().clone().requires_grad_()
@@ -87,6 +87,34 @@ def test_list_against_oracle_and_stacked(reduction, monkeypatch):
     got = check(x, listed, columns, mean, std, "stats", form="list", reduction=reduction, gap=(6, 2))
     stacked = check(x, partials, columns, mean, std, "stats", reduction=reduction, gap=(6, 2))
     assert all(rel_err(a, b) <= 1e-6 for a, b in zip(got, stacked))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("reduction", ["mean", "column"])
+@pytest.mark.parametrize("form", ["module", "module-list"])
+def test_module_small_route(norm, reduction, form, monkeypatch):
+    """A module's small CPU batch (cpu/partials_small.py) against the oracle: float64 to 1e-12 (norm "stats"
+    in float32, the module's statistics' dtype), stacked and as a list, with the full path made to fail so
+    that the route must take the call; double backward through it; a call it does not take (a partial of
+    another width) still gets the full path's error."""
+    import fusedvq.partials as partials_module
+
+    def full_path(*args):
+        raise AssertionError("the small-batch route did not take the call")
+
+    monkeypatch.setattr(partials_module, "_call", full_path)
+    dtype = torch.float32 if norm == "stats" else torch.float64
+    columns, mean, std, x, partials = case(6, dtype=dtype, seed=17, mask=False)  # (duplicate columns)
+    given = list(partials) if form == "module-list" else partials
+    check(x, given, columns, mean, std, norm, reduction=reduction, form=form)
+    if dtype == torch.float64:
+        fn = fusedvq.PartialsMSELoss(columns, norm=norm, reduction=reduction, num_features=D)
+        xg, r = x[:3].clone().requires_grad_(), partials[:2, :3].clone().requires_grad_()
+        assert torch.autograd.gradgradcheck(lambda a, b: fn(a, b if form == "module" else list(b)), (xg, r))
+    monkeypatch.undo()
+    fn = fusedvq.PartialsMSELoss(columns, *((mean, std) if norm == "stats" else ()), norm=norm, num_features=D)
+    with pytest.raises(ValueError, match=r"partials\[1\] is"):
+        fn(x, [partials[0], partials[1, :, :-1]])
 
 
 @pytest.mark.parametrize("in_place", [True, False])
