@@ -322,3 +322,26 @@ def test_errors():
             fusedvq.PartialsMSELoss(columns, mean, std, categories=cats, levels=2).category_errors(torch.rand(3, K))
     with pytest.raises(TypeError, match="levels must be an int"):
         partial_category_errors(torch.rand(4, K), cats, levels="2")
+
+
+def test_spare_gradient_buffer(monkeypatch):
+    """The blocked CPU backward's reused [P, B, W] gradient buffer: a gradient still held is never written by
+    the next step (a fresh buffer then), one dropped is reused, and both steps match the oracle."""
+    monkeypatch.setattr(cpu_partials, "_BLOCK_ELEMENTS", 4 * P * K)  # blocked above 4 rows
+    cpu_partials.release_spare()
+    columns, mean, std, x, partials = case(9, dtype=torch.float32, seed=18)
+    r = partials.clone().requires_grad_()
+    grads, ptrs = [], []
+    for step in range(3):
+        r.grad = None
+        scaled = 1.0 + step  # a different gradient each step
+        (fusedvq.partials_mse(x, r, columns, mean, std) * scaled).backward()
+        want = partials_oracle(x, partials, columns, mean, std, "stats", torch.tensor(scaled))[2]
+        assert rel_err(r.grad, want) <= 1e-5
+        ptrs.append(r.grad.data_ptr())
+        if step == 0:
+            grads.append((r.grad, r.grad.clone()))  # held: step 1 must not write it
+    held, copy = grads[0]
+    assert torch.equal(held, copy) and ptrs[1] != ptrs[0]
+    assert ptrs[2] == ptrs[1] == cpu_partials._spare[0].data_ptr()  # step 1's, dropped, reused
+    cpu_partials.release_spare()
