@@ -345,3 +345,20 @@ def test_spare_gradient_buffer(monkeypatch):
     assert torch.equal(held, copy) and ptrs[1] != ptrs[0]
     assert ptrs[2] == ptrs[1] == cpu_partials._spare[0].data_ptr()  # step 1's, dropped, reused
     cpu_partials.release_spare()
+
+
+def test_module_list_route_refusals():
+    """A list the small-batch route must not take gets the full path's error, never a promoted or stacked
+    result: mixed dtypes, a non-tensor, a partial of another batch size, one on the meta device."""
+    columns, mean, std, x, partials = case(4, dtype=torch.float32, seed=19)
+    fn = fusedvq.PartialsMSELoss(columns, mean, std)
+    with pytest.raises(TypeError, match="share one dtype"):
+        fn(x, [partials[0].double(), partials[1].double()])
+    with pytest.raises(ValueError, match=r"partials\[1\] is torch.float64"):
+        fn(x, [partials[0], partials[1].double()])
+    with pytest.raises(TypeError, match=r"partials\[1\] must be a torch.Tensor"):
+        fn(x, [partials[0], partials[1].tolist()])
+    with pytest.raises(ValueError, match=r"partials\[1\] is torch.float32 \(3, 13\)"):
+        fn(x, [partials[0], partials[1, :3]])
+    with pytest.raises(ValueError, match="meta device"):
+        fn(x, [partials[0].to("meta"), partials[1].to("meta")])

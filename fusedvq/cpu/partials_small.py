@@ -70,10 +70,17 @@ class PartialsRoute:
                     and partials.shape[2] == self.kept and partials.numel() <= cpu_partials._BLOCK_ELEMENTS):
                 return self.loss(x, partials)
         elif type(partials) is list and partials and len(partials) * B * self.kept <= cpu_partials._BLOCK_ELEMENTS:
-            shape = (B, self.kept)
-            if all(type(t) is Tensor and t.dtype is dtype and t.is_cpu and t.layout is _STRIDED and not t.is_nested
-                   and t.shape == shape for t in partials):
-                return self.loss(x, torch.stack(partials))
+            # stack checks the members' types, shapes and devices (its error sends the call to the full path);
+            # their dtypes (which it would promote) are checked first. (A third of the µs of checking each.)
+            try:
+                if {t.dtype for t in partials} != {dtype}:
+                    return None
+                stacked = torch.stack(partials)
+            except (AttributeError, TypeError, RuntimeError):
+                return None
+            if (type(stacked) is Tensor and stacked.is_cpu and stacked.layout is _STRIDED and not stacked.is_nested
+                    and stacked.shape[1] == B and stacked.shape[2] == self.kept):
+                return self.loss(x, stacked)
         return None
 
     def clean(self, x: Tensor) -> Tensor:
