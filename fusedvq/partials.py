@@ -57,7 +57,9 @@ def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
                    device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     mode = _mode(reduction, check_gap(target_gap, plan.columns.index.shape[0]))
-    return _call(features, partials, embeddings, plan, ops.small_route(plan), mode)
+    small = PartialsRoute.of(plan, mode) if embeddings is None else None
+    loss = None if small is None else small(features, partials)  # (a small CPU batch: as the module's)
+    return _call(features, partials, embeddings, plan, ops.small_route(plan), mode) if loss is None else loss
 
 
 def _mode(reduction: str, gap: tuple) -> PartialsMode:
