@@ -61,7 +61,8 @@ class PartialsRoute:
     def __call__(self, x, partials) -> Optional[Tensor]:
         if not (type(x) is Tensor and x.is_cpu and x.layout is _STRIDED and not x.is_nested and x.dtype in self.dtypes
                 and x.ndim == 2 and x.shape[1] == self.width and x.shape[0] >= self.min_rows
-                and (not self.batch or x.shape[0] * self.kept <= cpu_small.SMALL_ELEMENTS) and not _COMPILING() and _FUNCTORCH_STACK() is None and not _AUTOCAST("cpu")):
+                and (not self.batch or x.shape[0] * self.kept <= cpu_small.SMALL_ELEMENTS)
+                and not _COMPILING() and _FUNCTORCH_STACK() is None and not _AUTOCAST("cpu")):
             return None
         B, dtype = x.shape[0], x.dtype
         if type(partials) is Tensor:
