@@ -1,19 +1,20 @@
 """P partials against one target on the CPU at a small batch (all P partials within one row block of
-cpu/partials.py), for PartialsMSELoss, which builds the route once per held plan: the whole step, the
-target's normalization included, as a few differentiable aten ops whose autograd is C++
+cpu/partials.py), for PartialsMSELoss (built once per held plan) and partials_mse (per call): the whole step,
+the target's normalization included, as a few differentiable aten ops whose autograd is C++
 
     z = (x[:, index] − shift)·scale      reference.kept_plain (norm "none": x[:, index]; "batch": cpu/small.py's
                                          clean, nan_to_num included)
     loss = mse_loss(partials, z broadcast over the P partials)       "mean"
            mse_loss(..., "none").sum(rows) / B                       "column" ([P, K])
 
-At B = 4 a step is per-call host work: the op's Python autograd node (forward and backward, about 60 µs),
-a clean_features call beside it and the per-call checks cost more than the arithmetic, where this route
-records four aten nodes (index_select, mul, expand, mse_loss; their backward one new_zeros + index_add_
-of the gather, one sum over P, two fused elementwise ops). A list of P [B, K] partials is stacked (one copy,
-whose backward hands each partial a view of the one gradient). One expression checks a call: anything it
-does not recognize (another dtype, device or shape, a traced or torch.func call, autocast, an empty list)
-returns None, and the full path, whose checks say what is wrong, takes it. Double backward is autograd's.
+At B = 4 a step is per-call host work: the op's Python autograd node (about 50 µs forward and backward at
+P = 24 here), a clean_features call beside it and the per-call checks cost more than the arithmetic, where
+this route records four aten nodes (index_select, mul, expand, mse_loss; backward: aten's mse_loss_backward
+for the partials and z, a sum over P, a multiply, the gather's index_add_). A list of P [B, K] partials is
+stacked (one copy, whose backward hands each partial a slice of the one gradient). One expression checks a
+call: anything it does not recognize (another dtype, device or shape, a traced or torch.func call,
+autocast, an empty list) returns None, and the full path, whose checks say what is wrong, takes it. Double
+backward is autograd's.
 """
 
 from __future__ import annotations
