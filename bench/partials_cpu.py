@@ -3,6 +3,11 @@ against the eager loop the motivating project runs (the target cleaned once, the
 summed and divided by P), both with gradients for the features and every partial, in the same run.
 
     python bench/partials_cpu.py [--partials 24] [--batches 4 1024 16384] [--seconds 0.5] [--rounds 7] [--stacked]
+                                 [--loop-target expression|cleaner]
+
+The loop's target is the project's plain expression ((x − mean) / std)[:, mask] by default; --loop-target
+cleaner gives it fusedvq.FeatureCleaner's target instead (the fused op's own normalization), so that the
+ratio measures the P losses alone.
 
 Rounds alternate between the providers (both see the same machine state); each round's time is the median
 step, each round gives a loop/fused ratio (> 1: fused faster), and the table shows the median ratio over the
@@ -41,9 +46,9 @@ def zero_grads(*tensors):
         t.grad = None
 
 
-def loop_step(x, partials, mask, mean, std):
+def loop_step(x, partials, mask, mean, std, cleaner=None):
     zero_grads(x, *partials)
-    target = ((x - mean) / std)[:, mask]
+    target = ((x - mean) / std)[:, mask] if cleaner is None else cleaner(x)
     loss = sum(F.mse_loss(p, target) for p in partials) / len(partials)
     loss.backward()
     return loss
@@ -73,14 +78,18 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=0.5, help="per round and provider")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--stacked", action="store_true", help="give the fused op one [P, B, K] tensor")
+    parser.add_argument("--loop-target", choices=["expression", "cleaner"], default="expression",
+                        help="the loop's target: the plain expression, or fusedvq.FeatureCleaner's")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, P = {args.partials}, D = {D}, K = {K}, "
-          f"partials given as {'one [P, B, K] tensor' if args.stacked else 'a list'}, load {load:.1f}")
+          f"partials given as {'one [P, B, K] tensor' if args.stacked else 'a list'}, loop target: "
+          f"{args.loop_target}, load {load:.1f}")
     print(f"{'B':>6} {'loop ms':>9} {'fused ms':>9} {'ratio':>7}  {'range':>13}")
     for B in args.batches:
         mask, mean, std, x, partials = make(B, args.partials)
         loss_fn = fusedvq.PartialsMSELoss(mask, mean, std)
+        cleaner = fusedvq.FeatureCleaner(mask, mean, std) if args.loop_target == "cleaner" else None
         given = torch.stack(partials).detach().requires_grad_() if args.stacked else partials
         with torch.no_grad():
             target = ((x - mean) / std)[:, mask]
@@ -89,7 +98,7 @@ def main(argv=None) -> None:
         assert torch.allclose(got, ref, rtol=1e-5), (got, ref)
         loops, fuseds = [], []
         for _ in range(args.rounds):
-            loops.append(time_round(lambda: loop_step(x, partials, mask, mean, std), args.seconds))
+            loops.append(time_round(lambda: loop_step(x, partials, mask, mean, std, cleaner), args.seconds))
             fuseds.append(time_round(lambda: fused_step(loss_fn, x, given), args.seconds))
         ratios = sorted(a / b for a, b in zip(loops, fuseds))
         print(f"{B:>6} {statistics.median(loops) * 1e3:>9.3f} {statistics.median(fuseds) * 1e3:>9.3f} "

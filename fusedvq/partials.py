@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .arguments import check_gap, option_code, prepare
+from .cpu.partials_small import PartialsRoute
 from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN
 from .loss import Prepared
 from .ops.partials import PartialsMode, call_partials
@@ -56,7 +57,9 @@ def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
                    device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     mode = _mode(reduction, check_gap(target_gap, plan.columns.index.shape[0]))
-    return _call(features, partials, embeddings, plan, ops.small_route(plan), mode)
+    small = PartialsRoute.of(plan, mode) if embeddings is None else None
+    loss = None if small is None else small(features, partials)  # (a small CPU batch: as the module's)
+    return _call(features, partials, embeddings, plan, ops.small_route(plan), mode) if loss is None else loss
 
 
 def _mode(reduction: str, gap: tuple) -> PartialsMode:
@@ -150,6 +153,7 @@ class PartialsMSELoss(Prepared):
                  levels: Optional[int] = None, partial_categories: Optional[Sequence] = None, **options):
         super().__init__(index, mean, std, **options)
         self.partials_mode = _mode(reduction, check_gap(target_gap, self.num_kept))
+        self._small = ()  # (held plan, its PartialsRoute): rebuilt with the held plan
         self.layout = None
         if self.categories and (levels is not None or partial_categories is not None):
             self.layout = partial_category_layout(self.categories, self.num_kept, levels=levels,
@@ -162,7 +166,14 @@ class PartialsMSELoss(Prepared):
                              "module with from_checkpoint / from_spec)")
 
     def forward(self, features: torch.Tensor, partials, embeddings=None) -> torch.Tensor:
-        held = ops.held_plan(self)
+        held, small = ops.held_plan(self), self._small
+        if not small or small[0] is not held:  # (the buffers were swapped or moved: a route of the new plan)
+            small = (held, PartialsRoute.of(held[0], self.partials_mode))
+            object.__setattr__(self, "_small", small)
+        if small[1] is not None and embeddings is None:  # a small CPU batch: one node each way (cpu/partials_small.py)
+            loss = small[1](features, partials)
+            if loss is not None:
+                return loss
         return _call(features, partials, embeddings, held[0], held[1], self.partials_mode)
 
     def category_errors(self, errors: torch.Tensor) -> torch.Tensor:

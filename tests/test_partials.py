@@ -28,8 +28,8 @@ def case(B, *, dtype=torch.float64, gap=(0, 0), seed=0, P=P, mask=True):
 def check(x, partials, columns, mean, std, norm, *, reduction="mean", gap=(0, 0), backend="reference",
           form="tensor"):
     """fusedvq's loss and both gradients for a random grad_output (≠ 1) against partials_oracle. form: the
-    partials as one "tensor" or as a "list" to partials_mse, or a "tensor" to PartialsMSELoss ("module")."""
-    as_list, module = form == "list", form == "module"
+    partials as one "tensor" or as a "list" to partials_mse, or to PartialsMSELoss ("module", "module-list")."""
+    as_list, module = form.endswith("list"), form.startswith("module")
     stats = (mean, std) if norm == "stats" else (None, None)
     num = {} if columns.dtype == torch.bool else {"num_features": x.shape[1]}
     xg = x.detach().clone().requires_grad_()
@@ -294,3 +294,4 @@ def test_errors():
             fusedvq.PartialsMSELoss(columns, mean, std, categories=cats, levels=2).category_errors(torch.rand(3, K))
     with pytest.raises(TypeError, match="levels must be an int"):
         partial_category_errors(torch.rand(4, K), cats, levels="2")
+

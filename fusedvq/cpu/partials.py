@@ -15,6 +15,7 @@ host synchronization). Everything accumulates in the compute dtype (float64 for 
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -92,9 +93,10 @@ def _neg_sum_over_partials(d: torch.Tensor, out: torch.Tensor, minus_ones: torch
 
 
 def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
-                      needs: tuple) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                      needs: tuple, reuse: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_z [B, K], grad_partials [P, B, K + c], contiguous, zero in the gap's columns), None where needs
-    (needs_z, needs_partials) says not."""
+    (needs_z, needs_partials) says not. reuse: grad_partials may be written into the spare buffer
+    (gradient_buffer; eager calls only, never a registered op's output)."""
     P, B, W = partials.shape
     K = z.shape[1]
     cdt = COMPUTE_DTYPE[z.dtype]
@@ -111,7 +113,9 @@ def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tenso
     # the first in one op, but the sum over p after it ran 2 to 4× slower in measurements.)
     g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))
     grad_z = torch.empty((B, K), dtype=z.dtype, device=z.device) if needs[0] else None
-    grad_p = torch.empty((P, B, W), dtype=partials.dtype, device=z.device) if needs[1] else None
+    grad_p = None
+    if needs[1]:
+        grad_p = (gradient_buffer if reuse else torch.empty)((P, B, W), dtype=partials.dtype, device=z.device)
     if grad_p is not None and gap[1]:
         grad_p[:, :, gap[0] : gap[0] + gap[1]] = 0
     runs, blocks = column_runs(K, gap), _blocks(P, B, W, z.device)
@@ -131,6 +135,39 @@ def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tenso
             if grad_z is not None:
                 _neg_sum_over_partials(d, grad_z[b0:b1, k0:k1], minus_ones)
     return grad_z, grad_p
+
+
+# A stacked input's gradient is one [P, B, W] buffer, which the step hands to the partials' .grad and
+# optimizer.zero_grad() drops. Above glibc's largest recycled size (32 MiB) a fresh one is mapped anew each
+# step and page-faulted in on its first write: measured at B = 16384 (270 MB), 200 of a 310 ms step. So the
+# buffer of the last eager backward is kept, and handed out again (as a new tensor on its storage) when
+# nothing else holds that storage any more (its use count is back to the count taken when it was made: the
+# previous .grad was dropped). Every element is written before the gradient is returned.
+_SPARE_LOCK = threading.Lock()
+_spare: list = []  # [the buffer, its storage's use count while only this list holds it]
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _uses(t: torch.Tensor) -> int:
+    return _USE_COUNT(t.untyped_storage()._cdata)
+
+
+def gradient_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized contiguous tensor of shape: the spare buffer when it is free and fits, else a fresh one
+    that becomes the spare (CPU only; elsewhere, or without the use count, always a fresh one)."""
+    if device.type != "cpu" or _USE_COUNT is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    with _SPARE_LOCK:
+        if not (_spare and _spare[0].shape == shape and _spare[0].dtype == dtype and _uses(_spare[0]) == _spare[1]):
+            fresh = torch.empty(shape, dtype=dtype)
+            _spare[:] = [fresh, _uses(fresh)]
+        return torch.empty(0, dtype=dtype).set_(_spare[0].untyped_storage(), 0, shape)
+
+
+def release_spare() -> None:
+    """Drop the spare gradient buffer (its memory returns when no .grad holds it)."""
+    with _SPARE_LOCK:
+        _spare.clear()
 
 
 # ------------------------------------------------------------------------- partials given as a list

@@ -111,9 +111,13 @@ def _forward(z: Tensor, partials: Tensor, mode: PartialsMode) -> Tensor:
     return impl.partials_forward(z, partials, mode.reduction, (mode.gap_at, mode.gap))
 
 
-def _backward(grad: Tensor, z: Tensor, partials: Tensor, mode: PartialsMode, needs: tuple) -> tuple[Tensor, Tensor]:
-    impl = _kernels() if mode.use_triton else cpu_partials
-    grads = impl.partials_backward(grad, z, partials, mode.reduction, (mode.gap_at, mode.gap), needs)
+def _backward(grad: Tensor, z: Tensor, partials: Tensor, mode: PartialsMode, needs: tuple,
+              eager: bool = False) -> tuple[Tensor, Tensor]:
+    gap = (mode.gap_at, mode.gap)
+    if mode.use_triton:
+        grads = _kernels().partials_backward(grad, z, partials, mode.reduction, gap, needs)
+    else:  # (eager: the gradient may live in the spare buffer, which a registered op's output never does)
+        grads = cpu_partials.partials_backward(grad, z, partials, mode.reduction, gap, needs, reuse=eager)
     return tuple(_empty(like) if g is None else g for g, like in zip(grads, (z, partials)))
 
 
@@ -153,7 +157,7 @@ def _definition_backward(ctx, grad, needs, eager):
     z, partials = ctx.saved_tensors
     mode = ctx.mode
     if eager:
-        grads = _backward(grad, z, partials, mode, needs)
+        grads = _backward(grad, z, partials, mode, needs, eager=True)
     else:
         grads = partials_mse_backward(grad, z, partials, **mode._asdict(), needs_z=needs[0], needs_partials=needs[1])
     return (*(g if need else None for g, need in zip(grads, needs)), None)
