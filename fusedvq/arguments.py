@@ -26,9 +26,6 @@ REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.
 NORMS = ("none", "stats", "batch")  # code = position (NORM_*)
 BACKENDS = ("auto", "triton", "reference")
 STATS_SPACES = ("raw", "masked")
-# Dtypes each backend accepts for features and target (both must share one).
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
 # The keyword options of every form, and their defaults.
 OPTIONS = {"norm": "stats", "eps": 1e-8, "nan_to_num": False, "backend": "auto", "stats_space": None,
            "sync_stats": False, "process_group": None}

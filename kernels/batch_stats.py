@@ -100,7 +100,7 @@ def _column_moments_kernel(
                 m2_p = tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
                 n, mean, m2 = chan_merge(n, mean, m2, n_p, mean_p, m2_p)
             tl.store(stats_ptr + K + cols, mean, mask=col_ok)
-            if FINALIZE:  # reference.finalize_batch_stats, per column
+            if FINALIZE:  # fusedvq/cpu/batch.py finalize_batch_stats, per column
                 n_k = tl.zeros([BLOCK_K], dtype=tl.float32) + n
                 sigma = tl.sqrt(m2 / tl.maximum(n_k - 1.0, 1.0))
                 flat = (sigma < eps) | (n_k < 2.0)

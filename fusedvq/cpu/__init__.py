@@ -1,5 +1,8 @@
-"""The blocked CPU implementations, with hand-written gradients: stats.py (norm "none" / "stats") and batch.py
-(norm "batch"). Small batches take reference.py's composition instead (the routing point decides)."""
+"""The PyTorch path's implementations on the CPU, with hand-written gradients: the blocked passes, stats.py
+(norm "none" / "stats", and the blocks every pass shares) and batch.py (norm "batch"); small.py, the
+small-batch route's norm "batch" forms (small batches of norm "none" / "stats" take reference.py's
+composition); hybrid.py, a hybrid objective's embedding columns; partials.py and partials_small.py, P
+partial reconstructions against one target. The routing point (ops/__init__.py) decides which runs."""
 
 import contextlib
 
@@ -13,7 +16,7 @@ def without_autocast(fn, *args):
     torch.linalg.vecdot, which autocast runs in bfloat16 / float16. The routing point (ops/autocast.py)
     turns autocast off around a call; what runs again outside that region — a backward called inside an
     autocast region, a compiled graph run inside one — checks autocast_enabled() and comes here (cpu/small.py's
-    backwards; ops/loss.py's autocast_off for the registered ops' implementations)."""
+    backwards; ops/__init__.py's autocast_off for the registered ops' implementations)."""
     with contextlib.ExitStack() as stack:
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):

@@ -95,7 +95,7 @@ class _Blocks:
         else:
             out.copy_(self.x[rows].index_select(1, self.index))
         x_ok = None
-        if self.nan_to_num and not _all_finite(out):
+        if self.nan_to_num and not _known_finite(out):
             x_ok = torch.isfinite(out)
             out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         return out, x_ok
@@ -107,7 +107,7 @@ class _Blocks:
         return z, z_ok, x_ok
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def _known_finite(t: torch.Tensor) -> bool:
     """Whether every entry is known finite, from one sum: NaN and ±Inf propagate into it, and a sum that
     overflows only sends the caller down the exact path with masks. Off the CPU (the reference path on CUDA
     tensors) the answer would cost a host synchronization, so it is "not known" and the masks are built."""
@@ -149,7 +149,7 @@ def _z_blocks(blocks: _Blocks, stats: torch.Tensor, centered):
 
 def _finite_or_masked(z: torch.Tensor):
     """(z, z_ok): z with its non-finite entries set to 0 and their mask, or (z, None) when all are finite."""
-    if _all_finite(z):
+    if _known_finite(z):
         return z, None
     z_ok = torch.isfinite(z)
     return z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), z_ok
@@ -236,7 +236,7 @@ def batch_mse_backward(
             for rows in blocks.rows():
                 dz_of(rows)
         return None, grad_target
-    return _grad_x(blocks, dz_of, stats, sums, first), grad_target
+    return _grad_x_by_blocks(blocks, dz_of, stats, sums, first), grad_target
 
 
 def _neg_cast(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -256,7 +256,7 @@ def _dz_sums(blocks: _Blocks, dz_of):
     return sums, (last if blocks.B <= blocks.step else None)
 
 
-def _grad_x(blocks: _Blocks, dz_of, stats: torch.Tensor, sums: torch.Tensor, first=None) -> torch.Tensor:
+def _grad_x_by_blocks(blocks: _Blocks, dz_of, stats: torch.Tensor, sums: torch.Tensor, first=None) -> torch.Tensor:
     """grad_x [B, D] in x.dtype: (1/σ')·(dz − S1/N − z·S2·w) added into the columns index names, 0 where x
     was non-finite, block by block (first: the one block's (dz, z, x_ok), already computed)."""
     s1n = sums[0] * stats[STAT_INV_N]
@@ -314,4 +314,4 @@ def batch_clean_backward(
     sums, first = _dz_sums(blocks, dz_of)
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
-    return _grad_x(blocks, dz_of, stats, sums, first)
+    return _grad_x_by_blocks(blocks, dz_of, stats, sums, first)

@@ -76,7 +76,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum()))
 
 
-def _grad_x(x: torch.Tensor, index: torch.Tensor, dz: torch.Tensor, saved) -> torch.Tensor:
+def _batch_norm_vjp(x: torch.Tensor, index: torch.Tensor, dz: torch.Tensor, saved) -> torch.Tensor:
     """grad_x [B, D] in x.dtype from dz = ∂L/∂z [B, K] (overwritten): batch norm's VJP, masked, added into
     the columns index names."""
     z, rstd, flat, x_ok, z_ok = saved
@@ -132,7 +132,7 @@ class _BatchLoss(torch.autograd.Function):
         if needs[1]:
             grad_target = new_target_grad(B, K, plan.gap, target.dtype, target.device)
             into_target(torch.neg if grad_target.dtype == dz.dtype else _neg_cast, dz, grad_target, plan.gap)
-        grad_x = _grad_x(x, plan.columns.index, dz, (z, rstd, flat, x_ok, z_ok)) if needs[0] else None
+        grad_x = _batch_norm_vjp(x, plan.columns.index, dz, (z, rstd, flat, x_ok, z_ok)) if needs[0] else None
         return grad_x, grad_target, None
 
 
@@ -153,4 +153,4 @@ class _BatchClean(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             composed = reference.batch_clean_composed(x, plan.columns.index, plan.eps, plan.nan_to_num)
             return (*reference.grads_through(composed, (x,), (True,), grad_z), None)
-        return _grad_x(x, plan.columns.index, grad_z.to(z.dtype, copy=True), (z, rstd, flat, x_ok, z_ok)), None
+        return _batch_norm_vjp(x, plan.columns.index, grad_z.to(z.dtype, copy=True), (z, rstd, flat, x_ok, z_ok)), None
