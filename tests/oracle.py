@@ -171,20 +171,11 @@ def category_oracle(column_errors: torch.Tensor, categories: dict, weight: Optio
 
 def column_oracle(x, r, columns, mean, std, grad_out, *, norm, reduction, weight=None, nan_to_num=False,
                   gap=(0, 0), eps=1e-8):
-    """(loss, grad_x, grad_r) in float64 by autograd through the plain composition: z of oracle_z, the
-    target's loss columns (all but the gap's c columns from `at` on), e = w·(z − r)², reduced by plain sums
-    ("column": Σ_b e/B [K]); grad_out [] or the loss's shape."""
-    x64 = x.detach().double().cpu().requires_grad_()
-    r64 = r.detach().double().cpu().requires_grad_()
-    z = oracle_z(x64, columns, mean, std, norm, nan_to_num=nan_to_num, eps=eps)
-    at, c = gap
-    rk = torch.cat([r64[:, :at], r64[:, at + c:]], 1)
-    e = F.mse_loss(z, rk, reduction="none")
-    if weight is not None:
-        e = e * weight.double()
-    loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
-    loss.backward(grad_out.double())
-    return loss.detach(), x64.grad, r64.grad
+    """weighted_oracle with μ, σ given per feature column ([D], "raw", as the modules take them; None for
+    norm "none" / "batch")."""
+    kept = (None, None) if norm != "stats" else (mean.double()[columns.cpu()], std.double()[columns.cpu()])
+    return weighted_oracle(x, r, columns, *kept, grad_out, norm=norm, reduction=reduction, weight=weight,
+                           gap=gap, nan_to_num=nan_to_num, eps=eps)
 
 
 def hybrid_oracle(x, r, embeddings, columns, mean, std, grad_out, *, at, norm, reduction, weight=None,

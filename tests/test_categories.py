@@ -1,6 +1,7 @@
 """Categories: per-category errors from the loss's own column errors, weights given per category
 ("balanced", by name), the Gini balance score, and the checks that keep category input from being
-coerced. Oracles: float64 compositions of plain torch ops (tests/oracle.py's oracle_z, F.mse_loss)."""
+coerced. Oracles: float64 compositions of plain torch ops (tests/oracle.py's column_oracle and
+category_oracle, F.mse_loss)."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import fusedvq
 from helpers import interpreting
-from oracle import oracle_z, rel_err
+from oracle import category_oracle, column_oracle, rel_err
 
 
 @pytest.fixture
@@ -18,10 +19,6 @@ def checkpoint(tmp_path):
 
     parts = make_parts(sizes=[60, 3, 40, 20, 12, 9, 17, 10])  # a 3-column category beside 60-column ones
     return write_checkpoint(tmp_path, parts), parts
-
-
-def _category_oracle(column_errors, groups):
-    return torch.stack([column_errors.double()[list(idx)].mean() for idx in groups.values()])
 
 
 @pytest.mark.parametrize("norm", ["stats", "batch"])
@@ -35,7 +32,7 @@ def test_category_errors_by_name_in_the_checkpoint_order(checkpoint, norm):
     cols = loss_fn(x, recon)
     errors = loss_fn.category_errors(cols)
     assert errors.shape == (8,) and errors.dtype == torch.float32
-    assert rel_err(errors, _category_oracle(cols, parts.groups)) <= 1e-6
+    assert rel_err(errors, category_oracle(cols, parts.groups, None)) <= 1e-6
     # and against per-category F.mse_loss of the plain fix, as the motivating trainer logs them
     z = (x[:, torch.from_numpy(parts.mask)].double() - torch.from_numpy(parts.mean_k)) / torch.from_numpy(parts.std_k)
     if norm == "batch":
@@ -68,7 +65,7 @@ def test_balanced_and_named_weights(checkpoint):
     balanced = fusedvq.VQReconLoss.from_checkpoint(path, weight="balanced")
     per_column = fusedvq.VQReconLoss.from_checkpoint(path, reduction="column", weight="balanced")
     plain_cols = fusedvq.VQReconLoss.from_checkpoint(path, reduction="column")(x, recon)
-    category_mse = _category_oracle(plain_cols, parts.groups)
+    category_mse = category_oracle(plain_cols, parts.groups, None)
     # every category weighs the same: the mean loss is the mean of the category errors
     assert rel_err(balanced(x, recon), category_mse.mean()) <= 1e-6
     assert rel_err(per_column.category_errors(per_column(x, recon)), category_mse) <= 1e-6  # still each one's MSE
@@ -152,7 +149,7 @@ def test_cleaner_recon_loss_columns_weights_and_categories(backend, hybrid, tmp_
     e = (z.double() - rk.double()).square() * w.double()
     assert rel_err(cols, e.mean(0)) <= 1e-6
     plain = ((z.double() - rk.double()).square()).mean(0)
-    assert rel_err(cleaner.category_errors(cols), _category_oracle(plain, parts.groups)) <= 1e-6
+    assert rel_err(cleaner.category_errors(cols), category_oracle(plain, parts.groups, None)) <= 1e-6
     gx, gr = torch.autograd.grad(cols.mean(), (x, recon), retain_graph=True)
     gx_ref, gr_ref = torch.autograd.grad(e.mean(), (x, recon))
     assert rel_err(gx, gx_ref) <= 1e-5 and rel_err(gr, gr_ref) <= 1e-5
@@ -161,13 +158,6 @@ def test_cleaner_recon_loss_columns_weights_and_categories(backend, hybrid, tmp_
 
 
 # ------------------------------------------------------------------- nothing stale, nothing coerced
-
-
-def _weighted_category_oracle(x, r, mask, mean, std, weight, groups):
-    """Each category's Σ w·(z − r)² / (B·Σ w) over its columns, in float64 from the plain composition."""
-    z = oracle_z(x, mask, mean, std, "stats")
-    e = F.mse_loss(z, r.double(), reduction="none") * weight.double()
-    return torch.stack([e[:, list(i)].sum() / (e.shape[0] * weight.double()[list(i)].sum()) for i in groups.values()])
 
 
 @pytest.mark.parametrize("change", ["in place", "reassigned"])
@@ -188,7 +178,8 @@ def test_category_errors_follow_the_weight_buffer(change):
     else:
         loss_fn.weight = new.clone()
     errors = loss_fn.category_errors(loss_fn(x, r))
-    assert rel_err(errors, _weighted_category_oracle(x, r, mask, mean, std, new, groups)) <= 1e-6
+    columns, _, _ = column_oracle(x, r, mask, mean, std, torch.ones(K), norm="stats", reduction="column", weight=new)
+    assert rel_err(errors, category_oracle(columns, groups, new)) <= 1e-6
 
 
 def test_balanced_refuses_a_column_listed_twice():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fusedvq import ops as routing
 from fusedvq.cpu import small as cpu_small
@@ -14,7 +13,7 @@ from fusedvq.cpu import stats as cpu
 from fusedvq.arguments import build_column_map
 from fusedvq.loss import MaskedMSELoss
 from helpers import interpreting
-from oracle import column_oracle
+from oracle import column_oracle, rel_err
 
 PATHS = [
     "composed",
@@ -22,10 +21,6 @@ PATHS = [
     pytest.param("triton", marks=pytest.mark.skipif(not interpreting, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")),
 ]
 D, K, C = 40, 29, 6
-
-
-def rel_err(got, ref) -> float:
-    return float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
 
 
 def _case(B, at, seed, nan=False, strided=False):
@@ -44,20 +39,9 @@ def _case(B, at, seed, nan=False, strided=False):
 
 
 def _oracle(x, r, index, mean, std, at, norm, reduction, nan_to_num, w):
-    x64, r64 = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
-    xin = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
-    kept = xin[:, index]
-    if norm == "stats":
-        z = (kept - mean[index]) / std[index]
-    elif norm == "batch":
-        s = kept.std(0)
-        z = torch.nan_to_num((kept - kept.mean(0)) / torch.where(s < 1e-8, torch.ones_like(s), s))
-    else:
-        z = kept
-    cols = torch.cat([torch.arange(at), torch.arange(at + C, K + C)])
-    loss = F.mse_loss(z, r64[:, cols], reduction=reduction)
-    (loss * w).sum().backward()
-    return loss.detach(), x64.grad, r64.grad
+    """oracle.column_oracle of this file's gap (at, C), with grad_out w."""
+    stats = (mean, std) if norm == "stats" else (None, None)
+    return column_oracle(x, r, index, *stats, w, norm=norm, reduction=reduction, nan_to_num=nan_to_num, gap=(at, C))
 
 
 @pytest.mark.parametrize("path", PATHS)
