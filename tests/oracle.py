@@ -32,9 +32,9 @@ def oracle(
     """(loss, grad_x, grad_r) in float64: normalize all D columns, select, F.mse_loss, autograd."""
     x64 = x.detach().double().cpu().requires_grad_()
     r64 = r.detach().double().cpu().requires_grad_()
-    xt = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
-    z = xt if mean_raw is None else (xt - mean_raw.double().cpu()) / std_raw.double().cpu()
-    loss = F.mse_loss(z[:, columns.cpu()], r64, reduction=reduction)
+    stats = (None, None) if mean_raw is None else (mean_raw.double().cpu(), std_raw.double().cpu())
+    z = oracle_z(x64, columns.cpu(), *stats, "none" if mean_raw is None else "stats", nan_to_num=nan_to_num)
+    loss = F.mse_loss(z, r64, reduction=reduction)
     loss.backward(grad_out.double().cpu())
     return loss.detach(), x64.grad, r64.grad
 
@@ -85,17 +85,12 @@ def batch_oracle(
     """(loss, grad_x, grad_r) in float64 (or `dtype`: the eager composition of the three-way rule) of the
     batch-statistics composition, autograd through μ and σ:
     nan_to_num → column mean and unbiased std → std < eps → 1 → (x − mean)/std → nan_to_num → keep the
-    masked columns → F.mse_loss. The std is taken as sqrt(where(flat, 1, var)) so that a constant column
-    has the finite gradient the composition means (plain sqrt at 0 back-propagates 0·inf = NaN)."""
+    masked columns → F.mse_loss (oracle_z's normalization, whose std is sqrt(where(flat, 1, var)) so that a
+    constant column has the finite gradient the composition means: plain sqrt at 0 back-propagates NaN)."""
     x64 = x.detach().to(dtype).cpu().requires_grad_()
     r64 = r.detach().to(dtype).cpu().requires_grad_()
-    xt = torch.nan_to_num(x64, nan=0.0, posinf=0.0, neginf=0.0) if nan_to_num else x64
-    mean = xt.mean(0)
-    var = (xt - mean).square().sum(0) / (xt.shape[0] - 1)
-    flat = (var.detach().sqrt() < eps)
-    std = torch.where(flat, torch.ones_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
-    z = torch.nan_to_num((xt - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
-    loss = F.mse_loss(z[:, columns.cpu()], r64, reduction=reduction)
+    z = oracle_z(x64, columns.cpu(), None, None, "batch", nan_to_num=nan_to_num, eps=eps, dtype=dtype)
+    loss = F.mse_loss(z, r64, reduction=reduction)
     loss.backward(grad_out.to(dtype).cpu())
     return loss.detach(), x64.grad, r64.grad
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedvq
-from oracle import batch_oracle, oracle, random_case, rel_err
+from oracle import batch_oracle, oracle, oracle_z, random_case, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -142,11 +142,8 @@ def _clean_oracle(x, r, columns, mean, std, norm, grad):
     """float64 CPU composition of the VQ-led loss F.mse_loss(r, z): (loss, grad_x, grad_r)."""
     x64 = x.detach().double().cpu().requires_grad_()
     r64 = r.detach().double().cpu().requires_grad_()
-    if norm == "stats":
-        z = (x64 - mean.double()) / std.double()
-    else:
-        z = (x64 - x64.mean(0)) / x64.std(0)
-    loss = F.mse_loss(r64, z[:, columns])
+    stats = (mean.double(), std.double()) if norm == "stats" else (None, None)
+    loss = F.mse_loss(r64, oracle_z(x64, columns, *stats, norm))
     loss.backward(torch.as_tensor(grad, dtype=torch.float64))
     return loss.detach(), x64.grad, r64.grad
 
