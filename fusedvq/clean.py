@@ -159,4 +159,4 @@ class FeatureCleaner(Prepared):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""
         held = ops.held_plan(self)
-        return ops.call_clean(features, held[0], held[1])
+        return ops.call_clean(features, held.plan, held.route)

@@ -99,7 +99,7 @@ class Prepared(CategoryErrors, nn.Module):
                             ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
-        self._held = ()  # (plan, route, the buffers they hold): ops.held_plan's, kept between calls
+        self._held = ()  # ops.HeldPlan (the plan, its route, the buffers they hold), kept between calls
         self._set_categories(decoder_categories, (plan.gap if _decoder_gap is None else _decoder_gap)[1])
 
     def _weight(self, weight, num_kept: int, device, gap=(0, 0)) -> Optional[torch.Tensor]:
@@ -206,7 +206,7 @@ class MaskedMSELoss(Prepared):
         if self.hybrid is not None:
             self._refuse_decoder_output(target)
         held = ops.held_plan(self)
-        return ops.call_loss(features, target, held[0], _SIGNATURE, held[1], embeddings)
+        return ops.call_loss(features, target, held.plan, _SIGNATURE, held.route, embeddings)
 
     def _refuse_decoder_output(self, target) -> None:
         """Built from a hybrid VQ-VAE without target_gap, the loss compares a [B, K] target: a target of another

@@ -168,13 +168,13 @@ class PartialsMSELoss(Prepared):
     def forward(self, features: torch.Tensor, partials, embeddings=None) -> torch.Tensor:
         held, small = ops.held_plan(self), self._small
         if not small or small[0] is not held:  # (the buffers were swapped or moved: a route of the new plan)
-            small = (held, PartialsRoute.of(held[0], self.partials_mode))
+            small = (held, PartialsRoute.of(held.plan, self.partials_mode))
             object.__setattr__(self, "_small", small)
         if small[1] is not None and embeddings is None:  # a small CPU batch: one node each way (cpu/partials_small.py)
             loss = small[1](features, partials)
             if loss is not None:
                 return loss
-        return _call(features, partials, embeddings, held[0], held[1], self.partials_mode)
+        return _call(features, partials, embeddings, held.plan, held.route, self.partials_mode)
 
     def category_errors(self, errors: torch.Tensor) -> torch.Tensor:
         """E [C] from the [P, K] errors of reduction="column", in errors' dtype, on their device,

@@ -28,7 +28,7 @@ import importlib.util
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -177,18 +177,31 @@ class SmallRoute:
             _GAP_COMPOSED_MAX_ELEMENTS if self.gapped else _COMPOSED_MAX_ELEMENTS)
 
 
-def held_plan(module) -> tuple:
-    """(plan, route, ...) of a fusedvq module (loss.Prepared): its Plan with the tensors its buffers hold now, and
+class HeldPlan(NamedTuple):
+    """A module's plan as its buffers hold it now, kept between calls (ops.held_plan)."""
+
+    plan: object  # arguments.Plan with the buffers' tensors
+    route: Optional["SmallRoute"]  # its small_route
+    buffers: tuple  # (index, shift, scale, weight, inv_ptr, inv_k): the buffers it was built from
+
+
+_HELD_BUFFERS = ("index", "shift", "scale", "weight", "inv_ptr", "inv_k")
+
+
+def held_plan(module) -> HeldPlan:
+    """The HeldPlan of a fusedvq module (loss.Prepared): its Plan with the tensors its buffers hold now, and
     that plan's small_route, kept between calls (in module._held) and rebuilt only when a buffer was swapped or
     moved — functional_call, DataParallel replicas, .to() — which the buffers' identities tell (µs that count
     at B = 4)."""
     b, held = module._buffers, module._held
-    if (held and b["index"] is held[2] and b["shift"] is held[3] and b["scale"] is held[4] and b["weight"] is held[5]
-            and b["inv_ptr"] is held[6] and b["inv_k"] is held[7]):
-        return held
+    if held:
+        index, shift, scale, weight, inv_ptr, inv_k = held.buffers
+        if (b["index"] is index and b["shift"] is shift and b["scale"] is scale and b["weight"] is weight
+                and b["inv_ptr"] is inv_ptr and b["inv_k"] is inv_k):
+            return held
     plan = module.plan._replace(columns=ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), shift=b["shift"],
                                 scale=b["scale"], weight=b["weight"])
-    held = (plan, small_route(plan), b["index"], b["shift"], b["scale"], b["weight"], b["inv_ptr"], b["inv_k"])
+    held = HeldPlan(plan, small_route(plan), tuple(b[name] for name in _HELD_BUFFERS))
     object.__setattr__(module, "_held", held)  # (not a submodule, parameter or buffer: nn.Module's own checks skipped)
     return held
 
