@@ -26,6 +26,12 @@ print(json.dumps({name: str(make(Path(sys.argv[2]) / (name.replace(" ", "_") + "
 _PROBE = r"""
 import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+def peak():  # this program's peak RSS: VmHWM starts afresh at exec, where ru_maxrss keeps the forking parent's
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
 sys.path.insert(0, sys.argv[1])
 import hostile_files
 from fusedvq.checkpoint import CheckpointError, load_feature_spec
@@ -40,8 +46,8 @@ for name, path in json.loads(sys.argv[2]).items():
         kind, text = type(err).__name__, str(err)
     print(json.dumps({"name": name, "kind": kind, "seconds": time.monotonic() - start, "text": text[:1000],
                       "tail": text[-300:], "length": len(text),
-                      "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10}))
-usage = {who: resource.getrusage(getattr(resource, who)).ru_maxrss << 10 for who in ("RUSAGE_SELF", "RUSAGE_CHILDREN")}
+                      "peak": peak()}))
+usage = {"self": peak(), "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss << 10}
 print(json.dumps(usage))
 """
 
