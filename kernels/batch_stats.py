@@ -29,11 +29,11 @@ import triton
 import triton.language as tl
 
 from .launch import TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for, scratch
-from .launch import scratch_guard
+from .launch import reduction_scale, scratch_guard
 from .launchers import launch_backward, launch_forward
 from .tiles import (FLT_MAX, NORM_BATCH_C, chan_merge, column_stats, kept_columns, load_features, normalize,
                     store_partial_pair, sum_partial_pairs)
-from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, Mode, reduction_scale
+from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, Mode
 
 
 @triton.jit

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .plan import REDUCTION_COLUMN, REDUCTION_MEAN
+
 _NO_GUARD = contextlib.nullcontext()
 # Triton's interpreter patches module-level state while it runs a kernel: launches on CPU tensors from
 # several threads would corrupt each other (they run programs one by one anyway, so nothing is lost).
@@ -235,3 +237,11 @@ def max_programs(t: torch.Tensor) -> int:
 _sm_counts: dict[int, int] = {}
 
 
+def reduction_scale(reduction: int, B: int, K: int) -> float:
+    """What the reduction multiplies the sum of its terms by: 1/(B·K) for mean, 1/B for column (a column's
+    sum over the batch), 1 for sum and none; the gradient's factor is twice it. B = 0 (a rank without rows)
+    counts as 1. (Here, with the launch helpers every launcher runs; fusedvq/cpu/stats.py keeps a copy so
+    that an eager CPU call runs no kernels/ file for it.)"""
+    if reduction == REDUCTION_MEAN:
+        return 1.0 / max(B * K, 1)
+    return 1.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 1.0

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from .launch import BLOCK_P, TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for
-from .launch import scratch, scratch_guard
+from .launch import reduction_scale, scratch, scratch_guard
 from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
-from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode, reduction_scale
+from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode
 
 
 def launch_forward(

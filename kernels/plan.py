@@ -51,12 +51,3 @@ class ColumnMap(NamedTuple):
 COMPUTE_DTYPE = {torch.float64: torch.float64, torch.float32: torch.float32, torch.float16: torch.float32,
                  torch.bfloat16: torch.float32}
 
-
-def reduction_scale(reduction: int, B: int, K: int) -> float:
-    """What the reduction multiplies the sum of its terms by: 1/(B·K) for mean, 1/B for column (a column's
-    sum over the batch), 1 for sum and none; the gradient's factor is twice it. B = 0 (a rank without rows)
-    counts as 1. (Here, beside the codes, for every launcher; fusedvq/cpu/stats.py keeps a copy so that an
-    eager CPU call runs no kernels/ file for it.)"""
-    if reduction == REDUCTION_MEAN:
-        return 1.0 / max(B * K, 1)
-    return 1.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 1.0

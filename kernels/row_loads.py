@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from .launch import BLOCK_P, TUNING, KernelLauncher, cdiv, device_guard, max_programs, next_power_of_2, num_warps_for
-from .launch import scratch, scratch_guard
+from .launch import reduction_scale, scratch, scratch_guard
 from .masked_mse import FLT_MAX, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, write_reduction
-from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode, reduction_scale
+from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode
 
 
 @triton.jit
