@@ -127,3 +127,15 @@ def _compiler_check_key(script: Path) -> str:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def force_blocked(monkeypatch, block_rows: int, num_kept: int) -> None:
+    """The CPU blocked passes at any B, in blocks of block_rows rows of num_kept columns: no composition, no
+    small-batch route."""
+    from fusedvq import ops
+    from fusedvq.cpu import small, stats
+
+    monkeypatch.setattr(ops, "_COMPOSED_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(ops, "_GAP_COMPOSED_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(stats, "_BLOCK_ELEMENTS", block_rows * num_kept)

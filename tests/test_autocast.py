@@ -9,10 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedvq
-from fusedvq import ops as routing
-from fusedvq.cpu import small as cpu_small
-from fusedvq.cpu import stats as cpu
-from helpers import interpreting
+from helpers import force_blocked, interpreting
 from oracle import TOLERANCE, column_oracle, oracle_z, rel_err
 
 D, K = 40, 29
@@ -47,18 +44,12 @@ def _check(loss, x, r, index, mean, std, grad_out, *, norm, reduction):
         assert rel_err(got, want.to(t.dtype)) <= tol, (t.dtype, rel_err(got, want.to(t.dtype)))
 
 
-def _force_blocked(monkeypatch):
-    monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
-    monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
-
-
 @pytest.mark.parametrize("B,path", PATHS)
 @pytest.mark.parametrize("norm", ["batch", "stats", "none"])
 @pytest.mark.parametrize("low", LOW)
 def test_every_path_computes_in_float32(monkeypatch, B, path, norm, low):
     if path == "blocked":
-        _force_blocked(monkeypatch)
+        force_blocked(monkeypatch, 8, K)
     index, mean, std, x0, r0, g = _case(B, seed=B + len(norm))
     kw = dict(mean=mean, std=std) if norm == "stats" else {}
     loss_fn = fusedvq.MaskedMSELoss(index, **kw, num_features=D, norm=norm, reduction="column",

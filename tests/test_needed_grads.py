@@ -8,12 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedvq import ops as routing
-from fusedvq.cpu import small as cpu_small
-from fusedvq.cpu import stats as cpu
 from fusedvq.arguments import build_column_map
 from fusedvq.loss import MaskedMSELoss
-from helpers import interpreting
+from helpers import force_blocked, interpreting
 
 PATHS = ["composed", "blocked",
          pytest.param("triton", marks=pytest.mark.skipif(not interpreting, reason="needs TRITON_INTERPRET=1"))]
@@ -39,9 +36,7 @@ def _case(B, seed):
 @pytest.mark.parametrize("wants", ["x", "target"])
 def test_only_the_wanted_gradient(monkeypatch, path, norm, reduction, wants):
     if path == "blocked":
-        monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
-        monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
-        monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
+        force_blocked(monkeypatch, 8, K)
     index, mean, std, x, r = _case(33, seed=len(norm) + len(wants))
     stats = dict(mean=mean, std=std) if norm == "stats" else {}
     loss_fn = MaskedMSELoss(index, **stats, num_features=D, norm=norm, reduction=reduction,

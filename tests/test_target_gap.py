@@ -7,12 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedvq import ops as routing
-from fusedvq.cpu import small as cpu_small
-from fusedvq.cpu import stats as cpu
 from fusedvq.arguments import build_column_map
 from fusedvq.loss import MaskedMSELoss
-from helpers import interpreting
+from helpers import force_blocked, interpreting
 from oracle import column_oracle, rel_err
 
 PATHS = [
@@ -51,7 +48,7 @@ def _oracle(x, r, index, mean, std, at, norm, reduction, nan_to_num, w):
 def test_gap_matches_the_oracle(monkeypatch, path, norm, reduction, at):
     B = 37
     if path == "blocked":
-        _force_blocked(monkeypatch)
+        force_blocked(monkeypatch, 8, K)
     index, mean, std, x, r, g = _case(B, at, seed=at + 3, nan=True, strided=at == 11)
     stats = dict(mean=mean.float(), std=std.float()) if norm == "stats" else {}
     loss_fn = MaskedMSELoss(index, **stats, num_features=D, norm=norm, reduction=reduction, nan_to_num=True,
@@ -65,14 +62,6 @@ def test_gap_matches_the_oracle(monkeypatch, path, norm, reduction, at):
     assert rel_err(got.detach(), ref) <= 1e-5
     assert rel_err(x.grad, gx) <= 1e-5 and rel_err(r.grad, gr) <= 1e-5
     assert r.grad.shape == (B, K + C) and float(r.grad[:, at : at + C].abs().max()) == 0.0
-
-
-def _force_blocked(monkeypatch):
-    """The CPU blocked passes at any B, in several row blocks (no composition, no small-batch route)."""
-    monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(routing, "_GAP_COMPOSED_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
-    monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
 
 
 def _check_columns_with_gap(path, norm, reduction, weighted, seed, compiled=False):
@@ -104,7 +93,7 @@ COLUMNS_AND_WEIGHTS = [("column", False), ("column", True), ("mean", True), ("su
 @pytest.mark.parametrize("reduction,weighted", COLUMNS_AND_WEIGHTS)
 def test_gap_with_columns_and_weights(monkeypatch, path, norm, reduction, weighted):
     if path == "blocked":
-        _force_blocked(monkeypatch)
+        force_blocked(monkeypatch, 8, K)
     _check_columns_with_gap(path, norm, reduction, weighted, seed=len(norm) + 7 * weighted)
 
 
@@ -164,8 +153,7 @@ def test_gap_with_float32_edge_columns(monkeypatch, path):
     # A column constant within the batch (σ → 1, z = 0 exactly), one at 1e4 ± 0.01,
     # one of 1e17 (its M2 near the float32 range).
     if path == "blocked":
-        monkeypatch.setattr(cpu_small, "SMALL_ELEMENTS", 0)
-        monkeypatch.setattr(cpu, "_BLOCK_ELEMENTS", 8 * K)
+        force_blocked(monkeypatch, 8, K)
     index, _, _, x, r, g = _case(40, 11, seed=9)
     x[:, index[0]] = 3.25
     x[:, index[1]] = 1e4 + 0.01 * torch.randn(40, generator=g)
