@@ -52,6 +52,7 @@ class Case:
     change: str = "none"  # "none" | CHANGES: after a first call, before the checked one
     repeats: bool = False  # a category lists one column twice
     loads: str = "gather"  # Triton's forward loads ("gather" | "rows")
+    embed: bool = False  # with a gap: the hybrid objective, embeddings [B, c] compared on the gap's columns
 
     def __repr__(self) -> str:
         fields = dataclasses.fields(self)
@@ -98,8 +99,11 @@ def draw(seed: int) -> Case:
         B = max(B, 2)
     if selector == "mask" and D == K:
         K = D - 1
+    embed = False
     if gap[1]:
         gap = (rng.randint(0, K), gap[1])
+        embed = form in ("module", "recon", "cleaner") and rng.random() < 0.5
+        weight = "none" if embed and weight in ("named", "balanced") else weight  # ([K]: refused with embeddings)
     change = pick(CHANGES) if form in ("module", "recon") and rng.random() < 0.3 else "none"
     if change.startswith("weight") and weight == "none" or change.startswith("stats") and norm != "stats":
         change = "none"
@@ -110,7 +114,8 @@ def draw(seed: int) -> Case:
         grads=pick(((True, True), (True, False), (False, True), (False, False))) if loss else (rng.random() < .8, False),
         grad_mode=pick(("grad",) * 8 + ("no_grad", "inference")), shape=(B, D, K), selector=selector,
         stats_space=pick(("raw", "masked")), limit_rows=limit_rows, block_rows=block_rows, change=change,
-        repeats=rng.random() < 0.2, loads=pick(("gather", "rows")) if backend == "triton" else "gather")
+        repeats=rng.random() < 0.2, loads=pick(("gather", "rows")) if backend == "triton" else "gather",
+        embed=embed)
 
 
 # ------------------------------------------------------------------------------------------------- the data
@@ -160,6 +165,7 @@ class Data:
     w: object  # [K] float64 effective weights, or None
     x: torch.Tensor
     r: torch.Tensor
+    e: object = None  # [B, c] embeddings (case.embed), or None
 
 
 def make_data(case: Case) -> Data:
@@ -181,7 +187,12 @@ def make_data(case: Case) -> Data:
     rd = DTYPES[case.target_dtype or case.dtype]
     r = torch.randn(B, K + case.gap[1], generator=g, dtype=torch.float64)
     x, r = strided(x.to(xd), case.layout[0]), strided(r.to(rd), case.layout[1])
-    return Data(index, idx, mean, std, cats, weight, None if w is None else w.double(), x, r)
+    e = None
+    if case.embed:  # the weights then run over all K + c decoder columns
+        e = strided(torch.randn(B, case.gap[1], generator=g, dtype=torch.float64).to(rd), case.layout[1])
+        if case.weight == "tensor":
+            weight = w = _weights(g, K + case.gap[1])
+    return Data(index, idx, mean, std, cats, weight, None if w is None else w.double(), x, r, e)
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -210,11 +221,11 @@ def build(case: Case, d: Data):
             cleaner = fusedvq.FeatureCleaner.from_spec(spec, weight=d.weight, **opts)
         else:
             cleaner = fusedvq.FeatureCleaner(d.index, num_features=D, weight=d.weight, categories=d.categories, **opts)
-        return lambda x, r: cleaner.recon_loss(r, cleaner(x), case.reduction), None, cleaner
+        return lambda x, r, e=None: cleaner.recon_loss(r, cleaner(x), case.reduction, embeddings=e), None, cleaner
     cls = fusedvq.VQReconLoss if case.form == "recon" else fusedvq.MaskedMSELoss
     module = cls(d.index, num_features=D, reduction=case.reduction, weight=d.weight, categories=d.categories,
                  target_gap=case.gap, **opts)
-    return module, (module.loss if case.form == "recon" else module), module
+    return module, (module.loss if case.form == "recon" else module), module  # (module(x, r, embeddings))
 
 
 def change(case: Case, d: Data, m) -> None:
@@ -222,7 +233,7 @@ def change(case: Case, d: Data, m) -> None:
     g = torch.Generator().manual_seed(case.seed + 1)
     K, D = m.num_kept, m.num_features
     if case.change.startswith("weight"):
-        d.w = _weights(g, K).double()
+        d.w = _weights(g, m.weight.shape[0]).double()  # ([K + c] with embeddings)
         new = d.w.to(m.weight.device, m.weight.dtype)
         m.weight.copy_(new) if case.change == "weight_inplace" else setattr(m, "weight", new)
     elif case.change.startswith("stats"):

@@ -174,13 +174,13 @@ def column_oracle(x, r, columns, mean, std, grad_out, *, norm, reduction, weight
 
 
 def hybrid_oracle(x, r, embeddings, columns, mean, std, grad_out, *, at, norm, reduction, weight=None,
-                  nan_to_num=False, eps=1e-8):
+                  nan_to_num=False, eps=1e-8, through_stats=True):
     """(loss, grad_x, grad_r, grad_embeddings) in float64 of a hybrid's objective, as its trainer writes it:
     combined = z (oracle_z) with the embeddings [B, c] inserted at column `at` (torch.cat), then
     F.mse_loss(combined, r) over all K + c columns of r [B, K + c]; with weights w [K + c], e = w·(combined −
     r)² reduced by plain sums (the mean dividing by B·(K + c); "column": Σ_b e/B [K + c])."""
     x64, r64, e64 = (t.detach().double().cpu().requires_grad_() for t in (x, r, embeddings))
-    z = oracle_z(x64, columns, mean, std, norm, nan_to_num=nan_to_num, eps=eps)
+    z = oracle_z(x64, columns, mean, std, norm, nan_to_num=nan_to_num, eps=eps, through_stats=through_stats)
     combined = torch.cat([z[:, :at], e64, z[:, at:]], 1)
     if weight is None and reduction != "column":
         loss = F.mse_loss(combined, r64, reduction=reduction)

@@ -26,7 +26,7 @@ from fusedvq import ops
 from fusedvq.cpu import small as cpu_small
 from fusedvq.cpu import stats as cpu_stats
 from helpers import interpreting
-from oracle import TOLERANCE, category_oracle, kept_z, weighted_oracle
+from oracle import TOLERANCE, category_oracle, hybrid_oracle, kept_z, weighted_oracle
 
 BUDGET_S = float(os.environ.get("FUSEDVQ_COMBO_SECONDS", "20"))
 REPLAY = [int(s) for s in os.environ.get("FUSEDVQ_COMBO_SEED", "").split(",") if s.strip()]
@@ -66,6 +66,13 @@ CRITICAL = {
     "float64-cleaner-gap": Case(seed=43, form="cleaner", dtype="float64", reduction="column", weight="named",
                                 gap=(2, 3), layout=("transposed", "slice")),
     "no-grad-bf16": Case(seed=44, form="functional", dtype="bfloat16", grad_mode="no_grad", reduction="sum"),
+    # the hybrid objective (embeddings on the gap's columns) on the blocked path, weighted, and compiled
+    "hybrid-column-blocked": Case(seed=46, reduction="column", weight="tensor", gap=(9, 3), shape=(13, 40, 30),
+                                  limit_rows=4, block_rows=2, embed=True),
+    "hybrid-batch-cleaner": Case(seed=47, form="cleaner", norm="batch", reduction="mean", gap=(2, 3), embed=True,
+                                 selector="mask"),
+    "hybrid-compiled": Case(seed=48, form="recon", compiled="aot_eager", reduction="sum", gap=(5, 3),
+                            shape=(4, 12, 7), embed=True),
     "triton-gap-column": pytest.param(
         Case(seed=45, backend="triton", reduction="column", gap=(3, 2), weight="tensor", shape=(5, 12, 7),
              layout=("slice", "transposed")), marks=pytest.mark.skipif(not interpreting, reason="no interpreter")),
@@ -92,9 +99,9 @@ CRITICAL_SEQUENCES = {
 @pytest.mark.parametrize("cases", list(CRITICAL_SEQUENCES.values()), ids=list(CRITICAL_SEQUENCES))
 def test_critical_sequences(cases):
     torch._dynamo.reset()
-    for case in cases:
+    for i, case in enumerate(cases):
         try:
-            run(case)
+            run(case, fresh_compiler=i == 0)
         except Exception as err:
             raise AssertionError(f"{case!r}: {type(err).__name__}: {err}") from err
 
@@ -166,14 +173,20 @@ def _modes(case: Case) -> contextlib.ExitStack:
 
 
 def _reference(case: Case, d, grad_out, through_stats=True):
-    """(result, grad_x, grad_target or None) of the float64 oracle."""
+    """(result, grad_x, grad_target or None, grad_embeddings or None) of the float64 oracle."""
     mean_k, std_k = d.mean[d.idx], d.std[d.idx]
     if case.form == "clean_features":
         x64 = d.x.detach().double().requires_grad_()
         z = kept_z(x64, d.idx, mean_k, std_k, case.norm, nan_to_num=case.nan_to_num, through_stats=through_stats)
-        return z.detach(), torch.autograd.grad(z, x64, grad_out)[0], None
-    return weighted_oracle(d.x, d.r, d.idx, mean_k, std_k, grad_out, norm=case.norm, reduction=case.reduction,
-                           weight=d.w, gap=case.gap, nan_to_num=case.nan_to_num, through_stats=through_stats)
+        return z.detach(), torch.autograd.grad(z, x64, grad_out)[0], None, None
+    if case.embed:  # (statistics per kept column, spread over the feature columns for the oracle)
+        mean, std = torch.zeros(case.shape[1], dtype=torch.float64), torch.ones(case.shape[1], dtype=torch.float64)
+        mean[d.idx], std[d.idx] = mean_k, std_k
+        return hybrid_oracle(d.x, d.r, d.e, d.idx, mean, std, grad_out, at=case.gap[0], norm=case.norm,
+                             reduction=case.reduction, weight=d.w, nan_to_num=case.nan_to_num,
+                             through_stats=through_stats)
+    return (*weighted_oracle(d.x, d.r, d.idx, mean_k, std_k, grad_out, norm=case.norm, reduction=case.reduction,
+                             weight=d.w, gap=case.gap, nan_to_num=case.nan_to_num, through_stats=through_stats), None)
 
 
 def _close(name: str, got, ref, tol: float, problems: list, floor: float = 0.0) -> None:
@@ -191,31 +204,37 @@ def _close(name: str, got, ref, tol: float, problems: list, floor: float = 0.0) 
         problems.append(f"{name}: relative error {err:.3g} > {tol:g}")
 
 
-def run(case: Case) -> None:
-    """Run one case against the oracle; AssertionError naming every difference."""
+def run(case: Case, fresh_compiler: bool = True) -> None:
+    """Run one case against the oracle; AssertionError naming every difference. fresh_compiler=False: a compiled
+    case reuses what dynamo holds (a recompile of the call before it)."""
     d = make_data(case)
     x, r = (t.detach().clone().requires_grad_(want) for t, want in zip((d.x, d.r), case.grads))
     x0, r0 = x.detach().clone(), r.detach().clone()
+    e = None if d.e is None else d.e.detach().clone().requires_grad_(case.grads[1])  # (wanted with the target's)
+    args = (x, r) if e is None else (x, r, e)
     try:
         call, module, owner = build(case, d)
     except ValueError as err:  # a category listing a column twice: refused, with a sentence naming it
         if case.repeats and "more than once" in str(err):
             return
         raise
+    if case.compiled and fresh_compiler:  # (each compiled case from a clean slate: the forms' calls share code objects, and a long
+        torch._dynamo.reset()  # sweep would reach dynamo's recompile limit)
     fn = torch.compile(call, backend=case.compiled, fullgraph=True) if case.compiled else call
     with _settings(case):
         if case.change != "none":
             with _modes(case):
-                fn(x, r)
+                fn(*args)
             change(case, d, module)
         with _modes(case):
-            out = fn(x, r)
-            cat = owner.feature_category_errors(out) if owner is not None and case.reduction == "column" else None
+            out = fn(*args)
+            cat = (owner.feature_category_errors(out) if owner is not None and case.reduction == "column"
+                   and e is None else None)
         grad_out = (torch.rand(out.shape, generator=torch.Generator().manual_seed(case.seed + 2),
                                dtype=torch.float64) + 0.5) * 1.7  # ≠ 1
         if out.requires_grad:
             out.backward(grad_out.to(out.dtype))
-    ref, ref_gx, ref_gr = _reference(case, d, grad_out)
+    ref, ref_gx, ref_gr, ref_ge = _reference(case, d, grad_out)
     # norm="batch": grad_x is what is left of its terms after the projections on the batch's statistics (0 at
     # B = 2): measured against the size of those terms.
     floor = _reference(case, d, grad_out, False)[1].norm().item() if case.norm == "batch" else 0.0
@@ -231,8 +250,9 @@ def run(case: Case) -> None:
     wants_grad = case.grad_mode == "grad" and any(case.grads)
     if out.requires_grad != wants_grad:
         problems.append(f"result requires_grad={out.requires_grad}, expected {wants_grad}")
-    for name, t, ref_g, wanted, fl in (("grad_x", x, ref_gx, case.grads[0], floor),
-                                       ("grad_target", r, ref_gr, case.grads[1], 0.0)):
+    checked = [("grad_x", x, ref_gx, case.grads[0], floor), ("grad_target", r, ref_gr, case.grads[1], 0.0)]
+    for name, t, ref_g, wanted, fl in checked + ([("grad_embeddings", e, ref_ge, case.grads[1], 0.0)] if e is not None
+                                                 else []):
         if not (wants_grad and wanted):
             if t.grad is not None:
                 problems.append(f"{name} was set although not wanted")
