@@ -218,8 +218,8 @@ def run(case: Case, fresh_compiler: bool = True) -> None:
         if case.repeats and "more than once" in str(err):
             return
         raise
-    if case.compiled and fresh_compiler:  # (each compiled case from a clean slate: the forms' calls share code objects, and a long
-        torch._dynamo.reset()  # sweep would reach dynamo's recompile limit)
+    if case.compiled and fresh_compiler:  # (each compiled case from a clean slate: the forms' calls share
+        torch._dynamo.reset()  # code objects, and a long sweep would reach dynamo's recompile limit)
     fn = torch.compile(call, backend=case.compiled, fullgraph=True) if case.compiled else call
     with _settings(case):
         if case.change != "none":
