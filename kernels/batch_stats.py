@@ -28,12 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for, scratch
-from .launch import reduction_scale, scratch_guard
 from .launchers import launch_backward, launch_forward
+from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode, device_guard, reduction_scale
 from .tiles import (FLT_MAX, NORM_BATCH_C, chan_merge, column_stats, kept_columns, load_features, normalize,
-                    store_partial_pair, sum_partial_pairs)
-from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, Mode
+                    num_warps_for, scratch, scratch_guard, store_partial_pair, sum_partial_pairs, walk_grid)
+
 
 
 @triton.jit
@@ -193,8 +192,7 @@ def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num:
     rows = torch.empty((5 if finalize else 3, K), dtype=torch.float32, device=x.device)
     if B == 0:  # a rank without rows: nothing to launch
         return rows.zero_()
-    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
-    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    block_b, block_k, grid = walk_grid(x, B, K)
     with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         counts = torch.empty(grid[0], dtype=torch.float32, device=x.device)
@@ -242,8 +240,7 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0), we
     sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
     if B == 0:
         return sums.zero_()
-    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
-    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    block_b, block_k, grid = walk_grid(x, B, K)
     with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         _DZ_SUMS[grid](
@@ -286,11 +283,8 @@ def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode:
 
 def batch_clean_forward(x, index, eps: float, mode: Mode, merge_and_finalize=None):
     """clean_features, norm "batch": (z [B, K] in x.dtype, stats [5, K] fp32); two launches."""
-    stats = batch_stats(x, index, eps, mode.nan_to_num, merge_and_finalize)
-    if x.shape[0] == 0:
-        return x.new_empty((0, index.shape[0])), stats
-    mode = mode._replace(norm=NORM_BATCH, reduction=REDUCTION_NONE, clean=True)
-    z, _ = launch_forward(x, None, index, (stats[0], stats[1], stats[2]), mode)
+    z, stats, _ = batch_mse_forward(x, None, index, eps, mode._replace(reduction=REDUCTION_NONE, clean=True),
+                                    merge_and_finalize)
     return z, stats
 
 

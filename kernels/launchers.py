@@ -1,5 +1,5 @@
-"""The launchers of masked_mse.py's two kernels, and the entry points of norm "none" / "stats" (the loss and
-clean_features) built on them; batch_stats.py builds norm="batch" on the same launchers.
+"""The launches of masked_mse.py's two kernels, which every norm builds on (batch_stats.py wraps norm="batch"
+around them), and the entry points of norm "none" / "stats" (the loss and clean_features).
 
     launch_forward   grid (min(cdiv(B, BLOCK_B), programs),): the loss (a scalar, [K] or [B, K]), or z (clean)
     launch_backward  grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)): grad_x (and grad_r for the loss)
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .launch import BLOCK_P, TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for
-from .launch import reduction_scale, scratch, scratch_guard
 from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
-from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode
+from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode
+from .plan import device_guard, reduction_scale
+from .tiles import BLOCK_P, TUNING, block_sizes, cdiv, num_warps_for, scratch, scratch_guard, walk_grid
 
 
 def launch_forward(
@@ -33,8 +33,7 @@ def launch_forward(
     B, D = x.shape
     K = index.shape[0]
     W = K + mode.gap[1] if embeddings is not None else K
-    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
-    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    block_b, block_k, grid = walk_grid(x, B, K)
     norm, nan_to_num, reduction, gap, _, clean = mode
     if norm == NORM_BATCH:
         shift, center, scale = stats

@@ -34,9 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import (FLT_MAX, NORM_BATCH_C, NORM_NONE_C, NORM_STATS_C, REDUCTION_COLUMN_C,  # noqa: F401 (shared)
-                    REDUCTION_NONE_C, add_terms, column_stats, kept_columns, load_features, normalize,
-                    store_partial_pair, sum_partial_columns, sum_partial_pairs, write_reduction)
+from .tiles import (FLT_MAX, NORM_NONE_C, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, add_terms, column_stats,
+                    kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs, write_reduction)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from fusedvq.kernels import batch_stats as bs
 from fusedvq.kernels import masked_mse as mm
 from fusedvq.kernels import partials as pt
-from fusedvq.kernels import launch as settings
+from fusedvq.kernels import tiles as settings
 from fusedvq.kernels import row_loads as rl
 
 ARCHS = (80, 90)

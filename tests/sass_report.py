@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
-from fusedvq.kernels import launch as settings
+from fusedvq.kernels import tiles as settings
 from fusedvq.kernels import masked_mse as mm
 from fusedvq.kernels import row_loads as rl
 
