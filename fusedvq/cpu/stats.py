@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..kernels.plan import NO_GAP, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
+from ..kernels.plan import COMPUTE_DTYPE, NO_GAP, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
+from ..kernels.plan import reduction_scale
 
 
 # How the CPU runs it. On the CPU a large batch costs memory traffic, and above all first touches: a fresh
@@ -126,14 +127,6 @@ def masked_mse_forward(
     else:
         loss = _total(parts, B * K, reduction, x)
     return loss.to(x.dtype), diff, finite
-
-
-def reduction_scale(reduction: int, B: int, K: int) -> float:
-    """1/(B·K) for mean, 1/B for column, 1 for sum and none (B = 0 counts as 1): kernels/plan.py's, kept here
-    too so that an eager CPU call runs no kernels/ file for it."""
-    if reduction == REDUCTION_MEAN:
-        return 1.0 / max(B * K, 1)
-    return 1.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 1.0
 
 
 def reduce_columns(columns: torch.Tensor, B: int, reduction: int, weight: Optional[torch.Tensor]) -> torch.Tensor:
