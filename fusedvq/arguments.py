@@ -18,9 +18,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
-from .categories import resolve_weight
 from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
-from .strict import check_count, check_dense, check_eps, check_flag, check_gap, not_numbers, option_code, refuse_unknown
+from .strict import as_tensor, check_count, check_eps, check_flag, check_gap, option_code, refuse_unknown
+from .weights import check_weight
 
 REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.py's REDUCTION_*)
 NORMS = ("none", "stats", "batch")  # code = position (NORM_*)
@@ -99,18 +99,6 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _as_tensor(value, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        check_dense(value, name)
-        if value.requires_grad:
-            raise ValueError(f"{name} requires grad, but fusedvq treats it as a constant: pass {name}.detach()")
-        return value.to(device=device, dtype=dtype) if dtype is not None else value.to(device)
-    try:
-        return torch.as_tensor(value, dtype=dtype, device=device)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise not_numbers(name, value, err) from None
-
-
 def canonical_index(index, num_features: int, device: torch.device, num_kept: Optional[int] = None,
                     check_values: bool = True) -> tuple[torch.Tensor, str]:
     """(index [K] int64 on `device`, "mask" or "index") from a bool mask [D] or integer indices [K].
@@ -163,7 +151,7 @@ def index_tensor(index, device: torch.device, num_features: Optional[int], check
     numbers). The one check of an index's kind, shared by the functional forms (canonical_index) and the
     modules' constructors, so both give the same errors. num_features: D, or None when not known yet (a
     constructor given integers without num_features): an index of 0s and 1s is then taken to be length D."""
-    index = _as_tensor(index, "index", device)
+    index = as_tensor(index, "index", device)
     if index.dim() != 1:
         raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
     if index.dtype == torch.bool:
@@ -206,7 +194,7 @@ def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_spa
     K, D = index.shape[0], num_features
     out = []
     for name, value in (("mean", mean), ("std", std)):
-        t = _as_tensor(value, name, device)
+        t = as_tensor(value, name, device)
         if t.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
         if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
@@ -269,33 +257,6 @@ def _check_stats_values(mu: torch.Tensor, sigma: torch.Tensor, index: torch.Tens
         f"{'mean' if what == 'mean' else 'std'} {float(value[k])} ({count}); rescale the features and "
         f"statistics, or use float64 features (reference backend)"
     )
-
-
-def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device,
-                 num_embedding: int = 0) -> torch.Tensor:
-    """The loss's per-column weights as a [K] tensor in `dtype` on `device`: 1-D, one per kept column (in the
-    loss's column order), real, finite and >= 0 (checked on the host once: one synchronization on CUDA;
-    skipped while torch.compile traces, like the statistics' values). With a hybrid's num_embedding = c > 0,
-    [K + c] too: one per decoder column, for the objective over all K + c columns (calls with embeddings)."""
-    weight = resolve_weight(weight, {}, num_kept)  # (a weight by category name, here without categories: refused)
-    t = _as_tensor(weight, "weight", device)
-    if t.dim() != 1 or (t.shape[0] != num_kept and t.shape[0] != num_kept + num_embedding):  # (not `in`: sizes
-        # may be symbolic while torch.compile traces, and a tuple's `in` does not compare them)
-        hybrid = (f", or one per decoder column (K + c = {num_kept + num_embedding}) for the objective with "
-                  f"embeddings" if num_embedding else "")
-        raise ValueError(f"weight must be 1-D with one entry per kept column (K = {num_kept}){hybrid}, got shape "
-                         f"{tuple(t.shape)}")
-    num_kept = t.shape[0]
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"weight must hold real numbers, got {t.dtype}")
-    wide = t.to(torch.float64)
-    if not _is_tracing():
-        bad = ~(torch.isfinite(wide) & (wide >= 0) & torch.isfinite(wide.to(dtype)))
-        if bool(bad.any()):
-            k = int(bad.nonzero()[0])
-            raise ValueError(f"weight must be finite and >= 0 in every kept column (and fit {dtype}); kept column "
-                             f"{k} has weight {float(wide[k])} ({int(bad.sum())} of {num_kept} bad)")
-    return wide.to(dtype)
 
 
 def build_column_map(index: torch.Tensor, num_features: int) -> ColumnMap:

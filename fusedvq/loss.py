@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, OPTIONS, REDUCTIONS, _is_tracing, check_weight, prepare
-from .categories import CategoryErrors, check_categories, resolve_weight
+from .arguments import NORMS, OPTIONS, REDUCTIONS, _is_tracing, prepare
+from .categories import CategoryErrors, check_categories
 from .checkpoint import FeatureSpec, load_feature_spec
 from .strict import check_count, check_flag, refuse_unknown
 from .cpu.hybrid import around_gap
+from .weights import check_weight, resolve_weight
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
 # Every keyword each form takes, as its unknown-option error lists them (the options of OPTIONS included).
