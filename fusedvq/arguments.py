@@ -31,6 +31,16 @@ OPTIONS = {"norm": "stats", "eps": 1e-8, "nan_to_num": False, "backend": "auto",
            "sync_stats": False, "process_group": None}
 
 
+class LossForm(NamedTuple):
+    """What a loss compares and how it sums, besides the columns and statistics: its reduction, the target's
+    gap (at, c) (a hybrid decoder's c embedding columns from `at` on), and the loss's weights (check_weight's
+    [K] or [K + c] numbers, or None). A cleaner's plan takes the defaults."""
+
+    reduction: str = "mean"
+    gap: tuple = (0, 0)
+    weight: object = None
+
+
 class Plan(NamedTuple):
     """A call's validated arguments (the module forms swap in their buffers' tensors per call)."""
 
@@ -49,19 +59,18 @@ class Plan(NamedTuple):
 
 
 def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_features: Optional[int],
-            num_kept: Optional[int] = None, reduction: str = "mean", gap=(0, 0), weight=None,
-            dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Plan:
+            num_kept: Optional[int] = None, form: LossForm = LossForm(), dtype: torch.dtype = torch.float32,
+            device: Optional[torch.device] = None) -> Plan:
     """The Plan of these arguments. options: the caller's keyword options, those of OPTIONS (other names are
     refused); num_features: D (None: the mask's length; integer indices then fail); num_kept: the target's
-    width, when known (sizes a traced mask's gather statically); weight: the loss's per-column weights
-    (check_weight), or None; dtype: the compute dtype of the statistics and weights;
-    device: the features' (the functional forms: the index and statistics move there), or None (a module:
-    they stay where they are given)."""
+    width, when known (sizes a traced mask's gather statically); form: the loss's reduction, gap and weights;
+    dtype: the compute dtype of the statistics and weights; device: the features' (the functional forms: the
+    index and statistics move there), or None (a module: they stay where they are given)."""
     refuse_unknown(options or {}, tuple(OPTIONS), "the loss")  # (the public forms list their own first)
     if num_features is not None:
         num_features = check_count("num_features", num_features, minimum=1)
     o = {**OPTIONS, **(options or {})}
-    reduction_id = option_code("reduction", reduction, REDUCTIONS)
+    reduction_id = option_code("reduction", form.reduction, REDUCTIONS)
     norm = option_code("norm", o["norm"], NORMS)
     eps, nan_to_num = check_eps(o["eps"]), check_flag("nan_to_num", o["nan_to_num"])
     option_code("backend", o["backend"], BACKENDS)
@@ -89,8 +98,8 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
             if value is not None:
                 raise ValueError(f"{name} was given but norm={o['norm']!r} does not use it")
     K = columns.index.shape[0]
-    gap = check_gap(gap, K)
-    weight = None if weight is None else check_weight(weight, K, dtype, columns.index.device, gap[1])
+    gap = check_gap(form.gap, K)
+    weight = None if form.weight is None else check_weight(form.weight, K, dtype, columns.index.device, gap[1])
     return Plan(columns, shift, scale, weight, norm, reduction_id, eps, nan_to_num, o["backend"], sync, gap,
                 selector)
 
