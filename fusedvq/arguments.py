@@ -88,7 +88,7 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
         num_features = index_t.shape[0] if num_features is None else num_features  # (a mismatch: canonical_index)
     elif num_features is None:
         raise ValueError("integer indices need num_features=D (the features' width) to be validated")
-    idx, selector = canonical_index(index_t, num_features, device, num_kept)
+    idx, selector = canonical_index(index_t, num_features, num_kept)
     columns = build_column_map(idx, num_features)
     shift = scale = None
     if norm == NORM_STATS:
@@ -108,21 +108,19 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def canonical_index(index, num_features: int, device: torch.device, num_kept: Optional[int] = None,
-                    check_values: bool = True) -> tuple[torch.Tensor, str]:
-    """(index [K] int64 on `device`, "mask" or "index") from a bool mask [D] or integer indices [K].
+def canonical_index(index: torch.Tensor, num_features: int, num_kept: Optional[int] = None) -> tuple[torch.Tensor, str]:
+    """(index [K] int64, "mask" or "index") from index_tensor's bool mask [D] or integer indices [K].
 
     num_kept (the target's width), when given, sizes the gather of a bool mask statically, so no
     data-dependent shape appears while torch.compile traces.
     """
-    index = index_tensor(index, device, num_features, check_values)
     if index.dtype == torch.bool:
         if index.shape[0] != num_features:
             raise ValueError(
                 f"feature_mask has {index.shape[0]} entries but features have {num_features} columns: "
                 f"the mask needs one entry per feature column"
             )
-        if check_values and not _is_tracing():
+        if not _is_tracing():
             kept = int(index.sum())
             if kept == 0:
                 raise ValueError(f"feature_mask keeps none of the {num_features} feature columns")
@@ -144,7 +142,7 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
         # (the kernels never read out of bounds, but would drop that column).
         torch._assert_async(((index >= 0) & (index < num_features)).all(),
                             "index holds a value outside the feature columns [0, D)")
-    elif check_values:
+    else:
         bad = (index < 0) | (index >= num_features)
         if bool(bad.any()):
             first = int(index[bad][0])
@@ -155,11 +153,11 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
     return index, "index"
 
 
-def index_tensor(index, device: torch.device, num_features: Optional[int], check_values: bool = True) -> torch.Tensor:
+def index_tensor(index, device: torch.device, num_features: Optional[int]) -> torch.Tensor:
     """The index as a 1-D tensor on `device`: a bool mask, or integer column indices (not a mask given as
-    numbers). The one check of an index's kind, shared by the functional forms (canonical_index) and the
-    modules' constructors, so both give the same errors. num_features: D, or None when not known yet (a
-    constructor given integers without num_features): an index of 0s and 1s is then taken to be length D."""
+    numbers). The one check of an index's kind, for the functional forms and the modules' constructors
+    alike, so both give the same errors. num_features: D, or None when not known yet (a constructor given
+    integers without num_features): an index of 0s and 1s is then taken to be length D."""
     index = as_tensor(index, "index", device)
     if index.dim() != 1:
         raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
@@ -172,7 +170,7 @@ def index_tensor(index, device: torch.device, num_features: Optional[int], check
         )
     if index.shape[0] == 0:
         raise ValueError("index is empty: it must name at least one feature column")
-    if check_values and not _is_tracing():
+    if not _is_tracing():
         _refuse_integer_mask(index, index.shape[0] if num_features is None else num_features)
     return index
 
@@ -192,8 +190,7 @@ def _refuse_integer_mask(index: torch.Tensor, num_features: int) -> None:
 
 
 def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_space: Optional[str],
-                    dtype: torch.dtype, device: torch.device, check_values: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift = μ [K], scale = 1/σ [K]) in `dtype`, from μ, σ of length D (raw) or K (masked)."""
     if mean is None or std is None:
         missing = " and ".join(n for n, v in (("mean", mean), ("std", std)) if v is None)
@@ -229,7 +226,7 @@ def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_spa
         t = t.to(torch.float64)
         out.append(t.index_select(0, index) if space == "raw" else t)
     mu, sigma = out
-    if check_values and not _is_tracing():
+    if not _is_tracing():
         _check_stats_values(mu, sigma, index, dtype)
     return mu.to(dtype), sigma.reciprocal().to(dtype)
 
