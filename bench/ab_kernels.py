@@ -77,12 +77,12 @@ def _case(B: int, dtype: str, norm: str, device: str):
 
 
 def run(device: str, sizes, out=None, repeat: int = 3) -> int:
-    from fusedvq.kernels import launch
+    from fusedvq.kernels import tiles
     from fusedvq.tools import benchmark as fb
 
     timer = _timer(device, repeat)
     copy = fb.copy_bandwidth(device, nbytes=1 << 30 if device == "cuda" else 1 << 24)
-    default = dataclasses.replace(launch.TUNING)
+    default = dataclasses.replace(tiles.TUNING)
     lines = [f"copy bandwidth (read + write): {copy / 1e9:.0f} GB/s", "",
              "| case | setting | forward (ms) | forward GB/s (of copy) | fwd+bwd (ms) | fwd+bwd GB/s (of copy) |",
              "|---|---|---|---|---|---|"]
@@ -97,14 +97,14 @@ def run(device: str, sizes, out=None, repeat: int = 3) -> int:
                         values = values[:1]  # the candidate covers norm "none" / "stats"
                     times, losses = {}, {}
                     for value in values:
-                        setattr(launch.TUNING, field, value)
+                        setattr(tiles.TUNING, field, value)
                         try:
                             losses[value] = float(forward())
                             times[value] = (timer(forward), timer(step))
                         except Exception as err:  # recorded: the report says what failed, the rest still runs
                             failures.append(f"{case}, {field} = {value!r}: {type(err).__name__}: {err}"[:300])
                         finally:
-                            setattr(launch.TUNING, field, getattr(default, field))
+                            setattr(tiles.TUNING, field, getattr(default, field))
                     for value, (fwd, full) in times.items():
                         lines.append(f"| {case} | {field} = {value!r} | {fwd:.4f} | "
                                      f"{bytes_fwd / fwd / 1e6:.0f} ({bytes_fwd / fwd / 1e6 / (copy / 1e9):.0%}) | "

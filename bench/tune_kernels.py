@@ -1,4 +1,4 @@
-"""Time the launch shapes of the fused kernels on a GPU: how kernels/launch.py's TUNING was chosen.
+"""Time the launch shapes of the fused kernels on a GPU: how kernels/tiles.py's TUNING was chosen.
 
     python bench/tune_kernels.py [--sizes 65536,262144]
 
@@ -21,7 +21,7 @@ from fusedvq.tools import benchmark as fb
 from fusedvq.arguments import build_column_map
 from fusedvq.kernels import launchers as mm
 from fusedvq.kernels.plan import Mode
-from fusedvq.kernels import launch as settings
+from fusedvq.kernels import tiles as settings
 
 WALK_TILES = (2048, 4096, 8192)
 PROGRAMS_PER_SM = (4, 8, 16, 64)

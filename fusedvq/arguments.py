@@ -18,9 +18,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
-from .categories import resolve_weight
 from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
-from .strict import check_count, check_dense, check_eps, check_flag, check_gap, not_numbers, option_code, refuse_unknown
+from .strict import as_tensor, check_count, check_eps, check_flag, check_gap, option_code, refuse_unknown
+from .weights import check_weight
 
 REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.py's REDUCTION_*)
 NORMS = ("none", "stats", "batch")  # code = position (NORM_*)
@@ -29,6 +29,16 @@ STATS_SPACES = ("raw", "masked")
 # The keyword options of every form, and their defaults.
 OPTIONS = {"norm": "stats", "eps": 1e-8, "nan_to_num": False, "backend": "auto", "stats_space": None,
            "sync_stats": False, "process_group": None}
+
+
+class LossForm(NamedTuple):
+    """What a loss compares and how it sums, besides the columns and statistics: its reduction, the target's
+    gap (at, c) (a hybrid decoder's c embedding columns from `at` on), and the loss's weights (check_weight's
+    [K] or [K + c] numbers, or None). A cleaner's plan takes the defaults."""
+
+    reduction: str = "mean"
+    gap: tuple = (0, 0)
+    weight: object = None
 
 
 class Plan(NamedTuple):
@@ -49,19 +59,18 @@ class Plan(NamedTuple):
 
 
 def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_features: Optional[int],
-            num_kept: Optional[int] = None, reduction: str = "mean", gap=(0, 0), weight=None,
-            dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Plan:
+            num_kept: Optional[int] = None, form: LossForm = LossForm(), dtype: torch.dtype = torch.float32,
+            device: Optional[torch.device] = None) -> Plan:
     """The Plan of these arguments. options: the caller's keyword options, those of OPTIONS (other names are
     refused); num_features: D (None: the mask's length; integer indices then fail); num_kept: the target's
-    width, when known (sizes a traced mask's gather statically); weight: the loss's per-column weights
-    (check_weight), or None; dtype: the compute dtype of the statistics and weights;
-    device: the features' (the functional forms: the index and statistics move there), or None (a module:
-    they stay where they are given)."""
+    width, when known (sizes a traced mask's gather statically); form: the loss's reduction, gap and weights;
+    dtype: the compute dtype of the statistics and weights; device: the features' (the functional forms: the
+    index and statistics move there), or None (a module: they stay where they are given)."""
     refuse_unknown(options or {}, tuple(OPTIONS), "the loss")  # (the public forms list their own first)
     if num_features is not None:
         num_features = check_count("num_features", num_features, minimum=1)
     o = {**OPTIONS, **(options or {})}
-    reduction_id = option_code("reduction", reduction, REDUCTIONS)
+    reduction_id = option_code("reduction", form.reduction, REDUCTIONS)
     norm = option_code("norm", o["norm"], NORMS)
     eps, nan_to_num = check_eps(o["eps"]), check_flag("nan_to_num", o["nan_to_num"])
     option_code("backend", o["backend"], BACKENDS)
@@ -79,7 +88,7 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
         num_features = index_t.shape[0] if num_features is None else num_features  # (a mismatch: canonical_index)
     elif num_features is None:
         raise ValueError("integer indices need num_features=D (the features' width) to be validated")
-    idx, selector = canonical_index(index_t, num_features, device, num_kept)
+    idx, selector = canonical_index(index_t, num_features, num_kept)
     columns = build_column_map(idx, num_features)
     shift = scale = None
     if norm == NORM_STATS:
@@ -89,8 +98,8 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
             if value is not None:
                 raise ValueError(f"{name} was given but norm={o['norm']!r} does not use it")
     K = columns.index.shape[0]
-    gap = check_gap(gap, K)
-    weight = None if weight is None else check_weight(weight, K, dtype, columns.index.device, gap[1])
+    gap = check_gap(form.gap, K)
+    weight = None if form.weight is None else check_weight(form.weight, K, dtype, columns.index.device, gap[1])
     return Plan(columns, shift, scale, weight, norm, reduction_id, eps, nan_to_num, o["backend"], sync, gap,
                 selector)
 
@@ -99,33 +108,19 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _as_tensor(value, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        check_dense(value, name)
-        if value.requires_grad:
-            raise ValueError(f"{name} requires grad, but fusedvq treats it as a constant: pass {name}.detach()")
-        return value.to(device=device, dtype=dtype) if dtype is not None else value.to(device)
-    try:
-        return torch.as_tensor(value, dtype=dtype, device=device)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise not_numbers(name, value, err) from None
-
-
-def canonical_index(index, num_features: int, device: torch.device, num_kept: Optional[int] = None,
-                    check_values: bool = True) -> tuple[torch.Tensor, str]:
-    """(index [K] int64 on `device`, "mask" or "index") from a bool mask [D] or integer indices [K].
+def canonical_index(index: torch.Tensor, num_features: int, num_kept: Optional[int] = None) -> tuple[torch.Tensor, str]:
+    """(index [K] int64, "mask" or "index") from index_tensor's bool mask [D] or integer indices [K].
 
     num_kept (the target's width), when given, sizes the gather of a bool mask statically, so no
     data-dependent shape appears while torch.compile traces.
     """
-    index = index_tensor(index, device, num_features, check_values)
     if index.dtype == torch.bool:
         if index.shape[0] != num_features:
             raise ValueError(
                 f"feature_mask has {index.shape[0]} entries but features have {num_features} columns: "
                 f"the mask needs one entry per feature column"
             )
-        if check_values and not _is_tracing():
+        if not _is_tracing():
             kept = int(index.sum())
             if kept == 0:
                 raise ValueError(f"feature_mask keeps none of the {num_features} feature columns")
@@ -147,7 +142,7 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
         # (the kernels never read out of bounds, but would drop that column).
         torch._assert_async(((index >= 0) & (index < num_features)).all(),
                             "index holds a value outside the feature columns [0, D)")
-    elif check_values:
+    else:
         bad = (index < 0) | (index >= num_features)
         if bool(bad.any()):
             first = int(index[bad][0])
@@ -158,12 +153,12 @@ def canonical_index(index, num_features: int, device: torch.device, num_kept: Op
     return index, "index"
 
 
-def index_tensor(index, device: torch.device, num_features: Optional[int], check_values: bool = True) -> torch.Tensor:
+def index_tensor(index, device: torch.device, num_features: Optional[int]) -> torch.Tensor:
     """The index as a 1-D tensor on `device`: a bool mask, or integer column indices (not a mask given as
-    numbers). The one check of an index's kind, shared by the functional forms (canonical_index) and the
-    modules' constructors, so both give the same errors. num_features: D, or None when not known yet (a
-    constructor given integers without num_features): an index of 0s and 1s is then taken to be length D."""
-    index = _as_tensor(index, "index", device)
+    numbers). The one check of an index's kind, for the functional forms and the modules' constructors
+    alike, so both give the same errors. num_features: D, or None when not known yet (a constructor given
+    integers without num_features): an index of 0s and 1s is then taken to be length D."""
+    index = as_tensor(index, "index", device)
     if index.dim() != 1:
         raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
     if index.dtype == torch.bool:
@@ -175,7 +170,7 @@ def index_tensor(index, device: torch.device, num_features: Optional[int], check
         )
     if index.shape[0] == 0:
         raise ValueError("index is empty: it must name at least one feature column")
-    if check_values and not _is_tracing():
+    if not _is_tracing():
         _refuse_integer_mask(index, index.shape[0] if num_features is None else num_features)
     return index
 
@@ -195,8 +190,7 @@ def _refuse_integer_mask(index: torch.Tensor, num_features: int) -> None:
 
 
 def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_space: Optional[str],
-                    dtype: torch.dtype, device: torch.device, check_values: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift = μ [K], scale = 1/σ [K]) in `dtype`, from μ, σ of length D (raw) or K (masked)."""
     if mean is None or std is None:
         missing = " and ".join(n for n, v in (("mean", mean), ("std", std)) if v is None)
@@ -206,7 +200,7 @@ def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_spa
     K, D = index.shape[0], num_features
     out = []
     for name, value in (("mean", mean), ("std", std)):
-        t = _as_tensor(value, name, device)
+        t = as_tensor(value, name, device)
         if t.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
         if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
@@ -232,7 +226,7 @@ def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_spa
         t = t.to(torch.float64)
         out.append(t.index_select(0, index) if space == "raw" else t)
     mu, sigma = out
-    if check_values and not _is_tracing():
+    if not _is_tracing():
         _check_stats_values(mu, sigma, index, dtype)
     return mu.to(dtype), sigma.reciprocal().to(dtype)
 
@@ -269,33 +263,6 @@ def _check_stats_values(mu: torch.Tensor, sigma: torch.Tensor, index: torch.Tens
         f"{'mean' if what == 'mean' else 'std'} {float(value[k])} ({count}); rescale the features and "
         f"statistics, or use float64 features (reference backend)"
     )
-
-
-def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device,
-                 num_embedding: int = 0) -> torch.Tensor:
-    """The loss's per-column weights as a [K] tensor in `dtype` on `device`: 1-D, one per kept column (in the
-    loss's column order), real, finite and >= 0 (checked on the host once: one synchronization on CUDA;
-    skipped while torch.compile traces, like the statistics' values). With a hybrid's num_embedding = c > 0,
-    [K + c] too: one per decoder column, for the objective over all K + c columns (calls with embeddings)."""
-    weight = resolve_weight(weight, {}, num_kept)  # (a weight by category name, here without categories: refused)
-    t = _as_tensor(weight, "weight", device)
-    if t.dim() != 1 or (t.shape[0] != num_kept and t.shape[0] != num_kept + num_embedding):  # (not `in`: sizes
-        # may be symbolic while torch.compile traces, and a tuple's `in` does not compare them)
-        hybrid = (f", or one per decoder column (K + c = {num_kept + num_embedding}) for the objective with "
-                  f"embeddings" if num_embedding else "")
-        raise ValueError(f"weight must be 1-D with one entry per kept column (K = {num_kept}){hybrid}, got shape "
-                         f"{tuple(t.shape)}")
-    num_kept = t.shape[0]
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"weight must hold real numbers, got {t.dtype}")
-    wide = t.to(torch.float64)
-    if not _is_tracing():
-        bad = ~(torch.isfinite(wide) & (wide >= 0) & torch.isfinite(wide.to(dtype)))
-        if bool(bad.any()):
-            k = int(bad.nonzero()[0])
-            raise ValueError(f"weight must be finite and >= 0 in every kept column (and fit {dtype}); kept column "
-                             f"{k} has weight {float(wide[k])} ({int(bad.sum())} of {num_kept} bad)")
-    return wide.to(dtype)
 
 
 def build_column_map(index: torch.Tensor, num_features: int) -> ColumnMap:

@@ -1,5 +1,5 @@
-"""A categorical VQ-VAE's categories: per-category errors from the per-column ones, per-column weights
-given per category, and the balance score over categories.
+"""A categorical VQ-VAE's categories: per-category errors from the per-column ones, and the balance score
+over categories (per-column weights given per category are weights.py's).
 
     categories          {name: kept-column indices in [0, K)}: over the K kept feature columns (the
                         statistics', the weights' and the feature-only loss's; a hybrid's pre_model_group_indices)
@@ -13,8 +13,6 @@ given per category, and the balance score over categories.
         whose weights are all 0. category_errors: over decoder columns, from a hybrid objective's [K + c]
         errors (with embeddings=), the trainer's `{category}/reconstruction_mse`; feature_category_errors:
         over kept feature columns, from the [K] errors of the feature columns alone (the same when c = 0)
-    "balanced"   w[k] = K / (C·n_c) for k in category c of n_c columns: every category weighs K/C in all,
-                 the mean loss is the mean over categories of their errors
     gini         the Gini coefficient of the category errors, Σ_i (2i − C − 1)·E_(i) / (C·ΣE), E sorted
                  ascending (0: all equal, → 1: one category holds all the error); errors finite and >= 0
 
@@ -26,7 +24,6 @@ Python loop over categories; gini is a sort on the device after one host check o
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional
 
 import numpy as np
@@ -109,53 +106,6 @@ def check_decoder_categories(decoder_categories: Optional[Mapping], categories: 
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def resolve_weight(weight, categories: dict[str, tuple[int, ...]], num_kept: int):
-    """The weight argument as per-column weights: None, or a [K] float64 tensor for "balanced" and for
-    {category name: weight}; any other value is returned as given (arguments.check_weight validates it)."""
-    if isinstance(weight, str):
-        if weight != "balanced":
-            raise ValueError(f'unknown weight={weight!r}: pass "balanced", {{category: weight}}, or [K] numbers')
-        if not categories:
-            raise ValueError('weight="balanced" needs the VQ-VAE\'s categories: build the module with from_checkpoint'
-                             ' / from_spec (or pass categories=)')
-        _refuse_overlap_or_gap(categories, num_kept)
-        w = torch.zeros(num_kept, dtype=torch.float64)
-        for idx in categories.values():
-            w[list(idx)] = num_kept / (len(categories) * len(idx))
-        return w
-    if isinstance(weight, Mapping):
-        if not categories:
-            raise ValueError("weight given per category name needs the VQ-VAE's categories: build the module with "
-                             "from_checkpoint / from_spec (or pass categories=)")
-        unknown = [str(n) for n in weight if str(n) not in categories]
-        if unknown:
-            raise ValueError(f"weight names category {unknown[0]!r}, which the VQ-VAE does not have: its categories "
-                             f"are {', '.join(map(repr, categories))}")
-        w = torch.ones(num_kept, dtype=torch.float64)
-        owner: dict[int, str] = {}
-        for name, value in weight.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"the weight of category {str(name)!r} must be a finite number >= 0, got {value!r}")
-            for k in categories[str(name)]:
-                if k in owner and owner[k] != str(name):
-                    raise ValueError(f"kept column {k} is in categories {owner[k]!r} and {str(name)!r}, which are given "
-                                     f"different weights: give per-column weights instead")
-                owner[k] = str(name)
-                w[k] = float(value)
-        return w
-    return weight
-
-
-def _refuse_overlap_or_gap(categories: dict[str, tuple[int, ...]], num_kept: int) -> None:
-    listed = [i for idx in categories.values() for i in idx]
-    count = torch.bincount(torch.tensor(listed, dtype=torch.int64), minlength=num_kept)  # (repeats count too)
-    bad = (count != 1).nonzero()
-    if bad.numel():
-        k = int(bad[0])
-        raise ValueError(f'weight="balanced" needs categories that hold each kept column once; kept column {k} is '
-                         f"in {int(count[k])} of them ({int(bad.numel())} of {num_kept} columns are not in exactly one)")
 
 
 def category_members(categories: dict[str, tuple[int, ...]], num_kept: int, device) -> torch.Tensor:

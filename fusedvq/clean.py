@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .arguments import OPTIONS, REDUCTIONS, ColumnMap, prepare
+from .arguments import OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare
 from .strict import check_flag, check_gap, option_code, refuse_unknown
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
@@ -77,7 +77,7 @@ class FeatureCleaner(Prepared):
         # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
         K, device = self.num_kept, self.index.device
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
-                               num_features=K, gap=_gap)
+                               num_features=K, form=LossForm(gap=_gap))
         self._z_plan = self._z_plan._replace(weight=self._weight(weight, K, device, self._z_plan.gap))
         self._z_held: dict = {}  # reduction code → (z plan, its plan with that reduction, their small route)
 

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, OPTIONS, REDUCTIONS, _is_tracing, check_weight, prepare
-from .categories import CategoryErrors, check_categories, resolve_weight
+from .arguments import NORMS, OPTIONS, REDUCTIONS, LossForm, _is_tracing, prepare
+from .categories import CategoryErrors, check_categories
 from .checkpoint import FeatureSpec, load_feature_spec
 from .strict import check_count, check_flag, refuse_unknown
 from .cpu.hybrid import around_gap
+from .weights import check_weight, resolve_weight
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
 # Every keyword each form takes, as its unknown-option error lists them (the options of OPTIONS included).
@@ -67,7 +68,7 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     ops.check_pair(features, target, allow_empty=bool(synced))
     _refuse_swapped(features, target, index)
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
-                   num_kept=target.shape[1], reduction=reduction, weight=weight, device=features.device,
+                   num_kept=target.shape[1], form=LossForm(reduction, weight=weight), device=features.device,
                    dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     return ops.call_loss(features, target, plan, "masked_mse(features [B, {}], target [B, {}], index, ...)",
                          ops.small_route(plan))
@@ -83,15 +84,15 @@ class Prepared(CategoryErrors, nn.Module):
 
     def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, categories=None,
                  decoder_categories=None, _loss_form=None, _decoder_gap=None, **options):
-        # _loss_form: {"reduction", "gap", "weight"} of MaskedMSELoss; a cleaner has none (those names stay
+        # _loss_form: MaskedMSELoss's LossForm (reduction, gap, weight); a cleaner has none (those names stay
         # options there, which are refused as unknown). _decoder_gap: the decoder's (p, c) when not the plan's
         # (a cleaner's recon_loss).
         refuse_unknown(options, self._TAKES, type(self).__name__)
         refuse_spec(index, "index", f"{type(self).__name__}.from_spec(spec)")
         super().__init__()
-        form = dict(_loss_form or {})
-        weight = form.pop("weight", None)
-        plan = prepare(index, mean, std, options, num_features=num_features, **form)
+        form = _loss_form or LossForm()
+        weight = form.weight  # (checked below, with the categories a weight may name)
+        plan = prepare(index, mean, std, options, num_features=num_features, form=form._replace(weight=None))
         self.categories = check_categories(categories, plan.columns.index.shape[0])
         plan = plan._replace(weight=self._weight(weight, plan.columns.index.shape[0], plan.columns.index.device,
                                                  plan.gap))
@@ -192,8 +193,7 @@ class MaskedMSELoss(Prepared):
 
     def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", target_gap=(0, 0), weight=None,
                  **options):
-        super().__init__(index, mean, std, _loss_form={"reduction": reduction, "gap": target_gap, "weight": weight},
-                         **options)
+        super().__init__(index, mean, std, _loss_form=LossForm(reduction, target_gap, weight), **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, embeddings: Optional[torch.Tensor] = None

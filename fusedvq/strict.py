@@ -1,13 +1,14 @@
 """The kinds of the public options, checked, never coerced: a flag is True or False, a count an integer, a
-choice one of its strings, a keyword one the form takes. Each refusal is a TypeError or ValueError naming
-the argument and the value it got (a string "False" read from a config file must not be truthy; 10.0 or
-"10" must not pass for a width).
+choice one of its strings, a keyword one the form takes, a tensor argument a dense constant tensor or
+numbers. Each refusal is a TypeError or ValueError naming the argument and the value it got (a string
+"False" read from a config file must not be truthy; 10.0 or "10" must not pass for a width).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -63,6 +64,20 @@ def refuse_unknown(given, valid: tuple[str, ...], form: str) -> None:
     near = [n for n in _SPELLED_ELSEWHERE.get(name, ()) if n in valid] or difflib.get_close_matches(name, valid, n=1)
     hint = f" (did you mean {near[0]}=?)" if near else ""
     raise TypeError(f"unknown option {name!r}{hint}: {form} takes {', '.join(valid)}")
+
+
+def as_tensor(value, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A tensor argument (an index, statistics, weights) as a tensor on `device`: a dense tensor that does not
+    require grad (fusedvq treats it as a constant), or numbers torch.as_tensor takes."""
+    if isinstance(value, torch.Tensor):
+        check_dense(value, name)
+        if value.requires_grad:
+            raise ValueError(f"{name} requires grad, but fusedvq treats it as a constant: pass {name}.detach()")
+        return value.to(device=device, dtype=dtype) if dtype is not None else value.to(device)
+    try:
+        return torch.as_tensor(value, dtype=dtype, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise not_numbers(name, value, err) from None
 
 
 def not_numbers(name: str, value, err: Exception) -> TypeError:

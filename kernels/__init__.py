@@ -1,11 +1,15 @@
 """Triton kernels for fusedvq (installed as fusedvq.kernels); they import nothing from fusedvq.
 
-    plan.py         the mode codes and the Mode record the host hands the kernels (no triton: importable
-                    on CPU-only installs, where fusedvq's host code reads the codes)
-    masked_mse.py   the forward and backward kernels of the loss and clean_features, and the tile pieces
-    batch_stats.py  norm="batch": the column-moments and dz-sums kernels, and its entry points
+    plan.py         the host's side of a launch, with no triton import at the top (fusedvq's host code reads
+                    it on CPU-only installs): the mode codes, the Mode record, the column map, the scale of a
+                    reduction, and KernelLauncher (a launch with little host work)
+    tiles.py        the pieces every kernel shares: the @triton.jit tile helpers, and on the host the launch
+                    shapes (TUNING) and the scratch memory of the last-program reductions
+    masked_mse.py   the forward and backward kernels of the loss and clean_features
     launchers.py    the launches of masked_mse.py's kernels, and the entry points of norm "none" / "stats"
-    launch.py       launching with little host work, launch shapes (TUNING), scratch memory
+    batch_stats.py  norm="batch": the column-moments and dz-sums kernels, their launches, its entry points
+    row_loads.py    a candidate forward (not the default): whole rows in 128-bit loads, gathered in the SM
+    partials.py     P partial reconstructions against one target: their kernels, launches and entry points
 
 The entry points below are imported on first use (they import triton).
 """

@@ -2,10 +2,10 @@
 
 Math (reference.py, section norm="batch", states the same in torch ops), N rows, x̃ = x[:, idx[k]]:
     forward   c = x̃[0] (the shift), m = mean_b (x̃ − c), M2 = Σ_b (x̃ − c − m)², σ = sqrt(M2/(N − 1)),
-              σ' = 1 where σ < eps (w = 0) else σ (w = 1/(N − 1)),
+              σ' = 1 where σ < eps (and no gradient through σ there) else σ,
               z = nan_to_num(((x̃ − c) − m)/σ'),  diff = z − r,  e = diff²,  loss as masked_mse's
     VJP       dz = 2·g·diff·[z finite],  S1 = Σ_b dz,  S2 = Σ_b dz·z
-              ∂L/∂x̃ = (1/σ')·(dz − S1/N − z·S2·w),  ∂L/∂r = −2·g·diff
+              ∂L/∂x̃ = (1/σ')·(dz − S1/N − z·S2/(N − 1)) (no last term where σ' = 1),  ∂L/∂r = −2·g·diff
               (mean/sum: S = 2g·A with the column sums A = (Σ diff·[z finite], Σ diff·[z finite]·z) that
               the forward writes, so the backward needs no reduction of its own)
 clean_features (CLEAN) takes dz = ∂L/∂z·[z finite] as given and has no r: its forward is launches 1
@@ -13,8 +13,8 @@ and 2 writing z, its backward _dz_sums_kernel then the backward kernel, as reduc
 Launches, for any B:
     forward   1. _column_moments_kernel: per-program Chan-merged (m, M2) of each kept column around the shift
                  c (its first row); the last program merges them in program order and writes stats [5, K]
-                 = (c, m, 1/σ', w, 1/N) (or, with cross-rank sync, the local (c, m, M2) for the caller to
-                 merge across ranks)
+                 = (c, m, 1/σ', 1/(N − 1) (0 where σ' = 1), 1/N), or with cross-rank sync the local (c, m,
+                 M2) for the caller to merge across ranks
               2. masked_mse's forward kernel with NORM=2: z, the loss and the column sums A [2, K]
     backward  mean/sum: masked_mse's backward kernel alone (S = g·A)
               none:     _dz_sums_kernel (S1 = Σ dz, S2 = Σ dz·z), then the backward kernel
@@ -28,12 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for, scratch
-from .launch import reduction_scale, scratch_guard
 from .launchers import launch_backward, launch_forward
+from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode, device_guard, reduction_scale
 from .tiles import (FLT_MAX, NORM_BATCH_C, chan_merge, column_stats, kept_columns, load_features, normalize,
-                    store_partial_pair, sum_partial_pairs)
-from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, Mode
+                    num_warps_for, scratch, scratch_guard, store_partial_pair, sum_partial_pairs, walk_grid)
+
 
 
 @triton.jit
@@ -42,7 +41,7 @@ def _column_moments_kernel(
     idx_ptr,  # [K] int64 kept columns
     partial_ptr,  # [num_programs, 2, K] fp32 workspace: each program's (m, M2) around the shift
     count_ptr,  # [num_programs] fp32 workspace: each program's row count
-    stats_ptr,  # FINALIZE: [5, K] fp32 (c, m, 1/σ', w, 1/N); else [3, K] fp32 (c, m, M2) of this batch
+    stats_ptr,  # FINALIZE: [5, K] fp32 (c, m, 1/σ', 1/(N − 1), 1/N); else [3, K] fp32 (c, m, M2) of this batch
     counter_ptr,  # [1] int32 ticket counter, zero between launches
     B,
     K,
@@ -105,9 +104,9 @@ def _column_moments_kernel(
                 sigma = tl.sqrt(m2 / tl.maximum(n_k - 1.0, 1.0))
                 flat = (sigma < eps) | (n_k < 2.0)
                 rstd = tl.where(flat, 1.0, 1.0 / sigma)
-                w = tl.where(flat, 0.0, 1.0 / tl.maximum(n_k - 1.0, 1.0))
+                inv_n1 = tl.where(flat, 0.0, 1.0 / tl.maximum(n_k - 1.0, 1.0))
                 tl.store(stats_ptr + 2 * K + cols, rstd, mask=col_ok)
-                tl.store(stats_ptr + 3 * K + cols, w, mask=col_ok)
+                tl.store(stats_ptr + 3 * K + cols, inv_n1, mask=col_ok)
                 tl.store(stats_ptr + 4 * K + cols, 1.0 / tl.maximum(n_k, 1.0), mask=col_ok)
             else:
                 tl.store(stats_ptr + 2 * K + cols, m2, mask=col_ok)
@@ -187,14 +186,13 @@ _DZ_SUMS = KernelLauncher(_dz_sums_kernel)
 
 
 def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool, finalize: bool):
-    """FINALIZE: stats [5, K] fp32 (c, m, 1/σ', w, 1/N); else [3, K] fp32 (c, m, M2) of these B rows."""
+    """FINALIZE: stats [5, K] fp32 (c, m, 1/σ', 1/(N − 1), 1/N); else [3, K] fp32 (c, m, M2) of these B rows."""
     B, D = x.shape
     K = index.shape[0]
     rows = torch.empty((5 if finalize else 3, K), dtype=torch.float32, device=x.device)
     if B == 0:  # a rank without rows: nothing to launch
         return rows.zero_()
-    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
-    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    block_b, block_k, grid = walk_grid(x, B, K)
     with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         counts = torch.empty(grid[0], dtype=torch.float32, device=x.device)
@@ -242,8 +240,7 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0), we
     sums = torch.empty((2, K), dtype=torch.float32, device=x.device)
     if B == 0:
         return sums.zero_()
-    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
-    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    block_b, block_k, grid = walk_grid(x, B, K)
     with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         _DZ_SUMS[grid](
@@ -286,11 +283,8 @@ def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode:
 
 def batch_clean_forward(x, index, eps: float, mode: Mode, merge_and_finalize=None):
     """clean_features, norm "batch": (z [B, K] in x.dtype, stats [5, K] fp32); two launches."""
-    stats = batch_stats(x, index, eps, mode.nan_to_num, merge_and_finalize)
-    if x.shape[0] == 0:
-        return x.new_empty((0, index.shape[0])), stats
-    mode = mode._replace(norm=NORM_BATCH, reduction=REDUCTION_NONE, clean=True)
-    z, _ = launch_forward(x, None, index, (stats[0], stats[1], stats[2]), mode)
+    z, stats, _ = batch_mse_forward(x, None, index, eps, mode._replace(reduction=REDUCTION_NONE, clean=True),
+                                    merge_and_finalize)
     return z, stats
 
 

@@ -1,21 +1,21 @@
-"""The launchers of masked_mse.py's two kernels, and the entry points of norm "none" / "stats" (the loss and
-clean_features) built on them; batch_stats.py builds norm="batch" on the same launchers.
+"""The launches of masked_mse.py's two kernels, which every norm builds on (batch_stats.py wraps norm="batch"
+around them), and the entry points of norm "none" / "stats" (the loss and clean_features).
 
     launch_forward   grid (min(cdiv(B, BLOCK_B), programs),): the loss (a scalar, [K] or [B, K]), or z (clean)
     launch_backward  grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)): grad_x (and grad_r for the loss)
 Inputs are validated by the caller; every launch runs under the tensors' device and never synchronizes.
-stats: () for norm "none", (μ, 1/σ) for "stats", (c, m, 1/σ') forward / (c, m, 1/σ', w, 1/N) backward for
-"batch", each [K] fp32. mode: plan.Mode.
+stats: () for norm "none", (μ, 1/σ) for "stats", (c, m, 1/σ') forward / (c, m, 1/σ', 1/(N − 1), 1/N)
+backward for "batch", each [K] fp32. mode: plan.Mode.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .launch import BLOCK_P, TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for
-from .launch import reduction_scale, scratch, scratch_guard
 from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
-from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode
+from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode
+from .plan import device_guard, reduction_scale
+from .tiles import BLOCK_P, TUNING, block_sizes, cdiv, num_warps_for, scratch, scratch_guard, walk_grid
 
 
 def launch_forward(
@@ -33,8 +33,7 @@ def launch_forward(
     B, D = x.shape
     K = index.shape[0]
     W = K + mode.gap[1] if embeddings is not None else K
-    block_b, block_k = block_sizes(B, K, TUNING.walk_tile)
-    grid = (min(cdiv(B, block_b), max_programs(x)),)
+    block_b, block_k, grid = walk_grid(x, B, K)
     norm, nan_to_num, reduction, gap, _, clean = mode
     if norm == NORM_BATCH:
         shift, center, scale = stats
@@ -77,7 +76,7 @@ def launch_backward(
     x: torch.Tensor,  # [B, D], B >= 1
     target,  # [B, K (+ c)], or None (clean)
     inverse: tuple,  # (inv_ptr [D+1] int32, inv_k [K] int32)
-    stats: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', w, 1/N) batch
+    stats: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', 1/(N − 1), 1/N) batch
     mode: Mode,
     sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
     sums_final: bool = False,
@@ -94,10 +93,10 @@ def launch_backward(
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
     grid = (cdiv(B, block_b), cdiv(D, block_d) + (cdiv(gap[1], block_d) if embed else 0))
     if norm == NORM_BATCH:
-        shift, center, scale, w, inv_n = stats
+        shift, center, scale, inv_n1, inv_n = stats
     else:
         shift, scale = stats if stats else (x, x)  # unused slots: any pointer, never read
-        center = w = inv_n = x
+        center = inv_n1 = inv_n = x
     sums = x if sums is None else sums
     g_strides = ((grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else
                  (0, grad_loss.stride(0)) if reduction == REDUCTION_COLUMN else (0, 0))
@@ -116,7 +115,7 @@ def launch_backward(
             grad_e = torch.empty((B, gap[1]), dtype=embeddings.dtype, device=x.device)
         emb = embeddings if embed else x  # (x: never read)
         _BWD[grid](
-            grad_loss, x, target, emb, inv_ptr, inv_k, shift, center, scale, w, inv_n, sums,
+            grad_loss, x, target, emb, inv_ptr, inv_k, shift, center, scale, inv_n1, inv_n, sums,
             x if weight is None else weight,
             x if grad_x is None else grad_x, x if grad_target is None else grad_target,  # (x: never written)
             x if grad_e is None else grad_e,

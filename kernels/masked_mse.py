@@ -34,9 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import (FLT_MAX, NORM_BATCH_C, NORM_NONE_C, NORM_STATS_C, REDUCTION_COLUMN_C,  # noqa: F401 (shared)
-                    REDUCTION_NONE_C, add_terms, column_stats, kept_columns, load_features, normalize,
-                    store_partial_pair, sum_partial_columns, sum_partial_pairs, write_reduction)
+from .tiles import (FLT_MAX, NORM_NONE_C, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, add_terms, column_stats,
+                    kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs, write_reduction)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,10 +163,10 @@ def _masked_mse_bwd_kernel(
     shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
     center_ptr,  # [K] fp32: m, the batch mean around c (NORM 2)
     scale_ptr,  # [K] fp32: 1/σ, or 1/σ' (NORM >= 1)
-    w_ptr,  # [K] fp32: 1/(N − 1), or 0 where σ' = 1 (NORM 2; reference.py states the batch math)
+    inv_n1_ptr,  # [K] fp32: 1/(N − 1), or 0 where σ' = 1 (NORM 2; reference.py states the batch math)
     inv_n_ptr,  # [K] fp32: 1/N (NORM 2)
     sums_ptr,  # NORM 2: [2, K] fp32 column sums: (A1, A2) of the forward, or (S1, S2) when SUMS_FINAL
-    loss_w_ptr,  # [W] fp32: the loss's weights (WEIGHTED)
+    w_ptr,  # [W] fp32: the loss's weights (WEIGHTED)
     grad_x_ptr,  # [B, D] contiguous, dtype of x: written everywhere, zeros included
     grad_r_ptr,  # [B, K + gap] contiguous, dtype of r, zero in the gap's columns already unless EMBED (not
     # written with CLEAN)
@@ -236,7 +235,7 @@ def _masked_mse_bwd_kernel(
         elif REDUCTION != REDUCTION_NONE_C:
             gcol = tl.zeros([BLOCK_D], dtype=tl.float32) + g
         if WEIGHTED:
-            wk = tl.load(loss_w_ptr + ok_col, mask=has, other=0.0)
+            wk = tl.load(w_ptr + ok_col, mask=has, other=0.0)
         if REDUCTION == REDUCTION_NONE_C:
             gk = tl.load(grad_ptr + rows[:, None] * stride_gb + ok_col[None, :] * stride_gk, mask=ok, other=0.0)
             gk = gk.to(tl.float32) * grad_scale
@@ -260,16 +259,16 @@ def _masked_mse_bwd_kernel(
         elif NORM == NORM_STATS_C:
             dx = dzv * inv_sigma[None, :]
         else:
-            # Batch norm's backward: (1/σ')·(dz − S1/N − z·S2·w), with S1 = Σ dz, S2 = Σ dz·z over the batch.
+            # Batch norm's backward: (1/σ')·(dz − S1/N − z·S2/(N − 1)), with S1 = Σ dz, S2 = Σ dz·z over the batch.
             dz = tl.where(z_ok, dzv, 0.0)
-            w = tl.load(w_ptr + k, mask=has, other=0.0)
+            inv_n1 = tl.load(inv_n1_ptr + k, mask=has, other=0.0)
             inv_n = tl.load(inv_n_ptr + k, mask=has, other=0.0)
             s1 = tl.load(sums_ptr + k, mask=has, other=0.0)
             s2 = tl.load(sums_ptr + K + k, mask=has, other=0.0)
             if not SUMS_FINAL:
                 s1 = s1 * gcol
                 s2 = s2 * gcol
-            dx = (dz - (s1 * inv_n)[None, :] - z * (s2 * w)[None, :]) * inv_sigma[None, :]
+            dx = (dz - (s1 * inv_n)[None, :] - z * (s2 * inv_n1)[None, :]) * inv_sigma[None, :]
         acc += tl.where(ok, dx, 0.0)
     if NAN_TO_NUM:
         acc = tl.where(finite, acc, 0.0)
@@ -292,7 +291,7 @@ def _masked_mse_bwd_kernel(
         else:
             ge = tl.zeros([1, BLOCK_D], dtype=tl.float32) + g
         if WEIGHTED:
-            ge = ge * tl.load(loss_w_ptr + ecols, mask=j_ok, other=0.0)[None, :]
+            ge = ge * tl.load(w_ptr + ecols, mask=j_ok, other=0.0)[None, :]
         dze = (ev.to(tl.float32) - rv.to(tl.float32)) * ge
         if WRITE_R:
             tl.store(grad_r_ptr + rows[:, None] * (K + gap) + ecols[None, :], (-dze).to(grad_r_ptr.dtype.element_ty),

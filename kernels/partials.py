@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BLOCK_P, TUNING, KernelLauncher, block_sizes, cdiv, device_guard, max_programs, num_warps_for
-from .launch import scratch, scratch_guard
-from .masked_mse import sum_partial_columns, write_reduction
-from .plan import REDUCTION_COLUMN, REDUCTION_MEAN
+from .plan import REDUCTION_COLUMN, REDUCTION_MEAN, KernelLauncher, device_guard
+from .tiles import BLOCK_P, TUNING, block_sizes, cdiv, max_programs, num_warps_for, scratch, scratch_guard
+from .tiles import sum_partial_columns, write_reduction
 
 REDUCTION_COLUMN_C = tl.constexpr(REDUCTION_COLUMN)
 

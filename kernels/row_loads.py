@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BLOCK_P, TUNING, KernelLauncher, cdiv, device_guard, max_programs, next_power_of_2, num_warps_for
-from .launch import reduction_scale, scratch, scratch_guard
-from .masked_mse import FLT_MAX, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, write_reduction
-from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode
+from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode, device_guard, reduction_scale
+from .tiles import (BLOCK_P, FLT_MAX, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, TUNING, cdiv, max_programs,
+                    next_power_of_2, num_warps_for, scratch, scratch_guard, write_reduction)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from fusedvq.kernels import batch_stats as bs
 from fusedvq.kernels import masked_mse as mm
 from fusedvq.kernels import partials as pt
-from fusedvq.kernels import launch as settings
+from fusedvq.kernels import tiles as settings
 from fusedvq.kernels import row_loads as rl
 
 ARCHS = (80, 90)
@@ -75,8 +75,8 @@ def kernel_specs():
         for block_b, block_d in _blocks(shapes, lambda D, K: D, settings.TUNING.backward_tile):
             sig = {
                 "grad_ptr": dtype, "x_ptr": dtype, "r_ptr": dtype, "emb_ptr": dtype, "col_start_ptr": "*i32",
-                "inv_k_ptr": "*i32", "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32",
-                "inv_n_ptr": "*fp32", "sums_ptr": "*fp32", "loss_w_ptr": "*fp32", "grad_x_ptr": dtype,
+                "inv_k_ptr": "*i32", "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "inv_n1_ptr": "*fp32",
+                "inv_n_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*fp32", "grad_x_ptr": dtype,
                 "grad_r_ptr": dtype, "grad_e_ptr": dtype, "B": I32, "K": I32, "D": I32,
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "stride_eb": I64,
                 "stride_ec": I64, "gap_at": I32, "gap": I32,

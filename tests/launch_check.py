@@ -70,9 +70,9 @@ class _OnDevice(torch.Tensor):
 
 def main():
     driver.set_active(_Driver())
-    from fusedvq.kernels import launch, launchers, masked_mse
+    from fusedvq.kernels import launchers, masked_mse, plan
 
-    launch.current_stream_handle = lambda index: 1234  # what the stand-in driver's stream is
+    plan.current_stream_handle = lambda index: 1234  # what the stand-in driver's stream is
     x = torch.randn(64, 187)
     r = torch.randn(64, 171)
     idx = torch.randperm(187)[:171]

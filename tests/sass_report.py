@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
-from fusedvq.kernels import launch as settings
+from fusedvq.kernels import tiles as settings
 from fusedvq.kernels import masked_mse as mm
 from fusedvq.kernels import row_loads as rl
 
@@ -53,8 +53,8 @@ def specs(dtype: str):
     yield "forward (today: gather)", mm._masked_mse_fwd_kernel, fwd_sig, fwd, settings.num_warps_for(block_b, block_k)
     block_b, block_d = settings.block_sizes(B, D, settings.TUNING.backward_tile)
     bwd_sig = {"grad_ptr": t, "x_ptr": t, "r_ptr": t, "emb_ptr": t, "col_start_ptr": "*i32", "inv_k_ptr": "*i32",
-               "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32",
-               "inv_n_ptr": "*fp32", "sums_ptr": "*fp32", "loss_w_ptr": "*fp32", "grad_x_ptr": t, "grad_r_ptr": t,
+               "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "inv_n1_ptr": "*fp32",
+               "inv_n_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*fp32", "grad_x_ptr": t, "grad_r_ptr": t,
                "grad_e_ptr": t, "B": I32, "K": I32, "D": I32, "stride_xb": I64, "stride_xd": I64, "stride_rb": I64,
                "stride_rk": I64, "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap": I32, "stride_gb": I64, "stride_gk": I64, "grad_scale": F32}
     bwd = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, SUMS_FINAL=0, CLEAN=0, WRITE_X=1, WRITE_R=1, EMBED=0,

@@ -66,9 +66,9 @@ for _module, _names in ((test_parity, ["test_dtypes", "test_large_offset_stats_k
 @pytest.fixture(autouse=True)
 def rows_forward(monkeypatch):
     """TUNING.forward_loads = "rows" for the test; yields the list of whole-row launches it made."""
-    from fusedvq.kernels import launch, row_loads
+    from fusedvq.kernels import row_loads, tiles
 
-    monkeypatch.setattr(launch.TUNING, "forward_loads", "rows")
+    monkeypatch.setattr(tiles.TUNING, "forward_loads", "rows")
     launches = []
     real = row_loads.rows_forward
 
@@ -119,14 +119,14 @@ def test_strided_rows_take_todays_kernel(rows_forward):
 
 
 def test_the_default_is_todays_kernel():
-    from fusedvq.kernels.launch import Tuning, _tuning_from_environment
+    from fusedvq.kernels.tiles import Tuning, _tuning_from_environment
 
     assert Tuning().forward_loads == "gather"
     assert _tuning_from_environment().forward_loads in ("gather", "rows")
 
 
 def test_a_bad_switch_is_refused(monkeypatch):
-    from fusedvq.kernels.launch import _tuning_from_environment
+    from fusedvq.kernels.tiles import _tuning_from_environment
 
     monkeypatch.setenv("FUSEDVQ_FORWARD_LOADS", "wide")
     with pytest.raises(ValueError, match="FUSEDVQ_FORWARD_LOADS='wide': expected one of gather, rows"):

@@ -157,9 +157,9 @@ def _settings(case: Case):
         if case.block_rows:
             stack.enter_context(mock.patch.object(cpu_stats, "_BLOCK_ELEMENTS", case.block_rows * K))
         if case.loads != "gather":
-            from fusedvq.kernels import launch
+            from fusedvq.kernels import tiles
 
-            stack.enter_context(mock.patch.object(launch.TUNING, "forward_loads", case.loads))
+            stack.enter_context(mock.patch.object(tiles.TUNING, "forward_loads", case.loads))
         yield
 
 

@@ -7,7 +7,7 @@ import torch
 
 import fusedvq
 from fusedvq import ops as routing
-from fusedvq.arguments import prepare
+from fusedvq.arguments import LossForm, prepare
 from fusedvq.cpu import stats as cpu
 from fusedvq.kernels.plan import COMPUTE_DTYPE
 from fusedvq.ops import loss as op
@@ -40,7 +40,8 @@ def _run(path, x, r, columns, mean, std, norm, nan_to_num, reduction, monkeypatc
     """The loss of one path, with autograd attached to x and r."""
     if path == "registered-op":  # what torch.compile runs: cpu.masked_mse_forward / masked_mse_backward
         plan = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None, num_features=D,
-                       num_kept=r.shape[1], reduction=reduction, dtype=COMPUTE_DTYPE[x.dtype], options={"norm": norm})
+                       num_kept=r.shape[1], form=LossForm(reduction), dtype=COMPUTE_DTYPE[x.dtype],
+                       options={"norm": norm})
         stats = [plan.shift, plan.scale] if norm == "stats" else []
         loss, _, _ = op.masked_mse_forward(x, r, list(plan.columns), stats, [int(nan_to_num), plan.reduction, 0, 0, 0])
         return loss

@@ -1,5 +1,6 @@
-"""kernels/launch.py: the direct launch passes Triton's launcher exactly what Triton's own launch passes,
-and reuses a compiled kernel only where Triton would pick the same one (tests/launch_check.py, no GPU)."""
+"""kernels/plan.py's KernelLauncher: the direct launch passes Triton's launcher exactly what Triton's own
+launch passes, and reuses a compiled kernel only where Triton would pick the same one (tests/launch_check.py,
+no GPU)."""
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_a_new_specialization_gets_its_own_kernel(cases):
 
 
 def test_host_helpers_match_triton():
-    from fusedvq.kernels.launch import cdiv, next_power_of_2
+    from fusedvq.kernels.tiles import cdiv, next_power_of_2
 
     for n in range(1, 300):
         assert next_power_of_2(n) == triton.next_power_of_2(n)

@@ -6,7 +6,7 @@ fresh batch-sized buffers cost page faults, several times the arithmetic), so a 
 the buffers it returns: grad_x and grad_target, and z for clean_features. Nothing batch-sized is saved
 for the backward, which recomputes z from x block by block (as the kernels do).
     moments   one pass: each block's (m, M2) around the shift c (the batch's first row), merged across
-              blocks with Chan's formula (merge_moments)
+              blocks with Chan's formula (cpu/moments.py)
     forward   one pass: z, then the loss and its column sums A, or z itself (clean_features)
     backward  mean/sum: one pass (S = 2g·A); reduction "none" and clean_features: a pass for S, then one
               for the gradients
@@ -23,52 +23,32 @@ from typing import Optional
 import torch
 
 from ..kernels.plan import REDUCTION_COLUMN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
+from .moments import merge_moments
 from .stats import _block_rows, _dots, _scatter_rows, _total, grad_factors, into_target, new_target_grad, reduce_columns
 
-# The statistics of a batch, stats [5, K] = (c, m, 1/σ', w, 1/N): the shift c (the batch's first row), the
-# mean m around it, 1/σ' (σ' = 1 where σ < eps), w = 1/(N − 1) (0 where σ' = 1: no gradient through σ),
-# 1/N. reference.py states the math; the kernels write the same rows.
-STAT_SHIFT, STAT_MEAN, STAT_RSTD, STAT_W, STAT_INV_N = range(5)
-NUM_STATS = 5
-
-
-def merge_moments(parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, c, m, M2) over several parts [(count, c, m, M2), ...] (e.g. one per rank), merged in float64 with
-    Chan's formula around the shift of the first part that has rows, so that a column constant over all
-    parts still has m = M2 = 0 exactly; every caller given the same parts in the same order gets the same
-    bits. Results in `dtype` (N as a 0-d tensor)."""
-    wide = [(torch.as_tensor(n, dtype=torch.float64), c.double(), m.double(), m2.double()) for n, c, m, m2 in parts]
-    counts = torch.stack([n for n, *_ in wide])
-    N = counts.sum()
-    has_rows = counts > 0
-    first = has_rows.to(torch.int8).argmax()  # the first part with rows (0 if none has): no host sync
-    shift = torch.stack([c for _, c, _, _ in wide])[first]
-    means = torch.stack([(c - shift) + m for _, c, m, _ in wide])  # [P, K] around the common shift
-    mean = (counts[:, None] * means).sum(0) / N.clamp_min(1)
-    spread = torch.where(has_rows[:, None], counts[:, None] * (means - mean).square(), torch.zeros_like(means))
-    m2 = torch.stack([m2 for *_, m2 in wide]).sum(0) + spread.sum(0)
-    return N.to(dtype), shift.to(dtype), mean.to(dtype), m2.to(dtype)
+# The statistics of a batch, stats [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N): the shift c (the batch's first
+# row), the mean m around it, 1/σ' (σ' = 1 where σ < eps), 1/(N − 1) (0 where σ' = 1: no gradient through
+# σ), 1/N. reference.py states the math; the kernels write the same rows.
+STAT_SHIFT, STAT_MEAN, STAT_RSTD, STAT_INV_N1, STAT_INV_N = range(5)
 
 
 def finalize_batch_stats(count, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
                          eps: float) -> torch.Tensor:
-    """stats [5, K] = (c, m, 1/σ', w, 1/N) from N rows' (c, m, M2); count is an int or a 0-d tensor."""
+    """stats [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N) from N rows' (c, m, M2); count is an int or a 0-d tensor."""
     if isinstance(count, int):  # this batch's own rows: the scalars on the host, fewer ops (small batches)
         sigma = torch.sqrt(m2 / max(count - 1, 1))
         flat = sigma < eps if count >= 2 else torch.ones_like(sigma, dtype=torch.bool)
         rstd = sigma.reciprocal().masked_fill_(flat, 1.0)
         # (a where() of two Python scalars would be float32 whatever sigma's dtype: 1e-8 off in float64)
-        w = torch.full_like(sigma, 1.0 / max(count - 1, 1)).masked_fill_(flat, 0.0)
-        return torch.stack([shift, mean, rstd, w, torch.full_like(sigma, 1.0 / max(count, 1))])
+        inv_n1 = torch.full_like(sigma, 1.0 / max(count - 1, 1)).masked_fill_(flat, 0.0)
+        return torch.stack([shift, mean, rstd, inv_n1, torch.full_like(sigma, 1.0 / max(count, 1))])
     n = torch.as_tensor(count, dtype=mean.dtype, device=mean.device)
     sigma = torch.sqrt(m2 / (n - 1).clamp_min(1))
     flat = (sigma < eps) | (n < 2)  # σ' = 1 and no gradient through σ
     rstd = torch.where(flat, torch.ones_like(sigma), sigma.reciprocal())
-    w = torch.where(flat, torch.zeros_like(sigma), (n - 1).clamp_min(1).reciprocal().expand_as(sigma))
+    inv_n1 = torch.where(flat, torch.zeros_like(sigma), (n - 1).clamp_min(1).reciprocal().expand_as(sigma))
     inv_n = n.clamp_min(1).reciprocal().expand_as(sigma)
-    return torch.stack([shift, mean, rstd, w, inv_n])
-
-
+    return torch.stack([shift, mean, rstd, inv_n1, inv_n])
 
 
 class _Blocks:
@@ -115,7 +95,7 @@ def _known_finite(t: torch.Tensor) -> bool:
 
 
 def batch_stats(blocks: _Blocks, eps: float, merge_and_finalize=None):
-    """(stats [5, K] = (c, m, 1/σ', w, 1/N) of the kept columns (over all ranks with merge_and_finalize),
+    """(stats [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N) of the kept columns (over all ranks with merge_and_finalize),
     the one block's x̃ − c − m in the scratch buffer when the batch is one block, else None)."""
     parts, shift, centered = [], None, None
     for rows in blocks.rows():
@@ -257,16 +237,16 @@ def _dz_sums(blocks: _Blocks, dz_of):
 
 
 def _grad_x_by_blocks(blocks: _Blocks, dz_of, stats: torch.Tensor, sums: torch.Tensor, first=None) -> torch.Tensor:
-    """grad_x [B, D] in x.dtype: (1/σ')·(dz − S1/N − z·S2·w) added into the columns index names, 0 where x
+    """grad_x [B, D] in x.dtype: (1/σ')·(dz − S1/N − z·S2/(N − 1)) added into the columns index names, 0 where x
     was non-finite, block by block (first: the one block's (dz, z, x_ok), already computed)."""
     s1n = sums[0] * stats[STAT_INV_N]
-    s2w = sums[1] * stats[STAT_W]
+    s2n1 = sums[1] * stats[STAT_INV_N1]
     rstd = stats[STAT_RSTD]
     grad_x = torch.empty((blocks.B, blocks.x.shape[1]), dtype=blocks.x.dtype, device=blocks.x.device)
     scatter_buf = None
     for rows in blocks.rows():
         dz, z, x_ok = first if first is not None else dz_of(rows)
-        grad = dz.sub_(s1n).sub_(z.mul_(s2w)).mul_(rstd)
+        grad = dz.sub_(s1n).sub_(z.mul_(s2n1)).mul_(rstd)
         if x_ok is not None:
             grad.mul_(x_ok)
         scatter_buf = _scatter_rows(grad_x[rows], grad, blocks.index, scatter_buf)

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..kernels.plan import NO_GAP, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
+from ..kernels.plan import COMPUTE_DTYPE, NO_GAP, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
+from ..kernels.plan import reduction_scale
 
 
 # How the CPU runs it. On the CPU a large batch costs memory traffic, and above all first touches: a fresh
@@ -128,14 +129,6 @@ def masked_mse_forward(
     return loss.to(x.dtype), diff, finite
 
 
-def reduction_scale(reduction: int, B: int, K: int) -> float:
-    """1/(B·K) for mean, 1/B for column, 1 for sum and none (B = 0 counts as 1): kernels/plan.py's, kept here
-    too so that an eager CPU call runs no kernels/ file for it."""
-    if reduction == REDUCTION_MEAN:
-        return 1.0 / max(B * K, 1)
-    return 1.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 1.0
-
-
 def reduce_columns(columns: torch.Tensor, B: int, reduction: int, weight: Optional[torch.Tensor]) -> torch.Tensor:
     """The loss from the column sums Σ_b diff² [K]: Σ_b e/B per column (column), or Σe/(B·K) | Σe with
     e = w·diff²."""
@@ -197,57 +190,43 @@ def masked_mse_backward(
     overwrite_diff: bool = False,
     weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(grad_x [B, D] in x's dtype, grad_target [B, K (+ c)] in target's). With overwrite_diff, for a caller
-    that owns diff and needs it no more, grad_target is written over diff (when it has diff's dtype), so the
+    """(grad_x [B, D] in x's dtype, grad_target [B, K (+ c)] in target's), block by block: dz = ∂loss/∂z =
+    g·f·diff (grad_factors), grad_target = −dz, grad_x = dz·(1/σ) scattered to the kept columns (0 where x
+    was non-finite). With overwrite_diff, for a caller that owns diff and needs it no more, grad_target is
+    written over diff (when it has diff's dtype: each block is read before it is overwritten), so the
     backward first-touches one fresh buffer (grad_x), not two."""
     diff, finite = saved
-    reuse = diff if overwrite_diff and mode.needs[1] and target.dtype == diff.dtype and not mode.gap[1] else None
-    return _gradients(grad_loss, _saved_blocks(diff, finite), (x, target), index, stats[1] if stats else None,
-                      mode, reuse, weight)
-
-
-def _saved_blocks(diff, finite):
-    """(rows, diff block, finite block or None), block by block."""
-    step = _block_rows(diff, diff.shape[1])
-    for start in range(0, diff.shape[0], step):
-        rows = slice(start, start + step)
-        yield rows, diff[rows], None if finite is None else finite[rows]
-
-
-def _gradients(grad_loss, blocks, like: tuple, index, scale, mode: Mode, grad_target=None, weight=None):
-    """(grad_x, grad_target) from blocks of (rows, diff, finite): dz = ∂loss/∂z = g·f·diff (grad_factors),
-    grad_target = −dz, grad_x = dz·scale scattered to the kept columns (0 where x was non-finite); like =
-    (x, target), for their widths and dtypes. grad_target, when given, is the buffer to write it into (diff
-    itself: each block is read before it is overwritten)."""
-    x, target = like
-    B, K, num_features, x_dtype, target_dtype = x.shape[0], index.shape[0], x.shape[1], x.dtype, target.dtype
-    needs, gap = mode.needs, mode.gap
-    cdt = COMPUTE_DTYPE[x_dtype]
+    scale = stats[1] if stats else None
+    B, K, needs, gap = x.shape[0], index.shape[0], mode.needs, mode.gap
     device = grad_loss.device
-    grad_x = torch.empty((B, num_features), dtype=x_dtype, device=device) if needs[0] else None
+    grad_x = torch.empty((B, x.shape[1]), dtype=x.dtype, device=device) if needs[0] else None
+    grad_target = diff if overwrite_diff and needs[1] and target.dtype == diff.dtype and not gap[1] else None
     if grad_target is None and needs[1]:
-        grad_target = new_target_grad(B, K, gap, target_dtype, device)
-    g, f = grad_factors(grad_loss, mode.reduction, B, K, weight, cdt)
+        grad_target = new_target_grad(B, K, gap, target.dtype, device)
+    g, f = grad_factors(grad_loss, mode.reduction, B, K, weight, COMPUTE_DTYPE[x.dtype])
     neg_f = -f
     f_scale = f * scale if scale is not None else f
     dz_buf = scatter_buf = None
-    for rows, diff, finite in blocks:
+    step = _block_rows(diff, K)
+    for start in range(0, B, step):
+        rows = slice(start, start + step)
+        block = diff[rows]
         if dz_buf is None:  # the first block is the largest
-            dz_buf = torch.empty_like(diff)
-        dz = dz_buf[: diff.shape[0]]
+            dz_buf = torch.empty_like(block)
+        dz = dz_buf[: block.shape[0]]
         if g is not None:  # reduction "none": g·f·diff, then ·scale
-            torch.mul(g[rows], diff, out=dz).mul_(f)
+            torch.mul(g[rows], block, out=dz).mul_(f)
             if grad_target is not None:
                 into_target(torch.mul, dz, grad_target[rows], gap, factor=-1.0)
             if scale is not None:
                 dz.mul_(scale)
         else:
-            torch.mul(diff, f_scale, out=dz)
+            torch.mul(block, f_scale, out=dz)
             if grad_target is not None:
-                into_target(torch.mul, diff, grad_target[rows], gap, factor=neg_f)
+                into_target(torch.mul, block, grad_target[rows], gap, factor=neg_f)
         if grad_x is not None:
             if finite is not None:
-                dz.mul_(finite)
+                dz.mul_(finite[rows])
             scatter_buf = _scatter_rows(grad_x[rows], dz, index, scatter_buf)
     return grad_x, grad_target
 

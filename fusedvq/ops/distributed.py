@@ -15,7 +15,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..cpu.batch import finalize_batch_stats, merge_moments
+from ..cpu.batch import finalize_batch_stats
+from ..cpu.moments import merge_moments
 
 # Keys of the process groups in use; a group that is destroyed (no reference left) drops out by itself.
 _groups: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
