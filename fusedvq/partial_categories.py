@@ -1,6 +1,7 @@
 """The per-category metric of P partial reconstructions, as a categorical, hierarchical VQ-VAE's evaluation
 computes it: category n's MSE on its own columns, averaged over its own partials (`{category}/reconstruction_mse`
-of one batch), from the [P, K] column errors of partials_mse's reduction="column", as one gather on the
+of one batch), from the [P, W] column errors of partials_mse's reduction="column" — W = K kept feature columns,
+or a hybrid objective's K + c decoder columns (the categories then in decoder columns) — as one gather on the
 device, with no host synchronization.
 """
 
@@ -68,14 +69,15 @@ def partial_category_layout(categories: dict, num_columns: int, *, levels: Optio
     return PartialCategories(names, P, num_columns, pt.to(device), ct.to(device), coef.to(device))
 
 
-def category_errors_of(errors: torch.Tensor, layout: PartialCategories) -> torch.Tensor:
+def category_errors_of(errors: torch.Tensor, layout: PartialCategories, method: str = "category_errors",
+                       columns: str = "") -> torch.Tensor:
     """E[n] = (1/L_n) Σ_{p ∈ n} (1/|cols_n|) Σ_{k ∈ cols_n} errors[p, k], [C], as a gather (a NaN stays in
-    its own categories)."""
+    its own categories). method and columns (which columns they are): as the error says them."""
     P, K = layout.num_partials, layout.num_columns
     if not isinstance(errors, torch.Tensor) or tuple(errors.shape) != (P, K):
         shape = list(errors.shape) if isinstance(errors, torch.Tensor) else type(errors).__name__
-        raise ValueError(f'category_errors takes the [{P}, {K}] errors of reduction="column" (P = {P} partials, '
-                         f"K = {K} columns), got {shape}")
+        raise ValueError(f'{method} takes the [{P}, {K}] errors of reduction="column" (P = {P} partials, '
+                         f"{columns or f'K = {K} columns'}), got {shape}")
     wide = errors.float() if errors.dtype in (torch.float16, torch.bfloat16) else errors
     padded = F.pad(wide, (0, 1, 0, 1))  # [P + 1, K + 1]: the pads read 0
     coef = layout.coef.to(wide.device, wide.dtype)

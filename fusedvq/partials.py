@@ -4,11 +4,13 @@ each reconstruct the whole input, and its training adds the informativeness loss
     sum(F.mse_loss(partial, target) for partial in partials) / P
 
 Here the target is the cleaned features z = clean_features(features) [B, K] (any norm; normalized and
-gathered once), the P partials come as one [P, B, K (+ c)] tensor or the list a model returns, and one pass
-each way gives the loss ("mean"), or each partial's column errors ("column", [P, K]) whose mean is that loss
-and from which category_errors gives the per-category metric as the project computes it (each category's
-error averaged over its own partials, on its own columns; partial_categories.py), all on the device without a host
-synchronization. reference.py (partials_composed) states the math; ops/partials.py routes and registers it.
+gathered once) — for a hybrid with its embeddings [B, c], combine(z, embeddings) [B, K + c], read in place —
+the P partials come as one [P, B, K (+ c)] tensor or the list a model returns, and one pass each way gives
+the loss ("mean"), or each partial's column errors ("column", [P, K], a hybrid objective's [P, K + c]) whose
+mean is that loss and from which category_errors gives the per-category metric as the project computes it
+(each category's error averaged over its own partials, on its own columns; partial_categories.py), all on
+the device without a host synchronization. reference.py (partials_composed) states the math;
+ops/partials.py routes and registers it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from . import ops
 from .arguments import check_gap, option_code, prepare
 from .cpu.partials_small import PartialsRoute
 from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN
-from .loss import Prepared
+from .loss import Prepared, check_spec
 from .ops.partials import PartialsMode, call_partials
 from .partial_categories import category_errors_of, partial_category_errors, partial_category_layout
 
@@ -48,7 +50,11 @@ def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *
             "column": E[p, k] = Σ_b (r[p, b, k] − z[b, k])² / B, [P, K] (E.mean() is the "mean" loss).
         target_gap: (at, c): each partial holds c more columns from `at` on (a hybrid decoder's embedding
             columns), skipped as masked_mse skips them (zero gradient there).
-        embeddings: reserved for a hybrid's [B, c] embeddings compared at the gap's columns; not supported yet.
+        embeddings: with a target_gap (at, c), a hybrid's embeddings [B, c] (in the partials' dtype): the
+            hybrid's objective instead, each partial against combine(z, embeddings) = [z[:, :at], embeddings,
+            z[:, at:]] over all K + c columns — exactly the mean over p of F.mse_loss(partial_p, combined),
+            the embeddings read in place — "column" giving [P, K + c] in the partials' (decoder) column order,
+            the mean dividing by P·B·(K + c); the embeddings get a gradient when they require one.
 
     Returns the loss in the features' dtype (float32 under autocast); gradients flow to the features (through
     the normalization, norm="batch" included) and to the partials.
@@ -57,8 +63,8 @@ def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
                    device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     mode = _mode(reduction, check_gap(target_gap, plan.columns.index.shape[0]))
-    small = PartialsRoute.of(plan, mode) if embeddings is None else None
-    loss = None if small is None else small(features, partials)  # (a small CPU batch: as the module's)
+    small = PartialsRoute.of(plan, mode)
+    loss = None if small is None else small(features, partials, embeddings)  # (a small CPU batch: as the module's)
     return _call(features, partials, embeddings, plan, ops.small_route(plan), mode) if loss is None else loss
 
 
@@ -69,16 +75,14 @@ def _mode(reduction: str, gap: tuple) -> PartialsMode:
 
 
 def _call(features, partials, embeddings, plan, route, mode: PartialsMode) -> torch.Tensor:
-    if embeddings is not None:
-        raise NotImplementedError("embeddings= (a hybrid decoder's embedding columns compared at the gap) is not "
-                                  "supported yet: pass target_gap=(at, c) alone to skip those columns")
     partials = partials_form(partials)
     if torch.is_autocast_enabled(features.device.type):  # as F.mse_loss: float32 compute and result
         features = features.float()
         partials = partials.float() if isinstance(partials, torch.Tensor) else [p.float() for p in partials]
-    check_partials(features, partials, plan.columns.index.shape[0], mode.gap)
+        embeddings = embeddings.float() if isinstance(embeddings, torch.Tensor) else embeddings
+    check_partials(features, partials, plan.columns.index.shape[0], mode, embeddings)
     z = ops.call_clean(features, plan, route)
-    return call_partials(z, partials, mode._replace(use_triton=ops.use_triton_for(plan.backend, features)))
+    return call_partials(z, partials, mode._replace(use_triton=ops.use_triton_for(plan.backend, features)), embeddings)
 
 
 def partials_form(partials):
@@ -113,8 +117,10 @@ def partials_form(partials):
     return list(partials)
 
 
-def check_partials(features: torch.Tensor, partials, num_kept: int, gap: int) -> None:
-    """partials (partials_form's) [P, B, K + gap] matching the features [B, D] in dtype, device and batch size."""
+def check_partials(features: torch.Tensor, partials, num_kept: int, mode: PartialsMode, embeddings=None) -> None:
+    """partials (partials_form's) [P, B, K + c] matching the features [B, D] in dtype, device and batch size
+    (c = mode.gap_width), and the embeddings, when given, [B, c] in the partials' dtype and device."""
+    gap = mode.gap_width
     one = partials if isinstance(partials, torch.Tensor) else partials[0]
     P, (B, W) = (one.shape[0], one.shape[1:]) if one is partials else (len(partials), one.shape)
     if P == 0:
@@ -131,6 +137,31 @@ def check_partials(features: torch.Tensor, partials, num_kept: int, gap: int) ->
         skipped = f" and the {gap} columns the loss skips (target_gap)" if gap else ""
         raise ValueError(f"partials have {W} columns but must have {num_kept + gap}: the {num_kept} kept "
                          f"columns{skipped}")
+    if embeddings is not None:
+        check_embeddings(embeddings, B, one, mode.gap_at, gap)
+
+
+def check_embeddings(embeddings, rows: int, partial: torch.Tensor, at: int, c: int) -> None:
+    """A hybrid's embeddings [rows, c] for the partials' gap (at, c), in partial's dtype and on its device."""
+    if c == 0:
+        raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): each "
+                         f"partial's {partial.shape[-1]} columns are all feature columns. A hybrid's objective needs "
+                         f"target_gap=(p, c) (from_checkpoint sets it from a hybrid checkpoint)")
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor [B, {c}], got {type(embeddings).__name__}")
+    ops.check_dense(embeddings, "embeddings")
+    if embeddings.dim() != 2 or embeddings.shape[1] != c:
+        raise ValueError(f"embeddings must be [B, {c}] (the c = {c} embedding columns, the partials' columns {at}.."
+                         f"{at + c - 1}), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] != rows:
+        raise ValueError(f"embeddings have {embeddings.shape[0]} rows but features have {rows}: the batch sizes must "
+                         f"match")
+    if embeddings.dtype != partial.dtype:
+        raise TypeError(f"embeddings are {embeddings.dtype} but the partials are {partial.dtype}: pass them in one "
+                        f"dtype (e.g. embeddings.to({partial.dtype}))")
+    if embeddings.device != partial.device:
+        raise ValueError(f"embeddings are on {embeddings.device} but the partials are on {partial.device}: put both "
+                         f"on one device")
 
 
 class PartialsMSELoss(Prepared):
@@ -139,62 +170,114 @@ class PartialsMSELoss(Prepared):
 
     Args:
         index, mean, std, num_features, reduction, target_gap and the options: as in partials_mse and
-            MaskedMSELoss (from_checkpoint / from_spec build it from a VQ-VAE checkpoint, categories included).
+            MaskedMSELoss (from_checkpoint / from_spec build it from a VQ-VAE checkpoint, categories included;
+            a hybrid's target_gap and decoder_categories too).
         categories: {name: kept-column indices}, in the VQ-VAE's order (its group_indices).
+        decoder_categories: with a target_gap (p, c), the same categories in the decoder's K + c columns (a
+            hybrid's model_config group_indices: the INITIAL category holds the c embedding columns).
         levels: L, for the N×L layout of a categorical hierarchical VQ-VAE: P = N·L partials, category n's
             are n·L .. n·L + L − 1 (its decode_partial order).
         partial_categories: instead of levels, the category (name or position) of each of the P partials.
 
-    category_errors(errors [P, K]) (the "column" output) gives [C]: category n's MSE on its own columns,
-    averaged over its own partials — the project's `{category}/reconstruction_mse` of one batch.
+    category_errors(errors [P, K + c]) (the "column" output with embeddings; [P, K] without a gap) gives [C]:
+    category n's MSE on its own decoder columns, averaged over its own partials — the project's
+    `{category}/reconstruction_mse` of one batch; feature_category_errors(errors [P, K]) the same over the
+    kept feature columns (the errors without embeddings).
     """
 
     def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", target_gap=(0, 0),
                  levels: Optional[int] = None, partial_categories: Optional[Sequence] = None, **options):
+        decoder_categories = options.pop("decoder_categories", None)
         super().__init__(index, mean, std, **options)
-        self.partials_mode = _mode(reduction, check_gap(target_gap, self.num_kept))
+        gap = check_gap(target_gap, self.num_kept)
+        self.partials_mode = _mode(reduction, gap)
+        self._set_categories(decoder_categories, gap[1])  # (the decoder's K + c columns' categories)
         self._small = ()  # (held plan, its PartialsRoute): rebuilt with the held plan
-        self.layout = None
-        if self.categories and (levels is not None or partial_categories is not None):
-            self.layout = partial_category_layout(self.categories, self.num_kept, levels=levels,
-                                                  partial_categories=partial_categories, device=self.index.device)
-            self.register_buffer("partial_gather", self.layout.partials, persistent=False)
-            self.register_buffer("column_gather", self.layout.columns, persistent=False)
-            self.register_buffer("gather_coef", self.layout.coef, persistent=False)
-        elif levels is not None or partial_categories is not None:
+        self.layout = self.decoder_layout = None
+        if levels is None and partial_categories is None:
+            return
+        if not self.categories:
             raise ValueError("levels / partial_categories need the VQ-VAE's categories: pass categories= (or build the "
                              "module with from_checkpoint / from_spec)")
+        decoder = self.decoder_categories if gap[1] else {}  # (without a gap: the kept columns' layout)
+        for space, categories, width in (("", self.categories, self.num_kept),
+                                         ("decoder_", decoder, self.num_kept + gap[1])):
+            if categories:
+                layout = partial_category_layout(categories, width, levels=levels,
+                                                 partial_categories=partial_categories, device=self.index.device)
+                for field, name in _GATHERS.items():
+                    self.register_buffer(space + name, getattr(layout, field), persistent=False)
+                setattr(self, space + "layout", layout)
 
-    def forward(self, features: torch.Tensor, partials, embeddings=None) -> torch.Tensor:
+    @classmethod
+    def from_spec(cls, spec, *, norm: str = "stats", **options):
+        """As Prepared.from_spec; for a hybrid VQ-VAE (spec.hybrid) the partials are the decoder's K + c columns
+        wide: target_gap (p, c) and decoder_categories come from the spec unless given."""
+        check_spec(cls, spec)
+        if spec.hybrid is not None:
+            gap = options.setdefault("target_gap", (spec.hybrid.first_embedding, spec.hybrid.num_embedding))
+            if isinstance(gap, (tuple, list)) and len(gap) == 2 and gap[1]:
+                options.setdefault("decoder_categories", spec.decoder_categories or None)
+        return super().from_spec(spec, norm=norm, **options)
+
+    def forward(self, features: torch.Tensor, partials, embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss of features [B, D] against partials [P, B, K + c] (or a list); embeddings [B, c]: the
+        hybrid's objective (partials_mse)."""
         held, small = ops.held_plan(self), self._small
         if not small or small[0] is not held:  # (the buffers were swapped or moved: a route of the new plan)
             small = (held, PartialsRoute.of(held.plan, self.partials_mode))
             object.__setattr__(self, "_small", small)
-        if small[1] is not None and embeddings is None:  # a small CPU batch: one node each way (cpu/partials_small.py)
-            loss = small[1](features, partials)
+        if small[1] is not None:  # a small CPU batch: one node each way (cpu/partials_small.py)
+            loss = small[1](features, partials, embeddings)
             if loss is not None:
                 return loss
         return _call(features, partials, embeddings, held.plan, held.route, self.partials_mode)
 
     def category_errors(self, errors: torch.Tensor) -> torch.Tensor:
-        """E [C] from the [P, K] errors of reduction="column", in errors' dtype, on their device,
-        differentiable, no host synchronization."""
-        if self.layout is None:
+        """E [C] in decoder columns, as the trainer logs its `{category}/reconstruction_mse`: from the
+        [P, K + c] errors of reduction="column" with embeddings (a hybrid's objective; [P, K] without a
+        target_gap), each category over its decoder columns and its own partials; in errors' dtype, on their
+        device, differentiable, no host synchronization."""
+        K, c = self.num_kept, self.partials_mode.gap_width
+        if not c:
+            return self._by_category(errors, "")
+        if isinstance(errors, torch.Tensor) and errors.dim() == 2 and errors.shape[1] == K and self.layout is not None:
+            raise ValueError(
+                f'category_errors takes the [{errors.shape[0]}, {K + c}] errors of the hybrid objective (reduction='
+                f'"column" with embeddings=: the decoder\'s K + c = {K} + {c} columns), got [{errors.shape[0]}, {K}]: '
+                f"the errors of the {K} kept feature columns alone; pass embeddings= to the loss, or use "
+                f"feature_category_errors(errors) for the categories over the kept feature columns")
+        if self.layout is not None and self.decoder_layout is None:
+            raise ValueError(f"category_errors averages over the decoder's {K + c} columns (K + c = {K} + {c}), and "
+                             f"this module has no categories in decoder columns: build it with from_checkpoint / "
+                             f"from_spec (model_config's group_indices), or pass decoder_categories={{name: decoder-"
+                             f"column indices}}; feature_category_errors(errors) gives them over the {K} kept "
+                             f"feature columns")
+        return self._by_category(errors, "decoder_", f"the decoder's K + c = {K} + {c} columns")
+
+    def feature_category_errors(self, errors: torch.Tensor) -> torch.Tensor:
+        """E [C] over the kept feature columns: from the [P, K] errors of reduction="column" without embeddings
+        (a hybrid's feature columns alone: a different objective); category_errors when there is no gap."""
+        return self._by_category(errors, "", f"the K = {self.num_kept} kept feature columns", "feature_category_errors")
+
+    def _by_category(self, errors, space: str, columns: str = "", method: str = "category_errors") -> torch.Tensor:
+        layout = getattr(self, space + "layout")
+        if layout is None:
             raise ValueError("this module has no partials' categories: pass categories= and levels= (or "
                              "partial_categories=)")
-        return category_errors_of(errors, self.layout._replace(partials=self.partial_gather,
-                                                                columns=self.column_gather, coef=self.gather_coef))
+        held = layout._replace(**{field: getattr(self, space + name) for field, name in _GATHERS.items()})
+        return category_errors_of(errors, held, method, columns)
 
     def _apply(self, fn, recurse=True):
-        coef = getattr(self, "gather_coef", None)
+        coefs = {name: getattr(self, name, None) for name in ("gather_coef", "decoder_gather_coef")}
         super()._apply(fn, recurse)
-        # kept float64: .half() and .float() would round it
-        if coef is not None and self.gather_coef.dtype != coef.dtype:
-            self.gather_coef = coef.to(self.gather_coef.device)
+        for name, coef in coefs.items():  # kept float64: .half() and .float() would round it
+            if coef is not None and getattr(self, name).dtype != coef.dtype:
+                setattr(self, name, coef.to(getattr(self, name).device))
         return self
 
     reduction = property(lambda self: _REDUCTION_NAMES[self.partials_mode.reduction])
-    target_gap = property(lambda self: (self.partials_mode.gap_at, self.partials_mode.gap))
+    target_gap = property(lambda self: (self.partials_mode.gap_at, self.partials_mode.gap_width))
     num_partials = property(lambda self: None if self.layout is None else self.layout.num_partials,
                             doc="P of the categories' layout (None without one)")
 
@@ -203,5 +286,8 @@ class PartialsMSELoss(Prepared):
         layout = f", partials={self.num_partials} over {len(self.layout.names)} categories" if self.layout else ""
         return super().extra_repr() + f", reduction={self.reduction!r}{gap}{layout}"
 
+
+# A layout's tensors, held as buffers (they move with the module): its field → the buffer's name
+_GATHERS = {"partials": "partial_gather", "columns": "column_gather", "coef": "gather_coef"}
 
 __all__ = ["partials_mse", "PartialsMSELoss", "partial_category_errors"]
