@@ -61,11 +61,23 @@ def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *
     """
     ops.check_pair(features, None)
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
-                   device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
+                   num_kept=_traced_kept(partials, target_gap), device=features.device,
+                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     mode = _mode(reduction, check_gap(target_gap, plan.columns.index.shape[0]))
     small = PartialsRoute.of(plan, mode)
     loss = None if small is None else small(features, partials, embeddings)  # (a small CPU batch: as the module's)
     return _call(features, partials, embeddings, plan, ops.small_route(plan), mode) if loss is None else loss
+
+
+def _traced_kept(partials, target_gap) -> Optional[int]:
+    """While torch.compile traces: K as the partials' width says (W − c), which sizes a traced mask's gather
+    statically (as masked_mse's target does; a mask keeping another count fails on the device). Else None:
+    the eager checks count the mask and compare the widths."""
+    one = partials[0] if isinstance(partials, (list, tuple)) and partials else partials
+    if not (torch.compiler.is_compiling() and isinstance(one, torch.Tensor) and one.dim() >= 2):
+        return None
+    width = target_gap[1] if isinstance(target_gap, (tuple, list)) and len(target_gap) == 2 else 0
+    return one.shape[-1] - width if isinstance(width, int) and 0 <= width < one.shape[-1] else None
 
 
 def _mode(reduction: str, gap: tuple) -> PartialsMode:

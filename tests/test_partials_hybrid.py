@@ -196,10 +196,17 @@ def test_opcheck(use_triton, reduction):
     torch.library.opcheck(torch.ops.fusedvq.partials_mse_backward.default, bwd, {**kwargs, "needs": [True] * 3})
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_compile_fullgraph(form):
+    """Traced whole (aot_eager: dynamo's and AOTAutograd's tracing without inductor's code generation), a module
+    and the functional form with a bool mask (its gather sized by the partials' width)."""
     torch._dynamo.reset()
     columns, _, _, x, partials, emb = case(6, dtype=torch.float32, seed=10)
     fn = fusedvq.PartialsMSELoss(columns, norm="batch", reduction="column", target_gap=(4, C))
+    if form == "functional":
+        def fn(a, b, embeddings):
+            return fusedvq.partials_mse(a, b, columns, norm="batch", reduction="column", target_gap=(4, C),
+                                        embeddings=embeddings)
     xg, r, e = (t.clone().requires_grad_() for t in (x, partials, emb))
     loss = torch.compile(lambda a, b, c: fn(a, b, embeddings=c).mean(), fullgraph=True, backend="aot_eager")(xg, r, e)
     loss.backward()

@@ -65,10 +65,11 @@ class PartialsRoute:
         return PartialsRoute(plan, mode)
 
     def __call__(self, x, partials, embeddings=None) -> Optional[Tensor]:
-        if not (type(x) is Tensor and x.is_cpu and x.layout is _STRIDED and not x.is_nested and x.dtype in self.dtypes
-                and x.ndim == 2 and x.shape[1] == self.width and x.shape[0] >= self.min_rows
+        # (traced first: a traced mask's K is a size known on the device only, which the size checks would guard on)
+        if not (not _COMPILING() and type(x) is Tensor and x.is_cpu and x.layout is _STRIDED and not x.is_nested
+                and x.dtype in self.dtypes and x.ndim == 2 and x.shape[1] == self.width and x.shape[0] >= self.min_rows
                 and (not self.batch or x.shape[0] * self.kept <= cpu_small.SMALL_ELEMENTS)
-                and not _COMPILING() and _FUNCTORCH_STACK() is None and not _AUTOCAST("cpu")):
+                and _FUNCTORCH_STACK() is None and not _AUTOCAST("cpu")):
             return None
         B, dtype, e = x.shape[0], x.dtype, embeddings
         if (e is None) if self.gap_width else (e is not None):  # (a gap's columns are compared only with embeddings)
