@@ -2,13 +2,16 @@
 eager or compiled, norm, reduction, weight, target gap, nan_to_num, dtypes, autocast, layouts, which inputs
 want gradients, grad mode, B against the route limits, buffers changed between calls); `draw(seed)` picks one
 at random, `make_data` makes its inputs, `build` its call and `change` changes its buffers; the test
-(tests/test_combinations.py) runs it against the float64 oracle (tests/oracle.py).
+(tests/test_combinations.py) runs it against the float64 oracle (tests/oracle.py), through `modes` and `close`
+below. The partials' cases (P partial reconstructions against one target) are drawn, made and run by
+tests/combinations_partials.py on the same Case.
 
 A Case is plain data: its repr, `Case(seed=..., ...)`, is the code that replays it (tests/test_combinations.py
 says how)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 
@@ -53,6 +56,8 @@ class Case:
     repeats: bool = False  # a category lists one column twice
     loads: str = "gather"  # Triton's forward loads ("gather" | "rows")
     embed: bool = False  # with a gap: the hybrid objective, embeddings [B, c] compared on the gap's columns
+    partials: int = 0  # P > 0: P partial reconstructions against one target (tests/combinations_partials.py)
+    listed: bool = False  # the partials as a list of P [B, W] tensors, not one [P, B, W]
 
     def __repr__(self) -> str:
         fields = dataclasses.fields(self)
@@ -249,3 +254,31 @@ def change(case: Case, d: Data, m) -> None:
         other = fusedvq.MaskedMSELoss(index, num_features=D, norm="none")
         for name in ("index", "inv_ptr", "inv_k"):
             setattr(m, name, getattr(other, name))
+
+
+# ------------------------------------------------------------------------------------------------- the checks
+
+
+def modes(case: Case) -> contextlib.ExitStack:
+    """The case's grad mode and autocast, as one context."""
+    stack = contextlib.ExitStack()
+    stack.enter_context({"grad": contextlib.nullcontext(), "no_grad": torch.no_grad(),
+                         "inference": torch.inference_mode()}[case.grad_mode])
+    if case.autocast:
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    return stack
+
+
+def close(name: str, got, ref, tol: float, problems: list, floor: float = 0.0) -> None:
+    """got against ref: NaN (and, past got's dtype's range, ±Inf) in the same places, ‖got − ref‖ / max(‖ref‖,
+    floor) <= tol for the rest."""
+    got64 = got.detach().double().cpu()
+    got_odd, ref_odd = ~torch.isfinite(got64), ~torch.isfinite(ref.to(got.dtype).double())
+    if got.shape != ref.shape or not torch.equal(got_odd, ref_odd):
+        problems.append(f"{name}: shape {tuple(got.shape)} / NaN or Inf at {got_odd.nonzero().flatten().tolist()[:6]}"
+                        f", expected {tuple(ref.shape)} / at {ref_odd.nonzero().flatten().tolist()[:6]}")
+        return
+    a, b = got64[~got_odd], ref.double()[~ref_odd]
+    err = (a - b).norm().item() / max(b.norm().item(), floor, 1e-300)
+    if not err <= tol:
+        problems.append(f"{name}: relative error {err:.3g} > {tol:g}")
