@@ -24,6 +24,7 @@ from .arguments import check_gap, option_code, prepare
 from .cpu.partials_small import PartialsRoute
 from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN
 from .loss import Prepared, check_spec
+from .ops.hybrid import check_embedding_tensor
 from .ops.partials import PartialsMode, call_partials
 from .partial_categories import category_errors_of, partial_category_errors, partial_category_layout
 
@@ -159,21 +160,9 @@ def check_embeddings(embeddings, rows: int, partial: torch.Tensor, at: int, c: i
         raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): each "
                          f"partial's {partial.shape[-1]} columns are all feature columns. A hybrid's objective needs "
                          f"target_gap=(p, c) (from_checkpoint sets it from a hybrid checkpoint)")
-    if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"embeddings must be a torch.Tensor [B, {c}], got {type(embeddings).__name__}")
-    ops.check_dense(embeddings, "embeddings")
-    if embeddings.dim() != 2 or embeddings.shape[1] != c:
-        raise ValueError(f"embeddings must be [B, {c}] (the c = {c} embedding columns, the partials' columns {at}.."
-                         f"{at + c - 1}), got shape {tuple(embeddings.shape)}")
-    if embeddings.shape[0] != rows:
-        raise ValueError(f"embeddings have {embeddings.shape[0]} rows but features have {rows}: the batch sizes must "
-                         f"match")
-    if embeddings.dtype != partial.dtype:
-        raise TypeError(f"embeddings are {embeddings.dtype} but the partials are {partial.dtype}: pass them in one "
-                        f"dtype (e.g. embeddings.to({partial.dtype}))")
-    if embeddings.device != partial.device:
-        raise ValueError(f"embeddings are on {embeddings.device} but the partials are on {partial.device}: put both "
-                         f"on one device")
+    if isinstance(embeddings, torch.Tensor):
+        ops.check_dense(embeddings, "embeddings")  # (the meta device too)
+    check_embedding_tensor(embeddings, rows, (at, c), partial, "the partials are")
 
 
 class PartialsMSELoss(Prepared):
