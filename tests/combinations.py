@@ -2,16 +2,15 @@
 eager or compiled, norm, reduction, weight, target gap, nan_to_num, dtypes, autocast, layouts, which inputs
 want gradients, grad mode, B against the route limits, buffers changed between calls); `draw(seed)` picks one
 at random, `make_data` makes its inputs, `build` its call and `change` changes its buffers; the test
-(tests/test_combinations.py) runs it against the float64 oracle (tests/oracle.py), through `modes` and `close`
-below. The partials' cases (P partial reconstructions against one target) are drawn, made and run by
-tests/combinations_partials.py on the same Case.
+(tests/test_combinations.py) runs it against the float64 oracle (tests/oracle.py), through
+tests/combinations_checks.py. The partials' cases (P partial reconstructions against one target) are drawn,
+made and run by tests/combinations_partials.py on the same Case.
 
 A Case is plain data: its repr, `Case(seed=..., ...)`, is the code that replays it (tests/test_combinations.py
 says how)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 
@@ -173,15 +172,29 @@ class Data:
     e: object = None  # [B, c] embeddings (case.embed), or None
 
 
-def make_data(case: Case) -> Data:
+def features(g, case: Case, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """x [B, D] float64 of order σ around μ; with case.nan_to_num, NaN and ±Inf in kept and dropped columns and
+    a whole row of NaN."""
+    (B, D, K), x = case.shape, torch.randn(case.shape[:2], generator=g, dtype=torch.float64) * std + mean
+    if case.nan_to_num:
+        x[0, idx[0]], x[-1, idx[-1]], x[B // 2, idx[K // 2]] = float("nan"), float("inf"), -float("inf")
+        x[B // 3, :] = float("nan")
+    return x
+
+
+def inputs(case: Case) -> tuple:
+    """(the case's generator, the index argument, idx [K], μ [D], σ [D], x [B, D] float64): the first draws of
+    every case's data."""
     g = torch.Generator().manual_seed(case.seed)
     B, D, K = case.shape
     index, idx = _kept(g, D, K, case.selector)
     mean, std = _stats(g, D)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64) * std + mean
-    if case.nan_to_num:  # in kept and dropped columns, a whole row too
-        x[0, idx[0]], x[-1, idx[-1]], x[B // 2, idx[K // 2]] = float("nan"), float("inf"), -float("inf")
-        x[B // 3, :] = float("nan")
+    return g, index, idx, mean, std, features(g, case, idx, mean, std)
+
+
+def make_data(case: Case) -> Data:
+    g, index, idx, mean, std, x = inputs(case)
+    B, D, K = case.shape
     cats = _categories(g, K, case.repeats) if case.form in CATEGORY_FORMS else {}
     named = {name: float((torch.rand(1, generator=g) * 3 + 0.25).float()) for name in list(cats)[::2]}
     weight, w = {"none": (None, None), "tensor": (_weights(g, K),) * 2, "named": (named, None),
@@ -254,31 +267,3 @@ def change(case: Case, d: Data, m) -> None:
         other = fusedvq.MaskedMSELoss(index, num_features=D, norm="none")
         for name in ("index", "inv_ptr", "inv_k"):
             setattr(m, name, getattr(other, name))
-
-
-# ------------------------------------------------------------------------------------------------- the checks
-
-
-def modes(case: Case) -> contextlib.ExitStack:
-    """The case's grad mode and autocast, as one context."""
-    stack = contextlib.ExitStack()
-    stack.enter_context({"grad": contextlib.nullcontext(), "no_grad": torch.no_grad(),
-                         "inference": torch.inference_mode()}[case.grad_mode])
-    if case.autocast:
-        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-    return stack
-
-
-def close(name: str, got, ref, tol: float, problems: list, floor: float = 0.0) -> None:
-    """got against ref: NaN (and, past got's dtype's range, ±Inf) in the same places, ‖got − ref‖ / max(‖ref‖,
-    floor) <= tol for the rest."""
-    got64 = got.detach().double().cpu()
-    got_odd, ref_odd = ~torch.isfinite(got64), ~torch.isfinite(ref.to(got.dtype).double())
-    if got.shape != ref.shape or not torch.equal(got_odd, ref_odd):
-        problems.append(f"{name}: shape {tuple(got.shape)} / NaN or Inf at {got_odd.nonzero().flatten().tolist()[:6]}"
-                        f", expected {tuple(ref.shape)} / at {ref_odd.nonzero().flatten().tolist()[:6]}")
-        return
-    a, b = got64[~got_odd], ref.double()[~ref_odd]
-    err = (a - b).norm().item() / max(b.norm().item(), floor, 1e-300)
-    if not err <= tol:
-        problems.append(f"{name}: relative error {err:.3g} > {tol:g}")

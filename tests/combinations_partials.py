@@ -16,7 +16,8 @@ from unittest import mock
 import torch
 
 import fusedvq
-from combinations import DTYPES, Case, Data, _categories, _kept, _stats, close, modes
+from combinations import DTYPES, Case, Data, _categories, inputs
+from combinations_checks import backward, check_grads, close, modes
 from fusedvq import ops
 from fusedvq.cpu import partials as cpu_partials
 from fusedvq.cpu import small as cpu_small
@@ -72,13 +73,8 @@ def _stacked(t: torch.Tensor, how: str) -> torch.Tensor:
 
 def make_partials(case: Case) -> Data:
     """Data of a partials case: r the partials ([P, B, W] or a list of P [B, W]), e the embeddings [B, c]."""
-    g = torch.Generator().manual_seed(case.seed)
+    g, index, idx, mean, std, x = inputs(case)
     B, D, K = case.shape
-    index, idx = _kept(g, D, K, case.selector)
-    mean, std = _stats(g, D)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64) * std + mean
-    if case.nan_to_num:  # in kept and dropped columns, a whole row too
-        x[0, idx[0]], x[-1, idx[-1]], x[B // 3, :] = float("nan"), float("inf"), float("nan")
     cats = _categories(g, K, False) if case.form == "partials_module" and case.partials % min(3, K) == 0 else {}
     rd = DTYPES[case.target_dtype or case.dtype]
     r = torch.randn(case.partials, B, K + case.gap[1], generator=g, dtype=torch.float64).to(rd)
@@ -187,10 +183,7 @@ def run_partials(case: Case, fresh_compiler: bool = True) -> None:
             cat = None
             if owner is not None and case.reduction == "column":
                 cat = owner.category_errors(out) if e is not None else owner.feature_category_errors(out)
-        grad_out = (torch.rand(out.shape, generator=torch.Generator().manual_seed(case.seed + 2),
-                               dtype=torch.float64) + 0.5) * 1.7  # ≠ 1
-        if out.requires_grad:
-            out.backward(grad_out.to(out.dtype))
+        grad_out = backward(case, out)
     ref, ref_gx, ref_gr, ref_ge = _reference(case, d, grad_out)
     floor = _reference(case, d, grad_out, False)[1].norm().item() if case.norm == "batch" else 0.0
     problems = []
@@ -203,19 +196,10 @@ def run_partials(case: Case, fresh_compiler: bool = True) -> None:
     wants_grad = case.grad_mode == "grad" and any(case.grads[: 3 if e is not None else 2])
     if out.requires_grad != wants_grad:
         problems.append(f"result requires_grad={out.requires_grad}, expected {wants_grad}")
-    leaves = [("grad_x", x, x.grad, ref_gx, case.grads[0], floor), ("grad_partials", r, _grad(r), ref_gr,
-                                                                      case.grads[1], 0.0)]
-    if e is not None:
-        leaves.append(("grad_embeddings", e, e.grad, ref_ge, case.grads[2], 0.0))
-    for name, t, got, ref_g, wanted, fl in leaves:
-        dtype = (t[0] if isinstance(t, list) else t).dtype
-        if not (wants_grad and wanted):
-            if got is not None:
-                problems.append(f"{name} was set although not wanted")
-        elif got is None or got.dtype != dtype:
-            problems.append(f"{name} is {None if got is None else got.dtype}, expected {dtype}")
-        else:
-            close(name, got, ref_g, TOLERANCE[dtype], problems, fl)
+    rows = [("grad_x", x.grad, x.dtype, ref_gx, case.grads[0], floor),
+            ("grad_partials", _grad(r), d.r[0].dtype, ref_gr, case.grads[1], 0.0)]
+    rows += [("grad_embeddings", e.grad, e.dtype, ref_ge, case.grads[2], 0.0)] if e is not None else []
+    check_grads(rows, wants_grad, problems)
     for name, old, new in zip(("features", "partials"), before, (x, torch.stack(list(r)))):
         if not torch.equal(old.nan_to_num(7.0), new.detach().nan_to_num(7.0)):
             problems.append(f"the call wrote into its {name}")

@@ -22,7 +22,8 @@ from unittest import mock
 import pytest
 import torch
 
-from combinations import Case, build, change, close, draw, make_data, modes, route_limit_rows
+from combinations import Case, build, change, draw, make_data, route_limit_rows
+from combinations_checks import backward, check_grads, close, modes
 from combinations_partials import draw_partials, run_partials
 from fusedvq import ops
 from fusedvq.cpu import small as cpu_small
@@ -227,10 +228,7 @@ def run(case: Case, fresh_compiler: bool = True) -> None:
             out = fn(*args)
             cat = (owner.feature_category_errors(out) if owner is not None and case.reduction == "column"
                    and e is None else None)
-        grad_out = (torch.rand(out.shape, generator=torch.Generator().manual_seed(case.seed + 2),
-                               dtype=torch.float64) + 0.5) * 1.7  # ≠ 1
-        if out.requires_grad:
-            out.backward(grad_out.to(out.dtype))
+        grad_out = backward(case, out)
     ref, ref_gx, ref_gr, ref_ge = _reference(case, d, grad_out)
     # norm="batch": grad_x is what is left of its terms after the projections on the batch's statistics (0 at
     # B = 2): measured against the size of those terms.
@@ -247,16 +245,10 @@ def run(case: Case, fresh_compiler: bool = True) -> None:
     wants_grad = case.grad_mode == "grad" and any(case.grads)
     if out.requires_grad != wants_grad:
         problems.append(f"result requires_grad={out.requires_grad}, expected {wants_grad}")
-    checked = [("grad_x", x, ref_gx, case.grads[0], floor), ("grad_target", r, ref_gr, case.grads[1], 0.0)]
-    for name, t, ref_g, wanted, fl in checked + ([("grad_embeddings", e, ref_ge, case.grads[1], 0.0)] if e is not None
-                                                 else []):
-        if not (wants_grad and wanted):
-            if t.grad is not None:
-                problems.append(f"{name} was set although not wanted")
-        elif t.grad is None or t.grad.dtype != t.dtype:
-            problems.append(f"{name} is {None if t.grad is None else t.grad.dtype}, expected {t.dtype}")
-        else:
-            close(name, t.grad, ref_g, TOLERANCE[t.dtype], problems, fl)
+    inputs = [("grad_x", x, ref_gx, case.grads[0], floor), ("grad_target", r, ref_gr, case.grads[1], 0.0)]
+    inputs += [("grad_embeddings", e, ref_ge, case.grads[1], 0.0)] if e is not None else []
+    check_grads([(name, t.grad, t.dtype, ref_g, wanted, fl) for name, t, ref_g, wanted, fl in inputs], wants_grad,
+                problems)
     for name, before, after in (("features", x0, x), ("target", r0, r)):
         if not torch.equal(before.nan_to_num(7.0), after.detach().nan_to_num(7.0)):
             problems.append(f"the call wrote into its {name}")
