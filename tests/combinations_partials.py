@@ -135,7 +135,7 @@ def _reference(case: Case, d: Data, grad_out, through_stats=True):
     stats = (d.mean, d.std) if case.norm == "stats" else (None, None)
     clean = dict(nan_to_num=case.nan_to_num, through_stats=through_stats)
     if case.embed:
-        return partials_hybrid_oracle(d.x, d.r, d.e, d.idx, *stats, grad_out, at=case.gap[0], norm=case.norm,
+        return partials_hybrid_oracle(d.x, d.r, d.e, d.idx, stats, grad_out, at=case.gap[0], norm=case.norm,
                                       reduction=case.reduction, **clean)
     return (*partials_oracle(d.x, d.r, d.idx, *stats, case.norm, grad_out, reduction=case.reduction, gap=case.gap,
                              **clean), None)

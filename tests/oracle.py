@@ -245,18 +245,18 @@ def project_decoder_category_metric(x, recon, embeddings, idx, mean_k, std_k, *,
     return torch.stack(out)
 
 
-def partials_hybrid_oracle(x, partials, embeddings, columns, mean, std, grad_out, *, at, norm, reduction="mean",
-                           **clean):
+def partials_hybrid_oracle(x, partials, embeddings, columns, stats, grad_out, *, at, norm, reduction="mean", **clean):
     """(loss, grad_x, grad_partials, grad_embeddings) in float64 of the informativeness loss against a hybrid's
     combined target, as its trainer writes it: combined = oracle_z(x) (clean: nan_to_num, eps, through_stats) with the
     embeddings [B, c] inserted at column `at` (torch.cat), then sum(F.mse_loss(partial, combined) for partial
     in partials) / P over all K + c columns of each partial [B, K + c]; reduction="column": each partial's
-    per-column F.mse_loss, [P, K + c] in the partials' column order. partials: [P, B, K + c] or a list."""
+    per-column F.mse_loss, [P, K + c] in the partials' column order. partials: [P, B, K + c] or a list; stats:
+    (μ [D], σ [D]) for norm "stats", else (None, None)."""
     x64 = x.detach().double().cpu().requires_grad_()
     r64 = torch.stack(list(partials)).detach().double().cpu().requires_grad_()
     e64 = embeddings.detach().double().cpu().requires_grad_()
-    stats = (None, None) if mean is None else (mean.double().cpu(), std.double().cpu())
-    z = oracle_z(x64, columns.cpu(), *stats, norm, **clean)
+    mean, std = (None, None) if stats[0] is None else (t.double().cpu() for t in stats)
+    z = oracle_z(x64, columns.cpu(), mean, std, norm, **clean)
     combined = torch.cat([z[:, :at], e64, z[:, at:]], 1)
     if reduction == "column":
         loss = torch.stack([F.mse_loss(r, combined, reduction="none").mean(0) for r in r64])

@@ -35,11 +35,11 @@ def case(B, *, dtype=torch.float64, seed=0, P=P, c=C, mask=True):
     return columns, mean, std, x, partials, emb
 
 
-def check(x, partials, emb, columns, mean, std, norm, *, at, reduction="mean", backend="reference", form="tensor",
-          grads=(True, True, True)):
+def check(data, norm, *, at, reduction="mean", backend="reference", form="tensor", grads=(True, True, True)):
     """fusedvq's loss and its gradients (those of `grads`: features, partials, embeddings) for a random
-    grad_output against partials_hybrid_oracle. form: "tensor" / "list" to partials_mse, "module" /
-    "module-list" to PartialsMSELoss."""
+    grad_output against partials_hybrid_oracle. data: case()'s (columns, mean, std, x, partials, embeddings);
+    form: "tensor" / "list" to partials_mse, "module" / "module-list" to PartialsMSELoss."""
+    columns, mean, std, x, partials, emb = data
     as_list, module = form.endswith("list"), form.startswith("module")
     stats = (mean, std) if norm == "stats" else (None, None)
     num = {} if columns.dtype == torch.bool else {"num_features": x.shape[1]}
@@ -59,7 +59,7 @@ def check(x, partials, emb, columns, mean, std, norm, *, at, reduction="mean", b
     grad_out = (torch.rand(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) + 0.5) * 1.7
     if any(grads):
         loss.backward(grad_out.to(loss.device, loss.dtype))
-    want = partials_hybrid_oracle(x, partials, emb, columns, *stats, grad_out, at=at, norm=norm, reduction=reduction)
+    want = partials_hybrid_oracle(x, partials, emb, columns, stats, grad_out, at=at, norm=norm, reduction=reduction)
     W = K + emb.shape[1]
     assert loss.dtype == x.dtype and loss.shape == ((len(partials), W) if reduction == "column" else ())
     got_p = (torch.stack([p.grad for p in leaves]) if as_list else leaves[0].grad) if grads[1] else None
@@ -82,7 +82,7 @@ def test_float64_against_oracle(norm, reduction, B, form):
     """Every form, each norm, the gap at the start, inside and at the end of the K columns: to 1e-12."""
     columns, mean, std, x, partials, emb = case(B, seed=B)
     for at in (0, 5, K):
-        check(x, partials, emb, columns, mean, std, norm, at=at, reduction=reduction, form=form)
+        check((columns, mean, std, x, partials, emb), norm, at=at, reduction=reduction, form=form)
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -98,7 +98,7 @@ def test_float32_blocked_strided(norm, reduction, form, monkeypatch):
     given = partials.transpose(0, 1).contiguous().transpose(0, 1)  # [P, B, W] stored batch-major
     if form == "module-list":
         given = [strided(p, "transposed") for p in partials]
-    check(x, given, emb, columns, mean, std, norm, at=6, reduction=reduction, form=form)
+    check((columns, mean, std, x, given, emb), norm, at=6, reduction=reduction, form=form)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "column"])
@@ -116,7 +116,7 @@ def test_small_route(reduction, form, monkeypatch):
     for norm in NORMS:  # (norm "stats" in float32: a module's statistics' dtype, which the route takes)
         dtype = torch.float32 if norm == "stats" else torch.float64
         columns, mean, std, x, partials, emb = case(6, dtype=dtype, seed=17, mask=False)
-        check(x, partials, emb, columns, mean, std, norm, at=3, reduction=reduction, form=form)
+        check((columns, mean, std, x, partials, emb), norm, at=3, reduction=reduction, form=form)
     columns, mean, std, x, partials, emb = case(6, seed=17, mask=False)
     fn = fusedvq.PartialsMSELoss(columns, norm="batch", reduction=reduction, num_features=D, target_gap=(3, C))
     xg, r, e = x[:3].clone().requires_grad_(), partials[:2, :3].clone().requires_grad_(), emb[:3].clone()
@@ -131,14 +131,14 @@ def test_small_route(reduction, form, monkeypatch):
 def test_one_gradient(grads):
     """Only the gradients wanted are computed (embeddings that require none get none), on the blocked path."""
     columns, mean, std, x, partials, emb = case(9, dtype=torch.float32, seed=3)
-    check(x, partials, emb, columns, mean, std, "stats", at=4, form="module", grads=grads)
+    check((columns, mean, std, x, partials, emb), "stats", at=4, form="module", grads=grads)
 
 
 def test_autocast_float32_result():
     columns, mean, std, x, partials, emb = case(4, dtype=torch.float32, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = fusedvq.partials_mse(x.bfloat16(), partials, columns, mean, std, target_gap=(2, C), embeddings=emb)
-    ref = partials_hybrid_oracle(x.bfloat16(), partials, emb, columns, mean, std, torch.tensor(1.0), at=2,
+    ref = partials_hybrid_oracle(x.bfloat16(), partials, emb, columns, (mean, std), torch.tensor(1.0), at=2,
                                  norm="stats")[0]
     assert loss.dtype == torch.float32 and rel_err(loss, ref) <= 1e-5
 
@@ -155,10 +155,10 @@ def test_triton_interpreter_parity(reduction, at):
     columns, mean, std, x, partials, emb = case(11, dtype=torch.float32, seed=6, c=3)
     partials = partials.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     emb = strided(emb, "transposed")
-    got = check(x, partials, emb, columns, mean, std, "stats", at=at, reduction=reduction, backend="triton")
-    again = check(x, partials, emb, columns, mean, std, "stats", at=at, reduction=reduction, backend="triton")
+    got = check((columns, mean, std, x, partials, emb), "stats", at=at, reduction=reduction, backend="triton")
+    again = check((columns, mean, std, x, partials, emb), "stats", at=at, reduction=reduction, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(got, again))
-    check(x, partials, emb, columns, mean, std, "batch", at=at, reduction=reduction, backend="triton",
+    check((columns, mean, std, x, partials, emb), "batch", at=at, reduction=reduction, backend="triton",
           form="module-list", grads=(False, False, True))
 
 
@@ -171,10 +171,10 @@ def test_cuda(backend, B):
     columns, mean, std, x, partials, emb = (t.cuda() for t in case(B, dtype=torch.float32, seed=14, P=24, c=28))
     partials, emb = partials.transpose(0, 1).contiguous().transpose(0, 1), strided(emb, "transposed")
     for reduction in ("mean", "column"):
-        got = check(x, partials, emb, columns, mean, std, "stats", at=5, reduction=reduction, backend=backend)
-        again = check(x, partials, emb, columns, mean, std, "stats", at=5, reduction=reduction, backend=backend)
+        got = check((columns, mean, std, x, partials, emb), "stats", at=5, reduction=reduction, backend=backend)
+        again = check((columns, mean, std, x, partials, emb), "stats", at=5, reduction=reduction, backend=backend)
         assert backend != "triton" or all(torch.equal(a, b) for a, b in zip(got, again))
-        check(x, list(partials), emb, columns, mean, std, "batch", at=K, reduction=reduction, backend=backend,
+        check((columns, mean, std, x, list(partials), emb), "batch", at=K, reduction=reduction, backend=backend,
               form="module-list")
 
 
@@ -210,7 +210,7 @@ def test_compile_fullgraph(form):
     xg, r, e = (t.clone().requires_grad_() for t in (x, partials, emb))
     loss = torch.compile(lambda a, b, c: fn(a, b, embeddings=c).mean(), fullgraph=True, backend="aot_eager")(xg, r, e)
     loss.backward()
-    want = partials_hybrid_oracle(x, partials, emb, columns, None, None, torch.tensor(1.0), at=4, norm="batch")
+    want = partials_hybrid_oracle(x, partials, emb, columns, (None, None), torch.tensor(1.0), at=4, norm="batch")
     assert rel_err(loss, want[0]) <= 1e-5
     assert all(rel_err(got, ref) <= 1e-5 for got, ref in zip((xg.grad, r.grad, e.grad), want[1:]))
 
