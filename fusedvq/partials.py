@@ -4,26 +4,29 @@ each reconstruct the whole input, and its training adds the informativeness loss
     sum(F.mse_loss(partial, target) for partial in partials) / P
 
 Here the target is the cleaned features z = clean_features(features) [B, K] (any norm; normalized and
-gathered once), the P partials come as one [P, B, K (+ c)] tensor or the list a model returns, and one pass
-each way gives the loss ("mean"), or each partial's column errors ("column", [P, K]) whose mean is that loss
-and from which category_errors gives the per-category metric as the project computes it (each category's
-error averaged over its own partials, on its own columns), all on the device without a host
-synchronization. reference.py (partials_composed) states the math; ops/partials.py routes and registers it.
+gathered once) — for a hybrid with its embeddings [B, c], combine(z, embeddings) [B, K + c], read in place —
+the P partials come as one [P, B, K (+ c)] tensor or the list a model returns, and one pass each way gives
+the loss ("mean"), or each partial's column errors ("column", [P, K], a hybrid objective's [P, K + c]) whose
+mean is that loss and from which category_errors gives the per-category metric as the project computes it
+(each category's error averaged over its own partials, on its own columns; partial_categories.py), all on
+the device without a host synchronization. reference.py (partials_composed) states the math;
+ops/partials.py routes and registers it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .arguments import check_gap, option_code, prepare
 from .cpu.partials_small import PartialsRoute
 from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN
-from .loss import Prepared
+from .loss import Prepared, check_spec
+from .ops.hybrid import check_embedding_tensor
 from .ops.partials import PartialsMode, call_partials
+from .partial_categories import category_errors_of, partial_category_errors, partial_category_layout
 
 PARTIALS_REDUCTIONS = {"mean": REDUCTION_MEAN, "column": REDUCTION_COLUMN}
 _REDUCTION_NAMES = {code: name for name, code in PARTIALS_REDUCTIONS.items()}
@@ -48,18 +51,34 @@ def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *
             "column": E[p, k] = Σ_b (r[p, b, k] − z[b, k])² / B, [P, K] (E.mean() is the "mean" loss).
         target_gap: (at, c): each partial holds c more columns from `at` on (a hybrid decoder's embedding
             columns), skipped as masked_mse skips them (zero gradient there).
-        embeddings: reserved for a hybrid's [B, c] embeddings compared at the gap's columns; not supported yet.
+        embeddings: with a target_gap (at, c), a hybrid's embeddings [B, c] (in the partials' dtype): the
+            hybrid's objective instead, each partial against combine(z, embeddings) = [z[:, :at], embeddings,
+            z[:, at:]] over all K + c columns — exactly the mean over p of F.mse_loss(partial_p, combined),
+            the embeddings read in place — "column" giving [P, K + c] in the partials' (decoder) column order,
+            the mean dividing by P·B·(K + c); the embeddings get a gradient when they require one.
 
     Returns the loss in the features' dtype (float32 under autocast); gradients flow to the features (through
     the normalization, norm="batch" included) and to the partials.
     """
     ops.check_pair(features, None)
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
-                   device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
+                   num_kept=_traced_kept(partials, target_gap), device=features.device,
+                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
     mode = _mode(reduction, check_gap(target_gap, plan.columns.index.shape[0]))
-    small = PartialsRoute.of(plan, mode) if embeddings is None else None
-    loss = None if small is None else small(features, partials)  # (a small CPU batch: as the module's)
+    small = PartialsRoute.of(plan, mode)
+    loss = None if small is None else small(features, partials, embeddings)  # (a small CPU batch: as the module's)
     return _call(features, partials, embeddings, plan, ops.small_route(plan), mode) if loss is None else loss
+
+
+def _traced_kept(partials, target_gap) -> Optional[int]:
+    """While torch.compile traces: K as the partials' width says (W − c), which sizes a traced mask's gather
+    statically (as masked_mse's target does; a mask keeping another count fails on the device). Else None:
+    the eager checks count the mask and compare the widths."""
+    one = partials[0] if isinstance(partials, (list, tuple)) and partials else partials
+    if not (torch.compiler.is_compiling() and isinstance(one, torch.Tensor) and one.dim() >= 2):
+        return None
+    width = target_gap[1] if isinstance(target_gap, (tuple, list)) and len(target_gap) == 2 else 0
+    return one.shape[-1] - width if isinstance(width, int) and 0 <= width < one.shape[-1] else None
 
 
 def _mode(reduction: str, gap: tuple) -> PartialsMode:
@@ -69,16 +88,14 @@ def _mode(reduction: str, gap: tuple) -> PartialsMode:
 
 
 def _call(features, partials, embeddings, plan, route, mode: PartialsMode) -> torch.Tensor:
-    if embeddings is not None:
-        raise NotImplementedError("embeddings= (a hybrid decoder's embedding columns compared at the gap) is not "
-                                  "supported yet: pass target_gap=(at, c) alone to skip those columns")
     partials = partials_form(partials)
     if torch.is_autocast_enabled(features.device.type):  # as F.mse_loss: float32 compute and result
         features = features.float()
         partials = partials.float() if isinstance(partials, torch.Tensor) else [p.float() for p in partials]
-    check_partials(features, partials, plan.columns.index.shape[0], mode.gap)
+        embeddings = embeddings.float() if isinstance(embeddings, torch.Tensor) else embeddings
+    check_partials(features, partials, plan.columns.index.shape[0], mode, embeddings)
     z = ops.call_clean(features, plan, route)
-    return call_partials(z, partials, mode._replace(use_triton=ops.use_triton_for(plan.backend, features)))
+    return call_partials(z, partials, mode._replace(use_triton=ops.use_triton_for(plan.backend, features)), embeddings)
 
 
 def partials_form(partials):
@@ -113,8 +130,10 @@ def partials_form(partials):
     return list(partials)
 
 
-def check_partials(features: torch.Tensor, partials, num_kept: int, gap: int) -> None:
-    """partials (partials_form's) [P, B, K + gap] matching the features [B, D] in dtype, device and batch size."""
+def check_partials(features: torch.Tensor, partials, num_kept: int, mode: PartialsMode, embeddings=None) -> None:
+    """partials (partials_form's) [P, B, K + c] matching the features [B, D] in dtype, device and batch size
+    (c = mode.gap_width), and the embeddings, when given, [B, c] in the partials' dtype and device."""
+    gap = mode.gap_width
     one = partials if isinstance(partials, torch.Tensor) else partials[0]
     P, (B, W) = (one.shape[0], one.shape[1:]) if one is partials else (len(partials), one.shape)
     if P == 0:
@@ -131,6 +150,19 @@ def check_partials(features: torch.Tensor, partials, num_kept: int, gap: int) ->
         skipped = f" and the {gap} columns the loss skips (target_gap)" if gap else ""
         raise ValueError(f"partials have {W} columns but must have {num_kept + gap}: the {num_kept} kept "
                          f"columns{skipped}")
+    if embeddings is not None:
+        check_embeddings(embeddings, B, one, mode.gap_at, gap)
+
+
+def check_embeddings(embeddings, rows: int, partial: torch.Tensor, at: int, c: int) -> None:
+    """A hybrid's embeddings [rows, c] for the partials' gap (at, c), in partial's dtype and on its device."""
+    if c == 0:
+        raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): each "
+                         f"partial's {partial.shape[-1]} columns are all feature columns. A hybrid's objective needs "
+                         f"target_gap=(p, c) (from_checkpoint sets it from a hybrid checkpoint)")
+    if isinstance(embeddings, torch.Tensor):
+        ops.check_dense(embeddings, "embeddings")  # (the meta device too)
+    check_embedding_tensor(embeddings, rows, (at, c), partial, "the partials are")
 
 
 class PartialsMSELoss(Prepared):
@@ -139,62 +171,114 @@ class PartialsMSELoss(Prepared):
 
     Args:
         index, mean, std, num_features, reduction, target_gap and the options: as in partials_mse and
-            MaskedMSELoss (from_checkpoint / from_spec build it from a VQ-VAE checkpoint, categories included).
+            MaskedMSELoss (from_checkpoint / from_spec build it from a VQ-VAE checkpoint, categories included;
+            a hybrid's target_gap and decoder_categories too).
         categories: {name: kept-column indices}, in the VQ-VAE's order (its group_indices).
+        decoder_categories: with a target_gap (p, c), the same categories in the decoder's K + c columns (a
+            hybrid's model_config group_indices: the INITIAL category holds the c embedding columns).
         levels: L, for the N×L layout of a categorical hierarchical VQ-VAE: P = N·L partials, category n's
             are n·L .. n·L + L − 1 (its decode_partial order).
         partial_categories: instead of levels, the category (name or position) of each of the P partials.
 
-    category_errors(errors [P, K]) (the "column" output) gives [C]: category n's MSE on its own columns,
-    averaged over its own partials — the project's `{category}/reconstruction_mse` of one batch.
+    category_errors(errors [P, K + c]) (the "column" output with embeddings; [P, K] without a gap) gives [C]:
+    category n's MSE on its own decoder columns, averaged over its own partials — the project's
+    `{category}/reconstruction_mse` of one batch; feature_category_errors(errors [P, K]) the same over the
+    kept feature columns (the errors without embeddings).
     """
 
     def __init__(self, index, mean=None, std=None, *, reduction: str = "mean", target_gap=(0, 0),
                  levels: Optional[int] = None, partial_categories: Optional[Sequence] = None, **options):
+        decoder_categories = options.pop("decoder_categories", None)
         super().__init__(index, mean, std, **options)
-        self.partials_mode = _mode(reduction, check_gap(target_gap, self.num_kept))
+        gap = check_gap(target_gap, self.num_kept)
+        self.partials_mode = _mode(reduction, gap)
+        self._set_categories(decoder_categories, gap[1])  # (the decoder's K + c columns' categories)
         self._small = ()  # (held plan, its PartialsRoute): rebuilt with the held plan
-        self.layout = None
-        if self.categories and (levels is not None or partial_categories is not None):
-            self.layout = partial_category_layout(self.categories, self.num_kept, levels=levels,
-                                                  partial_categories=partial_categories, device=self.index.device)
-            self.register_buffer("partial_gather", self.layout.partials, persistent=False)
-            self.register_buffer("column_gather", self.layout.columns, persistent=False)
-            self.register_buffer("gather_coef", self.layout.coef, persistent=False)
-        elif levels is not None or partial_categories is not None:
+        self.layout = self.decoder_layout = None
+        if levels is None and partial_categories is None:
+            return
+        if not self.categories:
             raise ValueError("levels / partial_categories need the VQ-VAE's categories: pass categories= (or build the "
                              "module with from_checkpoint / from_spec)")
+        decoder = self.decoder_categories if gap[1] else {}  # (without a gap: the kept columns' layout)
+        for space, categories, width in (("", self.categories, self.num_kept),
+                                         ("decoder_", decoder, self.num_kept + gap[1])):
+            if categories:
+                layout = partial_category_layout(categories, width, levels=levels,
+                                                 partial_categories=partial_categories, device=self.index.device)
+                for field, name in _GATHERS.items():
+                    self.register_buffer(space + name, getattr(layout, field), persistent=False)
+                setattr(self, space + "layout", layout)
 
-    def forward(self, features: torch.Tensor, partials, embeddings=None) -> torch.Tensor:
+    @classmethod
+    def from_spec(cls, spec, *, norm: str = "stats", **options):
+        """As Prepared.from_spec; for a hybrid VQ-VAE (spec.hybrid) the partials are the decoder's K + c columns
+        wide: target_gap (p, c) and decoder_categories come from the spec unless given."""
+        check_spec(cls, spec)
+        if spec.hybrid is not None:
+            gap = options.setdefault("target_gap", (spec.hybrid.first_embedding, spec.hybrid.num_embedding))
+            if isinstance(gap, (tuple, list)) and len(gap) == 2 and gap[1]:
+                options.setdefault("decoder_categories", spec.decoder_categories or None)
+        return super().from_spec(spec, norm=norm, **options)
+
+    def forward(self, features: torch.Tensor, partials, embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss of features [B, D] against partials [P, B, K + c] (or a list); embeddings [B, c]: the
+        hybrid's objective (partials_mse)."""
         held, small = ops.held_plan(self), self._small
         if not small or small[0] is not held:  # (the buffers were swapped or moved: a route of the new plan)
             small = (held, PartialsRoute.of(held.plan, self.partials_mode))
             object.__setattr__(self, "_small", small)
-        if small[1] is not None and embeddings is None:  # a small CPU batch: one node each way (cpu/partials_small.py)
-            loss = small[1](features, partials)
+        if small[1] is not None:  # a small CPU batch: one node each way (cpu/partials_small.py)
+            loss = small[1](features, partials, embeddings)
             if loss is not None:
                 return loss
         return _call(features, partials, embeddings, held.plan, held.route, self.partials_mode)
 
     def category_errors(self, errors: torch.Tensor) -> torch.Tensor:
-        """E [C] from the [P, K] errors of reduction="column", in errors' dtype, on their device,
-        differentiable, no host synchronization."""
-        if self.layout is None:
+        """E [C] in decoder columns, as the trainer logs its `{category}/reconstruction_mse`: from the
+        [P, K + c] errors of reduction="column" with embeddings (a hybrid's objective; [P, K] without a
+        target_gap), each category over its decoder columns and its own partials; in errors' dtype, on their
+        device, differentiable, no host synchronization."""
+        K, c = self.num_kept, self.partials_mode.gap_width
+        if not c:
+            return self._by_category(errors, "")
+        if isinstance(errors, torch.Tensor) and errors.dim() == 2 and errors.shape[1] == K and self.layout is not None:
+            raise ValueError(
+                f'category_errors takes the [{errors.shape[0]}, {K + c}] errors of the hybrid objective (reduction='
+                f'"column" with embeddings=: the decoder\'s K + c = {K} + {c} columns), got [{errors.shape[0]}, {K}]: '
+                f"the errors of the {K} kept feature columns alone; pass embeddings= to the loss, or use "
+                f"feature_category_errors(errors) for the categories over the kept feature columns")
+        if self.layout is not None and self.decoder_layout is None:
+            raise ValueError(f"category_errors averages over the decoder's {K + c} columns (K + c = {K} + {c}), and "
+                             f"this module has no categories in decoder columns: build it with from_checkpoint / "
+                             f"from_spec (model_config's group_indices), or pass decoder_categories={{name: decoder-"
+                             f"column indices}}; feature_category_errors(errors) gives them over the {K} kept "
+                             f"feature columns")
+        return self._by_category(errors, "decoder_", f"the decoder's K + c = {K} + {c} columns")
+
+    def feature_category_errors(self, errors: torch.Tensor) -> torch.Tensor:
+        """E [C] over the kept feature columns: from the [P, K] errors of reduction="column" without embeddings
+        (a hybrid's feature columns alone: a different objective); category_errors when there is no gap."""
+        return self._by_category(errors, "", f"the K = {self.num_kept} kept feature columns", "feature_category_errors")
+
+    def _by_category(self, errors, space: str, columns: str = "", method: str = "category_errors") -> torch.Tensor:
+        layout = getattr(self, space + "layout")
+        if layout is None:
             raise ValueError("this module has no partials' categories: pass categories= and levels= (or "
                              "partial_categories=)")
-        return category_errors_of(errors, self.layout._replace(partials=self.partial_gather,
-                                                                columns=self.column_gather, coef=self.gather_coef))
+        held = layout._replace(**{field: getattr(self, space + name) for field, name in _GATHERS.items()})
+        return category_errors_of(errors, held, method, columns)
 
     def _apply(self, fn, recurse=True):
-        coef = getattr(self, "gather_coef", None)
+        coefs = {name: getattr(self, name, None) for name in ("gather_coef", "decoder_gather_coef")}
         super()._apply(fn, recurse)
-        # kept float64: .half() and .float() would round it
-        if coef is not None and self.gather_coef.dtype != coef.dtype:
-            self.gather_coef = coef.to(self.gather_coef.device)
+        for name, coef in coefs.items():  # kept float64: .half() and .float() would round it
+            if coef is not None and getattr(self, name).dtype != coef.dtype:
+                setattr(self, name, coef.to(getattr(self, name).device))
         return self
 
     reduction = property(lambda self: _REDUCTION_NAMES[self.partials_mode.reduction])
-    target_gap = property(lambda self: (self.partials_mode.gap_at, self.partials_mode.gap))
+    target_gap = property(lambda self: (self.partials_mode.gap_at, self.partials_mode.gap_width))
     num_partials = property(lambda self: None if self.layout is None else self.layout.num_partials,
                             doc="P of the categories' layout (None without one)")
 
@@ -204,85 +288,7 @@ class PartialsMSELoss(Prepared):
         return super().extra_repr() + f", reduction={self.reduction!r}{gap}{layout}"
 
 
-class PartialCategories(NamedTuple):
-    """Which partials and columns each category's metric averages (partial_category_layout)."""
-
-    names: tuple
-    num_partials: int  # P
-    num_columns: int  # K
-    partials: torch.Tensor  # [C, Lp] int64: category n's partials, padded with P (a zero row)
-    columns: torch.Tensor  # [C, Lc] int64: its columns, repeats kept (as x[:, cols] counts them), padded with K
-    # [C, Lp, Lc] float64 (cast to the errors' dtype on use): 1/(L_n·|cols_n|) at real (partial, column) pairs,
-    # 0 at the pads
-    coef: torch.Tensor
-
-
-def partial_category_layout(categories: dict, num_columns: int, *, levels: Optional[int] = None,
-                            partial_categories: Optional[Sequence] = None, device=None) -> PartialCategories:
-    """The layout of categories {name: column indices in [0, K)} over P partials given as N×L (levels) or
-    by each partial's category (a name or a position in categories' order)."""
-    names = tuple(categories)
-    if (levels is None) == (partial_categories is None):
-        raise ValueError("give exactly one of levels= (P = N·L partials in category order) and partial_categories= "
-                         "(each partial's category)")
-    if levels is not None:
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise TypeError(f"levels must be an int >= 1, got {type(levels).__name__} {levels!r}")
-        owner = [n for n in range(len(names)) for _ in range(levels)]
-    else:
-        owner = []
-        for p, c in enumerate(partial_categories):
-            if isinstance(c, str) and c in names:
-                owner.append(names.index(c))
-            elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(names):
-                owner.append(c)
-            else:
-                raise ValueError(f"partial_categories[{p}] = {c!r} is neither a category name nor a position in "
-                                 f"[0, {len(names)}): the categories are {', '.join(map(repr, names))}")
-    P = len(owner)
-    parts = [[p for p in range(P) if owner[p] == n] for n in range(len(names))]
-    for n, own in enumerate(parts):
-        if not own:
-            raise ValueError(f"category {names[n]!r} has no partial reconstruction among the {P} partials")
-    cols = [list(categories[name]) for name in names]
-    for name, c in zip(names, cols):
-        bad = [k for k in c if not 0 <= k < num_columns]
-        if bad or not c:
-            raise ValueError(f"category {name!r} must name columns in [0, {num_columns}), got {bad[:1] or 'none'}")
-    lp, lc = max(map(len, parts)), max(map(len, cols))
-    pt = torch.full((len(names), lp), P, dtype=torch.int64)
-    ct = torch.full((len(names), lc), num_columns, dtype=torch.int64)
-    coef = torch.zeros((len(names), lp, lc), dtype=torch.float64)
-    for n, (own, c) in enumerate(zip(parts, cols)):
-        pt[n, : len(own)] = torch.tensor(own)
-        ct[n, : len(c)] = torch.tensor(c)
-        coef[n, : len(own), : len(c)] = 1.0 / (len(own) * len(c))
-    return PartialCategories(names, P, num_columns, pt.to(device), ct.to(device), coef.to(device))
-
-
-def category_errors_of(errors: torch.Tensor, layout: PartialCategories) -> torch.Tensor:
-    """E[n] = (1/L_n) Σ_{p ∈ n} (1/|cols_n|) Σ_{k ∈ cols_n} errors[p, k], [C], as a gather (a NaN stays in
-    its own categories)."""
-    P, K = layout.num_partials, layout.num_columns
-    if not isinstance(errors, torch.Tensor) or tuple(errors.shape) != (P, K):
-        shape = list(errors.shape) if isinstance(errors, torch.Tensor) else type(errors).__name__
-        raise ValueError(f'category_errors takes the [{P}, {K}] errors of reduction="column" (P = {P} partials, '
-                         f"K = {K} columns), got {shape}")
-    wide = errors.float() if errors.dtype in (torch.float16, torch.bfloat16) else errors
-    padded = F.pad(wide, (0, 1, 0, 1))  # [P + 1, K + 1]: the pads read 0
-    coef = layout.coef.to(wide.device, wide.dtype)
-    out = (padded[layout.partials[:, :, None], layout.columns[:, None, :]] * coef).sum((1, 2))
-    return out.to(errors.dtype) if out.dtype != errors.dtype else out
-
-
-def partial_category_errors(errors: torch.Tensor, categories: dict, *, levels: Optional[int] = None,
-                            partial_categories: Optional[Sequence] = None) -> torch.Tensor:
-    """The per-category metric [C] (categories' order) of the [P, K] errors of reduction="column": category
-    n's MSE on its own columns averaged over its own partials (levels= for N×L, or partial_categories=).
-    Builds the layout on each call: a module (PartialsMSELoss) builds it once."""
-    layout = partial_category_layout(categories, errors.shape[-1], levels=levels,
-                                     partial_categories=partial_categories, device=errors.device)
-    return category_errors_of(errors, layout)
-
+# A layout's tensors, held as buffers (they move with the module): its field → the buffer's name
+_GATHERS = {"partials": "partial_gather", "columns": "column_gather", "coef": "gather_coef"}
 
 __all__ = ["partials_mse", "PartialsMSELoss", "partial_category_errors"]

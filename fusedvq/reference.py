@@ -254,14 +254,22 @@ def batch_mse_composed(
 #                                                       (= E.mean(); the informativeness loss)
 #     ∂loss/∂r[p, b, k] = 2·g[p, k]·(r − z),   ∂loss/∂z[b, k] = −Σ_p 2·g[p, k]·(r − z)
 #                                                       g = grad_out/(P·B·K) | grad_out[p, k]/B
+# A hybrid's objective (embeddings e [B, c] given): the target is combined(z, e, at) [B, K + c], compared with
+# all K + c columns of each partial (E [P, K + c] in decoder order, the mean over P·B·(K + c)); ∂loss/∂e is
+# −Σ_p 2·g·(r − combined) on the gap's columns, as ∂loss/∂z is on the others.
 
-def partials_composed(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple = (0, 0)) -> torch.Tensor:
-    """The partials' loss of z [B, K] against partials [P, B, K + c] as differentiable torch ops, in z's dtype
-    (computed in the compute dtype)."""
+def partials_composed(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple = (0, 0),
+                      embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The partials' loss of z [B, K] (with embeddings [B, c]: combined(z, embeddings, gap[0]) [B, K + c])
+    against partials [P, B, K + c] as differentiable torch ops, in z's dtype (computed in the compute dtype)."""
     cdt = COMPUTE_DTYPE[z.dtype]
     K = z.shape[1]
-    r = partials if gap[1] == 0 else partials.index_select(2, loss_columns(K, gap[0], gap[1], partials.device))
-    diff = r.to(cdt) - z.to(cdt)  # [P, B, K]: z broadcast over the partials
+    if embeddings is not None:
+        r, target = partials, combined(z, embeddings, gap[0])
+    else:
+        r = partials if gap[1] == 0 else partials.index_select(2, loss_columns(K, gap[0], gap[1], partials.device))
+        target = z
+    diff = r.to(cdt) - target.to(cdt)  # [P, B, W]: the target broadcast over the partials
     if reduction == REDUCTION_COLUMN:
         loss = diff.square().sum(1) / z.shape[0]
     else:

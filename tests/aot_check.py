@@ -128,26 +128,29 @@ def kernel_specs():
 
 
 def partials_specs():
-    """The P partials' kernels (kernels/partials.py): fp32 and bf16, both reductions, the block shapes of
-    B = 4 and 65536 at W = 171 (bf16: the larger); one gradient alone in fp32."""
+    """The P partial kernels (kernels/partials.py): fp32 and bf16, both reductions, the block shapes of
+    B = 4 and 65536 at W = 171 (bf16: the larger), with and without a hybrid's embeddings (EMBED); one
+    gradient alone in fp32."""
     for dtype, red in itertools.product(("*fp32", "*bf16"), (1, 3)):
-        sig = {"z_ptr": dtype, "r_ptr": dtype, "out_ptr": dtype, "workspace_ptr": "*fp32",
-               "column_workspace_ptr": "*fp32", "counter_ptr": "*i32", "B": I32, "K": I32, "W": I32,
+        sig = {"z_ptr": dtype, "r_ptr": dtype, "emb_ptr": dtype, "out_ptr": dtype, "workspace_ptr": "*fp32",
+               "column_workspace_ptr": "*fp32", "counter_ptr": "*i32", "B": I32, "K": I32, "W": I32, "KO": I32,
                "stride_zb": I64, "stride_zk": I64, "stride_rp": I64, "stride_rb": I64, "stride_rw": I64,
-               "gap_at": I32, "gap": I32, "out_scale": F32}
+               "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap": I32, "out_scale": F32}
         for block_b, block_w in sorted({settings.block_sizes(B, 171, settings.TUNING.walk_tile)
                                          for B in ((4, 65536) if dtype == "*fp32" else (65536,))}):
-            yield "partials_fwd", pt._partials_fwd_kernel, sig, dict(REDUCTION=red, BLOCK_B=block_b, BLOCK_W=block_w,
-                                                                     BLOCK_P=settings.BLOCK_P)
-        sig = {"grad_ptr": dtype, "z_ptr": dtype, "r_ptr": dtype, "grad_z_ptr": dtype, "grad_r_ptr": dtype,
-               "P": I32, "B": I32, "K": I32, "W": I32, "stride_zb": I64, "stride_zk": I64, "stride_rp": I64,
-               "stride_rb": I64, "stride_rw": I64, "stride_gp": I64, "stride_gk": I64, "gap_at": I32, "gap": I32,
-               "grad_scale": F32}
+            for embed in (0, 1):
+                yield "partials_fwd", pt._partials_fwd_kernel, sig, dict(REDUCTION=red, EMBED=embed, BLOCK_B=block_b,
+                                                                         BLOCK_W=block_w, BLOCK_P=settings.BLOCK_P)
+        sig = {"grad_ptr": dtype, "z_ptr": dtype, "r_ptr": dtype, "emb_ptr": dtype, "grad_z_ptr": dtype,
+               "grad_r_ptr": dtype, "grad_e_ptr": dtype, "P": I32, "B": I32, "K": I32, "W": I32, "stride_zb": I64,
+               "stride_zk": I64, "stride_rp": I64, "stride_rb": I64, "stride_rw": I64, "stride_eb": I64,
+               "stride_ec": I64, "stride_gp": I64, "stride_gk": I64, "gap_at": I32, "gap": I32, "grad_scale": F32}
         for block_b, block_w in sorted({settings.block_sizes(B, 171, settings.TUNING.backward_tile) for B in (4, 65536)}):
             for write_z, write_r in ((1, 1), (1, 0), (0, 1)) if dtype == "*fp32" and red == 1 else ((1, 1),):
-                yield "partials_bwd", pt._partials_bwd_kernel, sig, dict(REDUCTION=red, WRITE_Z=write_z,
-                                                                         WRITE_R=write_r, BLOCK_B=block_b,
-                                                                         BLOCK_W=block_w)
+                for embed, write_e in ((0, 0), (1, 1)) if (write_z, write_r) == (1, 1) else ((0, 0), (1, 0)):
+                    yield "partials_bwd", pt._partials_bwd_kernel, sig, dict(
+                        REDUCTION=red, EMBED=embed, WRITE_Z=write_z, WRITE_R=write_r, WRITE_E=write_e,
+                        BLOCK_B=block_b, BLOCK_W=block_w)
 
 
 def compile_one(fn, signature, constexprs, arch):

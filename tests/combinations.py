@@ -2,7 +2,9 @@
 eager or compiled, norm, reduction, weight, target gap, nan_to_num, dtypes, autocast, layouts, which inputs
 want gradients, grad mode, B against the route limits, buffers changed between calls); `draw(seed)` picks one
 at random, `make_data` makes its inputs, `build` its call and `change` changes its buffers; the test
-(tests/test_combinations.py) runs it against the float64 oracle (tests/oracle.py).
+(tests/test_combinations.py) runs it against the float64 oracle (tests/oracle.py), through
+tests/combinations_checks.py. The partials' cases (P partial reconstructions against one target) are drawn,
+made and run by tests/combinations_partials.py on the same Case.
 
 A Case is plain data: its repr, `Case(seed=..., ...)`, is the code that replays it (tests/test_combinations.py
 says how)."""
@@ -53,6 +55,8 @@ class Case:
     repeats: bool = False  # a category lists one column twice
     loads: str = "gather"  # Triton's forward loads ("gather" | "rows")
     embed: bool = False  # with a gap: the hybrid objective, embeddings [B, c] compared on the gap's columns
+    partials: int = 0  # P > 0: P partial reconstructions against one target (tests/combinations_partials.py)
+    listed: bool = False  # the partials as a list of P [B, W] tensors, not one [P, B, W]
 
     def __repr__(self) -> str:
         fields = dataclasses.fields(self)
@@ -168,15 +172,29 @@ class Data:
     e: object = None  # [B, c] embeddings (case.embed), or None
 
 
-def make_data(case: Case) -> Data:
+def features(g, case: Case, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """x [B, D] float64 of order σ around μ; with case.nan_to_num, NaN and ±Inf in kept and dropped columns and
+    a whole row of NaN."""
+    (B, D, K), x = case.shape, torch.randn(case.shape[:2], generator=g, dtype=torch.float64) * std + mean
+    if case.nan_to_num:
+        x[0, idx[0]], x[-1, idx[-1]], x[B // 2, idx[K // 2]] = float("nan"), float("inf"), -float("inf")
+        x[B // 3, :] = float("nan")
+    return x
+
+
+def inputs(case: Case) -> tuple:
+    """(the case's generator, the index argument, idx [K], μ [D], σ [D], x [B, D] float64): the first draws of
+    every case's data."""
     g = torch.Generator().manual_seed(case.seed)
     B, D, K = case.shape
     index, idx = _kept(g, D, K, case.selector)
     mean, std = _stats(g, D)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64) * std + mean
-    if case.nan_to_num:  # in kept and dropped columns, a whole row too
-        x[0, idx[0]], x[-1, idx[-1]], x[B // 2, idx[K // 2]] = float("nan"), float("inf"), -float("inf")
-        x[B // 3, :] = float("nan")
+    return g, index, idx, mean, std, features(g, case, idx, mean, std)
+
+
+def make_data(case: Case) -> Data:
+    g, index, idx, mean, std, x = inputs(case)
+    B, D, K = case.shape
     cats = _categories(g, K, case.repeats) if case.form in CATEGORY_FORMS else {}
     named = {name: float((torch.rand(1, generator=g) * 3 + 0.25).float()) for name in list(cats)[::2]}
     weight, w = {"none": (None, None), "tensor": (_weights(g, K),) * 2, "named": (named, None),

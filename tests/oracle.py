@@ -189,16 +189,16 @@ def hybrid_oracle(x, r, embeddings, columns, mean, std, grad_out, *, at, norm, r
         loss = {"none": e, "mean": e.sum() / e.numel(), "sum": e.sum(), "column": e.sum(0) / e.shape[0]}[reduction]
     loss.backward(grad_out.double())
     return loss.detach(), x64.grad, r64.grad, e64.grad
-def partials_oracle(x, partials, columns, mean, std, norm, grad_out, *, reduction="mean", gap=(0, 0),
-                    nan_to_num=False, eps=1e-8):
+def partials_oracle(x, partials, columns, mean, std, norm, grad_out, *, reduction="mean", gap=(0, 0), **clean):
     """(loss, grad_x, grad_partials) in float64 of the motivating project's informativeness loss on the cleaned
-    features: target = oracle_z(x), then sum(F.mse_loss(partial, target) for partial in partials) / P over
-    each partial's compared columns (a gap's columns dropped); reduction="column": each partial's per-column
-    F.mse_loss, [P, K]. partials: [P, B, K + c] or a list of [B, K + c]."""
+    features: target = oracle_z(x) (clean: its nan_to_num, eps, through_stats), then sum(F.mse_loss(partial,
+    target) for partial in partials) / P over each partial's compared columns (a gap's columns dropped);
+    reduction="column": each partial's per-column F.mse_loss, [P, K]. partials: [P, B, K + c] or a list of
+    [B, K + c]."""
     x64 = x.detach().double().cpu().requires_grad_()
     r64 = torch.stack(list(partials)).detach().double().cpu().requires_grad_()
     mean, std = (None, None) if mean is None else (mean.cpu(), std.cpu())
-    target = oracle_z(x64, columns.cpu(), mean, std, norm, nan_to_num=nan_to_num, eps=eps)
+    target = oracle_z(x64, columns.cpu(), mean, std, norm, **clean)
     at, width = gap
     kept = [r64[p][:, [*range(at), *range(at + width, r64.shape[2])]] for p in range(r64.shape[0])]
     if reduction == "column":
@@ -243,3 +243,24 @@ def project_decoder_category_metric(x, recon, embeddings, idx, mean_k, std_k, *,
             w = weight.detach().double().cpu()[cols]
             out.append((F.mse_loss(r[:, cols], combined[:, cols], reduction="none") * w).sum() / (r.shape[0] * w.sum()))
     return torch.stack(out)
+
+
+def partials_hybrid_oracle(x, partials, embeddings, columns, stats, grad_out, *, at, norm, reduction="mean", **clean):
+    """(loss, grad_x, grad_partials, grad_embeddings) in float64 of the informativeness loss against a hybrid's
+    combined target, as its trainer writes it: combined = oracle_z(x) (clean: nan_to_num, eps, through_stats) with the
+    embeddings [B, c] inserted at column `at` (torch.cat), then sum(F.mse_loss(partial, combined) for partial
+    in partials) / P over all K + c columns of each partial [B, K + c]; reduction="column": each partial's
+    per-column F.mse_loss, [P, K + c] in the partials' column order. partials: [P, B, K + c] or a list; stats:
+    (μ [D], σ [D]) for norm "stats", else (None, None)."""
+    x64 = x.detach().double().cpu().requires_grad_()
+    r64 = torch.stack(list(partials)).detach().double().cpu().requires_grad_()
+    e64 = embeddings.detach().double().cpu().requires_grad_()
+    mean, std = (None, None) if stats[0] is None else (t.double().cpu() for t in stats)
+    z = oracle_z(x64, columns.cpu(), mean, std, norm, **clean)
+    combined = torch.cat([z[:, :at], e64, z[:, at:]], 1)
+    if reduction == "column":
+        loss = torch.stack([F.mse_loss(r, combined, reduction="none").mean(0) for r in r64])
+    else:
+        loss = sum(F.mse_loss(r, combined) for r in r64) / r64.shape[0]
+    loss.backward(grad_out.double().cpu())
+    return loss.detach(), x64.grad, r64.grad, e64.grad

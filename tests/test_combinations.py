@@ -1,6 +1,7 @@
-"""The combinatorial differential test: cases drawn from the whole option space (tests/combinations.py) against
-the float64 oracle — first a fixed list of known-critical combinations, then random draws until the time
-budget is spent.
+"""The combinatorial differential test: cases drawn from the whole option space (tests/combinations.py; P partial
+reconstructions against one target: tests/combinations_partials.py, a quarter of the draws) against the
+float64 oracle — first a fixed list of known-critical combinations, then random draws until the time budget
+is spent.
 
     FUSEDVQ_COMBO_SECONDS=600 pytest tests/test_combinations.py     # draw for 10 minutes (default: 20 s)
     FUSEDVQ_COMBO_SEED=1234 pytest tests/test_combinations.py -k random   # replay drawn cases (comma-separated)
@@ -22,6 +23,8 @@ import pytest
 import torch
 
 from combinations import Case, build, change, draw, make_data, route_limit_rows
+from combinations_checks import backward, check_grads, close, modes
+from combinations_partials import draw_partials, run_partials
 from fusedvq import ops
 from fusedvq.cpu import small as cpu_small
 from fusedvq.cpu import stats as cpu_stats
@@ -73,6 +76,23 @@ CRITICAL = {
                                  selector="mask"),
     "hybrid-compiled": Case(seed=48, form="recon", compiled="aot_eager", reduction="sum", gap=(5, 3),
                             shape=(4, 12, 7), embed=True),
+    # P partial reconstructions: the hybrid objective on the blocked passes (a list read in place), its small
+    # route, compiled, under autocast, the interpreter's kernels; the feature columns alone around a gap
+    "partials-hybrid-list-blocked": Case(seed=51, form="partials_module", reduction="column", gap=(4, 3),
+                                         shape=(13, 40, 30), limit_rows=4, block_rows=2, embed=True, partials=6,
+                                         listed=True, grads=(True, True, True), layout=("slice", "transposed")),
+    "partials-hybrid-batch-small": Case(seed=52, form="partials", norm="batch", dtype="float64", gap=(0, 2),
+                                        shape=(5, 12, 7), embed=True, partials=3, grads=(True, False, True)),
+    "partials-hybrid-compiled": Case(seed=53, form="partials_module", compiled="aot_eager", reduction="column",
+                                     gap=(7, 2), shape=(4, 12, 7), embed=True, partials=3, grads=(True, True, True)),
+    "partials-hybrid-autocast": Case(seed=54, form="partials", autocast=True, dtype="bfloat16", gap=(2, 3),
+                                     embed=True, partials=24, shape=(9, 40, 30), grads=(True, True, True)),
+    "partials-gap-column-float64": Case(seed=55, form="partials_module", dtype="float64", reduction="column",
+                                        gap=(5, 4), partials=6, listed=True, grads=(True, True, False)),
+    "partials-hybrid-triton": pytest.param(
+        Case(seed=56, form="partials_module", backend="triton", reduction="column", gap=(3, 2), shape=(5, 12, 7),
+             embed=True, partials=3, grads=(True, True, True), layout=("transposed", "slice")),
+        marks=pytest.mark.skipif(not interpreting, reason="no interpreter")),
     "triton-gap-column": pytest.param(
         Case(seed=45, backend="triton", reduction="column", gap=(3, 2), weight="tensor", shape=(5, 12, 7),
              layout=("slice", "transposed")), marks=pytest.mark.skipif(not interpreting, reason="no interpreter")),
@@ -122,7 +142,7 @@ def test_random_combinations():
     for seed in seeds:
         if not REPLAY and time.monotonic() - start > BUDGET_S:
             break
-        case = draw(seed)
+        case = draw_partials(seed) if random.Random(-seed).random() < 0.25 else draw(seed)
         left = BUDGET_S - (time.monotonic() - start)
         if case.backend == "triton" and not interpreting or case.compiled and not REPLAY and left < 15:
             continue  # (a compile takes seconds: not started at the end of the budget)
@@ -163,15 +183,6 @@ def _settings(case: Case):
         yield
 
 
-def _modes(case: Case) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    stack.enter_context({"grad": contextlib.nullcontext(), "no_grad": torch.no_grad(),
-                         "inference": torch.inference_mode()}[case.grad_mode])
-    if case.autocast:
-        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-    return stack
-
-
 def _reference(case: Case, d, grad_out, through_stats=True):
     """(result, grad_x, grad_target or None, grad_embeddings or None) of the float64 oracle."""
     mean_k, std_k = d.mean[d.idx], d.std[d.idx]
@@ -189,24 +200,11 @@ def _reference(case: Case, d, grad_out, through_stats=True):
                              weight=d.w, gap=case.gap, nan_to_num=case.nan_to_num, through_stats=through_stats), None)
 
 
-def _close(name: str, got, ref, tol: float, problems: list, floor: float = 0.0) -> None:
-    """got against ref: NaN (and, past got's dtype's range, ±Inf) in the same places, ‖got − ref‖ / max(‖ref‖,
-    floor) <= tol for the rest."""
-    got64 = got.detach().double().cpu()
-    got_odd, ref_odd = ~torch.isfinite(got64), ~torch.isfinite(ref.to(got.dtype).double())
-    if got.shape != ref.shape or not torch.equal(got_odd, ref_odd):
-        problems.append(f"{name}: shape {tuple(got.shape)} / NaN or Inf at {got_odd.nonzero().flatten().tolist()[:6]}"
-                        f", expected {tuple(ref.shape)} / at {ref_odd.nonzero().flatten().tolist()[:6]}")
-        return
-    a, b = got64[~got_odd], ref.double()[~ref_odd]
-    err = (a - b).norm().item() / max(b.norm().item(), floor, 1e-300)
-    if not err <= tol:
-        problems.append(f"{name}: relative error {err:.3g} > {tol:g}")
-
-
 def run(case: Case, fresh_compiler: bool = True) -> None:
     """Run one case against the oracle; AssertionError naming every difference. fresh_compiler=False: a compiled
     case reuses what dynamo holds (a recompile of the call before it)."""
+    if case.partials:
+        return run_partials(case, fresh_compiler)
     d = make_data(case)
     x, r = (t.detach().clone().requires_grad_(want) for t, want in zip((d.x, d.r), case.grads))
     x0, r0 = x.detach().clone(), r.detach().clone()
@@ -223,17 +221,14 @@ def run(case: Case, fresh_compiler: bool = True) -> None:
     fn = torch.compile(call, backend=case.compiled, fullgraph=True) if case.compiled else call
     with _settings(case):
         if case.change != "none":
-            with _modes(case):
+            with modes(case):
                 fn(*args)
             change(case, d, module)
-        with _modes(case):
+        with modes(case):
             out = fn(*args)
             cat = (owner.feature_category_errors(out) if owner is not None and case.reduction == "column"
                    and e is None else None)
-        grad_out = (torch.rand(out.shape, generator=torch.Generator().manual_seed(case.seed + 2),
-                               dtype=torch.float64) + 0.5) * 1.7  # ≠ 1
-        if out.requires_grad:
-            out.backward(grad_out.to(out.dtype))
+        grad_out = backward(case, out)
     ref, ref_gx, ref_gr, ref_ge = _reference(case, d, grad_out)
     # norm="batch": grad_x is what is left of its terms after the projections on the batch's statistics (0 at
     # B = 2): measured against the size of those terms.
@@ -244,22 +239,16 @@ def run(case: Case, fresh_compiler: bool = True) -> None:
     want = ((low,) if not clean else (low, x.dtype)) if case.autocast else (x.dtype,)
     if out.dtype not in want:
         problems.append(f"result dtype {out.dtype}, expected {' or '.join(map(str, want))}")
-    _close("result", out, ref, TOLERANCE[out.dtype], problems)
+    close("result", out, ref, TOLERANCE[out.dtype], problems)
     if cat is not None:
-        _close("category errors", cat, category_oracle(ref, d.categories, d.w), TOLERANCE[out.dtype], problems)
+        close("category errors", cat, category_oracle(ref, d.categories, d.w), TOLERANCE[out.dtype], problems)
     wants_grad = case.grad_mode == "grad" and any(case.grads)
     if out.requires_grad != wants_grad:
         problems.append(f"result requires_grad={out.requires_grad}, expected {wants_grad}")
-    checked = [("grad_x", x, ref_gx, case.grads[0], floor), ("grad_target", r, ref_gr, case.grads[1], 0.0)]
-    for name, t, ref_g, wanted, fl in checked + ([("grad_embeddings", e, ref_ge, case.grads[1], 0.0)] if e is not None
-                                                 else []):
-        if not (wants_grad and wanted):
-            if t.grad is not None:
-                problems.append(f"{name} was set although not wanted")
-        elif t.grad is None or t.grad.dtype != t.dtype:
-            problems.append(f"{name} is {None if t.grad is None else t.grad.dtype}, expected {t.dtype}")
-        else:
-            _close(name, t.grad, ref_g, TOLERANCE[t.dtype], problems, fl)
+    inputs = [("grad_x", x, ref_gx, case.grads[0], floor), ("grad_target", r, ref_gr, case.grads[1], 0.0)]
+    inputs += [("grad_embeddings", e, ref_ge, case.grads[1], 0.0)] if e is not None else []
+    check_grads([(name, t.grad, t.dtype, ref_g, wanted, fl) for name, t, ref_g, wanted, fl in inputs], wants_grad,
+                problems)
     for name, before, after in (("features", x0, x), ("target", r0, r)):
         if not torch.equal(before.nan_to_num(7.0), after.detach().nan_to_num(7.0)):
             problems.append(f"the call wrote into its {name}")

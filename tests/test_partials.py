@@ -225,7 +225,7 @@ def _op_args(use_triton, reduction):
     g = torch.Generator().manual_seed(8)
     z = torch.randn(6, 5, generator=g, requires_grad=True)
     r = torch.randn(3, 6, 7, generator=g, requires_grad=True)
-    return (z, r), {"reduction": reduction, "gap_at": 2, "gap": 2, "use_triton": use_triton}
+    return (z, r), {"reduction": reduction, "gap_at": 2, "gap_width": 2, "use_triton": use_triton}
 
 
 @pytest.mark.parametrize("use_triton, reduction", [(False, 1), pytest.param(True, 3, marks=needs_interpreter)])
@@ -235,7 +235,7 @@ def test_opcheck(use_triton, reduction):
     loss = torch.ops.fusedvq.partials_mse_forward(*args, **kwargs)
     bwd = (torch.rand_like(loss) + 0.5, *(t.detach() for t in args))
     torch.library.opcheck(torch.ops.fusedvq.partials_mse_backward.default, bwd,
-                          {**kwargs, "needs_z": True, "needs_partials": True})
+                          {**kwargs, "needs": [True, True]})
 
 
 def test_compile_fullgraph():
@@ -278,7 +278,7 @@ def test_errors():
         call(x, partials.double(), columns, mean, std)
     with pytest.raises(ValueError, match="unknown reduction='none'"):
         call(x, partials, columns, mean, std, reduction="none")
-    with pytest.raises(NotImplementedError, match="embeddings"):
+    with pytest.raises(ValueError, match="embeddings were given, but this loss has no embedding columns"):
         call(x, partials, columns, mean, std, embeddings=torch.randn(4, 2))
     with pytest.raises(ValueError, match="needs at least 2 rows"):
         call(x[:1], partials[:, :1], columns, norm="batch")

@@ -7,9 +7,12 @@ and ~10 small ops a partial at B = 4. Here a block of rows (all P partials, at m
 elements: it stays in the core's cache) takes two ops forward (difference, squared sum) and three backward
 (difference written into grad_partials, scaling, the sum over p into grad_z): each partial is read once
 each way and its gradient written once. The gap's c columns are passed over as two column runs, never
-gathered into a copy; their gradient is written as zeros.
+gathered into a copy; their gradient is written as zeros. With a hybrid's embeddings [B, c] the gap's
+columns are a third run, compared with the embeddings read in place (the target combined(z, embeddings)
+is never built): the column errors [P, K + c] in decoder order, the mean over P·B·(K + c), and the
+embeddings' gradient −Σ_p of the gap's, as z's is of the other columns.
 
-grad: the reduction's upstream gradient, a 0-d tensor (mean) or [P, K] (column), read as a tensor (no
+grad: the reduction's upstream gradient, a 0-d tensor (mean) or [P, K (+ c)] (column), read as a tensor (no
 host synchronization). Everything accumulates in the compute dtype (float64 for float64, else float32).
 """
 
@@ -31,13 +34,17 @@ _MSE_LOSS = torch._C._nn.mse_loss  # (aten's ops without F.mse_loss's Python che
 _MSE_BACKWARD = torch.ops.aten.mse_loss_backward.default
 
 
-def column_runs(K: int, gap: tuple) -> list[tuple[int, int, int]]:
-    """(k0, k1, w0): z's columns k0 .. k1 − 1 are the partials' columns w0 .. w0 + k1 − k0 − 1 (two runs
-    around a gap (at, c), one without)."""
+def column_runs(K: int, gap: tuple, embed: bool = False) -> list[tuple[int, int, int, int, int]]:
+    """(source, s0, s1, w0, o0): the source's columns s0 .. s1 − 1 (source 0: z, 1: the embeddings) are the
+    partials' columns w0 .. w0 + s1 − s0 − 1 and the column errors' o0 .. o0 + s1 − s0 − 1: one run without a
+    gap, z's two around a gap (at, c) (the errors' K columns), or (embed) three over all K + c columns, the
+    embeddings' at the gap (the errors in decoder order)."""
     at, width = gap
     if not width:
-        return [(0, K, 0)]
-    return [run for run in ((0, at, 0), (at, K, at + width)) if run[1] > run[0]]
+        return [(0, 0, K, 0, 0)]
+    runs = ((0, 0, at, 0, 0), (1, 0, width, at, at), (0, at, K, at + width, at + width)) if embed else (
+        (0, 0, at, 0, 0), (0, at, K, at + width, at))
+    return [run for run in runs if run[2] > run[1]]
 
 
 def _blocks(P: int, B: int, W: int, device: torch.device):
@@ -53,33 +60,41 @@ def _whole(z: torch.Tensor, partials: torch.Tensor, gap: tuple) -> bool:
         partials.numel() <= _BLOCK_ELEMENTS or not z.is_cpu)
 
 
-def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple) -> torch.Tensor:
-    """The loss in z's dtype: a 0-d mean, or the [P, K] column errors."""
+def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
+                     embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The loss in z's dtype: a 0-d mean, or the [P, K] column errors ([P, K + c] with embeddings [B, c])."""
     P, B, W = partials.shape
     K = z.shape[1]
     cdt = COMPUTE_DTYPE[z.dtype]
     column = reduction == REDUCTION_COLUMN
-    if _whole(z, partials, gap):
+    if embeddings is None and _whole(z, partials, gap):
         if column:
             return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_NONE).sum(1).div_(B)
         return _MSE_LOSS(partials, z.expand(P, B, K), REDUCTION_MEAN)
-    sums = torch.zeros((P, K) if column else (), dtype=cdt, device=z.device)
-    runs, blocks = column_runs(K, gap), _blocks(P, B, W, z.device)
-    scratch = torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt, device=z.device) if column else None
+    width = K if embeddings is None else W  # the compared columns
+    sums = torch.zeros((P, width) if column else (), dtype=cdt, device=z.device)
+    runs, blocks, sources = column_runs(K, gap, embeddings is not None), _blocks(P, B, W, z.device), (z, embeddings)
+    scratch = _scratch(P, blocks, runs, cdt, z.device) if column else None
     for b0, b1 in blocks:
-        for k0, k1, w0 in runs:
-            r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
+        for s, s0, s1, w0, o0 in runs:
+            r, t = partials[:, b0:b1, w0 : w0 + s1 - s0], sources[s][b0:b1, s0:s1]
             if r.dtype != cdt:
                 r, t = r.to(cdt), t.to(cdt)
             t = t.expand(r.shape)
             if column:  # (the squares in one warm scratch block, not a fresh one per block)
                 e = scratch[: r.numel()].view(r.shape)
                 torch._C._nn.mse_loss(r, t, REDUCTION_NONE, out=e)
-                sums[:, k0:k1] += e.sum(1)
+                sums[:, o0 : o0 + s1 - s0] += e.sum(1)
             else:
                 sums += _MSE_LOSS(r, t, REDUCTION_SUM)
-    loss = sums / B if column else sums / (P * B * K)
+    loss = sums / B if column else sums / (P * B * width)
     return loss.to(z.dtype) if loss.dtype != z.dtype else loss
+
+
+def _scratch(P: int, blocks: list, runs: list, cdt, device) -> torch.Tensor:
+    """A flat buffer for one block's widest run over all P partials."""
+    return torch.empty(P * (blocks[0][1] - blocks[0][0]) * max(run[2] - run[1] for run in runs), dtype=cdt,
+                       device=device)
 
 
 def _neg_sum_over_partials(d: torch.Tensor, out: torch.Tensor, minus_ones: torch.Tensor) -> None:
@@ -93,14 +108,15 @@ def _neg_sum_over_partials(d: torch.Tensor, out: torch.Tensor, minus_ones: torch
 
 
 def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
-                      needs: tuple, reuse: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                      needs: tuple, reuse: bool = False, embeddings: Optional[torch.Tensor] = None) -> tuple:
     """(grad_z [B, K], grad_partials [P, B, K + c], contiguous, zero in the gap's columns), None where needs
-    (needs_z, needs_partials) says not. reuse: grad_partials may be written into the spare buffer
+    (needs_z, needs_partials) says not; with embeddings [B, c], their gradient third (needs[2]) and
+    grad_partials written in the gap's columns too. reuse: grad_partials may be written into the spare buffer
     (gradient_buffer; eager calls only, never a registered op's output)."""
     P, B, W = partials.shape
     K = z.shape[1]
     cdt = COMPUTE_DTYPE[z.dtype]
-    if _whole(z, partials, gap):
+    if embeddings is None and _whole(z, partials, gap):
         # aten's MSE backward with z and r swapped gives 2·g·(z − r) = −∂/∂r: summed over p, it is ∂/∂z.
         zx = z.expand(P, B, K)
         if reduction == REDUCTION_COLUMN:
@@ -111,30 +127,35 @@ def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tenso
     # Per block, 2·g·(r − z) written straight into grad_partials (g = grad/(P·B·K) for the mean, grad[p, k]/B
     # for the column errors), and grad_z = −Σ_p of it while the block is in cache. (aten's MSE backward does
     # the first in one op, but the sum over p after it ran 2 to 4× slower in measurements.)
-    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))
+    embed = embeddings is not None
+    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * (W if embed else K)))
     grad_z = torch.empty((B, K), dtype=z.dtype, device=z.device) if needs[0] else None
+    grad_e = torch.empty(embeddings.shape, dtype=embeddings.dtype, device=z.device) if embed and needs[2] else None
     grad_p = None
     if needs[1]:
         grad_p = (gradient_buffer if reuse else torch.empty)((P, B, W), dtype=partials.dtype, device=z.device)
-    if grad_p is not None and gap[1]:
+    if grad_p is not None and gap[1] and not embed:
         grad_p[:, :, gap[0] : gap[0] + gap[1]] = 0
-    runs, blocks = column_runs(K, gap), _blocks(P, B, W, z.device)
+    runs, blocks = column_runs(K, gap, embed), _blocks(P, B, W, z.device)
+    sources, outs = (z, embeddings), (grad_z, grad_e)  # (each run's target and its gradient)
     minus_ones = torch.full((P,), -1.0, dtype=cdt, device=z.device)
     direct = partials.dtype == cdt and grad_p is not None  # written straight into grad_partials
-    scratch = None if direct else torch.empty(P * (blocks[0][1] - blocks[0][0]) * K, dtype=cdt, device=z.device)
+    scratch = None if direct else _scratch(P, blocks, runs, cdt, z.device)
     for b0, b1 in blocks:
-        for k0, k1, w0 in runs:
-            r, t = partials[:, b0:b1, w0 : w0 + k1 - k0], z[b0:b1, k0:k1]
+        for s, s0, s1, w0, o0 in runs:
+            if outs[s] is None and grad_p is None:
+                continue
+            r, t = partials[:, b0:b1, w0 : w0 + s1 - s0], sources[s][b0:b1, s0:s1]
             if r.dtype != cdt:
                 r, t = r.to(cdt), t.to(cdt)
-            gk = g[:, None, k0:k1] if g.dim() else g
-            d = grad_p[:, b0:b1, w0 : w0 + k1 - k0] if direct else scratch[: r.numel()].view(r.shape)
-            torch.sub(r, t, out=d).mul_(gk)  # 2·g·(r − z)
+            gk = g[:, None, o0 : o0 + s1 - s0] if g.dim() else g
+            d = grad_p[:, b0:b1, w0 : w0 + s1 - s0] if direct else scratch[: r.numel()].view(r.shape)
+            torch.sub(r, t, out=d).mul_(gk)  # 2·g·(r − target)
             if grad_p is not None and not direct:
-                grad_p[:, b0:b1, w0 : w0 + k1 - k0] = d
-            if grad_z is not None:
-                _neg_sum_over_partials(d, grad_z[b0:b1, k0:k1], minus_ones)
-    return grad_z, grad_p
+                grad_p[:, b0:b1, w0 : w0 + s1 - s0] = d
+            if outs[s] is not None:
+                _neg_sum_over_partials(d, outs[s][b0:b1, s0:s1], minus_ones)
+    return (grad_z, grad_p, grad_e) if embed else (grad_z, grad_p)
 
 
 # A stacked input's gradient is one [P, B, W] buffer, which the step hands to the partials' .grad and
@@ -192,58 +213,64 @@ def _list_blocks(B: int, K: int):
     return [(b0, min(B, b0 + rows)) for b0 in range(0, B, rows)]
 
 
-def list_forward(z: torch.Tensor, partials: list, reduction: int, gap: tuple) -> torch.Tensor:
+def list_forward(z: torch.Tensor, partials: list, reduction: int, gap: tuple,
+                 embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
     """partials_forward of P [B, W] tensors, read in place."""
     P, (B, K) = len(partials), z.shape
     cdt = COMPUTE_DTYPE[z.dtype]
     column = reduction == REDUCTION_COLUMN
-    sums = torch.zeros((P, K) if column else (), dtype=cdt, device=z.device)
+    width = K if embeddings is None else partials[0].shape[1]
+    sums = torch.zeros((P, width) if column else (), dtype=cdt, device=z.device)
     for b0, b1 in _list_blocks(B, K):
-        for k0, k1, w0 in column_runs(K, gap):
-            t = z[b0:b1, k0:k1]
+        for s, s0, s1, w0, o0 in column_runs(K, gap, embeddings is not None):
+            t = (z, embeddings)[s][b0:b1, s0:s1]
             t = t if t.dtype == cdt else t.to(cdt)
             for p, partial in enumerate(partials):
-                r = partial[b0:b1, w0 : w0 + k1 - k0]
+                r = partial[b0:b1, w0 : w0 + s1 - s0]
                 r = r if r.dtype == cdt else r.to(cdt)
                 if column:
-                    sums[p, k0:k1] += _MSE_LOSS(r, t, REDUCTION_NONE).sum(0)
+                    sums[p, o0 : o0 + s1 - s0] += _MSE_LOSS(r, t, REDUCTION_NONE).sum(0)
                 else:
                     sums += _MSE_LOSS(r, t, REDUCTION_SUM)
-    loss = sums / B if column else sums / (P * B * K)
+    loss = sums / B if column else sums / (P * B * width)
     return loss.to(z.dtype) if loss.dtype != z.dtype else loss
 
 
 def list_backward(grad: torch.Tensor, z: torch.Tensor, partials: list, reduction: int, gap: tuple,
-                  needs: tuple) -> tuple:
-    """(grad_z [B, K] or None, [grad_partial [B, W]] * P or None): partials_backward of P [B, W] tensors."""
+                  needs: tuple, embeddings: Optional[torch.Tensor] = None) -> tuple:
+    """(grad_z [B, K] or None, [grad_partial [B, W]] * P or None) (and with embeddings their gradient [B, c]
+    or None third): partials_backward of P [B, W] tensors."""
     P, (B, K), W = len(partials), z.shape, partials[0].shape[1]
-    cdt = COMPUTE_DTYPE[z.dtype]
-    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * K))  # [P, K] or []
-    grad_z = torch.empty((B, K), dtype=cdt, device=z.device) if needs[0] else None
+    cdt, embed = COMPUTE_DTYPE[z.dtype], embeddings is not None
+    g = grad.to(cdt) * (2.0 / B if reduction == REDUCTION_COLUMN else 2.0 / (P * B * (W if embed else K)))
+    sums = [torch.empty(t.shape, dtype=cdt, device=z.device) if t is not None and need else None
+            for t, need in ((z, needs[0]), (embeddings, embed and needs[2]))]  # −Σ_p of grad_partials, per source
     grads = [torch.empty((B, W), dtype=partials[0].dtype, device=z.device) for _ in range(P)] if needs[1] else None
-    if grads is not None and gap[1]:
+    if grads is not None and gap[1] and not embed:
         for gp in grads:
             gp[:, gap[0] : gap[0] + gap[1]] = 0
     direct = grads is not None and partials[0].dtype == cdt
     for b0, b1 in _list_blocks(B, K):
-        for k0, k1, w0 in column_runs(K, gap):
-            t = z[b0:b1, k0:k1]
+        for s, s0, s1, w0, o0 in column_runs(K, gap, embed):
+            if sums[s] is None and grads is None:
+                continue
+            t = (z, embeddings)[s][b0:b1, s0:s1]
             t = t if t.dtype == cdt else t.to(cdt)
-            shift = None if g.dim() else t * -g  # −2g·z, once per block for the mean
+            shift = None if g.dim() else t * -g  # −2g·target, once per block for the mean
             for p, partial in enumerate(partials):
-                r = partial[b0:b1, w0 : w0 + k1 - k0]
-                gk = g[p, k0:k1] if g.dim() else g
-                # 2g·(r − z) = r·2g − 2g·z in one pass over r
+                r = partial[b0:b1, w0 : w0 + s1 - s0]
+                gk = g[p, o0 : o0 + s1 - s0] if g.dim() else g
+                # 2g·(r − target) = r·2g − 2g·target in one pass over r
                 if direct:
                     d = torch.addcmul(t * -gk if shift is None else shift, r, gk,
-                                      out=grads[p][b0:b1, w0 : w0 + k1 - k0])
+                                      out=grads[p][b0:b1, w0 : w0 + s1 - s0])
                 else:
                     d = torch.addcmul(t * -gk if shift is None else shift, r.to(cdt), gk)
                 if grads is not None and not direct:
-                    grads[p][b0:b1, w0 : w0 + k1 - k0] = d
-                if grad_z is not None:
-                    gz = grad_z[b0:b1, k0:k1]
-                    torch.neg(d, out=gz) if p == 0 else gz.sub_(d)
-    if grad_z is not None and grad_z.dtype != z.dtype:
-        grad_z = grad_z.to(z.dtype)
-    return grad_z, grads
+                    grads[p][b0:b1, w0 : w0 + s1 - s0] = d
+                if sums[s] is not None:
+                    gs = sums[s][b0:b1, s0:s1]
+                    torch.neg(d, out=gs) if p == 0 else gs.sub_(d)
+    grad_z, grad_e = (t if t is None or t.dtype == like.dtype else t.to(like.dtype)
+                      for t, like in zip(sums, (z, embeddings)))
+    return (grad_z, grads, grad_e) if embed else (grad_z, grads)

@@ -1,6 +1,6 @@
-"""The checks of a hybrid's objective (the routing point's, ops/__init__.py): the caller's embeddings
-[B, c] against the features, the target [B, K + c] and the plan's gap (at, c) and weights — shapes,
-dtypes and devices only (free: no values read), each error naming the numbers."""
+"""The checks of a hybrid's objective (the routing point's, ops/__init__.py; the partials', partials.py): the
+caller's embeddings [B, c] against the features, the target [B, K + c] (or the partials) and the gap (at, c)
+and weights — shapes, dtypes and devices only (free: no values read), each error naming the numbers."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def check_embeddings(embeddings: Optional[Tensor], features: Tensor, target: Ten
         raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): the "
                          f"target's {K} columns are all feature columns. A hybrid's objective needs target_gap=(p, c) "
                          f"(from_checkpoint sets it from a hybrid checkpoint)")
+    check_embedding_tensor(embeddings, features.shape[0], plan.gap, target, "the target is")
+    if weight is not None and weight.shape[0] != K + c:
+        raise ValueError(f"weight has {weight.shape[0]} entries but the objective over the decoder's K + c = {K + c} "
+                         f"columns (with embeddings) takes one per decoder column: pass {K + c} weights")
+
+
+def check_embedding_tensor(embeddings, rows: int, gap: tuple, like: Tensor, name: str) -> None:
+    """embeddings [rows, c] for a gap (at, c), a dense tensor in the dtype and on the device of `like`, the
+    tensor they are compared with (name: "the target is", "the partials are", as the errors say it)."""
+    at, c = gap
     if not isinstance(embeddings, Tensor):
         raise TypeError(f"embeddings must be a torch.Tensor [B, {c}], got {type(embeddings).__name__}")
     if embeddings.is_nested or embeddings.layout != torch.strided:
@@ -30,15 +40,11 @@ def check_embeddings(embeddings: Optional[Tensor], features: Tensor, target: Ten
     if embeddings.dim() != 2 or embeddings.shape[1] != c:
         raise ValueError(f"embeddings must be [B, {c}] (the c = {c} embedding columns, decoder columns {at}.."
                          f"{at + c - 1}), got shape {tuple(embeddings.shape)}")
-    if embeddings.shape[0] != features.shape[0]:
-        raise ValueError(f"embeddings have {embeddings.shape[0]} rows but features have {features.shape[0]}: the "
-                         f"batch sizes must match")
-    if embeddings.dtype != target.dtype:
-        raise TypeError(f"embeddings are {embeddings.dtype} but the target is {target.dtype}: pass them in one dtype "
-                        f"(e.g. embeddings.to({target.dtype}))")
-    if embeddings.device != target.device:
-        raise ValueError(f"embeddings are on {embeddings.device} but the target is on {target.device}: put both on "
-                         f"one device")
-    if weight is not None and weight.shape[0] != K + c:
-        raise ValueError(f"weight has {weight.shape[0]} entries but the objective over the decoder's K + c = {K + c} "
-                         f"columns (with embeddings) takes one per decoder column: pass {K + c} weights")
+    if embeddings.shape[0] != rows:
+        raise ValueError(f"embeddings have {embeddings.shape[0]} rows but features have {rows}: the batch sizes must "
+                         f"match")
+    if embeddings.dtype != like.dtype:
+        raise TypeError(f"embeddings are {embeddings.dtype} but {name} {like.dtype}: pass them in one dtype "
+                        f"(e.g. embeddings.to({like.dtype}))")
+    if embeddings.device != like.device:
+        raise ValueError(f"embeddings are on {embeddings.device} but {name} on {like.device}: put both on one device")
