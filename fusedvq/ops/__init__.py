@@ -1,6 +1,6 @@
 """The routing point: every call of fusedvq's losses and cleaners passes through `call_loss` or `call_clean`
 here, which check the call's tensors against its Plan (arguments.py; shapes, dtypes, devices: free, no
-values read), choose the implementation, and attach autograd:
+values read; checks.py says what is wrong), choose the implementation, and attach autograd:
 
     eager, CPU, small B               the plan's SmallRoute, first: its checks in one expression, then
                                       norm "none" / "stats": the plain composition of reference.py, whose
@@ -24,11 +24,10 @@ how CI runs the kernels — so the op schemas carry use_triton in their integer 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -36,14 +35,13 @@ from torch import Tensor
 from .. import reference
 from ..cpu import autocast_enabled, without_autocast
 from ..cpu import small as cpu_small
-from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap, Mode
-from . import autocast
+from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, Mode
+from . import autocast, checks
+from .checks import REFERENCE_DTYPES, TRITON_DTYPES, TRITON_INSTALLED, triton_importable  # noqa: F401
+from .distributed import group_key
 from .hybrid import check_embeddings
 from ..strict import check_dense  # noqa: F401  (also ops.check_dense)
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once, without importing it
 _STRIDED = torch.strided
 
 
@@ -177,33 +175,17 @@ class SmallRoute:
             _GAP_COMPOSED_MAX_ELEMENTS if self.gapped else _COMPOSED_MAX_ELEMENTS)
 
 
-class HeldPlan(NamedTuple):
-    """A module's plan as its buffers hold it now, kept between calls (ops.held_plan)."""
-
-    plan: object  # arguments.Plan with the buffers' tensors
-    route: Optional["SmallRoute"]  # its small_route
-    buffers: tuple  # (index, shift, scale, weight, inv_ptr, inv_k): the buffers it was built from
-
-
-_HELD_BUFFERS = ("index", "shift", "scale", "weight", "inv_ptr", "inv_k")
-
-
-def held_plan(module) -> HeldPlan:
-    """The HeldPlan of a fusedvq module (loss.Prepared): its Plan with the tensors its buffers hold now, and
-    that plan's small_route, kept between calls (in module._held) and rebuilt only when a buffer was swapped or
-    moved — functional_call, DataParallel replicas, .to() — which the buffers' identities tell (µs that count
-    at B = 4)."""
+def held_plan(module):
+    """A fusedvq module's HeldPlan (loss.py: its plan with its buffers' tensors now, and its small_route), kept
+    in module._held and rebuilt (module.hold()) only when a buffer was swapped or moved (functional_call,
+    DataParallel replicas, .to()), as the buffers' identities tell: µs that count at B = 4."""
     b, held = module._buffers, module._held
     if held:
         index, shift, scale, weight, inv_ptr, inv_k = held.buffers
         if (b["index"] is index and b["shift"] is shift and b["scale"] is scale and b["weight"] is weight
                 and b["inv_ptr"] is inv_ptr and b["inv_k"] is inv_k):
             return held
-    plan = module.plan._replace(columns=ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), shift=b["shift"],
-                                scale=b["scale"], weight=b["weight"])
-    held = HeldPlan(plan, small_route(plan), tuple(b[name] for name in _HELD_BUFFERS))
-    object.__setattr__(module, "_held", held)  # (not a submodule, parameter or buffer: nn.Module's own checks skipped)
-    return held
+    return module.hold()
 
 
 def small_route(plan) -> Optional[SmallRoute]:
@@ -222,19 +204,13 @@ def _synced(plan) -> bool:
 def _route(features: Tensor, plan) -> tuple[bool, str, list]:
     """(use_triton, the statistics' group key, the op's mode list)."""
     if plan.columns.index.device != features.device:
-        raise ValueError(f"features are on {features.device} but the module's buffers are on "
-                         f"{plan.columns.index.device}: call .to({str(features.device)!r}) on the module")
+        checks.device(features, plan)
     use_triton = use_triton_for(plan.backend, features)
     group = ""
-    if plan.norm == NORM_BATCH:
-        if _synced(plan):
-            from .distributed import group_key
-
-            group = group_key(plan.sync[1])
-        elif features.shape[0] < 2:
-            raise ValueError(
-                f'norm="batch" needs at least 2 rows for the unbiased std, got a batch of {features.shape[0]}: use '
-                f'frozen statistics (norm="stats"), a larger batch, or sync_stats=True to pool rows across ranks')
+    if plan.norm == NORM_BATCH and _synced(plan):
+        group = group_key(plan.sync[1])
+    elif plan.norm == NORM_BATCH and features.shape[0] < 2:
+        checks.batch_rows(features)
     return use_triton, group, [int(plan.nan_to_num), plan.reduction, int(use_triton), *plan.gap]
 
 
@@ -278,71 +254,34 @@ def under_functorch() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def triton_importable() -> bool:
-    return _TRITON_INSTALLED
-
-
 def use_triton_for(backend: str, features: Tensor) -> bool:
     """Resolve backend ("auto", "triton", "reference") for these features; errors say why Triton can't run."""
-    if backend == "reference":
-        if features.dtype not in REFERENCE_DTYPES:
-            raise TypeError(f"features dtype {features.dtype} is not supported")
-        return False
     if backend == "auto":
-        return features.is_cuda and features.dtype in TRITON_DTYPES and _TRITON_INSTALLED
-    if features.dtype not in TRITON_DTYPES:
-        raise TypeError(f'backend="triton" supports float32, float16 and bfloat16, got {features.dtype} '
-                        f'(use backend="reference" for float64)')
-    if not _TRITON_INSTALLED:
-        raise RuntimeError('backend="triton" needs triton, which is not installed: pip install triton (CUDA '
-                           'builds of torch bring it)')
-    if not features.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(f'backend="triton" needs CUDA tensors (features are on {features.device}); to run the '
-                           f'kernels on the CPU, set TRITON_INTERPRET=1 before triton is imported')
-    return True
+        return features.is_cuda and features.dtype in TRITON_DTYPES and TRITON_INSTALLED
+    if backend == "reference" and features.dtype in REFERENCE_DTYPES:
+        return False
+    if (backend == "triton" and features.dtype in TRITON_DTYPES and TRITON_INSTALLED
+            and (features.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")):
+        return True
+    raise checks.backend_error(backend, features)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The checks of a call's tensors: free (no values read, no host synchronization), naming the numbers
+# The checks of a call's tensors: free (no values read, no host synchronization), each in one expression;
+# what is wrong, checks.py says with the numbers
 # ---------------------------------------------------------------------------------------------------
 
 
 def check_pair(features: Tensor, target: Optional[Tensor], allow_empty: bool = False) -> None:
     """Types, layouts, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (target None: x alone).
     B = 0 only if allowed: a rank without rows still takes part in cross-rank statistics."""
-    if (type(features) is Tensor and type(target) is Tensor and not features.is_nested and not target.is_nested
-            and features.layout == torch.strided == target.layout and features.dim() == 2 == target.dim()
-            and features.dtype == target.dtype and features.is_floating_point() and features.shape[0] == target.shape[0]
-            and features.shape[0] and features.device == target.device and features.device.type != "meta"):
-        return  # the common case, in one expression (µs count at B = 4); the checks below say what is wrong
-    for name, t in (("features", features), ("target", target)):
-        if t is None and name == "target":  # (a cleaner's call)
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided or t.is_nested:
-            check_dense(t, name, meta=False)  # (meta after the device check: a device mismatch is said first)
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, columns], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}")
-    if target is not None:
-        if features.dtype != target.dtype and not autocast.active(features):  # (autocast casts, as for F.mse_loss)
-            raise TypeError(f"features and target must share one dtype, got features {features.dtype} and target "
-                            f"{target.dtype}")
-        if features.device != target.device:
-            meta = " (the meta device holds shapes without values: fusedvq needs real data)" if "meta" in (
-                features.device.type, target.device.type) else ""
-            raise ValueError(f"features are on {features.device} but target is on {target.device}: put both on one "
-                             f"device{meta}")
-        if target.shape[0] != features.shape[0]:
-            raise ValueError(f"features have {features.shape[0]} rows but target has {target.shape[0]}: the batch "
-                             f"sizes must match")
-    if features.device.type == "meta":
-        check_dense(features, "features")
-    if features.shape[0] == 0 and not allow_empty:
-        raise ValueError("the batch is empty (0 rows): " + ("there is nothing to clean" if target is None else
-                                                            "the loss of no rows is undefined"))
+    if (type(features) is Tensor and not features.is_nested and features.layout == _STRIDED and features.dim() == 2
+            and features.is_floating_point() and features.shape[0] and features.device.type != "meta"
+            and (target is None or (type(target) is Tensor and not target.is_nested and target.layout == _STRIDED
+                                    and target.dim() == 2 and target.dtype == features.dtype
+                                    and target.shape[0] == features.shape[0] and target.device == features.device))):
+        return  # the common case, in one expression (µs count at B = 4); what is wrong, checks.py says
+    checks.pair(features, target, allow_empty)
 
 
 def check_order(first: Tensor, second: Optional[Tensor], want_first: int, want_second: int, signature: str) -> None:
@@ -351,25 +290,17 @@ def check_order(first: Tensor, second: Optional[Tensor], want_first: int, want_s
     if second is None or want_first == want_second or first.dim() != 2 or second.dim() != 2:
         return
     if (first.shape[1], second.shape[1]) == (want_second, want_first):
-        raise ValueError(f"the arguments look swapped: got [B, {first.shape[1]}] then [B, {second.shape[1]}], but "
-                         f"the order is " + signature.format(want_first, want_second))
+        checks.swapped(first, second, signature.format(want_first, want_second))
 
 
 def check_widths(features: Tensor, target: Optional[Tensor], plan, signature: Optional[str] = None) -> None:
-    """x has the D columns the plan was built for and r (when given) its K kept columns (the 171/187
-    mismatch), plus the gap's skipped columns of a hybrid decoder's output."""
-    D, K, skipped, selector = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0], plan.gap[1], plan.selector
+    """x has the D columns the plan was built for, and r (when given) its K kept ones plus the gap's columns."""
+    D, K = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0]
+    if features.shape[1] == D and (target is None or target.shape[1] == K + plan.gap[1]):
+        return
     if signature is not None:
-        check_order(features, target, D, K + skipped, signature)
-    if features.shape[1] != D:
-        raise ValueError(f"features have {features.shape[1]} columns but the {selector} was built for {D} feature "
-                         f"columns (it keeps {K} of {D})")
-    if target is not None and target.shape[1] != K + skipped:
-        raise ValueError(
-            f"target has {target.shape[1]} columns but must have {K + skipped}: the {K} kept columns and the "
-            f"{skipped} columns the loss skips (target_gap)" if skipped else
-            f"target has {target.shape[1]} columns but the {selector} keeps {K} of the {D} feature columns — pass "
-            f"the decoder's {K}-column reconstruction")
+        check_order(features, target, D, K + plan.gap[1], signature)
+    checks.widths(features, target, plan)
 
 
 # ---------------------------------------------------------------------------------------------------
