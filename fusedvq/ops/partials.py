@@ -13,8 +13,8 @@ not wanted is neither computed nor written (a 0-element placeholder comes back).
 inputs: the backward recomputes the difference (one read of the partials each way).
 
 call_partials is the routing point of this op, as call_loss is the loss's (ops/__init__.py): traced calls
-take the registered op, calls under torch.func the composition, eager calls the Definition through _Eager
-(its backward, or the composition's autograd under create_graph=True).
+take the registered op, calls under torch.func the composition, eager calls its OpAutograd through
+EagerAutograd (its backward, or the composition's autograd under create_graph=True).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from torch import Tensor
 from .. import reference
 from ..cpu import partials as cpu_partials
 from ..kernels.plan import REDUCTION_COLUMN
-from . import Definition, _Eager, under_functorch
+from . import EagerAutograd
+from .autograd import IMPLEMENTATIONS, REGISTERED, OpAutograd, under_functorch
 
 
 class PartialsMode(NamedTuple):
@@ -51,7 +52,7 @@ def call_partials(z: Tensor, partials, mode: PartialsMode) -> Tensor:
         return partials_mse_forward(z, partials, **mode._asdict())
     if under_functorch():
         return reference.partials_composed(z, partials, mode.reduction, (mode.gap_at, mode.gap))
-    return _Eager.apply(PARTIALS_MSE, z, partials, mode)
+    return EagerAutograd.apply(PARTIALS_MSE, z, partials, mode)
 
 
 class _ListPartials(torch.autograd.Function):
@@ -153,14 +154,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mode = mode
 
 
-def _definition_backward(ctx, grad, needs, eager):
+def _definition_backward(ctx, grad, needs):
     z, partials = ctx.saved_tensors
-    mode = ctx.mode
-    if eager:
-        grads = _backward(grad, z, partials, mode, needs, eager=True)
-    else:
-        grads = partials_mse_backward(grad, z, partials, **mode._asdict(), needs_z=needs[0], needs_partials=needs[1])
-    return (*(g if need else None for g, need in zip(grads, needs)), None)
+    grads = ctx.ops.partials_mse_backward(grad, z, partials, ctx.mode, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+# The backward op as ctx.ops reaches it (autograd.py): eagerly the gradient may live in the spare buffer.
+IMPLEMENTATIONS.partials_mse_backward = functools.partial(_backward, eager=True)
+REGISTERED.partials_mse_backward = lambda grad, z, partials, mode, needs: partials_mse_backward(
+    grad, z, partials, **mode._asdict(), needs_z=needs[0], needs_partials=needs[1])
 
 
 def _composed(ctx):
@@ -170,17 +173,5 @@ def _composed(ctx):
                              gap=(mode.gap_at, mode.gap)), (z, partials)
 
 
-PARTIALS_MSE = Definition("fusedvq::partials_mse_forward", _forward, _setup_context, _definition_backward,
-                          _composed, differentiable=2)
-
-
-def _registered_setup(ctx, inputs, keyword_only_inputs, output):
-    _setup_context(ctx, (*inputs, PartialsMode(**keyword_only_inputs)), output)
-
-
-def _registered_backward(ctx, grad):
-    return _definition_backward(ctx, grad, tuple(ctx.needs_input_grad[:2]), False)[:2]
-
-
-torch.library.register_autograd("fusedvq::partials_mse_forward", _registered_backward,
-                                setup_context=_registered_setup)
+PARTIALS_MSE = OpAutograd("fusedvq::partials_mse_forward", _forward, _setup_context, _definition_backward,
+                          _composed, grad_positions=(0, 1), options=PartialsMode).register()
