@@ -6,13 +6,13 @@ point (ops/__init__.py), which checks its tensors and picks the implementation.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, OPTIONS, REDUCTIONS, LossForm, _is_tracing, prepare
+from .arguments import NORMS, OPTIONS, REDUCTIONS, ColumnMap, LossForm, _is_tracing, prepare
 from .categories import CategoryErrors, check_categories
 from .checkpoint import FeatureSpec, load_feature_spec
 from .strict import check_count, check_flag, refuse_unknown
@@ -74,6 +74,14 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
                          ops.small_route(plan))
 
 
+class HeldPlan(NamedTuple):
+    """A module's plan as its buffers hold it now, kept between calls (ops.held_plan)."""
+
+    plan: object  # arguments.Plan with the buffers' tensors
+    route: Optional[object]  # its ops.small_route
+    buffers: tuple  # (index, shift, scale, weight, inv_ptr, inv_k): the buffers it was built from
+
+
 class Prepared(CategoryErrors, nn.Module):
     """The index and statistics of a fusedvq module, validated once (arguments.prepare) and held as buffers
     (they move with .to()): a call checks only shapes, dtypes and devices, so it never synchronizes with the
@@ -100,8 +108,18 @@ class Prepared(CategoryErrors, nn.Module):
                             ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
-        self._held = ()  # ops.HeldPlan (the plan, its route, the buffers they hold), kept between calls
+        self._held = ()  # HeldPlan (the plan, its route, the buffers they hold), kept between calls
         self._set_categories(decoder_categories, (plan.gap if _decoder_gap is None else _decoder_gap)[1])
+
+    def hold(self) -> "HeldPlan":
+        """The HeldPlan of the buffers as they are now, kept (ops.held_plan calls this when they changed)."""
+        b = self._buffers
+        plan = self.plan._replace(columns=ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), shift=b["shift"],
+                                  scale=b["scale"], weight=b["weight"])
+        buffers = (b["index"], b["shift"], b["scale"], b["weight"], b["inv_ptr"], b["inv_k"])
+        held = HeldPlan(plan, ops.small_route(plan), buffers)
+        object.__setattr__(self, "_held", held)  # (no submodule, parameter or buffer: nn.Module's checks skipped)
+        return held
 
     def _weight(self, weight, num_kept: int, device, gap=(0, 0)) -> Optional[torch.Tensor]:
         """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the

@@ -159,13 +159,14 @@ def test_opcheck(use_triton, reduction):
     cmap = build_column_map(torch.tensor([1, 3, 3, 0]), 5)
     x = torch.randn(9, 5, generator=g, requires_grad=True)
     r = torch.randn(9, 4, generator=g, requires_grad=True)
-    args = (x, r, list(cmap), 1e-8, "", [1, reduction, int(use_triton), 0, 0])
-    torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, args)
-    loss, stats, colsums = torch.ops.fusedvq.batch_mse_forward(*args)
+    args = (x, r, list(cmap), 1e-8, "", None, None)
+    options = dict(nan_to_num=True, reduction=reduction, use_triton=use_triton, gap_at=0, gap_width=0)
+    torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, args, options)
+    loss, stats, colsums = torch.ops.fusedvq.batch_mse_forward(*args, **options)
     grad = torch.rand(loss.shape, generator=g) + 0.5
-    bwd_args = (grad, x.detach(), r.detach(), list(cmap), [stats.detach(), colsums.detach()], "",
-                [1, reduction, int(use_triton), 0, 0, 1, 1])
-    torch.library.opcheck(torch.ops.fusedvq.batch_mse_backward.default, bwd_args)
+    bwd_args = (grad, x.detach(), r.detach(), list(cmap), [stats.detach(), colsums.detach()], "", None, None)
+    needs = dict(needs_x=True, needs_target=True, needs_embeddings=False)
+    torch.library.opcheck(torch.ops.fusedvq.batch_mse_backward.default, bwd_args, {**options, **needs})
 
 
 def test_compile_fullgraph():

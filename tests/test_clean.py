@@ -241,28 +241,28 @@ def _op_args(norm, use_triton, nan_to_num=True):
     plan = prepare(columns, mean if norm == "stats" else None, std if norm == "stats" else None, {"norm": norm},
                    num_features=11)
     x = torch.randn(9, 11, generator=g, requires_grad=True)
-    mode = [int(nan_to_num), 0, int(use_triton), 0, 0]
+    options = dict(nan_to_num=nan_to_num, use_triton=use_triton)
     if norm == "batch":
-        return (x, list(plan.columns), 1e-8, "", mode)
-    return (x, list(plan.columns), [plan.shift, plan.scale] if norm == "stats" else [], mode)
+        return (x, list(plan.columns), 1e-8, ""), options
+    return (x, list(plan.columns), [plan.shift, plan.scale] if norm == "stats" else []), options
 
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
     not interpreting, reason="interpreter"))])
 @pytest.mark.parametrize("norm", NORMS)
 def test_opcheck(use_triton, norm):
-    args = _op_args(norm, use_triton)
+    args, options = _op_args(norm, use_triton)
     if norm == "batch":
-        torch.library.opcheck(torch.ops.fusedvq.batch_clean_forward.default, args)
-        z, stats = torch.ops.fusedvq.batch_clean_forward(*args)
-        x, columns, _, group, mode = args
-        bwd = (torch.randn_like(z), x.detach(), columns, stats.detach(), group, mode)
-        torch.library.opcheck(torch.ops.fusedvq.batch_clean_backward.default, bwd)
+        torch.library.opcheck(torch.ops.fusedvq.batch_clean_forward.default, args, options)
+        z, stats = torch.ops.fusedvq.batch_clean_forward(*args, **options)
+        x, columns, _, group = args
+        bwd = (torch.randn_like(z), x.detach(), columns, stats.detach(), group)
+        torch.library.opcheck(torch.ops.fusedvq.batch_clean_backward.default, bwd, options)
     else:
-        torch.library.opcheck(torch.ops.fusedvq.clean_forward.default, args)
-        z = torch.ops.fusedvq.clean_forward(*args)
+        torch.library.opcheck(torch.ops.fusedvq.clean_forward.default, args, options)
+        z = torch.ops.fusedvq.clean_forward(*args, **options)
         bwd = (torch.randn_like(z), args[0].detach(), *args[1:])
-        torch.library.opcheck(torch.ops.fusedvq.clean_backward.default, bwd)
+        torch.library.opcheck(torch.ops.fusedvq.clean_backward.default, bwd, options)
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -181,13 +181,13 @@ def test_weight_requiring_grad_is_refused():
 def test_opcheck_column_and_weights(use_triton, reduction):
     g = torch.Generator().manual_seed(13)
     columns, mean, std = random_case(7, 12, 9, mask=False, duplicates=True, generator=g)
-    cols = [*build_column_map(columns, 12), torch.rand(9, generator=g)]
+    cols, weight = list(build_column_map(columns, 12)), torch.rand(9, generator=g)
     x = torch.randn(7, 12, generator=g, requires_grad=True)
     r = torch.randn(7, 9, generator=g, requires_grad=True)
     stats = [mean[columns], std[columns].reciprocal()]
-    args = (x, r, cols, stats, [0, reduction, int(use_triton), 0, 0])
-    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
-    torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, (x, r, cols, 1e-8, "", args[-1]))
+    options = dict(nan_to_num=False, reduction=reduction, use_triton=use_triton, gap_at=0, gap_width=0)
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, (x, r, cols, stats, weight, None), options)
+    torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, (x, r, cols, 1e-8, "", weight, None), options)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(

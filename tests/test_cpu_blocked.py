@@ -43,7 +43,8 @@ def _run(path, x, r, columns, mean, std, norm, nan_to_num, reduction, monkeypatc
                        num_kept=r.shape[1], form=LossForm(reduction), dtype=COMPUTE_DTYPE[x.dtype],
                        options={"norm": norm})
         stats = [plan.shift, plan.scale] if norm == "stats" else []
-        loss, _, _ = op.masked_mse_forward(x, r, list(plan.columns), stats, [int(nan_to_num), plan.reduction, 0, 0, 0])
+        loss, _, _ = op.masked_mse_forward(x, r, list(plan.columns), stats, None, None, nan_to_num=nan_to_num,
+                                           reduction=plan.reduction, use_triton=False, gap_at=0, gap_width=0)
         return loss
     if path == "blocked":
         monkeypatch.setattr(routing, "_COMPOSED_MAX_ELEMENTS", 0)

@@ -189,9 +189,11 @@ def test_reference_ops_on_cuda_do_not_sync(op):
     plan = prepare(mask.cuda(), options={"norm": "batch"}, num_features=187)
     x.requires_grad_()
     r.requires_grad_()
-    columns, mode = list(plan.columns), [1, 1, 0, 0, 0]
-    run = (lambda: torch.ops.fusedvq.batch_mse_forward(x, r, columns, 1e-8, "", mode)[0]) if op == "loss" else (
-        lambda: torch.ops.fusedvq.batch_clean_forward(x, columns, 1e-8, "", mode)[0].square().mean())
+    columns, options = list(plan.columns), dict(nan_to_num=True, use_triton=False)
+    loss_options = dict(options, reduction=1, gap_at=0, gap_width=0)
+    run = (lambda: torch.ops.fusedvq.batch_mse_forward(x, r, columns, 1e-8, "", None, None, **loss_options)[0]
+           ) if op == "loss" else (
+        lambda: torch.ops.fusedvq.batch_clean_forward(x, columns, 1e-8, "", **options)[0].square().mean())
     run().backward()  # warm-up
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -130,15 +130,16 @@ def test_compiled_fullgraph_matches_eager(norm):
     not interpreting, reason="interpreter"))])
 def test_opcheck_with_embeddings(use_triton):
     index, mean, std, x, r, e, g = _case(7, 8)
-    cols = [*build_column_map(index, D), torch.rand(K + C, generator=g)]
-    mode = [0, 3, int(use_triton), AT, C]
+    cols, w = list(build_column_map(index, D)), torch.rand(K + C, generator=g)
+    options = dict(nan_to_num=False, reduction=3, use_triton=use_triton, gap_at=AT, gap_width=C)
     stats = [mean[index].float(), std[index].reciprocal().float()]
-    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, (x, r, cols, stats, mode, e))
-    torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, (x, r, cols, 1e-8, "", mode, e))
-    _, diff, finite = torch.ops.fusedvq.masked_mse_forward(x, r, cols, stats, mode, e)
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, (x, r, cols, stats, w, e), options)
+    torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, (x, r, cols, 1e-8, "", w, e), options)
+    _, diff, finite = torch.ops.fusedvq.masked_mse_forward(x, r, cols, stats, w, e, **options)
     grad = torch.rand(K + C, generator=g)
-    args = (grad, x.detach(), r.detach(), cols, stats, [diff.detach(), finite], [*mode, 1, 1], e.detach(), True)
-    torch.library.opcheck(torch.ops.fusedvq.masked_mse_backward.default, args)
+    args = (grad, x.detach(), r.detach(), cols, stats, [diff.detach(), finite], w, e.detach())
+    needs = dict(needs_x=True, needs_target=True, needs_embeddings=True)
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_backward.default, args, {**options, **needs})
 
 
 def test_double_backward_through_the_composition():

@@ -66,19 +66,18 @@ def test_the_backward_op_allocates_only_what_is_wanted(use_triton, batch):
     index, mean, std, x, r = _case(9, seed=3)
     cmap = build_column_map(index, D)
     ops = torch.ops.fusedvq
+    options = dict(nan_to_num=False, reduction=1, use_triton=use_triton, gap_at=0, gap_width=0)
     if batch:
-        mode = [0, 1, int(use_triton), 0, 0]
-        _, stats, colsums = ops.batch_mse_forward(x, r, list(cmap), 1e-8, "", mode)
+        _, stats, colsums = ops.batch_mse_forward(x, r, list(cmap), 1e-8, "", None, None, **options)
         def backward(nx, nr):
-            return ops.batch_mse_backward(torch.tensor(1.0), x, r, list(cmap), [stats, colsums], "",
-                                          [*mode, int(nx), int(nr)])
+            return ops.batch_mse_backward(torch.tensor(1.0), x, r, list(cmap), [stats, colsums], "", None, None,
+                                          **options, needs_x=nx, needs_target=nr, needs_embeddings=False)
     else:
         shift, scale = mean[index], std[index].reciprocal()
-        mode = [0, 1, int(use_triton), 0, 0]
-        _, diff, finite = ops.masked_mse_forward(x, r, list(cmap), [shift, scale], mode)
+        _, diff, finite = ops.masked_mse_forward(x, r, list(cmap), [shift, scale], None, None, **options)
         def backward(nx, nr):
-            return ops.masked_mse_backward(torch.tensor(1.0), x, r, list(cmap), [shift, scale], [diff, finite],
-                                           [*mode, int(nx), int(nr)])
+            return ops.masked_mse_backward(torch.tensor(1.0), x, r, list(cmap), [shift, scale], [diff, finite], None,
+                                           None, **options, needs_x=nx, needs_target=nr, needs_embeddings=False)
     full_x, full_r, _ = backward(True, True)  # (and grad_embeddings: 0-element without embeddings)
     only_x, none_r, _ = backward(True, False)
     none_x, only_r, _ = backward(False, True)

@@ -32,7 +32,8 @@ def _op_args(use_triton, reduction, nan_to_num, norm="stats"):
     x = torch.randn(7, 12, generator=g, requires_grad=True)
     r = torch.randn(7, 9, generator=g, requires_grad=True)
     stats = [mean[columns], std[columns].reciprocal()] if norm == "stats" else []
-    return (x, r, list(cmap), stats, [int(nan_to_num), reduction, int(use_triton), 0, 0])
+    options = dict(nan_to_num=nan_to_num, reduction=reduction, use_triton=use_triton, gap_at=0, gap_width=0)
+    return (x, r, list(cmap), stats, None, None), options
 
 
 USE_TRITON = [False, pytest.param(True, marks=pytest.mark.skipif(not interpreting, reason="interpreter"))]
@@ -42,19 +43,36 @@ USE_TRITON = [False, pytest.param(True, marks=pytest.mark.skipif(not interpretin
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("nan_to_num", [False, True])
 def test_opcheck(use_triton, reduction, nan_to_num):
-    args = _op_args(use_triton, reduction, nan_to_num)
-    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
+    args, options = _op_args(use_triton, reduction, nan_to_num)
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args, options)
 
 
 @pytest.mark.parametrize("use_triton", USE_TRITON)
 def test_opcheck_norm_none_and_backward_op(use_triton):
-    args = _op_args(use_triton, 1, False, norm="none")
-    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
-    x, r, columns, stats, mode = _op_args(use_triton, 1, True)
-    _, diff, finite = torch.ops.fusedvq.masked_mse_forward(x, r, columns, stats, mode)
-    bwd_args = (torch.tensor(1.3), x.detach(), r.detach(), columns, stats, [diff.detach(), finite.detach()],
-                [*mode, 1, 1])
-    torch.library.opcheck(torch.ops.fusedvq.masked_mse_backward.default, bwd_args)
+    args, options = _op_args(use_triton, 1, False, norm="none")
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args, options)
+    (x, r, columns, stats, _, _), options = _op_args(use_triton, 1, True)
+    _, diff, finite = torch.ops.fusedvq.masked_mse_forward(x, r, columns, stats, None, None, **options)
+    bwd_args = (torch.tensor(1.3), x.detach(), r.detach(), columns, stats, [diff.detach(), finite.detach()], None, None)
+    needs = dict(needs_x=True, needs_target=True, needs_embeddings=False)
+    torch.library.opcheck(torch.ops.fusedvq.masked_mse_backward.default, bwd_args, {**options, **needs})
+
+
+def test_schemas_name_every_option():
+    """Tensors positional, every option by name and keyword-only: no positional integer list, and the gap's
+    first column and width named gap_at and gap_width."""
+    ops = ("masked_mse", "batch_mse", "clean", "batch_clean")
+    for name in [f"{op}_{way}" for op in ops for way in ("forward", "backward")]:
+        arguments = getattr(torch.ops.fusedvq, name).default._schema.arguments
+        positional = {a.name: str(a.type) for a in arguments if not a.kwarg_only}
+        named = [a.name for a in arguments if a.kwarg_only]
+        assert set(positional.values()) <= {"Tensor", "List[Tensor]", "Optional[Tensor]", "float", "str"}, name
+        assert named[:2] == ["nan_to_num", "reduction"] or named == ["nan_to_num", "use_triton"], name
+        if "mse" in name:
+            assert named[:5] == ["nan_to_num", "reduction", "use_triton", "gap_at", "gap_width"], name
+            assert positional["weight"] == "Optional[Tensor]" and positional["embeddings"] == "Optional[Tensor]"
+        if "mse_backward" in name:
+            assert named[5:] == ["needs_x", "needs_target", "needs_embeddings"], name
 
 
 def _train_step_setup(seed=0):

@@ -225,7 +225,7 @@ def _op_args(use_triton, reduction):
     g = torch.Generator().manual_seed(8)
     z = torch.randn(6, 5, generator=g, requires_grad=True)
     r = torch.randn(3, 6, 7, generator=g, requires_grad=True)
-    return (z, r), {"reduction": reduction, "gap_at": 2, "gap_width": 2, "use_triton": use_triton}
+    return (z, r, None), {"reduction": reduction, "gap_at": 2, "gap_width": 2, "use_triton": use_triton}
 
 
 @pytest.mark.parametrize("use_triton, reduction", [(False, 1), pytest.param(True, 3, marks=needs_interpreter)])
@@ -233,7 +233,7 @@ def test_opcheck(use_triton, reduction):
     args, kwargs = _op_args(use_triton, reduction)
     torch.library.opcheck(torch.ops.fusedvq.partials_mse_forward.default, args, kwargs)
     loss = torch.ops.fusedvq.partials_mse_forward(*args, **kwargs)
-    bwd = (torch.rand_like(loss) + 0.5, *(t.detach() for t in args))
+    bwd = (torch.rand_like(loss) + 0.5, *(t.detach() for t in args[:2]), None)
     torch.library.opcheck(torch.ops.fusedvq.partials_mse_backward.default, bwd,
                           {**kwargs, "needs": [True, True]})
 

@@ -139,13 +139,14 @@ def test_opcheck_with_a_gap(use_triton, batch):
     index, mean, std, x, r, _ = _case(7, 12, seed=2)
     cmap = build_column_map(index, D)
     x, r = x.requires_grad_(), r.requires_grad_()
+    options = dict(nan_to_num=False, reduction=1, use_triton=use_triton, gap_at=12, gap_width=C)
     if batch:
-        args = (x, r, list(cmap), 1e-8, "", [0, 1, int(use_triton), 12, C])
-        torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, args)
+        args = (x, r, list(cmap), 1e-8, "", None, None)
+        torch.library.opcheck(torch.ops.fusedvq.batch_mse_forward.default, args, options)
     else:
         shift, scale = mean[index].float(), std[index].float().reciprocal()
-        args = (x, r, list(cmap), [shift, scale], [0, 1, int(use_triton), 12, C])
-        torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args)
+        args = (x, r, list(cmap), [shift, scale], None, None)
+        torch.library.opcheck(torch.ops.fusedvq.masked_mse_forward.default, args, options)
 
 
 @pytest.mark.parametrize("path", PATHS)

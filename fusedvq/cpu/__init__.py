@@ -17,7 +17,8 @@ def without_autocast(fn, *args):
     torch.linalg.vecdot, which autocast runs in bfloat16 / float16. The routing point (ops/autocast.py)
     turns autocast off around a call; what runs again outside that region — a backward called inside an
     autocast region, a compiled graph run inside one — checks autocast_enabled() and comes here (cpu/small.py's
-    backwards; ops/__init__.py's autocast_off for the registered ops' implementations)."""
+    backwards; the eager route, ops/__init__.py's EagerAutograd; the registered ops, ops/autograd.py's
+    define_op)."""
     with contextlib.ExitStack() as stack:
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):

@@ -1,34 +1,25 @@
 """The routing point: every call of fusedvq's losses and cleaners passes through `call_loss` or `call_clean`
 here, which check the call's tensors against its Plan (arguments.py; shapes, dtypes, devices: free, no
-values read), choose the implementation, and attach autograd:
+values read; checks.py says what is wrong), choose the implementation, and attach autograd:
 
     eager, CPU, small B               the plan's SmallRoute, first: its checks in one expression, then
                                       norm "none" / "stats": the plain composition of reference.py, whose
                                       autograd is C++; norm "batch": cpu/small.py's two autograd.Functions
     traced (torch.compile, export)    the registered op (loss.py, clean.py), which the tracer needs
     torch.func                        the plain composition of reference.py, differentiated by autograd
-    eager otherwise                   the op's autograd Definition run by _Eager without the dispatcher:
-                                      the same implementations, saved tensors and backward, without the
-                                      ~190 µs of schema parsing and dispatch per forward+backward
+    eager otherwise                   the op's OpAutograd (autograd.py) run by EagerAutograd without the
+                                      dispatcher: the same implementations, saved tensors and backward
 
-A module keeps its Plan and SmallRoute between calls (held_plan), so that at B = 4 a call costs its checks,
-a few µs of Python, and the composition's ops.
-
-The implementation is chosen by the call's backend, not by the tensors' device alone: "auto" is Triton for
-CUDA tensors (when triton imports) and the PyTorch path elsewhere, and both other pairings are real uses
-— backend="reference" on CUDA, and the Triton kernels on CPU tensors under TRITON_INTERPRET=1, which is
-how CI runs the kernels — so the op schemas carry use_triton in their integer `mode` list:
-    mode = [nan_to_num, reduction, use_triton, gap_at, gap] (+ [needs_x, needs_target] for backwards)
+A module keeps its Plan and SmallRoute between calls (held_plan). The backend, not the tensors' device
+alone, picks the implementation (backend="reference" runs on CUDA too, the kernels on CPU tensors under
+TRITON_INTERPRET=1), so the op schemas take use_triton, by name as every option: tensors positional, then
+keyword-only options (loss.py and clean.py list them; their records LossOptions and CleanOptions carry them).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import inspect
 import os
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,23 +27,24 @@ from torch import Tensor
 from .. import reference
 from ..cpu import autocast_enabled, without_autocast
 from ..cpu import small as cpu_small
-from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN, ColumnMap, Mode
-from . import autocast
-from .hybrid import check_embeddings
+from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, REDUCTION_COLUMN
 from ..strict import check_dense  # noqa: F401  (also ops.check_dense)
+from . import autocast, checks
+from . import clean as clean_ops
+from . import loss as loss_ops
+from .autograd import IMPLEMENTATIONS, refuse_synced_higher_order, under_functorch
+from .checks import REFERENCE_DTYPES, TRITON_DTYPES, TRITON_INSTALLED, triton_importable  # noqa: F401
+from .distributed import group_key
+from .hybrid import check_embeddings
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once, without importing it
 _STRIDED = torch.strided
 
 
 def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Optional["SmallRoute"] = None,
               embeddings: Optional[Tensor] = None) -> Tensor:
-    """The loss of features [B, D] against target [B, K (+ gap)] under `plan` (arguments.Plan); signature:
-    the call in its right order, with {} for the two widths, to say when the arguments look swapped; route:
-    the plan's small_route (None: the plan has none); embeddings [B, gap]: a hybrid's objective, one MSE
-    over all K + gap target columns with the embeddings compared on the gap's (cpu/hybrid.py states it)."""
+    """The loss of features [B, D] against target [B, K (+ gap)] under `plan` (arguments.Plan). signature: the
+    call in its right order, {} for the two widths (said when they look swapped); route: the plan's small_route
+    or None; embeddings [B, gap]: a hybrid's objective over all K + gap columns (cpu/hybrid.py states it)."""
     if autocast.enabled() and autocast.active(features):  # F.mse_loss's behaviour (ops/autocast.py)
         return autocast.call(call_loss, (features, target), plan, signature, route, embeddings=embeddings)
     if route is not None and embeddings is None:
@@ -65,26 +57,26 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
     check_widths(features, target, plan, signature)
     if embeddings is not None or (plan.weight is not None and plan.weight.shape[0] != plan.columns.index.shape[0]):
         check_embeddings(embeddings, features, target, plan)
-    use_triton, group, mode = _route(features, plan)
-    weight = _weight_for(plan, features)
-    columns, K, gap = [*plan.columns, *([] if weight is None else [weight])], plan.columns.index.shape[0], plan.gap
-    eager = not torch.compiler.is_compiling()
+    use_triton, group = _route(features, plan)
+    options = loss_ops.LossOptions(plan.nan_to_num, plan.reduction, use_triton, *plan.gap)
+    weight, columns, index = _weight_for(plan, features), [*plan.columns], plan.columns.index
     if plan.norm == NORM_BATCH:
-        if not eager:
-            return _op_loss.batch_mse_forward(features, target, columns, plan.eps, group, mode, embeddings)[0]
+        inputs = (features, target, columns, plan.eps, group, weight, embeddings)
+        if torch.compiler.is_compiling():
+            return loss_ops.batch_mse_forward(*inputs, **options._asdict())[0]
         if under_functorch() or (not use_triton and not group and features.device.type != "cpu"):
             refuse_synced_higher_order(group, "torch.func transforms")
-            return reference.batch_mse_composed(features, target, columns[0], plan.eps, plan.nan_to_num,
-                                                plan.reduction, gap, weight, embeddings)
-        return _Eager.apply(_op_loss.BATCH_MSE, features, target, columns, plan.eps, group, mode, embeddings)
-    stats = _stats_for(plan, features)
-    if not eager:
-        return _op_loss.masked_mse_forward(features, target, columns, stats, mode, embeddings)[0]
-    if under_functorch() or (not use_triton and use_composed(features, K, gap[1] > 0)):
-        shift, scale = stats if stats else (None, None)
-        return reference.masked_mse_composed(features, target, columns[0], shift, scale, plan.nan_to_num,
-                                             plan.reduction, gap, weight, embeddings)
-    return _Eager.apply(_op_loss.MASKED_MSE, features, target, columns, stats, mode, embeddings)
+            return reference.batch_mse_composed(features, target, index, plan.eps, plan.nan_to_num, plan.reduction,
+                                                plan.gap, weight, embeddings)
+        return EagerAutograd.apply(loss_ops.BATCH_MSE, *inputs, options)
+    inputs = (features, target, columns, _stats_for(plan, features), weight, embeddings)
+    if torch.compiler.is_compiling():
+        return loss_ops.masked_mse_forward(*inputs, **options._asdict())[0]
+    if under_functorch() or (not use_triton and use_composed(features, index.shape[0], plan.gap[1] > 0)):
+        shift, scale = inputs[3] or (None, None)
+        return reference.masked_mse_composed(features, target, index, shift, scale, plan.nan_to_num, plan.reduction,
+                                             plan.gap, weight, embeddings)
+    return EagerAutograd.apply(loss_ops.MASKED_MSE, *inputs, options)
 
 
 def call_clean(features: Tensor, plan, route: Optional["SmallRoute"] = None) -> Tensor:
@@ -97,33 +89,58 @@ def call_clean(features: Tensor, plan, route: Optional["SmallRoute"] = None) -> 
             return z
     check_pair(features, None, allow_empty=_synced(plan))
     check_widths(features, None, plan)
-    use_triton, group, mode = _route(features, plan)
-    columns, K = list(plan.columns), plan.columns.index.shape[0]
-    eager = not torch.compiler.is_compiling()
+    use_triton, group = _route(features, plan)
+    options, columns, index = clean_ops.CleanOptions(plan.nan_to_num, use_triton), [*plan.columns], plan.columns.index
     if plan.norm == NORM_BATCH:
-        if not eager:
-            return _op_clean.batch_clean_forward(features, columns, plan.eps, group, mode)[0]
+        if torch.compiler.is_compiling():
+            return clean_ops.batch_clean_forward(features, columns, plan.eps, group, **options._asdict())[0]
         if under_functorch() or (not use_triton and not group and features.device.type != "cpu"):
             refuse_synced_higher_order(group, "torch.func transforms")
-            return reference.batch_clean_composed(features, columns[0], plan.eps, plan.nan_to_num)
-        return _Eager.apply(_op_clean.BATCH_CLEAN, features, columns, plan.eps, group, mode)
+            return reference.batch_clean_composed(features, index, plan.eps, plan.nan_to_num)
+        return EagerAutograd.apply(clean_ops.BATCH_CLEAN, features, columns, plan.eps, group, options)
     stats = _stats_for(plan, features)
-    if not eager:
-        return _op_clean.clean_forward(features, columns, stats, mode)
-    if under_functorch() or (not use_triton and use_composed(features, K)):
-        shift, scale = stats if stats else (None, None)
-        return reference.clean_composed(features, columns[0], shift, scale, plan.nan_to_num)
-    return _Eager.apply(_op_clean.CLEAN, features, columns, stats, mode)
+    if torch.compiler.is_compiling():
+        return clean_ops.clean_forward(features, columns, stats, **options._asdict())
+    if under_functorch() or (not use_triton and use_composed(features, index.shape[0])):
+        shift, scale = stats or (None, None)
+        return reference.clean_composed(features, index, shift, scale, plan.nan_to_num)
+    return EagerAutograd.apply(clean_ops.CLEAN, features, columns, stats, options)
+
+
+class EagerAutograd(torch.autograd.Function):
+    """An op's OpAutograd (autograd.py) without the dispatcher's ~190 µs: its implementation, setup_context
+    and backward with ctx.ops = IMPLEMENTATIONS (create_graph=True: its composition's autograd), autocast
+    off as for the registered ops. Beside the routing: every eager call runs it."""
+
+    @staticmethod
+    def forward(ctx, op, *inputs):
+        outputs = without_autocast(op.forward, *inputs) if autocast_enabled() else op.forward(*inputs)
+        op.setup_context(ctx, inputs, outputs)
+        ctx.op, ctx.ops = op, IMPLEMENTATIONS
+        return outputs[0] if isinstance(outputs, tuple) else outputs
+
+    @staticmethod
+    def backward(ctx, grad):
+        op, positions = ctx.op, ctx.op.grad_positions
+        needs = tuple(ctx.needs_input_grad[1 + i] for i in positions)
+        if torch.is_grad_enabled():  # create_graph=True: the composition's own, differentiable gradients
+            fn, tensors = op.composed(ctx)
+            grads = reference.grads_through(fn(*tensors), tensors[: len(positions)], needs, grad)
+        elif autocast_enabled():
+            grads = without_autocast(op.backward, ctx, grad, needs)
+        else:
+            grads = op.backward(ctx, grad, needs)
+        out = [None] * len(ctx.needs_input_grad)
+        for i, g in zip(positions, grads):
+            out[1 + i] = g
+        return tuple(out)
 
 
 class SmallRoute:
-    """The small-batch route of one plan whose tensors live on the CPU: an eager CPU call at a small batch,
-    recognized in one expression and run without the op machinery — norm "none" / "stats" by reference.py's
-    composition (its few ops, autograd's C++ backward), norm "batch" by cpu/small.py. At B = 4 the separate
-    checks, the routing and the registered op's machinery would cost a fifth of the step. Built once per
-    plan (a module: when its buffers change); `loss` and `clean` answer None for any other call (a wrong one
-    included), which then takes the full path, whose checks say what is wrong. Traced calls take the registered
-    op, and calls under torch.func transforms the plain composition, on the full path."""
+    """The small-batch route of a plan on the CPU: an eager call at a small batch, recognized in one expression
+    and run without the op machinery (a fifth of a B = 4 step) by reference.py's composition (norm "none" /
+    "stats") or cpu/small.py ("batch"). Built once per plan; `loss` and `clean` answer None for any other call
+    (a wrong, traced or torch.func one included), which then takes the full path."""
 
     __slots__ = ("plan", "width", "kept", "target_width", "dtypes", "min_rows", "batch", "gapped", "plain", "compose",
                  "args")
@@ -133,8 +150,7 @@ class SmallRoute:
         self.width, self.kept = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0]
         self.target_width, self.gapped = self.kept + plan.gap[1], plan.gap[1] > 0
         self.min_rows = 2 if self.batch else 1  # (norm="batch" needs two rows for its unbiased std)
-        # The features' dtypes whose compute dtype is the statistics' and weights' (no cast per call); the
-        # composition's common case (reference.masked_mse_plain) takes the compute dtypes themselves.
+        # The dtypes computing in the statistics' and weights' dtype (no cast per call); masked_mse_plain: their own.
         fixed = {t.dtype for t in (plan.shift, plan.weight) if t is not None}
         self.plain = plain = not (self.batch or plan.nan_to_num or self.gapped or plan.weight is not None
                                   or plan.reduction == REDUCTION_COLUMN)
@@ -166,9 +182,8 @@ class SmallRoute:
             p = self.plan
             if self.batch:
                 return cpu_small.clean(x, p)
-            if self.plain:  # (x in the compute dtype, no nan_to_num)
-                return reference.kept_plain(x, p.columns.index, p.shift, p.scale)
-            return reference.clean_composed(x, p.columns.index, p.shift, p.scale, p.nan_to_num)
+            return (reference.kept_plain(x, p.columns.index, p.shift, p.scale) if self.plain  # (no nan_to_num)
+                    else reference.clean_composed(x, p.columns.index, p.shift, p.scale, p.nan_to_num))
         return None
 
     def limit(self) -> int:
@@ -177,33 +192,17 @@ class SmallRoute:
             _GAP_COMPOSED_MAX_ELEMENTS if self.gapped else _COMPOSED_MAX_ELEMENTS)
 
 
-class HeldPlan(NamedTuple):
-    """A module's plan as its buffers hold it now, kept between calls (ops.held_plan)."""
-
-    plan: object  # arguments.Plan with the buffers' tensors
-    route: Optional["SmallRoute"]  # its small_route
-    buffers: tuple  # (index, shift, scale, weight, inv_ptr, inv_k): the buffers it was built from
-
-
-_HELD_BUFFERS = ("index", "shift", "scale", "weight", "inv_ptr", "inv_k")
-
-
-def held_plan(module) -> HeldPlan:
-    """The HeldPlan of a fusedvq module (loss.Prepared): its Plan with the tensors its buffers hold now, and
-    that plan's small_route, kept between calls (in module._held) and rebuilt only when a buffer was swapped or
-    moved — functional_call, DataParallel replicas, .to() — which the buffers' identities tell (µs that count
-    at B = 4)."""
+def held_plan(module):
+    """A fusedvq module's HeldPlan (loss.py: its plan with its buffers' tensors now, and its small_route), kept
+    in module._held and rebuilt (module.hold()) only when a buffer was swapped or moved (functional_call,
+    DataParallel replicas, .to()), as the buffers' identities tell: µs that count at B = 4."""
     b, held = module._buffers, module._held
     if held:
         index, shift, scale, weight, inv_ptr, inv_k = held.buffers
         if (b["index"] is index and b["shift"] is shift and b["scale"] is scale and b["weight"] is weight
                 and b["inv_ptr"] is inv_ptr and b["inv_k"] is inv_k):
             return held
-    plan = module.plan._replace(columns=ColumnMap(b["index"], b["inv_ptr"], b["inv_k"]), shift=b["shift"],
-                                scale=b["scale"], weight=b["weight"])
-    held = HeldPlan(plan, small_route(plan), tuple(b[name] for name in _HELD_BUFFERS))
-    object.__setattr__(module, "_held", held)  # (not a submodule, parameter or buffer: nn.Module's own checks skipped)
-    return held
+    return module.hold()
 
 
 def small_route(plan) -> Optional[SmallRoute]:
@@ -219,23 +218,16 @@ def _synced(plan) -> bool:
     return plan.sync[0] or plan.sync[1] is not None
 
 
-def _route(features: Tensor, plan) -> tuple[bool, str, list]:
-    """(use_triton, the statistics' group key, the op's mode list)."""
+def _route(features: Tensor, plan) -> tuple[bool, str]:
+    """(use_triton, the statistics' group key: "" for this batch's own)."""
     if plan.columns.index.device != features.device:
-        raise ValueError(f"features are on {features.device} but the module's buffers are on "
-                         f"{plan.columns.index.device}: call .to({str(features.device)!r}) on the module")
+        checks.device(features, plan)
     use_triton = use_triton_for(plan.backend, features)
-    group = ""
-    if plan.norm == NORM_BATCH:
-        if _synced(plan):
-            from .distributed import group_key
-
-            group = group_key(plan.sync[1])
-        elif features.shape[0] < 2:
-            raise ValueError(
-                f'norm="batch" needs at least 2 rows for the unbiased std, got a batch of {features.shape[0]}: use '
-                f'frozen statistics (norm="stats"), a larger batch, or sync_stats=True to pool rows across ranks')
-    return use_triton, group, [int(plan.nan_to_num), plan.reduction, int(use_triton), *plan.gap]
+    if plan.norm == NORM_BATCH and _synced(plan):
+        return use_triton, group_key(plan.sync[1])
+    if plan.norm == NORM_BATCH and features.shape[0] < 2:
+        checks.batch_rows(features)
+    return use_triton, ""
 
 
 def _stats_for(plan, features: Tensor) -> list:
@@ -243,106 +235,49 @@ def _stats_for(plan, features: Tensor) -> list:
     if plan.shift is None:
         return []
     cdt = COMPUTE_DTYPE[features.dtype]
-    if plan.shift.dtype != cdt:
-        return [plan.shift.to(cdt), plan.scale.to(cdt)]
-    return [plan.shift, plan.scale]
+    return [plan.shift, plan.scale] if plan.shift.dtype == cdt else [plan.shift.to(cdt), plan.scale.to(cdt)]
 
 
 def _weight_for(plan, features: Tensor):
     """The loss's weights [K] in the features' compute dtype, or None."""
     w = plan.weight
-    if w is None:
-        return None
-    cdt = COMPUTE_DTYPE[features.dtype]
-    return w if w.dtype == cdt else w.to(cdt)
+    return w if w is None or w.dtype == COMPUTE_DTYPE[features.dtype] else w.to(COMPUTE_DTYPE[features.dtype])
 
 
-# norm "none" / "stats": up to this many [B, K] elements (1 MiB of fp32) the composition's few ops and C++
-# backward win on the CPU; above it its batch-sized temporaries cost more than the blocked path (measured at
-# K = 171: composed ahead at B = 1024 and 2048). A target with a gap (K = 143, c = 28): composed ahead at
-# B = 256, blocked from 1024 on. (norm "batch" on the CPU takes no composition: its autograd graph is heavy,
-# and small batches have cpu/small.py.)
+# norm "none" / "stats" on the CPU: up to this many [B, K] elements (1 MiB of fp32) the composition beats the
+# blocked path (measured at K = 171 up to B = 2048; with a gap, K = 143, c = 28: B = 256, not 1024).
 _COMPOSED_MAX_ELEMENTS, _GAP_COMPOSED_MAX_ELEMENTS = 1 << 18, 1 << 16
 
 
 def use_composed(x: Tensor, num_kept: int, gapped: bool = False) -> bool:
-    """Whether an eager PyTorch-path call of norm "none" / "stats" takes reference.py's composition rather
-    than cpu/'s blocked passes: on the CPU up to the limits above, always elsewhere (backend="reference" on
-    CUDA)."""
+    """Whether an eager PyTorch-path call of norm "none" / "stats" takes reference.py's composition, not cpu/'s
+    blocked passes: on the CPU up to the limits above, always elsewhere (backend="reference" on CUDA)."""
     limit = min(_COMPOSED_MAX_ELEMENTS, _GAP_COMPOSED_MAX_ELEMENTS) if gapped else _COMPOSED_MAX_ELEMENTS
     return x.device.type != "cpu" or x.shape[0] * num_kept <= limit
 
 
-def under_functorch() -> bool:
-    """Whether a torch.func transform (grad, vmap, ...) is running: calls then take the plain composition."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def triton_importable() -> bool:
-    return _TRITON_INSTALLED
-
-
 def use_triton_for(backend: str, features: Tensor) -> bool:
     """Resolve backend ("auto", "triton", "reference") for these features; errors say why Triton can't run."""
-    if backend == "reference":
-        if features.dtype not in REFERENCE_DTYPES:
-            raise TypeError(f"features dtype {features.dtype} is not supported")
-        return False
     if backend == "auto":
-        return features.is_cuda and features.dtype in TRITON_DTYPES and _TRITON_INSTALLED
-    if features.dtype not in TRITON_DTYPES:
-        raise TypeError(f'backend="triton" supports float32, float16 and bfloat16, got {features.dtype} '
-                        f'(use backend="reference" for float64)')
-    if not _TRITON_INSTALLED:
-        raise RuntimeError('backend="triton" needs triton, which is not installed: pip install triton (CUDA '
-                           'builds of torch bring it)')
-    if not features.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(f'backend="triton" needs CUDA tensors (features are on {features.device}); to run the '
-                           f'kernels on the CPU, set TRITON_INTERPRET=1 before triton is imported')
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------
-# The checks of a call's tensors: free (no values read, no host synchronization), naming the numbers
-# ---------------------------------------------------------------------------------------------------
+        return features.is_cuda and features.dtype in TRITON_DTYPES and TRITON_INSTALLED
+    if backend == "reference" and features.dtype in REFERENCE_DTYPES:
+        return False
+    if (backend == "triton" and features.dtype in TRITON_DTYPES and TRITON_INSTALLED
+            and (features.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")):
+        return True
+    raise checks.backend_error(backend, features)
 
 
 def check_pair(features: Tensor, target: Optional[Tensor], allow_empty: bool = False) -> None:
     """Types, layouts, ranks, dtypes, devices and batch sizes of x [B, D] and r [B, K] (target None: x alone).
     B = 0 only if allowed: a rank without rows still takes part in cross-rank statistics."""
-    if (type(features) is Tensor and type(target) is Tensor and not features.is_nested and not target.is_nested
-            and features.layout == torch.strided == target.layout and features.dim() == 2 == target.dim()
-            and features.dtype == target.dtype and features.is_floating_point() and features.shape[0] == target.shape[0]
-            and features.shape[0] and features.device == target.device and features.device.type != "meta"):
-        return  # the common case, in one expression (µs count at B = 4); the checks below say what is wrong
-    for name, t in (("features", features), ("target", target)):
-        if t is None and name == "target":  # (a cleaner's call)
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided or t.is_nested:
-            check_dense(t, name, meta=False)  # (meta after the device check: a device mismatch is said first)
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, columns], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}")
-    if target is not None:
-        if features.dtype != target.dtype and not autocast.active(features):  # (autocast casts, as for F.mse_loss)
-            raise TypeError(f"features and target must share one dtype, got features {features.dtype} and target "
-                            f"{target.dtype}")
-        if features.device != target.device:
-            meta = " (the meta device holds shapes without values: fusedvq needs real data)" if "meta" in (
-                features.device.type, target.device.type) else ""
-            raise ValueError(f"features are on {features.device} but target is on {target.device}: put both on one "
-                             f"device{meta}")
-        if target.shape[0] != features.shape[0]:
-            raise ValueError(f"features have {features.shape[0]} rows but target has {target.shape[0]}: the batch "
-                             f"sizes must match")
-    if features.device.type == "meta":
-        check_dense(features, "features")
-    if features.shape[0] == 0 and not allow_empty:
-        raise ValueError("the batch is empty (0 rows): " + ("there is nothing to clean" if target is None else
-                                                            "the loss of no rows is undefined"))
+    if (type(features) is Tensor and not features.is_nested and features.layout == _STRIDED and features.dim() == 2
+            and features.is_floating_point() and features.shape[0] and features.device.type != "meta"
+            and (target is None or (type(target) is Tensor and not target.is_nested and target.layout == _STRIDED
+                                    and target.dim() == 2 and target.dtype == features.dtype
+                                    and target.shape[0] == features.shape[0] and target.device == features.device))):
+        return  # the common case, in one expression (µs count at B = 4); what is wrong, checks.py says
+    checks.pair(features, target, allow_empty)
 
 
 def check_order(first: Tensor, second: Optional[Tensor], want_first: int, want_second: int, signature: str) -> None:
@@ -351,137 +286,14 @@ def check_order(first: Tensor, second: Optional[Tensor], want_first: int, want_s
     if second is None or want_first == want_second or first.dim() != 2 or second.dim() != 2:
         return
     if (first.shape[1], second.shape[1]) == (want_second, want_first):
-        raise ValueError(f"the arguments look swapped: got [B, {first.shape[1]}] then [B, {second.shape[1]}], but "
-                         f"the order is " + signature.format(want_first, want_second))
+        checks.swapped(first, second, signature.format(want_first, want_second))
 
 
 def check_widths(features: Tensor, target: Optional[Tensor], plan, signature: Optional[str] = None) -> None:
-    """x has the D columns the plan was built for and r (when given) its K kept columns (the 171/187
-    mismatch), plus the gap's skipped columns of a hybrid decoder's output."""
-    D, K, skipped, selector = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0], plan.gap[1], plan.selector
+    """x has the D columns the plan was built for, and r (when given) its K kept ones plus the gap's columns."""
+    D, K = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0]
+    if features.shape[1] == D and (target is None or target.shape[1] == K + plan.gap[1]):
+        return
     if signature is not None:
-        check_order(features, target, D, K + skipped, signature)
-    if features.shape[1] != D:
-        raise ValueError(f"features have {features.shape[1]} columns but the {selector} was built for {D} feature "
-                         f"columns (it keeps {K} of {D})")
-    if target is not None and target.shape[1] != K + skipped:
-        raise ValueError(
-            f"target has {target.shape[1]} columns but must have {K + skipped}: the {K} kept columns and the "
-            f"{skipped} columns the loss skips (target_gap)" if skipped else
-            f"target has {target.shape[1]} columns but the {selector} keeps {K} of the {D} feature columns — pass "
-            f"the decoder's {K}-column reconstruction")
-
-
-# ---------------------------------------------------------------------------------------------------
-# One autograd definition per op, registered once and run eagerly by _Eager
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Definition:
-    """The autograd of one forward op: forward(*inputs) -> outputs (outputs[0], or the one output, is the
-    result; the rest are saved); setup_context(ctx, inputs, outputs); backward(ctx, grad, needs, eager) -> the
-    gradients of all inputs (needs: which of the `differentiable` leading inputs want one; eager: called by
-    _Eager, whose ctx is private to one call); composed(ctx) -> (fn, tensors) with fn(*tensors) the result as
-    plain torch ops, for create_graph=True."""
-
-    name: str
-    forward: Callable
-    setup_context: Callable
-    backward: Callable
-    composed: Callable
-    differentiable: int  # leading inputs with gradients: 2 (features, target) or 1 (features)
-    later: tuple = ()  # positions of later inputs with gradients (the hybrid's optional embeddings, last)
-
-    def grad_positions(self, num_inputs: int) -> tuple:
-        """The positions of the inputs with gradients, of a call with num_inputs inputs."""
-        return (*range(self.differentiable), *(i for i in self.later if i < num_inputs))
-
-    def register(self) -> "Definition":
-        torch.library.register_autograd(self.name, self._registered_backward, setup_context=self._registered_setup)
-        return self
-
-    def _registered_setup(self, ctx, inputs, output):
-        self.setup_context(ctx, inputs, output)
-        # The registered backward returns a gradient per input in its structure: Nones for a list of tensors.
-        ctx.no_grads = tuple([None] * len(a) if isinstance(a, (list, tuple)) and all(
-            isinstance(t, Tensor) for t in a) else None for a in inputs[self.differentiable :])
-
-    def _registered_backward(self, ctx, grad, *_unused_output_grads):
-        positions = self.grad_positions(len(ctx.needs_input_grad))
-        grads = self.backward(ctx, grad, tuple(ctx.needs_input_grad[i] for i in positions), False)
-        # (as many as the call gave: the dispatcher drops trailing arguments equal to their defaults)
-        out = [*grads[: self.differentiable], *ctx.no_grads][: len(ctx.needs_input_grad)]
-        for i in positions[self.differentiable :]:
-            out[i] = grads[i] if i < len(grads) else None
-        return tuple(out)
-
-
-class _Eager(torch.autograd.Function):
-    """An op's Definition, run eagerly: forward = its implementation and setup_context, backward = its
-    backward (or, with create_graph=True, its composition's autograd)."""
-
-    @staticmethod
-    def forward(ctx, definition: Definition, *inputs):
-        outputs = definition.forward(*inputs)
-        definition.setup_context(ctx, inputs, outputs)
-        ctx.definition = definition
-        return outputs[0] if isinstance(outputs, tuple) else outputs
-
-    @staticmethod
-    def backward(ctx, grad):
-        definition = ctx.definition
-        num_inputs = len(ctx.needs_input_grad) - 1
-        positions = definition.grad_positions(num_inputs)
-        needs = tuple(ctx.needs_input_grad[1 + i] for i in positions)
-        if torch.is_grad_enabled():  # create_graph=True: the composition's own, differentiable gradients
-            fn, tensors = definition.composed(ctx)
-            grads = reference.grads_through(fn(*tensors), tensors[: len(positions)], needs, grad)
-        else:
-            every = definition.backward(ctx, grad, needs, True)
-            grads = [every[i] if i < len(every) else None for i in positions]
-        out = [None] * num_inputs
-        for i, g in zip(positions, grads):
-            out[i] = g
-        return (None, *out)
-
-
-def refuse_synced_higher_order(group: str, what: str) -> None:
-    if group:
-        raise NotImplementedError(f'norm="batch" with sync_stats / process_group does not support {what}: the '
-                                  f"statistics come from collectives over all ranks. Use sync_stats=False here")
-
-
-def kernels():
-    """fusedvq.kernels' entry points (imported on first use: they import triton; looked up once)."""
-    global _kernels
-    if _kernels is None:
-        from .. import kernels as module
-
-        _kernels = module
-    return _kernels
-
-
-_kernels = None
-
-
-def autocast_off(fn):
-    """fn run with autocast off (cpu.without_autocast) where it is on; outside autocast, one C call. Here, beside the
-    routing, rather than in cpu/ or an op module, so that an eager call of either op runs no extra file for it."""
-
-    @functools.wraps(fn)
-    def run(*args):
-        return without_autocast(fn, *args) if autocast_enabled() else fn(*args)
-
-    # Its annotations resolved: torch.library infers the registered ops' schemas from a wrapped body's signature.
-    run.__signature__ = inspect.signature(fn, eval_str=True)
-    return run
-
-
-def kernel_mode(mode: list, norm: int = 0, needs=(True, True)) -> Mode:
-    """The kernels' and the CPU paths' Mode of an op's mode list."""
-    return Mode(norm, bool(mode[0]), mode[1], (mode[3], mode[4]), needs)
-
-
-from . import clean as _op_clean  # noqa: E402  (the op modules build on the Definition above)
-from . import loss as _op_loss  # noqa: E402
+        check_order(features, target, D, K + plan.gap[1], signature)
+    checks.widths(features, target, plan)

@@ -11,8 +11,8 @@ and the Triton kernels) sees inputs of one dtype and computes in float32 with no
 (torch.linalg.vecdot, which sums the batch statistics and the loss on the CPU, is on autocast's
 lower-precision list), and the result is float32 (float64 where an input is). What runs again outside this
 region — a backward called inside the autocast region, a compiled graph run inside one — turns autocast
-off itself where it matters: the registered ops' implementations and cpu/small.py's backwards
-(cpu.without_autocast); the Triton launchers run no op that autocast changes. Outside autocast,
+off itself where it matters: the registered ops' implementations, the eager route (EagerAutograd) and
+cpu/small.py's backwards (cpu.without_autocast); the Triton launchers run no op that autocast changes. Outside autocast,
 features and a target of two dtypes remain an error (ops.check_pair), and a call pays one C call
 (`enabled`) for all this."""
 

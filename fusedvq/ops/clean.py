@@ -1,30 +1,45 @@
 """clean_features as registered ops: z = the normalized kept columns, and its VJP (reference.py states both).
 
-    fusedvq::clean_forward(x, columns, stats, mode) -> z [B, K]
-    fusedvq::clean_backward(grad_z, x, columns, stats, mode) -> grad_x [B, D]
-    fusedvq::batch_clean_forward(x, columns, eps, group, mode) -> (z [B, K], stats [5, K])
-    fusedvq::batch_clean_backward(grad_z, x, columns, stats, group, mode) -> grad_x [B, D]
+    fusedvq::clean_forward(Tensor x, Tensor[] columns, Tensor[] stats, *, bool nan_to_num, bool use_triton)
+        -> z [B, K]
+    fusedvq::clean_backward(Tensor grad_z, Tensor x, Tensor[] columns, Tensor[] stats, *, <options>)
+        -> grad_x [B, D]
+    fusedvq::batch_clean_forward(Tensor x, Tensor[] columns, float eps, str group, *, <options>)
+        -> (z [B, K], stats [5, K])
+    fusedvq::batch_clean_backward(Tensor grad_z, Tensor x, Tensor[] columns, Tensor stats, str group, *,
+        <options>) -> grad_x [B, D]
 
-columns, stats, mode and group as in loss.py (mode's reduction and gap unused). Nothing batch-sized is saved
-beyond the inputs: the backward of norm "none"/"stats" needs x only for its finite mask (nan_to_num), and
-that of norm "batch" recomputes z from x and the saved statistics.
+columns, stats and group as in loss.py; the options (CleanOptions): nan_to_num and use_triton. Nothing
+batch-sized is saved beyond the inputs: the backward of norm "none"/"stats" needs x only for its finite
+mask (nan_to_num), and that of norm "batch" recomputes z from x and the saved statistics.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .. import kernels
 from .. import reference
 from ..cpu import batch as cpu_batch
 from ..cpu import stats as cpu_stats
-from ..kernels.plan import NORM_BATCH
-from . import Definition, kernels, refuse_synced_higher_order
+from ..kernels.plan import NORM_BATCH, Mode
+from .autograd import OpAutograd, define_op, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
-from . import autocast_off, kernel_mode
 from .loss import batch_outputs_fake
+
+
+class CleanOptions(NamedTuple):
+    """The clean ops' keyword-only options, as one record (the schemas name each field)."""
+
+    nan_to_num: bool
+    use_triton: bool  # the kernels (kernels/), else the CPU implementations (cpu/)
+
+
+_OPTIONS = "*, bool nan_to_num, bool use_triton"
 
 
 def _fresh(x: Tensor) -> Tensor:
@@ -34,115 +49,100 @@ def _fresh(x: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------ norm "none" / "stats"
 
 
-@autocast_off
-def _clean_forward(x: Tensor, columns: list[Tensor], stats: list[Tensor], mode: list[int]) -> Tensor:
-    impl = kernels() if mode[2] else cpu_stats
-    return impl.clean_forward(x, columns[0], tuple(stats), kernel_mode(mode))
+def _clean_forward(x: Tensor, columns: list, stats: list, options: CleanOptions) -> Tensor:
+    impl = kernels if options.use_triton else cpu_stats
+    return impl.clean_forward(x, columns[0], tuple(stats), Mode(nan_to_num=options.nan_to_num))
 
 
-clean_forward = torch.library.custom_op("fusedvq::clean_forward", mutates_args=())(_clean_forward)
+clean_forward = define_op(
+    "clean_forward", f"(Tensor x, Tensor[] columns, Tensor[] stats, {_OPTIONS}) -> Tensor", _clean_forward,
+    lambda x, columns, stats, options: x.new_empty((x.shape[0], columns[0].shape[0])), (CleanOptions,))
 
 
-@clean_forward.register_fake
-def _(x, columns, stats, mode):
-    return x.new_empty((x.shape[0], columns[0].shape[0]))
+def _clean_backward(grad_z: Tensor, x: Tensor, columns: list, stats: list, options: CleanOptions) -> Tensor:
+    mode = Mode(nan_to_num=options.nan_to_num)
+    if options.use_triton:
+        return kernels.clean_backward(grad_z, x, (columns[1], columns[2]), tuple(stats), mode)
+    return cpu_stats.clean_backward(grad_z, x, columns[0], tuple(stats), mode)
 
 
-@autocast_off
-def _clean_backward(grad_z: Tensor, x: Tensor, columns: list[Tensor], stats: list[Tensor], mode: list[int]) -> Tensor:
-    if mode[2]:
-        return kernels().clean_backward(grad_z, x, (columns[1], columns[2]), tuple(stats), kernel_mode(mode))
-    return cpu_stats.clean_backward(grad_z, x, columns[0], tuple(stats), kernel_mode(mode))
-
-
-clean_backward = torch.library.custom_op("fusedvq::clean_backward", mutates_args=())(_clean_backward)
-
-
-@clean_backward.register_fake
-def _(grad_z, x, columns, stats, mode):
-    return _fresh(x)
+clean_backward = define_op(
+    "clean_backward", f"(Tensor grad_z, Tensor x, Tensor[] columns, Tensor[] stats, {_OPTIONS}) -> Tensor",
+    _clean_backward, lambda grad_z, x, columns, stats, options: _fresh(x), (CleanOptions,))
 
 
 def _clean_setup_context(ctx, inputs, output):
-    x, columns, stats, mode = inputs
+    x, columns, stats, options = inputs
     ctx.save_for_backward(x, *columns, *stats)
-    ctx.mode = list(mode)
+    ctx.options = options
 
 
-def _clean_backward_def(ctx, grad_z, needs, eager):
+def _clean_backward_def(ctx, grad_z, needs):
     x, *rest = ctx.saved_tensors
-    backward = _clean_backward if eager else clean_backward
-    return backward(grad_z, x, rest[:3], rest[3:], ctx.mode), None, None, None
+    return (ctx.ops.clean_backward(grad_z, x, rest[:3], rest[3:], ctx.options),)
 
 
 def _clean_composed(ctx):
     x, index, _, _, *stats = ctx.saved_tensors
     shift, scale = stats if stats else (None, None)
     return functools.partial(reference.clean_composed, index=index, shift=shift, scale=scale,
-                             nan_to_num=bool(ctx.mode[0])), (x,)
+                             nan_to_num=ctx.options.nan_to_num), (x,)
 
 
-CLEAN = Definition("fusedvq::clean_forward", _clean_forward, _clean_setup_context, _clean_backward_def,
-                   _clean_composed, differentiable=1).register()
+CLEAN = OpAutograd("fusedvq::clean_forward", _clean_forward, _clean_setup_context, _clean_backward_def,
+                   _clean_composed, grad_positions=(0,), options=CleanOptions).register()
 
 
 # ------------------------------------------------------------------------------------ norm "batch"
 
 
-@autocast_off
-def _batch_clean_forward(x: Tensor, columns: list[Tensor], eps: float, group: str,
-                         mode: list[int]) -> tuple[Tensor, Tensor]:
-    impl = kernels() if mode[2] else cpu_batch
+def _batch_clean_forward(x: Tensor, columns: list, eps: float, group: str,
+                         options: CleanOptions) -> tuple[Tensor, Tensor]:
+    impl = kernels if options.use_triton else cpu_batch
     merge = merged_stats_fn(group, eps) if group else None
-    return impl.batch_clean_forward(x, columns[0], eps, kernel_mode(mode, NORM_BATCH), merge)
+    return impl.batch_clean_forward(x, columns[0], eps, Mode(NORM_BATCH, options.nan_to_num), merge)
 
 
-batch_clean_forward = torch.library.custom_op("fusedvq::batch_clean_forward", mutates_args=())(_batch_clean_forward)
+batch_clean_forward = define_op(
+    "batch_clean_forward", f"(Tensor x, Tensor[] columns, float eps, str group, {_OPTIONS}) -> (Tensor, Tensor)",
+    _batch_clean_forward, lambda x, columns, eps, group, options: (
+        x.new_empty((x.shape[0], columns[0].shape[0])), batch_outputs_fake(x, columns[0], options.use_triton)),
+    (CleanOptions,))
 
 
-@batch_clean_forward.register_fake
-def _(x, columns, eps, group, mode):
-    return x.new_empty((x.shape[0], columns[0].shape[0])), batch_outputs_fake(x, columns[0], mode[2])
-
-
-@autocast_off
-def _batch_clean_backward(grad_z: Tensor, x: Tensor, columns: list[Tensor], stats: Tensor, group: str,
-                          mode: list[int]) -> Tensor:
+def _batch_clean_backward(grad_z: Tensor, x: Tensor, columns: list, stats: Tensor, group: str,
+                          options: CleanOptions) -> Tensor:
     total = sum_over_ranks_fn(group) if group else None
-    if mode[2]:
-        impl, columns = kernels(), tuple(columns)
+    if options.use_triton:
+        impl, columns = kernels, tuple(columns)
     else:
         impl, columns = cpu_batch, columns[0]
-    return impl.batch_clean_backward(grad_z, x, columns, stats, kernel_mode(mode, NORM_BATCH), total)
+    return impl.batch_clean_backward(grad_z, x, columns, stats, Mode(NORM_BATCH, options.nan_to_num), total)
 
 
-batch_clean_backward = torch.library.custom_op("fusedvq::batch_clean_backward", mutates_args=())(_batch_clean_backward)
-
-
-@batch_clean_backward.register_fake
-def _(grad_z, x, columns, stats, group, mode):
-    return _fresh(x)
+batch_clean_backward = define_op(
+    "batch_clean_backward", f"(Tensor grad_z, Tensor x, Tensor[] columns, Tensor stats, str group, {_OPTIONS}) -> "
+    "Tensor", _batch_clean_backward, lambda grad_z, x, columns, stats, group, options: _fresh(x), (CleanOptions,))
 
 
 def _batch_clean_setup_context(ctx, inputs, output):
-    x, columns, eps, group, mode = inputs
+    x, columns, eps, group, options = inputs
     ctx.save_for_backward(x, *columns, output[1])
-    ctx.options = (eps, group, list(mode))
+    ctx.eps, ctx.group, ctx.options = eps, group, options
 
 
-def _batch_clean_backward_def(ctx, grad_z, needs, eager):
+def _batch_clean_backward_def(ctx, grad_z, needs):
     x, *columns, stats = ctx.saved_tensors
-    _, group, mode = ctx.options
-    backward = _batch_clean_backward if eager else batch_clean_backward
-    return backward(grad_z, x, columns, stats, group, mode), None, None, None, None
+    return (ctx.ops.batch_clean_backward(grad_z, x, columns, stats, ctx.group, ctx.options),)
 
 
 def _batch_clean_composed(ctx):
     x, index = ctx.saved_tensors[:2]
-    eps, group, mode = ctx.options
-    refuse_synced_higher_order(group, "double backward (create_graph=True)")
-    return functools.partial(reference.batch_clean_composed, index=index, eps=eps, nan_to_num=bool(mode[0])), (x,)
+    refuse_synced_higher_order(ctx.group, "double backward (create_graph=True)")
+    return functools.partial(reference.batch_clean_composed, index=index, eps=ctx.eps,
+                             nan_to_num=ctx.options.nan_to_num), (x,)
 
 
-BATCH_CLEAN = Definition("fusedvq::batch_clean_forward", _batch_clean_forward, _batch_clean_setup_context,
-                         _batch_clean_backward_def, _batch_clean_composed, differentiable=1).register()
+BATCH_CLEAN = OpAutograd("fusedvq::batch_clean_forward", _batch_clean_forward, _batch_clean_setup_context,
+                         _batch_clean_backward_def, _batch_clean_composed, grad_positions=(0,),
+                         options=CleanOptions).register()

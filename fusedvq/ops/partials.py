@@ -1,9 +1,9 @@
 """P partial reconstructions against one target as registered ops, with named arguments (reference.py's
 partials_composed states the math):
 
-    fusedvq::partials_mse_forward(z, partials, embeddings=None, *, reduction, gap_at, gap_width, use_triton)
+    fusedvq::partials_mse_forward(z, partials, embeddings, *, reduction, gap_at, gap_width, use_triton)
         -> loss
-    fusedvq::partials_mse_backward(grad, z, partials, embeddings=None, *, reduction, gap_at, gap_width,
+    fusedvq::partials_mse_backward(grad, z, partials, embeddings, *, reduction, gap_at, gap_width,
                                    use_triton, needs) -> (grad_z, grad_partials, grad_embeddings)
 
 z [B, K]: the cleaned target (clean_features' output, normalized and gathered once); partials [P, B, K + gap]
@@ -17,8 +17,8 @@ code (kernels/plan.py); use_triton: the kernels (kernels/partials.py), else the 
 difference (one read of the partials each way).
 
 call_partials is the routing point of this op, as call_loss is the loss's (ops/__init__.py): traced calls
-take the registered op, calls under torch.func the composition, eager calls the Definition through _Eager
-(its backward, or the composition's autograd under create_graph=True).
+take the registered op, calls under torch.func the composition, eager calls its OpAutograd through
+EagerAutograd (its backward, or the composition's autograd under create_graph=True).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from torch import Tensor
 from .. import reference
 from ..cpu import partials as cpu_partials
 from ..kernels.plan import REDUCTION_COLUMN
-from . import Definition, _Eager, under_functorch
+from . import EagerAutograd
+from .autograd import IMPLEMENTATIONS, REGISTERED, OpAutograd, under_functorch
 
 
 class PartialsMode(NamedTuple):
@@ -56,9 +57,7 @@ def call_partials(z: Tensor, partials, mode: PartialsMode, embeddings: Optional[
         return partials_mse_forward(z, partials, embeddings, **mode._asdict())
     if under_functorch():
         return reference.partials_composed(z, partials, mode.reduction, (mode.gap_at, mode.gap_width), embeddings)
-    if embeddings is None:
-        return _Eager.apply(PARTIALS_MSE, z, partials, mode)
-    return _Eager.apply(PARTIALS_MSE, z, partials, mode, embeddings)
+    return EagerAutograd.apply(PARTIALS_MSE, z, partials, embeddings, mode)
 
 
 class _ListPartials(torch.autograd.Function):
@@ -118,7 +117,7 @@ def _loss_shape(z: Tensor, partials: Tensor, reduction: int, embeddings: Optiona
     return (partials.shape[0], width) if reduction == REDUCTION_COLUMN else ()
 
 
-def _forward(z: Tensor, partials: Tensor, mode: PartialsMode, embeddings: Optional[Tensor] = None) -> Tensor:
+def _forward(z: Tensor, partials: Tensor, embeddings: Optional[Tensor], mode: PartialsMode) -> Tensor:
     impl = _kernels() if mode.use_triton else cpu_partials
     return impl.partials_forward(z, partials, mode.reduction, (mode.gap_at, mode.gap_width), embeddings)
 
@@ -136,18 +135,18 @@ def _backward(grad: Tensor, z: Tensor, partials: Tensor, mode: PartialsMode, nee
 
 
 @torch.library.custom_op("fusedvq::partials_mse_forward", mutates_args=())
-def partials_mse_forward(z: Tensor, partials: Tensor, embeddings: Optional[Tensor] = None, *, reduction: int,
+def partials_mse_forward(z: Tensor, partials: Tensor, embeddings: Optional[Tensor], *, reduction: int,
                          gap_at: int, gap_width: int, use_triton: bool) -> Tensor:
-    return _forward(z, partials, PartialsMode(reduction, gap_at, gap_width, use_triton), embeddings)
+    return _forward(z, partials, embeddings, PartialsMode(reduction, gap_at, gap_width, use_triton))
 
 
 @partials_mse_forward.register_fake
-def _(z, partials, embeddings=None, *, reduction, gap_at, gap_width, use_triton):
+def _(z, partials, embeddings, *, reduction, gap_at, gap_width, use_triton):
     return z.new_empty(_loss_shape(z, partials, reduction, embeddings))
 
 
 @torch.library.custom_op("fusedvq::partials_mse_backward", mutates_args=())
-def partials_mse_backward(grad: Tensor, z: Tensor, partials: Tensor, embeddings: Optional[Tensor] = None, *,
+def partials_mse_backward(grad: Tensor, z: Tensor, partials: Tensor, embeddings: Optional[Tensor], *,
                           reduction: int, gap_at: int, gap_width: int, use_triton: bool,
                           needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     mode = PartialsMode(reduction, gap_at, gap_width, use_triton)
@@ -155,7 +154,7 @@ def partials_mse_backward(grad: Tensor, z: Tensor, partials: Tensor, embeddings:
 
 
 @partials_mse_backward.register_fake
-def _(grad, z, partials, embeddings=None, *, reduction, gap_at, gap_width, use_triton, needs):
+def _(grad, z, partials, embeddings, *, reduction, gap_at, gap_width, use_triton, needs):
     fresh = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     needs = _needs(needs, embeddings)
     return tuple(fresh(t) if need else _empty(z) for t, need in zip((z, partials, embeddings), needs))
@@ -170,23 +169,25 @@ def _needs(needs, embeddings: Optional[Tensor]) -> tuple[bool, bool, bool]:
 
 
 def _setup_context(ctx, inputs, output):
-    z, partials, mode, *rest = inputs  # (rest: the embeddings, when given)
-    embeddings = rest[0] if rest else None
+    z, partials, embeddings, mode = inputs
     ctx.save_for_backward(z, partials, *([] if embeddings is None else [embeddings]))
     ctx.mode = mode
 
 
-def _definition_backward(ctx, grad, needs, eager):
-    """(grad_z, grad_partials, None for the mode, grad_embeddings)."""
+def _definition_backward(ctx, grad, needs):
+    """(grad_z, grad_partials, grad_embeddings), None where not wanted."""
     z, partials, *embedded = ctx.saved_tensors
-    embeddings, mode = embedded[0] if embedded else None, ctx.mode
+    embeddings = embedded[0] if embedded else None
     needs = _needs(needs, embeddings)
-    if eager:
-        grads = _backward(grad, z, partials, mode, needs, True, embeddings)
-    else:
-        grads = partials_mse_backward(grad, z, partials, embeddings, **mode._asdict(), needs=list(needs))
-    grad_z, grad_p, grad_e = (g if need else None for g, need in zip(grads, needs))
-    return grad_z, grad_p, None, grad_e
+    grads = ctx.ops.partials_mse_backward(grad, z, partials, embeddings, ctx.mode, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+# The backward op as ctx.ops reaches it (autograd.py): eagerly the gradient may live in the spare buffer.
+IMPLEMENTATIONS.partials_mse_backward = lambda grad, z, partials, embeddings, mode, needs: _backward(
+    grad, z, partials, mode, needs, True, embeddings)
+REGISTERED.partials_mse_backward = lambda grad, z, partials, embeddings, mode, needs: partials_mse_backward(
+    grad, z, partials, embeddings, **mode._asdict(), needs=list(needs))
 
 
 def _composed(ctx):
@@ -196,23 +197,9 @@ def _composed(ctx):
     def composed(z, partials, embeddings=None):
         return reference.partials_composed(z, partials, mode.reduction, (mode.gap_at, mode.gap_width), embeddings)
 
-    return composed, (z, partials, *embedded)
+    return composed, (z, partials, embedded[0] if embedded else None)
 
 
-# (inputs: z, partials, the mode and, when given, the embeddings: position 3)
-PARTIALS_MSE = Definition("fusedvq::partials_mse_forward", _forward, _setup_context, _definition_backward,
-                          _composed, differentiable=2, later=(3,))
-
-
-def _registered_setup(ctx, inputs, keyword_only_inputs, output):
-    z, partials, *rest = inputs
-    _setup_context(ctx, (z, partials, PartialsMode(**keyword_only_inputs), *rest[:1]), output)
-
-
-def _registered_backward(ctx, grad):
-    grad_z, grad_p, _, grad_e = _definition_backward(ctx, grad, tuple(ctx.needs_input_grad), False)
-    return (grad_z, grad_p, grad_e)[: len(ctx.needs_input_grad)]
-
-
-torch.library.register_autograd("fusedvq::partials_mse_forward", _registered_backward,
-                                setup_context=_registered_setup)
+# (inputs: z, partials, the embeddings or None, the mode)
+PARTIALS_MSE = OpAutograd("fusedvq::partials_mse_forward", _forward, _setup_context, _definition_backward,
+                          _composed, grad_positions=(0, 1, 2), options=PartialsMode).register()
