@@ -57,13 +57,13 @@ def kernel_rows(B: int, P: int, device: str, measure) -> list[str]:
     if device != "cuda":
         return []
     from fusedvq.kernels import partials as kp
-    from fusedvq.kernels.plan import REDUCTION_MEAN
+    from fusedvq.kernels.plan import NO_GAP, REDUCTION_MEAN
 
     _, _, _, _, r = make(B, P, device)
     z = torch.randn(B, K, device=device)
     grad = torch.ones((), device=device)
-    fwd = measure(lambda: kp.partials_forward(z, r, REDUCTION_MEAN, (0, 0)))
-    bwd = measure(lambda: kp.partials_backward(grad, z, r, REDUCTION_MEAN, (0, 0), (True, True)))
+    fwd = measure(lambda: kp.partials_forward(z, r, REDUCTION_MEAN, NO_GAP))
+    bwd = measure(lambda: kp.partials_backward(grad, z, r, REDUCTION_MEAN, NO_GAP, (True, True)))
     read = 4 * (P * B * K + B * K)
     return [f"| {B} | forward kernel | {fwd * 1e6:.1f} | {read / fwd / 1e9:.0f} |",
             f"| {B} | backward kernel | {bwd * 1e6:.1f} | {2 * read / bwd / 1e9:.0f} |"]

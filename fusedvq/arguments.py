@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
-from .kernels.plan import NORM_BATCH, NORM_STATS, ColumnMap
+from .kernels.plan import NO_GAP, NORM_BATCH, NORM_STATS, ColumnMap, Gap
 from .strict import as_tensor, check_count, check_eps, check_flag, check_gap, option_code, refuse_unknown
 from .weights import check_weight
 
@@ -33,11 +33,11 @@ OPTIONS = {"norm": "stats", "eps": 1e-8, "nan_to_num": False, "backend": "auto",
 
 class LossForm(NamedTuple):
     """What a loss compares and how it sums, besides the columns and statistics: its reduction, the target's
-    gap (at, c) (a hybrid decoder's c embedding columns from `at` on), and the loss's weights (check_weight's
-    [K] or [K + c] numbers, or None). A cleaner's plan takes the defaults."""
+    gap (the caller's target_gap=(at, width): a hybrid decoder's embedding columns), and the loss's weights
+    (check_weight's [K] or [K + width] numbers, or None). A cleaner's plan takes the defaults."""
 
     reduction: str = "mean"
-    gap: tuple = (0, 0)
+    gap: tuple = NO_GAP
     weight: object = None
 
 
@@ -54,7 +54,7 @@ class Plan(NamedTuple):
     nan_to_num: bool
     backend: str
     sync: tuple  # (sync_stats, process_group) of norm "batch"; (False, None) otherwise
-    gap: tuple  # (at, c): the target's c skipped columns from `at` on; (0, 0) for a [B, K] target
+    gap: Gap  # the target's skipped columns (kernels/plan.py); NO_GAP for a [B, K] target
     selector: str  # "mask" or "index", for messages
 
 
@@ -99,7 +99,7 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
                 raise ValueError(f"{name} was given but norm={o['norm']!r} does not use it")
     K = columns.index.shape[0]
     gap = check_gap(form.gap, K)
-    weight = None if form.weight is None else check_weight(form.weight, K, dtype, columns.index.device, gap[1])
+    weight = None if form.weight is None else check_weight(form.weight, K, dtype, columns.index.device, gap.width)
     return Plan(columns, shift, scale, weight, norm, reduction_id, eps, nan_to_num, o["backend"], sync, gap,
                 selector)
 

@@ -93,7 +93,7 @@ def check_decoder_categories(decoder_categories: Optional[Mapping], categories: 
         if decoder_categories is not None and check_categories(decoder_categories, num_kept, "decoder") != categories:
             raise ValueError(f"decoder_categories differ from categories, but this module's decoder has no embedding "
                              f"columns (target_gap=(0, 0)): its {num_kept} decoder columns are the kept columns, so "
-                             f"the two are one; pass target_gap=(p, c) for a hybrid VQ-VAE's decoder")
+                             f"the two are one; pass target_gap=(at, width) for a hybrid VQ-VAE's decoder")
         return dict(categories)
     out = check_categories(decoder_categories, num_kept + num_embedding, "decoder")
     if out and categories and set(out) != set(categories):

@@ -19,6 +19,7 @@ import torch
 
 from . import ops
 from .arguments import OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare
+from .kernels.plan import NO_GAP, Gap
 from .strict import check_flag, check_gap, option_code, refuse_unknown
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
@@ -70,8 +71,8 @@ class FeatureCleaner(Prepared):
 
     _TAKES = ("index", "mean", "std", "num_features", "weight", "categories", "decoder_categories", *OPTIONS)
 
-    def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, _gap=(0, 0), **options):
-        # (_gap: from_spec's hybrid layout (p, c), known before the weight is checked: [K + c] weights then fit)
+    def __init__(self, index, mean=None, std=None, *, weight=None, categories=None, _gap=NO_GAP, **options):
+        # (_gap: from_spec's hybrid layout's Gap, known before the weight is checked: [K + c] weights then fit)
         super().__init__(index, mean, std, categories=categories, _decoder_gap=_gap, **options)
         self.hybrid = None  # a hybrid VQ-VAE's layout, when built from its checkpoint
         # recon_loss compares z with the decoder's columns through the identity plan on z's K columns.
@@ -88,7 +89,7 @@ class FeatureCleaner(Prepared):
         decoder's feature columns with z, and `recon_columns` says which decoder columns those are (the c
         others are the embeddings, left to the caller)."""
         check_spec(cls, spec)
-        gap = (0, 0) if spec.hybrid is None else (spec.hybrid.first_embedding, spec.hybrid.num_embedding)
+        gap = NO_GAP if spec.hybrid is None else spec.hybrid.gap
         if spec.hybrid is not None:
             options.setdefault("decoder_categories", spec.decoder_categories or None)
         cleaner = super().from_spec(spec, norm=norm, _gap=gap, **options)
@@ -110,8 +111,8 @@ class FeatureCleaner(Prepared):
         return self._z_plan.weight  # (recon_loss's weights as given: [K], or [K + c] per decoder column)
 
     @property
-    def gap(self) -> tuple[int, int]:
-        """(p, c): the decoder's c embedding columns start at column p ((0, 0) unless hybrid)."""
+    def gap(self) -> Gap:
+        """The decoder's embedding columns, gap.width of them from column gap.at on (NO_GAP unless hybrid)."""
         return self._z_plan.gap
 
     @property
@@ -153,7 +154,7 @@ class FeatureCleaner(Prepared):
         for name, t in (("recon", recon), ("z", z)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}: recon_loss(recon, z)")
-        ops.check_order(recon, z, self.num_kept + self.gap[1], self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
+        ops.check_order(recon, z, self.num_kept + self.gap.width, self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
         return ops.call_loss(z, recon, held[1], "recon_loss(recon [B, {1}], z [B, {0}])", held[2], embeddings)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

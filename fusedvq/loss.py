@@ -13,6 +13,7 @@ from torch import nn
 
 from . import ops
 from .arguments import NORMS, OPTIONS, REDUCTIONS, ColumnMap, LossForm, _is_tracing, prepare
+from .kernels.plan import NO_GAP
 from .categories import CategoryErrors, check_categories
 from .checkpoint import FeatureSpec, load_feature_spec
 from .strict import check_count, check_flag, refuse_unknown
@@ -93,7 +94,7 @@ class Prepared(CategoryErrors, nn.Module):
     def __init__(self, index, mean=None, std=None, *, num_features: Optional[int] = None, categories=None,
                  decoder_categories=None, _loss_form=None, _decoder_gap=None, **options):
         # _loss_form: MaskedMSELoss's LossForm (reduction, gap, weight); a cleaner has none (those names stay
-        # options there, which are refused as unknown). _decoder_gap: the decoder's (p, c) when not the plan's
+        # options there, which are refused as unknown). _decoder_gap: the decoder's Gap when not the plan's
         # (a cleaner's recon_loss).
         refuse_unknown(options, self._TAKES, type(self).__name__)
         refuse_spec(index, "index", f"{type(self).__name__}.from_spec(spec)")
@@ -109,7 +110,7 @@ class Prepared(CategoryErrors, nn.Module):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
         self._held = ()  # HeldPlan (the plan, its route, the buffers they hold), kept between calls
-        self._set_categories(decoder_categories, (plan.gap if _decoder_gap is None else _decoder_gap)[1])
+        self._set_categories(decoder_categories, (plan.gap if _decoder_gap is None else _decoder_gap).width)
 
     def hold(self) -> "HeldPlan":
         """The HeldPlan of the buffers as they are now, kept (ops.held_plan calls this when they changed)."""
@@ -121,14 +122,14 @@ class Prepared(CategoryErrors, nn.Module):
         object.__setattr__(self, "_held", held)  # (no submodule, parameter or buffer: nn.Module's checks skipped)
         return held
 
-    def _weight(self, weight, num_kept: int, device, gap=(0, 0)) -> Optional[torch.Tensor]:
+    def _weight(self, weight, num_kept: int, device, gap=NO_GAP) -> Optional[torch.Tensor]:
         """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
-        others weigh 1), or "balanced" (categories.py); with a gap (at, c), [K + c] numbers too (a hybrid's
+        others weigh 1), or "balanced" (categories.py); with a Gap, [K + gap.width] numbers too (a hybrid's
         objective, one weight per decoder column); None when not given."""
         if weight is None:
             return None
         return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device,
-                            gap[1])
+                            gap.width)
 
     def _loss_weight(self) -> Optional[torch.Tensor]:
         """The per-kept-column weights [K] the loss uses now (the weight buffer; a hybrid objective's [K + c]
@@ -229,8 +230,8 @@ class MaskedMSELoss(Prepared):
     def _refuse_decoder_output(self, target) -> None:
         """Built from a hybrid VQ-VAE without target_gap, the loss compares a [B, K] target: a target of another
         width (the decoder's whole [B, K + c] output) is refused naming the decoder's width and the fix."""
-        K, width, (p, c) = self.num_kept, self.target_gap[1], (self.hybrid.first_embedding, self.hybrid.num_embedding)
-        if width or not isinstance(target, torch.Tensor) or target.dim() != 2 or target.shape[1] == K:
+        K, (p, c) = self.num_kept, self.hybrid.gap  # (p, c): as in the message, target_gap=(p, c)
+        if self.target_gap.width or not isinstance(target, torch.Tensor) or target.dim() != 2 or target.shape[1] == K:
             return
         whole = " (that is its whole output)" if target.shape[1] == K + c else ""
         raise ValueError(
@@ -240,7 +241,7 @@ class MaskedMSELoss(Prepared):
             f"use VQReconLoss.from_checkpoint, which does")
 
     def extra_repr(self) -> str:
-        gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""
+        gap = f", target_gap={tuple(self.target_gap)}" if self.target_gap.width else ""
         return super().extra_repr() + f", reduction={self.reduction!r}{gap}"
 
 

@@ -22,7 +22,7 @@ import torch
 from . import ops
 from .arguments import check_gap, option_code, prepare
 from .cpu.partials_small import PartialsRoute
-from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN
+from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN, Gap
 from .loss import Prepared, check_spec
 from .ops.hybrid import check_embedding_tensor
 from .ops.partials import PartialsMode, call_partials
@@ -84,7 +84,7 @@ def _traced_kept(partials, target_gap) -> Optional[int]:
 def _mode(reduction: str, gap: tuple) -> PartialsMode:
     """The op's mode without its backend (the call's features choose it)."""
     option_code("reduction", reduction, tuple(PARTIALS_REDUCTIONS))
-    return PartialsMode(PARTIALS_REDUCTIONS[reduction], gap[0], gap[1], False)
+    return PartialsMode(PARTIALS_REDUCTIONS[reduction], gap.at, gap.width, False)
 
 
 def _call(features, partials, embeddings, plan, route, mode: PartialsMode) -> torch.Tensor:
@@ -133,7 +133,7 @@ def partials_form(partials):
 def check_partials(features: torch.Tensor, partials, num_kept: int, mode: PartialsMode, embeddings=None) -> None:
     """partials (partials_form's) [P, B, K + c] matching the features [B, D] in dtype, device and batch size
     (c = mode.gap_width), and the embeddings, when given, [B, c] in the partials' dtype and device."""
-    gap = mode.gap_width
+    gap_width = mode.gap_width
     one = partials if isinstance(partials, torch.Tensor) else partials[0]
     P, (B, W) = (one.shape[0], one.shape[1:]) if one is partials else (len(partials), one.shape)
     if P == 0:
@@ -146,23 +146,23 @@ def check_partials(features: torch.Tensor, partials, num_kept: int, mode: Partia
     if B != features.shape[0]:
         raise ValueError(f"features have {features.shape[0]} rows but the partials have {B}: the batch sizes must "
                          f"match")
-    if W != num_kept + gap:
-        skipped = f" and the {gap} columns the loss skips (target_gap)" if gap else ""
-        raise ValueError(f"partials have {W} columns but must have {num_kept + gap}: the {num_kept} kept "
+    if W != num_kept + gap_width:
+        skipped = f" and the {gap_width} columns the loss skips (target_gap)" if gap_width else ""
+        raise ValueError(f"partials have {W} columns but must have {num_kept + gap_width}: the {num_kept} kept "
                          f"columns{skipped}")
     if embeddings is not None:
-        check_embeddings(embeddings, B, one, mode.gap_at, gap)
+        check_embeddings(embeddings, B, one, mode.gap)
 
 
-def check_embeddings(embeddings, rows: int, partial: torch.Tensor, at: int, c: int) -> None:
-    """A hybrid's embeddings [rows, c] for the partials' gap (at, c), in partial's dtype and on its device."""
-    if c == 0:
+def check_embeddings(embeddings, rows: int, partial: torch.Tensor, gap: Gap) -> None:
+    """A hybrid's embeddings [rows, gap.width] for the partials' Gap, in partial's dtype and on its device."""
+    if gap.width == 0:
         raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): each "
                          f"partial's {partial.shape[-1]} columns are all feature columns. A hybrid's objective needs "
-                         f"target_gap=(p, c) (from_checkpoint sets it from a hybrid checkpoint)")
+                         f"target_gap=(at, width) (from_checkpoint sets it from a hybrid checkpoint)")
     if isinstance(embeddings, torch.Tensor):
         ops.check_dense(embeddings, "embeddings")  # (the meta device too)
-    check_embedding_tensor(embeddings, rows, (at, c), partial, "the partials are")
+    check_embedding_tensor(embeddings, rows, gap, partial, "the partials are")
 
 
 class PartialsMSELoss(Prepared):
@@ -174,7 +174,7 @@ class PartialsMSELoss(Prepared):
             MaskedMSELoss (from_checkpoint / from_spec build it from a VQ-VAE checkpoint, categories included;
             a hybrid's target_gap and decoder_categories too).
         categories: {name: kept-column indices}, in the VQ-VAE's order (its group_indices).
-        decoder_categories: with a target_gap (p, c), the same categories in the decoder's K + c columns (a
+        decoder_categories: with a target_gap (at, c), the same categories in the decoder's K + c columns (a
             hybrid's model_config group_indices: the INITIAL category holds the c embedding columns).
         levels: L, for the N×L layout of a categorical hierarchical VQ-VAE: P = N·L partials, category n's
             are n·L .. n·L + L − 1 (its decode_partial order).
@@ -192,7 +192,7 @@ class PartialsMSELoss(Prepared):
         super().__init__(index, mean, std, **options)
         gap = check_gap(target_gap, self.num_kept)
         self.partials_mode = _mode(reduction, gap)
-        self._set_categories(decoder_categories, gap[1])  # (the decoder's K + c columns' categories)
+        self._set_categories(decoder_categories, gap.width)  # (the decoder's K + c columns' categories)
         self._small = ()  # (held plan, its PartialsRoute): rebuilt with the held plan
         self.layout = self.decoder_layout = None
         if levels is None and partial_categories is None:
@@ -200,9 +200,9 @@ class PartialsMSELoss(Prepared):
         if not self.categories:
             raise ValueError("levels / partial_categories need the VQ-VAE's categories: pass categories= (or build the "
                              "module with from_checkpoint / from_spec)")
-        decoder = self.decoder_categories if gap[1] else {}  # (without a gap: the kept columns' layout)
+        decoder = self.decoder_categories if gap.width else {}  # (without a gap: the kept columns' layout)
         for space, categories, width in (("", self.categories, self.num_kept),
-                                         ("decoder_", decoder, self.num_kept + gap[1])):
+                                         ("decoder_", decoder, self.num_kept + gap.width)):
             if categories:
                 layout = partial_category_layout(categories, width, levels=levels,
                                                  partial_categories=partial_categories, device=self.index.device)
@@ -213,10 +213,10 @@ class PartialsMSELoss(Prepared):
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options):
         """As Prepared.from_spec; for a hybrid VQ-VAE (spec.hybrid) the partials are the decoder's K + c columns
-        wide: target_gap (p, c) and decoder_categories come from the spec unless given."""
+        wide: target_gap (at, c) and decoder_categories come from the spec unless given."""
         check_spec(cls, spec)
         if spec.hybrid is not None:
-            gap = options.setdefault("target_gap", (spec.hybrid.first_embedding, spec.hybrid.num_embedding))
+            gap = options.setdefault("target_gap", tuple(spec.hybrid.gap))
             if isinstance(gap, (tuple, list)) and len(gap) == 2 and gap[1]:
                 options.setdefault("decoder_categories", spec.decoder_categories or None)
         return super().from_spec(spec, norm=norm, **options)
@@ -278,12 +278,12 @@ class PartialsMSELoss(Prepared):
         return self
 
     reduction = property(lambda self: _REDUCTION_NAMES[self.partials_mode.reduction])
-    target_gap = property(lambda self: (self.partials_mode.gap_at, self.partials_mode.gap_width))
+    target_gap = property(lambda self: self.partials_mode.gap)
     num_partials = property(lambda self: None if self.layout is None else self.layout.num_partials,
                             doc="P of the categories' layout (None without one)")
 
     def extra_repr(self) -> str:
-        gap = f", target_gap={self.target_gap}" if self.target_gap[1] else ""
+        gap = f", target_gap={tuple(self.target_gap)}" if self.target_gap.width else ""
         layout = f", partials={self.num_partials} over {len(self.layout.names)} categories" if self.layout else ""
         return super().extra_repr() + f", reduction={self.reduction!r}{gap}{layout}"
 

@@ -82,7 +82,7 @@ class VQReconLoss(nn.Module):
         embedding columns (spec.embedding_columns) to the caller."""
         check_spec(cls, spec)
         layout = spec.hybrid
-        gap = (layout.first_embedding, layout.num_embedding) if layout is not None else (0, 0)
+        gap = layout.gap if layout is not None else (0, 0)
         if layout is not None:
             options.setdefault("decoder_categories", spec.decoder_categories or None)
         loss = cls(spec.feature_mask, **spec.stats_arguments(norm), categories=spec.categories, norm=norm,
@@ -122,8 +122,8 @@ class VQReconLoss(nn.Module):
     @property
     def embedding_columns(self) -> range:
         """The decoder columns this loss does not compare (a hybrid's embedding columns; empty otherwise)."""
-        at, width = self.loss.target_gap
-        return range(at, at + width)
+        gap_at, gap_width = self.loss.target_gap
+        return range(gap_at, gap_at + gap_width)
 
     @property
     def num_features(self) -> int:
@@ -138,7 +138,7 @@ class VQReconLoss(nn.Module):
     @property
     def recon_width(self) -> int:
         """The decoder's width: K, or K + c for a hybrid VQ-VAE."""
-        return self.loss.num_kept + self.loss.target_gap[1]
+        return self.loss.num_kept + self.loss.target_gap.width
 
     def _check_widths(self, features: torch.Tensor, recon: torch.Tensor) -> None:
         # Shape-only checks (no host sync), worded for this use; MaskedMSELoss checks the rest.

@@ -3,7 +3,7 @@ by autograd to any order (so it also serves double backward and torch.func), and
 the tests' oracle. The fast CPU implementation with hand-written gradients is cpu/; the GPU one kernels/.
 
     x [B, D] features, r [B, K] target, index [K] (values in [0, D)), shift [K] = μ, scale [K] = 1/σ
-    (a hybrid decoder's target is [B, K + gap]: its columns gap_at .. gap_at + gap − 1 are skipped, r = the rest)
+    (a hybrid decoder's target is [B, K + gap_width]: its columns from gap_at on are skipped, r = the rest)
     x̃ = nan_to_num(x) if nan_to_num else x                         (NaN, ±Inf → 0)
     z[b, k] = (x̃[b, index[k]] − shift[k]) · scale[k]                 (norm="none": z = x̃[:, index])
     diff = z − r;  e = w[k]·diff² (w = 1 unweighted);  loss = Σe/(B·K) | Σe | e | Σ_b e/B
@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE
+from .kernels.plan import COMPUTE_DTYPE, NO_GAP, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Gap
 
 _REDUCTIONS = ("none", "mean", "sum")  # by code (kernels/plan.py; REDUCTION_COLUMN = 3 is reduced here)
 
@@ -61,32 +61,32 @@ def clean_composed(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
     return z.to(x.dtype) if z.dtype != x.dtype else z
 
 
-# (gap_at, gap, K) → the target's loss columns, for CPU targets: one index_select (whose backward is one
+# (gap_at, gap_width, K) → the target's loss columns, for CPU targets: one index_select (whose backward is one
 # scatter) costs less than slicing the two runs (a zero-filled full gradient per slice), if the index is
 # not rebuilt on every call. CUDA targets build it per call (a cached device tensor could belong to a
 # CUDA graph's memory pool).
 _LOSS_COLUMNS: dict = {}
 
 
-def loss_columns(K: int, gap_at: int, gap: int, device) -> torch.Tensor:
-    """[K] int64: the target column of each loss column, k + gap·[k >= gap_at]."""
+def loss_columns(K: int, gap_at: int, gap_width: int, device) -> torch.Tensor:
+    """[K] int64: the target column of each loss column, k + gap_width·[k >= gap_at]."""
     k = torch.arange(K, device=device)
-    return torch.where(k < gap_at, k, k + gap)
+    return torch.where(k < gap_at, k, k + gap_width)
 
 
-def target_columns(target: torch.Tensor, gap_at: int, gap: int) -> torch.Tensor:
-    """The target's K loss columns: all of them, or (gap > 0) all but the `gap` columns from `gap_at` on (a
-    hybrid decoder's embedding columns, which the loss skips)."""
-    if gap == 0:
+def target_columns(target: torch.Tensor, gap_at: int, gap_width: int) -> torch.Tensor:
+    """The target's K loss columns: all of them, or (gap_width > 0) all but the gap_width columns from gap_at
+    on (a hybrid decoder's embedding columns, which the loss skips)."""
+    if gap_width == 0:
         return target
-    K = target.shape[1] - gap
-    key = (gap_at, gap, K)
+    K = target.shape[1] - gap_width
+    key = (gap_at, gap_width, K)
     # Cached only for plain CPU tensors outside inference mode: an inference or fake tensor in the cache
     # would break every later call.
     cacheable = target.device.type == "cpu" and type(target) is torch.Tensor and not torch.is_inference_mode_enabled()
     cols = _LOSS_COLUMNS.get(key) if cacheable else None
     if cols is None:
-        cols = loss_columns(K, gap_at, gap, target.device)
+        cols = loss_columns(K, gap_at, gap_width, target.device)
         if cacheable:
             if len(_LOSS_COLUMNS) >= 64:
                 _LOSS_COLUMNS.clear()
@@ -150,9 +150,9 @@ def masked_mse_composed(
     scale: Optional[torch.Tensor],  # [K] compute dtype, or None
     nan_to_num: bool,
     reduction: int,
-    gap: tuple = (0, 0),  # target [B, K + c]: its c columns from `at` on are skipped (compared with embeddings)
-    weight: Optional[torch.Tensor] = None,  # [K] compute dtype ([K + c] with embeddings), or None
-    embeddings: Optional[torch.Tensor] = None,  # [B, c]: a hybrid's objective over all K + c columns
+    gap: Gap = NO_GAP,  # target [B, K + gap.width]: its gap's columns skipped (or compared with embeddings)
+    weight: Optional[torch.Tensor] = None,  # [K] compute dtype ([K + gap.width] with embeddings), or None
+    embeddings: Optional[torch.Tensor] = None,  # [B, gap.width]: a hybrid's objective over all the columns
 ) -> torch.Tensor:
     """The loss as differentiable torch ops on the K kept columns, gradients by autograd: for small batches,
     where per-op overhead is much of the cost (autograd's C++ backward has less of it than a Python one)."""
@@ -171,7 +171,7 @@ def _hybrid_or_gapped_mse(z, target, gap, reduction: int, dtype, weight, embeddi
     against the whole target."""
     if embeddings is None:
         return _mse(z, target_columns(target, *gap), reduction, dtype, weight)
-    return _mse(combined(z, embeddings, gap[0]), target, reduction, dtype, weight)
+    return _mse(combined(z, embeddings, gap.at), target, reduction, dtype, weight)
 
 
 def grads_through(outputs: torch.Tensor, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
@@ -234,7 +234,7 @@ def batch_mse_composed(
     eps: float,
     nan_to_num: bool,
     reduction: int,
-    gap: tuple = (0, 0),  # as in masked_mse_composed
+    gap: Gap = NO_GAP,  # as in masked_mse_composed
     weight: Optional[torch.Tensor] = None,  # [K] compute dtype ([K + c] with embeddings), or None
     embeddings: Optional[torch.Tensor] = None,  # [B, c], as in masked_mse_composed (not in the statistics)
 ) -> torch.Tensor:
@@ -258,16 +258,16 @@ def batch_mse_composed(
 # all K + c columns of each partial (E [P, K + c] in decoder order, the mean over P·B·(K + c)); ∂loss/∂e is
 # −Σ_p 2·g·(r − combined) on the gap's columns, as ∂loss/∂z is on the others.
 
-def partials_composed(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple = (0, 0),
+def partials_composed(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: Gap = NO_GAP,
                       embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The partials' loss of z [B, K] (with embeddings [B, c]: combined(z, embeddings, gap[0]) [B, K + c])
+    """The partials' loss of z [B, K] (with embeddings [B, c]: combined(z, embeddings, gap.at) [B, K + c])
     against partials [P, B, K + c] as differentiable torch ops, in z's dtype (computed in the compute dtype)."""
     cdt = COMPUTE_DTYPE[z.dtype]
     K = z.shape[1]
     if embeddings is not None:
-        r, target = partials, combined(z, embeddings, gap[0])
+        r, target = partials, combined(z, embeddings, gap.at)
     else:
-        r = partials if gap[1] == 0 else partials.index_select(2, loss_columns(K, gap[0], gap[1], partials.device))
+        r = partials if gap.width == 0 else partials.index_select(2, loss_columns(K, *gap, partials.device))
         target = z
     diff = r.to(cdt) - target.to(cdt)  # [P, B, W]: the target broadcast over the partials
     if reduction == REDUCTION_COLUMN:

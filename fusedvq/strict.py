@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .kernels.plan import Gap
+
 # Keywords that other losses spell differently (F.mse_loss's legacy arguments, a mask's usual name).
 _SPELLED_ELSEWHERE = {"reduce": ("reduction",), "size_average": ("reduction",), "mask": ("index", "feature_mask"),
                       "gap": ("target_gap",), "weights": ("weight",), "num_columns": ("num_features",),
@@ -92,14 +94,14 @@ def not_numbers(name: str, value, err: Exception) -> TypeError:
     return TypeError(f"{name} must be a tensor, array or sequence of numbers: {err}")
 
 
-def check_gap(target_gap, num_kept: int) -> tuple[int, int]:
-    """(at, width) with 0 <= at <= K and width >= 0 (Python or numpy integers), or a ValueError naming them."""
+def check_gap(target_gap, num_kept: int) -> Gap:
+    """target_gap=(at, width) as a Gap, with 0 <= at <= K and width >= 0 (Python or numpy integers), or a ValueError naming them."""
     ok = (isinstance(target_gap, (tuple, list)) and len(target_gap) == 2
           and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in target_gap))
     if not ok or not 0 <= target_gap[0] <= num_kept or target_gap[1] < 0:
         raise ValueError(f"target_gap must be (at, width) with 0 <= at <= {num_kept} (the kept columns) and "
                          f"width >= 0, got {target_gap!r}")
-    return int(target_gap[0]), int(target_gap[1])
+    return Gap(int(target_gap[0]), int(target_gap[1]))
 
 
 def check_dense(t: torch.Tensor, name: str, meta: bool = True) -> None:

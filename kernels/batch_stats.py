@@ -115,7 +115,7 @@ def _column_moments_kernel(
 
 @triton.jit
 def _dz_sums_kernel(
-    grad_ptr,  # [B, W] ∂L/∂loss (reduction "none"), any strides; W = K + gap with EMBED, else K
+    grad_ptr,  # [B, W] ∂L/∂loss (reduction "none"), any strides; W = K + gap_width with EMBED, else K
     x_ptr,  # [B, D] features, any strides
     r_ptr,  # [B, K] target, any strides (not read with CLEAN)
     idx_ptr,  # [K] int64
@@ -135,8 +135,8 @@ def _dz_sums_kernel(
     stride_xd,
     stride_rb,
     stride_rk,
-    gap_at,  # as in the loss kernels: kept column k is r's column k + (gap if k >= gap_at else 0)
-    gap,
+    gap_at,  # as in the loss kernels: kept column k is r's column k + (gap_width if k >= gap_at else 0)
+    gap_width,
     NAN_TO_NUM: tl.constexpr,
     CLEAN: tl.constexpr,  # 0/1: clean_features, g = ∂L/∂z (dz = g·m)
     WEIGHTED: tl.constexpr,  # 0/1: the loss's e = w[k]·diff²
@@ -150,7 +150,7 @@ def _dz_sums_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM_BATCH_C)
-        rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)  # r's columns
+        rcols = (cols + tl.where(cols >= gap_at, gap_width, 0)).to(tl.int64)  # r's columns
         gcols = rcols if EMBED else cols.to(tl.int64)  # grad's and the weights'
         if WEIGHTED:
             wk = tl.load(w_ptr + gcols, mask=col_ok, other=0.0)
@@ -222,7 +222,7 @@ def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finali
     B, K, reduction = x.shape[0], index.shape[0], mode.reduction
     stats = batch_stats(x, index, eps, mode.nan_to_num, merge_and_finalize)
     if B == 0:
-        W = K + mode.gap[1] if embeddings is not None else K
+        W = K + mode.gap.width if embeddings is not None else K
         shape = (0, W) if reduction == REDUCTION_NONE else (W,) if reduction == REDUCTION_COLUMN else ()
         return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
     loss, colsums = launch_forward(x, target, index, (stats[0], stats[1], stats[2]), mode._replace(norm=NORM_BATCH),
@@ -230,7 +230,7 @@ def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finali
     return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
 
 
-def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0), weight=None, embed=False):
+def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap, weight=None, embed=False):
     """(S1, S2) [2, K] fp32 of reduction "none" (target None: of clean_features, grad_loss = ∂L/∂z): Σ_b dz
     and Σ_b dz·z over these B rows."""
     clean = target is None
@@ -247,7 +247,7 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap=(0, 0), we
             grad_loss, x, target, index, stats[0], stats[1], stats[2], x if weight is None else weight, partial, sums,
             scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
-            target.stride(0), target.stride(1), gap[0], gap[1],
+            target.stride(0), target.stride(1), gap.at, gap.width,
             NAN_TO_NUM=int(nan_to_num), CLEAN=int(clean), WEIGHTED=int(weight is not None), EMBED=int(embed),
             BLOCK_B=block_b, BLOCK_K=block_k,
             num_warps=num_warps_for(block_b, block_k),
@@ -268,9 +268,9 @@ def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode:
         sums = dz_sums(grad_loss, x, target, index, stats, mode.nan_to_num, mode.gap, weight, embed)
         sums_final = True
     elif sum_over_ranks is not None:  # S = f·A, f the column's gradient factor (as the kernel forms it)
-        f = grad_loss.float() * (2.0 * reduction_scale(reduction, B, K + mode.gap[1] if embed else K))
+        f = grad_loss.float() * (2.0 * reduction_scale(reduction, B, K + mode.gap.width if embed else K))
         if weight is not None:  # (with embeddings: [K + c], the feature columns' around the gap)
-            f = f * (torch.cat([weight[: mode.gap[0]], weight[sum(mode.gap) :]]) if embed else weight)
+            f = f * (torch.cat([weight[: mode.gap.at], weight[sum(mode.gap) :]]) if embed else weight)
         sums, sums_final = colsums * f, True
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
@@ -291,7 +291,7 @@ def batch_clean_forward(x, index, eps: float, mode: Mode, merge_and_finalize=Non
 def batch_clean_backward(grad_z, x, columns: tuple, stats, mode: Mode, sum_over_ranks=None):
     """clean_features, norm "batch": grad_x [B, D]; two launches (the sums S, then the gradient)."""
     index, inv_ptr, inv_k = columns
-    sums = dz_sums(grad_z, x, None, index, stats, mode.nan_to_num)
+    sums = dz_sums(grad_z, x, None, index, stats, mode.nan_to_num, mode.gap)
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     if x.shape[0] == 0:

@@ -26,13 +26,13 @@ def launch_forward(
     mode: Mode,
     colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
     weight=None,  # [W] fp32: the loss's per-column weights, or None
-    embeddings=None,  # [B, c] (c = mode.gap[1]): a hybrid's objective, over W = K + c columns; None: W = K
+    embeddings=None,  # [B, mode.gap.width]: a hybrid's objective, over W = K + gap.width columns; None: W = K
 ):
     """(loss [] / [W] (column) / [B, W] in x.dtype, or z [B, K]; colsums [2, K] fp32 or None); inputs
     validated by the caller."""
     B, D = x.shape
     K = index.shape[0]
-    W = K + mode.gap[1] if embeddings is not None else K
+    W = K + mode.gap.width if embeddings is not None else K
     block_b, block_k, grid = walk_grid(x, B, K)
     norm, nan_to_num, reduction, gap, _, clean = mode
     if norm == NORM_BATCH:
@@ -63,7 +63,7 @@ def launch_forward(
             column_partial, sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), emb.stride(0), emb.stride(1),
-            gap[0], gap[1], reduction_scale(reduction, B, W),
+            gap.at, gap.width, reduction_scale(reduction, B, W),
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
             COLSUMS=int(colsums), CLEAN=int(clean), EMBED=int(embeddings is not None),
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),
@@ -91,7 +91,7 @@ def launch_backward(
     K = inv_k.shape[0]
     embed = embeddings is not None
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
-    grid = (cdiv(B, block_b), cdiv(D, block_d) + (cdiv(gap[1], block_d) if embed else 0))
+    grid = (cdiv(B, block_b), cdiv(D, block_d) + (cdiv(gap.width, block_d) if embed else 0))
     if norm == NORM_BATCH:
         shift, center, scale, inv_n1, inv_n = stats
     else:
@@ -107,12 +107,11 @@ def launch_backward(
         if clean:
             target = x  # never read
         elif want_r:
-            at, width = gap
-            grad_target = torch.empty((B, K + width), dtype=target.dtype, device=x.device)
-            if width and not embed:  # the kernel writes the K loss columns; the skipped ones get zeros here
-                grad_target[:, at : at + width].zero_()
+            grad_target = torch.empty((B, K + gap.width), dtype=target.dtype, device=x.device)
+            if gap.width and not embed:  # the kernel writes the K loss columns; the skipped ones get zeros here
+                grad_target[:, gap.at : gap.at + gap.width].zero_()
         if want_e:
-            grad_e = torch.empty((B, gap[1]), dtype=embeddings.dtype, device=x.device)
+            grad_e = torch.empty((B, gap.width), dtype=embeddings.dtype, device=x.device)
         emb = embeddings if embed else x  # (x: never read)
         _BWD[grid](
             grad_loss, x, target, emb, inv_ptr, inv_k, shift, center, scale, inv_n1, inv_n, sums,
@@ -121,8 +120,8 @@ def launch_backward(
             x if grad_e is None else grad_e,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), emb.stride(0), emb.stride(1),
-            gap[0], gap[1], *g_strides,
-            1.0 if clean else 2.0 * reduction_scale(reduction, B, K + gap[1] if embed else K),
+            gap.at, gap.width, *g_strides,
+            1.0 if clean else 2.0 * reduction_scale(reduction, B, K + gap.width if embed else K),
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
             SUMS_FINAL=int(sums_final), CLEAN=int(clean), WRITE_X=int(want_x), WRITE_R=int(want_r),
             EMBED=int(embed), WRITE_E=int(want_e), BLOCK_B=block_b, BLOCK_D=block_d,

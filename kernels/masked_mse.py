@@ -8,8 +8,8 @@ Math (reference.py states the same in torch ops), with x̃ = nan_to_num(x) when 
     VJP       g = grad_out/(B·K) | grad_out | grad_out[b, k] | grad_out[k]/B,  dz = 2·g·w·diff
               ∂L/∂r[b, k] = −dz[b, k]
               ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite)
-    EMBED     (a hybrid's objective) r [B, K + c] is compared on all its columns, the c from gap_at on with
-              emb [B, c] as given (diff = emb − r, ∂L/∂emb = −∂L/∂r there), over W = K + c loss columns
+    EMBED     (a hybrid's objective) r [B, K + gap_width] is compared on all its columns, those from gap_at on
+              with emb [B, gap_width] as given (diff = emb − r, ∂L/∂emb = −∂L/∂r there): W = K + gap_width
     CLEAN     (clean_features) the forward writes z itself; the backward takes dz = ∂L/∂z as given:
               ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite), no r
     norm "batch" reuses both kernels with NORM_BATCH: z = ((x̃ − c) − m)·(1/σ') and batch norm's VJP
@@ -46,12 +46,12 @@ from .tiles import (FLT_MAX, NORM_NONE_C, NORM_STATS_C, REDUCTION_COLUMN_C, REDU
 def _masked_mse_fwd_kernel(
     x_ptr,  # [B, D] features, any strides, fp32/fp16/bf16
     r_ptr,  # [B, K] target, any strides, dtype of x
-    emb_ptr,  # [B, gap] embeddings, any strides, dtype of x (EMBED)
+    emb_ptr,  # [B, gap_width] embeddings, any strides, dtype of x (EMBED)
     idx_ptr,  # [K] int64: feature column read by kept column k
     shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
     center_ptr,  # [K] fp32: m, the batch mean around c (NORM 2): z = ((x − c) − m)·(1/σ')
     scale_ptr,  # [K] fp32: 1/σ (NORM >= 1)
-    w_ptr,  # [W] fp32: the loss's weights (WEIGHTED); W = K + gap with EMBED, else K
+    w_ptr,  # [W] fp32: the loss's weights (WEIGHTED); W = K + gap_width with EMBED, else K
     out_ptr,  # REDUCTION 0: [B, W] contiguous; 3: [W]; else []: dtype of x
     partial_ptr,  # [num_programs] fp32 workspace (mean/sum)
     column_partial_ptr,  # [num_programs, W] fp32 workspace (column): each program's Σ diff² per column
@@ -67,8 +67,8 @@ def _masked_mse_fwd_kernel(
     stride_rk,
     stride_eb,
     stride_ec,
-    gap_at,  # r's columns gap_at .. gap_at + gap − 1 hold a hybrid decoder's embeddings, skipped unless EMBED:
-    gap,  # kept column k is r's column k + (gap if k >= gap_at else 0); gap = 0: r is [B, K]
+    gap_at,  # r's columns gap_at .. gap_at + gap_width − 1 hold a hybrid decoder's embeddings, skipped unless EMBED:
+    gap_width,  # kept column k is r's column k + (gap_width if k >= gap_at else 0); gap_width = 0: r is [B, K]
     out_scale,  # 1/(B·W) for mean, 1/B for column, 1 for sum
     NORM: tl.constexpr,  # 0 none, 1 stats, 2 batch (stats from the batch; z passes through nan_to_num)
     NAN_TO_NUM: tl.constexpr,  # 0/1
@@ -84,12 +84,12 @@ def _masked_mse_fwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     row_blocks = tl.cdiv(B, BLOCK_B)
-    W = K + gap if EMBED else K  # the loss's columns
+    W = K + gap_width if EMBED else K  # the loss's columns
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)  # [BLOCK_K] each
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM)
-        rcols = (cols + tl.where(cols >= gap_at, gap, 0)).to(tl.int64)  # r's columns
+        rcols = (cols + tl.where(cols >= gap_at, gap_width, 0)).to(tl.int64)  # r's columns
         ocols = rcols if EMBED else cols.to(tl.int64)  # the outputs' and weights' columns
         wk = tl.zeros([BLOCK_K], dtype=tl.float32)
         if WEIGHTED:
@@ -119,9 +119,9 @@ def _masked_mse_fwd_kernel(
         if COLSUMS:
             store_partial_pair(colsum_partial_ptr, pid, cols, col_ok, K, sum_m, sum_mz)
     if EMBED:  # the gap's columns against the embeddings, as given: diff = emb − r (no norm, no statistics)
-        for j0 in range(0, gap, BLOCK_K):
+        for j0 in range(0, gap_width, BLOCK_K):
             jcols = j0 + tl.arange(0, BLOCK_K)
-            j_ok = jcols < gap
+            j_ok = jcols < gap_width
             ecols = (gap_at + jcols).to(tl.int64)  # r's (and the outputs') columns
             we = tl.zeros([BLOCK_K], dtype=tl.float32)
             if WEIGHTED:
@@ -154,10 +154,10 @@ def _masked_mse_fwd_kernel(
 @triton.jit
 def _masked_mse_bwd_kernel(
     grad_ptr,  # ∂L/∂loss: [] (mean/sum), [W] (column, stride stride_gk) or [B, W] any strides (none); CLEAN:
-    # ∂L/∂z [B, K] any strides. W = K + gap with EMBED (r's column order), else K
+    # ∂L/∂z [B, K] any strides. W = K + gap_width with EMBED (r's column order), else K
     x_ptr,  # [B, D] features, any strides
     r_ptr,  # [B, K] target, any strides (not read with CLEAN)
-    emb_ptr,  # [B, gap] embeddings, any strides (EMBED)
+    emb_ptr,  # [B, gap_width] embeddings, any strides (EMBED)
     col_start_ptr,  # [D+1] int32 inv_ptr (CSR): kept columns reading column d are inv_k[inv_ptr[d] : inv_ptr[d+1]]
     inv_k_ptr,  # [K] int32
     shift_ptr,  # [K] fp32: μ (NORM 1), or the batch moments' shift c (NORM 2)
@@ -168,9 +168,9 @@ def _masked_mse_bwd_kernel(
     sums_ptr,  # NORM 2: [2, K] fp32 column sums: (A1, A2) of the forward, or (S1, S2) when SUMS_FINAL
     w_ptr,  # [W] fp32: the loss's weights (WEIGHTED)
     grad_x_ptr,  # [B, D] contiguous, dtype of x: written everywhere, zeros included
-    grad_r_ptr,  # [B, K + gap] contiguous, dtype of r, zero in the gap's columns already unless EMBED (not
+    grad_r_ptr,  # [B, K + gap_width] contiguous, dtype of r, zero in the gap's columns already unless EMBED (not
     # written with CLEAN)
-    grad_e_ptr,  # [B, gap] contiguous, dtype of emb (EMBED and WRITE_E)
+    grad_e_ptr,  # [B, gap_width] contiguous, dtype of emb (EMBED and WRITE_E)
     B,
     K,
     D,
@@ -180,8 +180,8 @@ def _masked_mse_bwd_kernel(
     stride_rk,
     stride_eb,
     stride_ec,
-    gap_at,  # as in the forward: kept column k is r's column k + (gap if k >= gap_at else 0)
-    gap,
+    gap_at,  # as in the forward: kept column k is r's column k + (gap_width if k >= gap_at else 0)
+    gap_width,
     stride_gb,
     stride_gk,
     grad_scale,  # 2/(B·W) for mean, 2/B for column, 2 otherwise: ∂e/∂z = 2·diff folded in (CLEAN: 1)
@@ -227,7 +227,7 @@ def _masked_mse_bwd_kernel(
         ok = row_ok[:, None] & has[None, :]
         mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, k, has, NORM)
         z, z_ok = normalize(xv, mu, center, inv_sigma, NORM)
-        rk = k + tl.where(k >= gap_at, gap, 0)  # r's column
+        rk = k + tl.where(k >= gap_at, gap_width, 0)  # r's column
         ok_col = rk if EMBED else k  # the loss's column: of grad_output and the weights
         # The gradient factor of each kept column (all but reduction "none": one per column, gcol).
         if REDUCTION == REDUCTION_COLUMN_C:
@@ -252,7 +252,7 @@ def _masked_mse_bwd_kernel(
             diff = z - rv.to(tl.float32)
             dzv = diff * gk
             if WRITE_R:
-                grad_r_offs = rows[:, None] * (K + gap) + rk[None, :]
+                grad_r_offs = rows[:, None] * (K + gap_width) + rk[None, :]
                 tl.store(grad_r_ptr + grad_r_offs, (-dzv).to(grad_r_ptr.dtype.element_ty), mask=ok)
         if NORM == NORM_NONE_C:
             dx = dzv
@@ -277,7 +277,7 @@ def _masked_mse_bwd_kernel(
         tl.store(grad_x_ptr + rows[:, None] * D + dcols[None, :], acc.to(grad_x_ptr.dtype.element_ty), mask=out_ok)
     if EMBED:  # the gap's columns (programs past the D columns'; masked off in the others)
         jcols = (pid_d - tl.cdiv(D, BLOCK_D)) * BLOCK_D + tl.arange(0, BLOCK_D)
-        j_ok = (jcols >= 0) & (jcols < gap)
+        j_ok = (jcols >= 0) & (jcols < gap_width)
         jcols = tl.where(j_ok, jcols, 0).to(tl.int64)
         ecols = gap_at + jcols  # r's columns, and the loss's
         ok = row_ok[:, None] & j_ok[None, :]
@@ -294,7 +294,7 @@ def _masked_mse_bwd_kernel(
             ge = ge * tl.load(w_ptr + ecols, mask=j_ok, other=0.0)[None, :]
         dze = (ev.to(tl.float32) - rv.to(tl.float32)) * ge
         if WRITE_R:
-            tl.store(grad_r_ptr + rows[:, None] * (K + gap) + ecols[None, :], (-dze).to(grad_r_ptr.dtype.element_ty),
-                     mask=ok)
+            tl.store(grad_r_ptr + rows[:, None] * (K + gap_width) + ecols[None, :],
+                     (-dze).to(grad_r_ptr.dtype.element_ty), mask=ok)
         if WRITE_E:
-            tl.store(grad_e_ptr + rows[:, None] * gap + jcols[None, :], dze.to(grad_e_ptr.dtype.element_ty), mask=ok)
+            tl.store(grad_e_ptr + rows[:, None] * gap_width + jcols[None, :], dze.to(grad_e_ptr.dtype.element_ty), ok)

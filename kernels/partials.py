@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import REDUCTION_COLUMN, REDUCTION_MEAN, KernelLauncher, device_guard
+from .plan import REDUCTION_COLUMN, REDUCTION_MEAN, Gap, KernelLauncher, device_guard
 from .tiles import BLOCK_P, TUNING, block_sizes, cdiv, max_programs, num_warps_for, scratch, scratch_guard
 from .tiles import sum_partial_columns, write_reduction
 
@@ -39,14 +39,14 @@ REDUCTION_COLUMN_C = tl.constexpr(REDUCTION_COLUMN)
 
 
 @triton.jit
-def partial_columns(w0, W, K, gap_at, gap, EMBED: tl.constexpr, BLOCK_W: tl.constexpr):
+def partial_columns(w0, W, K, gap_at, gap_width, EMBED: tl.constexpr, BLOCK_W: tl.constexpr):
     """Partial columns w0 .. w0 + BLOCK_W: (w, the z column k each compares with, from_z (in range, not in
     the gap), from_e (EMBED: in the gap; compared with embedding column w − gap_at), the column of the
     errors each adds to (EMBED: w, else k), in range)."""
     w = w0 + tl.arange(0, BLOCK_W)
     w_ok = w < W
-    in_gap = (w >= gap_at) & (w < gap_at + gap)
-    k = w - tl.where(w >= gap_at + gap, gap, 0)
+    in_gap = (w >= gap_at) & (w < gap_at + gap_width)
+    k = w - tl.where(w >= gap_at + gap_width, gap_width, 0)
     from_z = w_ok & (~in_gap) & (k >= 0) & (k < K)
     if EMBED:
         from_e = w_ok & in_gap
@@ -74,7 +74,7 @@ def target_tile(z_ptr, emb_ptr, rows, row_ok, w, k, from_z, from_e, gap_at, stri
 def _partials_fwd_kernel(
     z_ptr,  # [B, K] the cleaned target, any strides, fp32/fp16/bf16
     r_ptr,  # [P, B, W] the partials, any strides, dtype of z
-    emb_ptr,  # [B, gap] the embeddings, any strides, dtype of z (EMBED)
+    emb_ptr,  # [B, gap_width] the embeddings, any strides, dtype of z (EMBED)
     out_ptr,  # [] (mean) or [P, KO] contiguous (column), dtype of z
     workspace_ptr,  # [P·n] fp32 workspace (mean): each program's Σ (r − z)²
     column_workspace_ptr,  # [P·n, KO] fp32 workspace (column): each program's Σ_b (r − z)² per column
@@ -90,8 +90,8 @@ def _partials_fwd_kernel(
     stride_rw,
     stride_eb,
     stride_ec,
-    gap_at,  # the partials' columns gap_at .. gap_at + gap − 1: skipped (a hybrid decoder's embeddings), or
-    gap,  # compared with the embeddings (EMBED)
+    gap_at,  # the partials' columns gap_at .. gap_at + gap_width − 1: skipped (a hybrid decoder's embeddings), or
+    gap_width,  # compared with the embeddings (EMBED)
     out_scale,  # 1/(P·B·KO) for mean, 1/B for column
     REDUCTION: tl.constexpr,  # 1 mean, 3 column
     EMBED: tl.constexpr,  # 0/1: the gap's columns compared with emb
@@ -107,7 +107,7 @@ def _partials_fwd_kernel(
     r_base = r_ptr + p.to(tl.int64) * stride_rp
     total = tl.zeros([BLOCK_B, BLOCK_W], dtype=tl.float32)
     for w0 in range(0, W, BLOCK_W):
-        w, k, from_z, from_e, o, _ = partial_columns(w0, W, K, gap_at, gap, EMBED, BLOCK_W)
+        w, k, from_z, from_e, o, _ = partial_columns(w0, W, K, gap_at, gap_width, EMBED, BLOCK_W)
         compared = from_z | from_e
         squares = tl.zeros([BLOCK_B, BLOCK_W], dtype=tl.float32)
         for rb in range(i, row_blocks, n):  # a fixed order: deterministic sums
@@ -144,10 +144,10 @@ def _partials_bwd_kernel(
     grad_ptr,  # ∂L/∂loss: [] (mean) or [P, KO] any strides (column)
     z_ptr,  # [B, K] any strides
     r_ptr,  # [P, B, W] any strides
-    emb_ptr,  # [B, gap] any strides (EMBED)
+    emb_ptr,  # [B, gap_width] any strides (EMBED)
     grad_z_ptr,  # [B, K] contiguous, dtype of z (WRITE_Z)
     grad_r_ptr,  # [P, B, W] contiguous, dtype of r, written everywhere, the gap's zeros included (WRITE_R)
-    grad_e_ptr,  # [B, gap] contiguous, dtype of emb (WRITE_E)
+    grad_e_ptr,  # [B, gap_width] contiguous, dtype of emb (WRITE_E)
     P,
     B,
     K,
@@ -162,7 +162,7 @@ def _partials_bwd_kernel(
     stride_gp,
     stride_gk,
     gap_at,
-    gap,
+    gap_width,
     grad_scale,  # 2/(P·B·KO) for mean, 2/B for column: ∂e/∂r = 2·diff folded in
     REDUCTION: tl.constexpr,
     EMBED: tl.constexpr,  # 0/1: the gap's columns compared with emb
@@ -175,7 +175,7 @@ def _partials_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     w0 = tl.program_id(1) * BLOCK_W
-    w, k, from_z, from_e, o, w_ok = partial_columns(w0, W, K, gap_at, gap, EMBED, BLOCK_W)
+    w, k, from_z, from_e, o, w_ok = partial_columns(w0, W, K, gap_at, gap_width, EMBED, BLOCK_W)
     compared = from_z | from_e
     ok = row_ok[:, None] & compared[None, :]
     zv = target_tile(z_ptr, emb_ptr, rows, row_ok, w, k, from_z, from_e, gap_at, stride_zb, stride_zk, stride_eb,
@@ -201,7 +201,7 @@ def _partials_bwd_kernel(
         tl.store(grad_z_ptr + rows[:, None] * K + k[None, :], grad_z.to(grad_z_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & from_z[None, :])
     if WRITE_E:
-        tl.store(grad_e_ptr + rows[:, None] * gap + (w - gap_at)[None, :], grad_z.to(grad_e_ptr.dtype.element_ty),
+        tl.store(grad_e_ptr + rows[:, None] * gap_width + (w - gap_at)[None, :], grad_z.to(grad_e_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & from_e[None, :])
 
 
@@ -209,9 +209,9 @@ _FWD = KernelLauncher(_partials_fwd_kernel)
 _BWD = KernelLauncher(_partials_bwd_kernel)
 
 
-def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
+def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: Gap,
                      embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The loss in z's dtype: [] (mean) or [P, K] (column; [P, W] with embeddings [B, gap], read in place);
+    """The loss in z's dtype: [] (mean) or [P, K] (column; [P, W] with embeddings [B, gap.width], read in place);
     one launch. Inputs validated by the caller."""
     P, B, W = partials.shape
     K = z.shape[1]
@@ -227,16 +227,16 @@ def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, ga
         _FWD[(P, n)](
             z, partials, emb, out, workspace, column_workspace, counter,
             B, K, W, KO, z.stride(0), z.stride(1), partials.stride(0), partials.stride(1), partials.stride(2),
-            emb.stride(0), emb.stride(1), gap[0], gap[1], 1.0 / B if column else 1.0 / (P * B * KO),
+            emb.stride(0), emb.stride(1), gap.at, gap.width, 1.0 / B if column else 1.0 / (P * B * KO),
             REDUCTION=REDUCTION_COLUMN if column else REDUCTION_MEAN, EMBED=int(embeddings is not None),
             BLOCK_B=block_b, BLOCK_W=block_w, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_w),
         )  # fmt: skip
     return out
 
 
-def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
+def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: Gap,
                       needs: tuple, embeddings: Optional[torch.Tensor] = None):
-    """(grad_z [B, K], grad_partials [P, B, W]), and with embeddings [B, gap] their gradient third (needs[2]),
+    """(grad_z [B, K], grad_partials [P, B, W]), and with embeddings [B, gap.width] their gradient third (needs[2]),
     freshly allocated and contiguous, None where needs says not; one launch."""
     P, B, W = partials.shape
     K = z.shape[1]
@@ -247,11 +247,11 @@ def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tenso
     with device_guard(z):
         grad_z = torch.empty((B, K), dtype=z.dtype, device=z.device) if needs[0] else None
         grad_r = torch.empty((P, B, W), dtype=partials.dtype, device=z.device) if needs[1] else None
-        grad_e = torch.empty((B, gap[1]), dtype=emb.dtype, device=z.device) if embed and needs[2] else None
+        grad_e = torch.empty((B, gap.width), dtype=emb.dtype, device=z.device) if embed and needs[2] else None
         _BWD[(cdiv(B, block_b), cdiv(W, block_w))](
             grad, z, partials, emb, *(z if t is None else t for t in (grad_z, grad_r, grad_e)),  # (z: never written)
             P, B, K, W, z.stride(0), z.stride(1), partials.stride(0), partials.stride(1), partials.stride(2),
-            emb.stride(0), emb.stride(1), *g_strides, gap[0], gap[1],
+            emb.stride(0), emb.stride(1), *g_strides, gap.at, gap.width,
             2.0 / B if column else 2.0 / (P * B * (W if embed else K)),
             REDUCTION=REDUCTION_COLUMN if column else REDUCTION_MEAN, EMBED=int(embed), WRITE_Z=int(needs[0]),
             WRITE_R=int(needs[1]), WRITE_E=int(grad_e is not None), BLOCK_B=block_b, BLOCK_W=block_w,

@@ -28,18 +28,29 @@ import torch
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM, REDUCTION_COLUMN = 0, 1, 2, 3  # ([B, K], Σ/(B·K), Σ, Σ_b/B [K])
 NORM_NONE, NORM_STATS, NORM_BATCH = 0, 1, 2  # (x̃, (x̃ − μ)/σ, the batch's own μ, σ)
-NO_GAP = (0, 0)
+
+
+class Gap(NamedTuple):
+    """The target's gap: a hybrid decoder's `width` embedding columns, from column `at` on, that the feature
+    columns' loss skips (the target is [B, K + width]; kept column k is its column k + width·[k >= at]). The
+    public argument is target_gap=(at, width); the op schemas and kernels take gap_at and gap_width."""
+
+    at: int = 0
+    width: int = 0
+
+
+NO_GAP = Gap(0, 0)
 
 
 class Mode(NamedTuple):
-    """What a launch computes: the norm and reduction codes, nan_to_num, the target's gap (at, c) (a hybrid
-    decoder's c embedding columns from `at` on, skipped), which gradients are wanted (grad_x, grad_target),
-    and whether it is clean_features (z itself, no target)."""
+    """What a launch computes: the norm and reduction codes, nan_to_num, the target's Gap (skipped unless a
+    hybrid's embeddings are compared there), which gradients are wanted (grad_x, grad_target), and whether it
+    is clean_features (z itself, no target)."""
 
     norm: int = NORM_NONE
     nan_to_num: bool = False
     reduction: int = REDUCTION_MEAN
-    gap: tuple = NO_GAP
+    gap: Gap = NO_GAP
     needs: tuple = (True, True)
     clean: bool = False
 

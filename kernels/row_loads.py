@@ -74,7 +74,7 @@ def _chunk_terms(x_ptr, r_ptr, out_ptr, row0, n, D, RW, K, x_at, r_at, col_ok, c
 @triton.jit
 def _rows_fwd_kernel(
     x_ptr,  # [B, D] contiguous rows (row stride D), 16-byte aligned
-    r_ptr,  # [B, RW] contiguous rows (RW = K + gap), 16-byte aligned
+    r_ptr,  # [B, RW] contiguous rows (RW = K + gap_width), 16-byte aligned
     idx_ptr,  # [K] int64
     shift_ptr,  # [K] fp32 μ (NORM 1)
     scale_ptr,  # [K] fp32 1/σ (NORM 1)
@@ -88,7 +88,7 @@ def _rows_fwd_kernel(
     D,
     RW,
     gap_at,
-    gap,
+    gap_width,
     out_scale,  # 1/(B·K) mean, 1/B column, 1 sum
     NORM: tl.constexpr,  # 0 none, 1 stats
     NAN_TO_NUM: tl.constexpr,
@@ -108,7 +108,7 @@ def _rows_fwd_kernel(
     d = tl.load(idx_ptr + cols, mask=col_ok, other=0)
     col_ok = col_ok & (d >= 0) & (d < D)
     d = tl.where(col_ok, d, 0).to(tl.int32)
-    rcols = cols + tl.where(cols >= gap_at, gap, 0)
+    rcols = cols + tl.where(cols >= gap_at, gap_width, 0)
     mu = tl.zeros([BLOCK_K], dtype=tl.float32)
     inv_sigma = tl.zeros([BLOCK_K], dtype=tl.float32)
     wk = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -185,7 +185,7 @@ def rows_forward(x, target, index, stats: tuple, mode: Mode, weight=None) -> tor
         block_k = next_power_of_2(K)
         _ROWS_FWD[grid](
             x, target, index, shift, scale, x if weight is None else weight, out, partial, column_partial, counter,
-            B, K, D, RW, mode.gap[0], mode.gap[1],
+            B, K, D, RW, mode.gap.at, mode.gap.width,
             reduction_scale(reduction, B, K),
             NORM=NORM_STATS if stats else 0, NAN_TO_NUM=int(mode.nan_to_num), REDUCTION=reduction,
             WEIGHTED=int(weight is not None), ROWS=rows, FLAT_X=next_power_of_2(rows * D),

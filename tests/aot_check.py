@@ -62,7 +62,7 @@ def kernel_specs():
                 "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
                 "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "stride_eb": I64,
-                "stride_ec": I64, "gap_at": I32, "gap": I32, "out_scale": F32,
+                "stride_ec": I64, "gap_at": I32, "gap_width": I32, "out_scale": F32,
             }
             # clean_features (reduction "none" only; fewer live values than the loss): at the motivating shape
             # a hybrid's objective (EMBED: the embedding columns too): weighted, at the motivating shape
@@ -79,7 +79,7 @@ def kernel_specs():
                 "inv_n_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*fp32", "grad_x_ptr": dtype,
                 "grad_r_ptr": dtype, "grad_e_ptr": dtype, "B": I32, "K": I32, "D": I32,
                 "stride_xb": I64, "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "stride_eb": I64,
-                "stride_ec": I64, "gap_at": I32, "gap": I32,
+                "stride_ec": I64, "gap_at": I32, "gap_width": I32,
                 "stride_gb": I64, "stride_gk": I64, "grad_scale": F32,
             }
             # Batch norm with reduction "none" always gets final sums (S1, S2) from _dz_sums_kernel.
@@ -99,7 +99,7 @@ def kernel_specs():
                 rows = rl.chunk_rows(16 // vec)
                 sig = {"x_ptr": dtype, "r_ptr": dtype, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
                        "w_ptr": "*fp32", "out_ptr": dtype, "partial_ptr": "*fp32", "column_partial_ptr": "*fp32",
-                       "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "RW": I32, "gap_at": I32, "gap": I32,
+                       "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "RW": I32, "gap_at": I32, "gap_width": I32,
                        "out_scale": F32}
                 yield "rows_fwd", rl._rows_fwd_kernel, sig, dict(
                     NORM=norm, NAN_TO_NUM=n2n, REDUCTION=red, WEIGHTED=weighted, ROWS=rows,
@@ -119,7 +119,7 @@ def kernel_specs():
                        "center_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "partial_ptr": "*fp32",
                        "sums_ptr": "*fp32", "counter_ptr": "*i32",
                        "B": I32, "K": I32, "D": I32, "stride_gb": I64, "stride_gk": I64, "stride_xb": I64,
-                       "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap": I32}
+                       "stride_xd": I64, "stride_rb": I64, "stride_rk": I64, "gap_at": I32, "gap_width": I32}
                 for clean in (0, 1) if shapes == SHAPES[1:2] else (0,):
                     for embed in (0, 1) if shapes == SHAPES[1:2] and weighted and not clean else (0,):
                         yield "dz_sums", bs._dz_sums_kernel, sig, dict(NAN_TO_NUM=n2n, CLEAN=clean, EMBED=embed,
@@ -135,7 +135,7 @@ def partials_specs():
         sig = {"z_ptr": dtype, "r_ptr": dtype, "emb_ptr": dtype, "out_ptr": dtype, "workspace_ptr": "*fp32",
                "column_workspace_ptr": "*fp32", "counter_ptr": "*i32", "B": I32, "K": I32, "W": I32, "KO": I32,
                "stride_zb": I64, "stride_zk": I64, "stride_rp": I64, "stride_rb": I64, "stride_rw": I64,
-               "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap": I32, "out_scale": F32}
+               "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap_width": I32, "out_scale": F32}
         for block_b, block_w in sorted({settings.block_sizes(B, 171, settings.TUNING.walk_tile)
                                          for B in ((4, 65536) if dtype == "*fp32" else (65536,))}):
             for embed in (0, 1):
@@ -144,7 +144,7 @@ def partials_specs():
         sig = {"grad_ptr": dtype, "z_ptr": dtype, "r_ptr": dtype, "emb_ptr": dtype, "grad_z_ptr": dtype,
                "grad_r_ptr": dtype, "grad_e_ptr": dtype, "P": I32, "B": I32, "K": I32, "W": I32, "stride_zb": I64,
                "stride_zk": I64, "stride_rp": I64, "stride_rb": I64, "stride_rw": I64, "stride_eb": I64,
-               "stride_ec": I64, "stride_gp": I64, "stride_gk": I64, "gap_at": I32, "gap": I32, "grad_scale": F32}
+               "stride_ec": I64, "stride_gp": I64, "stride_gk": I64, "gap_at": I32, "gap_width": I32, "grad_scale": F32}
         for block_b, block_w in sorted({settings.block_sizes(B, 171, settings.TUNING.backward_tile) for B in (4, 65536)}):
             for write_z, write_r in ((1, 1), (1, 0), (0, 1)) if dtype == "*fp32" and red == 1 else ((1, 1),):
                 for embed, write_e in ((0, 0), (1, 1)) if (write_z, write_r) == (1, 1) else ((0, 0), (1, 0)):

@@ -46,7 +46,7 @@ def specs(dtype: str):
                "scale_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": t, "partial_ptr": "*fp32",
                "column_partial_ptr": "*fp32", "colsum_partial_ptr": "*fp32", "colsum_ptr": "*fp32",
                "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "stride_xb": I64, "stride_xd": I64,
-               "stride_rb": I64, "stride_rk": I64, "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap": I32,
+               "stride_rb": I64, "stride_rk": I64, "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap_width": I32,
                "out_scale": F32}
     fwd = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, COLSUMS=0, CLEAN=0, EMBED=0, BLOCK_B=block_b, BLOCK_K=block_k,
                BLOCK_P=settings.BLOCK_P)
@@ -56,14 +56,14 @@ def specs(dtype: str):
                "shift_ptr": "*fp32", "center_ptr": "*fp32", "scale_ptr": "*fp32", "inv_n1_ptr": "*fp32",
                "inv_n_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*fp32", "grad_x_ptr": t, "grad_r_ptr": t,
                "grad_e_ptr": t, "B": I32, "K": I32, "D": I32, "stride_xb": I64, "stride_xd": I64, "stride_rb": I64,
-               "stride_rk": I64, "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap": I32, "stride_gb": I64, "stride_gk": I64, "grad_scale": F32}
+               "stride_rk": I64, "stride_eb": I64, "stride_ec": I64, "gap_at": I32, "gap_width": I32, "stride_gb": I64, "stride_gk": I64, "grad_scale": F32}
     bwd = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, SUMS_FINAL=0, CLEAN=0, WRITE_X=1, WRITE_R=1, EMBED=0,
                WRITE_E=0, BLOCK_B=block_b, BLOCK_D=block_d)
     yield "backward (today)", mm._masked_mse_bwd_kernel, bwd_sig, bwd, settings.num_warps_for(block_b, block_d)
     rows = rl.chunk_rows(size)
     rows_sig = {"x_ptr": t, "r_ptr": t, "idx_ptr": "*i64", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
                 "w_ptr": "*fp32", "out_ptr": t, "partial_ptr": "*fp32", "column_partial_ptr": "*fp32",
-                "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "RW": I32, "gap_at": I32, "gap": I32,
+                "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32, "RW": I32, "gap_at": I32, "gap_width": I32,
                 "out_scale": F32}
     block_k = settings.next_power_of_2(K)
     rows_c = dict(NORM=1, NAN_TO_NUM=0, REDUCTION=1, WEIGHTED=0, ROWS=rows, FLAT_X=settings.next_power_of_2(rows * D),

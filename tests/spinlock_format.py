@@ -84,7 +84,7 @@ class Run:
     method: str  # "standard" | "mad"
     families: dict  # name → width in the original columns, in order
     hybrid_family: Optional[str] = None  # the family encoded by initial_hybrid
-    num_embedding: int = 0  # c
+    gap_width: int = 0  # c
     extra: dict = field(default_factory=dict)
 
     @property
@@ -92,7 +92,7 @@ class Run:
         return int(self.mask.sum())
 
     @property
-    def first_embedding(self) -> int:
+    def gap_at(self) -> int:
         """p: kept columns up to and including the hybrid family's."""
         start = 0
         for name, width in self.families.items():
@@ -115,7 +115,7 @@ class Run:
         holding the hybrid family's columns (as a sorted set)."""
         if self.hybrid_family is None:
             return {n: list(map(int, g)) for n, g in self.kept_groups.items()}
-        p, c = self.first_embedding, self.num_embedding
+        p, c = self.gap_at, self.gap_width
         out = {n: [int(i) if i < p else int(i) + c for i in g] for n, g in self.kept_groups.items()}
         initial_cols = set(range(p - self.families[self.hybrid_family], p))
         owner = next(n for n, g in self.kept_groups.items() if initial_cols & set(map(int, g)))
@@ -123,7 +123,7 @@ class Run:
         return out
 
 
-def make_run(*, hybrid: bool, method: str = "standard", seed: int = 0, families=None, num_embedding: int = 28,
+def make_run(*, hybrid: bool, method: str = "standard", seed: int = 0, families=None, gap_width: int = 28,
              num_categories: int = 6) -> Run:
     rng = np.random.default_rng(seed)
     families = dict(families or {"summary": 128, "initial": 14, "temporal": 128})
@@ -136,7 +136,7 @@ def make_run(*, hybrid: bool, method: str = "standard", seed: int = 0, families=
         start += width
     K = int(mask.sum())
     run = Run(mask=mask, kept_groups={}, center={}, scale={}, method=method, families=families,
-              hybrid_family="initial" if hybrid else None, num_embedding=num_embedding if hybrid else 0)
+              hybrid_family="initial" if hybrid else None, gap_width=gap_width if hybrid else 0)
     order = rng.permutation(K)
     cuts = np.sort(rng.choice(np.arange(1, K), size=num_categories - 1, replace=False))
     for i, part in enumerate(np.split(order, cuts)):
@@ -154,14 +154,14 @@ def checkpoint_dict(run: Run) -> dict:
     fams = {}
     for name in run.families:
         if name == run.hybrid_family:
-            fams[name] = {"encoder": "initial_hybrid", "encoder_params": {"cnn_embedding_dim": run.num_embedding}}
+            fams[name] = {"encoder": "initial_hybrid", "encoder_params": {"cnn_embedding_dim": run.gap_width}}
         else:
             fams[name] = {"encoder": "mlp", "encoder_params": {"hidden_dims": [256], "output_dim": 128}}
-    width = run.K + run.num_embedding
+    width = run.K + run.gap_width
     state = {"vqvae.shared_decoder.0.weight": torch.randn(64, 32),
              "vqvae.shared_decoder.2.weight": torch.randn(width, 64)}
     if run.hybrid_family:
-        c = run.num_embedding
+        c = run.gap_width
         state.update({"initial_encoder.cnn_encoder.stage1.0.weight": torch.randn(32, 1, 7, 7),
                       "initial_encoder.cnn_encoder.fc.weight": torch.randn(c, 256),
                       "initial_encoder.cnn_encoder.fc.bias": torch.randn(c),

@@ -185,7 +185,7 @@ def test_hybrid_category_errors_are_the_trainers(tmp_path, capsys):
     from fusedvq.tools.hybrid_step import hybrid_world
     from fusedvq.tools.world import NUM_TOKENS, SEED, make_model
 
-    run = make_run(hybrid=True, seed=7, families={"summary": 40, "initial": 14, "temporal": 40}, num_embedding=6,
+    run = make_run(hybrid=True, seed=7, families={"summary": 40, "initial": 14, "temporal": 40}, gap_width=6,
                    num_categories=4)
     path = write_run(tmp_path / "run", run)
     B = 24
@@ -194,7 +194,7 @@ def test_hybrid_category_errors_are_the_trainers(tmp_path, capsys):
     printed = category_table(out)
 
     # the step replayed: the demo's stand-in world and model (seeded as the demo seeds them), its first batch
-    spec, groups, p, c = load_feature_spec(path), run.decoder_groups(), run.first_embedding, run.num_embedding
+    spec, groups, p, c = load_feature_spec(path), run.decoder_groups(), run.gap_at, run.gap_width
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         world = hybrid_world(spec, spec.mean, spec.std, groups, torch.Generator().manual_seed(SEED))

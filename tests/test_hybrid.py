@@ -93,7 +93,7 @@ def test_a_different_objective_from_the_feature_columns_alone():
 def test_the_vq_led_step_through_the_cleaner(tmp_path):
     from spinlock_format import make_run, write_run
 
-    run = make_run(hybrid=True, seed=5, num_embedding=C)
+    run = make_run(hybrid=True, seed=5, gap_width=C)
     w = torch.rand(run.K + C, generator=torch.Generator().manual_seed(5)) + 0.5  # one per decoder column
     cleaner = fusedvq.FeatureCleaner.from_checkpoint(write_run(tmp_path, run), norm="batch", nan_to_num=True,
                                                      num_features=sum(run.families.values()), weight=w)

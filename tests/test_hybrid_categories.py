@@ -22,7 +22,7 @@ FAMILIES = {"summary": 30, "initial": 6, "temporal": 30}
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
-    run = make_run(hybrid=True, seed=21, families=FAMILIES, num_embedding=C, num_categories=4)
+    run = make_run(hybrid=True, seed=21, families=FAMILIES, gap_width=C, num_categories=4)
     return run, write_run(tmp_path_factory.mktemp("hybrid"), run)
 
 
@@ -39,7 +39,7 @@ def _inputs(run, seed, B=12):
 
 def _metric(run, x, recon, emb, idx, mu, sigma, norm, groups, weight=None, at=None):
     stats = (torch.from_numpy(mu), torch.from_numpy(sigma)) if norm == "stats" else (None, None)
-    return project_decoder_category_metric(x, recon, emb, idx, *stats, at=run.first_embedding if at is None else at,
+    return project_decoder_category_metric(x, recon, emb, idx, *stats, at=run.gap_at if at is None else at,
                                            norm=norm, decoder_categories=groups, weight=weight)
 
 
@@ -47,7 +47,7 @@ def _metric(run, x, recon, emb, idx, mu, sigma, norm, groups, weight=None, at=No
 @pytest.mark.parametrize("norm,weighted", [("stats", False), ("batch", False), ("stats", True)])
 def test_category_errors_are_the_trainers_in_decoder_columns(hybrid, form, norm, weighted):
     run, path = hybrid
-    K, p = run.K, run.first_embedding
+    K, p = run.K, run.gap_at
     x, emb, recon, idx, mu, sigma = _inputs(run, 22)
     w = torch.rand(K + C, generator=torch.Generator().manual_seed(23)) + 0.2 if weighted else None
     if form == "VQReconLoss":
@@ -73,7 +73,7 @@ def test_category_errors_are_the_trainers_in_decoder_columns(hybrid, form, norm,
 
 def test_feature_category_errors_keep_the_kept_feature_columns(hybrid):
     run, path = hybrid
-    K, p = run.K, run.first_embedding
+    K, p = run.K, run.gap_at
     x, emb, recon, idx, mu, sigma = _inputs(run, 24)
     loss_fn = fusedvq.VQReconLoss.from_checkpoint(path, reduction="column")
     kept = loss_fn.feature_category_errors(loss_fn(x, recon))  # the feature columns alone, [K]

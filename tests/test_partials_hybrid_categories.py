@@ -48,10 +48,10 @@ def test_category_metric_in_decoder_space():
 def test_hybrid_checkpoint(tmp_path):
     """From a hybrid checkpoint (the project's format): the decoder's gap and categories come from it; with the
     embeddings, the loss and the metric are the project's loop over combine(z, embeddings) (P = 4 × 3 = 12)."""
-    run = make_run(hybrid=True, seed=21, families={"summary": 12, "initial": 6, "temporal": 12}, num_embedding=C,
+    run = make_run(hybrid=True, seed=21, families={"summary": 12, "initial": 6, "temporal": 12}, gap_width=C,
                    num_categories=4)
     fn = fusedvq.PartialsMSELoss.from_checkpoint(write_run(tmp_path, run), norm="batch", reduction="column", levels=3)
-    p, W = run.first_embedding, run.K + C
+    p, W = run.gap_at, run.K + C
     assert fn.target_gap == (p, C) and fn.decoder_categories == {n: tuple(g) for n, g in run.decoder_groups().items()}
     g = torch.Generator().manual_seed(6)
     x = torch.randn(8, run.mask.shape[0], generator=g, requires_grad=True)

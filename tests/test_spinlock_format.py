@@ -84,10 +84,10 @@ def test_trust_still_needs_the_package(tmp_path):
 @pytest.mark.parametrize("families", [None, {"initial": 14, "summary": 128, "temporal": 128},
                                       {"summary": 60, "temporal": 50, "initial": 14}])
 def test_hybrid_layout_is_derived(tmp_path, families):
-    run = make_run(hybrid=True, seed=5, families=families, num_embedding=28)
+    run = make_run(hybrid=True, seed=5, families=families, gap_width=28)
     spec = load_feature_spec(write_run(tmp_path, run), num_features=sum(run.families.values()))
-    p = run.first_embedding
-    assert spec.hybrid.first_embedding == p and spec.hybrid.num_embedding == 28 and spec.input_dim == run.K + 28
+    p = run.gap_at
+    assert spec.hybrid.gap.at == p and spec.hybrid.gap.width == 28 and spec.input_dim == run.K + 28
     cols = spec.recon_columns.numpy()
     assert np.array_equal(cols[:p], np.arange(p)) and np.array_equal(cols[p:], np.arange(p, run.K) + 28)
     assert spec.embedding_columns == range(p, p + 28)
@@ -97,7 +97,7 @@ def test_hybrid_layout_from_feature_names_alone(tmp_path):
     run = make_run(hybrid=True, seed=6)
     path = write_run(tmp_path, run, edit=lambda ck: ck.pop("pre_model_group_indices"))
     spec = load_feature_spec(path, require_stats=False)
-    assert spec.hybrid.first_embedding == run.first_embedding and "feature_names" in spec.hybrid.source
+    assert spec.hybrid.gap.at == run.gap_at and "feature_names" in spec.hybrid.source
     # Statistics need the categories in kept columns, in their own order: refused, saying why.
     with pytest.raises(CheckpointError, match="pre_model_group_indices"):
         load_feature_spec(path)
@@ -121,7 +121,7 @@ def test_group_indices_of_two_layouts_are_refused(tmp_path):
 
     def edit(ck):
         groups = ck["model_config"]["group_indices"]
-        name = next(n for n, g in groups.items() if len(g) > 3 and max(g) > run.first_embedding + 28)
+        name = next(n for n, g in groups.items() if len(g) > 3 and max(g) > run.gap_at + 28)
         groups[name] = [i + 1 for i in groups[name]]  # one category shifted by one column more
 
     rc, _, err = run_check(str(write_run(tmp_path, run, edit=edit)), norm="batch")
@@ -137,7 +137,7 @@ def test_embedding_width_disagreement_is_named(tmp_path):
 
 def test_check_explains_a_hybrid_layout(tmp_path):
     run = make_run(hybrid=True, seed=9)
-    p, K = run.first_embedding, run.K
+    p, K = run.gap_at, run.K
     rc, out, err = run_check(str(write_run(tmp_path, run)), features=270)
     assert rc == 0, err
     assert "hybrid          yes" in out and "adds 28 embedding columns" in out
@@ -164,7 +164,7 @@ def test_recon_loss_on_a_hybrid_compares_the_feature_columns(tmp_path, backend, 
     run = make_run(hybrid=True, seed=11)
     loss_fn = VQReconLoss.from_checkpoint(write_run(tmp_path, run), norm=norm, reduction=reduction, backend=name)
     loss_fn = loss_fn.to(device)
-    p, c, K, B = run.first_embedding, 28, run.K, 9
+    p, c, K, B = run.gap_at, 28, run.K, 9
     mu, sigma = (torch.from_numpy(a.astype(np.float64)) for a in run.expected_stats())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 270, generator=g, dtype=torch.float64)
@@ -199,7 +199,7 @@ def test_recon_loss_on_a_hybrid_compares_the_feature_columns(tmp_path, backend, 
 def test_feature_cleaner_on_a_hybrid(tmp_path):
     run = make_run(hybrid=True, seed=12)
     cleaner = FeatureCleaner.from_checkpoint(write_run(tmp_path, run), norm="batch")
-    p, K = run.first_embedding, run.K
+    p, K = run.gap_at, run.K
     x = torch.randn(6, 270)
     z = cleaner(x)
     emb = torch.randn(6, 28)
@@ -217,7 +217,7 @@ def test_feature_cleaner_recon_loss_reads_the_feature_columns(tmp_path, backend,
     name, device = backend
     run = make_run(hybrid=True, seed=18)
     cleaner = FeatureCleaner.from_checkpoint(write_run(tmp_path, run), norm="batch", backend=name).to(device)
-    p, K, B = run.first_embedding, run.K, 7
+    p, K, B = run.gap_at, run.K, 7
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(B, 270, generator=g) * 3 + 1).to(device).requires_grad_()
     recon = torch.randn(B, K + 28, generator=g).to(device).requires_grad_()

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..kernels.plan import Gap
 from .errors import quoted
 from .values import MAX_LIST_ENTRIES as MAX_EMBEDDING
 from .values import _parse_categories
@@ -37,12 +38,11 @@ EMBEDDING_LAYER = ("cnn_encoder.fc.weight", "cnn_encoder.bn_final.weight")
 
 @dataclass(frozen=True)
 class HybridLayout:
-    """The decoder's columns of a hybrid VQ-VAE: kept feature columns with `num_embedding` embedding
-    columns inserted at `first_embedding` (decoder columns [first_embedding, first_embedding + num_embedding))."""
+    """The decoder's columns of a hybrid VQ-VAE: kept feature columns with gap.width embedding columns
+    inserted at gap.at (decoder columns [gap.at, gap.at + gap.width); the loss's target_gap)."""
 
     num_kept: int  # K
-    first_embedding: int  # p
-    num_embedding: int  # c
+    gap: Gap  # (p, c) above: the embedding columns
     family: Optional[str] = None  # the INITIAL family's name in config["families"], when declared
     num_initial: Optional[int] = None  # its hand-made columns (just before the embedding columns), when known
     source: str = ""  # what p was derived from, in words
@@ -50,21 +50,22 @@ class HybridLayout:
     @property
     def width(self) -> int:
         """The decoder's input_dim, K + c."""
-        return self.num_kept + self.num_embedding
+        return self.num_kept + self.gap.width
 
     def recon_columns(self) -> np.ndarray:
         """[K] int64: the decoder column of each kept feature column, in the kept columns' order."""
         k = np.arange(self.num_kept, dtype=np.int64)
-        return np.where(k < self.first_embedding, k, k + self.num_embedding)
+        return np.where(k < self.gap.at, k, k + self.gap.width)
 
     def embedding_columns(self) -> range:
-        return range(self.first_embedding, self.first_embedding + self.num_embedding)
+        return range(self.gap.at, self.gap.at + self.gap.width)
 
     def to_kept(self, columns: np.ndarray) -> np.ndarray:
         """Decoder columns → kept columns (embedding columns dropped)."""
         columns = np.asarray(columns, dtype=np.int64)
-        columns = columns[(columns < self.first_embedding) | (columns >= self.first_embedding + self.num_embedding)]
-        return np.where(columns < self.first_embedding, columns, columns - self.num_embedding)
+        gap_at, gap_width = self.gap
+        columns = columns[(columns < gap_at) | (columns >= gap_at + gap_width)]
+        return np.where(columns < gap_at, columns, columns - gap_width)
 
 
 @dataclass
@@ -282,7 +283,7 @@ def declare_hybrid(decl, data: dict, attempt, need_stats: bool) -> None:
             f"has {' and '.join(have)}"
         )
         return
-    decl.hybrid = HybridLayout(K, p, c, clues.family, manual or clues.family_manual, source)
+    decl.hybrid = HybridLayout(K, Gap(p, c), clues.family, manual or clues.family_manual, source)
     decl.decoder_categories = decl.categories
     if kept_groups is not None:
         decl.categories = kept_groups

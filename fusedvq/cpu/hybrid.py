@@ -19,27 +19,27 @@ from typing import Callable, Optional
 
 import torch
 
-from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
+from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Gap, Mode
 
 
-def around_gap(t: torch.Tensor, gap: tuple[int, int]) -> torch.Tensor:
+def around_gap(t: torch.Tensor, gap: Gap) -> torch.Tensor:
     """The columns (last dimension) of t [..., K + c] outside the gap: [..., K]."""
-    at, c = gap
-    return torch.cat([t[..., :at], t[..., at + c :]], dim=-1)
+    gap_at, gap_width = gap
+    return torch.cat([t[..., :gap_at], t[..., gap_at + gap_width :]], dim=-1)
 
 
 def _split_weight(weight: Optional[torch.Tensor], gap) -> tuple:
     """(the feature columns' weights [K], the embedding columns' [c]) of weight [K + c], or (None, None)."""
     if weight is None:
         return None, None
-    return around_gap(weight, gap), weight[gap[0] : gap[0] + gap[1]]
+    return around_gap(weight, gap), weight[gap.at : gap.at + gap.width]
 
 
 def _embedding_diff(target: torch.Tensor, embeddings: torch.Tensor, gap, cdt) -> torch.Tensor:
     """emb − r on the gap's columns, [B, c] contiguous in the compute dtype (whatever the inputs' strides)."""
-    at, c = gap
-    out = torch.empty((embeddings.shape[0], c), dtype=cdt, device=embeddings.device)
-    return torch.sub(embeddings, target[:, at : at + c], out=out)
+    gap_at, gap_width = gap
+    out = torch.empty((embeddings.shape[0], gap_width), dtype=cdt, device=embeddings.device)
+    return torch.sub(embeddings, target[:, gap_at : gap_at + gap_width], out=out)
 
 
 def forward(features: Callable, target: torch.Tensor, embeddings: torch.Tensor, mode: Mode,
@@ -52,14 +52,14 @@ def forward(features: Callable, target: torch.Tensor, embeddings: torch.Tensor, 
     e = _embedding_diff(target, embeddings, mode.gap, cdt).square_()
     if w_e is not None:
         e = e.mul_(w_e)
-    B, c, at = e.shape[0], mode.gap[1], mode.gap[0]
-    K = target.shape[1] - c
+    B, gap_width, gap_at = e.shape[0], mode.gap.width, mode.gap.at
+    K = target.shape[1] - gap_width
     if mode.reduction == REDUCTION_NONE:
-        loss = torch.cat([loss_f[:, :at], e.to(loss_f.dtype), loss_f[:, at:]], dim=1)
+        loss = torch.cat([loss_f[:, :gap_at], e.to(loss_f.dtype), loss_f[:, gap_at:]], dim=1)
     elif mode.reduction == REDUCTION_COLUMN:
-        loss = torch.cat([loss_f[:at], (e.sum(0) / max(B, 1)).to(loss_f.dtype), loss_f[at:]])
+        loss = torch.cat([loss_f[:gap_at], (e.sum(0) / max(B, 1)).to(loss_f.dtype), loss_f[gap_at:]])
     elif mode.reduction == REDUCTION_MEAN:
-        loss = (loss_f.to(cdt) * (K / (K + c)) + e.sum() / max(B * (K + c), 1)).to(loss_f.dtype)
+        loss = (loss_f.to(cdt) * (K / (K + gap_width)) + e.sum() / max(B * (K + gap_width), 1)).to(loss_f.dtype)
     else:
         loss = (loss_f.to(cdt) + e.sum()).to(loss_f.dtype)
     return (loss, *saved)
@@ -71,12 +71,12 @@ def backward(features: Callable, grad: torch.Tensor, target: torch.Tensor, embed
     features(grad of the feature columns' loss, their weights [K] or None) -> (grad_x, grad_target) of the
     blocked pass (grad_target zero on the gap's columns, written here)."""
     w_f, w_e = _split_weight(weight, mode.gap)
-    at, c = mode.gap
-    B, K, reduction = target.shape[0], target.shape[1] - c, mode.reduction
+    gap_at, gap_width = mode.gap
+    B, K, reduction = target.shape[0], target.shape[1] - gap_width, mode.reduction
     if reduction == REDUCTION_MEAN:
-        g_f, g_e = grad * (K / (K + c)), grad / max(B * (K + c), 1)
+        g_f, g_e = grad * (K / (K + gap_width)), grad / max(B * (K + gap_width), 1)
     elif reduction in (REDUCTION_NONE, REDUCTION_COLUMN):
-        g_f, g_e = around_gap(grad, mode.gap), grad[..., at : at + c]
+        g_f, g_e = around_gap(grad, mode.gap), grad[..., gap_at : gap_at + gap_width]
         g_e = g_e / max(B, 1) if reduction == REDUCTION_COLUMN else g_e
     else:
         g_f, g_e = grad, grad
@@ -88,6 +88,6 @@ def backward(features: Callable, grad: torch.Tensor, target: torch.Tensor, embed
         if w_e is not None:
             dz = dz.mul_(w_e)
         if grad_target is not None:
-            grad_target[:, at : at + c] = dz.neg()
+            grad_target[:, gap_at : gap_at + gap_width] = dz.neg()
         grad_e = dz.to(embeddings.dtype) if mode.needs[2] else None
     return grad_x, grad_target, grad_e

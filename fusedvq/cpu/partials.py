@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM
+from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, Gap
 
 # Elements of one block of all P partials' rows (1 MiB of fp32): small enough to stay in a core's L2 between
 # an op and the next, large enough that each op's parallel region is worth its start.
@@ -34,16 +34,17 @@ _MSE_LOSS = torch._C._nn.mse_loss  # (aten's ops without F.mse_loss's Python che
 _MSE_BACKWARD = torch.ops.aten.mse_loss_backward.default
 
 
-def column_runs(K: int, gap: tuple, embed: bool = False) -> list[tuple[int, int, int, int, int]]:
+def column_runs(K: int, gap: Gap, embed: bool = False) -> list[tuple[int, int, int, int, int]]:
     """(source, s0, s1, w0, o0): the source's columns s0 .. s1 − 1 (source 0: z, 1: the embeddings) are the
     partials' columns w0 .. w0 + s1 − s0 − 1 and the column errors' o0 .. o0 + s1 − s0 − 1: one run without a
-    gap, z's two around a gap (at, c) (the errors' K columns), or (embed) three over all K + c columns, the
+    gap, z's two around a Gap (at, c) (the errors' K columns), or (embed) three over all K + c columns, the
     embeddings' at the gap (the errors in decoder order)."""
-    at, width = gap
-    if not width:
+    gap_at, gap_width = gap
+    if not gap_width:
         return [(0, 0, K, 0, 0)]
-    runs = ((0, 0, at, 0, 0), (1, 0, width, at, at), (0, at, K, at + width, at + width)) if embed else (
-        (0, 0, at, 0, 0), (0, at, K, at + width, at))
+    end = gap_at + gap_width
+    runs = ((0, 0, gap_at, 0, 0), (1, 0, gap_width, gap_at, gap_at), (0, gap_at, K, end, end)) if embed else (
+        (0, 0, gap_at, 0, 0), (0, gap_at, K, end, gap_at))
     return [run for run in runs if run[2] > run[1]]
 
 
@@ -53,14 +54,14 @@ def _blocks(P: int, B: int, W: int, device: torch.device):
     return [(b0, min(B, b0 + rows)) for b0 in range(0, B, rows)]
 
 
-def _whole(z: torch.Tensor, partials: torch.Tensor, gap: tuple) -> bool:
+def _whole(z: torch.Tensor, partials: torch.Tensor, gap: Gap) -> bool:
     """Whether one block takes it all, in aten's own MSE ops: no gap, the compute dtype, a small batch (the
     ops are few, which is what counts at B = 4)."""
-    return not gap[1] and z.dtype is partials.dtype is COMPUTE_DTYPE[z.dtype] and (
+    return not gap.width and z.dtype is partials.dtype is COMPUTE_DTYPE[z.dtype] and (
         partials.numel() <= _BLOCK_ELEMENTS or not z.is_cpu)
 
 
-def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
+def partials_forward(z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: Gap,
                      embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss in z's dtype: a 0-d mean, or the [P, K] column errors ([P, K + c] with embeddings [B, c])."""
     P, B, W = partials.shape
@@ -107,7 +108,7 @@ def _neg_sum_over_partials(d: torch.Tensor, out: torch.Tensor, minus_ones: torch
         out.copy_(d.sum(0).neg_())
 
 
-def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: tuple,
+def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tensor, reduction: int, gap: Gap,
                       needs: tuple, reuse: bool = False, embeddings: Optional[torch.Tensor] = None) -> tuple:
     """(grad_z [B, K], grad_partials [P, B, K + c], contiguous, zero in the gap's columns), None where needs
     (needs_z, needs_partials) says not; with embeddings [B, c], their gradient third (needs[2]) and
@@ -134,8 +135,8 @@ def partials_backward(grad: torch.Tensor, z: torch.Tensor, partials: torch.Tenso
     grad_p = None
     if needs[1]:
         grad_p = (gradient_buffer if reuse else torch.empty)((P, B, W), dtype=partials.dtype, device=z.device)
-    if grad_p is not None and gap[1] and not embed:
-        grad_p[:, :, gap[0] : gap[0] + gap[1]] = 0
+    if grad_p is not None and gap.width and not embed:
+        grad_p[:, :, gap.at : gap.at + gap.width] = 0
     runs, blocks = column_runs(K, gap, embed), _blocks(P, B, W, z.device)
     sources, outs = (z, embeddings), (grad_z, grad_e)  # (each run's target and its gradient)
     minus_ones = torch.full((P,), -1.0, dtype=cdt, device=z.device)
@@ -213,7 +214,7 @@ def _list_blocks(B: int, K: int):
     return [(b0, min(B, b0 + rows)) for b0 in range(0, B, rows)]
 
 
-def list_forward(z: torch.Tensor, partials: list, reduction: int, gap: tuple,
+def list_forward(z: torch.Tensor, partials: list, reduction: int, gap: Gap,
                  embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
     """partials_forward of P [B, W] tensors, read in place."""
     P, (B, K) = len(partials), z.shape
@@ -236,7 +237,7 @@ def list_forward(z: torch.Tensor, partials: list, reduction: int, gap: tuple,
     return loss.to(z.dtype) if loss.dtype != z.dtype else loss
 
 
-def list_backward(grad: torch.Tensor, z: torch.Tensor, partials: list, reduction: int, gap: tuple,
+def list_backward(grad: torch.Tensor, z: torch.Tensor, partials: list, reduction: int, gap: Gap,
                   needs: tuple, embeddings: Optional[torch.Tensor] = None) -> tuple:
     """(grad_z [B, K] or None, [grad_partial [B, W]] * P or None) (and with embeddings their gradient [B, c]
     or None third): partials_backward of P [B, W] tensors."""
@@ -246,9 +247,9 @@ def list_backward(grad: torch.Tensor, z: torch.Tensor, partials: list, reduction
     sums = [torch.empty(t.shape, dtype=cdt, device=z.device) if t is not None and need else None
             for t, need in ((z, needs[0]), (embeddings, embed and needs[2]))]  # −Σ_p of grad_partials, per source
     grads = [torch.empty((B, W), dtype=partials[0].dtype, device=z.device) for _ in range(P)] if needs[1] else None
-    if grads is not None and gap[1] and not embed:
+    if grads is not None and gap.width and not embed:
         for gp in grads:
-            gp[:, gap[0] : gap[0] + gap[1]] = 0
+            gp[:, gap.at : gap.at + gap.width] = 0
     direct = grads is not None and partials[0].dtype == cdt
     for b0, b1 in _list_blocks(B, K):
         for s, s0, s1, w0, o0 in column_runs(K, gap, embed):

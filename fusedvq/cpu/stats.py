@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..kernels.plan import COMPUTE_DTYPE, NO_GAP, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE, Mode
-from ..kernels.plan import reduction_scale
+from ..kernels.plan import Gap, reduction_scale
 
 
 # How the CPU runs it. On the CPU a large batch costs memory traffic, and above all first touches: a fresh
@@ -35,35 +35,36 @@ def _block_rows(t: torch.Tensor, cols: int) -> int:
     return max(1, _BLOCK_ELEMENTS // max(cols, 1))
 
 
-# A hybrid decoder's target [B, K + c] holds c columns the loss skips (gap = (at, c)): the loss columns are
+# A hybrid decoder's target [B, K + c] holds c columns the loss skips (a Gap(at, c)): the loss columns are
 # target[:, :at] and target[:, at + c:], read and written as those two views, never gathered into a copy.
 
 
-def into_target(op, a: torch.Tensor, out: torch.Tensor, gap: tuple[int, int], target=None, factor=None):
+def into_target(op, a: torch.Tensor, out: torch.Tensor, gap: Gap, target=None, factor=None):
     """Over the target's loss columns, in their two runs around the gap: op(a, target's loss columns, out=out)
     (target given; out [n, K]), or op(a, factor, out=out's loss columns) (out target-shaped; factor a number,
     a 0-d tensor, or [K] per loss column, split with a's columns), or op(a, out=out's loss columns)."""
-    at, width = gap
+    gap_at, gap_width = gap
     second = target if target is not None else factor
-    if not width:
+    if not gap_width:
         return op(a, out=out) if second is None else op(a, second, out=out)
     if target is not None:
-        runs = ((a[:, :at], target[:, :at], out[:, :at]), (a[:, at:], target[:, at + width :], out[:, at:]))
+        runs = ((a[:, :gap_at], target[:, :gap_at], out[:, :gap_at]),
+                (a[:, gap_at:], target[:, gap_at + gap_width :], out[:, gap_at:]))
     else:
         split = isinstance(factor, torch.Tensor) and factor.dim() > 0  # [K]: split with a's columns
-        runs = ((a[:, :at], factor[:at] if split else factor, out[:, :at]),
-                (a[:, at:], factor[at:] if split else factor, out[:, at + width :]))
+        runs = ((a[:, :gap_at], factor[:gap_at] if split else factor, out[:, :gap_at]),
+                (a[:, gap_at:], factor[gap_at:] if split else factor, out[:, gap_at + gap_width :]))
     for part, other, into in runs:
         op(part, out=into) if other is None else op(part, other, out=into)
     return out
 
 
-def new_target_grad(B: int, K: int, gap: tuple[int, int], dtype, device) -> torch.Tensor:
+def new_target_grad(B: int, K: int, gap: Gap, dtype, device) -> torch.Tensor:
     """grad_target [B, K + c], zero in the gap's columns (the loss does not depend on them)."""
-    at, width = gap
-    grad = torch.empty((B, K + width), dtype=dtype, device=device)
-    if width:
-        grad[:, at : at + width].zero_()
+    gap_at, gap_width = gap
+    grad = torch.empty((B, K + gap_width), dtype=dtype, device=device)
+    if gap_width:
+        grad[:, gap_at : gap_at + gap_width].zero_()
     return grad
 
 
@@ -76,7 +77,7 @@ def _diff_rows(
     scale: Optional[torch.Tensor],
     finite: Optional[torch.Tensor],  # [n, K] bool: receives isfinite(x[:, index]) (nan_to_num), or None
     scratch: Optional[torch.Tensor] = None,  # [n, K] compute dtype for z, when out is fresh memory
-    gap: tuple[int, int] = NO_GAP,  # target [n, K + c]: skip its c columns from `at` on
+    gap: Gap = NO_GAP,  # target [n, K + gap.width]: skip its gap's columns
 ) -> torch.Tensor:
     # z is built in scratch (warm) when out is fresh: the gather runs on one thread, and the first touch of
     # fresh pages costs half as much from the two threads of the final subtraction.
@@ -200,7 +201,7 @@ def masked_mse_backward(
     B, K, needs, gap = x.shape[0], index.shape[0], mode.needs, mode.gap
     device = grad_loss.device
     grad_x = torch.empty((B, x.shape[1]), dtype=x.dtype, device=device) if needs[0] else None
-    grad_target = diff if overwrite_diff and needs[1] and target.dtype == diff.dtype and not gap[1] else None
+    grad_target = diff if overwrite_diff and needs[1] and target.dtype == diff.dtype and not gap.width else None
     if grad_target is None and needs[1]:
         grad_target = new_target_grad(B, K, gap, target.dtype, device)
     g, f = grad_factors(grad_loss, mode.reduction, B, K, weight, COMPUTE_DTYPE[x.dtype])

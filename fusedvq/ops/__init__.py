@@ -72,7 +72,7 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
     inputs = (features, target, columns, _stats_for(plan, features), weight, embeddings)
     if torch.compiler.is_compiling():
         return loss_ops.masked_mse_forward(*inputs, **options._asdict())[0]
-    if under_functorch() or (not use_triton and use_composed(features, index.shape[0], plan.gap[1] > 0)):
+    if under_functorch() or (not use_triton and use_composed(features, index.shape[0], plan.gap.width > 0)):
         shift, scale = inputs[3] or (None, None)
         return reference.masked_mse_composed(features, target, index, shift, scale, plan.nan_to_num, plan.reduction,
                                              plan.gap, weight, embeddings)
@@ -148,7 +148,7 @@ class SmallRoute:
     def __init__(self, plan):
         self.plan, self.batch = plan, plan.norm == NORM_BATCH
         self.width, self.kept = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0]
-        self.target_width, self.gapped = self.kept + plan.gap[1], plan.gap[1] > 0
+        self.target_width, self.gapped = self.kept + plan.gap.width, plan.gap.width > 0
         self.min_rows = 2 if self.batch else 1  # (norm="batch" needs two rows for its unbiased std)
         # The dtypes computing in the statistics' and weights' dtype (no cast per call); masked_mse_plain: their own.
         fixed = {t.dtype for t in (plan.shift, plan.weight) if t is not None}
@@ -292,8 +292,8 @@ def check_order(first: Tensor, second: Optional[Tensor], want_first: int, want_s
 def check_widths(features: Tensor, target: Optional[Tensor], plan, signature: Optional[str] = None) -> None:
     """x has the D columns the plan was built for, and r (when given) its K kept ones plus the gap's columns."""
     D, K = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0]
-    if features.shape[1] == D and (target is None or target.shape[1] == K + plan.gap[1]):
+    if features.shape[1] == D and (target is None or target.shape[1] == K + plan.gap.width):
         return
     if signature is not None:
-        check_order(features, target, D, K + plan.gap[1], signature)
+        check_order(features, target, D, K + plan.gap.width, signature)
     checks.widths(features, target, plan)

@@ -65,7 +65,7 @@ def swapped(first: Tensor, second: Tensor, order: str) -> None:
 
 def widths(features: Tensor, target: Optional[Tensor], plan) -> None:
     """x's D columns and r's K kept columns (plus the gap's skipped ones) that the plan was built for."""
-    D, K, skipped, selector = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0], plan.gap[1], plan.selector
+    D, K, skipped, selector = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0], plan.gap.width, plan.selector
     if features.shape[1] != D:
         raise ValueError(f"features have {features.shape[1]} columns but the {selector} was built for {D} feature "
                          f"columns (it keeps {K} of {D})")

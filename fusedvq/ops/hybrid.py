@@ -9,10 +9,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..kernels.plan import Gap
+
 
 def check_embeddings(embeddings: Optional[Tensor], features: Tensor, target: Tensor, plan) -> None:
     """embeddings [B, c] fit this call (None: the plan's weights must then be the K feature columns')."""
-    (at, c), K = plan.gap, plan.columns.index.shape[0]
+    c, K = plan.gap.width, plan.columns.index.shape[0]  # (c: as the messages write it)
     weight = plan.weight
     if embeddings is None:  # (only called then when the weights are not [K])
         raise ValueError(f"weight has {weight.shape[0]} entries, one per decoder column (K + c = {K} + {c}): the "
@@ -20,26 +22,25 @@ def check_embeddings(embeddings: Optional[Tensor], features: Tensor, target: Ten
                          f"loss compares the {K} feature columns and takes {K} weights")
     if c == 0:
         raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): the "
-                         f"target's {K} columns are all feature columns. A hybrid's objective needs target_gap=(p, c) "
-                         f"(from_checkpoint sets it from a hybrid checkpoint)")
+                         f"target's {K} columns are all feature columns. A hybrid's objective needs "
+                         f"target_gap=(at, width) (from_checkpoint sets it from a hybrid checkpoint)")
     check_embedding_tensor(embeddings, features.shape[0], plan.gap, target, "the target is")
     if weight is not None and weight.shape[0] != K + c:
         raise ValueError(f"weight has {weight.shape[0]} entries but the objective over the decoder's K + c = {K + c} "
                          f"columns (with embeddings) takes one per decoder column: pass {K + c} weights")
 
 
-def check_embedding_tensor(embeddings, rows: int, gap: tuple, like: Tensor, name: str) -> None:
-    """embeddings [rows, c] for a gap (at, c), a dense tensor in the dtype and on the device of `like`, the
+def check_embedding_tensor(embeddings, rows: int, gap: Gap, like: Tensor, name: str) -> None:
+    """embeddings [rows, c] for a Gap (at, c), a dense tensor in the dtype and on the device of `like`, the
     tensor they are compared with (name: "the target is", "the partials are", as the errors say it)."""
-    at, c = gap
     if not isinstance(embeddings, Tensor):
-        raise TypeError(f"embeddings must be a torch.Tensor [B, {c}], got {type(embeddings).__name__}")
+        raise TypeError(f"embeddings must be a torch.Tensor [B, {gap.width}], got {type(embeddings).__name__}")
     if embeddings.is_nested or embeddings.layout != torch.strided:
         raise TypeError("embeddings must be a dense (strided) tensor, got a "
                         + ("nested" if embeddings.is_nested else str(embeddings.layout).replace("torch.", "")) + " one")
-    if embeddings.dim() != 2 or embeddings.shape[1] != c:
-        raise ValueError(f"embeddings must be [B, {c}] (the c = {c} embedding columns, decoder columns {at}.."
-                         f"{at + c - 1}), got shape {tuple(embeddings.shape)}")
+    if embeddings.dim() != 2 or embeddings.shape[1] != gap.width:
+        raise ValueError(f"embeddings must be [B, {gap.width}] (the c = {gap.width} embedding columns, decoder "
+                         f"columns {gap.at}..{gap.at + gap.width - 1}), got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] != rows:
         raise ValueError(f"embeddings have {embeddings.shape[0]} rows but features have {rows}: the batch sizes must "
                          f"match")

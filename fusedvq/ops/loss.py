@@ -45,7 +45,7 @@ from .. import reference
 from ..cpu import batch as cpu_batch
 from ..cpu import hybrid as cpu_hybrid
 from ..cpu import stats as cpu_stats
-from ..kernels.plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, COMPUTE_DTYPE, Mode
+from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Gap, Mode
 from .autograd import OpAutograd, define_op, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
 
@@ -58,10 +58,11 @@ class LossOptions(NamedTuple):
     use_triton: bool  # the kernels (kernels/), else the CPU implementations (cpu/)
     gap_at: int  # the target's first skipped (embedding) column
     gap_width: int  # how many columns the gap skips; 0: none
+    gap = property(lambda self: Gap(self.gap_at, self.gap_width))  # (the two as the record the others take)
 
     def mode(self, norm: int = NORM_NONE, needs: tuple = (True, True)) -> Mode:
         """The kernels' and the CPU implementations' Mode of these options."""
-        return Mode(norm, self.nan_to_num, self.reduction, (self.gap_at, self.gap_width), needs)
+        return Mode(norm, self.nan_to_num, self.reduction, self.gap, needs)
 
 
 class LossNeeds(NamedTuple):
@@ -205,7 +206,7 @@ def _masked_composed(ctx):
     o = ctx.options
     shift, scale = stats if stats else (None, None)
     fn = functools.partial(reference.masked_mse_composed, index=columns[0], shift=shift, scale=scale,
-                           nan_to_num=o.nan_to_num, reduction=o.reduction, gap=(o.gap_at, o.gap_width), weight=weight)
+                           nan_to_num=o.nan_to_num, reduction=o.reduction, gap=o.gap, weight=weight)
     return (lambda x, target, embeddings: fn(x, target, embeddings=embeddings)), (x, target, embeddings)
 
 
@@ -291,7 +292,7 @@ def _batch_composed(ctx):
     o = ctx.options
     refuse_synced_higher_order(ctx.group, "double backward (create_graph=True)")
     fn = functools.partial(reference.batch_mse_composed, index=index, eps=ctx.eps, nan_to_num=o.nan_to_num,
-                           reduction=o.reduction, gap=(o.gap_at, o.gap_width), weight=weight)
+                           reduction=o.reduction, gap=o.gap, weight=weight)
     return (lambda x, target, embeddings: fn(x, target, embeddings=embeddings)), (x, target, embeddings)
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import reference
 from ..cpu import partials as cpu_partials
-from ..kernels.plan import REDUCTION_COLUMN
+from ..kernels.plan import REDUCTION_COLUMN, Gap
 from . import EagerAutograd
 from .autograd import IMPLEMENTATIONS, REGISTERED, OpAutograd, under_functorch
 
@@ -43,6 +43,8 @@ class PartialsMode(NamedTuple):
     gap_at: int
     gap_width: int
     use_triton: bool
+
+    gap = property(lambda self: Gap(self.gap_at, self.gap_width))
 
 
 def call_partials(z: Tensor, partials, mode: PartialsMode, embeddings: Optional[Tensor] = None) -> Tensor:
@@ -56,7 +58,7 @@ def call_partials(z: Tensor, partials, mode: PartialsMode, embeddings: Optional[
     if torch.compiler.is_compiling():
         return partials_mse_forward(z, partials, embeddings, **mode._asdict())
     if under_functorch():
-        return reference.partials_composed(z, partials, mode.reduction, (mode.gap_at, mode.gap_width), embeddings)
+        return reference.partials_composed(z, partials, mode.reduction, mode.gap, embeddings)
     return EagerAutograd.apply(PARTIALS_MSE, z, partials, embeddings, mode)
 
 
@@ -67,7 +69,7 @@ class _ListPartials(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, embeddings: Optional[Tensor], mode: PartialsMode, *partials: Tensor) -> Tensor:
-        gap, embedded = (mode.gap_at, mode.gap_width), [] if embeddings is None else [embeddings]
+        gap, embedded = mode.gap, [] if embeddings is None else [embeddings]
         ctx.mode, ctx.in_place, ctx.embedded = mode, cpu_partials.read_in_place(z, partials), bool(embedded)
         if ctx.in_place:
             ctx.save_for_backward(z, *embedded, *partials)
@@ -84,7 +86,7 @@ class _ListPartials(torch.autograd.Function):
         embeddings = saved.pop(0) if ctx.embedded else None
         partials = saved if ctx.in_place else saved[1:]
         mode, wants = ctx.mode, ctx.needs_input_grad
-        needs, gap, count = (wants[0], any(wants[3:]), wants[1]), (mode.gap_at, mode.gap_width), len(partials)
+        needs, gap, count = (wants[0], any(wants[3:]), wants[1]), mode.gap, len(partials)
         if torch.is_grad_enabled():  # create_graph=True: the composition's own gradients, stacked anew
             stacked = torch.stack(partials)  # (on the partials' graph, so the gradients are differentiable)
             loss = reference.partials_composed(z, stacked, mode.reduction, gap, embeddings)
@@ -119,14 +121,14 @@ def _loss_shape(z: Tensor, partials: Tensor, reduction: int, embeddings: Optiona
 
 def _forward(z: Tensor, partials: Tensor, embeddings: Optional[Tensor], mode: PartialsMode) -> Tensor:
     impl = _kernels() if mode.use_triton else cpu_partials
-    return impl.partials_forward(z, partials, mode.reduction, (mode.gap_at, mode.gap_width), embeddings)
+    return impl.partials_forward(z, partials, mode.reduction, mode.gap, embeddings)
 
 
 def _backward(grad: Tensor, z: Tensor, partials: Tensor, mode: PartialsMode, needs: tuple, eager: bool = False,
               embeddings: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_z, grad_partials, grad_embeddings), 0-element placeholders where needs (z, partials, embeddings)
     says not (or there are no embeddings)."""
-    gap = (mode.gap_at, mode.gap_width)
+    gap = mode.gap
     if mode.use_triton:
         grads = _kernels().partials_backward(grad, z, partials, mode.reduction, gap, needs, embeddings)
     else:  # (eager: the gradient may live in the spare buffer, which a registered op's output never does)
@@ -195,7 +197,7 @@ def _composed(ctx):
     mode = ctx.mode
 
     def composed(z, partials, embeddings=None):
-        return reference.partials_composed(z, partials, mode.reduction, (mode.gap_at, mode.gap_width), embeddings)
+        return reference.partials_composed(z, partials, mode.reduction, mode.gap, embeddings)
 
     return composed, (z, partials, embedded[0] if embedded else None)
 

@@ -27,12 +27,12 @@ from .world import COMMITMENT, LATENT, SAMPLES, World, build_extractor, clean_sa
 
 class InitialEncoder(nn.Module):
     """Fixed stand-in for a hybrid VQ-VAE's initial encoder: latent u [B, LATENT] → embeddings [B, c] =
-    tanh(u @ W), inserted at decoder column `first_embedding` (p)."""
+    tanh(u @ W), inserted at decoder column gap_at (p)."""
 
-    def __init__(self, W: torch.Tensor, first_embedding: int):
+    def __init__(self, W: torch.Tensor, gap_at: int):
         super().__init__()
         self.register_buffer("W", W)  # [LATENT, c]
-        self.first_embedding = first_embedding
+        self.gap_at = gap_at
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return torch.tanh(u @ self.W)
@@ -42,7 +42,7 @@ def hybrid_world(spec, mean: torch.Tensor, std: torch.Tensor, categories: Option
                  gen: torch.Generator) -> World:
     """An extractor of the spec's widths, a stand-in initial encoder of its c embedding columns, and a
     VQ-VAE over the K + c decoder columns fitted to their combination."""
-    K, p, c = spec.num_kept, spec.hybrid.first_embedding, spec.hybrid.num_embedding
+    K, (p, c) = spec.num_kept, spec.hybrid.gap
     mask = spec.feature_mask
     extractor = build_extractor(mask, mean, std, gen)
     initial = InitialEncoder(torch.randn(LATENT, c, generator=gen, dtype=torch.float64) / math.sqrt(LATENT), p)
@@ -59,7 +59,7 @@ def hybrid_loss(world: World, u: torch.Tensor, z: torch.Tensor, cleaner=None):
     fix: the combined input by torch.cat and F.mse_loss over it."""
     emb = world.initial(u)
     if cleaner is None:
-        p = world.initial.first_embedding
+        p = world.initial.gap_at
         combined = torch.cat([z[:, :p], emb, z[:, p:]], 1)
         recon, commitment = world.vq(combined)
         return F.mse_loss(recon, combined) + COMMITMENT * commitment, None
@@ -78,7 +78,7 @@ def objective_check(world: World, cleaner, u64: torch.Tensor, z_fused: torch.Ten
         emb = initial(u64)
         recon, _ = vq(cleaner.combine(z_fused, emb))
         fused = cleaner.recon_loss(recon, z_fused, embeddings=emb)
-        p = initial.first_embedding
+        p = initial.gap_at
         plain = F.mse_loss(recon, torch.cat([z_plain[:, :p], emb, z_plain[:, p:]], 1))
     rel = float((fused - plain).abs() / plain.abs().clamp_min(1e-30))
     return (f"check: the hybrid objective recon_loss(recon, z, embeddings=emb) vs F.mse_loss(recon, "
