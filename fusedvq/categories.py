@@ -84,18 +84,18 @@ def _category_indices(name: str, idx, num_kept: int, space: str) -> tuple[int, .
 
 
 def check_decoder_categories(decoder_categories: Optional[Mapping], categories: dict[str, tuple[int, ...]],
-                             num_kept: int, num_embedding: int) -> dict[str, tuple[int, ...]]:
+                             num_kept: int, gap_width: int) -> dict[str, tuple[int, ...]]:
     """decoder_categories {name: decoder-column indices in [0, K + c)}, checked, in categories' order (the
     same names when both are given). Without embedding columns (c = 0) the decoder's columns are the kept
     ones: the categories themselves, and decoder_categories, when given, must be them. {} when a hybrid's
     are not given (then there is no decoder-space category error)."""
-    if num_embedding == 0:
+    if gap_width == 0:
         if decoder_categories is not None and check_categories(decoder_categories, num_kept, "decoder") != categories:
             raise ValueError(f"decoder_categories differ from categories, but this module's decoder has no embedding "
                              f"columns (target_gap=(0, 0)): its {num_kept} decoder columns are the kept columns, so "
                              f"the two are one; pass target_gap=(at, width) for a hybrid VQ-VAE's decoder")
         return dict(categories)
-    out = check_categories(decoder_categories, num_kept + num_embedding, "decoder")
+    out = check_categories(decoder_categories, num_kept + gap_width, "decoder")
     if out and categories and set(out) != set(categories):
         extra = [n for n in out if n not in categories] + [n for n in categories if n not in out]
         raise ValueError(f"decoder_categories and categories must name the same categories (one category in two "
@@ -139,17 +139,17 @@ def errors_by_category(column_errors: torch.Tensor, members: torch.Tensor, weigh
 
 
 class CategoryErrors:
-    """The category surface of a fusedvq module (Prepared): category_names, categories and
+    """The category surface of a fusedvq module (PlannedModule): category_names, categories and
     decoder_categories, and the errors by category in each space. The module provides num_kept, its
     weights now (_objective_weight: [K] or, for a hybrid's objective, [K + c]; _loss_weight: their kept
     columns') and calls _set_categories once its categories are checked."""
 
-    def _set_categories(self, decoder_categories, num_embedding: int) -> None:
+    def _set_categories(self, decoder_categories, gap_width: int) -> None:
         """decoder_categories checked against the K + c decoder columns, and the buffers the category errors
         read: each category's distinct columns in each space (category_members)."""
         K, device = self.num_kept, self.index.device
-        self.decoder_categories = check_decoder_categories(decoder_categories, self.categories, K, num_embedding)
-        W = self._decoder_width = K + num_embedding  # K + c: the hybrid objective's column errors
+        self.decoder_categories = check_decoder_categories(decoder_categories, self.categories, K, gap_width)
+        W = self._decoder_width = K + gap_width  # K + c: the hybrid objective's column errors
         kept = category_members(self.categories, K, device) if self.categories else None
         wide = category_members(self.decoder_categories, W, device) if self.decoder_categories else None
         self.register_buffer("category_members", kept, persistent=False)

@@ -23,7 +23,7 @@ from .kernels.plan import NO_GAP, Gap
 from .strict import check_flag, check_gap, option_code, refuse_unknown
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
-from .loss import Prepared, _kept_weight, check_spec
+from .loss import PlannedModule, _kept_weight, check_spec
 from .reference import loss_columns
 
 
@@ -51,7 +51,7 @@ def clean_features(features: torch.Tensor, index, mean=None, std=None, *, norm: 
     return ops.call_clean(features, plan, ops.small_route(plan))
 
 
-class FeatureCleaner(Prepared):
+class FeatureCleaner(PlannedModule):
     """clean_features with the index and statistics prepared once and held as buffers: a call checks only
     shapes, dtypes and devices (no host synchronization), so a step using it compiles with
     torch.compile(fullgraph=True) and is captured by CUDA graphs.
@@ -89,7 +89,7 @@ class FeatureCleaner(Prepared):
         decoder's feature columns with z, and `recon_columns` says which decoder columns those are (the c
         others are the embeddings, left to the caller)."""
         check_spec(cls, spec)
-        gap = NO_GAP if spec.hybrid is None else spec.hybrid.gap
+        gap = NO_GAP if spec.hybrid is None else Gap(spec.hybrid.gap_at, spec.hybrid.gap_width)
         if spec.hybrid is not None:
             options.setdefault("decoder_categories", spec.decoder_categories or None)
         cleaner = super().from_spec(spec, norm=norm, _gap=gap, **options)

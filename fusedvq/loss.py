@@ -1,5 +1,5 @@
 """The loss's public surface: masked_mse (the functional form) and MaskedMSELoss (the index and statistics
-prepared once and held as buffers), on Prepared, the module base that FeatureCleaner (clean.py) and
+prepared once and held as buffers), on PlannedModule, the module base that FeatureCleaner (clean.py) and
 VQReconLoss (recon.py) share. Arguments become one Plan (arguments.py); a call goes through the routing
 point (ops/__init__.py), which checks its tensors and picks the implementation.
 """
@@ -76,15 +76,16 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
 
 
 class HeldPlan(NamedTuple):
-    """A module's plan as its buffers hold it now, kept between calls (ops.held_plan)."""
+    """A held plan: a PlannedModule's plan as its buffers hold it now, with its small route, kept between calls
+    (ops.held_plan returns it, rebuilt by PlannedModule.hold when the buffers changed)."""
 
     plan: object  # arguments.Plan with the buffers' tensors
     route: Optional[object]  # its ops.small_route
     buffers: tuple  # (index, shift, scale, weight, inv_ptr, inv_k): the buffers it was built from
 
 
-class Prepared(CategoryErrors, nn.Module):
-    """The index and statistics of a fusedvq module, validated once (arguments.prepare) and held as buffers
+class PlannedModule(CategoryErrors, nn.Module):
+    """A module holding a Plan: the index and statistics, validated once (arguments.prepare) and held as buffers
     (they move with .to()): a call checks only shapes, dtypes and devices, so it never synchronizes with the
     GPU and compiles with torch.compile(fullgraph=True) or is captured in a CUDA graph. Statistics are held
     in float32 (the compute dtype of every Triton path), also under .half() / .to(dtype)."""
@@ -189,8 +190,8 @@ class Prepared(CategoryErrors, nn.Module):
                 f"nan_to_num={self.nan_to_num}, backend={self.backend!r}")
 
 
-class MaskedMSELoss(Prepared):
-    """masked_mse with the index and statistics prepared once and held as buffers (Prepared).
+class MaskedMSELoss(PlannedModule):
+    """masked_mse with the index and statistics prepared once and held as buffers (PlannedModule).
 
     Args:
         index: bool mask [D] or integer column indices [K] (then pass num_features=D).
@@ -202,7 +203,7 @@ class MaskedMSELoss(Prepared):
             name categories ({name: w}, the others 1) or be "balanced" (every category the same total weight).
         categories: {name: kept-column indices} (from_checkpoint / from_spec: the VQ-VAE's, in its order):
             category_errors(column_errors) gives the per-category errors of a reduction="column" loss.
-        decoder_categories: with a target_gap (p, c), the same categories in the decoder's K + c columns (a
+        decoder_categories: with a target_gap (at, c), the same categories in the decoder's K + c columns (a
             hybrid's model_config group_indices: the INITIAL category holds the c embedding columns), which
             category_errors averages over; feature_category_errors uses categories (categories.py).
         target_gap: (at, width): the target holds `width` more columns, from column `at` on, that the loss
@@ -217,7 +218,7 @@ class MaskedMSELoss(Prepared):
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, embeddings: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
-        """The loss of features [B, D] against target [B, K] ([B, K + c] with target_gap=(p, c)). embeddings
+        """The loss of features [B, D] against target [B, K] ([B, K + c] with target_gap=(at, c)). embeddings
         [B, c] (with a target_gap): the hybrid's objective instead, one MSE over all K + c target columns,
         F.mse_loss(target, [z[:, :p], embeddings, z[:, p:]]) read in place; its reductions "none" and
         "column" give [B, K + c] and [K + c], a weight then has K + c entries, and gradients flow to the
@@ -230,7 +231,7 @@ class MaskedMSELoss(Prepared):
     def _refuse_decoder_output(self, target) -> None:
         """Built from a hybrid VQ-VAE without target_gap, the loss compares a [B, K] target: a target of another
         width (the decoder's whole [B, K + c] output) is refused naming the decoder's width and the fix."""
-        K, (p, c) = self.num_kept, self.hybrid.gap  # (p, c): as in the message, target_gap=(p, c)
+        K, p, c = self.num_kept, self.hybrid.gap_at, self.hybrid.gap_width  # (as the message writes them)
         if self.target_gap.width or not isinstance(target, torch.Tensor) or target.dim() != 2 or target.shape[1] == K:
             return
         whole = " (that is its whole output)" if target.shape[1] == K + c else ""
@@ -290,7 +291,7 @@ def _refuse_swapped(features: torch.Tensor, target: torch.Tensor, index) -> None
     ops.check_order(features, target, D, K, "masked_mse(features [B, {}], target [B, {}], index, ...)")
 
 
-__all__ = ["masked_mse", "MaskedMSELoss", "Prepared"]
+__all__ = ["masked_mse", "MaskedMSELoss", "PlannedModule"]
 
 
 def _kept_weight(weight: Optional[torch.Tensor], num_kept: int, gap) -> Optional[torch.Tensor]:

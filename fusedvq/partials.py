@@ -23,7 +23,7 @@ from . import ops
 from .arguments import check_gap, option_code, prepare
 from .cpu.partials_small import PartialsRoute
 from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN, Gap
-from .loss import Prepared, check_spec
+from .loss import PlannedModule, check_spec
 from .ops.hybrid import check_embedding_tensor
 from .ops.partials import PartialsMode, call_partials
 from .partial_categories import category_errors_of, partial_category_errors, partial_category_layout
@@ -165,7 +165,7 @@ def check_embeddings(embeddings, rows: int, partial: torch.Tensor, gap: Gap) -> 
     check_embedding_tensor(embeddings, rows, gap, partial, "the partials are")
 
 
-class PartialsMSELoss(Prepared):
+class PartialsMSELoss(PlannedModule):
     """partials_mse with the index and statistics prepared once and held as buffers (as MaskedMSELoss), and
     the categories' layout for the per-category metric.
 
@@ -212,11 +212,11 @@ class PartialsMSELoss(Prepared):
 
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options):
-        """As Prepared.from_spec; for a hybrid VQ-VAE (spec.hybrid) the partials are the decoder's K + c columns
-        wide: target_gap (at, c) and decoder_categories come from the spec unless given."""
+        """As PlannedModule.from_spec; for a hybrid VQ-VAE (spec.hybrid) the partials are the decoder's K + c
+        columns wide: target_gap (at, c) and decoder_categories come from the spec unless given."""
         check_spec(cls, spec)
         if spec.hybrid is not None:
-            gap = options.setdefault("target_gap", tuple(spec.hybrid.gap))
+            gap = options.setdefault("target_gap", (spec.hybrid.gap_at, spec.hybrid.gap_width))
             if isinstance(gap, (tuple, list)) and len(gap) == 2 and gap[1]:
                 options.setdefault("decoder_categories", spec.decoder_categories or None)
         return super().from_spec(spec, norm=norm, **options)

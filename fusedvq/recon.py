@@ -82,7 +82,7 @@ class VQReconLoss(nn.Module):
         embedding columns (spec.embedding_columns) to the caller."""
         check_spec(cls, spec)
         layout = spec.hybrid
-        gap = layout.gap if layout is not None else (0, 0)
+        gap = (layout.gap_at, layout.gap_width) if layout is not None else (0, 0)
         if layout is not None:
             options.setdefault("decoder_categories", spec.decoder_categories or None)
         loss = cls(spec.feature_mask, **spec.stats_arguments(norm), categories=spec.categories, norm=norm,

@@ -95,7 +95,8 @@ def not_numbers(name: str, value, err: Exception) -> TypeError:
 
 
 def check_gap(target_gap, num_kept: int) -> Gap:
-    """target_gap=(at, width) as a Gap, with 0 <= at <= K and width >= 0 (Python or numpy integers), or a ValueError naming them."""
+    """target_gap=(at, width) as a Gap, with 0 <= at <= K and width >= 0 (Python or numpy integers), or a
+    ValueError naming them."""
     ok = (isinstance(target_gap, (tuple, list)) and len(target_gap) == 2
           and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in target_gap))
     if not ok or not 0 <= target_gap[0] <= num_kept or target_gap[1] < 0:

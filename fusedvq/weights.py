@@ -65,17 +65,17 @@ def _refuse_overlap_or_gap(categories: dict[str, tuple[int, ...]], num_kept: int
 
 
 def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device,
-                 num_embedding: int = 0) -> torch.Tensor:
+                 gap_width: int = 0) -> torch.Tensor:
     """The loss's per-column weights as a [K] tensor in `dtype` on `device`: 1-D, one per kept column (in the
     loss's column order), real, finite and >= 0 (checked on the host once: one synchronization on CUDA;
-    skipped while torch.compile traces, like the statistics' values). With a hybrid's num_embedding = c > 0,
+    skipped while torch.compile traces, like the statistics' values). With a hybrid's gap_width = c > 0,
     [K + c] too: one per decoder column, for the objective over all K + c columns (calls with embeddings)."""
     weight = resolve_weight(weight, {}, num_kept)  # (a weight by category name, here without categories: refused)
     t = as_tensor(weight, "weight", device)
-    if t.dim() != 1 or (t.shape[0] != num_kept and t.shape[0] != num_kept + num_embedding):  # (not `in`: sizes
+    if t.dim() != 1 or (t.shape[0] != num_kept and t.shape[0] != num_kept + gap_width):  # (not `in`: sizes
         # may be symbolic while torch.compile traces, and a tuple's `in` does not compare them)
-        hybrid = (f", or one per decoder column (K + c = {num_kept + num_embedding}) for the objective with "
-                  f"embeddings" if num_embedding else "")
+        hybrid = (f", or one per decoder column (K + c = {num_kept + gap_width}) for the objective with "
+                  f"embeddings" if gap_width else "")
         raise ValueError(f"weight must be 1-D with one entry per kept column (K = {num_kept}){hybrid}, got shape "
                          f"{tuple(t.shape)}")
     num_kept = t.shape[0]

@@ -19,7 +19,6 @@ import torch
 import fusedvq
 from fusedvq import ops
 from fusedvq.checkpoint.hybrid import HybridLayout
-from fusedvq.kernels.plan import Gap
 from fusedvq.cpu import small as cpu_small
 from oracle import category_weights, strided
 
@@ -235,7 +234,7 @@ def build(case: Case, d: Data):
             spec = fusedvq.FeatureSpec(
                 path=None, feature_mask=d.index, index=d.idx, input_dim=K + case.gap[1], categories=d.categories,
                 mean=d.mean[d.idx], std=d.std[d.idx], method="standard", stats_source=None,
-                hybrid=HybridLayout(K, Gap(*case.gap)))
+                hybrid=HybridLayout(K, *case.gap))
             opts.pop("mean", None), opts.pop("std", None), opts.pop("stats_space", None)
             cleaner = fusedvq.FeatureCleaner.from_spec(spec, weight=d.weight, **opts)
         else:

@@ -87,7 +87,7 @@ def test_hybrid_layout_is_derived(tmp_path, families):
     run = make_run(hybrid=True, seed=5, families=families, gap_width=28)
     spec = load_feature_spec(write_run(tmp_path, run), num_features=sum(run.families.values()))
     p = run.gap_at
-    assert spec.hybrid.gap.at == p and spec.hybrid.gap.width == 28 and spec.input_dim == run.K + 28
+    assert spec.hybrid.gap_at == p and spec.hybrid.gap_width == 28 and spec.input_dim == run.K + 28
     cols = spec.recon_columns.numpy()
     assert np.array_equal(cols[:p], np.arange(p)) and np.array_equal(cols[p:], np.arange(p, run.K) + 28)
     assert spec.embedding_columns == range(p, p + 28)
@@ -97,7 +97,7 @@ def test_hybrid_layout_from_feature_names_alone(tmp_path):
     run = make_run(hybrid=True, seed=6)
     path = write_run(tmp_path, run, edit=lambda ck: ck.pop("pre_model_group_indices"))
     spec = load_feature_spec(path, require_stats=False)
-    assert spec.hybrid.gap.at == run.gap_at and "feature_names" in spec.hybrid.source
+    assert spec.hybrid.gap_at == run.gap_at and "feature_names" in spec.hybrid.source
     # Statistics need the categories in kept columns, in their own order: refused, saying why.
     with pytest.raises(CheckpointError, match="pre_model_group_indices"):
         load_feature_spec(path)

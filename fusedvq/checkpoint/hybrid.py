@@ -24,7 +24,6 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ..kernels.plan import Gap
 from .errors import quoted
 from .values import MAX_LIST_ENTRIES as MAX_EMBEDDING
 from .values import _parse_categories
@@ -38,11 +37,13 @@ EMBEDDING_LAYER = ("cnn_encoder.fc.weight", "cnn_encoder.bn_final.weight")
 
 @dataclass(frozen=True)
 class HybridLayout:
-    """The decoder's columns of a hybrid VQ-VAE: kept feature columns with gap.width embedding columns
-    inserted at gap.at (decoder columns [gap.at, gap.at + gap.width); the loss's target_gap)."""
+    """The decoder's columns of a hybrid VQ-VAE: kept feature columns with gap_width embedding columns
+    inserted at gap_at (decoder columns [gap_at, gap_at + gap_width); the loss's target_gap=(gap_at,
+    gap_width))."""
 
     num_kept: int  # K
-    gap: Gap  # (p, c) above: the embedding columns
+    gap_at: int  # p above: the first embedding column
+    gap_width: int  # c above: the embedding columns
     family: Optional[str] = None  # the INITIAL family's name in config["families"], when declared
     num_initial: Optional[int] = None  # its hand-made columns (just before the embedding columns), when known
     source: str = ""  # what p was derived from, in words
@@ -50,20 +51,20 @@ class HybridLayout:
     @property
     def width(self) -> int:
         """The decoder's input_dim, K + c."""
-        return self.num_kept + self.gap.width
+        return self.num_kept + self.gap_width
 
     def recon_columns(self) -> np.ndarray:
         """[K] int64: the decoder column of each kept feature column, in the kept columns' order."""
         k = np.arange(self.num_kept, dtype=np.int64)
-        return np.where(k < self.gap.at, k, k + self.gap.width)
+        return np.where(k < self.gap_at, k, k + self.gap_width)
 
     def embedding_columns(self) -> range:
-        return range(self.gap.at, self.gap.at + self.gap.width)
+        return range(self.gap_at, self.gap_at + self.gap_width)
 
     def to_kept(self, columns: np.ndarray) -> np.ndarray:
         """Decoder columns → kept columns (embedding columns dropped)."""
         columns = np.asarray(columns, dtype=np.int64)
-        gap_at, gap_width = self.gap
+        gap_at, gap_width = self.gap_at, self.gap_width
         columns = columns[(columns < gap_at) | (columns >= gap_at + gap_width)]
         return np.where(columns < gap_at, columns, columns - gap_width)
 
@@ -84,7 +85,7 @@ class HybridClues:
         return self.encoder_keys > 0 or self.family is not None
 
     @property
-    def num_embedding(self) -> Optional[int]:
+    def gap_width(self) -> Optional[int]:
         return self.embedding_rows if self.embedding_rows is not None else self.family_embedding
 
     def evidence(self) -> str:
@@ -154,15 +155,15 @@ def hybrid_clues(data: Mapping) -> HybridClues:
     return clues
 
 
-def first_embedding_from_groups(kept_groups: Mapping[str, np.ndarray], decoder_groups: Mapping[str, np.ndarray],
-                                num_kept: int, num_embedding: int) -> tuple[list[int], Optional[str]]:
+def gap_at_from_groups(kept_groups: Mapping[str, np.ndarray], decoder_groups: Mapping[str, np.ndarray],
+                       num_kept: int, gap_width: int) -> tuple[list[int], Optional[str]]:
     """The positions p consistent with both sets of group indices, and the INITIAL category's name.
 
     Every category's decoder columns must be its kept columns shifted by c from p on, in the same order;
     the INITIAL category's also hold [p, p + c) (as a sorted set). Work is linear in the listed indices
     for each candidate left after the ordinary categories bound p.
     """
-    c = num_embedding
+    c = gap_width
     if set(kept_groups) != set(decoder_groups):
         return [], None
     initial = [n for n in kept_groups if decoder_groups[n].size - kept_groups[n].size == c]
@@ -199,8 +200,8 @@ def first_embedding_from_groups(kept_groups: Mapping[str, np.ndarray], decoder_g
     return found, initial[0]
 
 
-def first_embedding_from_names(names: Optional[list], family: Optional[str],
-                               num_kept: int) -> tuple[Optional[int], Optional[int]]:
+def gap_at_from_names(names: Optional[list], family: Optional[str],
+                      num_kept: int) -> tuple[Optional[int], Optional[int]]:
     """(p, hand-made columns) from feature_names, one per kept column: just after the last "family::" name,
     when they are contiguous. Names of another length (e.g. of all original columns) say nothing here."""
     if not names or family is None or len(names) != num_kept:
@@ -238,9 +239,9 @@ def declare_hybrid(decl, data: dict, attempt, need_stats: bool) -> None:
         decl.problems.append(f"{what}, but its decoder's input_dim {width} leaves no columns for embeddings beside "
                              f"the {K} kept feature columns")
         return
-    if clues.num_embedding is not None and clues.num_embedding != c:
+    if clues.gap_width is not None and clues.gap_width != c:
         decl.problems.append(
-            f"{what} whose initial encoder gives {clues.num_embedding} embedding columns, but the decoder's "
+            f"{what} whose initial encoder gives {clues.gap_width} embedding columns, but the decoder's "
             f"input_dim {width} minus the {K} kept feature columns leaves {c}"
         )
         return
@@ -249,8 +250,8 @@ def declare_hybrid(decl, data: dict, attempt, need_stats: bool) -> None:
         kept_groups = attempt(_parse_categories, data["pre_model_group_indices"])
     candidates, initial = [], None
     if kept_groups is not None and decl.categories is not None:
-        candidates, initial = first_embedding_from_groups(kept_groups, decl.categories, K, c)
-    by_names, manual = first_embedding_from_names(decl.feature_names, clues.family, K)
+        candidates, initial = gap_at_from_groups(kept_groups, decl.categories, K, c)
+    by_names, manual = gap_at_from_names(decl.feature_names, clues.family, K)
     if kept_groups is not None and decl.categories is not None and not candidates:
         decl.problems.append(
             f"{what}, but its pre_model_group_indices and model_config's group_indices do not describe one "
@@ -283,7 +284,7 @@ def declare_hybrid(decl, data: dict, attempt, need_stats: bool) -> None:
             f"has {' and '.join(have)}"
         )
         return
-    decl.hybrid = HybridLayout(K, Gap(p, c), clues.family, manual or clues.family_manual, source)
+    decl.hybrid = HybridLayout(K, p, c, clues.family, manual or clues.family_manual, source)
     decl.decoder_categories = decl.categories
     if kept_groups is not None:
         decl.categories = kept_groups

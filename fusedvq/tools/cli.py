@@ -141,7 +141,7 @@ def check(path: str, *, features: Optional[int] = None, stats: Optional[str] = N
         return 1
     kept = decl.num_kept
     fit = f"a {features}-column extractor" if features else f"a {decl.feature_mask.shape[0]}-column extractor"
-    hybrid = f", {decl.hybrid.gap.width} of them embedding columns" if decl.hybrid is not None else ""
+    hybrid = f", {decl.hybrid.gap_width} of them embedding columns" if decl.hybrid is not None else ""
     say(f"ok: consistent; {fit} fits ({kept} kept columns, decoder input_dim {decl.input_dim}{hybrid})")
     if features is None:
         say("  (pass --features D to check the width of your extractor's output too)")
@@ -243,7 +243,7 @@ def _describe_hybrid(decl, say) -> None:
         if decl.clues.is_hybrid:
             say(f"hybrid          yes ({decl.clues.evidence()}); layout not derived (see below)")
         return
-    (p, c), K = layout.gap, layout.num_kept  # (as the message writes them)
+    p, c, K = layout.gap_at, layout.gap_width, layout.num_kept  # (as the message writes them)
     initial = f"the {layout.family!r} family's" if layout.family else "the initial family's"
     count = f" {layout.num_initial}" if layout.num_initial else ""
     say(f"hybrid          yes ({decl.clues.evidence()}): an initial encoder adds {c} embedding columns")

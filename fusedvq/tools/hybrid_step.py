@@ -42,7 +42,7 @@ def hybrid_world(spec, mean: torch.Tensor, std: torch.Tensor, categories: Option
                  gen: torch.Generator) -> World:
     """An extractor of the spec's widths, a stand-in initial encoder of its c embedding columns, and a
     VQ-VAE over the K + c decoder columns fitted to their combination."""
-    K, (p, c) = spec.num_kept, spec.hybrid.gap
+    K, p, c = spec.num_kept, spec.hybrid.gap_at, spec.hybrid.gap_width
     mask = spec.feature_mask
     extractor = build_extractor(mask, mean, std, gen)
     initial = InitialEncoder(torch.randn(LATENT, c, generator=gen, dtype=torch.float64) / math.sqrt(LATENT), p)
