@@ -205,8 +205,8 @@ def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num:
     return rows
 
 
-def batch_stats(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None) -> torch.Tensor:
-    """stats [5, K] fp32 of this batch (or, with merge_and_finalize, over all ranks)."""
+def batch_moments(x, index, eps: float, nan_to_num: bool, merge_and_finalize=None) -> torch.Tensor:
+    """moments [5, K] fp32 of this batch (or, with merge_and_finalize, over all ranks)."""
     if merge_and_finalize is None:
         return column_moments(x, index, eps, nan_to_num, finalize=True)
     shift, mean, m2 = column_moments(x, index, eps, nan_to_num, finalize=False)
@@ -220,7 +220,7 @@ def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finali
     turns this batch's moments into statistics over all ranks; None: this batch's own. embeddings [B, c]:
     a hybrid's objective over K + c columns (the statistics stay the K feature columns')."""
     B, K, reduction = x.shape[0], index.shape[0], mode.reduction
-    stats = batch_stats(x, index, eps, mode.nan_to_num, merge_and_finalize)
+    stats = batch_moments(x, index, eps, mode.nan_to_num, merge_and_finalize)
     if B == 0:
         W = K + mode.gap.width if embeddings is not None else K
         shape = (0, W) if reduction == REDUCTION_NONE else (W,) if reduction == REDUCTION_COLUMN else ()

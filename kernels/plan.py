@@ -70,7 +70,7 @@ COMPUTE_DTYPE = {torch.float64: torch.float64, torch.float32: torch.float32, tor
 def reduction_scale(reduction: int, B: int, K: int) -> float:
     """What the reduction multiplies the sum of its terms by: 1/(B·K) for mean, 1/B for column (a column's
     sum over the batch), 1 for sum and none; the gradient's factor is twice it. B = 0 (a rank without rows)
-    counts as 1. Every launcher and the CPU path's reductions (fusedvq/cpu/stats.py) read it."""
+    counts as 1. Every launcher and the CPU path's reductions (fusedvq/cpu/blocked.py) read it."""
     if reduction == REDUCTION_MEAN:
         return 1.0 / max(B * K, 1)
     return 1.0 / max(B, 1) if reduction == REDUCTION_COLUMN else 1.0

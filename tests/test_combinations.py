@@ -27,7 +27,7 @@ from combinations_checks import backward, check_grads, close, modes
 from combinations_partials import draw_partials, run_partials
 from fusedvq import ops
 from fusedvq.cpu import small as cpu_small
-from fusedvq.cpu import stats as cpu_stats
+from fusedvq.cpu import blocked as cpu_blocked
 from helpers import interpreting
 from oracle import TOLERANCE, category_oracle, hybrid_oracle, kept_z, weighted_oracle
 
@@ -175,7 +175,7 @@ def _settings(case: Case):
                                 (cpu_small, "SMALL_ELEMENTS")):
                 stack.enter_context(mock.patch.object(owner, name, rows * K))
         if case.block_rows:
-            stack.enter_context(mock.patch.object(cpu_stats, "_BLOCK_ELEMENTS", case.block_rows * K))
+            stack.enter_context(mock.patch.object(cpu_blocked, "_BLOCK_ELEMENTS", case.block_rows * K))
         if case.loads != "gather":
             from fusedvq.kernels import tiles
 

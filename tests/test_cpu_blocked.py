@@ -8,7 +8,7 @@ import torch
 import fusedvq
 from fusedvq import ops as routing
 from fusedvq.arguments import LossForm, prepare
-from fusedvq.cpu import stats as cpu
+from fusedvq.cpu import blocked as cpu
 from fusedvq.kernels.plan import COMPUTE_DTYPE
 from fusedvq.ops import loss as op
 from oracle import TOLERANCE, oracle, random_case, rel_err

@@ -8,7 +8,7 @@ import torch
 import fusedvq
 from fusedvq import ops as routing
 from fusedvq.cpu import small as cpu_small
-from fusedvq.cpu import stats as cpu
+from fusedvq.cpu import blocked as cpu
 from helpers import BACKENDS
 from oracle import batch_oracle, oracle, random_case, rel_err
 

@@ -1,4 +1,4 @@
-"""The PyTorch path's implementations on the CPU, with hand-written gradients: the blocked passes, stats.py
+"""The PyTorch path's implementations on the CPU, with hand-written gradients: the blocked passes, blocked.py
 (norm "none" / "stats", and the blocks every pass shares) and batch.py (norm "batch", with moments.py, the
 moments of its row blocks or of the ranks merged into one); small.py, the small-batch route's norm "batch"
 forms (small batches of norm "none" / "stats" take reference.py's composition); hybrid.py, a hybrid

@@ -1,7 +1,7 @@
 """The CPU implementation of norm="batch", the loss and clean_features: reference.py's math with hand-written
-gradients (batch norm's VJP), in the blocked passes of stats.py.
+gradients (batch norm's VJP), in the blocked passes of blocked.py.
 
-Every pass walks the rows in blocks whose gather and normalization live in warm scratch (stats.py says why:
+Every pass walks the rows in blocks whose gather and normalization live in warm scratch (blocked.py says why:
 fresh batch-sized buffers cost page faults, several times the arithmetic), so a step first-touches only
 the buffers it returns: grad_x and grad_target, and z for clean_features. Nothing batch-sized is saved
 for the backward, which recomputes z from x block by block (as the kernels do).
@@ -24,7 +24,8 @@ import torch
 
 from ..kernels.plan import REDUCTION_COLUMN, REDUCTION_NONE, Mode, COMPUTE_DTYPE
 from .moments import merge_moments
-from .stats import _block_rows, _dots, _scatter_rows, _total, grad_factors, into_target, new_target_grad, reduce_columns
+from .blocked import _block_rows, _dots, _scatter_rows, _total, grad_factors, into_target, new_target_grad
+from .blocked import reduce_columns
 
 # The statistics of a batch, stats [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N): the shift c (the batch's first
 # row), the mean m around it, 1/σ' (σ' = 1 where σ < eps), 1/(N − 1) (0 where σ' = 1: no gradient through
@@ -94,8 +95,8 @@ def _known_finite(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and bool(torch.isfinite(t.sum()))
 
 
-def batch_stats(blocks: _Blocks, eps: float, merge_and_finalize=None):
-    """(stats [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N) of the kept columns (over all ranks with merge_and_finalize),
+def batch_moments(blocks: _Blocks, eps: float, merge_and_finalize=None):
+    """(moments [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N) of the kept columns (over all ranks with merge_and_finalize),
     the one block's x̃ − c − m in the scratch buffer when the batch is one block, else None)."""
     parts, shift, centered = [], None, None
     for rows in blocks.rows():
@@ -148,7 +149,7 @@ def batch_mse_forward(
     reduction "none", whose backward sums with g[b, k] itself), in the compute dtype."""
     reduction, gap = mode.reduction, mode.gap
     blocks = _Blocks(x, index, mode.nan_to_num)
-    stats, centered = batch_stats(blocks, eps, merge_and_finalize)
+    stats, centered = batch_moments(blocks, eps, merge_and_finalize)
     K = blocks.K
     none = reduction == REDUCTION_NONE
     loss = torch.empty((blocks.B, K), dtype=x.dtype, device=x.device) if none else None
@@ -265,7 +266,7 @@ def batch_clean_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z [B, K] in x.dtype, stats [5, K] in the compute dtype)."""
     blocks = _Blocks(x, index, mode.nan_to_num)
-    stats, centered = batch_stats(blocks, eps, merge_and_finalize)
+    stats, centered = batch_moments(blocks, eps, merge_and_finalize)
     z_out = torch.empty((blocks.B, blocks.K), dtype=x.dtype, device=x.device)
     for rows, z, _ in _z_blocks(blocks, stats, centered):
         z_out[rows] = z

@@ -1,4 +1,4 @@
-"""A hybrid's objective on the CPU's blocked passes (stats.py, batch.py): one MSE over the decoder's K + c
+"""A hybrid's objective on the CPU's blocked passes (blocked.py, batch.py): one MSE over the decoder's K + c
 columns, the K feature columns' z and the caller's c embeddings [B, c] at decoder columns at .. at + c − 1,
 without a combined [B, K + c] copy. The blocked passes compute the feature columns' loss as they do for a
 gapped target (read around the gap in place) with the feature columns' weights; the c embedding columns'

@@ -8,8 +8,8 @@ take the registered op, whose CPU implementation is batch.py: the same math, con
     forward   x̃ = x[:, index] in the compute dtype (nan_to_num: NaN, ±Inf → 0), c = x̃[0] (a shift from the
               data: a column constant within the batch gives m = M2 = 0 exactly, reference.py says why),
               m = mean_b (x̃ − c), M2 = Σ_b (x̃ − c − m)², σ = sqrt(M2/(B − 1)), σ' = 1 where σ < eps,
-              z = nan_to_num((x̃ − c − m)/σ'), diff = z − r, loss = reduce(w·diff²)  (stats.py's reduce_columns)
-    backward  dz = ∂L/∂z·[z finite]  (the loss: 2·g·w·diff, stats.py's grad_factors),
+              z = nan_to_num((x̃ − c − m)/σ'), diff = z − r, loss = reduce(w·diff²)  (blocked.py's reduce_columns)
+    backward  dz = ∂L/∂z·[z finite]  (the loss: 2·g·w·diff, blocked.py's grad_factors),
               S1 = Σ_b dz, S2 = Σ_b dz·z,
               ∂L/∂x̃ = (1/σ')·(dz − S1/B − z·S2·w')·[x finite]   (w' = 1/(B − 1), 0 where σ' = 1: no gradient
               through σ), added into the columns index names (duplicates add up),  ∂L/∂r = −2·g·w·diff
@@ -29,7 +29,7 @@ from .. import reference
 from ..kernels.plan import COMPUTE_DTYPE, REDUCTION_COLUMN, REDUCTION_MEAN, REDUCTION_NONE
 from . import autocast_enabled, without_autocast
 from .batch import _neg_cast
-from .stats import grad_factors, into_target, new_target_grad, reduce_columns
+from .blocked import grad_factors, into_target, new_target_grad, reduce_columns
 
 # Up to this many [B, K] elements this path wins over the blocked passes (measured: B = 4 to 64 at K = 171);
 # above it, fresh batch-sized temporaries cost more than blocks in warm scratch.

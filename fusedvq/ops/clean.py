@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import kernels
 from .. import reference
 from ..cpu import batch as cpu_batch
-from ..cpu import stats as cpu_stats
+from ..cpu import blocked as cpu_blocked
 from ..kernels.plan import NORM_BATCH, Mode
 from .autograd import OpAutograd, define_op, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
@@ -50,7 +50,7 @@ def _fresh(x: Tensor) -> Tensor:
 
 
 def _clean_forward(x: Tensor, columns: list, stats: list, options: CleanOptions) -> Tensor:
-    impl = kernels if options.use_triton else cpu_stats
+    impl = kernels if options.use_triton else cpu_blocked
     return impl.clean_forward(x, columns[0], tuple(stats), Mode(nan_to_num=options.nan_to_num))
 
 
@@ -63,7 +63,7 @@ def _clean_backward(grad_z: Tensor, x: Tensor, columns: list, stats: list, optio
     mode = Mode(nan_to_num=options.nan_to_num)
     if options.use_triton:
         return kernels.clean_backward(grad_z, x, (columns[1], columns[2]), tuple(stats), mode)
-    return cpu_stats.clean_backward(grad_z, x, columns[0], tuple(stats), mode)
+    return cpu_blocked.clean_backward(grad_z, x, columns[0], tuple(stats), mode)
 
 
 clean_backward = define_op(

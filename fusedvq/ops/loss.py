@@ -44,7 +44,7 @@ from .. import kernels
 from .. import reference
 from ..cpu import batch as cpu_batch
 from ..cpu import hybrid as cpu_hybrid
-from ..cpu import stats as cpu_stats
+from ..cpu import blocked as cpu_blocked
 from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Gap, Mode
 from .autograd import OpAutograd, define_op, refuse_synced_higher_order
 from .distributed import merged_stats_fn, sum_over_ranks_fn
@@ -122,7 +122,7 @@ def _masked_mse_forward(x: Tensor, target: Tensor, columns: list, stats: list, w
         return loss, empty(x), empty(x, torch.bool)
 
     def features(w):
-        loss, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), options.mode(), w)
+        loss, diff, finite = cpu_blocked.masked_mse_forward(x, target, columns[0], tuple(stats), options.mode(), w)
         return loss, diff, finite if finite is not None else empty(x, torch.bool)
 
     if embeddings is None:
@@ -153,7 +153,7 @@ def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list,
                                             embeddings)
     else:
         def features(g, w):
-            return cpu_stats.masked_mse_backward(g, x, target, columns[0], tuple(stats),
+            return cpu_blocked.masked_mse_backward(g, x, target, columns[0], tuple(stats),
                                                  (saved[0], saved[1] if options.nan_to_num else None), mode, weight=w)
 
         grads = features(grad, weight) if embeddings is None else cpu_hybrid.backward(
@@ -189,11 +189,11 @@ def _masked_backward(ctx, grad, needs):
         # write keeps diff's version (it is not an input's); a second backward through the same graph
         # (retain_graph=True) finds diff spent and computes it again.
         if ctx.diff_spent:
-            _, diff, finite = cpu_stats.masked_mse_forward(x, target, columns[0], tuple(stats), options.mode(), weight)
+            _, diff, finite = cpu_blocked.masked_mse_forward(x, target, columns[0], tuple(stats), options.mode(), weight)
             saved = [diff, finite]
         ctx.diff_spent = True
         with torch.autograd._unsafe_preserve_version_counter(saved[0]):
-            return cpu_stats.masked_mse_backward(grad, x, target, columns[0], tuple(stats),
+            return cpu_blocked.masked_mse_backward(grad, x, target, columns[0], tuple(stats),
                                                  (saved[0], saved[1] if options.nan_to_num else None),
                                                  options.mode(needs=needs), overwrite_diff=True, weight=weight)
     grads = ctx.ops.masked_mse_backward(grad, x, target, columns, stats, saved, weight, embeddings, options,

@@ -1,5 +1,5 @@
-"""The CPU implementation of norm "none" / "stats": the loss and clean_features of reference.py with
-hand-written gradients, in blocked passes (batch.py builds norm "batch" on the same blocks).
+"""The blocked passes: the CPU implementation of norm "none" / "stats", the loss and clean_features of
+reference.py with hand-written gradients, in row blocks (batch.py builds norm "batch" on the same blocks).
 
 Gradients are analytic, so training on the CPU never materializes the [B, D] normalized features that
 autograd through the plain composition would; small batches, where per-op overhead dominates, take the
