@@ -133,9 +133,9 @@ def force_blocked(monkeypatch, block_rows: int, num_kept: int) -> None:
     """The CPU blocked passes at any B, in blocks of block_rows rows of num_kept columns: no composition, no
     small-batch route."""
     from fusedvq import ops
-    from fusedvq.cpu import small, stats
+    from fusedvq.cpu import blocked, small
 
     monkeypatch.setattr(ops, "_COMPOSED_MAX_ELEMENTS", 0)
     monkeypatch.setattr(ops, "_GAP_COMPOSED_MAX_ELEMENTS", 0)
     monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
-    monkeypatch.setattr(stats, "_BLOCK_ELEMENTS", block_rows * num_kept)
+    monkeypatch.setattr(blocked, "_BLOCK_ELEMENTS", block_rows * num_kept)
