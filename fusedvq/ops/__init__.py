@@ -69,7 +69,7 @@ def call_loss(features: Tensor, target: Tensor, plan, signature: str, route: Opt
             return reference.batch_mse_composed(features, target, index, plan.eps, plan.nan_to_num, plan.reduction,
                                                 plan.gap, weight, embeddings)
         return EagerAutograd.apply(loss_ops.BATCH_MSE, *inputs, options)
-    inputs = (features, target, columns, _stats_for(plan, features), weight, embeddings)
+    inputs = (features, target, columns, _affine_for(plan, features), weight, embeddings)
     if torch.compiler.is_compiling():
         return loss_ops.masked_mse_forward(*inputs, **options._asdict())[0]
     if under_functorch() or (not use_triton and use_composed(features, index.shape[0], plan.gap.width > 0)):
@@ -98,13 +98,13 @@ def call_clean(features: Tensor, plan, route: Optional["SmallRoute"] = None) -> 
             refuse_synced_higher_order(group, "torch.func transforms")
             return reference.batch_clean_composed(features, index, plan.eps, plan.nan_to_num)
         return EagerAutograd.apply(clean_ops.BATCH_CLEAN, features, columns, plan.eps, group, options)
-    stats = _stats_for(plan, features)
+    affine = _affine_for(plan, features)
     if torch.compiler.is_compiling():
-        return clean_ops.clean_forward(features, columns, stats, **options._asdict())
+        return clean_ops.clean_forward(features, columns, affine, **options._asdict())
     if under_functorch() or (not use_triton and use_composed(features, index.shape[0])):
-        shift, scale = stats or (None, None)
+        shift, scale = affine or (None, None)
         return reference.clean_composed(features, index, shift, scale, plan.nan_to_num)
-    return EagerAutograd.apply(clean_ops.CLEAN, features, columns, stats, options)
+    return EagerAutograd.apply(clean_ops.CLEAN, features, columns, affine, options)
 
 
 class EagerAutograd(torch.autograd.Function):
@@ -230,7 +230,7 @@ def _route(features: Tensor, plan) -> tuple[bool, str]:
     return use_triton, ""
 
 
-def _stats_for(plan, features: Tensor) -> list:
+def _affine_for(plan, features: Tensor) -> list:
     """[shift, scale] in the features' compute dtype (float64 features widen float32 statistics), or []."""
     if plan.shift is None:
         return []

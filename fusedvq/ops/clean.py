@@ -1,15 +1,15 @@
 """clean_features as registered ops: z = the normalized kept columns, and its VJP (reference.py states both).
 
-    fusedvq::clean_forward(Tensor x, Tensor[] columns, Tensor[] stats, *, bool nan_to_num, bool use_triton)
+    fusedvq::clean_forward(Tensor x, Tensor[] columns, Tensor[] affine, *, bool nan_to_num, bool use_triton)
         -> z [B, K]
-    fusedvq::clean_backward(Tensor grad_z, Tensor x, Tensor[] columns, Tensor[] stats, *, <options>)
+    fusedvq::clean_backward(Tensor grad_z, Tensor x, Tensor[] columns, Tensor[] affine, *, <options>)
         -> grad_x [B, D]
     fusedvq::batch_clean_forward(Tensor x, Tensor[] columns, float eps, str group, *, <options>)
-        -> (z [B, K], stats [5, K])
-    fusedvq::batch_clean_backward(Tensor grad_z, Tensor x, Tensor[] columns, Tensor stats, str group, *,
+        -> (z [B, K], moments [5, K])
+    fusedvq::batch_clean_backward(Tensor grad_z, Tensor x, Tensor[] columns, Tensor moments, str group, *,
         <options>) -> grad_x [B, D]
 
-columns, stats and group as in loss.py; the options (CleanOptions): nan_to_num and use_triton. Nothing
+columns, affine, moments and group as in loss.py; the options (CleanOptions): nan_to_num and use_triton. Nothing
 batch-sized is saved beyond the inputs: the backward of norm "none"/"stats" needs x only for its finite
 mask (nan_to_num), and that of norm "batch" recomputes z from x and the saved statistics.
 """
@@ -49,31 +49,31 @@ def _fresh(x: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------ norm "none" / "stats"
 
 
-def _clean_forward(x: Tensor, columns: list, stats: list, options: CleanOptions) -> Tensor:
+def _clean_forward(x: Tensor, columns: list, affine: list, options: CleanOptions) -> Tensor:
     impl = kernels if options.use_triton else cpu_blocked
-    return impl.clean_forward(x, columns[0], tuple(stats), Mode(nan_to_num=options.nan_to_num))
+    return impl.clean_forward(x, columns[0], tuple(affine), Mode(nan_to_num=options.nan_to_num))
 
 
 clean_forward = define_op(
-    "clean_forward", f"(Tensor x, Tensor[] columns, Tensor[] stats, {_OPTIONS}) -> Tensor", _clean_forward,
-    lambda x, columns, stats, options: x.new_empty((x.shape[0], columns[0].shape[0])), (CleanOptions,))
+    "clean_forward", f"(Tensor x, Tensor[] columns, Tensor[] affine, {_OPTIONS}) -> Tensor", _clean_forward,
+    lambda x, columns, affine, options: x.new_empty((x.shape[0], columns[0].shape[0])), (CleanOptions,))
 
 
-def _clean_backward(grad_z: Tensor, x: Tensor, columns: list, stats: list, options: CleanOptions) -> Tensor:
+def _clean_backward(grad_z: Tensor, x: Tensor, columns: list, affine: list, options: CleanOptions) -> Tensor:
     mode = Mode(nan_to_num=options.nan_to_num)
     if options.use_triton:
-        return kernels.clean_backward(grad_z, x, (columns[1], columns[2]), tuple(stats), mode)
-    return cpu_blocked.clean_backward(grad_z, x, columns[0], tuple(stats), mode)
+        return kernels.clean_backward(grad_z, x, (columns[1], columns[2]), tuple(affine), mode)
+    return cpu_blocked.clean_backward(grad_z, x, columns[0], tuple(affine), mode)
 
 
 clean_backward = define_op(
-    "clean_backward", f"(Tensor grad_z, Tensor x, Tensor[] columns, Tensor[] stats, {_OPTIONS}) -> Tensor",
-    _clean_backward, lambda grad_z, x, columns, stats, options: _fresh(x), (CleanOptions,))
+    "clean_backward", f"(Tensor grad_z, Tensor x, Tensor[] columns, Tensor[] affine, {_OPTIONS}) -> Tensor",
+    _clean_backward, lambda grad_z, x, columns, affine, options: _fresh(x), (CleanOptions,))
 
 
 def _clean_setup_context(ctx, inputs, output):
-    x, columns, stats, options = inputs
-    ctx.save_for_backward(x, *columns, *stats)
+    x, columns, affine, options = inputs
+    ctx.save_for_backward(x, *columns, *affine)
     ctx.options = options
 
 
@@ -83,8 +83,8 @@ def _clean_backward_def(ctx, grad_z, needs):
 
 
 def _clean_composed(ctx):
-    x, index, _, _, *stats = ctx.saved_tensors
-    shift, scale = stats if stats else (None, None)
+    x, index, _, _, *affine = ctx.saved_tensors
+    shift, scale = affine if affine else (None, None)
     return functools.partial(reference.clean_composed, index=index, shift=shift, scale=scale,
                              nan_to_num=ctx.options.nan_to_num), (x,)
 
@@ -110,19 +110,19 @@ batch_clean_forward = define_op(
     (CleanOptions,))
 
 
-def _batch_clean_backward(grad_z: Tensor, x: Tensor, columns: list, stats: Tensor, group: str,
+def _batch_clean_backward(grad_z: Tensor, x: Tensor, columns: list, moments: Tensor, group: str,
                           options: CleanOptions) -> Tensor:
     total = sum_over_ranks_fn(group) if group else None
     if options.use_triton:
         impl, columns = kernels, tuple(columns)
     else:
         impl, columns = cpu_batch, columns[0]
-    return impl.batch_clean_backward(grad_z, x, columns, stats, Mode(NORM_BATCH, options.nan_to_num), total)
+    return impl.batch_clean_backward(grad_z, x, columns, moments, Mode(NORM_BATCH, options.nan_to_num), total)
 
 
 batch_clean_backward = define_op(
-    "batch_clean_backward", f"(Tensor grad_z, Tensor x, Tensor[] columns, Tensor stats, str group, {_OPTIONS}) -> "
-    "Tensor", _batch_clean_backward, lambda grad_z, x, columns, stats, group, options: _fresh(x), (CleanOptions,))
+    "batch_clean_backward", f"(Tensor grad_z, Tensor x, Tensor[] columns, Tensor moments, str group, {_OPTIONS}) -> "
+    "Tensor", _batch_clean_backward, lambda grad_z, x, columns, moments, group, options: _fresh(x), (CleanOptions,))
 
 
 def _batch_clean_setup_context(ctx, inputs, output):
@@ -132,8 +132,8 @@ def _batch_clean_setup_context(ctx, inputs, output):
 
 
 def _batch_clean_backward_def(ctx, grad_z, needs):
-    x, *columns, stats = ctx.saved_tensors
-    return (ctx.ops.batch_clean_backward(grad_z, x, columns, stats, ctx.group, ctx.options),)
+    x, *columns, moments = ctx.saved_tensors
+    return (ctx.ops.batch_clean_backward(grad_z, x, columns, moments, ctx.group, ctx.options),)
 
 
 def _batch_clean_composed(ctx):

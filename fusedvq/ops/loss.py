@@ -2,21 +2,21 @@
 one OpAutograd (autograd.py; the routing point, ops/__init__.py, runs it eagerly). Tensors are positional,
 the options keyword-only:
 
-    fusedvq::masked_mse_forward(Tensor x, Tensor target, Tensor[] columns, Tensor[] stats, Tensor? weight,
+    fusedvq::masked_mse_forward(Tensor x, Tensor target, Tensor[] columns, Tensor[] affine, Tensor? weight,
         Tensor? embeddings, *, bool nan_to_num, int reduction, bool use_triton, int gap_at, int gap_width)
         -> (loss, diff, finite)
-    fusedvq::masked_mse_backward(Tensor grad, Tensor x, Tensor target, Tensor[] columns, Tensor[] stats,
+    fusedvq::masked_mse_backward(Tensor grad, Tensor x, Tensor target, Tensor[] columns, Tensor[] affine,
         Tensor[] saved, Tensor? weight, Tensor? embeddings, *, <the forward's options>, bool needs_x,
         bool needs_target, bool needs_embeddings) -> (grad_x, grad_target, grad_embeddings)
     fusedvq::batch_mse_forward(Tensor x, Tensor target, Tensor[] columns, float eps, str group, Tensor? weight,
-        Tensor? embeddings, *, <options>) -> (loss, stats [5, K], colsums)
+        Tensor? embeddings, *, <options>) -> (loss, moments [5, K], colsums)
     fusedvq::batch_mse_backward(Tensor grad, Tensor x, Tensor target, Tensor[] columns, Tensor[] saved,
         str group, Tensor? weight, Tensor? embeddings, *, <options>, <needs>) -> (grad_x, grad_target,
         grad_embeddings)
 
 columns = [index [K] int64, inv_ptr [D+1] int32, inv_k [K] int32] (kernels/plan.py's ColumnMap: inputs,
 so that autograd saves them for the backward, which writes grad_x as a gather through the inverse);
-stats = [] (norm "none") or [μ, 1/σ] [K] in the compute dtype; weight: the loss's per-column weights [K]
+affine = [] (norm "none") or [μ, 1/σ] [K] in the compute dtype; weight: the loss's per-column weights [K]
 in the compute dtype, or None. The options (LossOptions): nan_to_num, reduction (a REDUCTION_* code of
 kernels/plan.py), use_triton (the kernels, else the CPU implementations), and the target's gap: the
 target is [B, K + gap_width], its columns gap_at .. gap_at + gap_width − 1 skipped (a hybrid VQ-VAE's
@@ -28,7 +28,7 @@ gap_width target columns with the embeddings compared on the gap's columns (loss
 
 saved: norm "none"/"stats" [diff, finite] — the CPU path keeps diff [B, K] (and the finite mask with
 nan_to_num) to avoid a second gather, the kernels recompute z and return both empty; norm "batch"
-[stats [5, K], colsums [2, K] ([0, K] for reduction "none")]. group: "" for this batch's own statistics,
+[moments [5, K], colsums [2, K] ([0, K] for reduction "none")]. group: "" for this batch's own statistics,
 else a key from ops/distributed.py (all ranks' rows).
 """
 
@@ -114,15 +114,15 @@ def _wanted(grads, needs: tuple) -> tuple:
 # ------------------------------------------------------------------------------ norm "none" / "stats"
 
 
-def _masked_mse_forward(x: Tensor, target: Tensor, columns: list, stats: list, weight: Optional[Tensor],
+def _masked_mse_forward(x: Tensor, target: Tensor, columns: list, affine: list, weight: Optional[Tensor],
                         embeddings: Optional[Tensor], options: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
     if options.use_triton:
-        mode = options.mode(NORM_STATS if stats else NORM_NONE)
-        loss = kernels.masked_mse_forward(x, target, columns[0], tuple(stats), mode, weight, embeddings)
+        mode = options.mode(NORM_STATS if affine else NORM_NONE)
+        loss = kernels.masked_mse_forward(x, target, columns[0], tuple(affine), mode, weight, embeddings)
         return loss, empty(x), empty(x, torch.bool)
 
     def features(w):
-        loss, diff, finite = cpu_blocked.masked_mse_forward(x, target, columns[0], tuple(stats), options.mode(), w)
+        loss, diff, finite = cpu_blocked.masked_mse_forward(x, target, columns[0], tuple(affine), options.mode(), w)
         return loss, diff, finite if finite is not None else empty(x, torch.bool)
 
     if embeddings is None:
@@ -130,7 +130,7 @@ def _masked_mse_forward(x: Tensor, target: Tensor, columns: list, stats: list, w
     return cpu_hybrid.forward(features, target, embeddings, options.mode(), weight)
 
 
-def _masked_mse_forward_fake(x, target, columns, stats, weight, embeddings, options):
+def _masked_mse_forward_fake(x, target, columns, affine, weight, embeddings, options):
     loss = x.new_empty(_loss_shape(x, columns[0], options, embeddings))
     if options.use_triton:
         return loss, empty(x), empty(x, torch.bool)
@@ -139,21 +139,21 @@ def _masked_mse_forward_fake(x, target, columns, stats, weight, embeddings, opti
 
 
 masked_mse_forward = define_op(
-    "masked_mse_forward", "(Tensor x, Tensor target, Tensor[] columns, Tensor[] stats, Tensor? weight, Tensor? "
+    "masked_mse_forward", "(Tensor x, Tensor target, Tensor[] columns, Tensor[] affine, Tensor? weight, Tensor? "
     f"embeddings, {_OPTIONS}) -> (Tensor, Tensor, Tensor)", _masked_mse_forward, _masked_mse_forward_fake,
     (LossOptions,))
 
 
-def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list, stats: list, saved: list,
+def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list, affine: list, saved: list,
                          weight: Optional[Tensor], embeddings: Optional[Tensor], options: LossOptions,
                          needs: LossNeeds) -> tuple[Tensor, Tensor, Tensor]:
-    mode = options.mode(NORM_STATS if stats else NORM_NONE, needs)
+    mode = options.mode(NORM_STATS if affine else NORM_NONE, needs)
     if options.use_triton:
-        grads = kernels.masked_mse_backward(grad, x, target, (columns[1], columns[2]), tuple(stats), mode, weight,
+        grads = kernels.masked_mse_backward(grad, x, target, (columns[1], columns[2]), tuple(affine), mode, weight,
                                             embeddings)
     else:
         def features(g, w):
-            return cpu_blocked.masked_mse_backward(g, x, target, columns[0], tuple(stats),
+            return cpu_blocked.masked_mse_backward(g, x, target, columns[0], tuple(affine),
                                                  (saved[0], saved[1] if options.nan_to_num else None), mode, weight=w)
 
         grads = features(grad, weight) if embeddings is None else cpu_hybrid.backward(
@@ -162,26 +162,26 @@ def _masked_mse_backward(grad: Tensor, x: Tensor, target: Tensor, columns: list,
 
 
 masked_mse_backward = define_op(
-    "masked_mse_backward", "(Tensor grad, Tensor x, Tensor target, Tensor[] columns, Tensor[] stats, Tensor[] "
+    "masked_mse_backward", "(Tensor grad, Tensor x, Tensor target, Tensor[] columns, Tensor[] affine, Tensor[] "
     f"saved, Tensor? weight, Tensor? embeddings, {_OPTIONS}, {_NEEDS}) {_GRADS}", _masked_mse_backward,
-    lambda grad, x, target, columns, stats, saved, weight, embeddings, options, needs: _grads_fake(
+    lambda grad, x, target, columns, affine, saved, weight, embeddings, options, needs: _grads_fake(
         x, target, embeddings, needs), (LossOptions, LossNeeds))
 
 
 def _masked_setup_context(ctx, inputs, outputs):
-    x, target, columns, stats, weight, embeddings, options = inputs
-    ctx.save_for_backward(x, target, weight, embeddings, *columns, *stats, *outputs[1:])
-    ctx.options, ctx.num_stats, ctx.diff_spent = options, len(stats), False
+    x, target, columns, affine, weight, embeddings, options = inputs
+    ctx.save_for_backward(x, target, weight, embeddings, *columns, *affine, *outputs[1:])
+    ctx.options, ctx.num_affine, ctx.diff_spent = options, len(affine), False
 
 
 def _masked_saved(ctx):
-    """(x, target, weight, embeddings, columns, stats, saved outputs), weight and embeddings None if absent."""
+    """(x, target, weight, embeddings, columns, affine, saved outputs), weight and embeddings None if absent."""
     x, target, weight, embeddings, *rest = ctx.saved_tensors
-    return x, target, weight, embeddings, rest[:3], rest[3 : 3 + ctx.num_stats], rest[3 + ctx.num_stats :]
+    return x, target, weight, embeddings, rest[:3], rest[3 : 3 + ctx.num_affine], rest[3 + ctx.num_affine :]
 
 
 def _masked_backward(ctx, grad, needs):
-    x, target, weight, embeddings, columns, stats, saved = _masked_saved(ctx)
+    x, target, weight, embeddings, columns, affine, saved = _masked_saved(ctx)
     options = ctx.options
     if ctx.ops.eager and not options.use_triton and embeddings is None:
         # The eager CPU path writes grad_target over diff, a buffer of this call's own (saved for this
@@ -189,22 +189,22 @@ def _masked_backward(ctx, grad, needs):
         # write keeps diff's version (it is not an input's); a second backward through the same graph
         # (retain_graph=True) finds diff spent and computes it again.
         if ctx.diff_spent:
-            _, diff, finite = cpu_blocked.masked_mse_forward(x, target, columns[0], tuple(stats), options.mode(), weight)
+            _, diff, finite = cpu_blocked.masked_mse_forward(x, target, columns[0], (*affine,), options.mode(), weight)
             saved = [diff, finite]
         ctx.diff_spent = True
         with torch.autograd._unsafe_preserve_version_counter(saved[0]):
-            return cpu_blocked.masked_mse_backward(grad, x, target, columns[0], tuple(stats),
+            return cpu_blocked.masked_mse_backward(grad, x, target, columns[0], tuple(affine),
                                                  (saved[0], saved[1] if options.nan_to_num else None),
                                                  options.mode(needs=needs), overwrite_diff=True, weight=weight)
-    grads = ctx.ops.masked_mse_backward(grad, x, target, columns, stats, saved, weight, embeddings, options,
+    grads = ctx.ops.masked_mse_backward(grad, x, target, columns, affine, saved, weight, embeddings, options,
                                         LossNeeds(*needs))
     return _wanted(grads, needs)
 
 
 def _masked_composed(ctx):
-    x, target, weight, embeddings, columns, stats, _ = _masked_saved(ctx)
+    x, target, weight, embeddings, columns, affine, _ = _masked_saved(ctx)
     o = ctx.options
-    shift, scale = stats if stats else (None, None)
+    shift, scale = affine if affine else (None, None)
     fn = functools.partial(reference.masked_mse_composed, index=columns[0], shift=shift, scale=scale,
                            nan_to_num=o.nan_to_num, reduction=o.reduction, gap=o.gap, weight=weight)
     return (lambda x, target, embeddings: fn(x, target, embeddings=embeddings)), (x, target, embeddings)
@@ -233,15 +233,15 @@ def _batch_mse_forward(x: Tensor, target: Tensor, columns: list, eps: float, gro
 
 
 def batch_outputs_fake(x: Tensor, index: Tensor, use_triton: bool) -> Tensor:
-    """The fake of stats [5, K]: float32 from the kernels, the compute dtype from the CPU implementation."""
+    """The fake of moments [5, K]: float32 from the kernels, the compute dtype from the CPU implementation."""
     return x.new_empty((5, index.shape[0]), dtype=torch.float32 if use_triton else COMPUTE_DTYPE[x.dtype])
 
 
 def _batch_mse_forward_fake(x, target, columns, eps, group, weight, embeddings, options):
-    stats = batch_outputs_fake(x, columns[0], options.use_triton)
+    moments = batch_outputs_fake(x, columns[0], options.use_triton)
     none = options.reduction == REDUCTION_NONE  # (its backward sums with the gradient itself)
-    colsums = stats.new_empty((0 if none else 2, columns[0].shape[0]))
-    return x.new_empty(_loss_shape(x, columns[0], options, embeddings)), stats, colsums
+    colsums = moments.new_empty((0 if none else 2, columns[0].shape[0]))
+    return x.new_empty(_loss_shape(x, columns[0], options, embeddings)), moments, colsums
 
 
 batch_mse_forward = define_op(
@@ -281,8 +281,8 @@ def _batch_setup_context(ctx, inputs, outputs):
 
 
 def _batch_backward(ctx, grad, needs):
-    x, target, weight, embeddings, *columns, stats, colsums = ctx.saved_tensors
-    grads = ctx.ops.batch_mse_backward(grad, x, target, columns, [stats, colsums], ctx.group, weight, embeddings,
+    x, target, weight, embeddings, *columns, moments, colsums = ctx.saved_tensors
+    grads = ctx.ops.batch_mse_backward(grad, x, target, columns, [moments, colsums], ctx.group, weight, embeddings,
                                        ctx.options, LossNeeds(*needs))
     return _wanted(grads, needs)
 
