@@ -1,10 +1,12 @@
-"""Backend/device parameters and the one parity check every parity test calls."""
+"""Backend/device parameters, the one parity check every parity test calls, and what the error tests share."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -140,3 +142,18 @@ def force_blocked(monkeypatch, block_rows: int, num_kept: int) -> None:
     monkeypatch.setattr(ops, "_GAP_COMPOSED_MAX_ELEMENTS", 0)
     monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(stats, "_BLOCK_ELEMENTS", block_rows * num_kept)
+
+
+def raises(exc, *fragments):
+    """pytest.raises whose message must contain every fragment (literally)."""
+    return pytest.raises(exc, match="(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments))
+
+
+def run_check(*args, **kwargs) -> tuple[int, str, str]:
+    """`fusedvq check ARGS` in this process: (exit code, stdout, stderr), never a traceback."""
+    from fusedvq.tools.cli import check
+
+    out, err = io.StringIO(), io.StringIO()
+    rc = check(*map(str, args), out=out, err=err, **kwargs)
+    assert "Traceback" not in out.getvalue() + err.getvalue()
+    return rc, out.getvalue(), err.getvalue()
