@@ -3,6 +3,7 @@ deterministic."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -19,6 +20,16 @@ from ckpt_factory import make_parts, write_checkpoint, write_npz
 from fusedvq.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_timing_round(request, monkeypatch):
+    """The demo times the training step in 5 rounds of 20 steps (about a second here); one round where the
+    test does not read the timing (test_short_run_trains_and_reports reads it, and keeps the 5)."""
+    if request.function is not test_short_run_trains_and_reports:
+        from fusedvq.tools import demo
+
+        monkeypatch.setattr(demo, "timing_line", functools.partial(demo.timing_line, rounds=1))
 
 
 def run_demo(capsys, *argv) -> tuple[int, str, str]:
