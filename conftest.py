@@ -33,6 +33,56 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _skip_nested_language_patches() -> None:
+    """Triton's interpreter patches triton.language for each launch (GridExecutor.__call__ -> _patch_lang,
+    undone when the grid is done) and again on every call of a @triton.jit helper inside it
+    (InterpretedFunction.__call__ -> _patch_lang: a scan of the language's modules, about a millisecond a
+    call, a third of the interpreted tests' time). Inside a launch that has patched the modules a helper
+    sees, the helper's patch changes nothing (the builtins are already replaced; the rest is set to the same
+    functions again, and the launch's own undo restores every attribute either way), so it is skipped; a
+    helper that sees another module is patched as before. Nothing else changes: no result depends on it."""
+    try:
+        import inspect
+        import threading
+
+        import triton.language as tl
+        from triton.runtime import interpreter
+        patch_lang, run_grid = interpreter._patch_lang, interpreter.GridExecutor.__call__
+        empty = interpreter._LangPatchScope
+    except (ImportError, AttributeError):  # another triton: its interpreter as it is
+        return
+    launching, local = object(), threading.local()
+
+    def languages(fn) -> set:  # the modules _patch_lang patches for fn
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and (v is tl or v is tl.core)}
+
+    def patch_once(fn):
+        patched = getattr(local, "patched", None)
+        if patched is launching:  # the launch's own patch, in full
+            scope = patch_lang(fn)
+            local.patched = languages(fn)
+            return scope
+        if patched is not None and languages(fn) <= patched:
+            return empty()  # a helper inside the launch: its modules are patched already
+        scope = patch_lang(fn)
+        if patched is not None:
+            patched |= languages(fn)
+        return scope
+
+    def launch(self, *args, **kwargs):
+        outer, local.patched = getattr(local, "patched", None), launching
+        try:
+            return run_grid(self, *args, **kwargs)
+        finally:
+            local.patched = outer
+
+    interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_once, launch
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _skip_nested_language_patches()
+
+
 GPU_REASON = "needs a CUDA GPU"
 
 

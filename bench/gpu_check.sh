@@ -62,8 +62,16 @@ if "$PYTHON" -c "import xdist" 2>/dev/null && [ "$DRY_RUN" != 1 ]; then parallel
 
 echo "== GPU and versions"
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
-"$PYTHON" - <<'EOF' | tee "$OUT/env.txt"
-import datetime, platform, subprocess, torch
+
+if [ "$DRY_RUN" != 1 ]; then
+  echo "== install"
+  "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e .
+fi
+
+echo "== versions and copy bandwidth"
+"$PYTHON" - "$device" <<'EOF' | tee "$OUT/env.txt"
+import datetime, platform, subprocess, sys, torch
+from fusedvq.tools.benchmark import copy_bandwidth
 try:
     import triton
     triton_version = triton.__version__
@@ -79,17 +87,6 @@ print(f"- device: {gpu}")
 print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
 print(f"- python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"triton {triton_version}, driver {driver}")
-EOF
-
-if [ "$DRY_RUN" != 1 ]; then
-  echo "== install"
-  "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e .
-fi
-
-echo "== copy bandwidth"
-"$PYTHON" - "$device" <<'EOF' | tee -a "$OUT/env.txt"
-import sys
-from fusedvq.tools.benchmark import copy_bandwidth
 device = sys.argv[1]
 rate = copy_bandwidth(device, nbytes=1 << 30 if device == "cuda" else 1 << 26)
 print(f"- copy bandwidth ({device}, bytes read + written): {rate / 1e9:.0f} GB/s")

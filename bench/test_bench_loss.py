@@ -32,12 +32,19 @@ def case_id(case) -> str:
     return f"B{case.B}-{case.dtype}-{case.norm}-{case.mode.replace('+', '_')}"
 
 
-# "fused" is the Triton kernels on CUDA tensors: a gpu case (tests/ run them through the interpreter).
-PROVIDERS = [pytest.param(p, marks=pytest.mark.gpu) if p == "fused" else p for p in fb.PROVIDERS]
+def _marks(provider, case) -> list:
+    """"fused" is the Triton kernels on CUDA tensors: a gpu case (tests/ run them through the interpreter).
+    "compiled" compiles each norm and mode with inductor (seconds each on a CPU): in the default suite at
+    B = 4 with norm "stats", every mode; its other cases are sweeps (--sweeps) unless FUSEDVQ_BENCH=full."""
+    if provider == "fused":
+        return [pytest.mark.gpu]
+    if provider == "compiled" and not FULL and (case.B != 4 or case.norm != "stats"):
+        return [pytest.mark.sweep]
+    return []
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("provider, case", [pytest.param(p, c, marks=_marks(p, c), id=f"{case_id(c)}-{p}")
+                                            for c in CASES for p in fb.PROVIDERS])
 def test_loss_step(benchmark, device, copy_rate, provider, case):
     try:
         loss_fn = fb.make_loss(provider, case, device)

@@ -61,13 +61,6 @@ def clean_composed(x, index, shift, scale, nan_to_num: bool) -> torch.Tensor:
     return z.to(x.dtype) if z.dtype != x.dtype else z
 
 
-# (gap_at, gap_width, K) → the target's loss columns, for CPU targets: one index_select (whose backward is one
-# scatter) costs less than slicing the two runs (a zero-filled full gradient per slice), if the index is
-# not rebuilt on every call. CUDA targets build it per call (a cached device tensor could belong to a
-# CUDA graph's memory pool).
-_LOSS_COLUMNS: dict = {}
-
-
 def loss_columns(K: int, gap_at: int, gap_width: int, device) -> torch.Tensor:
     """[K] int64: the target column of each loss column, k + gap_width·[k >= gap_at]."""
     k = torch.arange(K, device=device)
@@ -79,31 +72,17 @@ def target_columns(target: torch.Tensor, gap_at: int, gap_width: int) -> torch.T
     on (a hybrid decoder's embedding columns, which the loss skips)."""
     if gap_width == 0:
         return target
-    K = target.shape[1] - gap_width
-    key = (gap_at, gap_width, K)
-    # Cached only for plain CPU tensors outside inference mode: an inference or fake tensor in the cache
-    # would break every later call.
-    cacheable = target.device.type == "cpu" and type(target) is torch.Tensor and not torch.is_inference_mode_enabled()
-    cols = _LOSS_COLUMNS.get(key) if cacheable else None
-    if cols is None:
-        cols = loss_columns(K, gap_at, gap_width, target.device)
-        if cacheable:
-            if len(_LOSS_COLUMNS) >= 64:
-                _LOSS_COLUMNS.clear()
-            _LOSS_COLUMNS[key] = cols
-    return target.index_select(1, cols)
+    return target.index_select(1, loss_columns(target.shape[1] - gap_width, gap_at, gap_width, target.device))
 
 
 def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dtype, weight=None) -> torch.Tensor:
     """F.mse_loss(z, target, reduction=("none", "mean", "sum")[reduction]) in z's dtype, cast to `dtype`; the
-    column reduction (3) and a weight [K] through reduction "none". The shapes are equal (checked before), so
-    F.mse_loss's broadcasting checks are skipped: its aten op takes the same reduction codes (a third of a
-    B = 4 step's Python time is those checks otherwise)."""
+    column reduction (3) and a weight [K] through reduction "none"."""
     target = target.to(z.dtype) if target.dtype != z.dtype else target
     if weight is None and reduction != REDUCTION_COLUMN:
-        loss = _MSE_LOSS(z, target, reduction)
+        loss = F.mse_loss(z, target, reduction=_REDUCTIONS[reduction])
     else:
-        e = _MSE_LOSS(z, target, REDUCTION_NONE)
+        e = F.mse_loss(z, target, reduction="none")
         if reduction == REDUCTION_NONE:
             loss = e * weight
         else:  # the weights on the K column sums, not on the [B, K] elements: one batch-sized op fewer
@@ -114,32 +93,6 @@ def _mse(z: torch.Tensor, target: torch.Tensor, reduction: int, dtype: torch.dty
                 loss = torch.dot(columns, weight)
                 loss = loss / e.numel() if reduction == REDUCTION_MEAN else loss
     return loss.to(dtype) if loss.dtype != dtype else loss
-
-
-_MSE_LOSS = getattr(torch._C._nn, "mse_loss", None) or (
-    lambda z, target, reduction: F.mse_loss(z, target, reduction=_REDUCTIONS[reduction]))
-
-
-def kept_plain(x: torch.Tensor, index: torch.Tensor, shift: Optional[torch.Tensor],
-               scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """normalized_kept's common case for the small-batch route (ops/__init__.py: eager, outside torch.func, x
-    in the compute dtype on the CPU, no nan_to_num): the same ops and bits, but the shift is subtracted from the
-    gathered copy outside autograd — subtracting a constant changes no derivative of any order, and the
-    gather's backward keeps nothing of its output — so autograd records two ops, not three: at B = 4 an op is
-    about 2 µs of a 35 µs step."""
-    xk = x.index_select(1, index)
-    if scale is None:
-        return xk
-    xk.detach().sub_(shift)  # (in place through a detached alias: its version counter still counts the write)
-    return xk * scale
-
-
-def masked_mse_plain(x: torch.Tensor, target: torch.Tensor, index: torch.Tensor, shift: Optional[torch.Tensor],
-                     scale: Optional[torch.Tensor], reduction: int) -> torch.Tensor:
-    """masked_mse_composed's common case for the small-batch route (kept_plain's conditions; no gap, no
-    weight, reduction mean / sum / none): the same ops and bits, the general form's dtype and option checks
-    (a µs of a B = 4 step) skipped."""
-    return _MSE_LOSS(kept_plain(x, index, shift, scale), target, reduction)
 
 
 def masked_mse_composed(

@@ -1,13 +1,21 @@
 """Ahead-of-time compile of every Triton kernel for sm_80 and sm_90, no GPU needed.
 
-Run as a script (with TRITON_INTERPRET unset: the interpreter replaces @triton.jit): compiles each kernel
-in each configuration the launchers can produce, runs the bundled ptxas -v on the PTX, and prints one JSON
-line per compile with the registers and spill bytes, or the error. tests/test_aot.py drives it.
+Run as a script (with TRITON_INTERPRET unset: the interpreter replaces @triton.jit): compiles the kernels in
+the configurations the launchers can produce, runs the bundled ptxas -v on the PTX, and prints one JSON line
+per compile with the registers and spill bytes, or the error. tests/test_aot.py drives it.
+
+By default it compiles a covering set (`covering`): every value of each setting of a kernel (the arch, the
+dtype, the block shape, each flag) and every pair of two settings' values that any configuration holds, in
+about 90 compiles instead of all 600 or so (a compile takes half a second of a core). `--all` compiles every
+configuration on both archs (the sweep: tests/test_aot.py's, with --sweeps).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
+import io
 import itertools
 import json
 import os
@@ -17,6 +25,7 @@ import sys
 import tempfile
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
@@ -153,6 +162,17 @@ def partials_specs():
                         BLOCK_B=block_b, BLOCK_W=block_w)
 
 
+def _ptxas_log(ptx: str, arch: int) -> str:
+    """ptxas -v's report on the PTX, with the flags Triton's own cubin step passes."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", f.name, "-o", "/dev/null"],
+                             capture_output=True, text=True, check=True)
+    return out.stderr + out.stdout
+
+
 def compile_one(fn, signature, constexprs, arch):
     signature = dict(signature)
     for name in constexprs:
@@ -161,37 +181,78 @@ def compile_one(fn, signature, constexprs, arch):
     target = GPUTarget("cuda", arch, 32)
     rows = constexprs.get("ROWS", constexprs.get("BLOCK_B"))  # (ROWS: the whole-row candidate's)
     warps = settings.num_warps_for(rows, constexprs.get("BLOCK_K", constexprs.get("BLOCK_D", constexprs.get("BLOCK_W"))))
-    compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(compiled.asm["ptx"])
-        f.flush()
-        out = subprocess.run(
-            # The flags Triton's own cubin step passes (it discards the -v report we want).
-            [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-             f"--gpu-name={sm_arch_from_capability(arch)}", f.name, "-o", "/dev/null"],
-            capture_output=True, text=True, check=True,
-        )
-    log = out.stderr + out.stdout
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # Triton prints its ptxas -v log here
+        compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
+    log = printed.getvalue() or _ptxas_log(compiled.asm["ptx"], arch)  # (a compile from Triton's cache ran none)
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     regs = max((int(n) for n in re.findall(r"Used (\d+) registers", log)), default=-1)
     return regs, spills, warps
 
 
-def _compile_record(job):
-    spec_index, arch = job
-    name, fn, sig, consts = list(kernel_specs())[spec_index]
-    record = {"kernel": name, "arch": arch, "dtype": next(iter(sig.values())), **consts}
+SHAPE = ("BLOCK_B", "BLOCK_K", "BLOCK_D", "BLOCK_W", "BLOCK_P", "ROWS", "FLAT_X", "FLAT_R", "VEC")
+
+
+def settings_of(record: dict) -> tuple:
+    """A compile's settings, (name, value) pairs: the arch, the dtype, the block shape (one setting: its
+    sizes go together) and each flag. `record` is a printed record (or a job's first keys)."""
+    shape = tuple(sorted((k, v) for k, v in record.items() if k in SHAPE))
+    flags = sorted((k, v) for k, v in record.items() if k.isupper() and k not in SHAPE)
+    return (("arch", record["arch"]), ("dtype", record["dtype"]), ("shape", shape), *flags)
+
+
+def held_pairs(record: dict) -> set:
+    """What one compile covers: (kernel, setting) and (kernel, setting, setting) for each pair."""
+    held = settings_of(record)
+    return {(record["kernel"], *pair) for pair in itertools.combinations(held, 2)} | {
+        (record["kernel"], one) for one in held}
+
+
+def every_job() -> list[dict]:
+    """Each distinct configuration on each arch: {"kernel", "arch", "dtype", **constexprs, "spec": index}."""
+    jobs, seen = [], set()
+    for index, (name, _, sig, consts) in enumerate(kernel_specs()):
+        for arch in ARCHS:
+            job = {"kernel": name, "arch": arch, "dtype": next(iter(sig.values())), **consts}
+            key = tuple(sorted(job.items()))
+            if key not in seen:
+                seen.add(key)
+                jobs.append({**job, "spec": index})
+    return jobs
+
+
+def covering(jobs: list[dict]) -> list[dict]:
+    """A few of `jobs` holding every setting's value and every pair of two settings' values (per kernel)
+    that any of them holds: greedily, the job that holds the most pairs not yet held, first in `jobs` on a
+    tie (so the same set from run to run)."""
+    held = [held_pairs(job) for job in jobs]
+    needed, chosen = set().union(*held), []
+    while needed:
+        best = max(range(len(jobs)), key=lambda i: len(held[i] & needed))
+        chosen.append(jobs[best])
+        needed -= held[best]
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _specs() -> list:
+    return list(kernel_specs())
+
+
+def _compile_record(job: dict) -> dict:
+    name, fn, sig, consts = _specs()[job["spec"]]
+    record = {k: v for k, v in job.items() if k != "spec"}
     try:
-        record["registers"], record["spill_bytes"], record["num_warps"] = compile_one(fn, sig, consts, arch)
+        record["registers"], record["spill_bytes"], record["num_warps"] = compile_one(fn, sig, consts, job["arch"])
     except Exception as err:  # reported, and failed by the test
         record["error"] = f"{type(err).__name__}: {err}"[:2000]
     return record
 
 
 def main() -> int:
-    jobs = list(itertools.product(range(len(list(kernel_specs()))), ARCHS))
+    jobs = every_job() if "--all" in sys.argv else covering(every_job())
+    knobs.nvidia.dump_ptxas_log = True  # Triton's cubin step runs ptxas -v: its report, without a second ptxas
     with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for record in pool.map(_compile_record, jobs, chunksize=4):
+        for record in pool.map(_compile_record, jobs, chunksize=2):
             print(json.dumps(record), flush=True)
     return 0
 

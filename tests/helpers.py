@@ -1,10 +1,12 @@
-"""Backend/device parameters and the one parity check every parity test calls."""
+"""Backend/device parameters, the one parity check every parity test calls, and what the error tests share."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -93,20 +95,21 @@ def check_parity(backend, device, x, r, columns, mean_raw, std_raw, *, stats="ra
     return loss, x.grad, r.grad
 
 
-def run_compiler_check(script: str) -> list[dict]:
-    """Run tests/<script> in a fresh process without TRITON_INTERPRET (which would replace the kernels by
-    interpreted functions) and return the JSON records it prints, one per line.
+def run_compiler_check(script: str, *args: str) -> list[dict]:
+    """Run tests/<script> with args in a fresh process without TRITON_INTERPRET (which would replace the
+    kernels by interpreted functions) and return the JSON records it prints, one per line.
 
-    A compile takes half a minute, so its records are kept in the temporary folder under a hash of what
-    decides them (the script, the kernels' sources, triton's version, which bundles ptxas, the FUSEDVQ_
-    settings): a run with the same sources reads them back; any change to them compiles afresh."""
+    A compile takes seconds to minutes, so its records are kept in the temporary folder under a hash of what
+    decides them (the script and its args, the kernels' sources, triton's version, which bundles ptxas, the
+    FUSEDVQ_ settings): a run with the same sources reads them back; any change to them compiles afresh."""
     here = Path(__file__).resolve().parent
-    cache = Path(tempfile.gettempdir()) / f"fusedvq-aot-{_compiler_check_key(here / script)}.json"
+    cache = Path(tempfile.gettempdir()) / f"fusedvq-aot-{_compiler_check_key(here / script, args)}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, str(here / script)], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(here / script), *args], env=env, capture_output=True, text=True,
+                         timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     partial = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -115,14 +118,14 @@ def run_compiler_check(script: str) -> list[dict]:
     return records
 
 
-def _compiler_check_key(script: Path) -> str:
+def _compiler_check_key(script: Path, args: tuple) -> str:
     import importlib.util
 
     import triton
 
     kernels = Path(importlib.util.find_spec("fusedvq.kernels").origin).resolve().parent  # (not imported here)
     settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("FUSEDVQ_"))  # e.g. the TUNING switches
-    digest = hashlib.sha256(f"{triton.__version__}\n{sys.version}\n{settings}".encode())
+    digest = hashlib.sha256(f"{triton.__version__}\n{sys.version}\n{settings}\n{args}".encode())
     for path in [script, *sorted(kernels.glob("*.py"))]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
@@ -139,3 +142,18 @@ def force_blocked(monkeypatch, block_rows: int, num_kept: int) -> None:
     monkeypatch.setattr(ops, "_GAP_COMPOSED_MAX_ELEMENTS", 0)
     monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(blocked, "_BLOCK_ELEMENTS", block_rows * num_kept)
+
+
+def raises(exc, *fragments):
+    """pytest.raises whose message must contain every fragment (literally)."""
+    return pytest.raises(exc, match="(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments))
+
+
+def run_check(*args, **kwargs) -> tuple[int, str, str]:
+    """`fusedvq check ARGS` in this process: (exit code, stdout, stderr), never a traceback."""
+    from fusedvq.tools.cli import check
+
+    out, err = io.StringIO(), io.StringIO()
+    rc = check(*map(str, args), out=out, err=err, **kwargs)
+    assert "Traceback" not in out.getvalue() + err.getvalue()
+    return rc, out.getvalue(), err.getvalue()

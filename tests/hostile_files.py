@@ -1,5 +1,5 @@
 """Small files built to stall or bloat a checkpoint loader, written opcode by opcode (no class of them is
-ever imported by the loader). Each writer returns the path; tests/test_loader_bounds.py reads them."""
+ever imported by the loader). Each writer returns the path; tests/test_loader_hostile.py reads them all."""
 
 from __future__ import annotations
 

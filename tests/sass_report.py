@@ -16,7 +16,9 @@ static shared memory, and the warps an SM can hold at those registers (of 64).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 import re
 import subprocess
 import sys
@@ -141,11 +143,18 @@ def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int, arch: 
             "warps_per_sm": blocks * num_warps, **sass_counts(sass)}
 
 
-def records():
-    for arch in ARCHS:
-        for dtype in DTYPES:
-            for name, fn, sig, consts, warps in specs(dtype):
-                yield {"kernel": name, "arch": arch, "dtype": dtype, **compile_kernel(fn, sig, consts, warps, arch)}
+def _record(job: tuple) -> dict:
+    arch, dtype, index = job
+    name, fn, sig, consts, warps = list(specs(dtype))[index]
+    return {"kernel": name, "arch": arch, "dtype": dtype, **compile_kernel(fn, sig, consts, warps, arch)}
+
+
+def records() -> list[dict]:
+    """One record per kernel, dtype and arch (in that order of nesting, arch outermost), compiled in
+    parallel processes."""
+    jobs = [(arch, dtype, i) for arch in ARCHS for dtype in DTYPES for i in range(len(list(specs(dtype))))]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(_record, jobs))
 
 
 COLUMNS = ("registers", "spill_bytes", "shared_bytes", "warps_per_sm", "instructions", "LDG.128", "LDG.64", "LDG.32",
@@ -170,7 +179,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    rows = list(records())
+    rows = records()
     if "--markdown" in sys.argv:
         sys.stdout.write(markdown(rows))
     else:

@@ -131,7 +131,7 @@ def test_compiled_under_autocast(backend):
     torch._dynamo.reset()
     index, mean, std, x0, r0, g = _case(16, seed=7)
     loss_fn = fusedvq.MaskedMSELoss(index, num_features=D, norm="batch", reduction="column", backend=backend)
-    compiled = torch.compile(loss_fn, fullgraph=True)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     x, r = x0.requires_grad_(), r0.bfloat16().requires_grad_()
     grad_out = torch.rand(K, generator=g) + 0.5
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -13,7 +13,6 @@ from ckpt_factory import Evil, fixture_layout, make_parts, shared_dir, write_che
 
 from fusedvq.checkpoint import (
     CheckpointError,
-    StatsNotUsedWarning,
     UnsafeLoadWarning,
     diagnose,
     load_feature_spec,
@@ -102,22 +101,6 @@ def test_top_level_group_indices_of_older_trainers(tmp_path):
 
     spec = load_feature_spec(write_checkpoint(tmp_path, parts, edit=edit))
     assert torch.equal(spec.mean, torch.from_numpy(parts.mean_k))
-
-
-def test_stats_in_file_win_over_a_disagreeing_file_beside(tmp_path):
-    parts = make_parts(seed=8)
-    path = write_checkpoint(tmp_path, parts, stats_beside=True)
-    assert load_feature_spec(path).stats_source == "the checkpoint's normalization_stats"  # same numbers: fine
-
-    shifted = parts.per_category()
-    shifted["cluster_2"]["mean"] = shifted["cluster_2"]["mean"] + 1.0
-    write_npz(tmp_path / "normalization_stats.npz", shifted)
-    with pytest.warns(StatsNotUsedWarning, match="disagrees"):
-        assert torch.equal(load_feature_spec(path).mean, torch.from_numpy(parts.mean_k))
-    # Choosing a source settles it.
-    assert torch.equal(load_feature_spec(path, stats="checkpoint").mean, torch.from_numpy(parts.mean_k))
-    assert not torch.equal(load_feature_spec(path, stats=tmp_path / "normalization_stats.npz").mean,
-                           torch.from_numpy(parts.mean_k))
 
 
 def test_width_mismatch_names_the_numbers(tmp_path):

@@ -3,7 +3,7 @@ reconstructions against one target: tests/combinations_partials.py, a quarter of
 float64 oracle — first a fixed list of known-critical combinations, then random draws until the time budget
 is spent.
 
-    FUSEDVQ_COMBO_SECONDS=600 pytest tests/test_combinations.py     # draw for 10 minutes (default: 20 s)
+    FUSEDVQ_COMBO_SECONDS=600 pytest tests/test_combinations.py     # draw for 10 minutes (default: 12 s)
     FUSEDVQ_COMBO_SEED=1234 pytest tests/test_combinations.py -k random   # replay drawn cases (comma-separated)
     FUSEDVQ_COMBO_BASE=77 ...                                      # the first seed of the draws (default: random)
 
@@ -31,7 +31,7 @@ from fusedvq.cpu import blocked as cpu_blocked
 from helpers import interpreting
 from oracle import TOLERANCE, category_oracle, hybrid_oracle, kept_z, weighted_oracle
 
-BUDGET_S = float(os.environ.get("FUSEDVQ_COMBO_SECONDS", "20"))
+BUDGET_S = float(os.environ.get("FUSEDVQ_COMBO_SECONDS", "12"))
 REPLAY = [int(s) for s in os.environ.get("FUSEDVQ_COMBO_SEED", "").split(",") if s.strip()]
 K_REAL = 171
 
@@ -109,9 +109,10 @@ CRITICAL_SEQUENCES = {
         Case(seed=8685576, form="functional", compiled="aot_eager", norm="none", reduction="none", weight="tensor",
              target_dtype="bfloat16", autocast=True, layout=("transposed", "contiguous"), grads=(False, True),
              shape=(6, 12, 7), selector="index", limit_rows=6, block_rows=2)],
-    # a traced mask's K is known on the device only: the small-batch route's size checks guarded on it
+    # a traced mask's K is known on the device only: the small-batch route's size checks guarded on it (a
+    # guard of dynamo's: with aot_eager the code before the fix fails as with inductor)
     "compiled-clean-mask-past-the-route": [
-        Case(seed=8685513, form="clean_features", compiled="inductor", norm="batch", reduction="none",
+        Case(seed=8685513, form="clean_features", compiled="aot_eager", norm="batch", reduction="none",
              dtype="bfloat16", layout=("slice", "contiguous"), grads=(True, False), shape=(96, 187, 171))],
 }
 
@@ -144,8 +145,9 @@ def test_random_combinations():
             break
         case = draw_partials(seed) if random.Random(-seed).random() < 0.25 else draw(seed)
         left = BUDGET_S - (time.monotonic() - start)
-        if case.backend == "triton" and not interpreting or case.compiled and not REPLAY and left < 15:
-            continue  # (a compile takes seconds: not started at the end of the budget)
+        late = left < min(15, BUDGET_S / 2)
+        if case.backend == "triton" and not interpreting or case.compiled and not REPLAY and late:
+            continue  # (a compile takes seconds: none starts in the last half of the budget or 15 s)
         tried += 1
         try:
             run(case)

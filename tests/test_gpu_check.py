@@ -22,4 +22,4 @@ def test_dry_run_walks_every_step(tmp_path):
     # both settings of the switch ran, gave the same loss (a difference is listed as a failure), and a winner
     # line in TUNING's form came out for every case the candidate covers
     assert "forward_loads = 'rows'" in ab and "## Failures" not in ab
-    assert ab.count("TUNING.forward_loads = ") == 4
+    assert ab.count("TUNING.forward_loads = ") == 2

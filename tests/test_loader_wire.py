@@ -1,6 +1,7 @@
 """What the bounded child sends back is what torch.load reads: values, dtypes, strides, memory order, and
 identity (an object referenced twice in a file, as torch.save writes tied weights or statistics reused under
-two names, comes back as one object referenced twice). Values a weights-only read accepts are read."""
+two names, comes back as one object referenced twice). Values a weights-only read accepts are read, a class
+no allow-list knows is read as a record, and what is refused is refused for its own reason."""
 
 from __future__ import annotations
 
@@ -83,6 +84,23 @@ def test_a_checkpoint_with_shared_references_reads_back_as_torch_load_reads_it(t
     assert_same_graph(got, ref)
 
 
+def test_what_comes_back_is_what_torch_load_reads(tmp_path):
+    base = torch.randn(4, 5, dtype=torch.float64)
+    shared = [1, 2.5, "three"]
+    data = {
+        "strided": base.t(), "view": base[1:, 2:], "same storage": base, "stride 0": torch.zeros(1).expand(7),
+        "bf16": torch.randn(3).bfloat16(), "bool": torch.rand(9) > 0.5, "int": torch.arange(5, dtype=torch.int16),
+        "param": torch.nn.Parameter(torch.ones(2)), "empty": torch.empty(0, 3),
+        "array": np.arange(6, dtype=np.float32).reshape(2, 3), "scalar": np.float64(2.5), "strings": np.array(["a", "bc"]),
+        "dtype": torch.float16, "nested": {"a": shared, "b": shared, 7: (None, True, b"bytes", 2**80)},
+    }
+    torch.save(data, tmp_path / "data.pt")
+    got, ref = read_checkpoint(tmp_path / "data.pt"), torch.load(tmp_path / "data.pt", weights_only=False)
+    assert got["param"].requires_grad
+    got["param"], ref["param"] = got["param"].detach(), ref["param"].data  # (a plain tensor that requires grad)
+    assert_same_graph(got, ref)  # one storage and one shared list, as in the file
+
+
 def test_tensors_only_read_back_as_weights_only_reads_them(tmp_path):
     base = torch.randn(6, 4, dtype=torch.float64)
     data = {"a": base, "b": base, "t": base.t(), "row": base[2], "zero stride": torch.ones(1).expand(5),
@@ -136,3 +154,53 @@ def test_a_quantized_tensor_is_said_to_be_one(tmp_path):
     with pytest.raises(CheckpointError, match="feature_mask is a quantized qint8 tensor") as info:
         load_feature_spec(tmp_path / "best_model.pt")
     assert "strided" not in str(info.value)
+
+
+class Unknown:
+    """A class no allow-list knows."""
+
+
+def a_function():
+    """A global a pickle can only call: never given a stand-in."""
+
+
+def test_refusal_names_only_refused_globals(tmp_path):
+    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data["model_config"] = OrderedDict(data["model_config"])
+    data["extra"] = [Unknown(), a_function]
+    torch.save(data, tmp_path / "best_model.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_feature_spec(tmp_path)
+    message = str(info.value)
+    assert "a_function is a function" in message
+    assert "OrderedDict" not in message and "Unknown" not in message  # allowed, and read as a record
+
+
+def test_unknown_class_is_read_as_a_record(tmp_path):
+    from fusedvq.checkpoint.records import ForeignObject
+
+    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data["extra"] = Unknown()
+    data["extra"].payload = np.arange(3)
+    torch.save(data, tmp_path / "best_model.pt")
+    spec = load_feature_spec(tmp_path)
+    assert spec.num_kept == 12
+    record = read_checkpoint(tmp_path / "best_model.pt")["extra"]
+    assert isinstance(record, ForeignObject) and not isinstance(record, Unknown)
+    assert record.class_name.endswith(".Unknown") and list(record.attributes) == ["payload"]
+    assert np.array_equal(record.attributes["payload"], np.arange(3))
+
+
+def test_object_array_refusal_says_why(tmp_path):
+    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data["extra"] = np.array([1, "a", None], dtype=object)
+    torch.save(data, tmp_path / "best_model.pt")
+    with pytest.raises(CheckpointError, match="dtype object"):
+        load_feature_spec(tmp_path)
+
+
+def test_a_real_checkpoint_with_a_few_foreign_classes_still_loads(tmp_path):
+    from spinlock_format import make_run, write_run
+
+    path = write_run(tmp_path, make_run(hybrid=True, seed=3))
+    assert load_feature_spec(path).hybrid is not None

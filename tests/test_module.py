@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fusedvq
-from helpers import BACKENDS, check_parity
+from helpers import BACKENDS, INTERPRETER_ROWS, check_parity
 from oracle import random_case
 
 
@@ -59,8 +59,8 @@ def test_bitwise_deterministic(backend_device):
     backend, device = backend_device
     g = torch.Generator().manual_seed(2)
     # The interpreter runs programs one after another, so it cannot show an order-dependent sum: several
-    # programs there, 1000 rows (enough for CUDA's programs to race) elsewhere. (13 s -> 4 s of the suite)
-    B = 257 if backend == "triton" and device == "cpu" else 1000
+    # programs there (INTERPRETER_ROWS), 1000 rows (enough for CUDA's programs to race) elsewhere.
+    B = INTERPRETER_ROWS if backend == "triton" and device == "cpu" else 1000
     columns, mean, std = random_case(B, 187, 171, mask=False, duplicates=True, generator=g)
     x = torch.randn(B, 187, generator=g).to(device)
     r = torch.randn(B, 171, generator=g).to(device)

@@ -91,5 +91,5 @@ def test_compiled_step_with_a_frozen_target():
     eager_x = x.clone().requires_grad_()
     loss_fn(eager_x, r).backward()
     compiled_x = x.clone().requires_grad_()
-    torch.compile(loss_fn, fullgraph=True)(compiled_x, r).backward()
+    torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(compiled_x, r).backward()
     assert torch.allclose(compiled_x.grad, eager_x.grad, rtol=1e-6, atol=1e-7)

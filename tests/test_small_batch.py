@@ -123,3 +123,20 @@ def test_saved_tensors_go_through_hooks_and_the_output_may_be_written():
     _, want_gx, _ = batch_oracle(x, r, index, torch.ones(4, K, dtype=torch.float64), nan_to_num=True,
                                  reduction="none")
     assert rel_err(z, want_z) == 0 and rel_err(x.grad, want_gx) <= TOLERANCE[torch.float32]
+
+
+def test_reference_is_the_plain_statement_of_the_math():
+    # reference.py states the math: no private aten ops, no in-place writes (through detached aliases or
+    # otherwise), no tensor cache at module level; the small-batch route's faster forms live in cpu/small.py.
+    import ast
+    import inspect
+
+    from fusedvq import reference
+
+    tree = ast.parse(inspect.getsource(reference))
+    private = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_C")]
+    in_place = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                and n.func.attr.endswith("_") and not n.func.attr.startswith("_")]
+    caches = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+              and isinstance(n.value, (ast.Dict, ast.Call)) and "dict" in ast.unparse(n)]
+    assert not private and not in_place and not caches, (private, in_place, caches)

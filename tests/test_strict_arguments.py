@@ -1,6 +1,7 @@
 """Every public option keeps its kind: flags are True / False (or numpy booleans), counts are integers,
 keywords are ones the form takes, tensors are tensors, a FeatureSpec goes to from_spec. Each refusal names
-the argument and the value (a string "False" read from a config file must never be truthy)."""
+the argument and the value (a string "False" read from a config file must never be truthy); eps is a finite
+number > 0, an option's value one it takes, and a form refuses the options of another."""
 
 import inspect
 import io
@@ -15,6 +16,7 @@ import fusedvq
 from fusedvq import FeatureCleaner, MaskedMSELoss, VQReconLoss
 from fusedvq.arguments import OPTIONS
 from fusedvq.tools.cli import check
+from helpers import raises
 from oracle import oracle_z, rel_err
 
 NOT_FLAGS = ["False", "no", "", 0, 1, 1.0, None, torch.tensor(True), np.array([True])]
@@ -57,6 +59,15 @@ def test_flags_take_booleans_only(form, flag):
         assert torch.equal(got, want) or (torch.isnan(got).any() and torch.equal(got.isnan(), want.isnan()))
     z = FLAG_CALLS["clean_features"](x, r, mask, nan_to_num=np.True_)
     assert rel_err(z, oracle_z(x.double(), mask, None, None, "batch", nan_to_num=True)) <= 1e-5
+
+
+@pytest.mark.parametrize("eps", ["1e-8", float("nan"), float("inf"), -1e-8, None, True, torch.tensor(1e-8)])
+def test_eps_validated_before_launch(eps):
+    x, r = torch.randn(4, 6), torch.randn(4, 6)
+    with raises((TypeError, ValueError), "eps"):
+        fusedvq.masked_mse(x, r, torch.arange(6), norm="batch", eps=eps)
+    with raises((TypeError, ValueError), "eps"):
+        fusedvq.MaskedMSELoss(torch.ones(6, dtype=torch.bool), norm="batch", eps=eps)
 
 
 @pytest.mark.parametrize("cls", [MaskedMSELoss, VQReconLoss, FeatureCleaner])
@@ -186,3 +197,21 @@ def test_a_hybrid_decoders_whole_output_names_its_width_and_the_fix(tmp_path):
     gapped = MaskedMSELoss.from_checkpoint(path, norm="batch", target_gap=(p, c))
     assert torch.equal(gapped(x, recon), recon_loss(x, recon))
     assert torch.equal(loss_fn(x, torch.cat([recon[:, :p], recon[:, p + c:]], 1)), recon_loss(x, recon))
+
+
+@pytest.mark.parametrize("option,value", [("reduction", "avg"), ("norm", "layer"), ("backend", "cuda")])
+def test_unknown_options(option, value):
+    x, r, mask = _case()
+    with raises(ValueError, f"unknown {option}={value!r}"):
+        fusedvq.masked_mse(x, r, mask, **{"norm": "none", option: value})
+
+
+def test_options_of_another_form_are_refused():
+    x, mask = torch.randn(8, 6), torch.tensor([1, 0, 1, 1, 0, 1]).bool()
+    with pytest.raises(TypeError, match="unknown option 'reduction'"):
+        fusedvq.clean_features(x, mask, norm="none", reduction="sum")
+    with pytest.raises(TypeError, match="unknown option 'gap'"):
+        fusedvq.masked_mse(x, torch.randn(8, 4), mask, norm="none", gap=(1, 2))
+    for name, value in (("target_gap", (1, 2)), ("reduction", "sum")):
+        with pytest.raises(TypeError, match=f"unknown option '{name}'"):
+            FeatureCleaner(mask, norm="none", **{name: value})

@@ -2,7 +2,7 @@
 cpu/partials.py), for PartialsMSELoss (built once per held plan) and partials_mse (per call): the whole step,
 the target's normalization included, as a few differentiable aten ops whose autograd is C++
 
-    z = (x[:, index] − shift)·scale      reference.kept_plain (norm "none": x[:, index]; "batch": cpu/small.py's
+    z = (x[:, index] − shift)·scale      cpu_small.kept_plain (norm "none": x[:, index]; "batch": cpu/small.py's
                                          clean, nan_to_num included)
     loss = mse_loss(partials, z broadcast over the P partials)       "mean"
            mse_loss(..., "none").sum(rows) / B                       "column" ([P, K])
@@ -98,11 +98,11 @@ class PartialsRoute:
         return None
 
     def clean(self, x: Tensor) -> Tensor:
-        """z [B, K] in x's dtype, differentiable: cpu/small.py's node (norm "batch") or reference.py's plain
-        composition (two recorded ops)."""
+        """z [B, K] in x's dtype, differentiable: cpu/small.py's node (norm "batch") or its kept_plain
+        (two recorded ops)."""
         if self.batch:
             return cpu_small.clean(x, self.plan)
-        return reference.kept_plain(x, self.index, self.shift, self.scale)
+        return cpu_small.kept_plain(x, self.index, self.shift, self.scale)
 
     def loss(self, x: Tensor, partials: Tensor, embeddings: Optional[Tensor] = None) -> Tensor:
         """The loss of x (and the embeddings) against partials [P, B, K (+ c)], as differentiable aten ops."""

@@ -156,7 +156,7 @@ class SmallRoute:
                                   or plan.reduction == REDUCTION_COLUMN)
         self.dtypes = tuple(d for d in REFERENCE_DTYPES if (not fixed or {COMPUTE_DTYPE[d]} == fixed)
                             and (not plain or COMPUTE_DTYPE[d] == d))
-        self.compose, self.args = (reference.masked_mse_plain, (plan.columns.index, plan.shift, plan.scale,
+        self.compose, self.args = (cpu_small.masked_mse_plain, (plan.columns.index, plan.shift, plan.scale,
                                                                  plan.reduction)) if plain else (
             reference.masked_mse_composed, (plan.columns.index, plan.shift, plan.scale, plan.nan_to_num,
                                             plan.reduction, plan.gap, plan.weight))
@@ -182,7 +182,7 @@ class SmallRoute:
             p = self.plan
             if self.batch:
                 return cpu_small.clean(x, p)
-            return (reference.kept_plain(x, p.columns.index, p.shift, p.scale) if self.plain  # (no nan_to_num)
+            return (cpu_small.kept_plain(x, p.columns.index, p.shift, p.scale) if self.plain  # (no nan_to_num)
                     else reference.clean_composed(x, p.columns.index, p.shift, p.scale, p.nan_to_num))
         return None
 

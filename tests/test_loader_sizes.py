@@ -1,6 +1,6 @@
 """Loaders bound their work by what a file could honestly hold: small files that declare gigabytes, huge
 declared widths, shared nested lists, FIFOs and devices each end in a CheckpointError (or a problem
-sentence) within a second or two; names shown by `fusedvq check` cannot drive the terminal."""
+sentence) within a second or two, before any bounded read (test_loader_isolation.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckpt_factory import checkpoint_dict, make_parts, write_checkpoint, write_npz
-from fusedvq.tools import cli
+from ckpt_factory import checkpoint_dict, make_parts, write_checkpoint
 from fusedvq.checkpoint import CheckpointError, declare, diagnose, load_feature_spec
 
 
@@ -173,85 +172,3 @@ def test_odd_files_are_checkpoint_errors(tmp_path, path, words):
     target = path if path.startswith("/") else tmp_path / path
     with pytest.raises(CheckpointError, match=re.escape(words)):
         load_feature_spec(target)
-
-
-class Unknown:
-    """A class no allow-list knows."""
-
-
-def a_function():
-    """A global a pickle can only call: never given a stand-in."""
-
-
-def test_refusal_names_only_refused_globals(tmp_path):
-    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
-    from collections import OrderedDict
-
-    data["model_config"] = OrderedDict(data["model_config"])
-    data["extra"] = [Unknown(), a_function]
-    torch.save(data, tmp_path / "best_model.pt")
-    with pytest.raises(CheckpointError) as info:
-        load_feature_spec(tmp_path)
-    message = str(info.value)
-    assert "a_function is a function" in message
-    assert "OrderedDict" not in message and "Unknown" not in message  # allowed, and read as a record
-
-
-def test_unknown_class_is_read_as_a_record(tmp_path):
-    from fusedvq.checkpoint.records import ForeignObject
-
-    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
-    data["extra"] = Unknown()
-    data["extra"].payload = np.arange(3)
-    torch.save(data, tmp_path / "best_model.pt")
-    spec = load_feature_spec(tmp_path)
-    assert spec.num_kept == 12
-    from fusedvq.checkpoint import read_checkpoint
-
-    record = read_checkpoint(tmp_path / "best_model.pt")["extra"]
-    assert isinstance(record, ForeignObject) and not isinstance(record, Unknown)
-    assert record.class_name.endswith(".Unknown") and list(record.attributes) == ["payload"]
-    assert np.array_equal(record.attributes["payload"], np.arange(3))
-
-
-def test_object_array_refusal_says_why(tmp_path):
-    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
-    data["extra"] = np.array([1, "a", None], dtype=object)
-    torch.save(data, tmp_path / "best_model.pt")
-    with pytest.raises(CheckpointError, match="dtype object"):
-        load_feature_spec(tmp_path)
-
-
-def test_check_escapes_control_characters(tmp_path, capsys):
-    parts = make_parts(D=20, K=12, num_categories=2)
-    evil = "\x1b]0;pwned\x07\x1b[2J"
-    parts.groups = {evil + name: idx for name, idx in parts.groups.items()}
-    write_checkpoint(tmp_path, parts)
-    cli.main(["check", str(tmp_path), "--features", "21"])
-    printed = capsys.readouterr()
-    text = printed.out + printed.err
-    assert "\x1b" not in text and "\x07" not in text
-    assert "\\x1b]0;pwned\\x07" in text
-
-
-@pytest.mark.parametrize("case, words, not_words", [
-    ("missing", "no checkpoint could be read", "does not fit"),
-    ("empty folder", "no checkpoint could be read", "does not fit"),
-    ("stats", "inconsistent", "does not fit a 20-column"),
-])
-def test_check_summary_names_the_actual_problem(tmp_path, capsys, case, words, not_words):
-    if case == "missing":
-        path = tmp_path / "nothing-here"
-    elif case == "empty folder":
-        path = tmp_path
-    else:
-        parts = make_parts(D=20, K=12, num_categories=2)
-        write_checkpoint(tmp_path, parts, stats_in_file=False)
-        path = tmp_path
-        per_category = parts.per_category()
-        first = next(iter(per_category))
-        per_category[first] = {k: v[:-1] for k, v in per_category[first].items()}  # one entry short
-        write_npz(path / "normalization_stats.npz", per_category)
-    assert cli.main(["check", str(path), "--features", "20"]) == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert words in last and not_words not in last, last
