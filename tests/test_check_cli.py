@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ckpt_factory import Evil, make_parts, shared_dir, write_checkpoint, write_npz
+from ckpt_factory import Evil, make_plain_run, shared_dir, write_checkpoint, write_npz
 
 from fusedvq.tools.cli import main
 
@@ -19,7 +19,7 @@ SIZES = [11, 21, 22, 3, 30, 28, 26, 30]  # the categories' sizes (171 kept colum
 
 
 def sized_parts(**kw):
-    return make_parts(sizes=SIZES, **kw)
+    return make_plain_run(sizes=SIZES, **kw)
 
 
 def run_check(capsys, *argv) -> tuple[int, str, str]:
@@ -258,7 +258,7 @@ def _env():
 def test_command_line_never_shows_a_traceback(tmp_path):
     """The real entry point (python -m fusedvq) on a bad file, a crafted file and a good one."""
     marker = tmp_path / "pwned"
-    bad = write_checkpoint(tmp_path / "bad", make_parts(D=270, seed=1),
+    bad = write_checkpoint(tmp_path / "bad", make_plain_run(D=270, seed=1),
                            edit=lambda c: c["model_config"].update(input_dim=170))
     evil = write_checkpoint(tmp_path / "evil", sized_parts(seed=1), edit=lambda c: c.update(config=Evil(marker)))
     good = write_checkpoint(tmp_path / "good", sized_parts(seed=1))

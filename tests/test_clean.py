@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedvq
-from ckpt_factory import make_parts, write_checkpoint
+from ckpt_factory import make_plain_run, write_checkpoint
 from helpers import BACKENDS, interpreting
 from oracle import TOLERANCE, oracle_z, random_case, rel_err, strided
 
@@ -298,7 +298,7 @@ def test_width_and_batch_errors_name_the_numbers():
 
 
 def test_from_checkpoint_matches_explicit_statistics(tmp_path):
-    parts = make_parts(seed=3)
+    parts = make_plain_run(seed=3)
     path = write_checkpoint(tmp_path, parts)
     cleaner = fusedvq.FeatureCleaner.from_checkpoint(path, num_features=parts.D)
     mask = torch.from_numpy(parts.mask)
