@@ -1,7 +1,7 @@
 """Where a checkpoint's statistics come from: its own normalization_stats win over a statistics file beside
 it (in its folder or the run folder above), whatever that file holds, with one StatsNotUsedWarning and a note
 from `fusedvq check` (no note where they agree); a source chosen settles it; a statistics file that holds no
-statistics is said to, once."""
+statistics is said to, once; a real statistics file given to `fusedvq check`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from ckpt_factory import make_plain_run, write_checkpoint, write_npz
+from ckpt_factory import make_plain_run, shared_dir, write_checkpoint, write_npz
 
 from fusedvq import MaskedMSELoss
 from fusedvq.checkpoint import CheckpointError, StatsNotUsedWarning, load_feature_spec
@@ -95,3 +95,25 @@ def test_an_npz_without_statistics_is_said_once(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_feature_spec(feature_mask=parts.mask, group_indices=parts.groups, stats=npz)
     assert len(info.value.problems) == 1 and "holds no statistics" in str(info.value)
+
+
+@pytest.mark.skipif(not (shared_dir() / "fixtures" / "spinlock").is_dir(), reason="the shared fixtures are not present")
+def test_check_with_a_real_stats_file(tmp_path):
+    fixture = shared_dir() / "fixtures" / "spinlock" / "normalization_stats_adaptive_v3.npz"
+    with np.load(fixture, allow_pickle=False) as npz:
+        sizes = {k[: -len("_mean")]: npz[k].size for k in npz.files if k.endswith("_mean")}
+    K, start, groups = sum(sizes.values()), 0, {}
+    for name, n in sizes.items():
+        groups[name] = list(range(start, start + n))
+        start += n
+    mask = np.zeros(K + 20, dtype=bool)
+    mask[:K] = True
+
+    def edit(ckpt):
+        ckpt["feature_mask"] = mask
+        ckpt["model_config"].update(input_dim=K, group_indices=groups)
+
+    path = write_checkpoint(tmp_path, make_plain_run(seed=1), stats_in_file=False, edit=edit)
+    code, out, _ = run_check(path, features=K + 20, stats=str(fixture))
+    assert code == 0
+    assert f"{K + 20} original feature columns, {K} kept" in out and "standard (mean/std)" in out
