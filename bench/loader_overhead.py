@@ -1,5 +1,5 @@
 """What the bounded read costs: a checkpoint in the motivating project's format (hybrid, its own statistics
-records, PosixPaths, optimizer state) read in-process as before (pickles._inert_load: the same scan and
+records, PosixPaths, optimizer state) read in-process as before (inert._inert_load: the same scan and
 weights-only load, unbounded) and in the bounded child (read_checkpoint), alternating, medians.
 
     python bench/loader_overhead.py [--weights-mb 1 16 64] [--rounds 15]
@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from spinlock_format import make_run, write_run  # noqa: E402
+from ckpt_factory import make_run, write_checkpoint  # noqa: E402
 
 from fusedvq.checkpoint import load_feature_spec, read_checkpoint  # noqa: E402
-from fusedvq.checkpoint.pickles import _inert_load  # noqa: E402
+from fusedvq.checkpoint.inert import _inert_load  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         for mb in args.weights_mb:
             folder = Path(tmp) / f"w{mb}"
             extra = {"vqvae.extra.weight": torch.randn(int(mb * (1 << 18)))}
-            path = write_run(folder, make_run(hybrid=True, seed=1),
+            path = write_checkpoint(folder, make_run(hybrid=True, seed=1),
                              edit=lambda ck: ck["model_state_dict"].update(extra))
             times = {"before": [], "bounded": [], "spec": []}
             for _ in range(args.rounds):

@@ -15,9 +15,9 @@ from oracle import category_oracle, column_oracle, rel_err
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    from ckpt_factory import make_parts, write_checkpoint
+    from ckpt_factory import make_plain_run, write_checkpoint
 
-    parts = make_parts(sizes=[60, 3, 40, 20, 12, 9, 17, 10])  # a 3-column category beside 60-column ones
+    parts = make_plain_run(sizes=[60, 3, 40, 20, 12, 9, 17, 10])  # a 3-column category beside 60-column ones
     return write_checkpoint(tmp_path, parts), parts
 
 
@@ -129,9 +129,9 @@ def test_gini():
     not interpreting, reason="interpreter"))])
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_cleaner_recon_loss_columns_weights_and_categories(backend, hybrid, tmp_path):
-    from ckpt_factory import make_parts, write_checkpoint
+    from ckpt_factory import make_plain_run, write_checkpoint
 
-    parts = make_parts(seed=11)
+    parts = make_plain_run(seed=11)
     cleaner = fusedvq.FeatureCleaner.from_checkpoint(write_checkpoint(tmp_path, parts), norm="batch",
                                                      nan_to_num=True, backend=backend, weight="balanced")
     if hybrid:  # the decoder's output with 6 embedding columns from column 50 on

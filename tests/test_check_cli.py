@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ckpt_factory import Evil, make_parts, shared_dir, write_checkpoint, write_npz
+from ckpt_factory import Evil, make_plain_run, write_checkpoint, write_npz
 
 from fusedvq.tools.cli import main
 
@@ -19,7 +19,7 @@ SIZES = [11, 21, 22, 3, 30, 28, 26, 30]  # the categories' sizes (171 kept colum
 
 
 def sized_parts(**kw):
-    return make_parts(sizes=SIZES, **kw)
+    return make_plain_run(sizes=SIZES, **kw)
 
 
 def run_check(capsys, *argv) -> tuple[int, str, str]:
@@ -258,7 +258,7 @@ def _env():
 def test_command_line_never_shows_a_traceback(tmp_path):
     """The real entry point (python -m fusedvq) on a bad file, a crafted file and a good one."""
     marker = tmp_path / "pwned"
-    bad = write_checkpoint(tmp_path / "bad", make_parts(D=270, seed=1),
+    bad = write_checkpoint(tmp_path / "bad", make_plain_run(D=270, seed=1),
                            edit=lambda c: c["model_config"].update(input_dim=170))
     evil = write_checkpoint(tmp_path / "evil", sized_parts(seed=1), edit=lambda c: c.update(config=Evil(marker)))
     good = write_checkpoint(tmp_path / "good", sized_parts(seed=1))
@@ -278,28 +278,6 @@ def test_command_line_never_shows_a_traceback(tmp_path):
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "270" in proc.stderr and "187" in proc.stderr
-
-
-@pytest.mark.skipif(not (shared_dir() / "fixtures" / "spinlock").is_dir(), reason="the shared fixtures are not present")
-def test_check_with_a_real_stats_file(tmp_path, capsys):
-    fixture = shared_dir() / "fixtures" / "spinlock" / "normalization_stats_adaptive_v3.npz"
-    with np.load(fixture, allow_pickle=False) as npz:
-        sizes = {k[: -len("_mean")]: npz[k].size for k in npz.files if k.endswith("_mean")}
-    K, start, groups = sum(sizes.values()), 0, {}
-    for name, n in sizes.items():
-        groups[name] = list(range(start, start + n))
-        start += n
-    mask = np.zeros(K + 20, dtype=bool)
-    mask[:K] = True
-
-    def edit(ckpt):
-        ckpt["feature_mask"] = mask
-        ckpt["model_config"].update(input_dim=K, group_indices=groups)
-
-    path = write_checkpoint(tmp_path, sized_parts(seed=1), stats_in_file=False, edit=edit)
-    code, out, _ = run_check(capsys, path, "--features", K + 20, "--stats", fixture)
-    assert code == 0
-    assert f"{K + 20} original feature columns, {K} kept" in out and "standard (mean/std)" in out
 
 
 def test_bench_is_dispatched_lazily(monkeypatch, capsys):

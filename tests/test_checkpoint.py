@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ckpt_factory import Evil, fixture_layout, make_parts, shared_dir, write_checkpoint, write_npz
+from ckpt_factory import Evil, fixture_layout, make_plain_run, shared_dir, write_checkpoint, write_npz
 
 from fusedvq.checkpoint import (
     CheckpointError,
@@ -33,7 +33,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", ["standard", "mad"])
 @pytest.mark.parametrize("where", ["in_file", "beside", "run_folder", "explicit"])
 def test_loader_places_per_category_stats(tmp_path, method, where):
-    parts = make_parts(method=method, seed=3)
+    parts = make_plain_run(method=method, seed=3)
     folder = tmp_path / "run" / "checkpoints" if where == "run_folder" else tmp_path / "run"
     path = write_checkpoint(folder, parts, stats_in_file=where == "in_file", stats_beside=where == "beside")
     stats = None
@@ -55,7 +55,7 @@ def test_loader_places_per_category_stats(tmp_path, method, where):
 
 
 def test_folder_and_file_give_the_same_spec(tmp_path):
-    parts = make_parts(seed=4)
+    parts = make_plain_run(seed=4)
     path = write_checkpoint(tmp_path / "ck", parts)
     by_folder, by_file = load_feature_spec(tmp_path / "ck"), load_feature_spec(path)
     assert by_folder.path == by_file.path == path
@@ -63,13 +63,13 @@ def test_folder_and_file_give_the_same_spec(tmp_path):
 
 
 def test_single_checkpoint_with_another_name_is_found(tmp_path):
-    write_checkpoint(tmp_path / "ck", make_parts(seed=4), name="epoch_0042.pt")
+    write_checkpoint(tmp_path / "ck", make_plain_run(seed=4), name="epoch_0042.pt")
     assert load_feature_spec(tmp_path / "ck").path.name == "epoch_0042.pt"
 
 
 @pytest.mark.parametrize("space", ["kept", "original"])
 def test_flat_stats_over_all_columns(tmp_path, space):
-    parts = make_parts(seed=5)
+    parts = make_plain_run(seed=5)
     raw_mean, raw_std = parts.raw_stats()
     mean, std = (parts.mean_k, parts.std_k) if space == "kept" else (raw_mean, raw_std)
 
@@ -83,7 +83,7 @@ def test_flat_stats_over_all_columns(tmp_path, space):
 
 @pytest.mark.parametrize("kind", ["torch_bool", "uint8", "list"])
 def test_mask_variants(tmp_path, kind):
-    parts = make_parts(seed=6)
+    parts = make_plain_run(seed=6)
     convert = {"torch_bool": torch.from_numpy, "uint8": lambda m: m.astype(np.uint8), "list": lambda m: m.tolist()}
 
     def edit(ckpt):
@@ -94,7 +94,7 @@ def test_mask_variants(tmp_path, kind):
 
 
 def test_top_level_group_indices_of_older_trainers(tmp_path):
-    parts = make_parts(seed=7)
+    parts = make_plain_run(seed=7)
 
     def edit(ckpt):
         ckpt["group_indices"] = ckpt["model_config"].pop("group_indices")
@@ -104,14 +104,14 @@ def test_top_level_group_indices_of_older_trainers(tmp_path):
 
 
 def test_width_mismatch_names_the_numbers(tmp_path):
-    path = write_checkpoint(tmp_path, make_parts(D=270, K=171, seed=9))
+    path = write_checkpoint(tmp_path, make_plain_run(D=270, K=171, seed=9))
     with pytest.raises(CheckpointError) as info:
         load_feature_spec(path, num_features=187)
     assert "270" in str(info.value) and "187" in str(info.value)
 
 
 def test_no_stats_needed_for_norm_none(tmp_path):
-    parts = make_parts(seed=10)
+    parts = make_plain_run(seed=10)
     path = write_checkpoint(tmp_path, parts, stats_in_file=False)
     with pytest.raises(CheckpointError, match="no normalization statistics"):
         load_feature_spec(path)
@@ -122,7 +122,7 @@ def test_no_stats_needed_for_norm_none(tmp_path):
 
 
 def test_loss_from_checkpoint_matches_the_plain_fix(tmp_path):
-    parts = make_parts(method="mad", seed=11)
+    parts = make_plain_run(method="mad", seed=11)
     path = write_checkpoint(tmp_path, parts, stats_in_file=False, stats_beside=True)
     loss_fn = MaskedMSELoss.from_checkpoint(path, num_features=187, reduction="sum")
     assert isinstance(loss_fn, MaskedMSELoss)
@@ -161,7 +161,7 @@ def _assert_refused(path, marker):
 
 def test_crafted_checkpoint_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
-    parts = make_parts(seed=12)
+    parts = make_plain_run(seed=12)
     path = write_checkpoint(tmp_path, parts, edit=lambda ckpt: ckpt.update(config=Evil(marker)))
     _assert_refused(path, marker)
     # Positive control: the object really does act when fully unpickled, which trust=True allows (warning).
@@ -188,7 +188,7 @@ def test_crafted_legacy_format_is_refused(tmp_path):
 
 def test_crafted_stats_file_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    parts = make_parts(seed=13)
+    parts = make_plain_run(seed=13)
     path = write_checkpoint(tmp_path, parts, stats_in_file=False)
     evil = np.empty(1, dtype=object)
     evil[0] = Evil(marker)
@@ -199,7 +199,7 @@ def test_crafted_stats_file_is_refused(tmp_path):
 
 
 def test_trust_on_a_plain_file_warns_and_loads(tmp_path):
-    path = write_checkpoint(tmp_path, make_parts(seed=14))
+    path = write_checkpoint(tmp_path, make_plain_run(seed=14))
     with pytest.warns(UnsafeLoadWarning, match="arbitrary code"):
         spec = load_feature_spec(path, trust=True)
     assert spec.num_kept == 171
@@ -231,7 +231,7 @@ def test_real_stats_files(tmp_path, name, placement):
         ckpt["feature_mask"] = mask
         ckpt["model_config"].update(input_dim=K, group_indices={c: g.tolist() for c, g in groups.items()})
 
-    path = write_checkpoint(tmp_path / "ck", make_parts(seed=15), stats_in_file=False, edit=edit)
+    path = write_checkpoint(tmp_path / "ck", make_plain_run(seed=15), stats_in_file=False, edit=edit)
     if placement == "beside":
         shutil.copy(fixture, tmp_path / "ck" / "normalization_stats.npz")  # a copy in the test's tmp folder
     spec = load_feature_spec(path, num_features=K + 16, stats=fixture if placement == "explicit" else None)

@@ -1,7 +1,7 @@
 """Where a checkpoint's statistics come from: its own normalization_stats win over a statistics file beside
 it (in its folder or the run folder above), whatever that file holds, with one StatsNotUsedWarning and a note
 from `fusedvq check` (no note where they agree); a source chosen settles it; a statistics file that holds no
-statistics is said to, once."""
+statistics is said to, once; a real statistics file given to `fusedvq check`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from ckpt_factory import make_parts, write_checkpoint, write_npz
+from ckpt_factory import make_plain_run, shared_dir, write_checkpoint, write_npz
 
 from fusedvq import MaskedMSELoss
 from fusedvq.checkpoint import CheckpointError, StatsNotUsedWarning, load_feature_spec
@@ -18,7 +18,7 @@ from helpers import run_check
 
 
 def test_stats_in_file_win_over_a_disagreeing_file_beside(tmp_path):
-    parts = make_parts(seed=8)
+    parts = make_plain_run(seed=8)
     path = write_checkpoint(tmp_path, parts, stats_beside=True)
     assert load_feature_spec(path).stats_source == "the checkpoint's normalization_stats"  # same numbers: fine
 
@@ -36,11 +36,11 @@ def test_stats_in_file_win_over_a_disagreeing_file_beside(tmp_path):
 @pytest.mark.parametrize("where", ["folder above", "same folder"])
 @pytest.mark.parametrize("unrelated", ["other categories", "other numbers", "no statistics"])
 def test_own_statistics_win_over_a_statistics_file_beside(tmp_path, where, unrelated):
-    parts = make_parts(seed=31)
+    parts = make_plain_run(seed=31)
     path = write_checkpoint(tmp_path / "run" / "ck", parts)
     npz = (tmp_path / "run" if where == "folder above" else tmp_path / "run" / "ck") / "normalization_stats.npz"
     if unrelated == "other categories":
-        write_npz(npz, make_parts(D=50, K=40, num_categories=3, seed=32).per_category())
+        write_npz(npz, make_plain_run(D=50, K=40, num_categories=3, seed=32).per_category())
     elif unrelated == "other numbers":
         shifted = parts.per_category()
         shifted["cluster_2"]["mean"] = shifted["cluster_2"]["mean"] + 1.0
@@ -64,7 +64,7 @@ def test_own_statistics_win_over_a_statistics_file_beside(tmp_path, where, unrel
 
 
 def test_agreeing_statistics_beside_give_no_note(tmp_path):
-    parts = make_parts(seed=33)
+    parts = make_plain_run(seed=33)
     path = write_checkpoint(tmp_path, parts, stats_beside=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -85,13 +85,35 @@ def test_an_npz_without_statistics_is_said_once(tmp_path):
     assert rc == 1 and "0 categories" not in text and "statistics file batch.npz" not in text
     assert text.count("no statistics") == 1 and "batch_83_params" in text
 
-    path = write_checkpoint(tmp_path / "ck", make_parts(seed=1), stats_in_file=False)
+    path = write_checkpoint(tmp_path / "ck", make_plain_run(seed=1), stats_in_file=False)
     rc, out, err = run_check(path, stats=npz)
     assert rc == 1 and "for category" not in err and err.count("no statistics") == 1
     with pytest.raises(CheckpointError) as info:
         load_feature_spec(path, stats=npz)
     assert len(info.value.problems) == 1 and "holds no statistics" in str(info.value)
-    parts = make_parts(seed=1)
+    parts = make_plain_run(seed=1)
     with pytest.raises(CheckpointError) as info:
         load_feature_spec(feature_mask=parts.mask, group_indices=parts.groups, stats=npz)
     assert len(info.value.problems) == 1 and "holds no statistics" in str(info.value)
+
+
+@pytest.mark.skipif(not (shared_dir() / "fixtures" / "spinlock").is_dir(), reason="the shared fixtures are not present")
+def test_check_with_a_real_stats_file(tmp_path):
+    fixture = shared_dir() / "fixtures" / "spinlock" / "normalization_stats_adaptive_v3.npz"
+    with np.load(fixture, allow_pickle=False) as npz:
+        sizes = {k[: -len("_mean")]: npz[k].size for k in npz.files if k.endswith("_mean")}
+    K, start, groups = sum(sizes.values()), 0, {}
+    for name, n in sizes.items():
+        groups[name] = list(range(start, start + n))
+        start += n
+    mask = np.zeros(K + 20, dtype=bool)
+    mask[:K] = True
+
+    def edit(ckpt):
+        ckpt["feature_mask"] = mask
+        ckpt["model_config"].update(input_dim=K, group_indices=groups)
+
+    path = write_checkpoint(tmp_path, make_plain_run(seed=1), stats_in_file=False, edit=edit)
+    code, out, _ = run_check(path, features=K + 20, stats=str(fixture))
+    assert code == 0
+    assert f"{K + 20} original feature columns, {K} kept" in out and "standard (mean/std)" in out

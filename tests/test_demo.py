@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ckpt_factory import make_parts, write_checkpoint, write_npz
+from ckpt_factory import make_plain_run, make_run, write_checkpoint, write_minimal_hybrid, write_npz
 
 from fusedvq.tools.cli import main
 
@@ -75,7 +74,7 @@ def test_deterministic(capsys):
 
 
 def test_with_a_checkpoint(tmp_path, capsys):
-    parts = make_parts(D=270, K=143, method="mad", seed=3)
+    parts = make_plain_run(D=270, K=143, method="mad", seed=3)
     path = write_checkpoint(tmp_path / "ck", parts, stats_in_file=False, stats_beside=True)
     code, out, _ = run_demo(capsys, "--steps", 20, "--batch-size", 32, "--checkpoint", tmp_path / "ck")
     assert code == 0
@@ -98,7 +97,7 @@ def test_saved_default_checkpoint_passes_check(tmp_path, capsys):
 @pytest.mark.parametrize("where", ["ck", "."])  # the folder above the checkpoint's, and its own
 def test_saves_beside_an_unrelated_statistics_file(tmp_path, capsys, where):
     """A checkpoint carries its own statistics: an unrelated normalization_stats.npz near it is not used."""
-    write_npz(tmp_path / "normalization_stats.npz", make_parts(D=50, K=40, num_categories=3, seed=5).per_category())
+    write_npz(tmp_path / "normalization_stats.npz", make_plain_run(D=50, K=40, num_categories=3, seed=5).per_category())
     code, out, err = run_demo(capsys, "--steps", 2, "--batch-size", 8, "--save-checkpoint", tmp_path / where)
     assert code == 0 and "not used" not in err, out + err  # the demo reads the statistics it wrote
     assert main(["check", str(tmp_path / where), "--features", "187"]) == 0
@@ -107,7 +106,7 @@ def test_saves_beside_an_unrelated_statistics_file(tmp_path, capsys, where):
 
 
 def test_errors(tmp_path, capsys):
-    bad = write_checkpoint(tmp_path, make_parts(seed=4), edit=lambda c: c["model_config"].update(input_dim=170))
+    bad = write_checkpoint(tmp_path, make_plain_run(seed=4), edit=lambda c: c["model_config"].update(input_dim=170))
     code, out, _ = run_demo(capsys, "--checkpoint", bad, "--steps", 2)
     assert code == 1 and "input_dim is 170" in out
     assert run_demo(capsys, "--steps", 0)[0] == 2
@@ -145,25 +144,6 @@ def test_demo_shows_the_crash_it_prevents(capsys):
            "was built for 187" in out
 
 
-def write_hybrid(path: Path, c: int = 3) -> Path:
-    """docs/hybrid.md's minimal hybrid checkpoint: 20 extractor columns, 16 kept, c embedding columns after
-    the 'initial' family's (decoder columns 8 .. 8 + c - 1, in the 'initial' category)."""
-    mask = np.ones(20, dtype=bool)
-    mask[[1, 3, 12, 15]] = False
-    kept = {"summary": [0, 1, 2, 3], "initial": [4, 5, 6, 7], "temporal": list(range(8, 16))}
-    decoder = {"summary": [0, 1, 2, 3], "initial": list(range(4, 8 + c)), "temporal": [k + c for k in range(8, 16)]}
-    names = [f"{family}::{family}_{i}" for family, n in (("summary", 4), ("initial", 4), ("temporal", 8))
-             for i in range(n)]
-    torch.save({
-        "feature_mask": mask, "feature_names": names, "pre_model_group_indices": kept,
-        "model_config": {"input_dim": 16 + c, "group_indices": decoder},
-        "model_state_dict": {"initial_encoder.fc.weight": torch.zeros(c, 8), "initial_encoder.fc.bias": torch.zeros(c)},
-        "config": {"families": {"initial": {"encoder": "initial_hybrid", "encoder_params": {"cnn_embedding_dim": c}}}},
-        "normalization_stats": {n: {"mean": np.zeros(len(i)), "std": np.ones(len(i))} for n, i in kept.items()},
-    }, path)  # fmt: skip
-    return path
-
-
 def category_table(out: str) -> dict[str, tuple[int, float]]:
     """The demo's closing lines: {category: (its columns, its error)}."""
     return {m[1]: (int(m[2]), float(m[3]))
@@ -173,7 +153,7 @@ def category_table(out: str) -> dict[str, tuple[int, float]]:
 def test_with_a_hybrid_checkpoint(tmp_path, capsys):
     """A hybrid checkpoint that `fusedvq check` calls consistent: the demo trains the hybrid step (the
     objective over all K + c decoder columns) and reports its categories in decoder space."""
-    path = write_hybrid(tmp_path / "hybrid.pt")
+    path = write_minimal_hybrid(tmp_path / "hybrid.pt")
     assert main(["check", str(path), "--features", "20"]) == 0 and "ok: consistent" in capsys.readouterr().out
     code, out, err = run_demo(capsys, "--steps", 20, "--batch-size", 16, "--checkpoint", path)
     assert code == 0, out + err
@@ -190,7 +170,6 @@ def test_hybrid_category_errors_are_the_trainers(tmp_path, capsys):
     its decoder columns (model_config's group_indices, the INITIAL category with the embedding columns),
     computed here from a float64 replay of the demo's one step: the oracle's z, torch.cat's combined input."""
     from oracle import oracle_z
-    from spinlock_format import make_run, write_run
 
     from fusedvq import load_feature_spec
     from fusedvq.tools.hybrid_step import hybrid_world
@@ -198,7 +177,7 @@ def test_hybrid_category_errors_are_the_trainers(tmp_path, capsys):
 
     run = make_run(hybrid=True, seed=7, families={"summary": 40, "initial": 14, "temporal": 40}, gap_width=6,
                    num_categories=4)
-    path = write_run(tmp_path / "run", run)
+    path = write_checkpoint(tmp_path / "run", run)
     B = 24
     code, out, err = run_demo(capsys, "--steps", 1, "--batch-size", B, "--checkpoint", path)
     assert code == 0, out + err

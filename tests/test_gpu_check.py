@@ -1,16 +1,43 @@
 """bench/gpu_check.sh's dry run: every step of the GPU check on the CPU at tiny sizes (the candidates' A/B
-through Triton's interpreter), so that the one script a GPU window runs cannot rot between windows."""
+through Triton's interpreter), so that the one script a GPU window runs cannot rot between windows. Its
+$PYTHON is tests/warm_python.py's client: each step runs in a child of one interpreter that imported torch
+and fusedvq once (the steps' own work takes seconds; seven imports of torch took half a minute)."""
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 
 
-def test_dry_run_walks_every_step(tmp_path):
-    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable, BENCH_SECONDS="5",
+@pytest.fixture(scope="module")
+def warm_python(tmp_path_factory):
+    """An executable that stands in for python (tests/warm_python.py), its server running."""
+    tmp_path = tmp_path_factory.mktemp("warm")
+    sock = tmp_path / "python.sock"
+    server = subprocess.Popen([sys.executable, str(HERE / "warm_python.py"), "serve", str(sock)],
+                              stdin=subprocess.DEVNULL)
+    client = tmp_path / "python"
+    client.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{HERE / "warm_python.py"}" run "{sock}" "$@"\n')
+    client.chmod(0o755)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "the warm interpreter did not start"
+            time.sleep(0.05)
+        yield client
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_dry_run_walks_every_step(tmp_path, warm_python):
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), PYTHON=str(warm_python), BENCH_SECONDS="5",
                TEST_SECONDS="60")
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -23,3 +50,19 @@ def test_dry_run_walks_every_step(tmp_path):
     # line in TUNING's form came out for every case the candidate covers
     assert "forward_loads = 'rows'" in ab and "## Failures" not in ab
     assert ab.count("TUNING.forward_loads = ") == 2
+
+
+@pytest.mark.parametrize("args, stdin, status, out, err", [
+    (["-c", "import sys; print(sys.argv, __name__); sys.exit(3)", "a"], "", 3, "['-c', 'a'] __main__\n", ""),
+    (["-c", "raise ValueError('boom')"], "", 1, "", "ValueError: boom"),
+    (["-", "x"], "import sys, os; print(sys.argv, sys.path[0], os.environ['WARM'])", 0, "['-', 'x']  yes\n", ""),
+    (["-m", "fusedvq", "--version"], "", 0, "fusedvq 0.1.0\n", ""),
+    (["bench/ab_kernels.py", "--help"], "", 0, "usage: ab_kernels.py", ""),
+    (["-X", "dev"], "", 2, "", "warm_python: option -X is not served"),
+])
+def test_the_warm_python_runs_a_command_as_python_does(warm_python, args, stdin, status, out, err):
+    """Exit status, stdout and stderr's last line as python's (a step's status is what the report reads)."""
+    got = subprocess.run([str(warm_python), *args], cwd=ROOT, env=dict(os.environ, WARM="yes"), input=stdin,
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == status and got.stdout.startswith(out) and (out or not got.stdout), got.stderr
+    assert (got.stderr.splitlines() or [""])[-1] == err

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from oracle import project_decoder_category_metric, rel_err
-from spinlock_format import make_run, write_run
+from ckpt_factory import make_run, write_checkpoint
 
 import fusedvq
 from fusedvq.checkpoint import load_feature_spec
@@ -23,13 +24,13 @@ FAMILIES = {"summary": 30, "initial": 6, "temporal": 30}
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
     run = make_run(hybrid=True, seed=21, families=FAMILIES, gap_width=C, num_categories=4)
-    return run, write_run(tmp_path_factory.mktemp("hybrid"), run)
+    return run, write_checkpoint(tmp_path_factory.mktemp("hybrid"), run)
 
 
 def _inputs(run, seed, B=12):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, sum(FAMILIES.values()), generator=g, dtype=torch.float64)
-    mu, sigma = run.expected_stats()
+    mu, sigma = run.mean_k.astype(np.float32), run.std_k.astype(np.float32)
     idx = torch.from_numpy(run.mask).nonzero().squeeze(1)
     x[:, idx] = x[:, idx] * torch.from_numpy(sigma).double() + torch.from_numpy(mu).double()  # z of order 1
     emb = torch.randn(B, C, generator=g)
@@ -56,7 +57,7 @@ def test_category_errors_are_the_trainers_in_decoder_columns(hybrid, form, norm,
     else:
         module = fusedvq.FeatureCleaner.from_checkpoint(path, norm=norm, weight=w)
         cols = module.recon_loss(recon, module(x), reduction="column", embeddings=emb)
-    assert module.category_names == tuple(run.kept_groups)
+    assert module.category_names == tuple(run.groups)
     decoder = run.decoder_groups()  # (independent of fusedvq's reading: the trainer's own placement)
     assert module.decoder_categories == {n: tuple(g) for n, g in decoder.items()}
     errors = module.category_errors(cols)
@@ -78,12 +79,12 @@ def test_feature_category_errors_keep_the_kept_feature_columns(hybrid):
     loss_fn = fusedvq.VQReconLoss.from_checkpoint(path, reduction="column")
     kept = loss_fn.feature_category_errors(loss_fn(x, recon))  # the feature columns alone, [K]
     feature_recon = torch.cat([recon[:, :p], recon[:, p + C :]], 1)
-    want = _metric(run, x, feature_recon, emb[:, :0], idx, mu, sigma, "stats", run.kept_groups)
+    want = _metric(run, x, feature_recon, emb[:, :0], idx, mu, sigma, "stats", run.groups)
     assert rel_err(kept, want) <= 1e-5
     # the INITIAL category in decoder columns: its n kept columns' mean a and its c embedding columns' b
     decoder = loss_fn.category_errors(loss_fn(x, recon, embeddings=emb))
     initial = next(i for i, g in enumerate(run.decoder_groups().values()) if p in g)
-    n = len(run.kept_groups[loss_fn.category_names[initial]])
+    n = len(run.groups[loss_fn.category_names[initial]])
     b = (recon[:, p : p + C] - emb).double().square().mean()
     assert rel_err(decoder[initial], (n * kept[initial].double() + C * b) / (n + C)) <= 1e-5
 
@@ -91,13 +92,13 @@ def test_feature_category_errors_keep_the_kept_feature_columns(hybrid):
 def test_the_spec_holds_the_categories_in_both_spaces(hybrid, tmp_path):
     run, path = hybrid
     spec = load_feature_spec(path)
-    assert spec.categories == {n: tuple(map(int, g)) for n, g in run.kept_groups.items()}
+    assert spec.categories == {n: tuple(map(int, g)) for n, g in run.groups.items()}
     assert spec.decoder_categories == {n: tuple(g) for n, g in run.decoder_groups().items()}
     plain = make_run(hybrid=False, seed=25, families=FAMILIES, num_categories=3)
-    spec = load_feature_spec(write_run(tmp_path / "plain", plain))
+    spec = load_feature_spec(write_checkpoint(tmp_path / "plain", plain))
     assert spec.decoder_categories == spec.categories and spec.categories
     # a hybrid whose model_config lists no group_indices: no decoder-space categories, and it says so
-    bare = write_run(tmp_path / "bare", run, edit=lambda ck: ck["model_config"].pop("group_indices"))
+    bare = write_checkpoint(tmp_path / "bare", run, edit=lambda ck: ck["model_config"].pop("group_indices"))
     spec = load_feature_spec(bare, require_stats=False)
     assert spec.decoder_categories == {} and spec.categories
     loss_fn = fusedvq.VQReconLoss.from_spec(spec, norm="batch", reduction="column")
@@ -176,6 +177,6 @@ def test_check_says_which_space(hybrid):
     out, err = out.getvalue(), err.getvalue()
     assert rc == 0, err
     assert f"listing {run.K} kept feature columns (pre_model_group_indices) and {run.K + C} decoder columns" in out
-    name, cols = next(iter(run.kept_groups.items()))
+    name, cols = next(iter(run.groups.items()))
     assert any(line.split()[:6] == [name, str(len(cols)), "kept", "feature", "columns,", str(len(cols))]
                for line in out.splitlines())

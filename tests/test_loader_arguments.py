@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckpt_factory import Evil, make_parts, write_checkpoint
+from ckpt_factory import Evil, make_plain_run, write_checkpoint
 from fusedvq.checkpoint import (
     CheckpointError, declare, declare_parts, diagnose, find_problems, load_feature_spec, read_checkpoint,
     read_stats_file,
@@ -24,7 +24,7 @@ NOT_COUNTS = ["10", True, np.bool_(True), 10.0, np.float64(10), torch.tensor(10)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("ck"), make_parts(D=20, K=12, num_categories=2))
+    return write_checkpoint(tmp_path_factory.mktemp("ck"), make_plain_run(D=20, K=12, num_categories=2))
 
 
 @pytest.mark.parametrize("value", ["False", "no", 0], ids=repr)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_factory import checkpoint_dict, make_parts
+from ckpt_factory import checkpoint_dict, make_plain_run
 from hostile_files import rehashed_tuple
 from fusedvq.checkpoint.isolation import BoundExceeded, ChildRefused, Limits, read_bounded
 from fusedvq.checkpoint import CheckpointError, load_feature_spec, read_checkpoint
@@ -79,7 +79,7 @@ def test_a_lock_another_thread_held_at_the_fork_cannot_hang_the_read(tmp_path):
 def test_loads_while_other_threads_compute(tmp_path):
     """Reads inside a process whose other threads run torch ops (intra-op pools active) all succeed."""
     path = tmp_path / "best_model.pt"
-    torch.save(checkpoint_dict(make_parts(D=40, K=30, num_categories=3)), path)
+    torch.save(checkpoint_dict(make_plain_run(D=40, K=30, num_categories=3)), path)
     stop = threading.Event()
 
     def compute():
@@ -129,7 +129,7 @@ def test_loads_inside_a_process_that_initialized_cuda(tmp_path):
     """A training process: CUDA initialized, a tensor on the device, a thread busy with it; the forked child
     maps everything to the CPU and never touches CUDA."""
     path = tmp_path / "best_model.pt"
-    data = checkpoint_dict(make_parts(D=40, K=30, num_categories=3))
+    data = checkpoint_dict(make_plain_run(D=40, K=30, num_categories=3))
     data["on_device"] = torch.ones(3, device="cuda")
     torch.save(data, path)
     stop = threading.Event()

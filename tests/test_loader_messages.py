@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckpt_factory import checkpoint_dict, make_parts, write_checkpoint, write_npz
+from ckpt_factory import checkpoint_dict, make_plain_run, write_checkpoint, write_npz
 from hostile_files import as_checkpoint, global_, long_names
 from fusedvq.checkpoint import CheckpointError, diagnose, load_feature_spec, read_checkpoint
 from fusedvq.checkpoint.errors import MAX_PROBLEMS
@@ -51,7 +51,7 @@ def test_check_lists_a_bounded_number_of_categories(tmp_path):
 
 
 def test_exception_texts_hold_no_control_characters(tmp_path):
-    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data = checkpoint_dict(make_plain_run(D=20, K=12, num_categories=2))
     groups = data["model_config"]["group_indices"]  # (its statistics stay under the old name)
     groups["\x1b]0;retitled\x07\x1b[2J\rok: consistent\u202e"] = groups.pop(next(iter(groups)))
     torch.save(data, tmp_path / "best_model.pt")
@@ -87,7 +87,7 @@ def test_a_class_name_no_module_could_have_is_not_called_a_function(tmp_path):
 
 
 def test_check_escapes_control_characters(tmp_path, capsys):
-    parts = make_parts(D=20, K=12, num_categories=2)
+    parts = make_plain_run(D=20, K=12, num_categories=2)
     evil = "\x1b]0;pwned\x07\x1b[2J"
     parts.groups = {evil + name: idx for name, idx in parts.groups.items()}
     write_checkpoint(tmp_path, parts)
@@ -109,7 +109,7 @@ def test_check_summary_names_the_actual_problem(tmp_path, capsys, case, words, n
     elif case == "empty folder":
         path = tmp_path
     else:
-        parts = make_parts(D=20, K=12, num_categories=2)
+        parts = make_plain_run(D=20, K=12, num_categories=2)
         write_checkpoint(tmp_path, parts, stats_in_file=False)
         path = tmp_path
         per_category = parts.per_category()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_factory import make_parts, write_checkpoint
+from ckpt_factory import make_plain_run, write_checkpoint
 from fusedvq.checkpoint import CheckpointError, diagnose, load_feature_spec
 from fusedvq.checkpoint.isolation import BoundExceeded, _reap, read_bounded
 from fusedvq.checkpoint.limits import Limits
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("ck"), make_parts(D=20, K=12, num_categories=2))
+    return write_checkpoint(tmp_path_factory.mktemp("ck"), make_plain_run(D=20, K=12, num_categories=2))
 
 
 @pytest.mark.parametrize("name, value", [

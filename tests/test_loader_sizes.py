@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckpt_factory import checkpoint_dict, make_parts, write_checkpoint
+from ckpt_factory import checkpoint_dict, make_plain_run, write_checkpoint
 from fusedvq.checkpoint import CheckpointError, declare, diagnose, load_feature_spec
 
 
@@ -55,7 +55,7 @@ def _npy_header(shape) -> bytes:
 
 def test_npz_reads_only_the_statistics_keys(tmp_path):
     """A deflated array under a key nobody uses is never read (it declares 3 GB; only its header exists)."""
-    parts = make_parts(D=20, K=12, num_categories=2)
+    parts = make_plain_run(D=20, K=12, num_categories=2)
     write_checkpoint(tmp_path, parts, stats_in_file=False, stats_beside=True)
     folder = tmp_path
     npz = folder / "normalization_stats.npz"
@@ -67,7 +67,7 @@ def test_npz_reads_only_the_statistics_keys(tmp_path):
 
 
 def test_npz_statistics_member_that_inflates_is_refused(tmp_path):
-    parts = make_parts(D=20, K=12, num_categories=2)
+    parts = make_plain_run(D=20, K=12, num_categories=2)
     write_checkpoint(tmp_path, parts, stats_in_file=False)
     folder = tmp_path
     npz = folder / "normalization_stats.npz"
@@ -95,7 +95,7 @@ def test_npz_array_whose_header_declares_more_than_it_holds_is_refused(tmp_path)
 def test_pt_record_that_inflates_is_refused(tmp_path):
     """A .pt whose storage record inflates far beyond the file: refused from the zip directory alone."""
     good = tmp_path / "good.pt"
-    torch.save(checkpoint_dict(make_parts(D=20, K=12, num_categories=2)) | {"w": torch.zeros(4)}, good)
+    torch.save(checkpoint_dict(make_plain_run(D=20, K=12, num_categories=2)) | {"w": torch.zeros(4)}, good)
     bomb = tmp_path / "bomb.pt"
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w") as dst:
         for info in src.infolist():
@@ -111,7 +111,7 @@ def test_pt_record_that_inflates_is_refused(tmp_path):
 
 @pytest.mark.parametrize("input_dim", [500_000_000, 10**12])
 def test_huge_input_dim_is_a_problem_not_a_memory_error(tmp_path, input_dim):
-    parts = make_parts(D=20, K=12, num_categories=2)
+    parts = make_plain_run(D=20, K=12, num_categories=2)
     data = checkpoint_dict(parts)
     data["model_config"]["input_dim"] = input_dim
     torch.save(data, tmp_path / "best_model.pt")
@@ -123,7 +123,7 @@ def test_huge_input_dim_is_a_problem_not_a_memory_error(tmp_path, input_dim):
 def test_feature_mask_of_shared_nested_lists_is_refused(tmp_path):
     inner = [True] * 1000
     mid = [inner] * 1000
-    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data = checkpoint_dict(make_plain_run(D=20, K=12, num_categories=2))
     data["feature_mask"] = [mid] * 1000  # 10^9 entries from a few KB
     path = tmp_path / "best_model.pt"
     torch.save(data, path)
@@ -149,7 +149,7 @@ def test_feature_mask_nested_too_deeply_is_a_problem():
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_fifo_named_like_a_statistics_file_is_skipped_or_refused(tmp_path):
-    write_checkpoint(tmp_path, make_parts(D=20, K=12, num_categories=2), stats_in_file=False)
+    write_checkpoint(tmp_path, make_plain_run(D=20, K=12, num_categories=2), stats_in_file=False)
     folder = tmp_path
     os.mkfifo(folder / "normalization_stats_2.npz")
     box, _ = finishes(lambda: diagnose(folder))

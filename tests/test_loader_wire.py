@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckpt_factory import checkpoint_dict, make_parts
+from ckpt_factory import checkpoint_dict, make_plain_run, make_run, write_checkpoint
 from hostile_files import as_checkpoint, global_
 from fusedvq.checkpoint import CheckpointError, load_feature_spec, read_checkpoint
 
@@ -58,7 +58,7 @@ def assert_same_graph(got, ref, seen=None, storages=None, where="root"):
 
 def shared_checkpoint() -> dict:
     """A checkpoint with every kind of sharing torch.save writes as one object and several references."""
-    parts = make_parts(D=30, K=20, num_categories=2, sizes=[10, 10])
+    parts = make_plain_run(D=30, K=20, num_categories=2, sizes=[10, 10])
     ckpt = checkpoint_dict(parts)
     weight = torch.randn(20, 16)
     ckpt["model_state_dict"] = OrderedDict({"encoder.weight": weight, "decoder.weight": weight,  # tied weights
@@ -144,7 +144,7 @@ def test_a_quantized_tensor_is_said_to_be_one(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = torch.quantize_per_tensor(torch.ones(30), 0.5, 0, torch.qint8)
-    parts = make_parts(D=30, K=20, num_categories=2)
+    parts = make_plain_run(D=30, K=20, num_categories=2)
     ckpt = checkpoint_dict(parts)
     ckpt["model_state_dict"]["decoder.weight"] = quantized  # a quantized model's weights: the mask still reads
     torch.save(ckpt, tmp_path / "best_model.pt")
@@ -165,7 +165,7 @@ def a_function():
 
 
 def test_refusal_names_only_refused_globals(tmp_path):
-    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data = checkpoint_dict(make_plain_run(D=20, K=12, num_categories=2))
     data["model_config"] = OrderedDict(data["model_config"])
     data["extra"] = [Unknown(), a_function]
     torch.save(data, tmp_path / "best_model.pt")
@@ -179,7 +179,7 @@ def test_refusal_names_only_refused_globals(tmp_path):
 def test_unknown_class_is_read_as_a_record(tmp_path):
     from fusedvq.checkpoint.records import ForeignObject
 
-    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data = checkpoint_dict(make_plain_run(D=20, K=12, num_categories=2))
     data["extra"] = Unknown()
     data["extra"].payload = np.arange(3)
     torch.save(data, tmp_path / "best_model.pt")
@@ -192,7 +192,7 @@ def test_unknown_class_is_read_as_a_record(tmp_path):
 
 
 def test_object_array_refusal_says_why(tmp_path):
-    data = checkpoint_dict(make_parts(D=20, K=12, num_categories=2))
+    data = checkpoint_dict(make_plain_run(D=20, K=12, num_categories=2))
     data["extra"] = np.array([1, "a", None], dtype=object)
     torch.save(data, tmp_path / "best_model.pt")
     with pytest.raises(CheckpointError, match="dtype object"):
@@ -200,7 +200,5 @@ def test_object_array_refusal_says_why(tmp_path):
 
 
 def test_a_real_checkpoint_with_a_few_foreign_classes_still_loads(tmp_path):
-    from spinlock_format import make_run, write_run
-
-    path = write_run(tmp_path, make_run(hybrid=True, seed=3))
+    path = write_checkpoint(tmp_path, make_run(hybrid=True, seed=3))
     assert load_feature_spec(path).hybrid is not None

@@ -8,7 +8,7 @@ import torch
 import fusedvq
 import fusedvq.cpu.partials as cpu_partials
 from fusedvq.partials import partial_category_errors
-from ckpt_factory import make_parts, write_checkpoint
+from ckpt_factory import make_plain_run, write_checkpoint
 from helpers import interpreting
 from oracle import TOLERANCE, oracle_z, partials_oracle, project_category_metric, random_case, rel_err, strided
 
@@ -144,7 +144,7 @@ def test_category_metric_matches_project_loop():
 def test_from_checkpoint_metric(tmp_path):
     """A VQ-VAE checkpoint's mask, statistics and categories (8 × 3 = 24 partials): the metric in the
     checkpoint's category order against the project's loop, to float32 rounding."""
-    parts = make_parts(seed=5)
+    parts = make_plain_run(seed=5)
     fn = fusedvq.PartialsMSELoss.from_checkpoint(write_checkpoint(tmp_path, parts), num_features=parts.D,
                                                  reduction="column", levels=3)
     g = torch.Generator().manual_seed(16)

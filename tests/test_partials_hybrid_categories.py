@@ -8,7 +8,7 @@ import torch
 
 import fusedvq
 from oracle import TOLERANCE, oracle_z, project_category_metric, rel_err
-from spinlock_format import make_run, write_run
+from ckpt_factory import make_run, write_checkpoint
 from test_partials_hybrid import C, K, case
 
 
@@ -50,7 +50,7 @@ def test_hybrid_checkpoint(tmp_path):
     embeddings, the loss and the metric are the project's loop over combine(z, embeddings) (P = 4 × 3 = 12)."""
     run = make_run(hybrid=True, seed=21, families={"summary": 12, "initial": 6, "temporal": 12}, gap_width=C,
                    num_categories=4)
-    fn = fusedvq.PartialsMSELoss.from_checkpoint(write_run(tmp_path, run), norm="batch", reduction="column", levels=3)
+    fn = fusedvq.PartialsMSELoss.from_checkpoint(write_checkpoint(tmp_path, run), norm="batch", reduction="column", levels=3)
     p, W = run.gap_at, run.K + C
     assert fn.target_gap == (p, C) and fn.decoder_categories == {n: tuple(g) for n, g in run.decoder_groups().items()}
     g = torch.Generator().manual_seed(6)

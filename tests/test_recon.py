@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ckpt_factory import make_parts, write_checkpoint
+from ckpt_factory import make_plain_run, write_checkpoint
 
 from fusedvq.checkpoint import CheckpointError
 from fusedvq.recon import VQReconLoss
@@ -68,7 +68,7 @@ def check(loss_fn, x, recon, mask, mean, std, **oracle_kw):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("B", [1, 3, 257])
 def test_explicit_mask_and_raw_stats(dtype, reduction, B):
-    parts = make_parts(seed=B)
+    parts = make_plain_run(seed=B)
     x, recon, mean, std = inputs(B, parts, dtype, seed=B)
     mask = torch.from_numpy(parts.mask)
     backend = "reference" if dtype == torch.float64 else "auto"
@@ -77,7 +77,7 @@ def test_explicit_mask_and_raw_stats(dtype, reduction, B):
 
 
 def test_masked_space_stats_and_noncontiguous_features():
-    parts = make_parts(D=270, K=143, seed=5)
+    parts = make_plain_run(D=270, K=143, seed=5)
     x, recon, mean, std = inputs(64, parts, torch.float32, seed=5, noncontiguous=True)
     assert not x.is_contiguous()
     mask = torch.from_numpy(parts.mask)
@@ -86,7 +86,7 @@ def test_masked_space_stats_and_noncontiguous_features():
 
 
 def test_norm_none_and_nan_to_num():
-    parts = make_parts(seed=6)
+    parts = make_plain_run(seed=6)
     x, recon, _, _ = inputs(17, parts, torch.float32, seed=6)
     with torch.no_grad():
         x[0, 0], x[3, 5], x[4, 7] = float("nan"), float("inf"), float("-inf")
@@ -97,7 +97,7 @@ def test_norm_none_and_nan_to_num():
 
 @pytest.mark.parametrize("method", ["standard", "mad"])
 def test_from_checkpoint_matches_the_plain_fix(tmp_path, method):
-    parts = make_parts(method=method, seed=7)
+    parts = make_plain_run(method=method, seed=7)
     path = write_checkpoint(tmp_path, parts, stats_in_file=method == "standard", stats_beside=method == "mad")
     loss_fn = VQReconLoss.from_checkpoint(path, num_features=187)
     assert (loss_fn.num_features, loss_fn.num_kept) == (187, 171)
@@ -108,7 +108,7 @@ def test_from_checkpoint_matches_the_plain_fix(tmp_path, method):
 
 
 def test_from_checkpoint_norm_none_needs_no_stats(tmp_path):
-    parts = make_parts(seed=8)
+    parts = make_plain_run(seed=8)
     path = write_checkpoint(tmp_path, parts, stats_in_file=False)
     with pytest.raises(CheckpointError, match="no normalization statistics"):
         VQReconLoss.from_checkpoint(path)
@@ -118,7 +118,7 @@ def test_from_checkpoint_norm_none_needs_no_stats(tmp_path):
 
 
 def test_width_errors_name_the_numbers(tmp_path):
-    parts = make_parts(seed=9)
+    parts = make_plain_run(seed=9)
     path = write_checkpoint(tmp_path, parts)
     with pytest.raises(CheckpointError) as info:
         VQReconLoss.from_checkpoint(path, num_features=270)
@@ -138,7 +138,7 @@ def test_bad_categories_are_rejected():
 
 
 def test_module_moves_and_reprs(tmp_path):
-    loss_fn = VQReconLoss.from_checkpoint(write_checkpoint(tmp_path, make_parts(seed=10)))
+    loss_fn = VQReconLoss.from_checkpoint(write_checkpoint(tmp_path, make_plain_run(seed=10)))
     assert "features 187 → recon 171, 8 categories" in repr(loss_fn)
     double = loss_fn.to(torch.float64)  # buffers follow the module; float64 features work on the reference
     x = torch.randn(2, 187, dtype=torch.float64)

@@ -1,10 +1,9 @@
-"""Checkpoints as the motivating project writes them (spinlock_format.py): read by default without its
+"""Checkpoints as the motivating project writes them (ckpt_factory.make_run): read by default without its
 package and without running anything, statistics on the columns its own normalization puts them on,
-hybrid layouts derived and explained, statistics files usable on their own, and crafted pickles inert."""
+statistics files usable on their own, and crafted pickles inert. (Its hybrid layouts: test_hybrid_layout.py.)"""
 
 from __future__ import annotations
 
-import io
 import pickle
 import shutil
 import sys
@@ -13,26 +12,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ckpt_factory import fixture_layout, shared_dir
-from helpers import BACKENDS
-from spinlock_format import NormalizationStats, make_run, trainer_classes, write_npz, write_run
+from ckpt_factory import (NormalizationStats, checkpoint_dict, fixture_layout, make_run, shared_dir, trainer_classes,
+                          write_checkpoint, write_npz)
 
-from fusedvq import FeatureCleaner, VQReconLoss
+from fusedvq import VQReconLoss
 from fusedvq.checkpoint import CheckpointError, load_feature_spec, read_checkpoint
-from fusedvq.tools.cli import check
+from helpers import run_check
+from oracle import rel_err
 
 FIXTURES = shared_dir() / "fixtures" / "spinlock"
 RUNS = [pytest.param(h, m, id=f"{'hybrid' if h else 'plain'}-{m}") for h in (False, True) for m in ("standard", "mad")]
-
-
-def rel_err(got, ref) -> float:
-    return float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
-
-
-def run_check(*args, **kwargs) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    rc = check(*args, out=out, err=err, **kwargs)
-    return rc, out.getvalue(), err.getvalue()
 
 
 # --- reading, by default, without the trainer's package ------------------------------------------
@@ -42,11 +31,11 @@ def run_check(*args, **kwargs) -> tuple[int, str, str]:
 @pytest.mark.parametrize("source", ["checkpoint", "npz"])
 def test_statistics_land_where_the_trainer_puts_them(tmp_path, hybrid, method, source):
     run = make_run(hybrid=hybrid, method=method, seed=1 + hybrid)
-    path = write_run(tmp_path, run)
+    path = write_checkpoint(tmp_path, run)
     assert not any(m == "spinlock" or m.startswith("spinlock.") for m in sys.modules)
     spec = load_feature_spec(path, num_features=270, stats="checkpoint" if source == "checkpoint" else
                              tmp_path / "normalization_stats.npz")
-    mu, sigma = run.expected_stats()
+    mu, sigma = run.mean_k.astype(np.float32), run.std_k.astype(np.float32)
     # Bitwise: float64 of the stored float32 value, on the very column the trainer normalizes with it.
     assert np.array_equal(spec.mean.numpy(), mu.astype(np.float64))
     assert np.array_equal(spec.std.numpy(), sigma.astype(np.float64))
@@ -55,7 +44,7 @@ def test_statistics_land_where_the_trainer_puts_them(tmp_path, hybrid, method, s
 
 
 def test_foreign_objects_become_records_and_paths_strings(tmp_path):
-    path = write_run(tmp_path, make_run(hybrid=True, seed=3))
+    path = write_checkpoint(tmp_path, make_run(hybrid=True, seed=3))
     data = read_checkpoint(path)
     stats = data["normalization_stats"]["cluster_1"]
     assert type(stats).__name__ == "NormalizationStats" and not isinstance(stats, NormalizationStats)
@@ -70,7 +59,7 @@ def test_foreign_objects_become_records_and_paths_strings(tmp_path):
 
 
 def test_trust_still_needs_the_package(tmp_path):
-    path = write_run(tmp_path, make_run(hybrid=False, seed=4))
+    path = write_checkpoint(tmp_path, make_run(hybrid=False, seed=4))
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="'spinlock', which is not installed"):
         read_checkpoint(path, trust=True)
     with trainer_classes(), pytest.warns(UserWarning):
@@ -78,172 +67,12 @@ def test_trust_still_needs_the_package(tmp_path):
         assert isinstance(real, NormalizationStats)
 
 
-# --- hybrid layouts ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("families", [None, {"initial": 14, "summary": 128, "temporal": 128},
-                                      {"summary": 60, "temporal": 50, "initial": 14}])
-def test_hybrid_layout_is_derived(tmp_path, families):
-    run = make_run(hybrid=True, seed=5, families=families, gap_width=28)
-    spec = load_feature_spec(write_run(tmp_path, run), num_features=sum(run.families.values()))
-    p = run.gap_at
-    assert spec.hybrid.gap_at == p and spec.hybrid.gap_width == 28 and spec.input_dim == run.K + 28
-    cols = spec.recon_columns.numpy()
-    assert np.array_equal(cols[:p], np.arange(p)) and np.array_equal(cols[p:], np.arange(p, run.K) + 28)
-    assert spec.embedding_columns == range(p, p + 28)
-
-
-def test_hybrid_layout_from_feature_names_alone(tmp_path):
-    run = make_run(hybrid=True, seed=6)
-    path = write_run(tmp_path, run, edit=lambda ck: ck.pop("pre_model_group_indices"))
-    spec = load_feature_spec(path, require_stats=False)
-    assert spec.hybrid.gap_at == run.gap_at and "feature_names" in spec.hybrid.source
-    # Statistics need the categories in kept columns, in their own order: refused, saying why.
-    with pytest.raises(CheckpointError, match="pre_model_group_indices"):
-        load_feature_spec(path)
-
-
-def test_underivable_hybrid_layout_says_what_is_missing(tmp_path):
-    run = make_run(hybrid=True, seed=7)
-
-    def edit(ck):
-        ck.pop("pre_model_group_indices")
-        ck.pop("feature_names")
-
-    rc, out, err = run_check(str(write_run(tmp_path, run, edit=edit)), norm="batch")
-    assert rc == 1 and "Traceback" not in err
-    assert "cannot be derived" in err and "no pre_model_group_indices" in err and "no feature_names" in err
-    assert "28 embedding columns" in err
-
-
-def test_group_indices_of_two_layouts_are_refused(tmp_path):
-    run = make_run(hybrid=True, seed=17)
-
-    def edit(ck):
-        groups = ck["model_config"]["group_indices"]
-        name = next(n for n, g in groups.items() if len(g) > 3 and max(g) > run.gap_at + 28)
-        groups[name] = [i + 1 for i in groups[name]]  # one category shifted by one column more
-
-    rc, _, err = run_check(str(write_run(tmp_path, run, edit=edit)), norm="batch")
-    assert rc == 1 and "do not describe one layout" in err
-
-
-def test_embedding_width_disagreement_is_named(tmp_path):
-    run = make_run(hybrid=True, seed=8)
-    path = write_run(tmp_path, run, edit=lambda ck: ck["model_config"].update(input_dim=run.K + 20))
-    rc, _, err = run_check(str(path))
-    assert rc == 1 and "gives 28 embedding columns" in err and "leaves 20" in err
-
-
-def test_check_explains_a_hybrid_layout(tmp_path):
-    run = make_run(hybrid=True, seed=9)
-    p, K = run.gap_at, run.K
-    rc, out, err = run_check(str(write_run(tmp_path, run)), features=270)
-    assert rc == 0, err
-    assert "hybrid          yes" in out and "adds 28 embedding columns" in out
-    assert f"decoder {p}..{p + 27} (28 columns" in out and f"decoder {p + 28}..{K + 27} = kept {p}..{K - 1}" in out
-    rc, out, err = run_check(str(tmp_path), features=187)
-    assert rc == 1 and "270 entries" in err and "187" in err and "must give all 270 columns" in err
-
-
-def test_a_mask_whose_kept_columns_fit_the_first_columns_says_so(tmp_path):
-    run = make_run(hybrid=False, seed=10)
-    run.mask[187:] = False
-    for name in run.kept_groups:  # keep the categories a partition of the fewer kept columns
-        keep = run.kept_groups[name] < run.K
-        run.kept_groups[name], run.center[name], run.scale[name] = (
-            run.kept_groups[name][keep], run.center[name][keep], run.scale[name][keep])
-    rc, _, err = run_check(str(write_run(tmp_path, run)), features=187)
-    assert rc == 1 and f"all {run.K} kept columns lie in the first 187" in err and "feature_mask[:187]" in err
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("norm, reduction", [("stats", "mean"), ("stats", "none"), ("batch", "sum"), ("none", "mean")])
-def test_recon_loss_on_a_hybrid_compares_the_feature_columns(tmp_path, backend, norm, reduction):
-    name, device = backend
-    run = make_run(hybrid=True, seed=11)
-    loss_fn = VQReconLoss.from_checkpoint(write_run(tmp_path, run), norm=norm, reduction=reduction, backend=name)
-    loss_fn = loss_fn.to(device)
-    p, c, K, B = run.gap_at, 28, run.K, 9
-    mu, sigma = (torch.from_numpy(a.astype(np.float64)) for a in run.expected_stats())
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, 270, generator=g, dtype=torch.float64)
-    x[:, run.mask] = x[:, run.mask] * sigma + mu
-    recon = torch.randn(B, K + c, generator=g, dtype=torch.float64)
-    x, recon = x.float().to(device).requires_grad_(), recon.float().to(device).requires_grad_()
-    # Oracle: float64, the plain fix on the decoder's feature columns.
-    x64, r64 = x.detach().cpu().double().requires_grad_(), recon.detach().cpu().double().requires_grad_()
-    kept = x64[:, torch.from_numpy(run.mask)]
-    if norm == "stats":
-        z = (kept - mu) / sigma
-    elif norm == "batch":
-        std = kept.std(0)
-        z = (kept - kept.mean(0)) / torch.where(std < 1e-8, torch.ones_like(std), std)
-    else:
-        z = kept
-    feature_cols = torch.cat([torch.arange(p), torch.arange(p + c, K + c)])
-    ref = F.mse_loss(r64[:, feature_cols], z, reduction=reduction)
-    w = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
-    (ref * w).sum().backward()
-    got = loss_fn(x, recon)
-    (got * w.to(device)).sum().backward()
-    assert got.shape == ref.shape
-    assert rel_err(got.detach().cpu(), ref) <= 1e-5
-    assert rel_err(x.grad.cpu(), x64.grad) <= 1e-5 and rel_err(recon.grad.cpu(), r64.grad) <= 1e-5
-    assert float(recon.grad[:, p : p + c].abs().max()) == 0.0  # the embedding columns: the caller's
-    assert loss_fn.embedding_columns == range(p, p + c)
-    with pytest.raises(ValueError, match=f"{K + c} in all"):
-        loss_fn(x, recon[:, :K])
-
-
-def test_feature_cleaner_on_a_hybrid(tmp_path):
-    run = make_run(hybrid=True, seed=12)
-    cleaner = FeatureCleaner.from_checkpoint(write_run(tmp_path, run), norm="batch")
-    p, K = run.gap_at, run.K
-    x = torch.randn(6, 270)
-    z = cleaner(x)
-    emb = torch.randn(6, 28)
-    combined = cleaner.combine(z, emb)
-    assert combined.shape == (6, K + 28)
-    assert torch.equal(combined[:, p : p + 28], emb)
-    assert torch.equal(combined[:, cleaner.recon_columns], z)
-    with pytest.raises(ValueError, match=r"\[6, 28\]"):
-        cleaner.combine(z, emb[:, :27])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_feature_cleaner_recon_loss_reads_the_feature_columns(tmp_path, backend, reduction):
-    name, device = backend
-    run = make_run(hybrid=True, seed=18)
-    cleaner = FeatureCleaner.from_checkpoint(write_run(tmp_path, run), norm="batch", backend=name).to(device)
-    p, K, B = run.gap_at, run.K, 7
-    g = torch.Generator().manual_seed(1)
-    x = (torch.randn(B, 270, generator=g) * 3 + 1).to(device).requires_grad_()
-    recon = torch.randn(B, K + 28, generator=g).to(device).requires_grad_()
-    loss = cleaner.recon_loss(recon, cleaner(x), reduction=reduction)
-    w = torch.rand(loss.shape, generator=g).to(device) + 0.5
-    (loss * w).sum().backward()
-    x64, r64 = x.detach().cpu().double().requires_grad_(), recon.detach().cpu().double().requires_grad_()
-    kept = x64[:, torch.from_numpy(run.mask)]
-    z = (kept - kept.mean(0)) / kept.std(0)
-    cols = torch.cat([torch.arange(p), torch.arange(p + 28, K + 28)])
-    ref = F.mse_loss(r64[:, cols], z, reduction=reduction)
-    (ref * w.cpu().double()).sum().backward()
-    assert rel_err(loss.detach().cpu(), ref) <= 1e-5
-    assert rel_err(x.grad.cpu(), x64.grad) <= 1e-5 and rel_err(recon.grad.cpu(), r64.grad) <= 1e-5
-    assert float(recon.grad[:, p : p + 28].abs().max()) == 0.0
-    assert torch.equal(cleaner.recon_columns.cpu(), cols)
-    with pytest.raises(ValueError, match=f"must have {K + 28}"):
-        cleaner.recon_loss(recon[:, :K], cleaner(x))
-
-
 # --- statistics files on their own ---------------------------------------------------------------
 
 
 def test_check_says_what_a_statistics_file_holds(tmp_path):
     run = make_run(hybrid=False, method="mad", seed=13)
-    npz = write_npz(tmp_path / "normalization_stats.npz", run)
+    npz = write_npz(tmp_path / "normalization_stats.npz", run.per_category(), run.method)
     rc, out, err = run_check(str(npz))
     assert rc == 1 and "Traceback" not in err and "enforce" not in err
     assert "statistics file" in out and "6 categories" in out and f"{run.K} columns" in out and "mad" in out
@@ -257,10 +86,10 @@ def test_check_says_what_a_statistics_file_holds(tmp_path):
 
 def test_spec_from_a_mask_groups_and_a_statistics_file(tmp_path):
     run = make_run(hybrid=False, seed=14)
-    npz = write_npz(tmp_path / "stats.npz", run)
-    groups = {n: g.tolist() for n, g in run.kept_groups.items()}
+    npz = write_npz(tmp_path / "stats.npz", run.per_category(), run.method)
+    groups = {n: g.tolist() for n, g in run.groups.items()}
     spec = load_feature_spec(stats=npz, feature_mask=run.mask, group_indices=groups, num_features=270)
-    mu, sigma = run.expected_stats()
+    mu, sigma = run.mean_k.astype(np.float32), run.std_k.astype(np.float32)
     assert np.array_equal(spec.mean.numpy(), mu.astype(np.float64))
     assert np.array_equal(spec.std.numpy(), sigma.astype(np.float64))
     loss = VQReconLoss.from_spec(spec)
@@ -344,10 +173,9 @@ def test_crafted_pickles_run_nothing(tmp_path, attack, container):
     payload, named = _attacks(marker)[attack]
     named = (named,) if isinstance(named, str) else named
     run = make_run(hybrid=True, seed=15)
-    path = write_run(tmp_path, run, npz=False, edit=lambda ck: ck["normalization_stats"].update(cluster_1=payload))
+    path = write_checkpoint(tmp_path, run, stats_beside=False,
+                            edit=lambda ck: ck["normalization_stats"].update(cluster_1=payload))
     if container != "torch.save":
-        from spinlock_format import checkpoint_dict
-
         data = checkpoint_dict(run)
         data["normalization_stats"]["cluster_1"] = payload
         with trainer_classes(), open(path, "wb") as f:
@@ -363,7 +191,8 @@ def test_crafted_pickles_run_nothing(tmp_path, attack, container):
 def test_calling_a_stand_in_class_is_refused(tmp_path):
     run = make_run(hybrid=False, seed=16)
     call = Call(NormalizationStats, np.zeros(2), np.ones(2))  # a REDUCE on the trainer's class
-    path = write_run(tmp_path, run, npz=False, edit=lambda ck: ck["normalization_stats"].update(cluster_1=call))
+    path = write_checkpoint(tmp_path, run, stats_beside=False,
+                            edit=lambda ck: ck["normalization_stats"].update(cluster_1=call))
     with pytest.raises(CheckpointError, match=r"calls spinlock\.encoding\.normalization\.NormalizationStats\(\.\.\.\)"):
         read_checkpoint(path)
 
@@ -404,8 +233,6 @@ class SelfKeyed:
 
 
 def test_records_keyed_by_themselves_and_other_oddities_become_sentences(tmp_path):
-    from spinlock_format import checkpoint_dict
-
     run = make_run(hybrid=True, seed=19)
     big = torch.zeros(1).expand(300_000_000)  # stride 0: 4 bytes stored, 300M entries declared
     cases = {
@@ -431,17 +258,6 @@ def test_a_bytearray_of_stated_size_is_refused(tmp_path):
     torch.save({"feature_mask": np.ones(3, bool), "blob": bytearray(16)}, path)
     with pytest.raises(CheckpointError, match="bytearray"):
         read_checkpoint(path)
-
-
-def test_feature_names_of_the_original_columns_do_not_place_the_embeddings(tmp_path):
-    run = make_run(hybrid=True, seed=20)
-
-    def edit(ck):
-        ck.pop("pre_model_group_indices")
-        ck["feature_names"] = [f"initial::c{i}" if i < 14 else f"x::c{i}" for i in range(270)]  # D0 names, not K
-
-    rc, _, err = run_check(str(write_run(tmp_path, run, edit=edit)), norm="batch")
-    assert rc == 1 and "cannot be derived" in err
 
 
 def test_an_inference_mode_call_does_not_poison_later_training(tmp_path):

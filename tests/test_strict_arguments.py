@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from ckpt_factory import make_parts, write_checkpoint
+from ckpt_factory import make_plain_run, make_run, write_checkpoint
 
 import fusedvq
 from fusedvq import FeatureCleaner, MaskedMSELoss, VQReconLoss
@@ -72,7 +72,7 @@ def test_eps_validated_before_launch(eps):
 
 @pytest.mark.parametrize("cls", [MaskedMSELoss, VQReconLoss, FeatureCleaner])
 def test_trust_and_num_features_are_checked_before_the_file_is_read(cls, tmp_path):
-    parts = make_parts(D=20, K=12, num_categories=2, seed=3)
+    parts = make_plain_run(D=20, K=12, num_categories=2, seed=3)
     path = write_checkpoint(tmp_path, parts)
     for bad in NOT_FLAGS:
         with pytest.raises(TypeError, match=_message("trust must be True or False", repr(bad))):
@@ -100,7 +100,7 @@ def test_num_features_and_target_gap_are_integers(cls):
 
 
 def test_the_check_command_takes_a_boolean_trust_and_an_integer_width(tmp_path):
-    path = str(write_checkpoint(tmp_path, make_parts(D=20, K=12, num_categories=2, seed=4)))
+    path = str(write_checkpoint(tmp_path, make_plain_run(D=20, K=12, num_categories=2, seed=4)))
     out, err = io.StringIO(), io.StringIO()
     with pytest.raises(TypeError, match=_message("trust must be True or False", "'False'")):
         check(path, trust="False", out=out, err=err)
@@ -182,9 +182,7 @@ def test_an_unknown_option_lists_every_option_and_points_a_near_miss(form):
 
 
 def test_a_hybrid_decoders_whole_output_names_its_width_and_the_fix(tmp_path):
-    from spinlock_format import make_run, write_run
-
-    path = write_run(tmp_path, make_run(hybrid=True, seed=5))
+    path = write_checkpoint(tmp_path, make_run(hybrid=True, seed=5))
     recon_loss = VQReconLoss.from_checkpoint(path, norm="batch")
     loss_fn = MaskedMSELoss.from_checkpoint(path, norm="batch")
     (p, c), K, width = recon_loss.loss.target_gap, loss_fn.num_kept, recon_loss.recon_width
