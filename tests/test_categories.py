@@ -131,11 +131,13 @@ def test_gini():
 def test_cleaner_recon_loss_columns_weights_and_categories(backend, hybrid, tmp_path):
     from ckpt_factory import make_plain_run, write_checkpoint
 
+    from fusedvq.kernels.plan import Gap
+
     parts = make_plain_run(seed=11)
     cleaner = fusedvq.FeatureCleaner.from_checkpoint(write_checkpoint(tmp_path, parts), norm="batch",
                                                      nan_to_num=True, backend=backend, weight="balanced")
     if hybrid:  # the decoder's output with 6 embedding columns from column 50 on
-        cleaner._z_plan = cleaner._z_plan._replace(gap=(50, 6))
+        cleaner._z_plan = cleaner._z_plan._replace(gap=Gap(50, 6))
     K = parts.K
     g = torch.Generator().manual_seed(12)
     x = torch.randn(8, parts.D, generator=g, requires_grad=True)
