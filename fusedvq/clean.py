@@ -80,7 +80,7 @@ class FeatureCleaner(PlannedModule):
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
                                num_features=K, form=LossForm(gap=_gap))
         self._z_plan = self._z_plan._replace(weight=self._weight(weight, K, device, self._z_plan.gap))
-        self._z_held: dict = {}  # reduction code → (z plan, its plan with that reduction, their small route)
+        self._hold_z()
 
     @classmethod
     def from_spec(cls, spec, *, norm: str = "stats", **options) -> "FeatureCleaner":
@@ -102,7 +102,14 @@ class FeatureCleaner(PlannedModule):
         if z_columns.index.device != device:  # the identity plan follows the buffers' device
             self._z_plan = self._z_plan._replace(columns=ColumnMap(*(t.to(device) for t in z_columns)),
                                                  weight=None if weight is None else weight.to(device))
+        self._hold_z()
         return self
+
+    def _hold_z(self) -> None:
+        """recon_loss's plans, each reduction's with its small route, built with the z plan (as the held plan:
+        a first call under torch.compile must find them, not change the module)."""
+        plans = [self._z_plan._replace(reduction=code, selector="cleaner's z") for code in range(len(REDUCTIONS))]
+        self._z_held = [(plan, ops.small_route(plan)) for plan in plans]  # by reduction code
 
     def _loss_weight(self):
         return _kept_weight(self._z_plan.weight, self.num_kept, self._z_plan.gap)  # (recon_loss's weights)
@@ -145,17 +152,13 @@ class FeatureCleaner(PlannedModule):
         embeddings [B, c] (hybrid): the trainer's objective instead, F.mse_loss(recon, combine(z, embeddings))
         over all K + c decoder columns, read in place (no combined copy): [B, K + c] / [K + c] for "none" /
         "column", gradients to recon, z and the embeddings."""
-        code = option_code("reduction", reduction, REDUCTIONS)
-        held = self._z_held.get(code)
-        if held is None or held[0] is not self._z_plan:  # (the z plan changes with .to() and from_spec's gap)
-            plan = self._z_plan._replace(reduction=code, selector="cleaner's z")
-            held = self._z_held[code] = (self._z_plan, plan, ops.small_route(plan))
+        held = self._z_held[option_code("reduction", reduction, REDUCTIONS)]
         # Said in this method's order (recon first), before the routing point's own checks run.
         for name, t in (("recon", recon), ("z", z)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}: recon_loss(recon, z)")
         ops.check_order(recon, z, self.num_kept + self.gap.width, self.num_kept, "recon_loss(recon [B, {}], z [B, {}])")
-        return ops.call_loss(z, recon, held[1], "recon_loss(recon [B, {1}], z [B, {0}])", held[2], embeddings)
+        return ops.call_loss(z, recon, held[0], "recon_loss(recon [B, {1}], z [B, {0}])", held[1], embeddings)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] → z [B, K], the encoder's input."""

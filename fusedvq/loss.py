@@ -110,8 +110,8 @@ class PlannedModule(CategoryErrors, nn.Module):
                             ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
-        self._held = ()  # HeldPlan (the plan, its route, the buffers they hold), kept between calls
         self._set_categories(decoder_categories, (plan.gap if _decoder_gap is None else _decoder_gap).width)
+        self.hold()  # (built here and by .to(): a first call under torch.compile must find it, not change it)
 
     def hold(self) -> "HeldPlan":
         """The HeldPlan of the buffers as they are now, kept (ops.held_plan calls this when they changed)."""
@@ -171,6 +171,7 @@ class PlannedModule(CategoryErrors, nn.Module):
             after = getattr(self, name)
             if after.dtype != before.dtype:
                 setattr(self, name, before.to(after.device))
+        self.hold()
         return self
 
     norm = property(lambda self: NORMS[self.plan.norm])

@@ -193,7 +193,7 @@ class PartialsMSELoss(PlannedModule):
         gap = check_gap(target_gap, self.num_kept)
         self.partials_mode = _mode(reduction, gap)
         self._set_categories(decoder_categories, gap.width)  # (the decoder's K + c columns' categories)
-        self._small = ()  # (held plan, its PartialsRoute): rebuilt with the held plan
+        self._hold_small()
         self.layout = self.decoder_layout = None
         if levels is None and partial_categories is None:
             return
@@ -225,9 +225,8 @@ class PartialsMSELoss(PlannedModule):
         """The loss of features [B, D] against partials [P, B, K + c] (or a list); embeddings [B, c]: the
         hybrid's objective (partials_mse)."""
         held, small = ops.held_plan(self), self._small
-        if not small or small[0] is not held:  # (the buffers were swapped or moved: a route of the new plan)
-            small = (held, PartialsRoute.of(held.plan, self.partials_mode))
-            object.__setattr__(self, "_small", small)
+        if small[0] is not held:  # (the buffers were swapped: a route of the new plan)
+            small = self._hold_small()
         if small[1] is not None:  # a small CPU batch: one node each way (cpu/partials_small.py)
             loss = small[1](features, partials, embeddings)
             if loss is not None:
@@ -275,7 +274,15 @@ class PartialsMSELoss(PlannedModule):
         for name, coef in coefs.items():  # kept float64: .half() and .float() would round it
             if coef is not None and getattr(self, name).dtype != coef.dtype:
                 setattr(self, name, coef.to(getattr(self, name).device))
+        self._hold_small()
         return self
+
+    def _hold_small(self) -> tuple:
+        """(the held plan, its PartialsRoute), kept: built with the held plan (at construction, by .to(), or
+        when a call finds the buffers swapped), so a first call under torch.compile finds it."""
+        small = (self._held, PartialsRoute.of(self._held.plan, self.partials_mode))
+        object.__setattr__(self, "_small", small)
+        return small
 
     reduction = property(lambda self: _REDUCTION_NAMES[self.partials_mode.reduction])
     target_gap = property(lambda self: self.partials_mode.gap)

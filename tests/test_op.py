@@ -129,3 +129,29 @@ def test_compiled_mask_target_mismatch_fails_instead_of_padding(backend):
     f = torch.compile(lambda x, r: fusedvq.masked_mse(x, r, mask, norm="none", backend=backend), fullgraph=True)
     with pytest.raises(RuntimeError, match="mask keeps a different number of columns"):
         f(x, r)
+
+
+@pytest.mark.parametrize("call", ["loss", "cleaner", "recon_loss", "partials"])
+def test_a_compiled_module_compiles_once(call):
+    """The modules' held plans (and their small routes) exist from construction on and after .to(): a first
+    call under torch.compile finds them and mutates nothing, so the second call reuses its graph (the bug: the
+    first traced call built them, and the changed attribute made every module compile twice)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    mask, mean, std = random_case(9, 12, 7, generator=g)
+    x, r = torch.randn(5, 12, generator=g), torch.randn(5, 7, generator=g)
+    loss_fn = fusedvq.MaskedMSELoss(mask, mean, std)
+    cleaner = fusedvq.FeatureCleaner(mask, norm="batch")
+    partials = fusedvq.PartialsMSELoss(mask, mean, std)
+    step = {"loss": lambda x, r: loss_fn(x, r), "cleaner": lambda x, r: F.mse_loss(cleaner(x), r),
+            "recon_loss": lambda x, r: cleaner.recon_loss(r, x[:, :7]),
+            "partials": lambda x, r: partials(x, torch.stack([r, r + 1]))}[call]
+    for module in (loss_fn, cleaner, partials):
+        module.to(torch.float64).to(torch.float32)  # (.to() rebuilds them as construction does)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for trial in range(3):
+        assert rel_err(compiled(x, r + trial), step(x, r + trial)) <= 1e-6
+    assert counter.frame_count == 1
