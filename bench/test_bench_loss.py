@@ -34,13 +34,23 @@ def case_id(case) -> str:
 
 def _marks(provider, case) -> list:
     """"fused" is the Triton kernels on CUDA tensors: a gpu case (tests/ run them through the interpreter).
-    "compiled" compiles each norm and mode with inductor (seconds each on a CPU): in the default suite at
-    B = 4 with norm "stats", every mode; its other cases are sweeps (--sweeps) unless FUSEDVQ_BENCH=full."""
+    "compiled" compiles each norm and mode (seconds each on a CPU): in the default suite at B = 4 with norm
+    "stats", every mode; its other cases are sweeps (--sweeps) unless FUSEDVQ_BENCH=full."""
     if provider == "fused":
         return [pytest.mark.gpu]
     if provider == "compiled" and not FULL and (case.B != 4 or case.norm != "stats"):
         return [pytest.mark.sweep]
     return []
+
+
+@pytest.fixture(autouse=True)
+def compiler(request, monkeypatch):
+    """Timed (--benchmark-enable, FUSEDVQ_BENCH=full), "compiled" is inductor's, as a user's torch.compile;
+    the default suite's smoke run of each step traces it with aot_eager (inductor's C++ builds take seconds
+    each: tests/test_op.py runs inductor on fusedvq's ops)."""
+    timed = request.config.getoption("benchmark_enable") or not request.config.getoption("benchmark_disable")
+    if not FULL and not timed:
+        monkeypatch.setattr(fb.providers, "COMPILER", "aot_eager")
 
 
 @pytest.mark.parametrize("provider, case", [pytest.param(p, c, marks=_marks(p, c), id=f"{case_id(c)}-{p}")

@@ -5,9 +5,9 @@ the configurations the launchers can produce, runs the bundled ptxas -v on the P
 per compile with the registers and spill bytes, or the error. tests/test_aot.py drives it.
 
 By default it compiles a covering set (`covering`): every value of each setting of a kernel (the arch, the
-dtype, the block shape, each flag) and every pair of two settings' values that any configuration holds, in
-about 90 compiles instead of all 600 or so (a compile takes half a second of a core). `--all` compiles every
-configuration on both archs (the sweep: tests/test_aot.py's, with --sweeps).
+dtype, the block shape, each flag) that any configuration holds, in about 30 compiles instead of all 600 or so
+(a compile takes half a second of a core). `--pairs` covers every pair of two settings' values too (about 100
+compiles); `--all` compiles every configuration on both archs (the sweep: tests/test_aot.py's, with --sweeps).
 """
 
 from __future__ import annotations
@@ -200,11 +200,12 @@ def settings_of(record: dict) -> tuple:
     return (("arch", record["arch"]), ("dtype", record["dtype"]), ("shape", shape), *flags)
 
 
-def held_pairs(record: dict) -> set:
-    """What one compile covers: (kernel, setting) and (kernel, setting, setting) for each pair."""
+def held_values(record: dict, pairs: bool = False) -> set:
+    """What one compile covers: (kernel, setting) for each setting's value, and with pairs (kernel, setting,
+    setting) for each pair of two."""
     held = settings_of(record)
-    return {(record["kernel"], *pair) for pair in itertools.combinations(held, 2)} | {
-        (record["kernel"], one) for one in held}
+    both = {(record["kernel"], *pair) for pair in itertools.combinations(held, 2)} if pairs else set()
+    return both | {(record["kernel"], one) for one in held}
 
 
 def every_job() -> list[dict]:
@@ -220,11 +221,11 @@ def every_job() -> list[dict]:
     return jobs
 
 
-def covering(jobs: list[dict]) -> list[dict]:
-    """A few of `jobs` holding every setting's value and every pair of two settings' values (per kernel)
-    that any of them holds: greedily, the job that holds the most pairs not yet held, first in `jobs` on a
-    tie (so the same set from run to run)."""
-    held = [held_pairs(job) for job in jobs]
+def covering(jobs: list[dict], pairs: bool = False) -> list[dict]:
+    """A few of `jobs` holding every setting's value (with pairs: and every pair of two settings' values),
+    per kernel, that any of them holds: greedily, the job that holds the most not yet held, first in `jobs`
+    on a tie (so the same set from run to run)."""
+    held = [held_values(job, pairs) for job in jobs]
     needed, chosen = set().union(*held), []
     while needed:
         best = max(range(len(jobs)), key=lambda i: len(held[i] & needed))
@@ -249,7 +250,7 @@ def _compile_record(job: dict) -> dict:
 
 
 def main() -> int:
-    jobs = every_job() if "--all" in sys.argv else covering(every_job())
+    jobs = every_job() if "--all" in sys.argv else covering(every_job(), pairs="--pairs" in sys.argv)
     knobs.nvidia.dump_ptxas_log = True  # Triton's cubin step runs ptxas -v: its report, without a second ptxas
     with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for record in pool.map(_compile_record, jobs, chunksize=2):

@@ -21,15 +21,15 @@ def test_every_kernel_compiled_for_both_archs(records):
     assert seen == {(k, a) for k in kernels for a in (80, 90)}
 
 
-def test_the_compiles_hold_every_pair_of_settings(records):
-    """Every value of each setting of a kernel (arch, dtype, block shape, each flag) and every pair of two
-    settings' values that a configuration the launchers produce holds, some compile holds."""
+def test_the_compiles_hold_every_value_of_each_setting(records):
+    """Every value of each setting of a kernel (arch, dtype, block shape, each flag) that a configuration the
+    launchers produce holds, some compile holds (every pair of two: `aot_check.py --pairs`; all: the sweep)."""
     import aot_check
 
-    wanted = set().union(*map(aot_check.held_pairs, aot_check.every_job()))
-    compiled = set().union(*map(aot_check.held_pairs, records))
+    wanted = set().union(*map(aot_check.held_values, aot_check.every_job()))
+    compiled = set().union(*map(aot_check.held_values, records))
     assert wanted <= compiled, sorted(wanted - compiled, key=str)[:5]
-    assert len(records) < len(aot_check.every_job()) / 4  # (what makes the default run short)
+    assert len(records) < len(aot_check.every_job()) / 10  # (what makes the default run short)
 
 
 def test_no_compile_errors(records):

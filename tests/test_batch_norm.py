@@ -150,9 +150,10 @@ def test_gradcheck_reference(reduction):
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
     not interpreting, reason="interpreter"))])
-@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("reduction", [0, 1])
 def test_opcheck(use_triton, reduction):
-    """Both registered ops of norm="batch", forward (with its autograd) and backward."""
+    """Both registered ops of norm="batch", forward (with its autograd) and backward, for a [B, K] and a scalar
+    loss ("sum" is "mean"'s shape)."""
     from fusedvq.arguments import build_column_map
 
     g = torch.Generator().manual_seed(11)

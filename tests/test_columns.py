@@ -177,7 +177,7 @@ def test_weight_requiring_grad_is_refused():
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
     not interpreting, reason="interpreter"))])
-@pytest.mark.parametrize("reduction", [3, 1, 0])
+@pytest.mark.parametrize("reduction", [3, 0])  # (the scalar reductions: test_op.py's opcheck)
 def test_opcheck_column_and_weights(use_triton, reduction):
     g = torch.Generator().manual_seed(13)
     columns, mean, std = random_case(7, 12, 9, mask=False, duplicates=True, generator=g)

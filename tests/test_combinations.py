@@ -3,7 +3,7 @@ reconstructions against one target: tests/combinations_partials.py, a quarter of
 float64 oracle — first a fixed list of known-critical combinations, then random draws until the time budget
 is spent.
 
-    FUSEDVQ_COMBO_SECONDS=600 pytest tests/test_combinations.py     # draw for 10 minutes (default: 12 s)
+    FUSEDVQ_COMBO_SECONDS=600 pytest tests/test_combinations.py     # draw for 10 minutes (default: 8 s)
     FUSEDVQ_COMBO_SEED=1234 pytest tests/test_combinations.py -k random   # replay drawn cases (comma-separated)
     FUSEDVQ_COMBO_BASE=77 ...                                      # the first seed of the draws (default: random)
 
@@ -31,7 +31,7 @@ from fusedvq.cpu import blocked as cpu_blocked
 from helpers import interpreting
 from oracle import TOLERANCE, category_oracle, hybrid_oracle, kept_z, weighted_oracle
 
-BUDGET_S = float(os.environ.get("FUSEDVQ_COMBO_SECONDS", "12"))
+BUDGET_S = float(os.environ.get("FUSEDVQ_COMBO_SECONDS", "8"))
 REPLAY = [int(s) for s in os.environ.get("FUSEDVQ_COMBO_SEED", "").split(",") if s.strip()]
 K_REAL = 171
 

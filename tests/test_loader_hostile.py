@@ -13,16 +13,7 @@ from hostile_files import HOSTILE
 
 HERE = Path(__file__).resolve().parent
 
-_BUILD = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import hostile_files
-from pathlib import Path
-print(json.dumps({name: str(make(Path(sys.argv[2]) / (name.replace(" ", "_") + ".pt")))
-                  for name, make in hostile_files.HOSTILE.items()}))
-"""
-
-# The files are built by another process (_BUILD), so that the peak RSS measured here is the reads' alone.
+# The files are built by the test's process, so that the peak RSS measured here is the reads' alone.
 _PROBE = r"""
 import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
@@ -59,10 +50,8 @@ def test_small_hostile_files_end_within_seconds_and_1_gb(tmp_path):
     30,000 categories, a zip directory of 70,000 members, two data.pkl members) ends as a load or a
     CheckpointError in under 5 s, under 1 GB of peak RSS in every process, in a fresh interpreter under a 6 GB
     address-space limit."""
-    built = subprocess.run([sys.executable, "-c", _BUILD, str(HERE), str(tmp_path)], capture_output=True, text=True,
-                           timeout=120)
-    assert built.returncode == 0, built.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(HERE), built.stdout.strip()], capture_output=True,
+    built = {name: str(make(tmp_path / (name.replace(" ", "_") + ".pt"))) for name, make in HOSTILE.items()}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(HERE), json.dumps(built)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     *results, usage = [json.loads(line) for line in proc.stdout.splitlines()]
