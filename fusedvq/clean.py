@@ -109,7 +109,7 @@ class FeatureCleaner(PlannedModule):
         """recon_loss's plans, each reduction's with its small route, built with the z plan (as the held plan:
         a first call under torch.compile must find them, not change the module)."""
         plans = [self._z_plan._replace(reduction=code, selector="cleaner's z") for code in range(len(REDUCTIONS))]
-        self._z_held = [(plan, ops.small_route(plan)) for plan in plans]  # by reduction code
+        self._z_held = (self._z_plan, [(plan, ops.small_route(plan)) for plan in plans])  # (by reduction code)
 
     def _loss_weight(self):
         return _kept_weight(self._z_plan.weight, self.num_kept, self._z_plan.gap)  # (recon_loss's weights)
@@ -152,7 +152,9 @@ class FeatureCleaner(PlannedModule):
         embeddings [B, c] (hybrid): the trainer's objective instead, F.mse_loss(recon, combine(z, embeddings))
         over all K + c decoder columns, read in place (no combined copy): [B, K + c] / [K + c] for "none" /
         "column", gradients to recon, z and the embeddings."""
-        held = self._z_held[option_code("reduction", reduction, REDUCTIONS)]
+        if self._z_held[0] is not self._z_plan:  # (the z plan was replaced)
+            self._hold_z()
+        held = self._z_held[1][option_code("reduction", reduction, REDUCTIONS)]
         # Said in this method's order (recon first), before the routing point's own checks run.
         for name, t in (("recon", recon), ("z", z)):
             if not isinstance(t, torch.Tensor):

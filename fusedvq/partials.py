@@ -278,8 +278,7 @@ class PartialsMSELoss(PlannedModule):
         return self
 
     def _hold_small(self) -> tuple:
-        """(the held plan, its PartialsRoute), kept: built with the held plan (at construction, by .to(), or
-        when a call finds the buffers swapped), so a first call under torch.compile finds it."""
+        """(the held plan, its PartialsRoute), kept: built with the held plan, for a first compiled call."""
         small = (self._held, PartialsRoute.of(self._held.plan, self.partials_mode))
         object.__setattr__(self, "_small", small)
         return small
