@@ -7,7 +7,7 @@
                     shapes (TUNING) and the scratch memory of the last-program reductions
     masked_mse.py   the forward and backward kernels of the loss and clean_features
     launchers.py    the launches of masked_mse.py's kernels, and the entry points of norm "none" / "stats"
-    batch_stats.py  norm="batch": the column-moments and dz-sums kernels, their launches, its entry points
+    batch_norm.py  norm="batch": the column-moments and dz-sums kernels, their launches, its entry points
     row_loads.py    a candidate forward (not the default): whole rows in 128-bit loads, gathered in the SM
     partials.py     P partial reconstructions against one target: their kernels, launches and entry points
 
@@ -16,8 +16,8 @@ The entry points below are imported on first use (they import triton).
 
 _ENTRY_POINTS = {
     "masked_mse_forward": "launchers", "masked_mse_backward": "launchers", "clean_forward": "launchers",
-    "clean_backward": "launchers", "batch_mse_forward": "batch_stats", "batch_mse_backward": "batch_stats",
-    "batch_clean_forward": "batch_stats", "batch_clean_backward": "batch_stats",
+    "clean_backward": "launchers", "batch_mse_forward": "batch_norm", "batch_mse_backward": "batch_norm",
+    "batch_clean_forward": "batch_norm", "batch_clean_backward": "batch_norm",
 }
 
 

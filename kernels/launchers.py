@@ -1,10 +1,10 @@
-"""The launches of masked_mse.py's two kernels, which every norm builds on (batch_stats.py wraps norm="batch"
+"""The launches of masked_mse.py's two kernels, which every norm builds on (batch_norm.py wraps norm="batch"
 around them), and the entry points of norm "none" / "stats" (the loss and clean_features).
 
     launch_forward   grid (min(cdiv(B, BLOCK_B), programs),): the loss (a scalar, [K] or [B, K]), or z (clean)
     launch_backward  grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)): grad_x (and grad_r for the loss)
 Inputs are validated by the caller; every launch runs under the tensors' device and never synchronizes.
-stats: () for norm "none", (μ, 1/σ) for "stats", (c, m, 1/σ') forward / (c, m, 1/σ', 1/(N − 1), 1/N)
+affine: () for norm "none", (μ, 1/σ) for "stats", (c, m, 1/σ') forward / (c, m, 1/σ', 1/(N − 1), 1/N)
 backward for "batch", each [K] fp32. mode: plan.Mode.
 """
 
@@ -22,7 +22,7 @@ def launch_forward(
     x: torch.Tensor,  # [B, D], B >= 1
     target,  # [B, K (+ c)], or None (clean)
     index: torch.Tensor,  # [K] int64, values in [0, D)
-    stats: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ') batch
+    affine: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ') batch
     mode: Mode,
     colsums: bool = False,  # also return the [2, K] column sums of the batch-norm backward
     weight=None,  # [W] fp32: the loss's per-column weights, or None
@@ -36,9 +36,9 @@ def launch_forward(
     block_b, block_k, grid = walk_grid(x, B, K)
     norm, nan_to_num, reduction, gap, _, clean = mode
     if norm == NORM_BATCH:
-        shift, center, scale = stats
+        shift, center, scale = affine
     else:
-        shift, scale = stats if stats else (x, x)  # unused slots: any pointer, never read
+        shift, scale = affine if affine else (x, x)  # unused slots: any pointer, never read
         center = shift
     if target is None:
         target = x  # never read: clean
@@ -76,7 +76,7 @@ def launch_backward(
     x: torch.Tensor,  # [B, D], B >= 1
     target,  # [B, K (+ c)], or None (clean)
     inverse: tuple,  # (inv_ptr [D+1] int32, inv_k [K] int32)
-    stats: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', 1/(N − 1), 1/N) batch
+    affine: tuple,  # [K] fp32 views: () none, (μ, 1/σ) stats, (c, m, 1/σ', 1/(N − 1), 1/N) batch
     mode: Mode,
     sums=None,  # batch: [2, K] fp32, (A1, A2) of the forward or, with sums_final, (S1, S2)
     sums_final: bool = False,
@@ -93,9 +93,9 @@ def launch_backward(
     block_b, block_d = block_sizes(B, D, TUNING.backward_tile)
     grid = (cdiv(B, block_b), cdiv(D, block_d) + (cdiv(gap.width, block_d) if embed else 0))
     if norm == NORM_BATCH:
-        shift, center, scale, inv_n1, inv_n = stats
+        shift, center, scale, inv_n1, inv_n = affine
     else:
-        shift, scale = stats if stats else (x, x)  # unused slots: any pointer, never read
+        shift, scale = affine if affine else (x, x)  # unused slots: any pointer, never read
         center = inv_n1 = inv_n = x
     sums = x if sums is None else sums
     g_strides = ((grad_loss.stride(0), grad_loss.stride(1)) if reduction == REDUCTION_NONE else
@@ -136,40 +136,40 @@ _FWD = KernelLauncher(_masked_mse_fwd_kernel)
 _BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 
-def masked_mse_forward(x, target, index, stats: tuple, mode: Mode, weight=None, embeddings=None) -> torch.Tensor:
-    """norm "none" (stats ()) or "stats" ((μ, 1/σ)): the loss ([], [W] or [B, W] in x.dtype, W = K, or K + c
+def masked_mse_forward(x, target, index, affine: tuple, mode: Mode, weight=None, embeddings=None) -> torch.Tensor:
+    """norm "none" (affine ()) or "stats" ((μ, 1/σ)): the loss ([], [W] or [B, W] in x.dtype, W = K, or K + c
     with embeddings [B, c]); by whole-row loads (row_loads.py) when TUNING.forward_loads == "rows", the rows
     fit and no embeddings are compared."""
     if TUNING.forward_loads == "rows" and embeddings is None:
         from .row_loads import rows_fit, rows_forward
 
         if rows_fit(x, target):
-            return rows_forward(x, target, index, stats, mode, weight)
-    norm = NORM_STATS if stats else NORM_NONE
+            return rows_forward(x, target, index, affine, mode, weight)
+    norm = NORM_STATS if affine else NORM_NONE
     mode = mode if mode.norm == norm else mode._replace(norm=norm)  # (the host passes it right: µs at B = 4)
-    return launch_forward(x, target, index, stats, mode, weight=weight, embeddings=embeddings)[0]
+    return launch_forward(x, target, index, affine, mode, weight=weight, embeddings=embeddings)[0]
 
 
-def masked_mse_backward(grad_loss, x, target, inverse: tuple, stats: tuple, mode: Mode, weight=None,
+def masked_mse_backward(grad_loss, x, target, inverse: tuple, affine: tuple, mode: Mode, weight=None,
                         embeddings=None):
     """norm "none" / "stats": (grad_x [B, D], grad_target [B, K] or [B, K + c]), None where not needed, and
     with embeddings grad_embeddings [B, c] third."""
-    norm = NORM_STATS if stats else NORM_NONE
+    norm = NORM_STATS if affine else NORM_NONE
     mode = mode if mode.norm == norm else mode._replace(norm=norm)
-    return launch_backward(grad_loss, x, target, inverse, stats, mode, weight=weight, embeddings=embeddings)
+    return launch_backward(grad_loss, x, target, inverse, affine, mode, weight=weight, embeddings=embeddings)
 
 
-def clean_forward(x, index, stats: tuple, mode: Mode) -> torch.Tensor:
-    """clean_features, norm "none" (stats ()) or "stats": z [B, K] in x.dtype, one launch."""
+def clean_forward(x, index, affine: tuple, mode: Mode) -> torch.Tensor:
+    """clean_features, norm "none" (affine ()) or "stats": z [B, K] in x.dtype, one launch."""
     if x.shape[0] == 0:
         return x.new_empty((0, index.shape[0]))
-    mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE, reduction=REDUCTION_NONE, clean=True)
-    return launch_forward(x, None, index, stats, mode)[0]
+    mode = mode._replace(norm=NORM_STATS if affine else NORM_NONE, reduction=REDUCTION_NONE, clean=True)
+    return launch_forward(x, None, index, affine, mode)[0]
 
 
-def clean_backward(grad_z, x, inverse: tuple, stats: tuple, mode: Mode) -> torch.Tensor:
+def clean_backward(grad_z, x, inverse: tuple, affine: tuple, mode: Mode) -> torch.Tensor:
     """clean_features, norm "none" / "stats": grad_x [B, D], one launch."""
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    mode = mode._replace(norm=NORM_STATS if stats else NORM_NONE, reduction=REDUCTION_NONE, clean=True)
-    return launch_backward(grad_z, x, None, inverse, stats, mode)
+    mode = mode._replace(norm=NORM_STATS if affine else NORM_NONE, reduction=REDUCTION_NONE, clean=True)
+    return launch_backward(grad_z, x, None, inverse, affine, mode)

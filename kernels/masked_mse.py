@@ -1,5 +1,5 @@
 """Fused masked MSE and clean_features, norm "none" / "stats": one launch forward, one launch backward, any
-B (launchers.py launches them; batch_stats.py adds norm="batch" around them).
+B (launchers.py launches them; batch_norm.py adds norm="batch" around them).
 
 Math (reference.py states the same in torch ops), with x̃ = nan_to_num(x) when NAN_TO_NUM:
     forward   z[b, k] = (x̃[b, idx[k]] − μ[k]) · (1/σ[k])          (norm "none": z = x̃[b, idx[k]])
@@ -13,7 +13,7 @@ Math (reference.py states the same in torch ops), with x̃ = nan_to_num(x) when 
     CLEAN     (clean_features) the forward writes z itself; the backward takes dz = ∂L/∂z as given:
               ∂L/∂x[b, d] = Σ_{k : idx[k] = d} dz[b, k] · (1/σ[k])   (0 where x was non-finite), no r
     norm "batch" reuses both kernels with NORM_BATCH: z = ((x̃ − c) − m)·(1/σ') and batch norm's VJP
-    (batch_stats.py states it).
+    (batch_norm.py states it).
 Plan:
 
 forward   grid (cdiv(B, BLOCK_B),): each program owns BLOCK_B rows and walks the K kept columns in
@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import (FLT_MAX, NORM_NONE_C, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, add_terms, column_stats,
+from .tiles import (FLT_MAX, NORM_NONE_C, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, add_terms, column_affine,
                     kept_columns, load_features, normalize, store_partial_pair, sum_partial_pairs, write_reduction)
 
 
@@ -88,7 +88,7 @@ def _masked_mse_fwd_kernel(
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)  # [BLOCK_K] each
-        mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM)
+        mu, center, inv_sigma = column_affine(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM)
         rcols = (cols + tl.where(cols >= gap_at, gap_width, 0)).to(tl.int64)  # r's columns
         ocols = rcols if EMBED else cols.to(tl.int64)  # the outputs' and weights' columns
         wk = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -225,7 +225,7 @@ def _masked_mse_bwd_kernel(
         k = tl.load(inv_k_ptr + start + j, mask=has, other=0).to(tl.int64)  # [BLOCK_D]
         has = has & (k >= 0) & (k < K)
         ok = row_ok[:, None] & has[None, :]
-        mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, k, has, NORM)
+        mu, center, inv_sigma = column_affine(shift_ptr, center_ptr, scale_ptr, k, has, NORM)
         z, z_ok = normalize(xv, mu, center, inv_sigma, NORM)
         rk = k + tl.where(k >= gap_at, gap_width, 0)  # r's column
         ok_col = rk if EMBED else k  # the loss's column: of grad_output and the weights

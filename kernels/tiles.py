@@ -106,7 +106,7 @@ def load_features(x_ptr, rows, d, ok, stride_xb, stride_xd, NAN_TO_NUM: tl.const
 
 
 @triton.jit
-def column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM: tl.constexpr):
+def column_affine(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM: tl.constexpr):
     """(μ or c, m, 1/σ) of the columns `cols` for NORM; zeros (never used) where NORM does not read them."""
     mu = tl.zeros(cols.shape, dtype=tl.float32)
     center = tl.zeros(cols.shape, dtype=tl.float32)

@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
-from fusedvq.kernels import batch_stats as bs
+from fusedvq.kernels import batch_norm as bs
 from fusedvq.kernels import masked_mse as mm
 from fusedvq.kernels import partials as pt
 from fusedvq.kernels import tiles as settings
@@ -120,7 +120,7 @@ def kernel_specs():
             blocks = dict(BLOCK_B=block_b, BLOCK_K=block_k)
             for finalize in (0, 1):
                 sig = {"x_ptr": dtype, "idx_ptr": "*i64", "partial_ptr": "*fp32", "count_ptr": "*fp32",
-                       "stats_ptr": "*fp32", "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
+                       "moments_ptr": "*fp32", "counter_ptr": "*i32", "B": I32, "K": I32, "D": I32,
                        "stride_xb": I64, "stride_xd": I64, "eps": F32}
                 yield "moments", bs._column_moments_kernel, sig, dict(NAN_TO_NUM=n2n, FINALIZE=finalize, **blocks)
             if red == 0:

@@ -95,9 +95,9 @@ def test_stats_loss_and_clean_float64(B, D, K):
 @pytest.mark.parametrize("count", [300, torch.tensor(300.0, dtype=torch.float64)])  # this batch, merged ranks
 def test_finalized_batch_statistics_stay_float64(count):
     """The weights of the batch-statistics backward, w = 1/(N − 1) and 1/N, are float64 for float64 moments."""
-    from fusedvq.cpu.batch import STAT_INV_N, STAT_INV_N1, finalize_batch_stats
+    from fusedvq.cpu.batch import MOMENT_INV_N, MOMENT_INV_N1, finalize_moments
 
     m2 = torch.rand(5, dtype=torch.float64) + 1
-    stats = finalize_batch_stats(count, torch.zeros_like(m2), torch.zeros_like(m2), m2, 1e-8)
+    stats = finalize_moments(count, torch.zeros_like(m2), torch.zeros_like(m2), m2, 1e-8)
     assert stats.dtype == torch.float64
-    assert (stats[STAT_INV_N1] == 1 / 299).all() and (stats[STAT_INV_N] == 1 / 300).all()
+    assert (stats[MOMENT_INV_N1] == 1 / 299).all() and (stats[MOMENT_INV_N] == 1 / 300).all()

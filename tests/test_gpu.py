@@ -115,7 +115,7 @@ def test_no_host_sync_in_module_forward_backward(norm, reduction):
 @pytest.mark.parametrize("norm", ["stats", "batch"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_direct_launch_matches_tritons_own_launch(norm, reduction, monkeypatch):
-    from fusedvq.kernels import batch_stats, launchers
+    from fusedvq.kernels import batch_norm, launchers
 
     x, r, mask, mean, std = _setup(B=1000)
     stats = (mean, std) if norm == "stats" else ()
@@ -131,7 +131,7 @@ def test_direct_launch_matches_tritons_own_launch(norm, reduction, monkeypatch):
     step()  # compiles through Triton and caches the compiled kernels
     direct = step()
     assert launchers._FWD.compiled and launchers._BWD.compiled
-    for launcher in (launchers._FWD, launchers._BWD, batch_stats._MOMENTS, batch_stats._DZ_SUMS):
+    for launcher in (launchers._FWD, launchers._BWD, batch_norm._MOMENTS, batch_norm._DZ_SUMS):
         monkeypatch.setattr(launcher, "direct", False)
     through_triton = step()
     for a, b in zip(direct, through_triton):

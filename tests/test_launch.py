@@ -47,13 +47,13 @@ def test_host_helpers_match_triton():
 def test_failed_launch_does_not_poison_later_losses():
     """A launch that fails part-way (here the moments kernel, handed an eps the last program cannot use)
     must not leave the shared ticket counter non-zero: every later mean/sum loss stays right."""
-    from fusedvq.kernels import batch_stats
+    from fusedvq.kernels import batch_norm
 
     g = torch.Generator().manual_seed(0)
     x, r = torch.randn(300, 9, generator=g), torch.randn(300, 9, generator=g)
     index = torch.arange(9)
     with pytest.raises(Exception):
-        batch_stats.column_moments(x, index, "1e-8", False, finalize=True)
+        batch_norm.column_moments(x, index, "1e-8", False, finalize=True)
     for norm in ("none", "batch"):
         loss = fusedvq.masked_mse(x, r, index, norm=norm, backend="triton")
         want = fusedvq.masked_mse(x, r, index, norm=norm, backend="reference")

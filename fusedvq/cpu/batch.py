@@ -27,13 +27,13 @@ from .moments import merge_moments
 from .blocked import _block_rows, _dots, _scatter_rows, _total, grad_factors, into_target, new_target_grad
 from .blocked import reduce_columns
 
-# The statistics of a batch, stats [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N): the shift c (the batch's first
+# The statistics of a batch, moments [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N): the shift c (the batch's first
 # row), the mean m around it, 1/σ' (σ' = 1 where σ < eps), 1/(N − 1) (0 where σ' = 1: no gradient through
 # σ), 1/N. reference.py states the math; the kernels write the same rows.
-STAT_SHIFT, STAT_MEAN, STAT_RSTD, STAT_INV_N1, STAT_INV_N = range(5)
+MOMENT_SHIFT, MOMENT_MEAN, MOMENT_RSTD, MOMENT_INV_N1, MOMENT_INV_N = range(5)
 
 
-def finalize_batch_stats(count, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+def finalize_moments(count, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
                          eps: float) -> torch.Tensor:
     """stats [5, K] = (c, m, 1/σ', 1/(N − 1), 1/N) from N rows' (c, m, M2); count is an int or a 0-d tensor."""
     if isinstance(count, int):  # this batch's own rows: the scalars on the host, fewer ops (small batches)
@@ -81,10 +81,10 @@ class _Blocks:
             out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         return out, x_ok
 
-    def normalized(self, rows: slice, stats: torch.Tensor, mr: torch.Tensor):
+    def normalized(self, rows: slice, moments: torch.Tensor, mr: torch.Tensor):
         """(z [n, K], z_ok or None, x_ok or None): z = nan_to_num((x̃ − c)·(1/σ') − m·(1/σ')), mr = m·(1/σ')."""
         z, x_ok = self.features(rows)
-        z, z_ok = _finite_or_masked(z.sub_(stats[STAT_SHIFT]).mul_(stats[STAT_RSTD]).sub_(mr))
+        z, z_ok = _finite_or_masked(z.sub_(moments[MOMENT_SHIFT]).mul_(moments[MOMENT_RSTD]).sub_(mr))
         return z, z_ok, x_ok
 
 
@@ -112,19 +112,19 @@ def batch_moments(blocks: _Blocks, eps: float, merge_and_finalize=None):
     count, shift, mean, m2 = parts[0] if len(parts) == 1 else merge_moments(parts, blocks.cdt)
     if merge_and_finalize is not None:
         return merge_and_finalize(blocks.B, shift, mean, m2), None  # the merged m differs from this batch's
-    return finalize_batch_stats(count, shift, mean, m2, eps), (centered if len(parts) == 1 else None)
+    return finalize_moments(count, shift, mean, m2, eps), (centered if len(parts) == 1 else None)
 
 
-def _z_blocks(blocks: _Blocks, stats: torch.Tensor, centered):
+def _z_blocks(blocks: _Blocks, moments: torch.Tensor, centered):
     """(rows, z, z_ok) of each block: from the moments' own buffer when the batch was one block (z =
     (x̃ − c − m)·(1/σ'), no second gather), else normalized again."""
     if centered is not None and blocks.B > 0:
-        z = centered.mul_(stats[STAT_RSTD])
+        z = centered.mul_(moments[MOMENT_RSTD])
         yield slice(0, blocks.B), *_finite_or_masked(z)
         return
-    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    mr = moments[MOMENT_MEAN] * moments[MOMENT_RSTD]
     for rows in blocks.rows():
-        z, z_ok, _ = blocks.normalized(rows, stats, mr)
+        z, z_ok, _ = blocks.normalized(rows, moments, mr)
         yield rows, z, z_ok
 
 
@@ -142,21 +142,21 @@ def batch_mse_forward(
     index: torch.Tensor,  # [K] int64
     eps: float,
     mode: Mode,  # nan_to_num, reduction, gap (the target's c skipped columns from `at` on)
-    merge_and_finalize=None,  # (count, c, m, M2) -> stats [5, K] over all ranks; None: this batch only
+    merge_and_finalize=None,  # (count, c, m, M2) -> moments [5, K] over all ranks; None: this batch only
     weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss in x.dtype, stats [5, K], column sums A [2, K] = (Σ diff·[z finite], Σ diff·z), or [0, K] for
+    """(loss in x.dtype, moments [5, K], column sums A [2, K] = (Σ diff·[z finite], Σ diff·z), or [0, K] for
     reduction "none", whose backward sums with g[b, k] itself), in the compute dtype."""
     reduction, gap = mode.reduction, mode.gap
     blocks = _Blocks(x, index, mode.nan_to_num)
-    stats, centered = batch_moments(blocks, eps, merge_and_finalize)
+    moments, centered = batch_moments(blocks, eps, merge_and_finalize)
     K = blocks.K
     none = reduction == REDUCTION_NONE
     loss = torch.empty((blocks.B, K), dtype=x.dtype, device=x.device) if none else None
-    colsums = stats.new_zeros((0 if none else 2, K))
+    colsums = moments.new_zeros((0 if none else 2, K))
     by_column = reduction == REDUCTION_COLUMN or (weight is not None and not none)
-    parts, columns, diff_buf = [], stats.new_zeros(K) if by_column else None, torch.empty_like(blocks.buf)
-    for rows, z, z_ok in _z_blocks(blocks, stats, centered):
+    parts, columns, diff_buf = [], moments.new_zeros(K) if by_column else None, torch.empty_like(blocks.buf)
+    for rows, z, z_ok in _z_blocks(blocks, moments, centered):
         diff = into_target(torch.sub, z, diff_buf[: z.shape[0]], gap, target[rows])
         if none:
             loss[rows] = diff.square_() if weight is None else diff.square_().mul_(weight)
@@ -168,12 +168,12 @@ def batch_mse_forward(
         colsums[1] += torch.linalg.vecdot(diff, z, dim=0)  # z = 0 where not finite: no mask needed
         colsums[0] += (diff if z_ok is None else diff.mul_(z_ok)).sum(0)
     if none:
-        return loss, stats, colsums
+        return loss, moments, colsums
     if by_column:
-        return reduce_columns(columns, blocks.B, reduction, weight).to(x.dtype), stats, colsums
+        return reduce_columns(columns, blocks.B, reduction, weight).to(x.dtype), moments, colsums
     if blocks.B == 0:
-        return stats.new_zeros(()).to(x.dtype), stats, colsums
-    return _total(parts, blocks.B * K, reduction, x).to(x.dtype), stats, colsums
+        return moments.new_zeros(()).to(x.dtype), moments, colsums
+    return _total(parts, blocks.B * K, reduction, x).to(x.dtype), moments, colsums
 
 
 def batch_mse_backward(
@@ -181,25 +181,25 @@ def batch_mse_backward(
     x: torch.Tensor,  # [B, D]
     target: torch.Tensor,  # [B, K (+ c)]
     index: torch.Tensor,  # [K]
-    saved: tuple,  # (stats [5, K], colsums [2, K] ([0, K] for reduction "none")) from the forward
+    saved: tuple,  # (moments [5, K], colsums [2, K] ([0, K] for reduction "none")) from the forward
     mode: Mode,  # the forward's; needs: (grad_x, grad_target) wanted, the other comes back None
     sum_over_ranks=None,  # [2, K] -> [2, K] summed over all ranks; None: this batch only
     weight: Optional[torch.Tensor] = None,  # [K] compute dtype, or None
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(grad_x [B, D] in x.dtype, grad_target [B, K] (or [B, K + c]) in target.dtype), None where not wanted."""
-    stats, colsums = saved
+    moments, colsums = saved
     reduction, gap, needs = mode.reduction, mode.gap, mode.needs
     blocks = _Blocks(x, index, mode.nan_to_num)
     B, K = blocks.B, blocks.K
     none = reduction == REDUCTION_NONE
     g, f = grad_factors(grad_loss, reduction, B, K, weight, blocks.cdt)
-    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    mr = moments[MOMENT_MEAN] * moments[MOMENT_RSTD]
     dz_buf = torch.empty_like(blocks.buf)
     grad_target = new_target_grad(B, K, gap, target.dtype, x.device) if needs[1] else None
 
     def dz_of(rows, last_pass=True):
         """(dz, z, x_ok) of a block: dz = 2·g·diff·[z finite]; on the last pass also grad_target = −2·g·diff."""
-        z, z_ok, x_ok = blocks.normalized(rows, stats, mr)
+        z, z_ok, x_ok = blocks.normalized(rows, moments, mr)
         dz = into_target(torch.sub, z, dz_buf[: z.shape[0]], gap, target[rows])
         dz = dz.mul_(g[rows]).mul_(f) if none else dz.mul_(f)
         if last_pass and grad_target is not None:  # before the mask: it applies to z's gradient only
@@ -217,7 +217,7 @@ def batch_mse_backward(
             for rows in blocks.rows():
                 dz_of(rows)
         return None, grad_target
-    return _grad_x_by_blocks(blocks, dz_of, stats, sums, first), grad_target
+    return _grad_x_by_blocks(blocks, dz_of, moments, sums, first), grad_target
 
 
 def _neg_cast(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -237,12 +237,12 @@ def _dz_sums(blocks: _Blocks, dz_of):
     return sums, (last if blocks.B <= blocks.step else None)
 
 
-def _grad_x_by_blocks(blocks: _Blocks, dz_of, stats: torch.Tensor, sums: torch.Tensor, first=None) -> torch.Tensor:
+def _grad_x_by_blocks(blocks: _Blocks, dz_of, moments: torch.Tensor, sums: torch.Tensor, first=None) -> torch.Tensor:
     """grad_x [B, D] in x.dtype: (1/σ')·(dz − S1/N − z·S2/(N − 1)) added into the columns index names, 0 where x
     was non-finite, block by block (first: the one block's (dz, z, x_ok), already computed)."""
-    s1n = sums[0] * stats[STAT_INV_N]
-    s2n1 = sums[1] * stats[STAT_INV_N1]
-    rstd = stats[STAT_RSTD]
+    s1n = sums[0] * moments[MOMENT_INV_N]
+    s2n1 = sums[1] * moments[MOMENT_INV_N1]
+    rstd = moments[MOMENT_RSTD]
     grad_x = torch.empty((blocks.B, blocks.x.shape[1]), dtype=blocks.x.dtype, device=blocks.x.device)
     scatter_buf = None
     for rows in blocks.rows():
@@ -264,30 +264,30 @@ def batch_clean_forward(
     mode: Mode,
     merge_and_finalize=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z [B, K] in x.dtype, stats [5, K] in the compute dtype)."""
+    """(z [B, K] in x.dtype, moments [5, K] in the compute dtype)."""
     blocks = _Blocks(x, index, mode.nan_to_num)
-    stats, centered = batch_moments(blocks, eps, merge_and_finalize)
+    moments, centered = batch_moments(blocks, eps, merge_and_finalize)
     z_out = torch.empty((blocks.B, blocks.K), dtype=x.dtype, device=x.device)
-    for rows, z, _ in _z_blocks(blocks, stats, centered):
+    for rows, z, _ in _z_blocks(blocks, moments, centered):
         z_out[rows] = z
-    return z_out, stats
+    return z_out, moments
 
 
 def batch_clean_backward(
     grad_z: torch.Tensor,  # [B, K]
     x: torch.Tensor,  # [B, D]
     index: torch.Tensor,  # [K]
-    stats: torch.Tensor,  # [5, K] from the forward
+    moments: torch.Tensor,  # [5, K] from the forward
     mode: Mode,
     sum_over_ranks=None,
 ) -> torch.Tensor:
     """grad_x [B, D] in x.dtype: batch norm's VJP with dz = grad_z·[z finite]."""
     blocks = _Blocks(x, index, mode.nan_to_num)
-    mr = stats[STAT_MEAN] * stats[STAT_RSTD]
+    mr = moments[MOMENT_MEAN] * moments[MOMENT_RSTD]
     dz_buf = torch.empty_like(blocks.buf)
 
     def dz_of(rows):
-        z, z_ok, x_ok = blocks.normalized(rows, stats, mr)
+        z, z_ok, x_ok = blocks.normalized(rows, moments, mr)
         dz = dz_buf[: z.shape[0]]
         dz.copy_(grad_z[rows])
         return (dz if z_ok is None else dz.mul_(z_ok)), z, x_ok
@@ -295,4 +295,4 @@ def batch_clean_backward(
     sums, first = _dz_sums(blocks, dz_of)
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
-    return _grad_x_by_blocks(blocks, dz_of, stats, sums, first)
+    return _grad_x_by_blocks(blocks, dz_of, moments, sums, first)

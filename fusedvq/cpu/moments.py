@@ -1,6 +1,6 @@
 """The moments of several parts merged into one: a batch's row blocks (cpu/batch.py) or the ranks' batches
 (ops/distributed.py, sync_stats). Each part is (count, c, m, M2): its rows' count, the shift c (a row of
-its own), the mean m around c and M2 = Σ (x̃ − c − m)²; cpu/batch.py's finalize_batch_stats turns the
+its own), the mean m around c and M2 = Σ (x̃ − c − m)²; cpu/batch.py's finalize_moments turns the
 merged ones into the batch's statistics.
 """
 

@@ -28,7 +28,7 @@ from ..cpu import batch as cpu_batch
 from ..cpu import blocked as cpu_blocked
 from ..kernels.plan import NORM_BATCH, Mode
 from .autograd import OpAutograd, define_op, refuse_synced_higher_order
-from .distributed import merged_stats_fn, sum_over_ranks_fn
+from .distributed import merged_moments_fn, sum_over_ranks_fn
 from .loss import batch_outputs_fake
 
 
@@ -99,7 +99,7 @@ CLEAN = OpAutograd("fusedvq::clean_forward", _clean_forward, _clean_setup_contex
 def _batch_clean_forward(x: Tensor, columns: list, eps: float, group: str,
                          options: CleanOptions) -> tuple[Tensor, Tensor]:
     impl = kernels if options.use_triton else cpu_batch
-    merge = merged_stats_fn(group, eps) if group else None
+    merge = merged_moments_fn(group, eps) if group else None
     return impl.batch_clean_forward(x, columns[0], eps, Mode(NORM_BATCH, options.nan_to_num), merge)
 
 

@@ -15,7 +15,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..cpu.batch import finalize_batch_stats
+from ..cpu.batch import finalize_moments
 from ..cpu.moments import merge_moments
 
 # Keys of the process groups in use; a group that is destroyed (no reference left) drops out by itself.
@@ -70,7 +70,7 @@ def _check_ranks_agree(key: str, K: int, dtype: torch.dtype, eps: float, device:
     )
 
 
-def merged_stats_fn(key: str, eps: float):
+def merged_moments_fn(key: str, eps: float):
     """(count, c [K], m [K], M2 [K]) of this rank -> stats [5, K] over all ranks (see reference.py)."""
 
     def merge_and_finalize(count: int, shift: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def merged_stats_fn(key: str, eps: float):
         gathered = [torch.empty_like(payload) for _ in range(dist.get_world_size(_group(key)))]
         dist.all_gather(gathered, payload, group=_group(key))
         parts = [(p[0], p[1 : 1 + K], p[1 + K : 1 + 2 * K], p[1 + 2 * K :]) for p in gathered]  # rank order
-        return finalize_batch_stats(*merge_moments(parts, mean.dtype), eps)
+        return finalize_moments(*merge_moments(parts, mean.dtype), eps)
 
     return merge_and_finalize
 

@@ -47,7 +47,7 @@ from ..cpu import hybrid as cpu_hybrid
 from ..cpu import blocked as cpu_blocked
 from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Gap, Mode
 from .autograd import OpAutograd, define_op, refuse_synced_higher_order
-from .distributed import merged_stats_fn, sum_over_ranks_fn
+from .distributed import merged_moments_fn, sum_over_ranks_fn
 
 
 class LossOptions(NamedTuple):
@@ -219,7 +219,7 @@ MASKED_MSE = OpAutograd("fusedvq::masked_mse_forward", _masked_mse_forward, _mas
 
 def _batch_mse_forward(x: Tensor, target: Tensor, columns: list, eps: float, group: str, weight: Optional[Tensor],
                        embeddings: Optional[Tensor], options: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
-    merge = merged_stats_fn(group, eps) if group else None
+    merge = merged_moments_fn(group, eps) if group else None
     mode = options.mode(NORM_BATCH)
     if options.use_triton:
         return kernels.batch_mse_forward(x, target, columns[0], eps, mode, merge, weight, embeddings)

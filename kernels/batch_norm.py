@@ -12,7 +12,7 @@ clean_features (CLEAN) takes dz = ∂L/∂z·[z finite] as given and has no r: i
 and 2 writing z, its backward _dz_sums_kernel then the backward kernel, as reduction "none".
 Launches, for any B:
     forward   1. _column_moments_kernel: per-program Chan-merged (m, M2) of each kept column around the shift
-                 c (its first row); the last program merges them in program order and writes stats [5, K]
+                 c (its first row); the last program merges them in program order and writes moments [5, K]
                  = (c, m, 1/σ', 1/(N − 1) (0 where σ' = 1), 1/N), or with cross-rank sync the local (c, m,
                  M2) for the caller to merge across ranks
               2. masked_mse's forward kernel with NORM=2: z, the loss and the column sums A [2, K]
@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .launchers import launch_backward, launch_forward
 from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode, device_guard, reduction_scale
-from .tiles import (FLT_MAX, NORM_BATCH_C, chan_merge, column_stats, kept_columns, load_features, normalize,
+from .tiles import (FLT_MAX, NORM_BATCH_C, chan_merge, column_affine, kept_columns, load_features, normalize,
                     num_warps_for, scratch, scratch_guard, store_partial_pair, sum_partial_pairs, walk_grid)
 
 
@@ -41,7 +41,7 @@ def _column_moments_kernel(
     idx_ptr,  # [K] int64 kept columns
     partial_ptr,  # [num_programs, 2, K] fp32 workspace: each program's (m, M2) around the shift
     count_ptr,  # [num_programs] fp32 workspace: each program's row count
-    stats_ptr,  # FINALIZE: [5, K] fp32 (c, m, 1/σ', 1/(N − 1), 1/N); else [3, K] fp32 (c, m, M2) of this batch
+    moments_ptr,  # FINALIZE: [5, K] fp32 (c, m, 1/σ', 1/(N − 1), 1/N); else [3, K] fp32 (c, m, M2) of this batch
     counter_ptr,  # [1] int32 ticket counter, zero between launches
     B,
     K,
@@ -81,7 +81,7 @@ def _column_moments_kernel(
         tl.store(base, mean, mask=col_ok)
         tl.store(base + K, m2, mask=col_ok)
         if pid == 0:
-            tl.store(stats_ptr + cols, c, mask=col_ok)
+            tl.store(moments_ptr + cols, c, mask=col_ok)
     tl.store(count_ptr + pid, n)
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
@@ -98,18 +98,18 @@ def _column_moments_kernel(
                 mean_p = tl.load(base, mask=col_ok, other=0.0, cache_modifier=".cg")
                 m2_p = tl.load(base + K, mask=col_ok, other=0.0, cache_modifier=".cg")
                 n, mean, m2 = chan_merge(n, mean, m2, n_p, mean_p, m2_p)
-            tl.store(stats_ptr + K + cols, mean, mask=col_ok)
-            if FINALIZE:  # fusedvq/cpu/batch.py finalize_batch_stats, per column
+            tl.store(moments_ptr + K + cols, mean, mask=col_ok)
+            if FINALIZE:  # fusedvq/cpu/batch.py finalize_moments, per column
                 n_k = tl.zeros([BLOCK_K], dtype=tl.float32) + n
                 sigma = tl.sqrt(m2 / tl.maximum(n_k - 1.0, 1.0))
                 flat = (sigma < eps) | (n_k < 2.0)
                 rstd = tl.where(flat, 1.0, 1.0 / sigma)
                 inv_n1 = tl.where(flat, 0.0, 1.0 / tl.maximum(n_k - 1.0, 1.0))
-                tl.store(stats_ptr + 2 * K + cols, rstd, mask=col_ok)
-                tl.store(stats_ptr + 3 * K + cols, inv_n1, mask=col_ok)
-                tl.store(stats_ptr + 4 * K + cols, 1.0 / tl.maximum(n_k, 1.0), mask=col_ok)
+                tl.store(moments_ptr + 2 * K + cols, rstd, mask=col_ok)
+                tl.store(moments_ptr + 3 * K + cols, inv_n1, mask=col_ok)
+                tl.store(moments_ptr + 4 * K + cols, 1.0 / tl.maximum(n_k, 1.0), mask=col_ok)
             else:
-                tl.store(stats_ptr + 2 * K + cols, m2, mask=col_ok)
+                tl.store(moments_ptr + 2 * K + cols, m2, mask=col_ok)
         tl.atomic_xchg(counter_ptr, 0)
 
 
@@ -149,7 +149,7 @@ def _dz_sums_kernel(
     row_blocks = tl.cdiv(B, BLOCK_B)
     for k0 in range(0, K, BLOCK_K):
         cols, d, col_ok = kept_columns(idx_ptr, k0, K, D, BLOCK_K)
-        mu, center, inv_sigma = column_stats(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM_BATCH_C)
+        mu, center, inv_sigma = column_affine(shift_ptr, center_ptr, scale_ptr, cols, col_ok, NORM_BATCH_C)
         rcols = (cols + tl.where(cols >= gap_at, gap_width, 0)).to(tl.int64)  # r's columns
         gcols = rcols if EMBED else cols.to(tl.int64)  # grad's and the weights'
         if WEIGHTED:
@@ -186,7 +186,7 @@ _DZ_SUMS = KernelLauncher(_dz_sums_kernel)
 
 
 def column_moments(x: torch.Tensor, index: torch.Tensor, eps: float, nan_to_num: bool, finalize: bool):
-    """FINALIZE: stats [5, K] fp32 (c, m, 1/σ', 1/(N − 1), 1/N); else [3, K] fp32 (c, m, M2) of these B rows."""
+    """FINALIZE: moments [5, K] fp32 (c, m, 1/σ', 1/(N − 1), 1/N); else [3, K] fp32 (c, m, M2) of these B rows."""
     B, D = x.shape
     K = index.shape[0]
     rows = torch.empty((5 if finalize else 3, K), dtype=torch.float32, device=x.device)
@@ -215,22 +215,22 @@ def batch_moments(x, index, eps: float, nan_to_num: bool, merge_and_finalize=Non
 
 def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finalize=None, weight=None,
                       embeddings=None):
-    """(loss, stats [5, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
-    with g itself: no launch to fill them). merge_and_finalize(count, c, m, M2) -> stats [5, K]
+    """(loss, moments [5, K] fp32, colsums [2, K] fp32, or [0, K] for reduction "none", whose backward sums
+    with g itself: no launch to fill them). merge_and_finalize(count, c, m, M2) -> moments [5, K]
     turns this batch's moments into statistics over all ranks; None: this batch's own. embeddings [B, c]:
     a hybrid's objective over K + c columns (the statistics stay the K feature columns')."""
     B, K, reduction = x.shape[0], index.shape[0], mode.reduction
-    stats = batch_moments(x, index, eps, mode.nan_to_num, merge_and_finalize)
+    moments = batch_moments(x, index, eps, mode.nan_to_num, merge_and_finalize)
     if B == 0:
         W = K + mode.gap.width if embeddings is not None else K
         shape = (0, W) if reduction == REDUCTION_NONE else (W,) if reduction == REDUCTION_COLUMN else ()
-        return x.new_zeros(shape), stats, stats.new_zeros((2 if reduction else 0, K))
-    loss, colsums = launch_forward(x, target, index, (stats[0], stats[1], stats[2]), mode._replace(norm=NORM_BATCH),
+        return x.new_zeros(shape), moments, moments.new_zeros((2 if reduction else 0, K))
+    loss, colsums = launch_forward(x, target, index, (moments[0], moments[1], moments[2]), mode._replace(norm=NORM_BATCH),
                                    colsums=reduction != REDUCTION_NONE, weight=weight, embeddings=embeddings)
-    return loss, stats, colsums if colsums is not None else stats.new_empty((0, K))
+    return loss, moments, colsums if colsums is not None else moments.new_empty((0, K))
 
 
-def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap, weight=None, embed=False):
+def dz_sums(grad_loss, x, target, index, moments, nan_to_num: bool, gap, weight=None, embed=False):
     """(S1, S2) [2, K] fp32 of reduction "none" (target None: of clean_features, grad_loss = ∂L/∂z): Σ_b dz
     and Σ_b dz·z over these B rows."""
     clean = target is None
@@ -244,7 +244,7 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap, weight=No
     with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         _DZ_SUMS[grid](
-            grad_loss, x, target, index, stats[0], stats[1], stats[2], x if weight is None else weight, partial, sums,
+            grad_loss, x, target, index, moments[0], moments[1], moments[2], x if weight is None else weight, partial, sums,
             scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
             target.stride(0), target.stride(1), gap.at, gap.width,
@@ -258,14 +258,14 @@ def dz_sums(grad_loss, x, target, index, stats, nan_to_num: bool, gap, weight=No
 def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode: Mode, sum_over_ranks=None,
                        weight=None, embeddings=None):
     """(grad_x [B, D], grad_target [B, K (+ gap)]), and with embeddings grad_embeddings [B, c] third; columns
-    (index, inv_ptr, inv_k), saved (stats, colsums) of the forward; sum_over_ranks([2, K]) -> [2, K] sums S
+    (index, inv_ptr, inv_k), saved (moments, colsums) of the forward; sum_over_ranks([2, K]) -> [2, K] sums S
     over all ranks."""
     index, inv_ptr, inv_k = columns
-    stats, colsums = saved
+    moments, colsums = saved
     B, K, reduction, needs, embed = x.shape[0], index.shape[0], mode.reduction, mode.needs, embeddings is not None
     sums, sums_final = colsums, False
     if reduction == REDUCTION_NONE:
-        sums = dz_sums(grad_loss, x, target, index, stats, mode.nan_to_num, mode.gap, weight, embed)
+        sums = dz_sums(grad_loss, x, target, index, moments, mode.nan_to_num, mode.gap, weight, embed)
         sums_final = True
     elif sum_over_ranks is not None:  # S = f·A, f the column's gradient factor (as the kernel forms it)
         f = grad_loss.float() * (2.0 * reduction_scale(reduction, B, K + mode.gap.width if embed else K))
@@ -277,24 +277,24 @@ def batch_mse_backward(grad_loss, x, target, columns: tuple, saved: tuple, mode:
     if B == 0:
         grads = (x.new_zeros(x.shape) if needs[0] else None), (target.new_zeros(target.shape) if needs[1] else None)
         return (*grads, embeddings.new_zeros(embeddings.shape) if needs[2] else None) if embed else grads
-    return launch_backward(grad_loss, x, target, (inv_ptr, inv_k), tuple(stats), mode._replace(norm=NORM_BATCH), sums,
+    return launch_backward(grad_loss, x, target, (inv_ptr, inv_k), tuple(moments), mode._replace(norm=NORM_BATCH), sums,
                            sums_final, weight, embeddings)
 
 
 def batch_clean_forward(x, index, eps: float, mode: Mode, merge_and_finalize=None):
-    """clean_features, norm "batch": (z [B, K] in x.dtype, stats [5, K] fp32); two launches."""
-    z, stats, _ = batch_mse_forward(x, None, index, eps, mode._replace(reduction=REDUCTION_NONE, clean=True),
+    """clean_features, norm "batch": (z [B, K] in x.dtype, moments [5, K] fp32); two launches."""
+    z, moments, _ = batch_mse_forward(x, None, index, eps, mode._replace(reduction=REDUCTION_NONE, clean=True),
                                     merge_and_finalize)
-    return z, stats
+    return z, moments
 
 
-def batch_clean_backward(grad_z, x, columns: tuple, stats, mode: Mode, sum_over_ranks=None):
+def batch_clean_backward(grad_z, x, columns: tuple, moments, mode: Mode, sum_over_ranks=None):
     """clean_features, norm "batch": grad_x [B, D]; two launches (the sums S, then the gradient)."""
     index, inv_ptr, inv_k = columns
-    sums = dz_sums(grad_z, x, None, index, stats, mode.nan_to_num, mode.gap)
+    sums = dz_sums(grad_z, x, None, index, moments, mode.nan_to_num, mode.gap)
     if sum_over_ranks is not None:
         sums = sum_over_ranks(sums)
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     mode = mode._replace(norm=NORM_BATCH, reduction=REDUCTION_NONE, clean=True)
-    return launch_backward(grad_z, x, None, (inv_ptr, inv_k), tuple(stats), mode, sums, True)
+    return launch_backward(grad_z, x, None, (inv_ptr, inv_k), tuple(moments), mode, sums, True)
