@@ -225,7 +225,7 @@ def batch_mse_forward(x, target, index, eps: float, mode: Mode, merge_and_finali
         W = K + mode.gap.width if embeddings is not None else K
         shape = (0, W) if reduction == REDUCTION_NONE else (W,) if reduction == REDUCTION_COLUMN else ()
         return x.new_zeros(shape), moments, moments.new_zeros((2 if reduction else 0, K))
-    loss, colsums = launch_forward(x, target, index, (moments[0], moments[1], moments[2]), mode._replace(norm=NORM_BATCH),
+    loss, colsums = launch_forward(x, target, index, tuple(moments[:3]), mode._replace(norm=NORM_BATCH),
                                    colsums=reduction != REDUCTION_NONE, weight=weight, embeddings=embeddings)
     return loss, moments, colsums if colsums is not None else moments.new_empty((0, K))
 
@@ -244,8 +244,8 @@ def dz_sums(grad_loss, x, target, index, moments, nan_to_num: bool, gap, weight=
     with device_guard(x), scratch_guard(x):
         partial = torch.empty((grid[0], 2, K), dtype=torch.float32, device=x.device)
         _DZ_SUMS[grid](
-            grad_loss, x, target, index, moments[0], moments[1], moments[2], x if weight is None else weight, partial, sums,
-            scratch(x, grid[0])[0],
+            grad_loss, x, target, index, moments[0], moments[1], moments[2], x if weight is None else weight, partial,
+            sums, scratch(x, grid[0])[0],
             B, K, D, grad_loss.stride(0), grad_loss.stride(1), x.stride(0), x.stride(1),
             target.stride(0), target.stride(1), gap.at, gap.width,
             NAN_TO_NUM=int(nan_to_num), CLEAN=int(clean), WEIGHTED=int(weight is not None), EMBED=int(embed),
