@@ -117,3 +117,31 @@ def _deselect(config, items, dropped):
         gone = set(map(id, dropped))
         items[:] = [item for item in items if id(item) not in gone]
         config.hook.pytest_deselected(items=dropped)
+
+
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory):
+    """An executable that stands in for python (tests/warm_python.py: each command runs in a child forked
+    from one interpreter that imported torch and fusedvq), its server running for the session: the tests
+    that start `python` (the GPU script's dry run, the command line, the demo, the gloo ranks) pay torch's
+    import once per test process instead of at every start."""
+    import subprocess
+    import sys
+    import time
+
+    script = Path(__file__).resolve().parent / "tests" / "warm_python.py"
+    folder = tmp_path_factory.mktemp("warm")
+    sock = folder / "python.sock"
+    server = subprocess.Popen([sys.executable, str(script), "serve", str(sock)], stdin=subprocess.DEVNULL)
+    client = folder / "python"
+    client.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" run "{sock}" "$@"\n')
+    client.chmod(0o755)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "the warm interpreter did not start"
+            time.sleep(0.05)
+        yield client
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -255,8 +255,9 @@ def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def test_command_line_never_shows_a_traceback(tmp_path):
-    """The real entry point (python -m fusedvq) on a bad file, a crafted file and a good one."""
+def test_command_line_never_shows_a_traceback(tmp_path, warm_python):
+    """The real entry point (python -m fusedvq, run by conftest's warm python) on a bad file, a crafted file
+    and a good one."""
     marker = tmp_path / "pwned"
     bad = write_checkpoint(tmp_path / "bad", make_plain_run(D=270, seed=1),
                            edit=lambda c: c["model_config"].update(input_dim=170))
@@ -267,14 +268,14 @@ def test_command_line_never_shows_a_traceback(tmp_path):
         "codes = [main(['check', p] + (['--features', '187'])) for p in sys.argv[1:]]\n"
         "print('codes', codes)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(bad), str(evil), str(good)], capture_output=True,
+    proc = subprocess.run([str(warm_python), "-c", script, str(bad), str(evil), str(good)], capture_output=True,
                           text=True, env=_env(), timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "codes [1, 1, 0]" in proc.stdout
     assert "feature_mask has 270 entries" in proc.stderr and "input_dim is 170" in proc.stderr
     assert not marker.exists()
 
-    proc = subprocess.run([sys.executable, "-m", "fusedvq", "check", str(bad), "--features", "187"],
+    proc = subprocess.run([str(warm_python), "-m", "fusedvq", "check", str(bad), "--features", "187"],
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "270" in proc.stderr and "187" in proc.stderr

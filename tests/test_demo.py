@@ -7,7 +7,6 @@ import functools
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -117,11 +116,12 @@ def test_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_python_m_fusedvq_demo():
-    """The real entry point with its progress bar; the default demo's budget is 60 s on two cores."""
+def test_python_m_fusedvq_demo(warm_python):
+    """The real entry point (`python -m fusedvq`, run by conftest's warm python) with its progress bar; the
+    default demo's budget is 60 s on two cores."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fusedvq", "demo", "--steps", "10", "--batch-size", "64"],
+    proc = subprocess.run([str(warm_python), "-m", "fusedvq", "demo", "--steps", "10", "--batch-size", "64"],
                           capture_output=True, text=True, env=env, timeout=120)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
@@ -129,7 +129,7 @@ def test_python_m_fusedvq_demo():
     assert "time per training step" in proc.stdout and "Traceback" not in proc.stderr
     assert elapsed < 60
 
-    proc = subprocess.run([sys.executable, "-m", "fusedvq"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([str(warm_python), "-m", "fusedvq"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "usage: fusedvq" in proc.stdout
 
 

@@ -5,7 +5,6 @@ all rows and averages the per-rank losses."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -52,10 +51,10 @@ DISAGREEMENTS = [("reference", "K"), ("reference", "dtype"), ("reference", "eps"
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Two rank processes that run every case of this file in one gloo group (started once: a process's
-    start costs seconds, its cases milliseconds): (case name → the path its files were written under, the
-    processes' output if they failed). A case that raises on one rank only leaves the other waiting in a
+def ranks(tmp_path_factory, warm_python):
+    """Two rank processes (children of conftest's warm python) that run every case of this file in one gloo
+    group (started once: a process's start costs seconds, its cases milliseconds): (case name → the path its
+    files were written under, the processes' output if they failed). A case that raises on one rank only leaves the other waiting in a
     collective: the group times out and the later cases fail as not written."""
     folder = tmp_path_factory.mktemp("ranks")
     cases, outs = [], {}
@@ -70,7 +69,7 @@ def ranks(tmp_path_factory):
         outs[name] = folder / name
     (folder / "cases.json").write_text(json.dumps(cases))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
-    procs = [subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), "session", str(rank), "2",
+    procs = [subprocess.Popen([str(warm_python), str(HERE / "dist_worker.py"), "session", str(rank), "2",
                                str(folder / "rendezvous"), str(folder / "cases.json")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]

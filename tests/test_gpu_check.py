@@ -1,39 +1,17 @@
 """bench/gpu_check.sh's dry run: every step of the GPU check on the CPU at tiny sizes (the candidates' A/B
 through Triton's interpreter), so that the one script a GPU window runs cannot rot between windows. Its
-$PYTHON is tests/warm_python.py's client: each step runs in a child of one interpreter that imported torch
-and fusedvq once (the steps' own work takes seconds; seven imports of torch took half a minute)."""
+$PYTHON is tests/warm_python.py's client (conftest.py's warm_python): each step runs in a child of one
+interpreter that imported torch and fusedvq once (the steps' own work takes seconds; seven imports of torch
+took half a minute)."""
 
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def warm_python(tmp_path_factory):
-    """An executable that stands in for python (tests/warm_python.py), its server running."""
-    tmp_path = tmp_path_factory.mktemp("warm")
-    sock = tmp_path / "python.sock"
-    server = subprocess.Popen([sys.executable, str(HERE / "warm_python.py"), "serve", str(sock)],
-                              stdin=subprocess.DEVNULL)
-    client = tmp_path / "python"
-    client.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{HERE / "warm_python.py"}" run "{sock}" "$@"\n')
-    client.chmod(0o755)
-    try:
-        deadline = time.monotonic() + 120
-        while not sock.exists():
-            assert server.poll() is None and time.monotonic() < deadline, "the warm interpreter did not start"
-            time.sleep(0.05)
-        yield client
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def test_dry_run_walks_every_step(tmp_path, warm_python):
