@@ -104,6 +104,23 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
                 selector)
 
 
+
+def swapped_widths(index, width: int, target_width: int) -> Optional[tuple[int, int]]:
+    """masked_mse(recon, features, index), in F.mse_loss's habit: (D, K) when the widths are exactly the other
+    way round (features as wide as the kept columns, target as wide as the mask, or for integer indices as wide
+    as their largest), for ops.check_order to say so; else None. Looks at values only when an error is coming
+    anyway (eager, not traced)."""
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or _is_tracing():
+        return None
+    n = index.shape[0]
+    if index.dtype == torch.bool and width != n == target_width:
+        return n, int(index.sum())
+    if index.dtype in (torch.int32, torch.int64) and n == width < target_width:
+        if not bool(((index >= 0) & (index < target_width)).all()) or int(index.max()) < width:
+            return None  # indices that fit the features, or fit neither: not a swap
+        return target_width, n
+    return None
+
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 

@@ -21,9 +21,10 @@ from . import ops
 from .arguments import OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare
 from .kernels.plan import NO_GAP, Gap
 from .strict import check_flag, check_gap, option_code, refuse_unknown
+from .weights import kept_weight
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
-from .loss import PlannedModule, _kept_weight, check_spec
+from .loss import PlannedModule, check_spec
 from .reference import loss_columns
 
 
@@ -105,7 +106,7 @@ class FeatureCleaner(PlannedModule):
         return self
 
     def _loss_weight(self):
-        return _kept_weight(self._z_plan.weight, self.num_kept, self._z_plan.gap)  # (recon_loss's weights)
+        return kept_weight(self._z_plan.weight, self.num_kept, self._z_plan.gap)  # (recon_loss's weights)
 
     def _objective_weight(self):
         return self._z_plan.weight  # (recon_loss's weights as given: [K], or [K + c] per decoder column)

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, OPTIONS, REDUCTIONS, ColumnMap, LossForm, _is_tracing, prepare
+from .arguments import NORMS, OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare, swapped_widths
 from .kernels.plan import NO_GAP
 from .categories import CategoryErrors, check_categories
 from .checkpoint import FeatureSpec, load_feature_spec
 from .strict import check_count, check_flag, refuse_unknown
-from .cpu.hybrid import around_gap
-from .weights import check_weight, resolve_weight
+from .weights import check_weight, kept_weight, resolve_weight
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
+_FUNCTIONAL_SIGNATURE = "masked_mse(features [B, {}], target [B, {}], index, ...)"
 # Every keyword each form takes, as its unknown-option error lists them (the options of OPTIONS included).
 _STATS = ("mean", "std", "num_features")
 MASKED_MSE_TAKES = ("index", "mean", "std", "reduction", "weight", *OPTIONS)
@@ -67,12 +67,13 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
                                   or options.get("process_group") is not None)
     ops.check_pair(features, target, allow_empty=bool(synced))
-    _refuse_swapped(features, target, index)
+    swap = swapped_widths(index, features.shape[1], target.shape[1])  # (masked_mse(recon, features, index))
+    if swap is not None:
+        ops.check_order(features, target, *swap, _FUNCTIONAL_SIGNATURE)
     plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
                    num_kept=target.shape[1], form=LossForm(reduction, weight=weight), device=features.device,
                    dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
-    return ops.call_loss(features, target, plan, "masked_mse(features [B, {}], target [B, {}], index, ...)",
-                         ops.small_route(plan))
+    return ops.call_loss(features, target, plan, _FUNCTIONAL_SIGNATURE, ops.small_route(plan))
 
 
 class HeldPlan(NamedTuple):
@@ -135,7 +136,7 @@ class PlannedModule(CategoryErrors, nn.Module):
     def _loss_weight(self) -> Optional[torch.Tensor]:
         """The per-kept-column weights [K] the loss uses now (the weight buffer; a hybrid objective's [K + c]
         weights without their embedding columns), for feature_category_errors."""
-        return _kept_weight(self.weight, self.num_kept, self.plan.gap)
+        return kept_weight(self.weight, self.num_kept, self.plan.gap)
 
     def _objective_weight(self) -> Optional[torch.Tensor]:
         """The weights the loss uses now, as given ([K], or [K + c] per decoder column), for category_errors."""
@@ -273,27 +274,4 @@ def refuse_spec(value, name: str, instead: str) -> None:
                         f"{instead}, or pass spec.feature_mask")
 
 
-def _refuse_swapped(features: torch.Tensor, target: torch.Tensor, index) -> None:
-    """masked_mse(recon, features, index), in F.mse_loss's habit: said as such when the widths are exactly the
-    other way round (features as wide as the kept columns, target as wide as the mask, or for integer indices
-    as wide as their largest). Looks at values only when an error is coming anyway (eager, not traced)."""
-    if not isinstance(index, torch.Tensor) or index.dim() != 1 or _is_tracing():
-        return
-    wide, target_wide, n = features.shape[1], target.shape[1], index.shape[0]
-    if index.dtype == torch.bool and wide != n == target_wide:
-        D, K = n, int(index.sum())
-    elif index.dtype in (torch.int32, torch.int64) and n == wide < target_wide:
-        if not bool(((index >= 0) & (index < target_wide)).all()) or int(index.max()) < wide:
-            return  # indices that fit the features, or fit neither: not a swap
-        D, K = target_wide, n
-    else:
-        return
-    ops.check_order(features, target, D, K, "masked_mse(features [B, {}], target [B, {}], index, ...)")
-
-
 __all__ = ["masked_mse", "MaskedMSELoss", "PlannedModule"]
-
-
-def _kept_weight(weight: Optional[torch.Tensor], num_kept: int, gap) -> Optional[torch.Tensor]:
-    """weight [K], or [K + c] per decoder column (a hybrid's objective) without its c embedding columns."""
-    return weight if weight is None or weight.shape[0] == num_kept else around_gap(weight, gap)

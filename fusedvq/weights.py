@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from .cpu.hybrid import around_gap
 from .strict import as_tensor
 
 
@@ -89,3 +90,8 @@ def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device
             raise ValueError(f"weight must be finite and >= 0 in every kept column (and fit {dtype}); kept column "
                              f"{k} has weight {float(wide[k])} ({int(bad.sum())} of {num_kept} bad)")
     return wide.to(dtype)
+
+
+def kept_weight(weight, num_kept: int, gap):
+    """weight [K], or [K + c] per decoder column (a hybrid's objective) without its c embedding columns."""
+    return weight if weight is None or weight.shape[0] == num_kept else around_gap(weight, gap)
