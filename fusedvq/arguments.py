@@ -8,7 +8,8 @@ the backend, the cross-rank options, the target's gap. The checks of a call's te
 dtypes, devices: free, no values read) are the routing point's (ops/__init__.py). Checks of values here
 (index range, mask count, σ > 0) read the values on the host, so they run once per module and once per
 functional call in eager mode (skipped while torch.compile traces, where they would break the graph).
-The kinds of the options (flags, counts, choices, keywords) are checked by strict.py, never coerced.
+The kinds of the options (flags, counts, choices, keywords) and of the index are checked by strict.py, never
+coerced.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from .kernels.plan import NO_GAP, NORM_BATCH, NORM_STATS, ColumnMap, Gap
-from .strict import as_tensor, check_count, check_eps, check_flag, check_gap, option_code, refuse_unknown
+from .strict import as_tensor, check_count, check_eps, check_flag, check_gap, index_tensor, option_code, refuse_unknown
 from .weights import check_weight
 
 REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.py's REDUCTION_*)
@@ -168,42 +169,6 @@ def canonical_index(index: torch.Tensor, num_features: int, num_kept: Optional[i
                 f"[0, {num_features - 1}] ({int(bad.sum())} of {index.shape[0]} are out of range)"
             )
     return index, "index"
-
-
-def index_tensor(index, device: torch.device, num_features: Optional[int]) -> torch.Tensor:
-    """The index as a 1-D tensor on `device`: a bool mask, or integer column indices (not a mask given as
-    numbers). The one check of an index's kind, for the functional forms and the modules' constructors
-    alike, so both give the same errors. num_features: D, or None when not known yet (a constructor given
-    integers without num_features): an index of 0s and 1s is then taken to be length D."""
-    index = as_tensor(index, "index", device)
-    if index.dim() != 1:
-        raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
-    if index.dtype == torch.bool:
-        return index
-    if index.is_floating_point() or index.is_complex() or index.dtype == torch.uint8:
-        raise TypeError(
-            f"index must be a bool mask or integer column indices, got {index.dtype} ({index.shape[0]} entries): "
-            f"pass mask.bool() for a mask; column indices must be int32 or int64"
-        )
-    if index.shape[0] == 0:
-        raise ValueError("index is empty: it must name at least one feature column")
-    if not _is_tracing():
-        _refuse_integer_mask(index, index.shape[0] if num_features is None else num_features)
-    return index
-
-
-def _refuse_integer_mask(index: torch.Tensor, num_features: int) -> None:
-    """An integer index of length D >= 3 holding only 0s and 1s is a mask given as numbers: read as indices
-    it would be another loss (columns 0 and 1 over and over). For D <= 2 the two readings cannot be told
-    apart, and integers are indices, as everywhere else."""
-    if index.shape[0] != num_features or num_features < 3:
-        return
-    if bool(((index == 0) | (index == 1)).all()):
-        raise ValueError(
-            f"index has {num_features} entries, one per feature column, holding only 0s and 1s: that is a "
-            f"mask given as integers, which would be read as column indices (a different loss); pass "
-            f"mask.bool()"
-        )
 
 
 def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_space: Optional[str],

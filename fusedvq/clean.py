@@ -20,11 +20,11 @@ import torch
 from . import ops
 from .arguments import OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare
 from .kernels.plan import NO_GAP, Gap
-from .strict import check_flag, check_gap, option_code, refuse_unknown
+from .strict import check_flag, check_gap, check_spec, option_code, refuse_unknown
 from .weights import kept_weight
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
-from .loss import PlannedModule, check_spec
+from .loss import PlannedModule
 from .reference import loss_columns
 
 

@@ -16,7 +16,7 @@ from .arguments import NORMS, OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare,
 from .kernels.plan import NO_GAP
 from .categories import CategoryErrors, check_categories
 from .checkpoint import FeatureSpec, load_feature_spec
-from .strict import check_count, check_flag, refuse_unknown
+from .strict import check_count, check_flag, check_spec, refuse_spec, refuse_unknown
 from .weights import check_weight, kept_weight, resolve_weight
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
@@ -257,21 +257,6 @@ def load_spec(cls, path, norm: str, num_features: Optional[int], trust: bool, st
         raise TypeError(f"{cls.__name__}.from_checkpoint takes a checkpoint path, got a FeatureSpec: pass it to "
                         f"{cls.__name__}.from_spec(spec)")
     return load_feature_spec(path, num_features=num_features, trust=trust, stats=stats, require_stats=norm == "stats")
-
-
-def check_spec(cls, spec) -> None:
-    """from_spec's argument is a FeatureSpec, or a TypeError saying what to pass."""
-    if not isinstance(spec, FeatureSpec):
-        raise TypeError(f"{cls.__name__}.from_spec takes a FeatureSpec (from fusedvq.load_feature_spec), got "
-                        f"{type(spec).__name__}: for a checkpoint file use {cls.__name__}.from_checkpoint(path), for a "
-                        f"mask and statistics the constructor {cls.__name__}(feature_mask, mean, std, ...)")
-
-
-def refuse_spec(value, name: str, instead: str) -> None:
-    """A FeatureSpec given where a mask belongs: say to build the module from it."""
-    if isinstance(value, FeatureSpec):
-        raise TypeError(f"{name} is a FeatureSpec (a checkpoint's whole description), not a mask or indices: use "
-                        f"{instead}, or pass spec.feature_mask")
 
 
 __all__ = ["masked_mse", "MaskedMSELoss", "PlannedModule"]

@@ -23,10 +23,11 @@ from . import ops
 from .arguments import check_gap, option_code, prepare
 from .cpu.partials_small import PartialsRoute
 from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN, Gap
-from .loss import PlannedModule, check_spec
+from .loss import PlannedModule
 from .ops.hybrid import check_embedding_tensor
 from .ops.partials import PartialsMode, call_partials
 from .partial_categories import category_errors_of, partial_category_errors, partial_category_layout
+from .strict import check_spec
 
 PARTIALS_REDUCTIONS = {"mean": REDUCTION_MEAN, "column": REDUCTION_COLUMN}
 _REDUCTION_NAMES = {code: name for name, code in PARTIALS_REDUCTIONS.items()}
