@@ -21,7 +21,7 @@ from . import ops
 from .arguments import OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare
 from .kernels.plan import NO_GAP, Gap
 from .strict import check_flag, check_gap, check_spec, option_code, refuse_unknown
-from .weights import kept_weight
+from .weights import kept_weight, module_weight
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
 from .loss import PlannedModule
@@ -80,7 +80,8 @@ class FeatureCleaner(PlannedModule):
         K, device = self.num_kept, self.index.device
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
                                num_features=K, form=LossForm(gap=_gap))
-        self._z_plan = self._z_plan._replace(weight=self._weight(weight, K, device, self._z_plan.gap))
+        self._z_plan = self._z_plan._replace(weight=module_weight(weight, self.categories, K, device,
+                                                                  self._z_plan.gap.width))
         self._z_held: dict = {}  # reduction code → (z plan, its plan with that reduction, their small route)
 
     @classmethod

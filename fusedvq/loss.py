@@ -13,11 +13,10 @@ from torch import nn
 
 from . import ops
 from .arguments import NORMS, OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare, swapped_widths
-from .kernels.plan import NO_GAP
 from .categories import CategoryErrors, check_categories
-from .checkpoint import FeatureSpec, load_feature_spec
-from .strict import check_count, check_flag, check_spec, refuse_spec, refuse_unknown
-from .weights import check_weight, kept_weight, resolve_weight
+from .checkpoint import FeatureSpec
+from .strict import check_flag, check_spec, load_spec, refuse_spec, refuse_unknown
+from .weights import kept_weight, module_weight
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
 _FUNCTIONAL_SIGNATURE = "masked_mse(features [B, {}], target [B, {}], index, ...)"
@@ -105,8 +104,8 @@ class PlannedModule(CategoryErrors, nn.Module):
         weight = form.weight  # (checked below, with the categories a weight may name)
         plan = prepare(index, mean, std, options, num_features=num_features, form=form._replace(weight=None))
         self.categories = check_categories(categories, plan.columns.index.shape[0])
-        plan = plan._replace(weight=self._weight(weight, plan.columns.index.shape[0], plan.columns.index.device,
-                                                 plan.gap))
+        plan = plan._replace(weight=module_weight(weight, self.categories, plan.columns.index.shape[0],
+                                                  plan.columns.index.device, plan.gap.width))
         for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale),
                             ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
@@ -123,15 +122,6 @@ class PlannedModule(CategoryErrors, nn.Module):
         held = HeldPlan(plan, ops.small_route(plan), buffers)
         object.__setattr__(self, "_held", held)  # (no submodule, parameter or buffer: nn.Module's checks skipped)
         return held
-
-    def _weight(self, weight, num_kept: int, device, gap=NO_GAP) -> Optional[torch.Tensor]:
-        """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
-        others weigh 1), or "balanced" (categories.py); with a Gap, [K + gap.width] numbers too (a hybrid's
-        objective, one weight per decoder column); None when not given."""
-        if weight is None:
-            return None
-        return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device,
-                            gap.width)
 
     def _loss_weight(self) -> Optional[torch.Tensor]:
         """The per-kept-column weights [K] the loss uses now (the weight buffer; a hybrid objective's [K + c]
@@ -224,39 +214,15 @@ class MaskedMSELoss(PlannedModule):
         F.mse_loss(target, [z[:, :p], embeddings, z[:, p:]]) read in place; its reductions "none" and
         "column" give [B, K + c] and [K + c], a weight then has K + c entries, and gradients flow to the
         embeddings too (when they require one)."""
-        if self.hybrid is not None:
-            self._refuse_decoder_output(target)
+        if (self.hybrid is not None and not self.target_gap.width and isinstance(target, torch.Tensor)
+                and target.dim() == 2 and target.shape[1] != self.num_kept):  # (the decoder's whole output?)
+            ops.checks.decoder_output(target, self.num_kept, self.hybrid)
         held = ops.held_plan(self)
         return ops.call_loss(features, target, held.plan, _SIGNATURE, held.route, embeddings)
-
-    def _refuse_decoder_output(self, target) -> None:
-        """Built from a hybrid VQ-VAE without target_gap, the loss compares a [B, K] target: a target of another
-        width (the decoder's whole [B, K + c] output) is refused naming the decoder's width and the fix."""
-        K, p, c = self.num_kept, self.hybrid.gap_at, self.hybrid.gap_width  # (as the message writes them)
-        if self.target_gap.width or not isinstance(target, torch.Tensor) or target.dim() != 2 or target.shape[1] == K:
-            return
-        whole = " (that is its whole output)" if target.shape[1] == K + c else ""
-        raise ValueError(
-            f"target has {target.shape[1]} columns but this MaskedMSELoss compares the {K} kept feature columns "
-            f"(target [B, {K}]); the hybrid VQ-VAE's decoder outputs {K + c} columns{whole}, its {c} embedding "
-            f"columns at {p}..{p + c - 1}: pass target_gap=({p}, {c}) to compare the decoder's output in place, or "
-            f"use VQReconLoss.from_checkpoint, which does")
 
     def extra_repr(self) -> str:
         gap = f", target_gap={tuple(self.target_gap)}" if self.target_gap.width else ""
         return super().extra_repr() + f", reduction={self.reduction!r}{gap}"
-
-
-def load_spec(cls, path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
-    """The FeatureSpec a module `cls` with this `norm` needs from a checkpoint (statistics only for "stats"),
-    its flag and count checked before the file is touched."""
-    trust = check_flag("trust", trust)
-    if num_features is not None:
-        num_features = check_count("num_features", num_features, minimum=1)
-    if isinstance(path, FeatureSpec):
-        raise TypeError(f"{cls.__name__}.from_checkpoint takes a checkpoint path, got a FeatureSpec: pass it to "
-                        f"{cls.__name__}.from_spec(spec)")
-    return load_feature_spec(path, num_features=num_features, trust=trust, stats=stats, require_stats=norm == "stats")
 
 
 __all__ = ["masked_mse", "MaskedMSELoss", "PlannedModule"]

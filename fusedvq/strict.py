@@ -1,7 +1,7 @@
 """The kinds of the public options, checked, never coerced: a flag is True or False, a count an integer, a
 choice one of its strings, a keyword one the form takes, a tensor argument a dense constant tensor or
-numbers, an index a bool mask or integer column indices (not a mask given as numbers, nor a FeatureSpec).
-Each refusal is a TypeError or ValueError naming the argument and the value it got (a string "False" read
+numbers, an index a bool mask or integer column indices (not a mask given as numbers, nor a FeatureSpec),
+from_checkpoint's arguments before the file is read (load_spec). Each refusal is a TypeError or ValueError naming the argument and the value it got (a string "False" read
 from a config file must not be truthy; 10.0 or "10" must not pass for a width).
 """
 
@@ -172,3 +172,17 @@ def refuse_spec(value, name: str, instead: str) -> None:
     if isinstance(value, FeatureSpec):
         raise TypeError(f"{name} is a FeatureSpec (a checkpoint's whole description), not a mask or indices: use "
                         f"{instead}, or pass spec.feature_mask")
+
+
+def load_spec(cls, path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
+    """The FeatureSpec a module `cls` with this `norm` needs from a checkpoint (statistics only for "stats"),
+    its flag and count checked before the file is touched."""
+    from .checkpoint import FeatureSpec, load_feature_spec  # (a constructor's: the calls never run it)
+
+    trust = check_flag("trust", trust)
+    if num_features is not None:
+        num_features = check_count("num_features", num_features, minimum=1)
+    if isinstance(path, FeatureSpec):
+        raise TypeError(f"{cls.__name__}.from_checkpoint takes a checkpoint path, got a FeatureSpec: pass it to "
+                        f"{cls.__name__}.from_spec(spec)")
+    return load_feature_spec(path, num_features=num_features, trust=trust, stats=stats, require_stats=norm == "stats")
