@@ -1,19 +1,25 @@
 """Arguments → one record: every option, index and statistic of a call validated in one pass, with errors
-that name the numbers, shared by the functional forms (masked_mse, clean_features: once per call) and the
-modules (MaskedMSELoss, FeatureCleaner, VQReconLoss: once, at construction).
+that name the numbers, shared by the functional forms (masked_mse, clean_features, partials_mse: once per
+new set of arguments, the plan then cached) and the modules (MaskedMSELoss, FeatureCleaner, VQReconLoss:
+once, at construction).
 
 The record, Plan: the column map (kernels/plan.py's ColumnMap: index [K] int64 in [0, D) and its inverse),
 shift = μ [K] and scale = 1/σ [K] (norm "stats"; else None), the norm and reduction codes, eps, nan_to_num,
 the backend, the cross-rank options, the target's gap. The checks of a call's tensors against it (shapes,
 dtypes, devices: free, no values read) are the routing point's (ops/__init__.py). Checks of values here
 (index range, mask count, σ > 0) read the values on the host, so they run once per module and once per
-functional call in eager mode (skipped while torch.compile traces, where they would break the graph).
+functional call with new arguments in eager mode (skipped while torch.compile traces, where they would break
+the graph). PLAN_CACHE holds the plans of recent functional calls, keyed (loss.py's plan_key) by their
+arguments' identities and versions: a repeated call skips this file.
 The kinds of the options (flags, counts, choices, keywords) and of the index are checked by strict.py, never
 coerced.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
@@ -104,6 +110,42 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
     return Plan(columns, shift, scale, weight, norm, reduction_id, eps, nan_to_num, o["backend"], sync, gap,
                 selector)
 
+
+class CachedPlan(NamedTuple):
+    """A functional call's Plan and small route, cached for later calls with the same arguments (loss.py's
+    plan_key and cached_plan find it), with weak references to the index, statistics and weight it was built
+    from (a hit needs those very objects alive: ids are reused after garbage collection) and their storages,
+    held so that no other data takes their addresses (a .data swap keeps the version: the pointer tells)."""
+
+    plan: Plan
+    route: Optional[object]  # ops.small_route(plan)
+    refs: tuple = ()  # weakref.ref of each tensor argument, None for None
+    storages: tuple = ()
+
+
+PLAN_CACHE: "OrderedDict[tuple, CachedPlan]" = OrderedDict()  # plan key → CachedPlan, the last used last
+PLAN_CACHE_SIZE = 8
+PLAN_CACHE_LOCK = threading.Lock()
+
+
+def cache_plan(key: Optional[tuple], tensors: tuple, plan: Plan, small_route, copy: bool = False) -> CachedPlan:
+    """plan with its route (small_route: ops.small_route), cached under key (the least recently used dropped past
+    PLAN_CACHE_SIZE) unless key is None or inference mode is on (the plan's tensors are then inference tensors,
+    which a later call's autograd could not save). tensors: the index, statistics and weight the key names.
+    copy: cache copies of the plan's tensors (a module's plan: its buffers are the module's to write)."""
+    if key is None or torch.is_inference_mode_enabled():
+        return CachedPlan(plan, small_route(plan))
+    if copy:
+        copies = {n: getattr(plan, n).clone() for n in ("shift", "scale", "weight") if getattr(plan, n) is not None}
+        plan = plan._replace(columns=ColumnMap(*(t.clone() for t in plan.columns)), **copies)
+    cached = CachedPlan(plan, small_route(plan), tuple(t if t is None else weakref.ref(t) for t in tensors),
+                        tuple(t.untyped_storage() for t in tensors if t is not None))
+    with PLAN_CACHE_LOCK:
+        PLAN_CACHE.pop(key, None)
+        PLAN_CACHE[key] = cached
+        while len(PLAN_CACHE) > PLAN_CACHE_SIZE:
+            PLAN_CACHE.popitem(last=False)
+    return cached
 
 
 def swapped_widths(index, width: int, target_width: int) -> Optional[tuple[int, int]]:

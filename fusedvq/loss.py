@@ -1,7 +1,8 @@
 """The loss's public surface: masked_mse (the functional form) and MaskedMSELoss (the index and statistics
 prepared once and held as buffers), on PlannedModule, the module base that FeatureCleaner (clean.py) and
-VQReconLoss (recon.py) share. Arguments become one Plan (arguments.py); a call goes through the routing
-point (ops/__init__.py), which checks its tensors and picks the implementation.
+VQReconLoss (recon.py) share. Arguments become one Plan (arguments.py), which a functional call finds again
+in the plan cache (plan_key, cached_plan); a call goes through the routing point (ops/__init__.py), which
+checks its tensors and picks the implementation.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare, swapped_widths
+from .arguments import (NORMS, OPTIONS, PLAN_CACHE, PLAN_CACHE_LOCK, REDUCTIONS, CachedPlan, ColumnMap, LossForm,
+                        cache_plan, prepare, swapped_widths)
+from .ops.autograd import under_functorch
 from .categories import CategoryErrors, check_categories
 from .checkpoint import FeatureSpec
 from .strict import check_flag, check_spec, load_spec, refuse_spec, refuse_unknown
@@ -56,23 +59,87 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     Returns the loss in the features' dtype (accumulated in float32, or float64 for float64 inputs): a
     scalar, [B, K] for reduction="none", [K] for "column". Gradients flow to features and target.
 
-    Every call validates its arguments, values included (index range, mask count, σ > 0), which costs one
-    host synchronization on CUDA; MaskedMSELoss validates once at construction instead. While torch.compile
-    traces, value checks are skipped (the kernels still never read out of bounds).
+    A call with new arguments validates them, values included (index range, mask count, σ > 0: one host
+    synchronization on CUDA), and caches the plan: a later call with the same index, mean, std and weight
+    objects, unchanged, and the same options and widths (or with the tensors a MaskedMSELoss was just built
+    from) checks only its features and target. Unchanged by PyTorch's rule for saved tensors, the version
+    counter: a write in place or a .data swap is validated again; a write the counter misses (through a NumPy
+    array or a .data alias, torch.distributed's broadcast or all_reduce) is not seen, as a MaskedMSELoss built
+    before it would not see it. While torch.compile traces, nothing is cached and value checks are skipped
+    (the kernels still never read out of bounds).
     """
-    refuse_unknown(options, MASKED_MSE_TAKES, "masked_mse")
-    if target is None:
-        raise TypeError("target must be a torch.Tensor (the decoder's reconstruction [B, K]), got None")
-    synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
-                                  or options.get("process_group") is not None)
-    ops.check_pair(features, target, allow_empty=bool(synced))
-    swap = swapped_widths(index, features.shape[1], target.shape[1])  # (masked_mse(recon, features, index))
-    if swap is not None:
-        ops.check_order(features, target, *swap, _FUNCTIONAL_SIGNATURE)
-    plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
-                   num_kept=target.shape[1], form=LossForm(reduction, weight=weight), device=features.device,
-                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
-    return ops.call_loss(features, target, plan, _FUNCTIONAL_SIGNATURE, ops.small_route(plan))
+    given, tensors = {"norm": norm, **options}, (index, mean, std, weight)
+    key = plan_key("loss", features, target, tensors, {**given, "reduction": reduction})
+    cached = cached_plan(key, tensors)
+    if cached is None:
+        refuse_unknown(options, MASKED_MSE_TAKES, "masked_mse")
+        if target is None:
+            raise TypeError("target must be a torch.Tensor (the decoder's reconstruction [B, K]), got None")
+        synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
+                                      or options.get("process_group") is not None)
+        ops.check_pair(features, target, allow_empty=bool(synced))
+        swap = swapped_widths(index, features.shape[1], target.shape[1])  # (masked_mse(recon, features, index))
+        if swap is not None:
+            ops.check_order(features, target, *swap, _FUNCTIONAL_SIGNATURE)
+        plan = prepare(index, mean, std, given, num_features=features.shape[1], num_kept=target.shape[1],
+                       form=LossForm(reduction, weight=weight), device=features.device,
+                       dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
+        cached = cache_plan(key, tensors, plan, ops.small_route)
+    else:  # (an identical call passed every check of these arguments: this call's own tensors are checked)
+        ops.check_pair(features, target)
+    return ops.call_loss(features, target, cached.plan, _FUNCTIONAL_SIGNATURE, cached.route)
+
+
+_KEY_TYPES = frozenset((str, bool, int, float, type(None)))  # the option values a plan key takes
+
+
+def plan_key(form: str, features, target, tensors: tuple, options: dict) -> Optional[tuple]:
+    """A functional call's key in the plan cache (arguments.PLAN_CACHE): form ("loss": masked_mse; "clean":
+    clean_features, partials_mse), the features' width, device and compute dtype, the target's width, each
+    option as (name, type, value) (True, 1 and "False" never share a plan), each tensor argument as (id,
+    data_ptr, shape, stride, dtype, device, version, requires_grad): a write in place bumps the version, a
+    .data swap moves the data. None (not cached): traced, torch.func, cross-rank statistics, an option value of
+    another type, a tensor argument without storage or version counter (sparse, inference), or not a tensor."""
+    pair = (features,) if target is None else (features, target)
+    if (any(type(t) is not torch.Tensor or t.is_nested or t.dim() != 2 for t in pair)
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() or under_functorch() is not None
+            or options.get("sync_stats") is True or options.get("process_group") is not None
+            or not all(type(v) in _KEY_TYPES for v in options.values())
+            or not all(t is None or type(t) is torch.Tensor for t in tensors)):
+        return None
+    try:
+        tensor_keys = [t if t is None else (id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version,
+                                            t.requires_grad) for t in tensors]
+    except RuntimeError:  # (no storage, or no version counter)
+        return None
+    return (form, features.shape[1], target if target is None else target.shape[1], features.device,
+            ops.COMPUTE_DTYPE.get(features.dtype, torch.float32),
+            tuple(sorted((n, type(v), v) for n, v in options.items())), *tensor_keys)
+
+
+def cached_plan(key: Optional[tuple], tensors: tuple) -> Optional[CachedPlan]:
+    """The plan cached under key when it was built from these very tensors, else None. A hit stands for an
+    identical earlier call whose arguments passed validation: this call skips arguments.prepare and the checks
+    before it, and its own features and target are checked."""
+    if key is None:
+        return None
+    with PLAN_CACHE_LOCK:
+        cached = PLAN_CACHE.get(key)
+        if cached is not None:
+            PLAN_CACHE.move_to_end(key)
+    alive = cached is not None and all(r is None or r() is t for r, t in zip(cached.refs, tensors))
+    return cached if alive else None
+
+
+def _cache_as_functional(plan, tensors: tuple, options: dict, form: Optional[LossForm]) -> None:
+    """Cache a module's plan, built from the caller's tensors, as its functional form's: masked_mse's for a loss,
+    else clean_features' and partials_mse's, whose prepare gives it for features [B, D] float32 on its device."""
+    (D, K), device = (plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0]), plan.columns.index.device
+    features, target = (torch.empty(0, n, dtype=torch.float32, device=device) for n in (D, K))
+    as_called = {"norm": "stats", **options, **({"reduction": form.reduction} if form else {})}
+    key = plan_key("loss" if form else "clean", features, target if form else None, tensors, as_called)
+    if key is not None:
+        cache_plan(key, tensors, plan, ops.small_route, copy=True)
 
 
 class HeldPlan(NamedTuple):
@@ -112,6 +179,8 @@ class PlannedModule(CategoryErrors, nn.Module):
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
         self._held = ()  # HeldPlan (the plan, its route, the buffers they hold), kept between calls
         self._set_categories(decoder_categories, (plan.gap if _decoder_gap is None else _decoder_gap).width)
+        if _loss_form is None or plan.gap == (0, 0):  # the plan of its functional form too (masked_mse: no gap)
+            _cache_as_functional(plan, (index, mean, std, weight)[: 4 if _loss_form else 3], options, _loss_form)
 
     def hold(self) -> "HeldPlan":
         """The HeldPlan of the buffers as they are now, kept (ops.held_plan calls this when they changed)."""
