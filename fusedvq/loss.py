@@ -64,8 +64,8 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     objects, unchanged, and the same options and widths (or with the tensors a MaskedMSELoss was just built
     from) checks only its features and target. Unchanged by PyTorch's rule for saved tensors, the version
     counter: a write in place or a .data swap is validated again; a write the counter misses (through a NumPy
-    array or a .data alias, torch.distributed's broadcast or all_reduce) is not seen, as a MaskedMSELoss built
-    before it would not see it. While torch.compile traces, nothing is cached and value checks are skipped
+    array or a .data alias, torch.distributed's broadcast or all_reduce) is not seen, as by a MaskedMSELoss
+    built before it. While torch.compile traces, nothing is cached and value checks are skipped
     (the kernels still never read out of bounds).
     """
     given, tensors = {"norm": norm, **options}, (index, mean, std, weight)
