@@ -1,25 +1,32 @@
 """Arguments → one record: every option, index and statistic of a call validated in one pass, with errors
-that name the numbers, shared by the functional forms (masked_mse, clean_features: once per call) and the
-modules (MaskedMSELoss, FeatureCleaner, VQReconLoss: once, at construction).
+that name the numbers, shared by the functional forms (masked_mse, clean_features, partials_mse: once per
+new set of arguments, the plan then cached) and the modules (MaskedMSELoss, FeatureCleaner, VQReconLoss:
+once, at construction).
 
 The record, Plan: the column map (kernels/plan.py's ColumnMap: index [K] int64 in [0, D) and its inverse),
 shift = μ [K] and scale = 1/σ [K] (norm "stats"; else None), the norm and reduction codes, eps, nan_to_num,
 the backend, the cross-rank options, the target's gap. The checks of a call's tensors against it (shapes,
 dtypes, devices: free, no values read) are the routing point's (ops/__init__.py). Checks of values here
 (index range, mask count, σ > 0) read the values on the host, so they run once per module and once per
-functional call in eager mode (skipped while torch.compile traces, where they would break the graph).
-The kinds of the options (flags, counts, choices, keywords) are checked by strict.py, never coerced.
+functional call with new arguments in eager mode (skipped while torch.compile traces, where they would break
+the graph). PLAN_CACHE holds the plans of recent functional calls, keyed (loss.py's plan_key) by their
+arguments' identities and versions: a repeated call skips this file.
+The kinds of the options (flags, counts, choices, keywords) and of the index are checked by strict.py, never
+coerced.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from .kernels.plan import NO_GAP, NORM_BATCH, NORM_STATS, ColumnMap, Gap
-from .strict import as_tensor, check_count, check_eps, check_flag, check_gap, option_code, refuse_unknown
+from .strict import as_tensor, check_count, check_eps, check_flag, check_gap, index_tensor, option_code, refuse_unknown
 from .weights import check_weight
 
 REDUCTIONS = ("none", "mean", "sum", "column")  # code = position (kernels/plan.py's REDUCTION_*)
@@ -104,6 +111,59 @@ def prepare(index, mean=None, std=None, options: Optional[dict] = None, *, num_f
                 selector)
 
 
+class CachedPlan(NamedTuple):
+    """A functional call's Plan and small route, cached for later calls with the same arguments (loss.py's
+    plan_key and cached_plan find it), with weak references to the index, statistics and weight it was built
+    from (a hit needs those very objects alive: ids are reused after garbage collection) and their storages,
+    held so that no other data takes their addresses (a .data swap keeps the version: the pointer tells)."""
+
+    plan: Plan
+    route: Optional[object]  # ops.small_route(plan)
+    refs: tuple = ()  # weakref.ref of each tensor argument, None for None
+    storages: tuple = ()
+
+
+PLAN_CACHE: "OrderedDict[tuple, CachedPlan]" = OrderedDict()  # plan key → CachedPlan, the last used last
+PLAN_CACHE_SIZE = 8
+PLAN_CACHE_LOCK = threading.Lock()
+
+
+def cache_plan(key: Optional[tuple], tensors: tuple, plan: Plan, small_route, copy: bool = False) -> CachedPlan:
+    """plan with its route (small_route: ops.small_route), cached under key (the least recently used dropped past
+    PLAN_CACHE_SIZE) unless key is None or inference mode is on (the plan's tensors are then inference tensors,
+    which a later call's autograd could not save). tensors: the index, statistics and weight the key names.
+    copy: cache copies of the plan's tensors (a module's plan: its buffers are the module's to write)."""
+    if key is None or torch.is_inference_mode_enabled():
+        return CachedPlan(plan, small_route(plan))
+    if copy:
+        copies = {n: getattr(plan, n).clone() for n in ("shift", "scale", "weight") if getattr(plan, n) is not None}
+        plan = plan._replace(columns=ColumnMap(*(t.clone() for t in plan.columns)), **copies)
+    cached = CachedPlan(plan, small_route(plan), tuple(t if t is None else weakref.ref(t) for t in tensors),
+                        tuple(t.untyped_storage() for t in tensors if t is not None))
+    with PLAN_CACHE_LOCK:
+        PLAN_CACHE.pop(key, None)
+        PLAN_CACHE[key] = cached
+        while len(PLAN_CACHE) > PLAN_CACHE_SIZE:
+            PLAN_CACHE.popitem(last=False)
+    return cached
+
+
+def swapped_widths(index, width: int, target_width: int) -> Optional[tuple[int, int]]:
+    """masked_mse(recon, features, index), in F.mse_loss's habit: (D, K) when the widths are exactly the other
+    way round (features as wide as the kept columns, target as wide as the mask, or for integer indices as wide
+    as their largest), for ops.check_order to say so; else None. Looks at values only when an error is coming
+    anyway (eager, not traced)."""
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or _is_tracing():
+        return None
+    n = index.shape[0]
+    if index.dtype == torch.bool and width != n == target_width:
+        return n, int(index.sum())
+    if index.dtype in (torch.int32, torch.int64) and n == width < target_width:
+        if not bool(((index >= 0) & (index < target_width)).all()) or int(index.max()) < width:
+            return None  # indices that fit the features, or fit neither: not a swap
+        return target_width, n
+    return None
+
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
@@ -151,42 +211,6 @@ def canonical_index(index: torch.Tensor, num_features: int, num_kept: Optional[i
                 f"[0, {num_features - 1}] ({int(bad.sum())} of {index.shape[0]} are out of range)"
             )
     return index, "index"
-
-
-def index_tensor(index, device: torch.device, num_features: Optional[int]) -> torch.Tensor:
-    """The index as a 1-D tensor on `device`: a bool mask, or integer column indices (not a mask given as
-    numbers). The one check of an index's kind, for the functional forms and the modules' constructors
-    alike, so both give the same errors. num_features: D, or None when not known yet (a constructor given
-    integers without num_features): an index of 0s and 1s is then taken to be length D."""
-    index = as_tensor(index, "index", device)
-    if index.dim() != 1:
-        raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
-    if index.dtype == torch.bool:
-        return index
-    if index.is_floating_point() or index.is_complex() or index.dtype == torch.uint8:
-        raise TypeError(
-            f"index must be a bool mask or integer column indices, got {index.dtype} ({index.shape[0]} entries): "
-            f"pass mask.bool() for a mask; column indices must be int32 or int64"
-        )
-    if index.shape[0] == 0:
-        raise ValueError("index is empty: it must name at least one feature column")
-    if not _is_tracing():
-        _refuse_integer_mask(index, index.shape[0] if num_features is None else num_features)
-    return index
-
-
-def _refuse_integer_mask(index: torch.Tensor, num_features: int) -> None:
-    """An integer index of length D >= 3 holding only 0s and 1s is a mask given as numbers: read as indices
-    it would be another loss (columns 0 and 1 over and over). For D <= 2 the two readings cannot be told
-    apart, and integers are indices, as everywhere else."""
-    if index.shape[0] != num_features or num_features < 3:
-        return
-    if bool(((index == 0) | (index == 1)).all()):
-        raise ValueError(
-            f"index has {num_features} entries, one per feature column, holding only 0s and 1s: that is a "
-            f"mask given as integers, which would be read as column indices (a different loss); pass "
-            f"mask.bool()"
-        )
 
 
 def canonical_stats(mean, std, index: torch.Tensor, num_features: int, stats_space: Optional[str],

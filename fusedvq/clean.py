@@ -18,12 +18,13 @@ from typing import Optional
 import torch
 
 from . import ops
-from .arguments import OPTIONS, REDUCTIONS, ColumnMap, LossForm, prepare
+from .arguments import OPTIONS, REDUCTIONS, ColumnMap, LossForm, cache_plan, prepare
 from .kernels.plan import NO_GAP, Gap
-from .strict import check_flag, check_gap, option_code, refuse_unknown
+from .strict import check_flag, check_gap, check_spec, option_code, refuse_unknown
+from .weights import kept_weight, module_weight
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)
-from .loss import PlannedModule, _kept_weight, check_spec
+from .loss import PlannedModule, cached_plan, plan_key
 from .reference import loss_columns
 
 
@@ -39,16 +40,23 @@ def clean_features(features: torch.Tensor, index, mean=None, std=None, *, norm: 
             in fusedvq.masked_mse. norm="batch" normalizes with this batch's own column mean and unbiased
             std (σ < eps → 1) and passes z through nan_to_num; it needs B >= 2 (or sync_stats).
 
-    Every call validates its arguments, values included, which costs one host synchronization on CUDA;
-    FeatureCleaner validates once at construction instead.
+    Its arguments are validated (values included: one host synchronization on CUDA) and cached as
+    masked_mse's are: a call with the same tensors, unchanged, skips that; FeatureCleaner validates once.
     """
-    refuse_unknown(options, CLEAN_TAKES, "clean_features")
-    synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
-                                  or options.get("process_group") is not None)
-    ops.check_pair(features, None, allow_empty=bool(synced))
-    plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
-                   device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
-    return ops.call_clean(features, plan, ops.small_route(plan))
+    given, tensors = {"norm": norm, **options}, (index, mean, std)
+    key = plan_key("clean", features, None, tensors, given)
+    cached = cached_plan(key, tensors)
+    if cached is None:
+        refuse_unknown(options, CLEAN_TAKES, "clean_features")
+        synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
+                                      or options.get("process_group") is not None)
+        ops.check_pair(features, None, allow_empty=bool(synced))
+        plan = prepare(index, mean, std, given, num_features=features.shape[1], device=features.device,
+                       dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
+        cached = cache_plan(key, tensors, plan, ops.small_route)
+    else:  # (masked_mse's plan cache: an identical call passed every check of these arguments)
+        ops.check_pair(features, None)
+    return ops.call_clean(features, cached.plan, cached.route)
 
 
 class FeatureCleaner(PlannedModule):
@@ -79,7 +87,8 @@ class FeatureCleaner(PlannedModule):
         K, device = self.num_kept, self.index.device
         self._z_plan = prepare(torch.arange(K, device=device), options={"norm": "none", "backend": self.backend},
                                num_features=K, form=LossForm(gap=_gap))
-        self._z_plan = self._z_plan._replace(weight=self._weight(weight, K, device, self._z_plan.gap))
+        self._z_plan = self._z_plan._replace(weight=module_weight(weight, self.categories, K, device,
+                                                                  self._z_plan.gap.width))
         self._hold_z()
 
     @classmethod
@@ -112,7 +121,7 @@ class FeatureCleaner(PlannedModule):
         self._z_held = (self._z_plan, [(plan, ops.small_route(plan)) for plan in plans])  # (by reduction code)
 
     def _loss_weight(self):
-        return _kept_weight(self._z_plan.weight, self.num_kept, self._z_plan.gap)  # (recon_loss's weights)
+        return kept_weight(self._z_plan.weight, self.num_kept, self._z_plan.gap)  # (recon_loss's weights)
 
     def _objective_weight(self):
         return self._z_plan.weight  # (recon_loss's weights as given: [K], or [K + c] per decoder column)

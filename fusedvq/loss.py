@@ -1,7 +1,8 @@
 """The loss's public surface: masked_mse (the functional form) and MaskedMSELoss (the index and statistics
 prepared once and held as buffers), on PlannedModule, the module base that FeatureCleaner (clean.py) and
-VQReconLoss (recon.py) share. Arguments become one Plan (arguments.py); a call goes through the routing
-point (ops/__init__.py), which checks its tensors and picks the implementation.
+VQReconLoss (recon.py) share. Arguments become one Plan (arguments.py), which a functional call finds again
+in the plan cache (plan_key, cached_plan); a call goes through the routing point (ops/__init__.py), which
+checks its tensors and picks the implementation.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import torch
 from torch import nn
 
 from . import ops
-from .arguments import NORMS, OPTIONS, REDUCTIONS, ColumnMap, LossForm, _is_tracing, prepare
-from .kernels.plan import NO_GAP
+from .arguments import (NORMS, OPTIONS, PLAN_CACHE, PLAN_CACHE_LOCK, REDUCTIONS, CachedPlan, ColumnMap, LossForm,
+                        cache_plan, prepare, swapped_widths)
+from .ops.autograd import under_functorch
 from .categories import CategoryErrors, check_categories
-from .checkpoint import FeatureSpec, load_feature_spec
-from .strict import check_count, check_flag, refuse_unknown
-from .cpu.hybrid import around_gap
-from .weights import check_weight, resolve_weight
+from .checkpoint import FeatureSpec
+from .strict import check_flag, check_spec, load_spec, refuse_spec, refuse_unknown
+from .weights import kept_weight, module_weight
 
 _SIGNATURE = "loss(features [B, {}], target [B, {}])"
+_FUNCTIONAL_SIGNATURE = "masked_mse(features [B, {}], target [B, {}], index, ...)"
 # Every keyword each form takes, as its unknown-option error lists them (the options of OPTIONS included).
 _STATS = ("mean", "std", "num_features")
 MASKED_MSE_TAKES = ("index", "mean", "std", "reduction", "weight", *OPTIONS)
@@ -57,22 +59,87 @@ def masked_mse(features: torch.Tensor, target: torch.Tensor, index, mean=None, s
     Returns the loss in the features' dtype (accumulated in float32, or float64 for float64 inputs): a
     scalar, [B, K] for reduction="none", [K] for "column". Gradients flow to features and target.
 
-    Every call validates its arguments, values included (index range, mask count, σ > 0), which costs one
-    host synchronization on CUDA; MaskedMSELoss validates once at construction instead. While torch.compile
-    traces, value checks are skipped (the kernels still never read out of bounds).
+    A call with new arguments validates them, values included (index range, mask count, σ > 0: one host
+    synchronization on CUDA), and caches the plan: a later call with the same index, mean, std and weight
+    objects, unchanged, and the same options and widths (or with the tensors a MaskedMSELoss was just built
+    from) checks only its features and target. Unchanged by PyTorch's rule for saved tensors, the version
+    counter: a write in place or a .data swap is validated again; a write the counter misses (through a NumPy
+    array or a .data alias, torch.distributed's broadcast or all_reduce) is not seen, as by a MaskedMSELoss
+    built before it. While torch.compile traces, nothing is cached and value checks are skipped
+    (the kernels still never read out of bounds).
     """
-    refuse_unknown(options, MASKED_MSE_TAKES, "masked_mse")
-    if target is None:
-        raise TypeError("target must be a torch.Tensor (the decoder's reconstruction [B, K]), got None")
-    synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
-                                  or options.get("process_group") is not None)
-    ops.check_pair(features, target, allow_empty=bool(synced))
-    _refuse_swapped(features, target, index)
-    plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
-                   num_kept=target.shape[1], form=LossForm(reduction, weight=weight), device=features.device,
-                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
-    return ops.call_loss(features, target, plan, "masked_mse(features [B, {}], target [B, {}], index, ...)",
-                         ops.small_route(plan))
+    given, tensors = {"norm": norm, **options}, (index, mean, std, weight)
+    key = plan_key("loss", features, target, tensors, {**given, "reduction": reduction})
+    cached = cached_plan(key, tensors)
+    if cached is None:
+        refuse_unknown(options, MASKED_MSE_TAKES, "masked_mse")
+        if target is None:
+            raise TypeError("target must be a torch.Tensor (the decoder's reconstruction [B, K]), got None")
+        synced = norm == "batch" and (check_flag("sync_stats", options.get("sync_stats", False))
+                                      or options.get("process_group") is not None)
+        ops.check_pair(features, target, allow_empty=bool(synced))
+        swap = swapped_widths(index, features.shape[1], target.shape[1])  # (masked_mse(recon, features, index))
+        if swap is not None:
+            ops.check_order(features, target, *swap, _FUNCTIONAL_SIGNATURE)
+        plan = prepare(index, mean, std, given, num_features=features.shape[1], num_kept=target.shape[1],
+                       form=LossForm(reduction, weight=weight), device=features.device,
+                       dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
+        cached = cache_plan(key, tensors, plan, ops.small_route)
+    else:  # (an identical call passed every check of these arguments: this call's own tensors are checked)
+        ops.check_pair(features, target)
+    return ops.call_loss(features, target, cached.plan, _FUNCTIONAL_SIGNATURE, cached.route)
+
+
+_KEY_TYPES = frozenset((str, bool, int, float, type(None)))  # the option values a plan key takes
+
+
+def plan_key(form: str, features, target, tensors: tuple, options: dict) -> Optional[tuple]:
+    """A functional call's key in the plan cache (arguments.PLAN_CACHE): form ("loss": masked_mse; "clean":
+    clean_features, partials_mse), the features' width, device and compute dtype, the target's width, each
+    option as (name, type, value) (True, 1 and "False" never share a plan), each tensor argument as (id,
+    data_ptr, shape, stride, dtype, device, version, requires_grad): a write in place bumps the version, a
+    .data swap moves the data. None (not cached): traced, torch.func, cross-rank statistics, an option value of
+    another type, a tensor argument without storage or version counter (sparse, inference), or not a tensor."""
+    pair = (features,) if target is None else (features, target)
+    if (any(type(t) is not torch.Tensor or t.is_nested or t.dim() != 2 for t in pair)
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() or under_functorch() is not None
+            or options.get("sync_stats") is True or options.get("process_group") is not None
+            or not all(type(v) in _KEY_TYPES for v in options.values())
+            or not all(t is None or type(t) is torch.Tensor for t in tensors)):
+        return None
+    try:
+        tensor_keys = [t if t is None else (id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version,
+                                            t.requires_grad) for t in tensors]
+    except RuntimeError:  # (no storage, or no version counter)
+        return None
+    return (form, features.shape[1], target if target is None else target.shape[1], features.device,
+            ops.COMPUTE_DTYPE.get(features.dtype, torch.float32),
+            tuple(sorted((n, type(v), v) for n, v in options.items())), *tensor_keys)
+
+
+def cached_plan(key: Optional[tuple], tensors: tuple) -> Optional[CachedPlan]:
+    """The plan cached under key when it was built from these very tensors, else None. A hit stands for an
+    identical earlier call whose arguments passed validation: this call skips arguments.prepare and the checks
+    before it, and its own features and target are checked."""
+    if key is None:
+        return None
+    with PLAN_CACHE_LOCK:
+        cached = PLAN_CACHE.get(key)
+        if cached is not None:
+            PLAN_CACHE.move_to_end(key)
+    alive = cached is not None and all(r is None or r() is t for r, t in zip(cached.refs, tensors))
+    return cached if alive else None
+
+
+def _cache_as_functional(plan, tensors: tuple, options: dict, form: Optional[LossForm]) -> None:
+    """Cache a module's plan, built from the caller's tensors, as its functional form's: masked_mse's for a loss,
+    else clean_features' and partials_mse's, whose prepare gives it for features [B, D] float32 on its device."""
+    (D, K), device = (plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0]), plan.columns.index.device
+    features, target = (torch.empty(0, n, dtype=torch.float32, device=device) for n in (D, K))
+    as_called = {"norm": "stats", **options, **({"reduction": form.reduction} if form else {})}
+    key = plan_key("loss" if form else "clean", features, target if form else None, tensors, as_called)
+    if key is not None:
+        cache_plan(key, tensors, plan, ops.small_route, copy=True)
 
 
 class HeldPlan(NamedTuple):
@@ -104,14 +171,16 @@ class PlannedModule(CategoryErrors, nn.Module):
         weight = form.weight  # (checked below, with the categories a weight may name)
         plan = prepare(index, mean, std, options, num_features=num_features, form=form._replace(weight=None))
         self.categories = check_categories(categories, plan.columns.index.shape[0])
-        plan = plan._replace(weight=self._weight(weight, plan.columns.index.shape[0], plan.columns.index.device,
-                                                 plan.gap))
+        plan = plan._replace(weight=module_weight(weight, self.categories, plan.columns.index.shape[0],
+                                                  plan.columns.index.device, plan.gap.width))
         for name, value in (*plan.columns._asdict().items(), ("shift", plan.shift), ("scale", plan.scale),
                             ("weight", plan.weight)):
             self.register_buffer(name, value, persistent=False)
         self.plan = plan  # (its tensors are the buffers' at construction; a call reads the buffers)
         self._set_categories(decoder_categories, (plan.gap if _decoder_gap is None else _decoder_gap).width)
         self.hold()  # (built here and by .to(): a first call under torch.compile must find it, not change it)
+        if _loss_form is None or plan.gap == (0, 0):  # the plan of its functional form too (masked_mse: no gap)
+            _cache_as_functional(plan, (index, mean, std, weight)[: 4 if _loss_form else 3], options, _loss_form)
 
     def hold(self) -> "HeldPlan":
         """The HeldPlan of the buffers as they are now, kept (ops.held_plan calls this when they changed)."""
@@ -123,19 +192,10 @@ class PlannedModule(CategoryErrors, nn.Module):
         object.__setattr__(self, "_held", held)  # (no submodule, parameter or buffer: nn.Module's checks skipped)
         return held
 
-    def _weight(self, weight, num_kept: int, device, gap=NO_GAP) -> Optional[torch.Tensor]:
-        """The loss's weights [K] float32 from a weight argument: [K] numbers, {category name: weight} (the
-        others weigh 1), or "balanced" (categories.py); with a Gap, [K + gap.width] numbers too (a hybrid's
-        objective, one weight per decoder column); None when not given."""
-        if weight is None:
-            return None
-        return check_weight(resolve_weight(weight, self.categories, num_kept), num_kept, torch.float32, device,
-                            gap.width)
-
     def _loss_weight(self) -> Optional[torch.Tensor]:
         """The per-kept-column weights [K] the loss uses now (the weight buffer; a hybrid objective's [K + c]
         weights without their embedding columns), for feature_category_errors."""
-        return _kept_weight(self.weight, self.num_kept, self.plan.gap)
+        return kept_weight(self.weight, self.num_kept, self.plan.gap)
 
     def _objective_weight(self) -> Optional[torch.Tensor]:
         """The weights the loss uses now, as given ([K], or [K + c] per decoder column), for category_errors."""
@@ -224,77 +284,15 @@ class MaskedMSELoss(PlannedModule):
         F.mse_loss(target, [z[:, :p], embeddings, z[:, p:]]) read in place; its reductions "none" and
         "column" give [B, K + c] and [K + c], a weight then has K + c entries, and gradients flow to the
         embeddings too (when they require one)."""
-        if self.hybrid is not None:
-            self._refuse_decoder_output(target)
+        if (self.hybrid is not None and not self.target_gap.width and isinstance(target, torch.Tensor)
+                and target.dim() == 2 and target.shape[1] != self.num_kept):  # (the decoder's whole output?)
+            ops.checks.decoder_output(target, self.num_kept, self.hybrid)
         held = ops.held_plan(self)
         return ops.call_loss(features, target, held.plan, _SIGNATURE, held.route, embeddings)
-
-    def _refuse_decoder_output(self, target) -> None:
-        """Built from a hybrid VQ-VAE without target_gap, the loss compares a [B, K] target: a target of another
-        width (the decoder's whole [B, K + c] output) is refused naming the decoder's width and the fix."""
-        K, p, c = self.num_kept, self.hybrid.gap_at, self.hybrid.gap_width  # (as the message writes them)
-        if self.target_gap.width or not isinstance(target, torch.Tensor) or target.dim() != 2 or target.shape[1] == K:
-            return
-        whole = " (that is its whole output)" if target.shape[1] == K + c else ""
-        raise ValueError(
-            f"target has {target.shape[1]} columns but this MaskedMSELoss compares the {K} kept feature columns "
-            f"(target [B, {K}]); the hybrid VQ-VAE's decoder outputs {K + c} columns{whole}, its {c} embedding "
-            f"columns at {p}..{p + c - 1}: pass target_gap=({p}, {c}) to compare the decoder's output in place, or "
-            f"use VQReconLoss.from_checkpoint, which does")
 
     def extra_repr(self) -> str:
         gap = f", target_gap={tuple(self.target_gap)}" if self.target_gap.width else ""
         return super().extra_repr() + f", reduction={self.reduction!r}{gap}"
 
 
-def load_spec(cls, path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
-    """The FeatureSpec a module `cls` with this `norm` needs from a checkpoint (statistics only for "stats"),
-    its flag and count checked before the file is touched."""
-    trust = check_flag("trust", trust)
-    if num_features is not None:
-        num_features = check_count("num_features", num_features, minimum=1)
-    if isinstance(path, FeatureSpec):
-        raise TypeError(f"{cls.__name__}.from_checkpoint takes a checkpoint path, got a FeatureSpec: pass it to "
-                        f"{cls.__name__}.from_spec(spec)")
-    return load_feature_spec(path, num_features=num_features, trust=trust, stats=stats, require_stats=norm == "stats")
-
-
-def check_spec(cls, spec) -> None:
-    """from_spec's argument is a FeatureSpec, or a TypeError saying what to pass."""
-    if not isinstance(spec, FeatureSpec):
-        raise TypeError(f"{cls.__name__}.from_spec takes a FeatureSpec (from fusedvq.load_feature_spec), got "
-                        f"{type(spec).__name__}: for a checkpoint file use {cls.__name__}.from_checkpoint(path), for a "
-                        f"mask and statistics the constructor {cls.__name__}(feature_mask, mean, std, ...)")
-
-
-def refuse_spec(value, name: str, instead: str) -> None:
-    """A FeatureSpec given where a mask belongs: say to build the module from it."""
-    if isinstance(value, FeatureSpec):
-        raise TypeError(f"{name} is a FeatureSpec (a checkpoint's whole description), not a mask or indices: use "
-                        f"{instead}, or pass spec.feature_mask")
-
-
-def _refuse_swapped(features: torch.Tensor, target: torch.Tensor, index) -> None:
-    """masked_mse(recon, features, index), in F.mse_loss's habit: said as such when the widths are exactly the
-    other way round (features as wide as the kept columns, target as wide as the mask, or for integer indices
-    as wide as their largest). Looks at values only when an error is coming anyway (eager, not traced)."""
-    if not isinstance(index, torch.Tensor) or index.dim() != 1 or _is_tracing():
-        return
-    wide, target_wide, n = features.shape[1], target.shape[1], index.shape[0]
-    if index.dtype == torch.bool and wide != n == target_wide:
-        D, K = n, int(index.sum())
-    elif index.dtype in (torch.int32, torch.int64) and n == wide < target_wide:
-        if not bool(((index >= 0) & (index < target_wide)).all()) or int(index.max()) < wide:
-            return  # indices that fit the features, or fit neither: not a swap
-        D, K = target_wide, n
-    else:
-        return
-    ops.check_order(features, target, D, K, "masked_mse(features [B, {}], target [B, {}], index, ...)")
-
-
 __all__ = ["masked_mse", "MaskedMSELoss", "PlannedModule"]
-
-
-def _kept_weight(weight: Optional[torch.Tensor], num_kept: int, gap) -> Optional[torch.Tensor]:
-    """weight [K], or [K + c] per decoder column (a hybrid's objective) without its c embedding columns."""
-    return weight if weight is None or weight.shape[0] == num_kept else around_gap(weight, gap)

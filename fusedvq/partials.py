@@ -20,13 +20,14 @@ from typing import Optional, Sequence
 import torch
 
 from . import ops
-from .arguments import check_gap, option_code, prepare
+from .arguments import cache_plan, check_gap, option_code, prepare
 from .cpu.partials_small import PartialsRoute
-from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN, Gap
-from .loss import PlannedModule, check_spec
-from .ops.hybrid import check_embedding_tensor
+from .kernels.plan import REDUCTION_COLUMN, REDUCTION_MEAN
+from .loss import PlannedModule, cached_plan, plan_key
+from .ops.hybrid import check_partial_embeddings
 from .ops.partials import PartialsMode, call_partials
 from .partial_categories import category_errors_of, partial_category_errors, partial_category_layout
+from .strict import check_spec
 
 PARTIALS_REDUCTIONS = {"mean": REDUCTION_MEAN, "column": REDUCTION_COLUMN}
 _REDUCTION_NAMES = {code: name for name, code in PARTIALS_REDUCTIONS.items()}
@@ -61,13 +62,16 @@ def partials_mse(features: torch.Tensor, partials, index, mean=None, std=None, *
     the normalization, norm="batch" included) and to the partials.
     """
     ops.check_pair(features, None)
-    plan = prepare(index, mean, std, {"norm": norm, **options}, num_features=features.shape[1],
-                   num_kept=_traced_kept(partials, target_gap), device=features.device,
-                   dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32))
+    given, tensors = {"norm": norm, **options}, (index, mean, std)
+    key = plan_key("clean", features, None, tensors, given)  # (clean_features' plan: z's)
+    cached = cached_plan(key, tensors) or cache_plan(key, tensors, prepare(
+        index, mean, std, given, num_features=features.shape[1], num_kept=_traced_kept(partials, target_gap),
+        device=features.device, dtype=ops.COMPUTE_DTYPE.get(features.dtype, torch.float32)), ops.small_route)
+    plan = cached.plan
     mode = _mode(reduction, check_gap(target_gap, plan.columns.index.shape[0]))
     small = PartialsRoute.of(plan, mode)
     loss = None if small is None else small(features, partials, embeddings)  # (a small CPU batch: as the module's)
-    return _call(features, partials, embeddings, plan, ops.small_route(plan), mode) if loss is None else loss
+    return _call(features, partials, embeddings, plan, cached.route, mode) if loss is None else loss
 
 
 def _traced_kept(partials, target_gap) -> Optional[int]:
@@ -151,18 +155,7 @@ def check_partials(features: torch.Tensor, partials, num_kept: int, mode: Partia
         raise ValueError(f"partials have {W} columns but must have {num_kept + gap_width}: the {num_kept} kept "
                          f"columns{skipped}")
     if embeddings is not None:
-        check_embeddings(embeddings, B, one, mode.gap)
-
-
-def check_embeddings(embeddings, rows: int, partial: torch.Tensor, gap: Gap) -> None:
-    """A hybrid's embeddings [rows, gap.width] for the partials' Gap, in partial's dtype and on its device."""
-    if gap.width == 0:
-        raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): each "
-                         f"partial's {partial.shape[-1]} columns are all feature columns. A hybrid's objective needs "
-                         f"target_gap=(at, width) (from_checkpoint sets it from a hybrid checkpoint)")
-    if isinstance(embeddings, torch.Tensor):
-        ops.check_dense(embeddings, "embeddings")  # (the meta device too)
-    check_embedding_tensor(embeddings, rows, gap, partial, "the partials are")
+        check_partial_embeddings(embeddings, B, one, mode.gap)
 
 
 class PartialsMSELoss(PlannedModule):

@@ -17,9 +17,9 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .loss import MODULE_TAKES, MaskedMSELoss, check_spec, load_spec, refuse_spec
+from .loss import MODULE_TAKES, MaskedMSELoss
 from .ops import check_order
-from .strict import refuse_unknown
+from .strict import check_spec, load_spec, refuse_spec, refuse_unknown
 
 _TAKES = ("feature_mask", *MODULE_TAKES[1:])  # every keyword the constructor takes
 

@@ -1,7 +1,8 @@
 """The kinds of the public options, checked, never coerced: a flag is True or False, a count an integer, a
 choice one of its strings, a keyword one the form takes, a tensor argument a dense constant tensor or
-numbers. Each refusal is a TypeError or ValueError naming the argument and the value it got (a string
-"False" read from a config file must not be truthy; 10.0 or "10" must not pass for a width).
+numbers, an index a bool mask or integer column indices (not a mask given as numbers, nor a FeatureSpec),
+from_checkpoint's arguments before the file is read (load_spec). Each refusal is a TypeError or ValueError naming the argument and the value it got (a string "False" read
+from a config file must not be truthy; 10.0 or "10" must not pass for a width).
 """
 
 from __future__ import annotations
@@ -116,3 +117,72 @@ def check_dense(t: torch.Tensor, name: str, meta: bool = True) -> None:
                         f"support: pass {name}.to_dense()")
     if meta and t.device.type == "meta" and not torch.compiler.is_compiling():
         raise ValueError(f"{name} is on the meta device (a shape without values): fusedvq needs real data")
+
+
+def index_tensor(index, device: torch.device, num_features: Optional[int]) -> torch.Tensor:
+    """The index as a 1-D tensor on `device`: a bool mask, or integer column indices (not a mask given as
+    numbers). The one check of an index's kind, for the functional forms and the modules' constructors
+    alike, so both give the same errors. num_features: D, or None when not known yet (a constructor given
+    integers without num_features): an index of 0s and 1s is then taken to be length D."""
+    index = as_tensor(index, "index", device)
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-D (a bool mask [D] or column indices [K]), got shape {tuple(index.shape)}")
+    if index.dtype == torch.bool:
+        return index
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.uint8:
+        raise TypeError(
+            f"index must be a bool mask or integer column indices, got {index.dtype} ({index.shape[0]} entries): "
+            f"pass mask.bool() for a mask; column indices must be int32 or int64"
+        )
+    if index.shape[0] == 0:
+        raise ValueError("index is empty: it must name at least one feature column")
+    if not torch.compiler.is_compiling():
+        _refuse_integer_mask(index, index.shape[0] if num_features is None else num_features)
+    return index
+
+
+def _refuse_integer_mask(index: torch.Tensor, num_features: int) -> None:
+    """An integer index of length D >= 3 holding only 0s and 1s is a mask given as numbers: read as indices
+    it would be another loss (columns 0 and 1 over and over). For D <= 2 the two readings cannot be told
+    apart, and integers are indices, as everywhere else."""
+    if index.shape[0] != num_features or num_features < 3:
+        return
+    if bool(((index == 0) | (index == 1)).all()):
+        raise ValueError(
+            f"index has {num_features} entries, one per feature column, holding only 0s and 1s: that is a "
+            f"mask given as integers, which would be read as column indices (a different loss); pass "
+            f"mask.bool()"
+        )
+
+
+def check_spec(cls, spec) -> None:
+    """from_spec's argument is a FeatureSpec, or a TypeError saying what to pass."""
+    from .checkpoint import FeatureSpec  # (a constructor's check: the calls never run it)
+
+    if not isinstance(spec, FeatureSpec):
+        raise TypeError(f"{cls.__name__}.from_spec takes a FeatureSpec (from fusedvq.load_feature_spec), got "
+                        f"{type(spec).__name__}: for a checkpoint file use {cls.__name__}.from_checkpoint(path), for a "
+                        f"mask and statistics the constructor {cls.__name__}(feature_mask, mean, std, ...)")
+
+
+def refuse_spec(value, name: str, instead: str) -> None:
+    """A FeatureSpec given where a mask belongs: say to build the module from it."""
+    from .checkpoint import FeatureSpec  # (a constructor's check: the calls never run it)
+
+    if isinstance(value, FeatureSpec):
+        raise TypeError(f"{name} is a FeatureSpec (a checkpoint's whole description), not a mask or indices: use "
+                        f"{instead}, or pass spec.feature_mask")
+
+
+def load_spec(cls, path, norm: str, num_features: Optional[int], trust: bool, stats) -> FeatureSpec:
+    """The FeatureSpec a module `cls` with this `norm` needs from a checkpoint (statistics only for "stats"),
+    its flag and count checked before the file is touched."""
+    from .checkpoint import FeatureSpec, load_feature_spec  # (a constructor's: the calls never run it)
+
+    trust = check_flag("trust", trust)
+    if num_features is not None:
+        num_features = check_count("num_features", num_features, minimum=1)
+    if isinstance(path, FeatureSpec):
+        raise TypeError(f"{cls.__name__}.from_checkpoint takes a checkpoint path, got a FeatureSpec: pass it to "
+                        f"{cls.__name__}.from_spec(spec)")
+    return load_feature_spec(path, num_features=num_features, trust=trust, stats=stats, require_stats=norm == "stats")

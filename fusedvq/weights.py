@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from .cpu.hybrid import around_gap
 from .strict import as_tensor
 
 
@@ -89,3 +90,17 @@ def check_weight(weight, num_kept: int, dtype: torch.dtype, device: torch.device
             raise ValueError(f"weight must be finite and >= 0 in every kept column (and fit {dtype}); kept column "
                              f"{k} has weight {float(wide[k])} ({int(bad.sum())} of {num_kept} bad)")
     return wide.to(dtype)
+
+
+
+def module_weight(weight, categories: dict[str, tuple[int, ...]], num_kept: int, device, gap_width: int = 0):
+    """A module's weights [K] float32 from its weight argument: [K] numbers, {category name: weight} (the others
+    weigh 1), or "balanced" (resolve_weight); with a gap, [K + gap_width] numbers too (a hybrid's objective, one
+    weight per decoder column); None when not given."""
+    if weight is None:
+        return None
+    return check_weight(resolve_weight(weight, categories, num_kept), num_kept, torch.float32, device, gap_width)
+
+def kept_weight(weight, num_kept: int, gap):
+    """weight [K], or [K + c] per decoder column (a hybrid's objective) without its c embedding columns."""
+    return weight if weight is None or weight.shape[0] == num_kept else around_gap(weight, gap)

@@ -63,6 +63,18 @@ def swapped(first: Tensor, second: Tensor, order: str) -> None:
                      f"order is {order}")
 
 
+def decoder_output(target: Tensor, num_kept: int, hybrid) -> None:
+    """A MaskedMSELoss built from a hybrid VQ-VAE without target_gap compares a [B, K] target: a target of
+    another width (the decoder's whole [B, K + c] output) is refused naming the decoder's width and the fix."""
+    K, p, c = num_kept, hybrid.gap_at, hybrid.gap_width  # (as the message writes them)
+    whole = " (that is its whole output)" if target.shape[1] == K + c else ""
+    raise ValueError(
+        f"target has {target.shape[1]} columns but this MaskedMSELoss compares the {K} kept feature columns "
+        f"(target [B, {K}]); the hybrid VQ-VAE's decoder outputs {K + c} columns{whole}, its {c} embedding "
+        f"columns at {p}..{p + c - 1}: pass target_gap=({p}, {c}) to compare the decoder's output in place, or "
+        f"use VQReconLoss.from_checkpoint, which does")
+
+
 def widths(features: Tensor, target: Optional[Tensor], plan) -> None:
     """x's D columns and r's K kept columns (plus the gap's skipped ones) that the plan was built for."""
     D, K, skipped, selector = plan.columns.inv_ptr.shape[0] - 1, plan.columns.index.shape[0], plan.gap.width, plan.selector

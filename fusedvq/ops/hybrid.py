@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.plan import Gap
+from ..strict import check_dense
 
 
 def check_embeddings(embeddings: Optional[Tensor], features: Tensor, target: Tensor, plan) -> None:
@@ -21,13 +22,26 @@ def check_embeddings(embeddings: Optional[Tensor], features: Tensor, target: Ten
                          f"objective over all K + c columns, which needs embeddings=[B, {c}]; without them the "
                          f"loss compares the {K} feature columns and takes {K} weights")
     if c == 0:
-        raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): the "
-                         f"target's {K} columns are all feature columns. A hybrid's objective needs "
-                         f"target_gap=(at, width) (from_checkpoint sets it from a hybrid checkpoint)")
+        _refuse_without_gap(f"the target's {K} columns")
     check_embedding_tensor(embeddings, features.shape[0], plan.gap, target, "the target is")
     if weight is not None and weight.shape[0] != K + c:
         raise ValueError(f"weight has {weight.shape[0]} entries but the objective over the decoder's K + c = {K + c} "
                          f"columns (with embeddings) takes one per decoder column: pass {K + c} weights")
+
+
+def check_partial_embeddings(embeddings, rows: int, partial: Tensor, gap: Gap) -> None:
+    """A hybrid's embeddings [rows, gap.width] for the partials' Gap, in partial's dtype and on its device."""
+    if gap.width == 0:
+        _refuse_without_gap(f"each partial's {partial.shape[-1]} columns")
+    if isinstance(embeddings, Tensor):
+        check_dense(embeddings, "embeddings")  # (the meta device too)
+    check_embedding_tensor(embeddings, rows, gap, partial, "the partials are")
+
+
+def _refuse_without_gap(columns: str):
+    raise ValueError(f"embeddings were given, but this loss has no embedding columns (target_gap=(0, 0)): {columns} "
+                     f"are all feature columns. A hybrid's objective needs target_gap=(at, width) (from_checkpoint "
+                     f"sets it from a hybrid checkpoint)")
 
 
 def check_embedding_tensor(embeddings, rows: int, gap: Gap, like: Tensor, name: str) -> None:
