@@ -26,6 +26,8 @@ FORMS = ("functional", "module", "recon", "cleaner", "clean_features")
 LOSS_FORMS = FORMS[:4]
 CATEGORY_FORMS = ("module", "recon", "cleaner")  # built with categories: named / balanced weights, category errors
 CHANGES = ("weight_inplace", "weight_reassign", "stats_inplace", "stats_swap", "index_swap")
+# The functional forms' arguments changed between calls (their validated plan is cached, keyed on the tensors)
+ARGUMENT_CHANGES = ("weight_inplace", "stats_inplace", "stats_swap", "index_inplace")
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -108,7 +110,8 @@ def draw(seed: int) -> Case:
         gap = (rng.randint(0, K), gap[1])
         embed = form in ("module", "recon", "cleaner") and rng.random() < 0.5
         weight = "none" if embed and weight in ("named", "balanced") else weight  # ([K]: refused with embeddings)
-    change = pick(CHANGES) if form in ("module", "recon") and rng.random() < 0.3 else "none"
+    change = "none" if rng.random() >= 0.3 else pick(CHANGES) if form in ("module", "recon") else \
+        pick(ARGUMENT_CHANGES) if form in ("functional", "clean_features") else "none"
     if change.startswith("weight") and weight == "none" or change.startswith("stats") and norm != "stats":
         change = "none"
     return Case(
@@ -224,11 +227,11 @@ def build(case: Case, d: Data):
         stats = dict(mean=d.mean, std=d.std, **({"stats_space": "raw"} if D == K else {})) \
             if case.stats_space == "raw" else dict(mean=d.mean[d.idx], std=d.std[d.idx], stats_space="masked")
     opts = dict(norm=case.norm, nan_to_num=case.nan_to_num, backend=case.backend, **stats)
-    if case.form == "functional":
-        return lambda x, r: fusedvq.masked_mse(x, r, d.index, reduction=case.reduction, weight=d.weight, **opts), \
-            None, None
+    if case.form == "functional":  # (opts: the arguments a change edits, read at each call)
+        opts["weight"] = d.weight
+        return lambda x, r: fusedvq.masked_mse(x, r, d.index, reduction=case.reduction, **opts), opts, None
     if case.form == "clean_features":
-        return lambda x, r: fusedvq.clean_features(x, d.index, **opts), None, None
+        return lambda x, r: fusedvq.clean_features(x, d.index, **opts), opts, None
     if case.form == "cleaner":
         if case.gap[1]:
             spec = fusedvq.FeatureSpec(
@@ -247,8 +250,11 @@ def build(case: Case, d: Data):
 
 
 def change(case: Case, d: Data, m) -> None:
-    """Change m's buffers as the case says, and d to what the oracle must now use."""
+    """Change m's buffers (a functional form's: the arguments it is called with) as the case says, and d to
+    what the oracle must now use."""
     g = torch.Generator().manual_seed(case.seed + 1)
+    if isinstance(m, dict):
+        return _change_arguments(case, d, m, g)
     K, D = m.num_kept, m.num_features
     if case.change.startswith("weight"):
         d.w = _weights(g, m.weight.shape[0]).double()  # ([K + c] with embeddings)
@@ -267,3 +273,25 @@ def change(case: Case, d: Data, m) -> None:
         other = fusedvq.MaskedMSELoss(index, num_features=D, norm="none")
         for name in ("index", "inv_ptr", "inv_k"):
             setattr(m, name, getattr(other, name))
+
+
+def _change_arguments(case: Case, d: Data, given: dict, g) -> None:
+    """A functional form's arguments changed in place (the same tensors: their version moves) or swapped."""
+    B, D, K = case.shape
+    masked = case.stats_space == "masked"
+    if case.change == "weight_inplace":
+        d.w = _weights(g, K).double()
+        given["weight"].copy_(d.w)
+    elif case.change.startswith("stats"):
+        d.mean, d.std = _stats(g, D)
+        for name, new in (("mean", d.mean), ("std", d.std)):
+            new = new[d.idx] if masked else new
+            given[name].copy_(new) if case.change == "stats_inplace" else given.__setitem__(name, new.clone())
+    elif case.change == "index_inplace":  # a new index of the same kind and size, written into the argument
+        index, idx = _kept(g, D, K, "mask" if case.selector == "mask" else "index")
+        if masked:  # the statistics given stay per kept position: the oracle's raw ones follow the new index
+            mean_k, std_k = d.mean[d.idx], d.std[d.idx]
+            d.mean, d.std = torch.zeros(D, dtype=torch.float64), torch.ones(D, dtype=torch.float64)
+            d.mean[idx], d.std[idx] = mean_k, std_k
+        d.index.copy_(index)
+        d.idx = idx
