@@ -15,7 +15,8 @@ import dist_worker
 from helpers import interpreting
 
 HERE = Path(__file__).resolve().parent
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable"),
+              pytest.mark.slow]  # (two processes: scheduled first, conftest.py)
 
 
 def single_process_grads(sizes, reduction):
