@@ -97,10 +97,6 @@ def pytest_collection_modifyitems(config, items):
     skipped, saying why and how many, and the file's others are deselected (not hundreds of identical skips)."""
     if not config.getoption("--sweeps"):
         _deselect(config, items, [item for item in items if "sweep" in item.keywords])
-    # Longest first: the files holding a slow-marked case run first, so that with --dist loadfile the files
-    # that finish the run are short ones, not one worker's half-minute compile while the other waits.
-    slow_files = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow_files)  # (stable: the order within each group stays)
     if torch.cuda.is_available():
         return
     by_file: dict = {}

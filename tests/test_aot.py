@@ -8,8 +8,6 @@ import pytest
 pytest.importorskip("triton")
 from helpers import run_compiler_check  # noqa: E402
 
-pytestmark = pytest.mark.slow  # (seconds of compiles: scheduled first, conftest.py)
-
 
 @pytest.fixture(scope="module")
 def records():

@@ -135,7 +135,6 @@ def test_critical_combinations(case):
         raise AssertionError(f"{case!r}: {type(err).__name__}: {err}") from err
 
 
-@pytest.mark.slow
 def test_random_combinations():
     """Draws until the budget is spent (or replays FUSEDVQ_COMBO_SEED); fails listing every failing seed."""
     base = int(os.environ.get("FUSEDVQ_COMBO_BASE", random.randrange(1 << 30)))

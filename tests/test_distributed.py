@@ -15,8 +15,7 @@ import dist_worker
 from helpers import interpreting
 
 HERE = Path(__file__).resolve().parent
-pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable"),
-              pytest.mark.slow]  # (two processes: scheduled first, conftest.py)
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
 def single_process_grads(sizes, reduction):

@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.slow
 def test_dry_run_walks_every_step(tmp_path, warm_python):
     env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), PYTHON=str(warm_python), BENCH_SECONDS="5",
                TEST_SECONDS="60")

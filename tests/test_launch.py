@@ -13,8 +13,6 @@ import fusedvq  # noqa: E402
 from helpers import needs_interpreter, run_compiler_check  # noqa: E402
 from oracle import rel_err  # noqa: E402
 
-pytestmark = pytest.mark.slow  # (compiles in a fresh process: scheduled first, conftest.py)
-
 
 @pytest.fixture(scope="module")
 def cases():

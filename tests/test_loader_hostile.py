@@ -9,10 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from hostile_files import HOSTILE
-
-pytestmark = pytest.mark.slow  # (a fresh interpreter reads every file: scheduled first, conftest.py)
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,7 +26,6 @@ def peak():  # this program's peak RSS: VmHWM starts afresh at exec, where ru_ma
 sys.path.insert(0, sys.argv[1])
 import hostile_files
 from fusedvq.checkpoint import CheckpointError, load_feature_spec
-
 for name, path in json.loads(sys.argv[2]).items():
     start = time.monotonic()
     try:

@@ -117,7 +117,6 @@ def test_compile_fullgraph_training_step(form, backend, compiler):
         assert all(rel_err(a, b) <= 1e-4 for a, b in zip(got, want))
 
 
-@pytest.mark.slow  # (inductor's first C++ build)
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
     not interpreting, reason="interpreter"))])
 def test_compiled_mask_target_mismatch_fails_instead_of_padding(backend):

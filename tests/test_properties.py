@@ -9,8 +9,6 @@ import fusedvq
 from helpers import check_parity, interpreting
 from oracle import batch_oracle, rel_err, strided
 
-pytestmark = pytest.mark.slow  # (the interpreter's draws: scheduled first, conftest.py)
-
 BACKENDS = ["reference"] + (["triton"] if interpreting else [])
 
 
