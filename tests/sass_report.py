@@ -6,6 +6,7 @@ reduction mean), float32 and bfloat16, disassembles the cubin with the bundled c
 JSON line per kernel, or with --markdown the table of tests/aot_report.md:
 
     python tests/sass_report.py --markdown > tests/aot_report.md      (TRITON_INTERPRET unset)
+    python tests/sass_report.py --arch 90                             (one arch's records: the default tests)
 
 Counts are static (instructions in the kernel's code, not executed): global loads by width (LDG.E.128 moves
 16 bytes a thread, LDG.E 4, LDG.E.U16 2), "load instructions per 16 bytes" (1 for 128-bit loads, 4 for
@@ -149,10 +150,10 @@ def _record(job: tuple) -> dict:
     return {"kernel": name, "arch": arch, "dtype": dtype, **compile_kernel(fn, sig, consts, warps, arch)}
 
 
-def records() -> list[dict]:
+def records(archs=ARCHS) -> list[dict]:
     """One record per kernel, dtype and arch (in that order of nesting, arch outermost), compiled in
     parallel processes."""
-    jobs = [(arch, dtype, i) for arch in ARCHS for dtype in DTYPES for i in range(len(list(specs(dtype))))]
+    jobs = [(arch, dtype, i) for arch in archs for dtype in DTYPES for i in range(len(list(specs(dtype))))]
     with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(_record, jobs))
 
@@ -179,7 +180,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    rows = records()
+    archs = tuple(int(a) for a in sys.argv[sys.argv.index("--arch") + 1].split(",")) if "--arch" in sys.argv else ARCHS
+    rows = records(archs)
     if "--markdown" in sys.argv:
         sys.stdout.write(markdown(rows))
     else:

@@ -55,8 +55,9 @@ def test_every_configuration_compiles_without_spills():
 
 
 @pytest.fixture(scope="module")
-def sass():
-    return run_compiler_check("sass_report.py")
+def sass(request):
+    """sm_90's records (the default suite); with --sweeps sm_80's too."""
+    return run_compiler_check("sass_report.py", *(() if request.config.getoption("--sweeps") else ("--arch", "90")))
 
 
 def test_candidate_loads_are_128_bit_and_todays_are_not(sass):
@@ -80,4 +81,7 @@ def test_the_committed_report_is_this_compile(sass):
     made_with = re.search(r"\(triton ([^;]+);", committed).group(1)
     if made_with != triton.__version__:  # (triton is not pinned: another compiler counts otherwise)
         pytest.skip(f"the report was made with triton {made_with}, this is {triton.__version__}")
-    assert committed == sass_report.markdown(sass), "tests/aot_report.md is stale: regenerate it (see its header)"
+    archs = {str(r["arch"]) for r in sass}  # (the rows of the archs compiled: sm_90's by default)
+    rows = [line for line in committed.splitlines(keepends=True)
+            if not line.startswith("| ") or line.startswith("| kernel ") or line.split("|")[2].strip() in archs]
+    assert "".join(rows) == sass_report.markdown(sass), "tests/aot_report.md is stale: regenerate it (see its header)"

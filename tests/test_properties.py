@@ -46,7 +46,7 @@ def _examples(reference: int, interpreted: int):
             "triton": settings(max_examples=interpreted, **common)}
 
 
-ANY_SHAPE = _examples(reference=40, interpreted=12)
+ANY_SHAPE = _examples(reference=40, interpreted=8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,7 +97,7 @@ def batch_cases(draw):
                 reduction=draw(st.sampled_from(["mean", "sum", "none"])))
 
 
-BATCH_EDGES = _examples(reference=60, interpreted=20)
+BATCH_EDGES = _examples(reference=60, interpreted=12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
