@@ -277,7 +277,7 @@ def test_a_cpu_mask_with_cuda_features():
 def test_compiled_out_of_range_index_fails(backend, bad):
     """Traced, an index outside [0, D) fails on the device instead of dropping the column (the bug: the
     Triton loss skipped it and left grad_target's column unwritten). (aot_eager: the device-side assertion
-    through inductor is test_op.py's mask check, the same torch._assert_async.)"""
+    through inductor is test_op.py's mask check with --sweeps, the same torch._assert_async.)"""
     torch._dynamo.reset()
     a, b = torch.randn(5, 12), torch.randn(5, 3)
     index = torch.tensor([0, 1, bad])

@@ -117,16 +117,20 @@ def test_compile_fullgraph_training_step(form, backend, compiler):
         assert all(rel_err(a, b) <= 1e-4 for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.sweep)])
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
     not interpreting, reason="interpreter"))])
-def test_compiled_mask_target_mismatch_fails_instead_of_padding(backend):
+def test_compiled_mask_target_mismatch_fails_instead_of_padding(backend, compiler):
     # Traced, value checks cannot stop the graph on the host; a device-side assertion must still refuse a
-    # mask that keeps 4 columns against a 6-column target (never a silently padded loss).
+    # mask that keeps 4 columns against a 6-column target (never a silently padded loss). The traced graph
+    # holds the assertion (aot_eager runs it); inductor's lowering of it into its C++ kernels is a sweep
+    # (--sweeps: its first C++ build in a process takes 15 s and more of a core).
     torch._dynamo.reset()
     mask = torch.zeros(10, dtype=torch.bool)
     mask[:4] = True
     x, r = torch.randn(5, 10), torch.randn(5, 6)
-    f = torch.compile(lambda x, r: fusedvq.masked_mse(x, r, mask, norm="none", backend=backend), fullgraph=True)
+    f = torch.compile(lambda x, r: fusedvq.masked_mse(x, r, mask, norm="none", backend=backend), fullgraph=True,
+                      backend=compiler)
     with pytest.raises(RuntimeError, match="mask keeps a different number of columns"):
         f(x, r)
 
