@@ -43,14 +43,14 @@ class _Count(TorchDispatchMode):
 
 def measure() -> dict:
     import fusedvq
-    from fusedvq.kernels import plan
+    from fusedvq.kernels import launchers
 
     launches = [0]
 
     def no_launch(self, grid, args, num_warps, **constexprs):
         launches[0] += 1
 
-    plan.KernelLauncher.launch = no_launch
+    launchers.KernelLauncher.launch = no_launch
     torch.manual_seed(0)
     mask = torch.zeros(D, dtype=torch.bool)
     mask[torch.randperm(D)[:K]] = True

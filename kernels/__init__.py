@@ -2,11 +2,12 @@
 
     plan.py         the host's side of a launch, with no triton import at the top (fusedvq's host code reads
                     it on CPU-only installs): the mode codes, the Mode record, the column map, the scale of a
-                    reduction, and KernelLauncher (a launch with little host work)
+                    reduction
     tiles.py        the pieces every kernel shares: the @triton.jit tile helpers, and on the host the launch
                     shapes (TUNING) and the scratch memory of the last-program reductions
     masked_mse.py   the forward and backward kernels of the loss and clean_features
-    launchers.py    the launches of masked_mse.py's kernels, and the entry points of norm "none" / "stats"
+    launchers.py    KernelLauncher (a launch with little host work), the launches of masked_mse.py's kernels,
+                    and the entry points of norm "none" / "stats"
     batch_norm.py  norm="batch": the column-moments and dz-sums kernels, their launches, its entry points
     row_loads.py    a candidate forward (not the default): whole rows in 128-bit loads, gathered in the SM
     partials.py     P partial reconstructions against one target: their kernels, launches and entry points

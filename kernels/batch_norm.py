@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launchers import launch_backward, launch_forward
-from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode, device_guard, reduction_scale
+from .launchers import KernelLauncher, device_guard, launch_backward, launch_forward
+from .plan import NORM_BATCH, REDUCTION_COLUMN, REDUCTION_NONE, Mode, reduction_scale
 from .tiles import (FLT_MAX, NORM_BATCH_C, chan_merge, column_affine, kept_columns, load_features, normalize,
                     num_warps_for, scratch, scratch_guard, store_partial_pair, sum_partial_pairs, walk_grid)
 

@@ -1,5 +1,6 @@
-"""The launches of masked_mse.py's two kernels, which every norm builds on (batch_norm.py wraps norm="batch"
-around them), and the entry points of norm "none" / "stats" (the loss and clean_features).
+"""KernelLauncher, which launches every kernel of this package with as little host work as possible; the
+launches of masked_mse.py's two kernels, which every norm builds on (batch_norm.py wraps norm="batch" around
+them), and the entry points of norm "none" / "stats" (the loss and clean_features).
 
     launch_forward   grid (min(cdiv(B, BLOCK_B), programs),): the loss (a scalar, [K] or [B, K]), or z (clean)
     launch_backward  grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)): grad_x (and grad_r for the loss)
@@ -10,12 +11,124 @@ backward for "batch", each [K] fp32. mode: plan.Mode.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+
 import torch
 
 from .masked_mse import _masked_mse_bwd_kernel, _masked_mse_fwd_kernel
-from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode
-from .plan import device_guard, reduction_scale
+from . import plan
+from .plan import NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode, reduction_scale
 from .tiles import BLOCK_P, TUNING, block_sizes, cdiv, num_warps_for, scratch, scratch_guard, walk_grid
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launching
+# ---------------------------------------------------------------------------------------------------
+
+_NO_GUARD = contextlib.nullcontext()
+# Triton's interpreter patches module-level state while it runs a kernel: launches on CPU tensors from
+# several threads would corrupt each other (they run programs one by one anyway, so nothing is lost).
+_INTERPRETER_LOCK = threading.Lock()
+_MAX_CACHED = 1024
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's CUDA device current for a launch; no context switch when it already is."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_GUARD
+
+
+def _direct_launch_supported() -> bool:
+    if os.environ.get("FUSEDVQ_TRITON_DIRECT_LAUNCH", "1") == "0":
+        return False
+    import triton  # (here: the CPU path imports this module, and never makes a KernelLauncher)
+
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime is not None and hasattr(runtime, "launch_enter_hook")
+
+
+def _hooked() -> bool:
+    """Launch hooks registered (a profiler's): launches must go through Triton, which calls them."""
+    import triton
+
+    runtime = triton.knobs.runtime
+    return any(getattr(hook, "calls", hook is not None) for hook in (runtime.launch_enter_hook,
+                                                                      runtime.launch_exit_hook))
+
+
+def _specialization(args: tuple, num_tensors: int) -> tuple:
+    """A key that decides which compiled kernel Triton launches for these runtime arguments: the leading
+    tensors' dtypes and whether their data pointers are 16-byte aligned, and the scalars themselves (Triton
+    looks only at an integer's width, whether it is 1 and whether 16 divides it: the values say all that)."""
+    return tuple([(t.dtype, t.data_ptr() & 15 == 0) for t in args[:num_tensors]]), args[num_tensors:]
+
+
+class KernelLauncher:
+    """launcher[grid](*runtime_args, num_warps=..., **constexprs) for one @triton.jit kernel whose
+    constexpr parameters follow its runtime ones and are all passed by keyword.
+
+    At the batch size of the motivating training run (B = 4) a step of the loss is host overhead, not
+    arithmetic: the kernels run for a few µs, while `kernel[grid](...)` spends tens of µs in Triton's Python
+    (binding and specializing every argument, hashing the cache key, building launch metadata) before the
+    driver call, on every launch. KernelLauncher pays that once per specialization: the first launch goes
+    through Triton, which compiles and returns the compiled kernel, and later launches with the same
+    specialization call its launcher directly — the same call `JITFunction.run` makes, with the same
+    arguments.
+
+    The cache key holds more than Triton specializes on (tensor dtypes and 16-byte alignment of data pointers;
+    the scalar arguments' values, of which Triton looks at an integer's width, whether it is 1 and whether 16
+    divides it), so a cached kernel is only reused where Triton would pick the same one. The direct path is
+    used only for CUDA tensors, with Triton versions that have the launcher interface it relies on
+    (`triton.knobs`, `CompiledKernel.packed_metadata`), and only while no launch hooks are registered
+    (profilers add them; they then get Triton's own path). FUSEDVQ_TRITON_DIRECT_LAUNCH=0 turns it off.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled: dict[tuple, object] = {}
+        self.num_tensors = 0  # leading tensor arguments: the kernels take their tensors first
+        params = getattr(fn, "params", None)  # None under TRITON_INTERPRET: an InterpretedFunction
+        self.direct = params is not None and _direct_launch_supported()
+        if self.direct:
+            self.num_runtime = sum(not p.is_constexpr for p in params)
+            self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
+            assert not any(p.is_constexpr for p in params[: self.num_runtime]), "constexprs must come last"
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, **kwargs)
+
+    def launch(self, grid: tuple, args: tuple, num_warps: int, **constexprs) -> None:
+        first = args[0]
+        if not first.is_cuda:  # TRITON_INTERPRET: its state is global, so one launch at a time
+            with _INTERPRETER_LOCK:
+                self.fn[grid](*args, num_warps=num_warps, **constexprs)
+            return
+        if not self.direct:
+            self.fn[grid](*args, num_warps=num_warps, **constexprs)
+            return
+        assert len(args) == self.num_runtime and len(constexprs) == len(self.constexpr_names)
+        constants = tuple(constexprs[name] for name in self.constexpr_names)
+        if not self.num_tensors:
+            self.num_tensors = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+        key = (first.device.index, num_warps, constants, _specialization(args, self.num_tensors))
+        compiled = self.compiled.get(key)
+        if compiled is None or _hooked():
+            compiled = self.fn[grid](*args, num_warps=num_warps, **constexprs)
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
+            if hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
+                if len(self.compiled) >= _MAX_CACHED:  # every new batch size adds a key: keep it bounded
+                    self.compiled.clear()
+                self.compiled[key] = compiled
+            return
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        stream = plan.current_stream_handle(first.device.index)
+        # What JITFunction.run passes, with no launch metadata and no hooks (none are registered).
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
+                     None, *args, *constants)
+
 
 
 def launch_forward(
@@ -63,7 +176,7 @@ def launch_forward(
             column_partial, sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), emb.stride(0), emb.stride(1),
-            gap.at, gap.width, reduction_scale(reduction, B, W),
+            gap.at, gap.width, 1.0 if reduction == REDUCTION_NONE else reduction_scale(reduction, B, W),
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
             COLSUMS=int(colsums), CLEAN=int(clean), EMBED=int(embeddings is not None),
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),

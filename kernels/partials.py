@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import REDUCTION_COLUMN, REDUCTION_MEAN, Gap, KernelLauncher, device_guard
+from .launchers import KernelLauncher, device_guard
+from .plan import REDUCTION_COLUMN, REDUCTION_MEAN, Gap
 from .tiles import BLOCK_P, TUNING, block_sizes, cdiv, max_programs, num_warps_for, scratch, scratch_guard
 from .tiles import sum_partial_columns, write_reduction
 

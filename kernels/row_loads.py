@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, KernelLauncher, Mode, device_guard, reduction_scale
+from .launchers import KernelLauncher, device_guard
+from .plan import NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Mode, reduction_scale
 from .tiles import (BLOCK_P, FLT_MAX, NORM_STATS_C, REDUCTION_COLUMN_C, REDUCTION_NONE_C, TUNING, cdiv, max_programs,
                     next_power_of_2, num_warps_for, scratch, scratch_guard, write_reduction)
 

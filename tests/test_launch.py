@@ -1,4 +1,4 @@
-"""kernels/plan.py's KernelLauncher: the direct launch passes Triton's launcher exactly what Triton's own
+"""kernels/launchers.py's KernelLauncher: the direct launch passes Triton's launcher exactly what Triton's own
 launch passes, and reuses a compiled kernel only where Triton would pick the same one (tests/launch_check.py,
 no GPU); a launch's scratch (the reductions' ticket counter and partials) survives a launch that fails part-way and is
 never shared between threads."""
