@@ -19,6 +19,8 @@ _ENTRY_POINTS = {
     "masked_mse_forward": "launchers", "masked_mse_backward": "launchers", "clean_forward": "launchers",
     "clean_backward": "launchers", "batch_mse_forward": "batch_norm", "batch_mse_backward": "batch_norm",
     "batch_clean_forward": "batch_norm", "batch_clean_backward": "batch_norm",
+    "rows_fit": "row_loads", "rows_forward": "row_loads",
+    "TUNING": "tiles",  # (the launch shapes and the forward's loads: ops/loss.py reads forward_loads)
 }
 
 

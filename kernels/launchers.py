@@ -251,13 +251,8 @@ _BWD = KernelLauncher(_masked_mse_bwd_kernel)
 
 def masked_mse_forward(x, target, index, affine: tuple, mode: Mode, weight=None, embeddings=None) -> torch.Tensor:
     """norm "none" (affine ()) or "stats" ((μ, 1/σ)): the loss ([], [W] or [B, W] in x.dtype, W = K, or K + c
-    with embeddings [B, c]); by whole-row loads (row_loads.py) when TUNING.forward_loads == "rows", the rows
-    fit and no embeddings are compared."""
-    if TUNING.forward_loads == "rows" and embeddings is None:
-        from .row_loads import rows_fit, rows_forward
-
-        if rows_fit(x, target):
-            return rows_forward(x, target, index, affine, mode, weight)
+    with embeddings [B, c]), by gathered loads (the whole-row candidate, row_loads.py, is chosen by the op:
+    fusedvq/ops/loss.py)."""
     norm = NORM_STATS if affine else NORM_NONE
     mode = mode if mode.norm == norm else mode._replace(norm=norm)  # (the host passes it right: µs at B = 4)
     return launch_forward(x, target, index, affine, mode, weight=weight, embeddings=embeddings)[0]

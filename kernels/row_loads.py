@@ -13,7 +13,7 @@ tl.gather (the compiler stages it through shared memory or warp shuffles), and r
 included; x's dropped columns are read too (16 of 187 in the motivating run: 9% more bytes of x, against
 loads four times as wide).
 
-Launched by launchers.masked_mse_forward when TUNING.forward_loads == "rows" (FUSEDVQ_FORWARD_LOADS=rows)
+Launched by the loss op (fusedvq/ops/loss.py) when TUNING.forward_loads == "rows" (FUSEDVQ_FORWARD_LOADS=rows)
 and x and the target are contiguous and 16-byte aligned; otherwise today's kernel runs.
 """
 

@@ -14,17 +14,16 @@ the options keyword-only:
         str group, Tensor? weight, Tensor? embeddings, *, <options>, <needs>) -> (grad_x, grad_target,
         grad_embeddings)
 
-columns = [index [K] int64, inv_ptr [D+1] int32, inv_k [K] int32] (kernels/plan.py's ColumnMap: inputs,
-so that autograd saves them for the backward, which writes grad_x as a gather through the inverse);
-affine = [] (norm "none") or [μ, 1/σ] [K] in the compute dtype; weight: the loss's per-column weights [K]
-in the compute dtype, or None. The options (LossOptions): nan_to_num, reduction (a REDUCTION_* code of
-kernels/plan.py), use_triton (the kernels, else the CPU implementations), and the target's gap: the
-target is [B, K + gap_width], its columns gap_at .. gap_at + gap_width − 1 skipped (a hybrid VQ-VAE's
-embedding columns), read and written in place (gap_width 0: no gap). The backward's needs (LossNeeds):
-the gradients wanted; one not wanted is neither computed into memory nor written (a 0-element placeholder
-comes back). embeddings [B, gap_width] (optional): a hybrid's objective instead, one MSE over all K +
-gap_width target columns with the embeddings compared on the gap's columns (loss [K + gap_width] /
-[B, K + gap_width] for reductions column / none, weight [K + gap_width]).
+columns = [index [K] int64, inv_ptr [D+1] int32, inv_k [K] int32] (kernels/plan.py's ColumnMap: inputs, so
+that autograd saves them for the backward, which writes grad_x as a gather through the inverse); affine =
+[] (norm "none") or [μ, 1/σ] [K] in the compute dtype; weight: the per-column weights [K] in the compute
+dtype, or None. The options (LossOptions): nan_to_num, reduction (a REDUCTION_* code), use_triton (the
+kernels, else the CPU implementations; on the kernels the forward takes TUNING.forward_loads' loads), and
+the target's gap: the target is [B, K + gap_width], its columns gap_at .. gap_at + gap_width − 1 (a
+hybrid's embedding columns) skipped, read and written in place. The backward's needs (LossNeeds): the
+gradients wanted (one not wanted is neither computed nor written: a 0-element placeholder comes back).
+embeddings [B, gap_width] (optional): a hybrid's objective instead, one MSE over all K + gap_width target
+columns (loss [K + gap_width] / [B, K + gap_width] for reductions column / none, weight [K + gap_width]).
 
 saved: norm "none"/"stats" [diff, finite] — the CPU path keeps diff [B, K] (and the finite mask with
 nan_to_num) to avoid a second gather, the kernels recompute z and return both empty; norm "batch"
@@ -40,11 +39,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import kernels
-from .. import reference
-from ..cpu import batch as cpu_batch
-from ..cpu import hybrid as cpu_hybrid
-from ..cpu import blocked as cpu_blocked
+from .. import kernels, reference
+from ..cpu import batch as cpu_batch, blocked as cpu_blocked, hybrid as cpu_hybrid
 from ..kernels.plan import COMPUTE_DTYPE, NORM_BATCH, NORM_NONE, NORM_STATS, REDUCTION_COLUMN, REDUCTION_NONE, Gap, Mode
 from .autograd import OpAutograd, define_op, refuse_synced_higher_order
 from .distributed import merged_moments_fn, sum_over_ranks_fn
@@ -88,8 +84,7 @@ def _fresh(like: Tensor) -> Tensor:
 
 
 def _loss_shape(x: Tensor, index: Tensor, options: LossOptions, embeddings=None) -> tuple[int, ...]:
-    width = index.shape[0] + (options.gap_width if embeddings is not None else 0)
-    reduction = options.reduction
+    width, reduction = index.shape[0] + (options.gap_width if embeddings is not None else 0), options.reduction
     return (x.shape[0], width) if reduction == REDUCTION_NONE else (width,) if reduction == REDUCTION_COLUMN else ()
 
 
@@ -118,7 +113,11 @@ def _masked_mse_forward(x: Tensor, target: Tensor, columns: list, affine: list, 
                         embeddings: Optional[Tensor], options: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
     if options.use_triton:
         mode = options.mode(NORM_STATS if affine else NORM_NONE)
-        loss = kernels.masked_mse_forward(x, target, columns[0], tuple(affine), mode, weight, embeddings)
+        rows = embeddings is None and kernels.TUNING.forward_loads == "rows"  # the whole-row candidate
+        if rows and kernels.rows_fit(x, target):
+            loss = kernels.rows_forward(x, target, columns[0], tuple(affine), mode, weight)
+        else:
+            loss = kernels.masked_mse_forward(x, target, columns[0], tuple(affine), mode, weight, embeddings)
         return loss, empty(x), empty(x, torch.bool)
 
     def features(w):
