@@ -20,7 +20,7 @@ import torch
 from . import ops
 from .arguments import OPTIONS, REDUCTIONS, ColumnMap, LossForm, cache_plan, prepare
 from .kernels.plan import NO_GAP, Gap
-from .strict import check_flag, check_gap, check_spec, option_code, refuse_unknown
+from .strict import check_flag, check_spec, option_code, refuse_unknown
 from .weights import kept_weight, module_weight
 
 CLEAN_TAKES = ("index", "mean", "std", *OPTIONS)

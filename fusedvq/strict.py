@@ -1,20 +1,24 @@
 """The kinds of the public options, checked, never coerced: a flag is True or False, a count an integer, a
 choice one of its strings, a keyword one the form takes, a tensor argument a dense constant tensor or
 numbers, an index a bool mask or integer column indices (not a mask given as numbers, nor a FeatureSpec),
-from_checkpoint's arguments before the file is read (load_spec). Each refusal is a TypeError or ValueError naming the argument and the value it got (a string "False" read
-from a config file must not be truthy; 10.0 or "10" must not pass for a width).
+from_checkpoint's arguments before the file is read (load_spec). Each refusal is a TypeError or ValueError
+naming the argument and the value it got (a string "False" read from a config file must not be truthy; 10.0
+or "10" must not pass for a width).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from .kernels.plan import Gap
+
+if TYPE_CHECKING:  # (the checkpoint package imports this module)
+    from .checkpoint import FeatureSpec
 
 # Keywords that other losses spell differently (F.mse_loss's legacy arguments, a mask's usual name).
 _SPELLED_ELSEWHERE = {"reduce": ("reduction",), "size_average": ("reduction",), "mask": ("index", "feature_mask"),

@@ -176,7 +176,7 @@ def launch_forward(
             column_partial, sums_partial, sums, counter,
             B, K, D,
             x.stride(0), x.stride(1), target.stride(0), target.stride(1), emb.stride(0), emb.stride(1),
-            gap.at, gap.width, 1.0 if reduction == REDUCTION_NONE else reduction_scale(reduction, B, W),
+            gap.at, gap.width, reduction_scale(reduction, B, W) if reduction != REDUCTION_NONE else 1.0,  # (unread)
             NORM=norm, NAN_TO_NUM=int(nan_to_num), REDUCTION=reduction, WEIGHTED=int(weight is not None),
             COLSUMS=int(colsums), CLEAN=int(clean), EMBED=int(embeddings is not None),
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=BLOCK_P, num_warps=num_warps_for(block_b, block_k),

@@ -27,7 +27,6 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
-from torch import Tensor
 
 from ..cpu import autocast_enabled, without_autocast
 
